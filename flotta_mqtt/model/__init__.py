@@ -1,0 +1,64 @@
+"""The model layer: artifacts, steps, distributions, binding and state machines. No I/O."""
+
+from flotta_mqtt.model.artifact import Artifact, SafeId
+from flotta_mqtt.model.binding import Job, JobGraph, bind, job_count
+from flotta_mqtt.model.context import NodeRef, SchedulerContext
+from flotta_mqtt.model.distribution import Collect, Distribute, Distribution, Pairwise, RoundRobin
+from flotta_mqtt.model.errors import BindingError, IllegalTransition, StaleAttempt
+from flotta_mqtt.model.locks import LockTable
+from flotta_mqtt.model.operation import Operation
+from flotta_mqtt.model.states import (
+    ARTIFACT_FINAL,
+    JOB_FINAL,
+    ArtifactState,
+    JobState,
+    JobStatus,
+    check_artifact_transition,
+    check_job_transition,
+)
+from flotta_mqtt.model.steps import (
+    Finalize,
+    Initialize,
+    Iterate,
+    JobRole,
+    Parallel,
+    Sequential,
+    Step,
+    check_steps,
+)
+
+__all__ = [
+    "ARTIFACT_FINAL",
+    "JOB_FINAL",
+    "Artifact",
+    "ArtifactState",
+    "BindingError",
+    "Collect",
+    "Distribute",
+    "Distribution",
+    "Finalize",
+    "IllegalTransition",
+    "Initialize",
+    "Iterate",
+    "Job",
+    "JobGraph",
+    "JobRole",
+    "JobState",
+    "JobStatus",
+    "LockTable",
+    "NodeRef",
+    "Operation",
+    "Pairwise",
+    "Parallel",
+    "RoundRobin",
+    "SafeId",
+    "SchedulerContext",
+    "Sequential",
+    "StaleAttempt",
+    "Step",
+    "bind",
+    "check_artifact_transition",
+    "check_job_transition",
+    "check_steps",
+    "job_count",
+]

@@ -1,0 +1,198 @@
+"""Binding: an artifact's steps plus a SchedulerContext become a DAG of jobs joined by locks."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import networkx as nx
+
+from flotta_mqtt.model.artifact import Artifact
+from flotta_mqtt.model.context import SchedulerContext
+from flotta_mqtt.model.distribution import Lock
+from flotta_mqtt.model.errors import BindingError
+from flotta_mqtt.model.operation import Operation
+from flotta_mqtt.model.steps import (
+    Finalize,
+    Initialize,
+    Iterate,
+    JobRole,
+    Parallel,
+    Sequential,
+    Step,
+    check_steps,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One job: a step's operation on one node. Its id is its index in binding order."""
+
+    id: int
+    worker: str
+    step: str  # the step's path in the artifact: "2", or "1.0" inside an Iterate
+    kind: str  # the step's kind: initialize, parallel, sequential, finalize
+    role: JobRole
+    iteration: int  # round of the innermost Iterate, from 0; 0 outside any Iterate
+    operation: Operation
+    on_initiator: bool
+
+
+class JobGraph:
+    """The bound DAG: one node per job (attribute `job`), one edge per lock.
+
+    Every job produces one resource (its product); it consumes the products of its
+    predecessors and its completion releases the locks on its successors.
+    """
+
+    def __init__(self, artifact_id: str, jobs: list[Job], locks: list[Lock]) -> None:
+        self.artifact_id = artifact_id
+        self.jobs = jobs
+        self.graph = nx.DiGraph()
+        self.graph.add_nodes_from((job.id, {"job": job}) for job in jobs)
+        self.graph.add_edges_from(locks)
+        if len(self.graph.edges) != len(locks):
+            raise BindingError("a lock was drawn twice between the same two jobs")
+        # Binding only ever locks a job behind jobs created before it, so job order is a
+        # topological order: checking that proves the graph acyclic in one linear pass.
+        if any(before >= after for before, after in locks):
+            raise BindingError(f"the bound jobs form a cycle: {nx.find_cycle(self.graph)}")
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self.jobs)
+
+    @property
+    def locks(self) -> list[Lock]:
+        return list(self.graph.edges)
+
+    def consumes(self, job_id: int) -> list[int]:
+        """Jobs whose products this job consumes, in job order."""
+        return sorted(self.graph.predecessors(job_id))
+
+    def unlocks(self, job_id: int) -> list[int]:
+        """Jobs whose locks this job releases when it completes, in job order."""
+        return sorted(self.graph.successors(job_id))
+
+    def sources(self) -> list[int]:
+        """Jobs with no lock: ready as soon as the artifact starts."""
+        return [j for j, degree in self.graph.in_degree() if degree == 0]
+
+    def sinks(self) -> list[int]:
+        """Jobs nobody waits for: their products are the artifact's result."""
+        return [j for j, degree in self.graph.out_degree() if degree == 0]
+
+
+def bind(artifact: Artifact, context: SchedulerContext) -> JobGraph:
+    """Bind the artifact's steps to the context's nodes.
+
+    Job ids are deterministic for the same artifact and context. Raises BindingError when
+    the steps need workers and the context has none.
+    """
+    check_steps(artifact.steps)
+    binder = _Binder(context)
+    binder.bind_steps(artifact.steps, prefix="", iteration=0)
+    return JobGraph(artifact.id, binder.jobs, binder.locks)
+
+
+def job_count(steps: Iterable[Step], workers: int) -> int:
+    """How many jobs the steps bind to over `workers` workers, by formula per step type."""
+    total = 0
+    for step in steps:
+        if isinstance(step, Iterate):
+            total += step.rounds * job_count(step.steps, workers)
+        elif isinstance(step, Parallel):
+            total += workers
+        elif isinstance(step, Sequential):
+            total += workers + 2
+        else:
+            total += 1
+    return total
+
+
+class _Binder:
+    def __init__(self, context: SchedulerContext) -> None:
+        self.context = context
+        self.jobs: list[Job] = []
+        self.locks: list[Lock] = []
+
+    def bind_steps(
+        self, steps: list[Step], prefix: str, iteration: int
+    ) -> tuple[list[int], list[int]]:
+        """Bind a list of steps; return the jobs it starts with and those it ends with."""
+        first: list[int] | None = None
+        previous: tuple[Step, list[int]] | None = None
+        for i, step in enumerate(steps):
+            entries, exits = self.bind_step(step, f"{prefix}{i}", iteration)
+            if previous is not None and previous[0].distribution is not None:
+                self.locks += previous[0].distribution.locks(previous[1], entries)
+            first = entries if first is None else first
+            previous = (step, exits)
+        assert first is not None and previous is not None  # steps are never empty
+        return first, previous[1]
+
+    def bind_step(self, step: Step, path: str, iteration: int) -> tuple[list[int], list[int]]:
+        if isinstance(step, Iterate):
+            return self._iterate(step, path)
+        if isinstance(step, Initialize):
+            job = self._initiator_job(step, path, JobRole.INITIALIZE, iteration)
+            return [job], [job]
+        if isinstance(step, Finalize):
+            job = self._initiator_job(step, path, JobRole.AGGREGATE, iteration)
+            return [job], [job]
+        if isinstance(step, Parallel):
+            jobs = self._worker_jobs(step.operation, path, step.kind, iteration)
+            return jobs, jobs
+        # Sequential: initiator → worker 1 → … → worker N → initiator.
+        first = self._initiator_job(step, path, JobRole.INITIALIZE, iteration)
+        workers = self._worker_jobs(step.operation, path, step.kind, iteration)
+        last = self._initiator_job(step, path, JobRole.AGGREGATE, iteration)
+        chain = [first, *workers, last]
+        self.locks += list(itertools.pairwise(chain))
+        return [first], [last]
+
+    def _iterate(self, step: Iterate, path: str) -> tuple[list[int], list[int]]:
+        first: list[int] = []
+        exits: list[int] = []
+        joint = step.steps[-1].distribution
+        for round_ in range(step.rounds):
+            entries, round_exits = self.bind_steps(step.steps, f"{path}.", round_)
+            if round_ == 0:
+                first = entries
+            elif joint is not None:
+                self.locks += joint.locks(exits, entries)
+            else:
+                self.locks += [(a, b) for a in exits for b in entries]
+            exits = round_exits
+        return first, exits
+
+    def _worker_jobs(self, operation: Operation, path: str, kind: str, iteration: int) -> list[int]:
+        if not self.context.workers:
+            raise BindingError(f"step {path} ({kind}) needs workers, but the context has none")
+        return [
+            self._new_job(w.id, operation, path, kind, JobRole.LOCAL, iteration, False)
+            for w in self.context.workers
+        ]
+
+    def _initiator_job(
+        self, step: Initialize | Sequential | Finalize, path: str, role: JobRole, iteration: int
+    ) -> int:
+        initiator = self.context.initiator.id
+        return self._new_job(initiator, step.operation, path, step.kind, role, iteration, True)
+
+    def _new_job(
+        self,
+        worker: str,
+        operation: Operation,
+        path: str,
+        kind: str,
+        role: JobRole,
+        iteration: int,
+        on_initiator: bool,
+    ) -> int:
+        job = Job(len(self.jobs), worker, path, kind, role, iteration, operation, on_initiator)
+        self.jobs.append(job)
+        return job.id

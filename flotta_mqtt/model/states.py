@@ -1,0 +1,117 @@
+"""Job and artifact state machines, with attempts, as pure code the scheduler builds on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from flotta_mqtt.model.errors import IllegalTransition, StaleAttempt
+
+
+class JobState(StrEnum):
+    WAITING = "waiting"  # some lock on it is not released yet
+    READY = "ready"  # every lock released; not yet sent to its worker
+    DISPATCHED = "dispatched"  # sent to its worker for the current attempt
+    RUNNING = "running"  # its worker said it started the current attempt
+    COMPLETED = "completed"  # its product is recorded; its locks are released
+    FAILED = "failed"  # it failed for good: the artifact fails with it
+    CANCELLED = "cancelled"  # the artifact was cancelled or failed before it finished
+
+
+class ArtifactState(StrEnum):
+    SUBMITTED = "submitted"  # received, not yet bound (e.g. waiting for workers)
+    RUNNING = "running"  # bound; jobs are being dispatched
+    COMPLETED = "completed"  # every job completed
+    FAILED = "failed"  # refused at submission, or a job failed
+    CANCELLED = "cancelled"  # cancelled by the workbench
+
+
+JOB_FINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+ARTIFACT_FINAL = frozenset({ArtifactState.COMPLETED, ArtifactState.FAILED, ArtifactState.CANCELLED})
+
+_JOB_NEXT: dict[JobState, frozenset[JobState]] = {
+    JobState.WAITING: frozenset({JobState.READY, JobState.CANCELLED}),
+    JobState.READY: frozenset({JobState.DISPATCHED, JobState.CANCELLED}),
+    # A finished event may overtake the started one across a reconnect, and a job whose
+    # worker is lost goes back to READY for another attempt.
+    JobState.DISPATCHED: frozenset(
+        {JobState.RUNNING, JobState.COMPLETED, JobState.FAILED, JobState.READY, JobState.CANCELLED}
+    ),
+    JobState.RUNNING: frozenset(
+        {JobState.COMPLETED, JobState.FAILED, JobState.READY, JobState.CANCELLED}
+    ),
+    JobState.COMPLETED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+_ARTIFACT_NEXT: dict[ArtifactState, frozenset[ArtifactState]] = {
+    ArtifactState.SUBMITTED: frozenset(
+        {ArtifactState.RUNNING, ArtifactState.FAILED, ArtifactState.CANCELLED}
+    ),
+    ArtifactState.RUNNING: frozenset(
+        {ArtifactState.COMPLETED, ArtifactState.FAILED, ArtifactState.CANCELLED}
+    ),
+    ArtifactState.COMPLETED: frozenset(),
+    ArtifactState.FAILED: frozenset(),
+    ArtifactState.CANCELLED: frozenset(),
+}
+
+
+def check_job_transition(current: JobState, new: JobState) -> None:
+    if new not in _JOB_NEXT[current]:
+        raise IllegalTransition(f"a job cannot go from {current} to {new}")
+
+
+def check_artifact_transition(current: ArtifactState, new: ArtifactState) -> None:
+    if new not in _ARTIFACT_NEXT[current]:
+        raise IllegalTransition(f"an artifact cannot go from {current} to {new}")
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """A job's state and current attempt; every change returns a new value.
+
+    Events carry the attempt they are about: one for an older attempt raises StaleAttempt,
+    so a late result of an abandoned attempt changes nothing.
+    """
+
+    state: JobState = JobState.WAITING
+    attempt: int = 0  # 0 until first dispatched; each dispatch starts a new attempt
+
+    def _to(self, new: JobState) -> JobStatus:
+        check_job_transition(self.state, new)
+        return replace(self, state=new)
+
+    def _current(self, attempt: int) -> None:
+        if attempt != self.attempt:
+            raise StaleAttempt(f"attempt {attempt} is not the current attempt {self.attempt}")
+
+    def ready(self) -> JobStatus:
+        return self._to(JobState.READY)
+
+    def dispatch(self) -> JobStatus:
+        return replace(self._to(JobState.DISPATCHED), attempt=self.attempt + 1)
+
+    def start(self, attempt: int) -> JobStatus:
+        self._current(attempt)
+        return self._to(JobState.RUNNING)
+
+    def complete(self, attempt: int) -> JobStatus:
+        self._current(attempt)
+        return self._to(JobState.COMPLETED)
+
+    def fail(self, attempt: int) -> JobStatus:
+        self._current(attempt)
+        return self._to(JobState.FAILED)
+
+    def requeue(self) -> JobStatus:
+        """The worker of the current attempt is lost: make the job ready for another."""
+        return self._to(JobState.READY)
+
+    def cancel(self) -> JobStatus:
+        return self._to(JobState.CANCELLED)
+
+    @property
+    def final(self) -> bool:
+        return self.state in JOB_FINAL

@@ -1,0 +1,148 @@
+"""Steps: each a complete, self-contained instruction for the nodes that run its jobs."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flotta_mqtt.model.distribution import Arity, Distribution
+from flotta_mqtt.model.errors import BindingError
+from flotta_mqtt.model.operation import Operation
+
+
+class JobRole(StrEnum):
+    """Which part of its operation a job runs; fixed by the step and the job's place in it."""
+
+    INITIALIZE = "initialize"  # on the initiator, with no data: start a resource
+    LOCAL = "local"  # on a worker, with its local data and the products it consumes
+    AGGREGATE = "aggregate"  # on the initiator: combine the products it consumes
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    distribution: Distribution | None = None
+
+
+class _OperationStep(_Step):
+    operation: Operation
+
+    def __init__(
+        self,
+        operation: Operation | None = None,
+        distribution: Distribution | None = None,
+        /,
+        **data: Any,
+    ) -> None:
+        # Positional form `Parallel(op, Collect())` reads like the seed's own notation.
+        if operation is not None:
+            data["operation"] = operation
+        if distribution is not None:
+            data["distribution"] = distribution
+        super().__init__(**data)
+
+
+class Initialize(_OperationStep):
+    """One job on the initiator, before the workers start (setup, a first model...)."""
+
+    kind: Literal["initialize"] = "initialize"
+
+
+class Parallel(_OperationStep):
+    """One job per worker, each on its own local data."""
+
+    kind: Literal["parallel"] = "parallel"
+
+
+class Sequential(_OperationStep):
+    """Initiator → worker 1 → … → worker N → initiator, each updating the product it receives.
+
+    The first job runs the operation's initialize part, the workers its local part, and the
+    last job its aggregate part; no worker sees another's contribution except through it.
+    """
+
+    kind: Literal["sequential"] = "sequential"
+
+
+class Finalize(_OperationStep):
+    """One job on the initiator, combining what it consumes (aggregation, teardown)."""
+
+    kind: Literal["finalize"] = "finalize"
+
+
+class Iterate(_Step):
+    """Repeat a block of steps; each round waits for the previous round's last jobs.
+
+    Rounds are joined by the block's last step's distribution, or by a barrier (every
+    last job of round r unlocks every first job of round r + 1) when it has none. The
+    Iterate's own distribution joins the final round to the step after it.
+    """
+
+    kind: Literal["iterate"] = "iterate"
+    rounds: int = Field(ge=1, le=100_000)
+    steps: list[Step] = Field(min_length=1)
+
+    def __init__(
+        self, rounds: int | None = None, steps: list[Step] | None = None, /, **data: Any
+    ) -> None:
+        if rounds is not None:
+            data["rounds"] = rounds
+        if steps is not None:
+            data["steps"] = steps
+        super().__init__(**data)
+
+
+Step = Annotated[
+    Initialize | Parallel | Sequential | Finalize | Iterate, Field(discriminator="kind")
+]
+Iterate.model_rebuild()
+
+
+def entry_arity(step: Step) -> Arity:
+    """How many jobs a step starts with: one (initiator) or one per worker."""
+    if isinstance(step, Iterate):
+        return entry_arity(step.steps[0])
+    return Arity.MANY if isinstance(step, Parallel) else Arity.ONE
+
+
+def exit_arity(step: Step) -> Arity:
+    """How many jobs a step ends with: one (initiator) or one per worker."""
+    if isinstance(step, Iterate):
+        return exit_arity(step.steps[-1])
+    return Arity.MANY if isinstance(step, Parallel) else Arity.ONE
+
+
+def check_steps(steps: list[Step], prefix: str = "") -> None:
+    """Raise BindingError for any distribution that cannot join the steps it sits between.
+
+    The check needs no context, so a bad artifact is refused at submission whatever
+    workers happen to be there (a Collect into a Parallel step is wrong even with one).
+    """
+    for i, step in enumerate(steps):
+        label = f"step {prefix}{i} ({step.kind})"
+        if isinstance(step, Iterate):
+            check_steps(step.steps, prefix=f"{prefix}{i}.")
+            last = step.steps[-1]
+            if last.distribution is not None:
+                _check_join(last.distribution, last, step.steps[0], f"the rounds of {label}")
+        if step.distribution is None:
+            continue
+        if i + 1 == len(steps):
+            if not prefix:
+                raise BindingError(
+                    f"{label} has a {type(step.distribution).__name__} distribution "
+                    "but no step follows it"
+                )
+            continue  # the last step of an Iterate block: checked above, between rounds
+        nxt = steps[i + 1]
+        _check_join(step.distribution, step, nxt, f"{label} → step {prefix}{i + 1} ({nxt.kind})")
+
+
+def _check_join(distribution: Distribution, before: Step, after: Step, where: str) -> None:
+    reason = distribution.check(exit_arity(before), entry_arity(after))
+    if reason is not None:
+        raise BindingError(
+            f"{where}: {reason}, but the jobs are {exit_arity(before)} → {entry_arity(after)}"
+        )

@@ -1,0 +1,221 @@
+"""Every message on the bus as a pydantic model; the JSON Schemas in schemas/ come from here.
+
+Messages are small: payloads (data, products, logs) travel as Resources, URLs with a
+sha256 the consumer verifies. Every message a node may receive twice carries the ids
+that make handling it again a no-op (artifact, job, attempt).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from flotta_mqtt.model import Artifact, ArtifactState, JobRole, JobState, Operation, SafeId
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+JobId = Annotated[int, Field(ge=0)]
+Attempt = Annotated[int, Field(ge=1)]
+Timestamp = Annotated[float, Field(ge=0)]  # seconds since the epoch
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Resource(Message):
+    """A product of a job in the resource store: where it is and what its bytes hash to."""
+
+    url: Annotated[str, Field(min_length=1, max_length=2048)]
+    sha256: Sha256
+    size: Annotated[int, Field(ge=0)]
+    media_type: str = "application/json"
+
+
+class RemoteError(Message):
+    """An exception raised on another node, as text: enough to re-raise or show it."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class JobRef(Message):
+    """One attempt of one job of one artifact."""
+
+    artifact_id: SafeId
+    job_id: JobId
+    attempt: Attempt
+
+
+# --- workbench → scheduler -------------------------------------------------------------
+
+# An Artifact itself is the payload of "artifact submitted" (requests/{client}/submit).
+
+
+class CancelArtifact(Message):
+    artifact_id: SafeId
+    reason: str = "cancelled by the workbench"
+
+
+# --- scheduler → workbench / everyone ------------------------------------------------
+
+
+class RequestRejected(Message):
+    """Why a request could not even be read (malformed, oversize, unknown topic)."""
+
+    topic: str
+    error: str
+    artifact_id: SafeId | None = None
+
+
+class ArtifactStatus(Message):
+    """The current state of an artifact, retained so a late subscriber sees it at once.
+
+    `seq` grows with every change: a reader keeps the highest it has seen, so a stale
+    duplicate never moves a view backwards.
+    """
+
+    artifact_id: SafeId
+    project: str
+    state: ArtifactState
+    seq: Annotated[int, Field(ge=0)]
+    total: Annotated[int, Field(ge=0)]
+    counts: dict[JobState, int] = Field(default_factory=dict)
+    error: RemoteError | None = None
+    failed_job: JobId | None = None
+    results: list[Resource] = Field(default_factory=list)  # products of the final jobs
+    updated_at: Timestamp
+
+
+class LocksReleased(Message):
+    """Locks released by completed jobs, for watchers; dispatch does not depend on it."""
+
+    artifact_id: SafeId
+    locks: list[tuple[JobId, JobId]]
+
+
+# --- scheduler → one worker ------------------------------------------------------------
+
+
+class JobReady(Message):
+    """A job for one worker: everything it needs to run it, and nothing of anyone's data."""
+
+    type: Literal["job_ready"] = "job_ready"
+    artifact_id: SafeId
+    job_id: JobId
+    attempt: Attempt
+    project: SafeId
+    seed: int
+    step: str
+    kind: str
+    role: JobRole
+    iteration: Annotated[int, Field(ge=0)]
+    operation: Operation
+    inputs: list[Resource] = Field(default_factory=list)
+
+    @property
+    def ref(self) -> JobRef:
+        return JobRef(artifact_id=self.artifact_id, job_id=self.job_id, attempt=self.attempt)
+
+
+class EventAck(Message):
+    """The scheduler has durably recorded these finished/failed events: stop re-sending."""
+
+    type: Literal["event_ack"] = "event_ack"
+    jobs: list[JobRef]
+
+
+class CancelJob(Message):
+    """Stop this attempt if it runs; its result is no longer wanted."""
+
+    type: Literal["cancel_job"] = "cancel_job"
+    job: JobRef
+
+
+WorkerControl = Annotated[EventAck | CancelJob, Field(discriminator="type")]
+
+
+# --- one worker → scheduler ------------------------------------------------------------
+
+
+class JobAccepted(Message):
+    """The worker holds the job (queued): the scheduler stops re-sending JobReady."""
+
+    event: Literal["accepted"] = "accepted"
+    job: JobRef
+
+
+class JobStarted(Message):
+    event: Literal["started"] = "started"
+    job: JobRef
+    at: Timestamp
+
+
+class JobProgress(Message):
+    event: Literal["progress"] = "progress"
+    job: JobRef
+    fraction: Annotated[float, Field(ge=0, le=1)] | None = None
+    message: str = ""
+
+
+class JobFinished(Message):
+    event: Literal["finished"] = "finished"
+    job: JobRef
+    product: Resource
+    started_at: Timestamp
+    finished_at: Timestamp
+
+
+class JobFailed(Message):
+    event: Literal["failed"] = "failed"
+    job: JobRef
+    error: RemoteError
+    finished_at: Timestamp
+
+
+WorkerEvent = Annotated[
+    JobAccepted | JobStarted | JobProgress | JobFinished | JobFailed,
+    Field(discriminator="event"),
+]
+
+
+# --- presence ----------------------------------------------------------------------------
+
+
+class NodePresence(Message):
+    """What a node offers, retained; its last will is the same with `online` false."""
+
+    node: SafeId
+    online: bool
+    initiator: bool = False  # the scheduler's own job runner, holding no data
+    projects: list[SafeId] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    operations: list[str] = Field(default_factory=list)
+    max_jobs: Annotated[int, Field(ge=1)] = 1
+    details: dict[str, JsonValue] = Field(default_factory=dict)  # e.g. dataset schemas
+    since: Timestamp
+
+
+__all__ = [
+    "Artifact",
+    "ArtifactStatus",
+    "CancelArtifact",
+    "CancelJob",
+    "EventAck",
+    "JobAccepted",
+    "JobFailed",
+    "JobFinished",
+    "JobProgress",
+    "JobReady",
+    "JobRef",
+    "JobStarted",
+    "LocksReleased",
+    "Message",
+    "NodePresence",
+    "RemoteError",
+    "RequestRejected",
+    "Resource",
+    "WorkerControl",
+    "WorkerEvent",
+]

@@ -1,0 +1,126 @@
+"""Every MQTT topic of the protocol, in one place; nothing else spells a topic.
+
+Layout (ROOT carries the protocol version, so two versions can share a broker):
+  {ROOT}/requests/{client}/submit   workbench → scheduler: an Artifact
+  {ROOT}/requests/{client}/cancel   workbench → scheduler: CancelArtifact
+  {ROOT}/replies/{client}           scheduler → workbench: RequestRejected
+  {ROOT}/artifacts/{id}/status      scheduler → all: ArtifactStatus (retained)
+  {ROOT}/artifacts/{id}/locks       scheduler → all: LocksReleased
+  {ROOT}/workers/{worker}/jobs      scheduler → one worker: JobReady
+  {ROOT}/workers/{worker}/control   scheduler → one worker: EventAck, CancelJob
+  {ROOT}/events/{worker}            one worker → scheduler: job accepted/started/…/failed
+  {ROOT}/presence/{node}            a node → all: NodePresence (retained, last will)
+
+A worker's broker identity reads only `workers/{itself}/#` and writes only
+`events/{itself}` and `presence/{itself}`, so the topic names the sender.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+PROTOCOL_VERSION = 1
+ROOT = f"flotta/v{PROTOCOL_VERSION}"
+
+
+class Channel(StrEnum):
+    """What a topic carries; the key that decoding dispatches on."""
+
+    SUBMIT = "submit"
+    CANCEL = "cancel"
+    REPLY = "reply"
+    STATUS = "status"
+    LOCKS = "locks"
+    JOBS = "jobs"
+    CONTROL = "control"
+    EVENTS = "events"
+    PRESENCE = "presence"
+
+
+def submit(client: str) -> str:
+    return f"{ROOT}/requests/{client}/submit"
+
+
+def cancel(client: str) -> str:
+    return f"{ROOT}/requests/{client}/cancel"
+
+
+def reply(client: str) -> str:
+    return f"{ROOT}/replies/{client}"
+
+
+def status(artifact_id: str) -> str:
+    return f"{ROOT}/artifacts/{artifact_id}/status"
+
+
+def locks(artifact_id: str) -> str:
+    return f"{ROOT}/artifacts/{artifact_id}/locks"
+
+
+def jobs(worker: str) -> str:
+    return f"{ROOT}/workers/{worker}/jobs"
+
+
+def control(worker: str) -> str:
+    return f"{ROOT}/workers/{worker}/control"
+
+
+def events(worker: str) -> str:
+    return f"{ROOT}/events/{worker}"
+
+
+def presence(node: str) -> str:
+    return f"{ROOT}/presence/{node}"
+
+
+# Subscription filters.
+ALL_REQUESTS = f"{ROOT}/requests/+/+"
+ALL_EVENTS = f"{ROOT}/events/+"
+ALL_PRESENCE = f"{ROOT}/presence/+"
+ALL_STATUS = f"{ROOT}/artifacts/+/status"
+
+
+def worker_inbox(worker: str) -> str:
+    """Everything addressed to one worker."""
+    return f"{ROOT}/workers/{worker}/+"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A parsed topic: its channel and the node or artifact it names."""
+
+    channel: Channel
+    name: str  # the client, worker, node or artifact id the topic names
+
+
+class TopicError(ValueError):
+    """A topic outside the protocol."""
+
+
+_TWO_LEVELS = {
+    ("replies",): Channel.REPLY,
+    ("events",): Channel.EVENTS,
+    ("presence",): Channel.PRESENCE,
+}
+_THREE_LEVELS = {
+    ("requests", "submit"): Channel.SUBMIT,
+    ("requests", "cancel"): Channel.CANCEL,
+    ("artifacts", "status"): Channel.STATUS,
+    ("artifacts", "locks"): Channel.LOCKS,
+    ("workers", "jobs"): Channel.JOBS,
+    ("workers", "control"): Channel.CONTROL,
+}
+
+
+def parse(topic: str) -> Address:
+    """Split a topic into its channel and name, or raise TopicError saying why not."""
+    prefix = ROOT + "/"
+    if not topic.startswith(prefix):
+        raise TopicError(f"topic {topic!r} is not under {ROOT}/")
+    levels = topic[len(prefix) :].split("/")
+    if len(levels) == 2 and (levels[0],) in _TWO_LEVELS and levels[1]:
+        return Address(_TWO_LEVELS[(levels[0],)], levels[1])
+    if len(levels) == 3 and (levels[0], levels[2]) in _THREE_LEVELS and levels[1]:
+        return Address(_THREE_LEVELS[(levels[0], levels[2])], levels[1])
+    raise TopicError(f"topic {topic!r} is not a topic of protocol v{PROTOCOL_VERSION}")

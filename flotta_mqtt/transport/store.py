@@ -1,0 +1,166 @@
+"""Resource store: put/get of job products by URL with sha256, the only code importing fsspec.
+
+Messages on the bus stay small: a job's product goes to a local directory or an object
+store, and only its URL, sha256 and size travel. Every reader verifies the hash, so a
+corrupted or replaced object is detected instead of silently consumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import get_protocol
+
+from flotta_mqtt.protocol.messages import Resource
+
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def sha256_hex(data: bytes) -> str:
+    """Lowercase hex sha256, the form in which every resource hash travels."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class IntegrityError(Exception):
+    """The bytes read do not hash to what the Resource promised."""
+
+    def __init__(self, url: str, expected: str, actual: str) -> None:
+        super().__init__(f"sha256 mismatch for {url}: expected {expected}, got {actual}")
+        self.url = url
+        self.expected = expected
+        self.actual = actual
+
+
+class ResourceNotFound(Exception):
+    """Nothing is stored at the URL (never written, deleted, or wrong location)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(f"resource not found: {url}")
+        self.url = url
+
+
+def _normalise_options(protocol: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Copy the caller's options, moving a top-level S3 `endpoint_url` where s3fs wants it."""
+    result = dict(options or {})
+    if protocol in ("s3", "s3a") and "endpoint_url" in result:
+        client_kwargs = dict(result.get("client_kwargs") or {})
+        client_kwargs["endpoint_url"] = result.pop("endpoint_url")
+        result["client_kwargs"] = client_kwargs
+    return result
+
+
+def _check_segment(kind: str, value: str) -> None:
+    """Ids become path segments; reject anything that could escape or alias a directory."""
+    if not _SAFE_SEGMENT.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"unsafe {kind} for a resource path: {value!r}")
+
+
+class ResourceStore:
+    """Put and get resources under one root URL (local directory or s3 bucket/prefix)."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+        self._options = _normalise_options(get_protocol(root), storage_options)
+        fs, path = fsspec.url_to_fs(root, **self._options)
+        protocol = fs.protocol
+        self._protocols: tuple[str, ...] = (protocol,) if isinstance(protocol, str) else protocol
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(path, exist_ok=True)
+        self.root: str = fs.unstrip_protocol(path).rstrip("/")
+
+    def _fs_for(self, url: str) -> tuple[Any, str]:
+        """The filesystem for any URL; this store's credentials go only to its own protocol."""
+        options = self._options if get_protocol(url) in self._protocols else {}
+        fs, path = fsspec.url_to_fs(url, **options)
+        return fs, str(path)
+
+    def product_url(
+        self, artifact_id: str, job_id: str, attempt: int, name: str = "product"
+    ) -> str:
+        """Where one attempt of a job writes its product; attempts never overwrite each other."""
+        _check_segment("artifact_id", artifact_id)
+        _check_segment("job_id", job_id)
+        _check_segment("name", name)
+        if attempt < 0:
+            raise ValueError(f"attempt must be >= 0, got {attempt}")
+        return f"{self.root}/artifacts/{artifact_id}/jobs/{job_id}/attempt-{attempt}/{name}"
+
+    def put(self, url: str, data: bytes, media_type: str = "application/json") -> Resource:
+        """Write `data` at `url` so readers see either nothing, old bytes or all new bytes."""
+        fs, path = self._fs_for(url)
+        if isinstance(fs, LocalFileSystem):
+            _write_local_atomically(path, data)
+        else:
+            # A single object PUT is atomic on object stores: no partial object is visible.
+            fs.pipe_file(path, data)
+        return Resource(url=url, sha256=sha256_hex(data), size=len(data), media_type=media_type)
+
+    def put_product(
+        self,
+        artifact_id: str,
+        job_id: str,
+        attempt: int,
+        data: bytes,
+        media_type: str = "application/json",
+    ) -> Resource:
+        """Store a job attempt's product at its derived URL."""
+        return self.put(self.product_url(artifact_id, job_id, attempt), data, media_type)
+
+    def get(self, resource: Resource) -> bytes:
+        """Read a resource and verify its sha256; bytes that fail the check are never returned."""
+        data = self.get_bytes(resource.url)
+        actual = sha256_hex(data)
+        if actual != resource.sha256:
+            raise IntegrityError(resource.url, resource.sha256, actual)
+        return data
+
+    def get_bytes(self, url: str) -> bytes:
+        """Read raw bytes without verification (callers that hold a Resource use `get`)."""
+        fs, path = self._fs_for(url)
+        try:
+            data: bytes = fs.cat_file(path)
+        except FileNotFoundError as exc:
+            raise ResourceNotFound(url) from exc
+        return data
+
+    def exists(self, url: str) -> bool:
+        """Whether something is stored at `url`, as the backend sees it now."""
+        fs, path = self._fs_for(url)
+        # Other nodes write behind this process's back; a cached listing could be stale.
+        fs.invalidate_cache(path)
+        return bool(fs.exists(path))
+
+    def delete(self, url: str) -> None:
+        """Remove the object at `url`; deleting what is already gone is not an error."""
+        fs, path = self._fs_for(url)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
+
+
+def _write_local_atomically(path: str, data: bytes) -> None:
+    """Write to a unique hidden sibling, fsync, then rename over the target.
+
+    `os.replace` is atomic within a directory, so a concurrent reader sees the old file
+    or the complete new one, and a crash leaves at most a stray temporary file.
+    """
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # The temporary file is gone if the rename happened; otherwise do not leave it behind.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

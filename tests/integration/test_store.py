@@ -1,0 +1,286 @@
+"""ResourceStore against a local directory and a real S3 API (moto's server on loopback)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+import s3fs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from moto.server import ThreadedMotoServer
+
+from flotta_mqtt.transport.store import (
+    IntegrityError,
+    Resource,
+    ResourceNotFound,
+    ResourceStore,
+    sha256_hex,
+)
+
+pytestmark = pytest.mark.integration
+
+DUMMY_CREDENTIALS = {"key": "testing", "secret": "testing"}
+
+
+def _wait_until_answers(endpoint: str, timeout: float = 10.0) -> None:
+    """Bounded poll: the server thread is listening once it answers any HTTP request."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1.0):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    _wait_until_answers(endpoint)
+    yield endpoint
+    server.stop()
+
+
+def _raw_s3(endpoint: str) -> Any:
+    """An s3fs client of its own, to act behind the store's back (no shared caches)."""
+    return s3fs.S3FileSystem(
+        **DUMMY_CREDENTIALS,
+        client_kwargs={"endpoint_url": endpoint},
+        skip_instance_cache=True,
+        use_listings_cache=False,
+    )
+
+
+@dataclass
+class Backend:
+    """A store plus raw access to its backend, bypassing the store."""
+
+    store: ResourceStore
+    raw_write: Callable[[str, bytes], None]
+    list_dir: Callable[[str], list[str]]
+
+
+def _local_backend(tmp_path: Path) -> Backend:
+    def local_path(url: str) -> Path:
+        assert url.startswith("file://")
+        return Path(url.removeprefix("file://"))
+
+    def raw_write(url: str, data: bytes) -> None:
+        local_path(url).write_bytes(data)
+
+    def list_dir(url: str) -> list[str]:
+        return sorted(os.listdir(local_path(url)))
+
+    return Backend(ResourceStore((tmp_path / "store").as_uri()), raw_write, list_dir)
+
+
+def _s3_backend(endpoint: str) -> Backend:
+    raw = _raw_s3(endpoint)
+    bucket = f"test-{uuid.uuid4().hex}"
+    raw.mkdir(bucket)
+    options = {"endpoint_url": endpoint, **DUMMY_CREDENTIALS}
+
+    def raw_write(url: str, data: bytes) -> None:
+        raw.pipe_file(url, data)
+
+    def list_dir(url: str) -> list[str]:
+        return sorted(os.path.basename(p) for p in raw.ls(url, detail=False))
+
+    return Backend(ResourceStore(f"s3://{bucket}/root", options), raw_write, list_dir)
+
+
+@pytest.fixture(params=["file", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "file":
+        return _local_backend(tmp_path)
+    return _s3_backend(request.getfixturevalue("s3_endpoint"))
+
+
+class TestResourceStore:
+    """The same behaviour is required from every backend."""
+
+    def test_round_trip(self, backend: Backend) -> None:
+        store = backend.store
+        data = b'{"result": 42}'
+        resource = store.put_product("art-1", "job-1", 1, data)
+        assert resource.url == store.product_url("art-1", "job-1", 1)
+        assert resource.sha256 == hashlib.sha256(data).hexdigest()
+        assert resource.size == len(data)
+        assert resource.media_type == "application/json"
+        assert store.exists(resource.url)
+        assert store.get(resource) == data
+        assert store.get_bytes(resource.url) == data
+
+    def test_media_type_is_kept(self, backend: Backend) -> None:
+        store = backend.store
+        resource = store.put_product("a", "j", 0, b"\x00\x01", media_type="application/x-npy")
+        assert resource.media_type == "application/x-npy"
+        assert store.get(resource) == b"\x00\x01"
+
+    def test_product_url_derivation(self, backend: Backend) -> None:
+        store = backend.store
+        url = store.product_url("art.7", "job_3-b", 2, name="model.bin")
+        assert url == f"{store.root}/artifacts/art.7/jobs/job_3-b/attempt-2/model.bin"
+        default = store.product_url("a", "j", 1)
+        assert default == f"{store.root}/artifacts/a/jobs/j/attempt-1/product"
+        assert store.product_url("a", "j", 1) != store.product_url("a", "j", 2)
+
+    def test_unsafe_segments_rejected(self, backend: Backend) -> None:
+        bad_segments = ["", ".", "..", "a/b", "../etc", "a b", "a\n", "é", "x" * 129]
+        for field in ("artifact_id", "job_id", "name"):
+            for bad in bad_segments:
+                ids = {"artifact_id": "a", "job_id": "j", "name": "product"} | {field: bad}
+                with pytest.raises(ValueError, match=field):
+                    backend.store.product_url(
+                        ids["artifact_id"], ids["job_id"], 1, name=ids["name"]
+                    )
+        with pytest.raises(ValueError, match="attempt"):
+            backend.store.product_url("a", "j", -1)
+
+    def test_tampered_bytes_raise_integrity_error(self, backend: Backend) -> None:
+        store = backend.store
+        resource = store.put_product("a", "j", 1, b"original")
+        backend.raw_write(resource.url, b"tampered")
+        with pytest.raises(IntegrityError) as info:
+            store.get(resource)
+        message = str(info.value)
+        assert resource.url in message
+        assert resource.sha256 in message
+        assert sha256_hex(b"tampered") in message
+
+    def test_missing_url_raises_resource_not_found(self, backend: Backend) -> None:
+        store = backend.store
+        url = store.product_url("a", "never-written", 1)
+        assert not store.exists(url)
+        with pytest.raises(ResourceNotFound, match=url):
+            store.get_bytes(url)
+        missing = Resource(url=url, sha256=sha256_hex(b""), size=0)
+        with pytest.raises(ResourceNotFound, match=url):
+            store.get(missing)
+
+    def test_delete(self, backend: Backend) -> None:
+        store = backend.store
+        resource = store.put_product("a", "j", 1, b"x")
+        store.delete(resource.url)
+        assert not store.exists(resource.url)
+        with pytest.raises(ResourceNotFound):
+            store.get(resource)
+        store.delete(resource.url)  # already gone: not an error
+
+    def test_put_is_idempotent(self, backend: Backend) -> None:
+        store = backend.store
+        first = store.put_product("a", "j", 1, b"same bytes")
+        second = store.put_product("a", "j", 1, b"same bytes")
+        assert first == second
+        assert store.get(second) == b"same bytes"
+
+    def test_no_temporary_sibling_left_behind(self, backend: Backend) -> None:
+        store = backend.store
+        for payload in (b"one", b"two", b"three"):
+            resource = store.put_product("a", "j", 1, payload)
+        directory = resource.url.rsplit("/", 1)[0]
+        assert backend.list_dir(directory) == ["product"]
+
+    def test_concurrent_reader_never_sees_partial_file(self, backend: Backend) -> None:
+        store = backend.store
+        url = store.product_url("a", "j", 1)
+        payloads = [b"a" * 200_000, b"b" * 300_000]
+        store.put(url, payloads[0])
+        done = threading.Event()
+        seen: list[bytes] = []
+
+        def writer() -> None:
+            try:
+                for i in range(30):
+                    store.put(url, payloads[i % 2])
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        while not done.is_set():
+            seen.append(store.get_bytes(url))
+        thread.join()
+        assert seen
+        assert all(data in payloads for data in seen)
+
+    @settings(
+        max_examples=25,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+    @given(data=st.binary(max_size=10_000))
+    def test_round_trip_property(self, backend: Backend, data: bytes) -> None:
+        store = backend.store
+        resource = store.put_product("prop", sha256_hex(data)[:16], 1, data)
+        assert resource.sha256 == hashlib.sha256(data).hexdigest()
+        assert resource.size == len(data)
+        assert store.get(resource) == data
+
+
+def test_plain_local_path_is_a_file_root(tmp_path: Path) -> None:
+    root = tmp_path / "plain" / "store"
+    store = ResourceStore(str(root))
+    assert root.is_dir()
+    assert store.root == root.as_uri()
+    resource = store.put_product("a", "j", 1, b"data")
+    assert (root / "artifacts/a/jobs/j/attempt-1/product").read_bytes() == b"data"
+    assert store.get(resource) == b"data"
+
+
+def test_s3_store_reads_file_url_without_its_options(tmp_path: Path, s3_endpoint: str) -> None:
+    local = ResourceStore((tmp_path / "local").as_uri())
+    resource = local.put_product("a", "j", 1, b"made on a worker")
+    s3 = _s3_backend(s3_endpoint).store
+    assert s3.get(resource) == b"made on a worker"
+
+
+def test_storage_options_are_not_mutated(s3_endpoint: str) -> None:
+    bucket = f"test-{uuid.uuid4().hex}"
+    _raw_s3(s3_endpoint).mkdir(bucket)
+    options: dict[str, Any] = {"endpoint_url": s3_endpoint, **DUMMY_CREDENTIALS}
+    snapshot = dict(options)
+    store = ResourceStore(f"s3://{bucket}", options)
+    assert options == snapshot
+    assert store.root == f"s3://{bucket}"
+    assert store.get(store.put_product("a", "j", 1, b"{}")) == b"{}"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sha256": "A" * 64},
+        {"sha256": "a" * 63},
+        {"sha256": "g" * 64},
+        {"size": -1},
+    ],
+)
+def test_resource_rejects_invalid_fields(fields: dict[str, Any]) -> None:
+    valid: dict[str, Any] = {"url": "file:///x", "sha256": "a" * 64, "size": 0}
+    with pytest.raises(pydantic.ValidationError):
+        Resource(**{**valid, **fields})
+
+
+def test_resource_is_frozen() -> None:
+    resource = Resource(url="file:///x", sha256="a" * 64, size=0)
+    with pytest.raises(pydantic.ValidationError):
+        resource.size = 1  # type: ignore[misc]
