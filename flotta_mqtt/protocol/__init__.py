@@ -27,10 +27,6 @@ from flotta_mqtt.protocol.messages import (
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
-    "ProtocolError",
-    "decode",
-    "encode",
-    "topics",
     "Artifact",
     "ArtifactStatus",
     "CancelArtifact",
@@ -46,9 +42,13 @@ __all__ = [
     "LocksReleased",
     "Message",
     "NodePresence",
+    "ProtocolError",
     "RemoteError",
     "RequestRejected",
     "Resource",
     "WorkerControl",
     "WorkerEvent",
+    "decode",
+    "encode",
+    "topics",
 ]

@@ -1,7 +1,7 @@
 """Export the JSON Schema of every message to schemas/, so non-Python nodes can speak it.
 
-    python -m flotta_mqtt.protocol.schemas [DIR]          write the files
-    python -m flotta_mqtt.protocol.schemas --check [DIR]  exit 1 if they drifted
+python -m flotta_mqtt.protocol.schemas [DIR]          write the files
+python -m flotta_mqtt.protocol.schemas --check [DIR]  exit 1 if they drifted
 """
 
 from __future__ import annotations

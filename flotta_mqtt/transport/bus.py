@@ -1,0 +1,329 @@
+"""The message bus: the only code that imports paho-mqtt. MQTT v5, QoS 1, persistent sessions.
+
+Each trap measured in MQTT-NOTES is handled here, once:
+- TCP_NODELAY on every socket (Nagle adds up to 88 ms per QoS 1 hop);
+- a session expiry on CONNECT, without which clean-start-off gets no session;
+- a bounded window of unacknowledged publishes (paho's message ids wrap at 65,535) and
+  every publish() return code checked;
+- every callback guarded: an exception escaping one kills paho's network thread;
+- nothing blocks the network thread: publishing from a callback is refused;
+- the size limit is enforced by the protocol codec before anything is published.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from pydantic import BaseModel
+
+from flotta_mqtt.protocol import encode
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], None]
+ConnectHandler = Callable[[bool], None]  # called with session_present after each CONNACK
+
+DAY = 24 * 3600
+
+
+@dataclass
+class BrokerConfig:
+    """How a node reaches the broker and who it is there."""
+
+    url: str = "mqtt://127.0.0.1:1883"  # mqtt://host:port, or mqtts:// for TLS
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None  # TLS: the CA that signed the broker's certificate
+    cert_file: str | None = None  # TLS: this node's client certificate, if the broker asks
+    key_file: str | None = None
+    keepalive: int = 15
+    session_expiry: int = DAY  # how long the broker queues for this node while it is away
+    reconnect_delay: tuple[int, int] = (1, 16)
+    inflight: int = 100  # paho's in-flight QoS 1 publishes: its cost per PUBACK grows with it
+    window: int = 10_000  # our bound on queued unacknowledged publishes (< 65,535 ids)
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts" or self.ca_file is not None
+
+
+class BusError(RuntimeError):
+    """The bus cannot do what was asked: refused connection, full window, broker error."""
+
+
+@dataclass
+class Will:
+    """What the broker publishes for this node if it vanishes without saying goodbye."""
+
+    topic: str
+    message: BaseModel
+    retain: bool = True
+
+
+@dataclass
+class _Pending:
+    topics: dict[int, str] = field(default_factory=dict)  # mid → topic, awaiting PUBACK
+    acked_early: set[int] = field(default_factory=set)  # PUBACKed before publish() returned
+
+
+class Bus:
+    """A connected MQTT v5 client with a persistent session (unless `clean` is asked for).
+
+    Incoming messages are handed to `on_message(topic, payload)` on paho's network thread:
+    handlers must only enqueue work. Publishing blocks while the window is full, so it must
+    be called from the node's own threads, never from a handler.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        config: BrokerConfig,
+        on_message: MessageHandler,
+        subscriptions: list[str],
+        will: Will | None = None,
+        on_connect: ConnectHandler | None = None,
+        clean: bool = False,
+    ) -> None:
+        self.client_id = client_id
+        self.config = config
+        self._on_message = on_message
+        self._on_connect_hook = on_connect
+        self.subscriptions = list(subscriptions)
+        self._clean = clean
+        self._window = threading.BoundedSemaphore(config.window)
+        self._pending = _Pending()
+        self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
+        self._network_thread: int | None = None
+        self.connected = threading.Event()
+        self._first_connack = threading.Event()
+        self._refusal: str | None = None
+
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        client.max_inflight_messages_set(config.inflight)
+        client.max_queued_messages_set(0)  # our window bounds the queue
+        client.reconnect_delay_set(*config.reconnect_delay)
+        if config.username is not None:
+            client.username_pw_set(config.username, config.password)
+        if config.tls:
+            client.tls_set(
+                ca_certs=config.ca_file,
+                certfile=config.cert_file,
+                keyfile=config.key_file,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if will is not None:
+            client.will_set(will.topic, encode(will.message), qos=1, retain=will.retain)
+        client.on_socket_open = self._guard(self._socket_open)
+        client.on_connect = self._guard(self._connected)
+        client.on_disconnect = self._guard(self._disconnected)
+        client.on_message = self._guard(self._message)
+        client.on_publish = self._guard(self._published)
+        client.on_subscribe = self._guard(self._subscribed)
+        self._client = client
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self, wait: float | None = 10.0) -> Bus:
+        """Connect in the background; with `wait`, block until the broker answers.
+
+        A node started while the broker is unreachable keeps retrying with backoff. A
+        refusal (wrong password, not authorised) raises BusError at once.
+        """
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 0 if self._clean else self.config.session_expiry
+        self._client.connect_async(
+            self.config.host,
+            self.config.port,
+            keepalive=self.config.keepalive,
+            clean_start=self._clean,
+            properties=properties,
+        )
+        self._client.loop_start()
+        if wait is not None:
+            if not self._first_connack.wait(wait):
+                self.stop()
+                raise BusError(f"no answer from the broker at {self.config.url} in {wait} s")
+            if self._refusal is not None:
+                self.stop()
+                raise BusError(
+                    f"the broker at {self.config.url} refused {self.client_id}: {self._refusal}"
+                )
+        return self
+
+    def stop(self, goodbye: list[tuple[str, BaseModel, bool]] | None = None) -> None:
+        """Publish `goodbye` messages (topic, message, retain), then disconnect.
+
+        A clean DISCONNECT suppresses the last will, so a node says "offline" itself here.
+        """
+        for topic, message, retain in goodbye or []:
+            self.publish(topic, message, retain=retain, timeout=2.0)
+        if goodbye and self.connected.is_set() and not self.flush(timeout=2.0):
+            log.warning(
+                "%s: goodbye messages not acknowledged before disconnecting", self.client_id
+            )
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.connected.clear()
+
+    def kill(self) -> None:
+        """Drop the connection without DISCONNECT, as a crash would: the will is sent."""
+        sock = self._client.socket()
+        self._client.loop_stop()
+        if sock is not None:
+            sock.close()
+        self.connected.clear()
+
+    # --- publishing --------------------------------------------------------------------
+
+    def publish(
+        self, topic: str, message: BaseModel, *, retain: bool = False, timeout: float = 60.0
+    ) -> None:
+        """Publish a protocol message at QoS 1, waiting for room in the window.
+
+        While disconnected, messages are queued and sent on reconnect. Every publish is
+        QoS 1: PUBACKs are what keep the window exact.
+        """
+        self.publish_raw(topic, encode(message), retain=retain, timeout=timeout)
+
+    def publish_raw(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 60.0
+    ) -> None:
+        """Publish bytes as they are (tests use it to send malformed messages)."""
+        if threading.get_ident() == self._network_thread:
+            raise BusError("publish() called from a bus callback: hand the work to a thread")
+        if not self._window.acquire(timeout=timeout):
+            raise BusError(f"{self.config.window} publishes unacknowledged for {timeout} s")
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self._window.release()
+            raise BusError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        # paho may deliver the PUBACK before publish() returns; whichever side comes
+        # second settles the window slot.
+        with self._lock:
+            if info.mid in self._pending.acked_early:
+                self._pending.acked_early.discard(info.mid)
+                self._window.release()
+            else:
+                self._pending.topics[info.mid] = topic
+
+    @property
+    def unacknowledged(self) -> int:
+        with self._lock:
+            return len(self._pending.topics)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every publish so far is acknowledged by the broker."""
+        with self._settled:
+            return self._settled.wait_for(lambda: not self._pending.topics, timeout)
+
+    # --- paho callbacks (network thread) ---------------------------------------------
+
+    def _guard(self, callback: Callable[..., None]) -> Callable[..., None]:
+        def guarded(*args: Any) -> None:
+            self._network_thread = threading.get_ident()
+            try:
+                callback(*args)
+            except Exception:
+                log.exception(
+                    "%s: error in %s (network thread kept alive)", self.client_id, callback.__name__
+                )
+
+        return guarded
+
+    def _socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _connected(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            self._refusal = str(reason)
+            log.error("%s: broker refused the connection: %s", self.client_id, reason)
+            self._first_connack.set()
+            return
+        self._refusal = None
+        if self.subscriptions:
+            options = SubscribeOptions(qos=1)
+            client.subscribe([(topic, options) for topic in self.subscriptions])
+        else:
+            self._ready(flags.session_present)
+
+    def _subscribed(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        for topic, reason in zip(self.subscriptions, reasons, strict=False):
+            if reason.is_failure:
+                log.error("%s: subscription to %s refused: %s", self.client_id, topic, reason)
+        self._ready(True)
+
+    def _ready(self, session_present: bool) -> None:
+        self.connected.set()
+        self._first_connack.set()
+        if self._on_connect_hook is not None:
+            self._on_connect_hook(session_present)
+
+    def _disconnected(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self.connected.clear()
+        if reason.is_failure:
+            log.warning("%s: disconnected from the broker: %s", self.client_id, reason)
+
+    def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._on_message(message.topic, bytes(message.payload))
+
+    def _published(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._lock:
+            topic = self._pending.topics.pop(mid, None)
+            if topic is None:
+                self._pending.acked_early.add(mid)
+                return
+            self._settled.notify_all()
+        self._window.release()
+        if reason.is_failure:
+            log.error("%s: the broker refused a message on %s: %s", self.client_id, topic, reason)
