@@ -7,6 +7,7 @@ from flotta_mqtt.model.distribution import Collect, Distribute, Distribution, Pa
 from flotta_mqtt.model.errors import BindingError, IllegalTransition, StaleAttempt
 from flotta_mqtt.model.locks import LockTable
 from flotta_mqtt.model.operation import Operation
+from flotta_mqtt.model.query import AllOf, AnyOf, Compare, Filter, Not
 from flotta_mqtt.model.states import (
     ARTIFACT_FINAL,
     JOB_FINAL,
@@ -30,12 +31,16 @@ from flotta_mqtt.model.steps import (
 __all__ = [
     "ARTIFACT_FINAL",
     "JOB_FINAL",
+    "AllOf",
+    "AnyOf",
     "Artifact",
     "ArtifactState",
     "BindingError",
     "Collect",
+    "Compare",
     "Distribute",
     "Distribution",
+    "Filter",
     "Finalize",
     "IllegalTransition",
     "Initialize",
@@ -47,6 +52,7 @@ __all__ = [
     "JobStatus",
     "LockTable",
     "NodeRef",
+    "Not",
     "Operation",
     "Pairwise",
     "Parallel",

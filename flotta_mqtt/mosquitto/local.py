@@ -38,7 +38,7 @@ connection_messages true
 
 
 @dataclass
-class BrokerSettings:
+class MosquittoSettings:
     """What a rendered broker config needs to know."""
 
     port: int
@@ -52,7 +52,7 @@ class BrokerSettings:
     extra: list[str] = field(default_factory=list)
 
 
-def render_config(settings: BrokerSettings) -> str:
+def render_config(settings: MosquittoSettings) -> str:
     """Return the text of a mosquitto.conf for these settings."""
     text = BASE_CONFIG.format(
         max_queued_bytes=settings.max_queued_bytes,
@@ -115,7 +115,7 @@ class LocalBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # mosquitto started as root drops to user `mosquitto`: it must reach its files.
         self.data_dir.chmod(0o777)
-        self.settings = BrokerSettings(
+        self.settings = MosquittoSettings(
             port=port or free_port(),
             data_dir=self.data_dir,
             **settings,  # type: ignore[arg-type]
