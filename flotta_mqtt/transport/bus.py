@@ -120,6 +120,7 @@ class Bus:
         self.connected = threading.Event()
         self._first_connack = threading.Event()
         self._refusal: str | None = None
+        self._connect_subscription: int | None = None  # mid of the SUBSCRIBE sent on CONNACK
 
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         client.max_inflight_messages_set(config.inflight)
@@ -195,6 +196,14 @@ class Bus:
         if sock is not None:
             sock.close()
         self.connected.clear()
+
+    def subscribe(self, topic: str) -> None:
+        """Add a subscription now and on every reconnect."""
+        with self._lock:
+            if topic in self.subscriptions:
+                return
+            self.subscriptions.append(topic)
+        self._client.subscribe(topic, options=SubscribeOptions(qos=1))
 
     # --- publishing --------------------------------------------------------------------
 
@@ -272,7 +281,9 @@ class Bus:
         self._refusal = None
         if self.subscriptions:
             options = SubscribeOptions(qos=1)
-            client.subscribe([(topic, options) for topic in self.subscriptions])
+            with self._lock:
+                wanted = [(topic, options) for topic in self.subscriptions]
+            _, self._connect_subscription = client.subscribe(wanted)
         else:
             self._ready(flags.session_present)
 
@@ -284,10 +295,11 @@ class Bus:
         reasons: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
-        for topic, reason in zip(self.subscriptions, reasons, strict=False):
+        for reason in reasons:
             if reason.is_failure:
-                log.error("%s: subscription to %s refused: %s", self.client_id, topic, reason)
-        self._ready(True)
+                log.error("%s: a subscription was refused: %s", self.client_id, reason)
+        if mid == self._connect_subscription:
+            self._ready(True)
 
     def _ready(self, session_present: bool) -> None:
         self.connected.set()

@@ -7,6 +7,7 @@ distribution.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import networkx as nx
@@ -239,6 +240,62 @@ def expected_jobs(steps, workers: list[str], prefix: str = "", iteration: int = 
     return out
 
 
+def expected_locks(steps, workers: int) -> set[tuple[int, int]]:
+    """Every lock, drawn from the seed's rules over concrete job ids in binding order."""
+    count = 0
+    locks: set[tuple[int, int]] = set()
+
+    def new(n: int) -> list[int]:
+        nonlocal count
+        count += n
+        return list(range(count - n, count))
+
+    def join(distribution, exits: list[int], entries: list[int]) -> None:
+        if distribution is None:
+            return
+        n = len(exits)
+        if distribution.kind == "collect":
+            locks.update((e, entries[0]) for e in exits)
+        elif distribution.kind == "distribute":
+            locks.update((exits[0], e) for e in entries)
+        elif distribution.kind == "pairwise":
+            locks.update((exits[i], entries[i]) for i in range(n))
+        else:  # round_robin
+            locks.update((exits[i], entries[(i + 1) % n]) for i in range(n))
+
+    def step_jobs(step) -> tuple[list[int], list[int]]:
+        if step.kind == "parallel":
+            jobs = new(workers)
+            return jobs, jobs
+        if step.kind == "sequential":
+            chain = new(workers + 2)
+            locks.update(itertools.pairwise(chain))
+            return chain[:1], chain[-1:]
+        if step.kind == "iterate":
+            first, last = list_jobs(step.steps)
+            for _ in range(step.rounds - 1):
+                entries, exits = list_jobs(step.steps)
+                if step.steps[-1].distribution is None:  # barrier
+                    locks.update((a, b) for a in last for b in entries)
+                else:
+                    join(step.steps[-1].distribution, last, entries)
+                last = exits
+            return first, last
+        jobs = new(1)
+        return jobs, jobs
+
+    def list_jobs(block) -> tuple[list[int], list[int]]:
+        first, exits = step_jobs(block[0])
+        for before, step in itertools.pairwise(block):
+            entries, next_exits = step_jobs(step)
+            join(before.distribution, exits, entries)
+            exits = next_exits
+        return first, exits
+
+    list_jobs(steps)
+    return locks
+
+
 def needs_workers(steps) -> bool:
     return any(
         needs_workers(s.steps) if s.kind == "iterate" else s.kind in ("parallel", "sequential")
@@ -279,6 +336,7 @@ def test_bound_graph_shape(steps, workers):
     ]
     assert graph.sources() == [i for i, e in enumerate(expected) if e[4]]
     assert graph.sources()[0] == 0
+    assert set(graph.locks) == expected_locks(steps, workers)
     assert [j.on_initiator for j in graph.jobs] == [j.worker == "init" for j in graph.jobs]
 
 

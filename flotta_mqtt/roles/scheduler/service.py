@@ -1,0 +1,609 @@
+"""The scheduler node: binds artifacts into jobs, dispatches them, and owns their state.
+
+One thread does all the work. paho's thread only enqueues; the scheduler thread takes
+what is queued (up to BURST messages, never waiting for more), handles it inside one
+SQLite transaction, commits, and only then publishes what the burst decided: durable
+before acting, with one commit per burst rather than per message.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flotta_mqtt.model import (
+    ARTIFACT_FINAL,
+    Artifact,
+    ArtifactState,
+    BindingError,
+    IllegalTransition,
+    JobGraph,
+    JobState,
+    JobStatus,
+    LockTable,
+    NodeRef,
+    SafeId,
+    SchedulerContext,
+    StaleAttempt,
+    bind,
+)
+from flotta_mqtt.protocol import (
+    ArtifactStatus,
+    CancelArtifact,
+    CancelJob,
+    EventAck,
+    JobAccepted,
+    JobFailed,
+    JobFinished,
+    JobProgress,
+    JobReady,
+    JobRef,
+    JobStarted,
+    LocksReleased,
+    NodePresence,
+    ProtocolError,
+    RemoteError,
+    RequestRejected,
+    Resource,
+    decode,
+    topics,
+)
+from flotta_mqtt.protocol.topics import Address, Channel
+from flotta_mqtt.roles import operations
+from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
+from flotta_mqtt.roles.scheduler.database import Database
+from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.transport.bus import Bus
+
+log = logging.getLogger(__name__)
+
+BURST = 500  # the most messages handled in one transaction
+
+
+class SchedulerConfig(BaseModel):
+    """A scheduler node's settings, from a YAML file, flags or FLOTTA_* variables."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: SafeId = "scheduler"
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: Path = Path("flotta-scheduler.db")
+    # Whether workbenches may fetch final products. On by default, as in the embedded demo;
+    # turn it off on a node whose results must stay where they are.
+    allow_download: bool = True
+    resend_interval: float = Field(default=5.0, gt=0)
+    # A scheduler just started waits this long for workers' retained presence before
+    # failing an artifact whose project nobody seems to hold.
+    worker_grace: float = Field(default=5.0, ge=0)
+    run_initiator: bool = True  # run the initiator's jobs in this node
+    initiator_plugins: list[str] = Field(default_factory=list)
+
+    @property
+    def initiator(self) -> str:
+        return f"{self.name}.initiator"
+
+
+@dataclass
+class _Artifact:
+    """An unfinished artifact as the scheduler thread holds it in memory."""
+
+    artifact: Artifact
+    client: str
+    state: ArtifactState
+    seq: int
+    graph: JobGraph | None = None
+    locks: LockTable | None = None
+    jobs: list[JobStatus] = field(default_factory=list)
+    products: dict[int, Resource] = field(default_factory=dict)
+    accepted: set[int] = field(default_factory=set)  # dispatched jobs their worker holds
+    dispatched_at: dict[int, float] = field(default_factory=dict)
+    error: RemoteError | None = None
+    failed_job: int | None = None
+
+
+Outgoing = tuple[str, BaseModel, bool]  # topic, message, retain
+
+
+class Scheduler:
+    """The scheduler service. `start()` resumes unfinished artifacts and serves."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.db = Database(config.database)
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._out: list[Outgoing] = []
+        self._changed: set[str] = set()
+        self._released: dict[str, list[tuple[int, int]]] = {}
+        self._acks: dict[str, list[JobRef]] = {}
+        self._artifacts: dict[str, _Artifact] = {}
+        self._nodes: dict[str, NodePresence] = {}
+        self._started_at = time.monotonic()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="scheduler", daemon=True)
+        self.bus = Bus(
+            client_id=config.name,
+            config=config.broker.bus_config(),
+            on_message=lambda topic, payload: self._inbox.put(("message", (topic, payload))),
+            subscriptions=[topics.ALL_REQUESTS, topics.ALL_EVENTS, topics.ALL_PRESENCE],
+            on_connect=lambda session: self._inbox.put(("connected", session)),
+        )
+        self.initiator: WorkerAgent | None = None
+        if config.run_initiator:
+            self.initiator = WorkerAgent(
+                WorkerConfig(
+                    name=config.initiator,
+                    broker=config.broker,
+                    storage=config.storage,
+                    initiator=True,
+                    max_jobs=4,
+                    plugins=config.initiator_plugins,
+                    resend_interval=config.resend_interval,
+                )
+            )
+
+    def start(self, wait: float | None = 10.0) -> Scheduler:
+        self._resume()
+        self._thread.start()
+        self.bus.start(wait=wait)
+        if self.initiator is not None:
+            self.initiator.start(wait=wait)
+        return self
+
+    def stop(self) -> None:
+        if self.initiator is not None:
+            self.initiator.stop()
+        self._stopping.set()
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=10)
+        self.bus.stop()
+        self.db.close()
+
+    def call(self, function: Callable[[], Any]) -> None:
+        """Run `function` on the scheduler thread (tests use it to inspect state safely)."""
+        self._inbox.put(("call", function))
+
+    # --- the scheduler thread --------------------------------------------------------------
+
+    def _serve(self) -> None:
+        next_tick = time.monotonic() + self.config.resend_interval / 2
+        while not self._stopping.is_set():
+            burst: list[tuple[str, Any]] = []
+            try:
+                burst.append(self._inbox.get(timeout=max(0.0, next_tick - time.monotonic())))
+                while len(burst) < BURST:
+                    burst.append(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            try:
+                with self.db.transaction():
+                    for kind, item in burst:
+                        self._handle(kind, item)
+                    if time.monotonic() >= next_tick:
+                        self._tick()
+                        next_tick = time.monotonic() + self.config.resend_interval / 2
+                    self._collect_status()
+            except Exception:
+                log.exception("scheduler: a burst of %d messages failed", len(burst))
+                self._out.clear()
+                continue
+            out, self._out = self._out, []
+            for topic, message, retain in out:
+                try:
+                    self.bus.publish(topic, message, retain=retain)
+                except Exception:
+                    log.exception("scheduler: could not publish on %s", topic)
+
+    def _handle(self, kind: str, item: Any) -> None:
+        if kind == "message":
+            topic, payload = item
+            try:
+                address, message = decode(topic, payload)
+            except ProtocolError as exc:
+                log.error("scheduler rejected a message: %s", exc)
+                self._reject(topic, str(exc))
+                return
+            try:
+                with self.db.savepoint():
+                    self._dispatch_message(address, message)
+            except Exception as exc:
+                log.exception("scheduler: error handling %s", topic)
+                self._reject(topic, f"internal error: {exc}")
+        elif kind == "connected":
+            self._resend_unaccepted(only_worker=None)
+        elif kind == "call":
+            item()
+
+    def _reject(self, topic: str, error: str) -> None:
+        try:
+            address = topics.parse(topic)
+        except topics.TopicError:
+            return
+        if address.channel in (Channel.SUBMIT, Channel.CANCEL):
+            self._out.append(
+                (topics.reply(address.name), RequestRejected(topic=topic, error=error), False)
+            )
+
+    def _dispatch_message(self, address: Address, message: Any) -> None:
+        if address.channel is Channel.SUBMIT:
+            self._submit(message, client=address.name)
+        elif address.channel is Channel.CANCEL:
+            self._cancel(message)
+        elif address.channel is Channel.PRESENCE:
+            self._presence(address.name, message)
+        elif address.channel is Channel.EVENTS:
+            self._event(address.name, message)
+        else:
+            log.error("scheduler: unexpected %s message", address.channel)
+
+    # --- artifacts -------------------------------------------------------------------------
+
+    def _submit(self, artifact: Artifact, client: str) -> None:
+        if self.db.artifact_exists(artifact.id):
+            # A re-sent submission: answer with the current status, change nothing.
+            self._changed.add(artifact.id)
+            return
+        now = time.time()
+        self.db.insert_artifact(artifact, client, now)
+        self._artifacts[artifact.id] = _Artifact(artifact, client, ArtifactState.SUBMITTED, 0)
+        self._changed.add(artifact.id)
+        self._try_bind(artifact.id)
+
+    def _try_bind(self, artifact_id: str) -> None:
+        record = self._artifacts[artifact_id]
+        artifact = record.artifact
+        workers = [
+            node
+            for name, node in sorted(self._nodes.items())
+            if not node.initiator and artifact.project in node.projects
+        ]
+        if not workers:
+            if time.monotonic() - self._started_at < self.config.worker_grace:
+                return  # presence may still be arriving; _tick tries again
+            self._fail(record, "NoWorkers", f"no worker holds data for project {artifact.project}")
+            return
+        context = SchedulerContext(
+            initiator=NodeRef(id=self.config.initiator),
+            workers=[NodeRef(id=w.node, offers=w.labels) for w in workers],
+        )
+        try:
+            graph = bind(artifact, context)
+            self._check_operations(graph)
+        except (BindingError, operations.OperationError) as exc:
+            self._fail(record, type(exc).__name__, str(exc))
+            return
+        self.db.bind_artifact(artifact.id, context, graph)
+        self._start(record, graph, completed=[])
+        self._transition(record, ArtifactState.RUNNING)
+        for job_id in record.locks.ready() if record.locks else []:
+            self._ready(record, job_id)
+
+    def _check_operations(self, graph: JobGraph) -> None:
+        """Refuse at submission what a node could only refuse at run time."""
+        seen: set[tuple[str, str]] = set()
+        for job in graph.jobs:
+            if (job.worker, job.operation.name) in seen:
+                continue
+            seen.add((job.worker, job.operation.name))
+            node = self._nodes.get(job.worker)
+            if node is not None and job.operation.name not in node.operations:
+                raise operations.OperationError(
+                    f"operation {job.operation.name!r} is not available on {job.worker}"
+                )
+            if job.operation.name in operations.REGISTRY:
+                operations.lookup(job.operation)  # validates the parameters
+
+    def _start(self, record: _Artifact, graph: JobGraph, completed: list[int]) -> None:
+        record.graph = graph
+        record.locks = LockTable(graph, completed)
+        if not record.jobs:
+            record.jobs = [JobStatus() for _ in graph.jobs]
+
+    def _transition(self, record: _Artifact, state: ArtifactState) -> None:
+        record.state = state
+        self._changed.add(record.artifact.id)
+
+    def _fail(
+        self,
+        record: _Artifact,
+        kind: str,
+        message: str,
+        job: int | None = None,
+        error: RemoteError | None = None,
+    ) -> None:
+        record.error = error or RemoteError(type=kind, message=message)
+        record.failed_job = job
+        self._stop_jobs(record)
+        self._transition(record, ArtifactState.FAILED)
+
+    def _cancel(self, request: CancelArtifact) -> None:
+        record = self._artifacts.get(request.artifact_id)
+        if record is None:
+            self._changed.add(request.artifact_id)  # answer with its (final) status
+            return
+        record.error = RemoteError(type="Cancelled", message=request.reason)
+        self._stop_jobs(record)
+        self._transition(record, ArtifactState.CANCELLED)
+
+    def _stop_jobs(self, record: _Artifact) -> None:
+        """Cancel every unfinished job; tell workers running one to stop it."""
+        for job_id, status in enumerate(record.jobs):
+            if status.final:
+                continue
+            if status.state in (JobState.DISPATCHED, JobState.RUNNING) and record.graph:
+                ref = JobRef(artifact_id=record.artifact.id, job_id=job_id, attempt=status.attempt)
+                worker = record.graph.jobs[job_id].worker
+                self._out.append((topics.control(worker), CancelJob(job=ref), False))
+            record.jobs[job_id] = status.cancel()
+        self.db.cancel_jobs(record.artifact.id)
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def _ready(self, record: _Artifact, job_id: int) -> None:
+        record.jobs[job_id] = record.jobs[job_id].ready()
+        self._send(record, job_id)
+
+    def _send(self, record: _Artifact, job_id: int) -> None:
+        """Dispatch a ready job: a new attempt, recorded before it is published."""
+        assert record.graph is not None
+        status = record.jobs[job_id].dispatch()
+        record.jobs[job_id] = status
+        self.db.update_job(record.artifact.id, job_id, status.state, status.attempt)
+        record.dispatched_at[job_id] = time.monotonic()
+        self._out.append(self._job_ready(record, job_id))
+
+    def _job_ready(self, record: _Artifact, job_id: int) -> Outgoing:
+        assert record.graph is not None
+        job = record.graph.jobs[job_id]
+        message = JobReady(
+            artifact_id=record.artifact.id,
+            job_id=job_id,
+            attempt=record.jobs[job_id].attempt,
+            project=record.artifact.project,
+            seed=record.artifact.seed,
+            step=job.step,
+            kind=job.kind,
+            role=job.role,
+            iteration=job.iteration,
+            operation=job.operation,
+            inputs=[record.products[p] for p in record.graph.consumes(job_id)],
+        )
+        return topics.jobs(job.worker), message, False
+
+    def _event(self, worker: str, event: Any) -> None:
+        ref: JobRef = event.job
+        final = isinstance(event, JobFinished | JobFailed)
+        record = self._artifacts.get(ref.artifact_id)
+        if record is None or record.graph is None:
+            if final and self.db.artifact_exists(ref.artifact_id):
+                self._ack(worker, ref)  # the artifact is over: stop the worker re-sending
+            return
+        if ref.job_id >= len(record.jobs):
+            log.error(
+                "scheduler: %s reported job %s of %s, which has no such job",
+                worker,
+                ref.job_id,
+                ref.artifact_id,
+            )
+            return
+        owner = record.graph.jobs[ref.job_id].worker
+        if worker != owner:
+            log.error(
+                "scheduler: %s reported on job %s/%s, which was given to %s: ignored",
+                worker,
+                ref.artifact_id,
+                ref.job_id,
+                owner,
+            )
+            return
+        status = record.jobs[ref.job_id]
+        if final:
+            self._ack(worker, ref)
+        try:
+            if isinstance(event, JobAccepted):
+                if status.attempt == ref.attempt:
+                    record.accepted.add(ref.job_id)
+            elif isinstance(event, JobStarted):
+                if status.state is JobState.DISPATCHED:
+                    record.jobs[ref.job_id] = status.start(ref.attempt)
+                    record.accepted.add(ref.job_id)
+                    self.db.update_job(
+                        ref.artifact_id,
+                        ref.job_id,
+                        JobState.RUNNING,
+                        ref.attempt,
+                        started_at=event.at,
+                    )
+            elif isinstance(event, JobFinished):
+                self._finished(record, event, status)
+            elif isinstance(event, JobFailed):
+                record.jobs[ref.job_id] = status.fail(ref.attempt)
+                self.db.update_job(
+                    ref.artifact_id,
+                    ref.job_id,
+                    JobState.FAILED,
+                    ref.attempt,
+                    finished_at=event.finished_at,
+                    error=event.error,
+                )
+                self._fail(record, event.error.type, event.error.message, ref.job_id, event.error)
+            elif isinstance(event, JobProgress):
+                log.info("job %s/%s: %s", ref.artifact_id, ref.job_id, event.message)
+        except (StaleAttempt, IllegalTransition) as exc:
+            # A duplicate or a late event of an abandoned attempt: it changes nothing.
+            log.debug("scheduler: ignored %s from %s: %s", event.event, worker, exc)
+
+    def _finished(self, record: _Artifact, event: JobFinished, status: JobStatus) -> None:
+        ref = event.job
+        record.jobs[ref.job_id] = status.complete(ref.attempt)
+        record.products[ref.job_id] = event.product
+        record.accepted.discard(ref.job_id)
+        record.dispatched_at.pop(ref.job_id, None)
+        self.db.update_job(
+            ref.artifact_id,
+            ref.job_id,
+            JobState.COMPLETED,
+            ref.attempt,
+            started_at=event.started_at,
+            finished_at=event.finished_at,
+            product=event.product,
+        )
+        self.db.release_locks(ref.artifact_id, ref.job_id)
+        assert record.locks is not None and record.graph is not None
+        unlocked = record.locks.release(ref.job_id)
+        self._released.setdefault(ref.artifact_id, []).extend(
+            (ref.job_id, j) for j in record.graph.unlocks(ref.job_id)
+        )
+        self._changed.add(ref.artifact_id)
+        for job_id in unlocked:
+            self._ready(record, job_id)
+        if len(record.locks.completed) == len(record.jobs):
+            self._transition(record, ArtifactState.COMPLETED)
+
+    def _ack(self, worker: str, ref: JobRef) -> None:
+        self._acks.setdefault(worker, []).append(ref)
+
+    # --- presence and timers -----------------------------------------------------------------
+
+    def _presence(self, node: str, presence: NodePresence) -> None:
+        if presence.node != node:
+            log.error("scheduler: presence on %s names %s: ignored", node, presence.node)
+            return
+        came_online = presence.online and not (node in self._nodes and self._nodes[node].online)
+        self._nodes[node] = presence
+        self.db.save_node(presence)
+        if came_online:
+            self._resend_unaccepted(only_worker=node)
+            self._bind_waiting()
+
+    def _bind_waiting(self) -> None:
+        for artifact_id, record in list(self._artifacts.items()):
+            if record.state is ArtifactState.SUBMITTED:
+                self._try_bind(artifact_id)
+
+    def _resend_unaccepted(self, only_worker: str | None, older_than: float = 0.0) -> None:
+        """Re-send JobReady for dispatched jobs no worker has acknowledged yet.
+
+        Broker persistence is not end to end: a broker crash can lose a job it accepted.
+        """
+        now = time.monotonic()
+        for record in self._artifacts.values():
+            if record.graph is None:
+                continue
+            for job_id, sent in list(record.dispatched_at.items()):
+                worker = record.graph.jobs[job_id].worker
+                if job_id in record.accepted or now - sent < older_than:
+                    continue
+                if only_worker is not None and worker != only_worker:
+                    continue
+                if record.jobs[job_id].state is not JobState.DISPATCHED:
+                    continue
+                record.dispatched_at[job_id] = now
+                self._out.append(self._job_ready(record, job_id))
+
+    def _tick(self) -> None:
+        self._resend_unaccepted(only_worker=None, older_than=self.config.resend_interval)
+        self._bind_waiting()
+
+    def _collect_status(self) -> None:
+        """Turn what this burst changed into the messages that announce it."""
+        for worker, refs in self._acks.items():
+            self._out.append((topics.control(worker), EventAck(jobs=refs), False))
+        self._acks.clear()
+        for artifact_id, released in self._released.items():
+            self._out.append(
+                (
+                    topics.locks(artifact_id),
+                    LocksReleased(artifact_id=artifact_id, locks=released),
+                    False,
+                )
+            )
+        self._released.clear()
+        for artifact_id in self._changed:
+            status = self._status(artifact_id)
+            if status is not None:
+                self._out.append((topics.status(artifact_id), status, True))
+            if status is None or status.state in ARTIFACT_FINAL:
+                self._artifacts.pop(artifact_id, None)  # the database keeps it
+        self._changed.clear()
+
+    def _status(self, artifact_id: str) -> ArtifactStatus | None:
+        record = self._artifacts.get(artifact_id) or self._load(artifact_id)
+        if record is None:
+            return None
+        record.seq += 1
+        now = time.time()
+        self.db.update_artifact(
+            artifact_id, record.state, record.seq, now, record.error, record.failed_job
+        )
+        counts: dict[JobState, int] = {}
+        for status in record.jobs:
+            counts[status.state] = counts.get(status.state, 0) + 1
+        results: list[Resource] = []
+        if record.state is ArtifactState.COMPLETED and self.config.allow_download and record.graph:
+            results = [record.products[j] for j in record.graph.sinks()]
+        return ArtifactStatus(
+            artifact_id=artifact_id,
+            project=record.artifact.project,
+            state=record.state,
+            seq=record.seq,
+            total=len(record.jobs),
+            counts=counts,
+            error=record.error,
+            failed_job=record.failed_job,
+            results=results,
+            updated_at=now,
+        )
+
+    # --- resuming ------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        """Rebuild every unfinished artifact from the database (after a crash or restart)."""
+        self._nodes = {
+            node.node: node.model_copy(update={"online": False}) for node in self.db.nodes()
+        }
+        with self.db.transaction():
+            for artifact_id in self.db.unfinished_artifacts():
+                record = self._load(artifact_id)
+                assert record is not None
+                self._artifacts[artifact_id] = record
+                self._changed.add(artifact_id)
+                now = time.monotonic()
+                for job_id, status in enumerate(record.jobs):
+                    if status.state is JobState.READY:
+                        self._send(record, job_id)
+                    elif status.state in (JobState.DISPATCHED, JobState.RUNNING):
+                        # Whatever was said before the crash, ask again: workers answer
+                        # a duplicate with what they know, and re-send their results.
+                        record.dispatched_at[job_id] = now
+                        self._out.append(self._job_ready(record, job_id))
+            self._collect_status()
+
+    def _load(self, artifact_id: str) -> _Artifact | None:
+        """An artifact's record as the database has it; binding again gives its graph."""
+        row = self.db.artifact(artifact_id)
+        if row is None:
+            return None
+        record = _Artifact(
+            row.artifact,
+            row.client,
+            row.state,
+            row.seq,
+            error=row.error,
+            failed_job=row.failed_job,
+        )
+        if row.context is not None:
+            jobs = self.db.jobs(artifact_id)
+            record.jobs = [JobStatus(j.state, j.attempt) for j in jobs]
+            record.products = {j.job_id: j.product for j in jobs if j.product is not None}
+            completed = [j.job_id for j in jobs if j.state is JobState.COMPLETED]
+            self._start(record, bind(row.artifact, row.context), completed)
+        return record
