@@ -160,6 +160,11 @@ class ArtifactHandle:
         with self.client._changed:
             return self.client._statuses.get(self.artifact_id)
 
+    def fetch_status(self, timeout: float = 5.0) -> ArtifactStatus | None:
+        """The current status as the broker retains it, or None if it holds none."""
+        self.client._sync(timeout)
+        return self.status()
+
     def wait(self, timeout: float | None = None, progress: bool = False) -> ArtifactStatus:
         """Block until the artifact is completed, failed or cancelled; return its status.
 

@@ -1,0 +1,5 @@
+"""`python -m flotta_mqtt.cli` is `flotta-mqtt`."""
+
+from flotta_mqtt.cli.main import app
+
+app()

@@ -1,0 +1,335 @@
+"""The `flotta-mqtt` command: parses options and config files, then starts a role."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from flotta_mqtt.model import Artifact
+from flotta_mqtt.roles.config import BrokerSettings, StorageSettings, load_yaml
+from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.roles.workbench.client import ArtifactFailed, Client
+from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+
+app = typer.Typer(
+    help="flotta_mqtt: distributed jobs over MQTT. Run a scheduler, edge workers, and submit "
+    "artifacts from a workbench. Every option can also be set with its FLOTTA_* variable.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+BrokerOpt = Annotated[
+    str | None,
+    typer.Option("--broker", envvar="FLOTTA_BROKER", help="mqtt://host:port or mqtts://"),
+]
+UserOpt = Annotated[
+    str | None, typer.Option("--username", envvar="FLOTTA_USERNAME", help="broker identity")
+]
+PasswordOpt = Annotated[
+    str | None, typer.Option("--password", envvar="FLOTTA_PASSWORD", help="broker password")
+]
+CaOpt = Annotated[
+    Path | None, typer.Option("--ca-file", envvar="FLOTTA_CA_FILE", help="CA for TLS")
+]
+StorageOpt = Annotated[
+    str | None,
+    typer.Option("--storage", envvar="FLOTTA_STORAGE", help="resource store URL (file://, s3://)"),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="FLOTTA_CONFIG", help="YAML file of node settings"),
+]
+TimeoutOpt = Annotated[float | None, typer.Option(help="seconds to wait at most")]
+LogOpt = Annotated[str, typer.Option("--log-level", envvar="FLOTTA_LOG_LEVEL")]
+
+
+def _broker(
+    url: str | None,
+    username: str | None,
+    password: str | None,
+    ca: Path | None,
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    settings = dict(base or {})
+    for key, value in (
+        ("url", url),
+        ("username", username),
+        ("password", password),
+        ("ca_file", str(ca) if ca else None),
+    ):
+        if value is not None:
+            settings[key] = value
+    return settings
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=2)
+
+
+def _node_config(
+    model: type[SchedulerConfig] | type[WorkerConfig], path: Path | None, overrides: dict[str, Any]
+) -> Any:
+    data = load_yaml(path) if path else {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **value}
+        elif value is not None:
+            data[key] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _fail(f"invalid settings:\n{exc}") from None
+
+
+def _serve(node: Scheduler | WorkerAgent, what: str) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    node.start(wait=None)
+    console.print(f"{what} running; Ctrl-C to stop")
+    stop.wait()
+    node.stop()
+
+
+@app.command()
+def scheduler(
+    config: ConfigOpt = None,
+    name: Annotated[str | None, typer.Option(envvar="FLOTTA_NAME")] = None,
+    database: Annotated[Path | None, typer.Option(envvar="FLOTTA_DATABASE")] = None,
+    allow_download: Annotated[bool | None, typer.Option(envvar="FLOTTA_ALLOW_DOWNLOAD")] = None,
+    broker: BrokerOpt = None,
+    username: UserOpt = None,
+    password: PasswordOpt = None,
+    ca_file: CaOpt = None,
+    storage: StorageOpt = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """Run a scheduler node: binds submitted artifacts into jobs and dispatches them."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    settings = _node_config(
+        SchedulerConfig,
+        config,
+        {
+            "name": name,
+            "database": database,
+            "allow_download": allow_download,
+            "broker": _broker(broker, username, password, ca_file),
+            "storage": {"url": storage} if storage else {},
+        },
+    )
+    _serve(Scheduler(settings), f"scheduler {settings.name}")
+
+
+@app.command()
+def worker(
+    config: ConfigOpt = None,
+    name: Annotated[str | None, typer.Option(envvar="FLOTTA_NAME")] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help="PROJECT=FILE.csv, repeatable: local data this worker holds"),
+    ] = None,
+    max_jobs: Annotated[int | None, typer.Option(envvar="FLOTTA_MAX_JOBS")] = None,
+    plugin: Annotated[
+        list[str] | None, typer.Option(help="module registering operations, repeatable")
+    ] = None,
+    broker: BrokerOpt = None,
+    username: UserOpt = None,
+    password: PasswordOpt = None,
+    ca_file: CaOpt = None,
+    storage: StorageOpt = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """Run an edge worker agent next to its local data."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    datasets: dict[str, list[str]] = {}
+    for item in data or []:
+        project, sep, file = item.partition("=")
+        if not sep or not project or not file:
+            raise _fail(f"--data takes PROJECT=FILE, got {item!r}")
+        datasets.setdefault(project, []).append(file)
+    settings = _node_config(
+        WorkerConfig,
+        config,
+        {
+            "name": name,
+            "max_jobs": max_jobs,
+            "plugins": plugin or None,
+            "datasets": datasets or None,
+            "broker": _broker(broker, username, password, ca_file),
+            "storage": {"url": storage} if storage else {},
+        },
+    )
+    _serve(WorkerAgent(settings), f"worker {settings.name}")
+
+
+def _client(
+    broker: str | None,
+    username: str | None,
+    password: str | None,
+    ca: Path | None,
+    storage: str | None,
+) -> Client:
+    settings = BrokerSettings.model_validate(_broker(broker, username, password, ca))
+    store = StorageSettings(url=storage) if storage else None
+    return Client(settings, storage=store)
+
+
+def load_artifact(path: Path) -> Artifact:
+    """Read an artifact from a JSON or YAML file, with errors that name what is wrong."""
+    try:
+        return Artifact.model_validate(load_yaml(path))
+    except (ValueError, ValidationError) as exc:
+        raise _fail(f"{path} is not a valid artifact:\n{exc}") from None
+
+
+@app.command()
+def validate(file: Path) -> None:
+    """Check an artifact file (JSON or YAML) without submitting it."""
+    artifact = load_artifact(file)
+    console.print(f"[green]valid[/green]: artifact {artifact.id}, {len(artifact.steps)} steps")
+
+
+@app.command()
+def submit(
+    file: Path,
+    wait: Annotated[bool, typer.Option(help="wait for the result and print it")] = False,
+    timeout: TimeoutOpt = None,
+    broker: BrokerOpt = None,
+    username: UserOpt = None,
+    password: PasswordOpt = None,
+    ca_file: CaOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Submit an artifact file (JSON or YAML); print its id, or its result with --wait."""
+    artifact = load_artifact(file)
+    with _client(broker, username, password, ca_file, storage) as client:
+        handle = client.submit(artifact)
+        console.print(f"submitted artifact {artifact.id}")
+        if wait:
+            try:
+                console.print_json(json.dumps(handle.result(timeout)))
+            except ArtifactFailed as exc:
+                raise _fail(str(exc)) from None
+
+
+@app.command()
+def status(
+    artifact_id: str,
+    output: Annotated[str, typer.Option(help="table or json")] = "table",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the broker")] = 5.0,
+    broker: BrokerOpt = None,
+    username: UserOpt = None,
+    password: PasswordOpt = None,
+    ca_file: CaOpt = None,
+) -> None:
+    """Show an artifact's current status (from its retained status topic)."""
+    with _client(broker, username, password, ca_file, None) as client:
+        current = client.handle(artifact_id).fetch_status(timeout)
+    if current is None:
+        raise _fail(f"no status for artifact {artifact_id}")
+    if output == "json":
+        console.print_json(current.model_dump_json())
+        return
+    table = Table(title=f"artifact {artifact_id}")
+    table.add_column("state")
+    table.add_column("jobs")
+    table.add_column("by state")
+    table.add_column("error")
+    table.add_row(
+        current.state,
+        str(current.total),
+        ", ".join(f"{k}: {v}" for k, v in current.counts.items()),
+        f"{current.error.type}: {current.error.message}" if current.error else "",
+    )
+    console.print(table)
+
+
+@app.command()
+def download(
+    artifact_id: str,
+    dest: Path,
+    timeout: TimeoutOpt = None,
+    broker: BrokerOpt = None,
+    username: UserOpt = None,
+    password: PasswordOpt = None,
+    ca_file: CaOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Write an artifact's result to DEST as a JSON document."""
+    with _client(broker, username, password, ca_file, storage) as client:
+        try:
+            path = client.handle(artifact_id).download(dest, timeout)
+        except (ArtifactFailed, PermissionError, TimeoutError) as exc:
+            raise _fail(str(exc)) from None
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def workers(
+    output: Annotated[str, typer.Option(help="table or json")] = "table",
+    broker: BrokerOpt = None,
+    username: UserOpt = None,
+    password: PasswordOpt = None,
+    ca_file: CaOpt = None,
+) -> None:
+    """List the nodes known to the broker: presence, projects, labels, operations."""
+    with _client(broker, username, password, ca_file, None) as client:
+        nodes = client.workers()
+    if output == "json":
+        console.print_json(json.dumps([n.model_dump(mode="json") for n in nodes]))
+        return
+    table = Table(title="nodes")
+    for column in ("node", "online", "role", "projects", "labels", "max jobs"):
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(
+            node.node,
+            "yes" if node.online else "no",
+            "initiator" if node.initiator else "worker",
+            ", ".join(node.projects),
+            ", ".join(f"{k}={v}" for k, v in node.labels.items()),
+            str(node.max_jobs),
+        )
+    console.print(table)
+
+
+@app.command()
+def cancel(
+    artifact_id: str,
+    broker: BrokerOpt = None,
+    username: UserOpt = None,
+    password: PasswordOpt = None,
+    ca_file: CaOpt = None,
+) -> None:
+    """Cancel an artifact: its running jobs are stopped and its locks freed."""
+    with _client(broker, username, password, ca_file, None) as client:
+        client.cancel(artifact_id)
+        final = client.handle(artifact_id).wait(timeout=30)
+    console.print(f"artifact {artifact_id}: {final.state}")
+
+
+@app.command()
+def demo(
+    rows: Annotated[int, typer.Option(help="rows of data per worker (roughly)")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed of the generated data")] = 42,
+) -> None:
+    """Run the seed's example on a local mosquitto: a scheduler and three workers, each
+    holding its own CSV; count the rows with x > 0.5 across them and check the answer."""
+    from flotta_mqtt.cli.demo import run_demo
+
+    raise typer.Exit(code=run_demo(rows=rows, seed=seed, console=console))
+
+
+if __name__ == "__main__":
+    app()
