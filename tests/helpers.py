@@ -73,9 +73,7 @@ class MessageRecorder:
 
     def wait(self, count: int, timeout: float = 10.0) -> Messages:
         """Block until at least `count` messages arrived and return them all."""
-        return self.wait_for(
-            lambda msgs: len(msgs) >= count, timeout, f"expected {count} messages"
-        )
+        return self.wait_for(lambda msgs: len(msgs) >= count, timeout, f"expected {count} messages")
 
     def _tail(self) -> str:
         return repr(self._messages[-3:])[:500]

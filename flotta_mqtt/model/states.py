@@ -88,6 +88,9 @@ class JobStatus:
             raise StaleAttempt(f"attempt {attempt} is not the current attempt {self.attempt}")
 
     def ready(self) -> JobStatus:
+        """Every lock is released. Only a waiting job becomes ready this way."""
+        if self.state is not JobState.WAITING:
+            raise IllegalTransition(f"only a waiting job becomes ready, not a {self.state} one")
         return self._to(JobState.READY)
 
     def dispatch(self) -> JobStatus:
@@ -105,8 +108,13 @@ class JobStatus:
         self._current(attempt)
         return self._to(JobState.FAILED)
 
-    def requeue(self) -> JobStatus:
-        """The worker of the current attempt is lost: make the job ready for another."""
+    def requeue(self, attempt: int) -> JobStatus:
+        """The worker of this attempt is lost: make the job ready for another attempt."""
+        self._current(attempt)
+        if self.state not in (JobState.DISPATCHED, JobState.RUNNING):
+            raise IllegalTransition(
+                f"only a dispatched or running job is requeued, not {self.state}"
+            )
         return self._to(JobState.READY)
 
     def cancel(self) -> JobStatus:

@@ -166,7 +166,9 @@ def test_persistent_session_receives_everything_published_while_away(
     assert {p for p in received.payloads} == sent
 
 
-def test_session_expiry_is_sent_on_connect(make_bus: BusFactory, broker_config: BrokerConfig) -> None:
+def test_session_expiry_is_sent_on_connect(
+    make_bus: BusFactory, broker_config: BrokerConfig
+) -> None:
     config = BrokerConfig(url=broker_config.url, session_expiry=1)
     bus = make_bus("expiring", config=config).start()
     properties = bus._client._connect_properties
@@ -266,9 +268,9 @@ def test_an_exception_in_a_handler_does_not_kill_the_network_thread(
         publisher.publish(topic, cancel(2))
         received.wait(2)
     assert received.payloads == [encode(cancel(1)), encode(cancel(2))]
-    assert any(
-        r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in caplog.records
-    ), "the handler's exception was not logged"
+    assert any(r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in caplog.records), (
+        "the handler's exception was not logged"
+    )
 
 
 def test_publishing_from_a_handler_is_refused_and_the_bus_keeps_working(
@@ -311,7 +313,9 @@ def test_an_oversize_message_is_refused_before_publishing(
     config = BrokerConfig(url=broker_config.url, window=1)
     publisher = make_bus("big", config=config).start()
 
-    big = NodePresence(node="big", online=True, since=1.0, details={"blob": "x" * MAX_MESSAGE_BYTES})
+    big = NodePresence(
+        node="big", online=True, since=1.0, details={"blob": "x" * MAX_MESSAGE_BYTES}
+    )
     with pytest.raises(ProtocolError, match="over the"):
         publisher.publish(topic, big, timeout=0.5)
     assert publisher.unacknowledged == 0  # refused before taking the only window slot

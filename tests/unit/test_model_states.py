@@ -134,7 +134,7 @@ def test_dispatch_increments_the_attempt():
     for expected in (1, 2, 3, 4):
         status = status.dispatch()
         assert status.attempt == expected
-        status = status.requeue()
+        status = status.requeue(expected)
         assert (status.state, status.attempt) == (J.READY, expected)
 
 
@@ -144,7 +144,7 @@ def test_requeue_after_loss_then_dispatch_gives_attempt_2(lost_while):
     if lost_while is J.RUNNING:
         status = status.start(1)
     assert status.state is lost_while
-    status = status.requeue()
+    status = status.requeue(1)
     assert (status.state, status.attempt) == (J.READY, 1)
     status = status.dispatch()
     assert (status.state, status.attempt) == (J.DISPATCHED, 2)
@@ -154,7 +154,7 @@ def test_requeue_after_loss_then_dispatch_gives_attempt_2(lost_while):
 @pytest.mark.parametrize("event", ["start", "complete", "fail"])
 @pytest.mark.parametrize("stale", [0, 1, 3])
 def test_an_event_for_another_attempt_raises_stale(event, stale):
-    status = JobStatus().ready().dispatch().requeue().dispatch()
+    status = JobStatus().ready().dispatch().requeue(1).dispatch()
     assert status.attempt == 2
     with pytest.raises(StaleAttempt, match=f"{stale}.*2"):
         getattr(status, event)(stale)
@@ -167,7 +167,7 @@ def test_an_event_for_another_attempt_raises_stale(event, stale):
 
 
 def test_late_result_of_an_abandoned_attempt_changes_nothing():
-    status = JobStatus().ready().dispatch().start(1).requeue().dispatch().start(2)
+    status = JobStatus().ready().dispatch().start(1).requeue(1).dispatch().start(2)
     with pytest.raises(StaleAttempt):
         status.complete(1)
     with pytest.raises(StaleAttempt):
@@ -192,9 +192,11 @@ def final_statuses() -> list[JobStatus]:
 @pytest.mark.parametrize("status", final_statuses(), ids=lambda s: f"{s.state}-{s.attempt}")
 def test_final_states_are_terminal(status):
     assert status.final
-    for move in (status.ready, status.dispatch, status.requeue, status.cancel):
+    for move in (status.ready, status.dispatch, status.cancel):
         with pytest.raises(IllegalTransition):
             move()
+    with pytest.raises(IllegalTransition):
+        status.requeue(status.attempt)
     for event in (status.start, status.complete, status.fail):
         with pytest.raises(IllegalTransition):
             event(status.attempt)
@@ -269,10 +271,14 @@ def test_any_event_sequence_follows_the_table(events):
     dispatches = 0
     for name, offset in events:
         before = status
-        with_attempt = name in ("start", "complete", "fail")
+        with_attempt = name in ("start", "complete", "fail", "requeue")
         attempt = status.attempt + offset
         stale = with_attempt and offset != 0
         legal = TARGET[name] in JOB_TABLE[status.state]
+        if name == "ready":  # ready() is the release of the last lock, from WAITING only
+            legal = legal and status.state is J.WAITING
+        if name == "requeue":  # a lost worker: only a dispatched or running attempt
+            legal = legal and status.state in (J.DISPATCHED, J.RUNNING)
         try:
             status = getattr(status, name)(attempt) if with_attempt else getattr(status, name)()
         except StaleAttempt:
@@ -289,3 +295,13 @@ def test_any_event_sequence_follows_the_table(events):
         assert status.attempt == dispatches
         if before.final:
             pytest.fail(f"{name} moved a final job from {before.state}")
+
+
+def test_requeue_is_refused_for_a_stale_attempt_or_an_undispatched_job():
+    running = JobStatus().ready().dispatch().start(1).requeue(1).dispatch().start(2)
+    with pytest.raises(StaleAttempt):
+        running.requeue(1)  # a late "worker lost" about attempt 1 leaves attempt 2 alone
+    with pytest.raises(IllegalTransition):
+        JobStatus().requeue(0)
+    with pytest.raises(IllegalTransition):
+        JobStatus().ready().dispatch().ready()

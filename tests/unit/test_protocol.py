@@ -88,11 +88,22 @@ resources = st.builds(
 remote_errors = st.builds(RemoteError, type=texts, message=texts, traceback=texts)
 job_refs = st.builds(JobRef, artifact_id=safe_ids, job_id=job_ids, attempt=attempts)
 
-distributions = st.none() | st.sampled_from([Collect(), Distribute(), Pairwise(), RoundRobin()])
+# Steps draw from a few prebuilt operations (random params are covered by JobReady):
+# drawing models field by field for every step is slow.
+step_operations = st.sampled_from(
+    [
+        Operation(name="load"),
+        Operation(name="count", params={"column": "x", "where": [{"gt": 0.5}]}),
+        Operation(name="mean.v2", params={"weights": None, "n": 3}),
+    ]
+)
+distributions = st.sampled_from(
+    [None, None, None, Collect(), Distribute(), Pairwise(), RoundRobin()]
+)
 op_steps = st.builds(
     lambda cls, op, dist: cls(op, dist),
     st.sampled_from([Initialize, Parallel, Sequential, Finalize]),
-    operations,
+    step_operations,
     distributions,
 )
 steps = st.recursive(
@@ -150,9 +161,7 @@ MESSAGES: dict[type[BaseModel], tuple[Callable[[str], str], st.SearchStrategy[An
     ),
     LocksReleased: (
         topics.locks,
-        st.builds(
-            LocksReleased, artifact_id=safe_ids, locks=st.lists(st.tuples(job_ids, job_ids))
-        ),
+        st.builds(LocksReleased, artifact_id=safe_ids, locks=st.lists(st.tuples(job_ids, job_ids))),
     ),
     JobReady: (
         topics.jobs,
@@ -226,7 +235,9 @@ BUILDERS: dict[Channel, Callable[[str], str]] = {
     Channel.EVENTS: topics.events,
     Channel.PRESENCE: topics.presence,
 }
-any_topic = st.builds(lambda build, name: build(name), st.sampled_from(list(BUILDERS.values())), short_ids)
+any_topic = st.builds(
+    lambda build, name: build(name), st.sampled_from(list(BUILDERS.values())), short_ids
+)
 
 
 def ref() -> JobRef:
@@ -437,10 +448,10 @@ def test_decode_rejects_an_artifact_whose_distributions_do_not_fit() -> None:
 
 
 def test_decode_survives_deeply_nested_json() -> None:
-    step: dict[str, Any] = {"kind": "parallel", "operation": {"name": "x"}}
-    for _ in range(500):
-        step = {"kind": "iterate", "rounds": 1, "steps": [step]}
-    payload = json.dumps({"project": "p", "steps": [step]}).encode()
+    depth = 1000
+    step = '{"kind": "iterate", "rounds": 1, "steps": [' * depth
+    step += '{"kind": "parallel", "operation": {"name": "x"}}' + "]}" * depth
+    payload = ('{"project": "p", "steps": [' + step + "]}").encode()
     with pytest.raises(ProtocolError):
         decode(topics.submit("c"), payload)
 

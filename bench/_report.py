@@ -1,0 +1,37 @@
+"""Small helpers shared by the benchmarks: percentiles, medians over runs, tables."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+console = Console(width=120, highlight=False)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of a non-empty sequence; NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def median_of_runs(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the runs (each run a dict of named figures)."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]], note: str = "") -> None:
+    table = Table(title=title, box=box.MARKDOWN, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if note:
+        console.print(note)
+    console.print()
