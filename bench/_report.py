@@ -26,7 +26,8 @@ def median_of_runs(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def print_table(title: str, columns: list[str], rows: list[list[str]], note: str = "") -> None:
-    table = Table(title=title, box=box.MARKDOWN, title_justify="left")
+    console.print(f"[bold]{title}[/bold]")
+    table = Table(box=box.MARKDOWN)
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:

@@ -1,4 +1,4 @@
-"""`flotta-mqtt demo`: the seed's count example on a local broker, three workers, real processes."""
+"""`flotta-mqtt demo`: the federated count on a local broker, three workers, real processes."""
 
 from __future__ import annotations
 

@@ -324,7 +324,7 @@ def demo(
     rows: Annotated[int, typer.Option(help="rows of data per worker (roughly)")] = 1000,
     seed: Annotated[int, typer.Option(help="seed of the generated data")] = 42,
 ) -> None:
-    """Run the seed's example on a local mosquitto: a scheduler and three workers, each
+    """Run the count example on a local mosquitto: a scheduler and three workers, each
     holding its own CSV; count the rows with x > 0.5 across them and check the answer."""
     from flotta_mqtt.cli.demo import run_demo
 

@@ -36,7 +36,7 @@ class _OperationStep(_Step):
         /,
         **data: Any,
     ) -> None:
-        # Positional form `Parallel(op, Collect())` reads like the seed's own notation.
+        # Positional form `Parallel(op, Collect())` reads like the notation of the docs.
         if operation is not None:
             data["operation"] = operation
         if distribution is not None:

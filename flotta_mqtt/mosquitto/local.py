@@ -1,4 +1,4 @@
-"""Render a mosquitto config that avoids the traps in MQTT-NOTES and run it on a free port."""
+"""Render a mosquitto config that avoids known mosquitto traps, and run it on a free port."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-# Traps measured on mosquitto 2.0.11 that the rendered config avoids:
+# Traps of mosquitto 2.0 that the rendered config avoids:
 # - Nagle adds up to 88 ms per QoS 1 hop: set_tcp_nodelay.
 # - max_queued_messages (default 1000) silently drops messages for offline sessions:
 #   no count limit, bounded by bytes instead.
@@ -19,7 +19,7 @@ from types import TracebackType
 #   change caps the broker near 1.5k msg/s, so it saves every few seconds instead: nodes
 #   acknowledge jobs and results at application level and re-send what a crash lost.
 BASE_CONFIG = """\
-# flotta_mqtt broker config (rendered by flotta_mqtt.mosquitto; see MQTT-NOTES).
+# flotta_mqtt broker config, rendered by `python -m flotta_mqtt.mosquitto`.
 per_listener_settings false
 set_tcp_nodelay true
 max_queued_messages 0

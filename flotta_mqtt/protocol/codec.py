@@ -22,7 +22,7 @@ from flotta_mqtt.protocol.topics import Address, Channel
 
 # Messages are small by design (payloads go to the resource store). The broker's own
 # limit is larger, so an oversize message is refused here with a clear error, never by a
-# PUBACK 0x95 that paho cannot parse (MQTT-NOTES).
+# PUBACK 0x95 that paho cannot parse.
 MAX_MESSAGE_BYTES = 256 * 1024
 
 # One adapter per channel, built once: decoding never rebuilds a schema per message.

@@ -9,7 +9,6 @@ on the same path: once the marker is in, anything sent before it would be in too
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 import statistics
@@ -131,7 +130,7 @@ def test_nagle_is_off_and_a_qos1_round_trip_is_fast(make_bus: BusFactory) -> Non
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
     # Publish to itself and wait for the copy: PUBLISH → broker → PUBLISH back (+ acks).
-    # With Nagle on either side the median is ~44–88 ms; without it, well under 1 ms.
+    # With Nagle on either side the median is ~44-88 ms; without it, well under 1 ms.
     message = cancel(0)
     timings = []
     for _ in range(60):

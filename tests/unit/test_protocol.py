@@ -132,10 +132,6 @@ def artifacts(draw: st.DrawFn) -> Artifact:
         raise
 
 
-def _job_ready(**kw: Any) -> JobReady:
-    return JobReady(**kw)
-
-
 MESSAGES: dict[type[BaseModel], tuple[Callable[[str], str], st.SearchStrategy[Any]]] = {
     Artifact: (topics.submit, artifacts()),
     CancelArtifact: (topics.cancel, st.builds(CancelArtifact, artifact_id=safe_ids, reason=texts)),
@@ -261,7 +257,7 @@ def test_builders_and_parse_round_trip(channel: Channel, name: str) -> None:
 
 def test_builders_spell_the_documented_layout() -> None:
     root = f"flotta/v{topics.PROTOCOL_VERSION}"
-    assert topics.ROOT == root
+    assert root == topics.ROOT
     assert topics.submit("c") == f"{root}/requests/c/submit"
     assert topics.cancel("c") == f"{root}/requests/c/cancel"
     assert topics.reply("c") == f"{root}/replies/c"
