@@ -218,7 +218,7 @@ class Scheduler:
                 log.exception("scheduler: error handling %s", topic)
                 self._reject(topic, f"internal error: {exc}")
         elif kind == "connected":
-            self._resend_unaccepted(only_worker=None)
+            self._resend(only_worker=None)
         elif kind == "call":
             item()
 
@@ -481,7 +481,9 @@ class Scheduler:
         self._nodes[node] = presence
         self.db.save_node(presence)
         if came_online:
-            self._resend_unaccepted(only_worker=node)
+            # The worker may have restarted and forgotten what it held: ask again for
+            # everything it was given; it answers duplicates with what it knows.
+            self._resend(only_worker=node, include_accepted=True)
             self._bind_waiting()
 
     def _bind_waiting(self) -> None:
@@ -489,8 +491,10 @@ class Scheduler:
             if record.state is ArtifactState.SUBMITTED:
                 self._try_bind(artifact_id)
 
-    def _resend_unaccepted(self, only_worker: str | None, older_than: float = 0.0) -> None:
-        """Re-send JobReady for dispatched jobs no worker has acknowledged yet.
+    def _resend(
+        self, only_worker: str | None, older_than: float = 0.0, include_accepted: bool = False
+    ) -> None:
+        """Re-send JobReady for dispatched jobs their worker has not acknowledged yet.
 
         Broker persistence is not end to end: a broker crash can lose a job it accepted.
         """
@@ -500,17 +504,17 @@ class Scheduler:
                 continue
             for job_id, sent in list(record.dispatched_at.items()):
                 worker = record.graph.jobs[job_id].worker
-                if job_id in record.accepted or now - sent < older_than:
+                if (job_id in record.accepted and not include_accepted) or now - sent < older_than:
                     continue
                 if only_worker is not None and worker != only_worker:
                     continue
-                if record.jobs[job_id].state is not JobState.DISPATCHED:
+                if record.jobs[job_id].state not in (JobState.DISPATCHED, JobState.RUNNING):
                     continue
                 record.dispatched_at[job_id] = now
                 self._out.append(self._job_ready(record, job_id))
 
     def _tick(self) -> None:
-        self._resend_unaccepted(only_worker=None, older_than=self.config.resend_interval)
+        self._resend(only_worker=None, older_than=self.config.resend_interval)
         self._bind_waiting()
 
     def _collect_status(self) -> None:
