@@ -32,6 +32,8 @@ class Artifact(BaseModel):
     project: SafeId
     steps: list[Step] = Field(min_length=1)
     seed: int = Field(default_factory=lambda: secrets.randbits(32), ge=0, lt=2**63)
+    # Seconds after submission by which the artifact must be done, or it fails.
+    deadline: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _distributions_fit(self) -> Artifact:

@@ -24,6 +24,8 @@ from flotta_mqtt.model.steps import (
     check_steps,
 )
 
+OperationStep = Initialize | Parallel | Sequential | Finalize
+
 
 @dataclass(frozen=True, slots=True)
 class Job:
@@ -37,6 +39,18 @@ class Job:
     iteration: int  # round of the innermost Iterate, from 0; 0 outside any Iterate
     operation: Operation
     on_initiator: bool
+    timeout: float | None = None  # seconds an attempt may run
+    retries: int = 0  # attempts after a failure
+
+    @property
+    def relocatable(self) -> bool:
+        """Whether another attempt may run while the first one's node is gone.
+
+        A worker's job is bound to the data only that worker holds, so it waits for that
+        worker (until the artifact's deadline); an initiator job holds no data and is
+        simply run again.
+        """
+        return self.on_initiator
 
 
 class JobGraph:
@@ -144,11 +158,11 @@ class _Binder:
             job = self._initiator_job(step, path, JobRole.AGGREGATE, iteration)
             return [job], [job]
         if isinstance(step, Parallel):
-            jobs = self._worker_jobs(step.operation, path, step.kind, iteration)
+            jobs = self._worker_jobs(step, path, iteration)
             return jobs, jobs
         # Sequential: initiator → worker 1 → … → worker N → initiator.
         first = self._initiator_job(step, path, JobRole.INITIALIZE, iteration)
-        workers = self._worker_jobs(step.operation, path, step.kind, iteration)
+        workers = self._worker_jobs(step, path, iteration)
         last = self._initiator_job(step, path, JobRole.AGGREGATE, iteration)
         chain = [first, *workers, last]
         self.locks += list(itertools.pairwise(chain))
@@ -169,30 +183,32 @@ class _Binder:
             exits = round_exits
         return first, exits
 
-    def _worker_jobs(self, operation: Operation, path: str, kind: str, iteration: int) -> list[int]:
+    def _worker_jobs(self, step: Parallel | Sequential, path: str, iteration: int) -> list[int]:
         if not self.context.workers:
-            raise BindingError(f"step {path} ({kind}) needs workers, but the context has none")
+            raise BindingError(f"step {path} ({step.kind}) needs workers, but the context has none")
         return [
-            self._new_job(w.id, operation, path, kind, JobRole.LOCAL, iteration, False)
-            for w in self.context.workers
+            self._new_job(w.id, step, path, JobRole.LOCAL, iteration) for w in self.context.workers
         ]
 
     def _initiator_job(
         self, step: Initialize | Sequential | Finalize, path: str, role: JobRole, iteration: int
     ) -> int:
-        initiator = self.context.initiator.id
-        return self._new_job(initiator, step.operation, path, step.kind, role, iteration, True)
+        return self._new_job(self.context.initiator.id, step, path, role, iteration)
 
     def _new_job(
-        self,
-        worker: str,
-        operation: Operation,
-        path: str,
-        kind: str,
-        role: JobRole,
-        iteration: int,
-        on_initiator: bool,
+        self, worker: str, step: OperationStep, path: str, role: JobRole, iteration: int
     ) -> int:
-        job = Job(len(self.jobs), worker, path, kind, role, iteration, operation, on_initiator)
+        job = Job(
+            id=len(self.jobs),
+            worker=worker,
+            step=path,
+            kind=step.kind,
+            role=role,
+            iteration=iteration,
+            operation=step.operation,
+            on_initiator=worker == self.context.initiator.id,
+            timeout=step.timeout,
+            retries=step.retries,
+        )
         self.jobs.append(job)
         return job.id

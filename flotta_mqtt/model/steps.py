@@ -28,6 +28,10 @@ class _Step(BaseModel):
 
 class _OperationStep(_Step):
     operation: Operation
+    # Seconds one attempt of a job may run before it is stopped and counted as failed.
+    timeout: float | None = Field(default=None, gt=0)
+    # How many more attempts a failed job gets (with jittered exponential backoff).
+    retries: int = Field(default=0, ge=0, le=100)
 
     def __init__(
         self,

@@ -49,7 +49,18 @@ class MosquittoSettings:
     message_size_limit: int = 1024 * 1024
     password_file: Path | None = None
     acl_file: Path | None = None
+    # TLS on the listener: certfile and keyfile together; cafile checks client certificates.
+    cafile: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    require_certificate: bool = False
+    use_identity_as_username: bool = False  # a client certificate's CN is its username
+    bridges: list[str] = field(default_factory=list)  # bridge blocks, from bridge.render_bridge
     extra: list[str] = field(default_factory=list)
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
 
 
 def render_config(settings: MosquittoSettings) -> str:
@@ -61,13 +72,38 @@ def render_config(settings: MosquittoSettings) -> str:
         data_dir=settings.data_dir,
     )
     text += f"\nlistener {settings.port} {settings.bind_address}\n"
+    text += _render_tls(settings)
     if settings.password_file is None:
         text += "allow_anonymous true\n"
     else:
         text += f"allow_anonymous false\npassword_file {settings.password_file}\n"
     if settings.acl_file is not None:
         text += f"acl_file {settings.acl_file}\n"
+    for bridge in settings.bridges:
+        text += "\n" + bridge.rstrip("\n") + "\n"
     return text + "".join(line + "\n" for line in settings.extra)
+
+
+def _render_tls(settings: MosquittoSettings) -> str:
+    """The TLS lines of the listener; they must follow its `listener` line."""
+    if (settings.certfile is None) != (settings.keyfile is None):
+        raise ValueError("a TLS listener needs both certfile and keyfile")
+    needs_tls = settings.cafile or settings.require_certificate or settings.use_identity_as_username
+    if settings.certfile is None:
+        if needs_tls:
+            raise ValueError("cafile and client certificates need a TLS listener (certfile)")
+        return ""
+    if (settings.require_certificate or settings.use_identity_as_username) and not settings.cafile:
+        raise ValueError("checking client certificates needs the cafile that signed them")
+    text = ""
+    if settings.cafile is not None:
+        text += f"cafile {settings.cafile}\n"
+    text += f"certfile {settings.certfile}\nkeyfile {settings.keyfile}\n"
+    if settings.require_certificate or settings.use_identity_as_username:
+        text += "require_certificate true\n"
+    if settings.use_identity_as_username:
+        text += "use_identity_as_username true\n"
+    return text
 
 
 def free_port() -> int:
@@ -133,7 +169,8 @@ class LocalBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        scheme = "mqtts" if self.settings.tls else "mqtt"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> LocalBroker:
         config = self.data_dir / "mosquitto.conf"

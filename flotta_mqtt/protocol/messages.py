@@ -16,7 +16,7 @@ from flotta_mqtt.model import Artifact, ArtifactState, JobRole, JobState, Operat
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 JobId = Annotated[int, Field(ge=0)]
 Attempt = Annotated[int, Field(ge=1)]
-Timestamp = Annotated[float, Field(ge=0)]  # seconds since the epoch
+Timestamp = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # seconds since the epoch
 
 
 class Message(BaseModel):
@@ -159,6 +159,18 @@ class JobProgress(Message):
     message: str = ""
 
 
+class JobHeartbeat(Message):
+    """The jobs a worker is running right now, sent every few seconds while it runs any.
+
+    A running job missing from its worker's heartbeats for longer than the scheduler's
+    grace period is treated as lost, even if the worker's connection looks alive.
+    """
+
+    event: Literal["heartbeat"] = "heartbeat"
+    jobs: list[JobRef]
+    at: Timestamp
+
+
 class JobFinished(Message):
     event: Literal["finished"] = "finished"
     job: JobRef
@@ -175,7 +187,7 @@ class JobFailed(Message):
 
 
 WorkerEvent = Annotated[
-    JobAccepted | JobStarted | JobProgress | JobFinished | JobFailed,
+    JobAccepted | JobStarted | JobProgress | JobHeartbeat | JobFinished | JobFailed,
     Field(discriminator="event"),
 ]
 
@@ -206,6 +218,7 @@ __all__ = [
     "JobAccepted",
     "JobFailed",
     "JobFinished",
+    "JobHeartbeat",
     "JobProgress",
     "JobReady",
     "JobRef",
