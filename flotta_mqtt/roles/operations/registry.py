@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -53,6 +54,8 @@ class JobContext:
     node: str
     inputs: list[Any]  # the products of the jobs it consumes, in job order
     data: Dataset | None  # the node's data for the project; None on the initiator
+    # Set when the scheduler cancels this attempt: a long operation should check it.
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     def dataset(self) -> Dataset:
         if self.data is None:

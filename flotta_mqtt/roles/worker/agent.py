@@ -2,8 +2,9 @@
 
 Threads: paho's network thread only enqueues; the agent thread decodes, deduplicates and
 hands jobs to a pool of `max_jobs` runners; runners publish their events. A finished or
-failed event stays in the outbox until the scheduler acknowledges it, and is re-sent on
-every reconnect and every `resend_interval`, so a result survives a lost connection.
+failed event is journaled, then published, and re-sent on every reconnect and every
+`resend_interval` until the scheduler acknowledges it, so a result survives a lost
+connection and a restart of the worker.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from flotta_mqtt.protocol import (
     JobAccepted,
     JobFailed,
     JobFinished,
+    JobHeartbeat,
     JobReady,
     JobStarted,
     NodePresence,
@@ -38,6 +40,7 @@ from flotta_mqtt.protocol import (
 )
 from flotta_mqtt.roles import operations
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
+from flotta_mqtt.roles.worker.journal import Final, Journal
 from flotta_mqtt.transport.bus import Bus, Will
 from flotta_mqtt.transport.store import ResourceStore
 
@@ -58,22 +61,20 @@ class WorkerConfig(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     max_jobs: int = Field(default=2, ge=1, le=1024)
     plugins: list[str] = Field(default_factory=list)  # modules registering more operations
+    # Where the worker keeps the jobs it holds and its unacknowledged results across a
+    # restart; without one it remembers them only while it runs.
+    state_dir: Path | None = None
     resend_interval: float = Field(default=5.0, gt=0)
+    heartbeat_interval: float = Field(default=5.0, gt=0)
     initiator: bool = False  # the scheduler's own runner: holds no data
 
 
 @dataclass
 class _Attempt:
     job: JobReady
-    cancelled: bool = False
-    final: JobFinished | JobFailed | None = None
-
-
-@dataclass
-class _State:
-    attempts: dict[JobKey, _Attempt] = field(default_factory=dict)
-    outbox: dict[JobKey, JobFinished | JobFailed] = field(default_factory=dict)
-    running: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    running: bool = False
+    final: Final | None = None
 
 
 class WorkerAgent:
@@ -84,12 +85,14 @@ class WorkerAgent:
         self.config = config
         self.name = config.name
         self.store = ResourceStore(config.storage.url, config.storage.options)
+        self.journal = Journal(config.state_dir)
         self._datasets = {
             project: operations.CsvDataset(project, config.name, paths)
             for project, paths in config.datasets.items()
         }
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._state = _State()
+        self._attempts: dict[JobKey, _Attempt] = {}
+        self._queued = 0  # jobs handed to the pool and not yet done
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(config.max_jobs, thread_name_prefix=f"job-{self.name}")
         self._stopping = threading.Event()
@@ -120,6 +123,7 @@ class WorkerAgent:
         )
 
     def start(self, wait: float | None = 10.0) -> WorkerAgent:
+        self._resume()
         self._thread.start()
         self.bus.start(wait=wait)
         return self
@@ -128,18 +132,31 @@ class WorkerAgent:
         self._stopping.set()
         self._inbox.put(("stop", None))
         self._thread.join(timeout=10)
+        with self._lock:
+            for attempt in self._attempts.values():
+                attempt.cancelled.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.bus.stop(goodbye=[(topics.presence(self.name), self.presence(online=False), True)])
+        self.journal.close()
+
+    def _resume(self) -> None:
+        """Pick up what the journal holds: results to re-send, jobs cut off by a restart."""
+        for held in self.journal.held():
+            attempt = _Attempt(held.job, final=held.final)
+            self._attempts[(held.job.artifact_id, held.job.job_id)] = attempt
+            if held.final is None:
+                self._submit(attempt)
 
     # --- agent thread ----------------------------------------------------------------
 
     def _serve(self) -> None:
-        next_resend = time.monotonic() + self.config.resend_interval
+        interval = min(self.config.resend_interval, self.config.heartbeat_interval)
+        next_tick = time.monotonic() + interval
         while not self._stopping.is_set():
             try:
-                kind, item = self._inbox.get(timeout=max(0.0, next_resend - time.monotonic()))
+                kind, item = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
             except queue.Empty:
-                kind, item = "resend", None
+                kind, item = "tick", None
             try:
                 if kind == "message":
                     self._receive(*item)
@@ -148,9 +165,10 @@ class WorkerAgent:
                         topics.presence(self.name), self.presence(online=True), retain=True
                     )
                     self._resend()
-                elif kind == "resend":
+                elif kind == "tick":
+                    self._heartbeat()
                     self._resend()
-                    next_resend = time.monotonic() + self.config.resend_interval
+                    next_tick = time.monotonic() + interval
             except Exception:
                 log.exception("worker %s: error handling %s", self.name, kind)
 
@@ -163,75 +181,89 @@ class WorkerAgent:
         if isinstance(message, JobReady):
             self._job_ready(message)
         elif isinstance(message, EventAck):
+            self.journal.forget(message.jobs)
             with self._lock:
                 for ref in message.jobs:
-                    final = self._state.outbox.get((ref.artifact_id, ref.job_id))
-                    if final is not None and final.job.attempt == ref.attempt:
-                        del self._state.outbox[(ref.artifact_id, ref.job_id)]
+                    attempt = self._attempts.get((ref.artifact_id, ref.job_id))
+                    if attempt is not None and attempt.job.attempt == ref.attempt:
+                        del self._attempts[(ref.artifact_id, ref.job_id)]
         elif isinstance(message, CancelJob):
+            ref = message.job
             with self._lock:
-                attempt = self._state.attempts.get((message.job.artifact_id, message.job.job_id))
-                if attempt is not None and attempt.job.attempt == message.job.attempt:
-                    attempt.cancelled = True
+                attempt = self._attempts.get((ref.artifact_id, ref.job_id))
+            if attempt is not None and attempt.job.attempt == ref.attempt:
+                attempt.cancelled.set()
         else:
             log.error("worker %s: unexpected %s on %s", self.name, type(message).__name__, topic)
 
     def _job_ready(self, job: JobReady) -> None:
         key = (job.artifact_id, job.job_id)
-        reply: JobFinished | JobFailed | JobAccepted | None = None
+        reply: Final | JobAccepted | None = None
         with self._lock:
-            known = self._state.attempts.get(key)
+            known = self._attempts.get(key)
             if known is not None and known.job.attempt > job.attempt:
                 return  # a stale re-send of an attempt already replaced
-            fresh = known is None or known.job.attempt < job.attempt
-            if fresh:
-                self._state.attempts[key] = _Attempt(job)
-                if self._state.running >= self.config.max_jobs:
-                    reply = JobAccepted(job=job.ref)  # queued: stop the scheduler re-sending
-                self._state.running += 1
-            else:
+            if known is not None and known.job.attempt == job.attempt:
                 # A duplicate: repeat what we said, so a lost reply is recovered.
-                assert known is not None
                 reply = known.final or JobAccepted(job=job.ref)
+                fresh = None
+            else:
+                if known is not None:
+                    known.cancelled.set()  # an older attempt nobody waits for any more
+                fresh = self._attempts[key] = _Attempt(job)
+                if self._queued >= self.config.max_jobs:
+                    reply = JobAccepted(job=job.ref)  # queued: stop the scheduler re-sending
+        if fresh is not None:
+            self.journal.hold(job)
+            self._submit(fresh)
         if reply is not None:
             self.bus.publish(topics.events(self.name), reply)
-        if fresh:
-            self._pool.submit(self._run, job)
+
+    def _submit(self, attempt: _Attempt) -> None:
+        with self._lock:
+            self._queued += 1
+        self._pool.submit(self._run, attempt)
+
+    def _heartbeat(self) -> None:
+        with self._lock:
+            running = [a.job.ref for a in self._attempts.values() if a.running]
+        if running:
+            self.bus.publish(topics.events(self.name), JobHeartbeat(jobs=running, at=time.time()))
 
     def _resend(self) -> None:
         with self._lock:
-            pending = list(self._state.outbox.values())
+            pending = [a.final for a in self._attempts.values() if a.final is not None]
         for event in pending:
             self.bus.publish(topics.events(self.name), event)
 
     # --- job runners -------------------------------------------------------------------
 
-    def _run(self, job: JobReady) -> None:
-        key = (job.artifact_id, job.job_id)
-        started = time.time()
+    def _run(self, attempt: _Attempt) -> None:
+        job = attempt.job
         try:
-            with self._lock:
-                attempt = self._state.attempts[key]
-                skip = attempt.cancelled or attempt.job.attempt != job.attempt
-            if skip:
+            if attempt.cancelled.is_set():
                 return
+            started = time.time()
+            with self._lock:
+                attempt.running = True
             self.bus.publish(topics.events(self.name), JobStarted(job=job.ref, at=started))
-            final: JobFinished | JobFailed = self._execute(job, started)
-        except Exception as exc:  # a bus failure: the scheduler will re-send the job
-            log.exception("worker %s: job %s/%s not run: %s", self.name, *key, exc)
-            return
+            final = self._execute(attempt, started)
+            with self._lock:
+                attempt.running = False
+                if attempt.cancelled.is_set():
+                    return  # cancelled or superseded while running: nobody wants this result
+                attempt.final = final
+            self.journal.finish(final)
+            self.bus.publish(topics.events(self.name), final)
+        except Exception:  # a bus failure: the scheduler re-sends the job
+            log.exception("worker %s: job %s/%s not run", self.name, job.artifact_id, job.job_id)
         finally:
             with self._lock:
-                self._state.running -= 1
-        with self._lock:
-            current = self._state.attempts.get(key)
-            if current is None or current.job.attempt != job.attempt or current.cancelled:
-                return  # superseded or cancelled while running: nobody wants this result
-            current.final = final
-            self._state.outbox[key] = final
-        self.bus.publish(topics.events(self.name), final)
+                attempt.running = False
+                self._queued -= 1
 
-    def _execute(self, job: JobReady, started: float) -> JobFinished | JobFailed:
+    def _execute(self, attempt: _Attempt, started: float) -> Final:
+        job = attempt.job
         try:
             inputs = [json.loads(self.store.get(resource)) for resource in job.inputs]
             context = operations.JobContext(
@@ -239,6 +271,7 @@ class WorkerAgent:
                 node=self.name,
                 inputs=inputs,
                 data=self._datasets.get(job.project),
+                cancelled=attempt.cancelled,
             )
             product = operations.run(context)
             data = json.dumps(product, allow_nan=False).encode()
@@ -247,9 +280,7 @@ class WorkerAgent:
             return JobFailed(
                 job=job.ref,
                 error=RemoteError(
-                    type=type(exc).__name__,
-                    message=str(exc),
-                    traceback=traceback.format_exc(),
+                    type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc()
                 ),
                 finished_at=time.time(),
             )
