@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from flotta_mqtt.protocol import (
     JobAccepted,
     JobFailed,
     JobFinished,
+    JobHeartbeat,
     JobProgress,
     JobReady,
     JobRef,
@@ -66,6 +68,7 @@ from flotta_mqtt.transport.bus import Bus
 log = logging.getLogger(__name__)
 
 BURST = 500  # the most messages handled in one transaction
+TICK = 0.25  # seconds between checks of timers: retries, timeouts, deadlines, re-sends
 
 
 class SchedulerConfig(BaseModel):
@@ -81,6 +84,13 @@ class SchedulerConfig(BaseModel):
     # turn it off on a node whose results must stay where they are.
     allow_download: bool = True
     resend_interval: float = Field(default=5.0, gt=0)
+    # A running job whose worker sent no heartbeat for this long is treated as lost.
+    heartbeat_grace: float = Field(default=30.0, gt=0)
+    # Retries wait base * 2**(attempt - 1) seconds, at most `max`, with jitter.
+    retry_backoff: float = Field(default=1.0, ge=0)
+    retry_backoff_max: float = Field(default=60.0, ge=0)
+    # Attempts an initiator job gets when its node is lost (it holds no data, so it moves).
+    max_lost_attempts: int = Field(default=3, ge=1)
     # A scheduler just started waits this long for workers' retained presence before
     # failing an artifact whose project nobody seems to hold.
     worker_grace: float = Field(default=5.0, ge=0)
@@ -106,6 +116,11 @@ class _Artifact:
     products: dict[int, Resource] = field(default_factory=dict)
     accepted: set[int] = field(default_factory=set)  # dispatched jobs their worker holds
     dispatched_at: dict[int, float] = field(default_factory=dict)
+    started_at: dict[int, float] = field(default_factory=dict)  # running jobs (monotonic)
+    last_seen: dict[int, float] = field(default_factory=dict)  # last heartbeat (monotonic)
+    retry_at: dict[int, float] = field(default_factory=dict)  # ready jobs waiting to retry
+    lost_attempts: dict[int, int] = field(default_factory=dict)
+    submitted_at: float = 0.0  # wall clock, for the artifact's deadline
     error: RemoteError | None = None
     failed_job: int | None = None
 
@@ -174,7 +189,7 @@ class Scheduler:
     # --- the scheduler thread --------------------------------------------------------------
 
     def _serve(self) -> None:
-        next_tick = time.monotonic() + self.config.resend_interval / 2
+        next_tick = time.monotonic() + TICK
         while not self._stopping.is_set():
             burst: list[tuple[str, Any]] = []
             try:
@@ -189,7 +204,7 @@ class Scheduler:
                         self._handle(kind, item)
                     if time.monotonic() >= next_tick:
                         self._tick()
-                        next_tick = time.monotonic() + self.config.resend_interval / 2
+                        next_tick = time.monotonic() + TICK
                     self._collect_status()
             except Exception:
                 log.exception("scheduler: a burst of %d messages failed", len(burst))
@@ -253,7 +268,9 @@ class Scheduler:
             return
         now = time.time()
         self.db.insert_artifact(artifact, client, now)
-        self._artifacts[artifact.id] = _Artifact(artifact, client, ArtifactState.SUBMITTED, 0)
+        self._artifacts[artifact.id] = _Artifact(
+            artifact, client, ArtifactState.SUBMITTED, 0, submitted_at=now
+        )
         self._changed.add(artifact.id)
         self._try_bind(artifact.id)
 
@@ -379,6 +396,9 @@ class Scheduler:
         return topics.jobs(job.worker), message, False
 
     def _event(self, worker: str, event: Any) -> None:
+        if isinstance(event, JobHeartbeat):
+            self._heartbeat(worker, event)
+            return
         ref: JobRef = event.job
         final = isinstance(event, JobFinished | JobFailed)
         record = self._artifacts.get(ref.artifact_id)
@@ -415,6 +435,7 @@ class Scheduler:
                 if status.state is JobState.DISPATCHED:
                     record.jobs[ref.job_id] = status.start(ref.attempt)
                     record.accepted.add(ref.job_id)
+                    record.started_at[ref.job_id] = record.last_seen[ref.job_id] = time.monotonic()
                     self.db.update_job(
                         ref.artifact_id,
                         ref.job_id,
@@ -440,6 +461,64 @@ class Scheduler:
         except (StaleAttempt, IllegalTransition) as exc:
             # A duplicate or a late event of an abandoned attempt: it changes nothing.
             log.debug("scheduler: ignored %s from %s: %s", event.event, worker, exc)
+
+    def _heartbeat(self, worker: str, beat: JobHeartbeat) -> None:
+        now = time.monotonic()
+        for ref in beat.jobs:
+            record = self._artifacts.get(ref.artifact_id)
+            if record is None or record.graph is None or ref.job_id >= len(record.jobs):
+                continue
+            if record.graph.jobs[ref.job_id].worker != worker:
+                continue
+            if record.jobs[ref.job_id].attempt == ref.attempt:
+                record.last_seen[ref.job_id] = now
+
+    def _job_failed(
+        self, record: _Artifact, ref: JobRef, error: RemoteError, finished_at: float
+    ) -> None:
+        """A failed attempt: retry it with backoff while the step allows, else fail it all."""
+        assert record.graph is not None
+        job = record.graph.jobs[ref.job_id]
+        status = record.jobs[ref.job_id]
+        if ref.attempt <= job.retries:
+            log.warning(
+                "job %s/%s attempt %d failed (%s: %s): retrying",
+                ref.artifact_id,
+                ref.job_id,
+                ref.attempt,
+                error.type,
+                error.message,
+            )
+            self._retry(record, ref.job_id, status.requeue(ref.attempt))
+            return
+        record.jobs[ref.job_id] = status.fail(ref.attempt)
+        self._forget_attempt(record, ref.job_id)
+        self.db.update_job(
+            ref.artifact_id,
+            ref.job_id,
+            JobState.FAILED,
+            ref.attempt,
+            finished_at=finished_at,
+            error=error,
+        )
+        self._fail(record, error.type, error.message, ref.job_id, error)
+
+    def _retry(self, record: _Artifact, job_id: int, requeued: JobStatus) -> None:
+        """Make the job ready again and dispatch it after a jittered exponential backoff."""
+        record.jobs[job_id] = requeued
+        self._forget_attempt(record, job_id)
+        self.db.update_job(record.artifact.id, job_id, JobState.READY, requeued.attempt)
+        delay = min(
+            self.config.retry_backoff_max,
+            self.config.retry_backoff * 2 ** max(0, requeued.attempt - 1),
+        )
+        record.retry_at[job_id] = time.monotonic() + delay * random.uniform(0.5, 1.0)
+        self._changed.add(record.artifact.id)
+
+    def _forget_attempt(self, record: _Artifact, job_id: int) -> None:
+        for timers in (record.dispatched_at, record.started_at, record.last_seen):
+            timers.pop(job_id, None)
+        record.accepted.discard(job_id)
 
     def _finished(self, record: _Artifact, event: JobFinished, status: JobStatus) -> None:
         ref = event.job
@@ -516,6 +595,61 @@ class Scheduler:
     def _tick(self) -> None:
         self._resend(only_worker=None, older_than=self.config.resend_interval)
         self._bind_waiting()
+        now = time.monotonic()
+        for record in list(self._artifacts.values()):
+            if record.graph is None or record.state is not ArtifactState.RUNNING:
+                continue
+            deadline = record.artifact.deadline
+            if deadline is not None and time.time() > record.submitted_at + deadline:
+                self._fail(
+                    record,
+                    "DeadlineExceeded",
+                    f"artifact not done within its deadline of {deadline} s",
+                )
+                continue
+            for job_id, due in list(record.retry_at.items()):
+                if now >= due:
+                    del record.retry_at[job_id]
+                    self._send(record, job_id)
+            self._check_running(record, now)
+
+    def _check_running(self, record: _Artifact, now: float) -> None:
+        """Stop attempts over their timeout; move initiator jobs whose node is lost."""
+        assert record.graph is not None
+        for job_id in list(record.dispatched_at):
+            job = record.graph.jobs[job_id]
+            status = record.jobs[job_id]
+            started = record.started_at.get(job_id)
+            if job.timeout is not None and started is not None and now - started > job.timeout:
+                ref = JobRef(artifact_id=record.artifact.id, job_id=job_id, attempt=status.attempt)
+                self._out.append((topics.control(job.worker), CancelJob(job=ref), False))
+                error = RemoteError(
+                    type="TimeoutError",
+                    message=f"job {job_id} ran over its timeout of {job.timeout} s",
+                )
+                self._job_failed(record, ref, error, time.time())
+                continue
+            if not job.relocatable:
+                continue  # bound to its worker's data: it waits for that worker
+            node = self._nodes.get(job.worker)
+            silent = started is not None and now - record.last_seen.get(job_id, started) > (
+                self.config.heartbeat_grace
+            )
+            if (node is not None and not node.online) or silent:
+                lost = record.lost_attempts.get(job_id, 0) + 1
+                record.lost_attempts[job_id] = lost
+                if lost >= self.config.max_lost_attempts:
+                    self._fail(
+                        record,
+                        "WorkerLost",
+                        f"job {job_id} lost its node {job.worker} {lost} times",
+                        job_id,
+                    )
+                    return
+                log.warning(
+                    "job %s/%s lost with %s: retrying", record.artifact.id, job_id, job.worker
+                )
+                self._retry(record, job_id, status.requeue(status.attempt))
 
     def _collect_status(self) -> None:
         """Turn what this burst changed into the messages that announce it."""
