@@ -9,7 +9,7 @@ tests/helpers.py also holds MessageRecorder, a bus handler a test can wait on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from helpers import wait_for as _wait_for
@@ -35,6 +35,6 @@ def broker_config(broker: LocalBroker) -> BrokerConfig:
 
 
 @pytest.fixture(name="wait_for")
-def wait_for_fixture() -> object:
+def wait_for_fixture() -> Callable[..., None]:
     """`wait_for(predicate, timeout=10.0, message=...)`: poll, fail the test on timeout."""
     return _wait_for

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field
 
 from flotta_mqtt.model import Artifact, ArtifactState, JobRole, JobState, Operation, SafeId
+from flotta_mqtt.model.operation import FiniteJson
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 JobId = Annotated[int, Field(ge=0)]
@@ -205,7 +206,7 @@ class NodePresence(Message):
     labels: dict[str, str] = Field(default_factory=dict)
     operations: list[str] = Field(default_factory=list)
     max_jobs: Annotated[int, Field(ge=1)] = 1
-    details: dict[str, JsonValue] = Field(default_factory=dict)  # e.g. dataset schemas
+    details: dict[str, FiniteJson] = Field(default_factory=dict)  # e.g. dataset schemas
     since: Timestamp
 
 

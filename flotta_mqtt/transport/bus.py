@@ -29,7 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel
 
-from flotta_mqtt.protocol import encode
+from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, encode
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class Bus:
         self._first_connack = threading.Event()
         self._refusal: str | None = None
         self._connect_subscription: int | None = None  # mid of the SUBSCRIBE sent on CONNACK
+        self._session_present = False
 
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         client.max_inflight_messages_set(config.inflight)
@@ -221,6 +222,10 @@ class Bus:
         self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 60.0
     ) -> None:
         """Publish bytes as they are (tests use it to send malformed messages)."""
+        if len(payload) > MAX_MESSAGE_BYTES:
+            # Past the broker's limit, a v5 QoS 1 publish gets a PUBACK paho cannot parse,
+            # and it reconnects and re-sends forever.
+            raise BusError(f"{len(payload)} bytes to {topic}: over {MAX_MESSAGE_BYTES}")
         if threading.get_ident() == self._network_thread:
             raise BusError("publish() called from a bus callback: hand the work to a thread")
         if not self._window.acquire(timeout=timeout):
@@ -283,6 +288,7 @@ class Bus:
             options = SubscribeOptions(qos=1)
             with self._lock:
                 wanted = [(topic, options) for topic in self.subscriptions]
+            self._session_present = flags.session_present
             _, self._connect_subscription = client.subscribe(wanted)
         else:
             self._ready(flags.session_present)
@@ -299,7 +305,7 @@ class Bus:
             if reason.is_failure:
                 log.error("%s: a subscription was refused: %s", self.client_id, reason)
         if mid == self._connect_subscription:
-            self._ready(True)
+            self._ready(self._session_present)
 
     def _ready(self, session_present: bool) -> None:
         self.connected.set()

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -36,6 +37,7 @@ from flotta_mqtt.protocol import (
     JobAccepted,
     JobFailed,
     JobFinished,
+    JobHeartbeat,
     JobProgress,
     JobReady,
     JobRef,
@@ -48,8 +50,10 @@ from flotta_mqtt.protocol import (
     Resource,
     decode,
     encode,
+    messages,
     topics,
 )
+from flotta_mqtt.protocol.codec import PAYLOADS
 from flotta_mqtt.protocol.topics import Address, Channel, TopicError
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -189,6 +193,10 @@ MESSAGES: dict[type[BaseModel], tuple[Callable[[str], str], st.SearchStrategy[An
             message=texts,
         ),
     ),
+    JobHeartbeat: (
+        topics.events,
+        st.builds(JobHeartbeat, jobs=st.lists(job_refs, max_size=5), at=timestamps),
+    ),
     JobFinished: (
         topics.events,
         st.builds(
@@ -280,8 +288,6 @@ def test_builders_spell_the_documented_layout() -> None:
     ],
 )
 def test_subscription_filters_match_their_topics(filter_: str, matches: list[str]) -> None:
-    import paho.mqtt.client as mqtt
-
     for topic in matches:
         assert mqtt.topic_matches_sub(filter_, topic), (filter_, topic)
     assert not mqtt.topic_matches_sub(filter_, topics.reply("other-client"))
@@ -457,7 +463,30 @@ def test_non_finite_timestamps_are_refused_when_built() -> None:
         JobStarted(job=ref(), at=float("inf"))
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_json_values_do_not_change_in_transit(value: float) -> None:
+    try:
+        payload = encode(NodePresence(node="n", online=True, since=1.0, details={"x": value}))
+    except ValueError:  # ValidationError or ProtocolError: refusing it is a fine answer
+        return
+    assert json.loads(payload)["details"]["x"] is not None
+
+
 # --- hypothesis: round trips and fuzz -------------------------------------------------------
+
+
+def payload_models() -> set[type[BaseModel]]:
+    """Every model some channel carries, read from the channels' JSON Schemas."""
+    models: set[type[BaseModel]] = set()
+    for adapter in PAYLOADS.values():
+        schema = adapter.json_schema()
+        refs = [option["$ref"] for option in schema.get("oneOf", [])] or [schema["title"]]
+        models.update(getattr(messages, ref.rsplit("/", 1)[-1]) for ref in refs)
+    return models
+
+
+def test_every_payload_model_has_a_round_trip_strategy() -> None:
+    assert payload_models() == set(MESSAGES)
 
 
 @pytest.mark.parametrize("model", list(MESSAGES), ids=lambda m: m.__name__)
