@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Sequence
 
@@ -23,6 +24,15 @@ def percentile(values: Sequence[float], q: float) -> float:
 def median_of_runs(runs: list[dict[str, float]]) -> dict[str, float]:
     """Each figure's median over the runs (each run a dict of named figures)."""
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def machine_load() -> str:
+    """The load average and core count, so a reader can tell a busy machine's figures."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return f"{os.cpu_count()} cores"
+    return f"{os.cpu_count()} cores, load average {load:.1f}"
 
 
 def print_table(title: str, columns: list[str], rows: list[list[str]], note: str = "") -> None:

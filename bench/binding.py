@@ -25,7 +25,7 @@ import tracemalloc
 from collections import deque
 from pathlib import Path
 
-from bench._report import median_of_runs, print_table
+from bench._report import machine_load, median_of_runs, print_table
 from flotta_mqtt.model import (
     Artifact,
     Collect,
@@ -49,7 +49,15 @@ def artifact_of(rounds: int) -> Artifact:
     op = Operation(name="noop")
     return Artifact(
         project="bench",
-        steps=[Iterate(rounds, [Parallel(op, Collect()), Finalize(op, Distribute())])],
+        steps=[
+            Iterate(
+                rounds=rounds,
+                steps=[
+                    Parallel(operation=op, distribution=Collect()),
+                    Finalize(operation=op, distribution=Distribute()),
+                ],
+            )
+        ],
     )
 
 
@@ -165,8 +173,8 @@ def run(runs: int = 1, workers: int = WORKERS, sizes: tuple[int, ...] = SIZES) -
         ["persist jobs+locks (SQLite, 1 txn)", *each("{:,.0f} ms", "persist_s", 1e3)],
     ]
     print_table(
-        f"binding: Iterate(R, [Parallel(noop, Collect()), Finalize(noop, Distribute())]) "
-        f"over {workers} workers + initiator, median of {runs} run(s)",
+        f"binding: Iterate(R, [Parallel(noop, Collect()), Finalize(noop, Distribute())]), "
+        f"{workers} workers, median of {runs} run(s); {machine_load()}",
         ["", *(f"{r['jobs']:,.0f} jobs" for r in results)],
         rows,
     )

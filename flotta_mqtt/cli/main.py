@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flotta_mqtt.model import Artifact
@@ -73,7 +74,8 @@ def _broker(
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    # Messages quote user input and remote errors ("[type=...]", "[1, 2]"): not rich markup.
+    console.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code=2)
 
 
@@ -250,7 +252,7 @@ def status(
         current.state,
         str(current.total),
         ", ".join(f"{k}: {v}" for k, v in current.counts.items()),
-        f"{current.error.type}: {current.error.message}" if current.error else "",
+        escape(f"{current.error.type}: {current.error.message}") if current.error else "",
     )
     console.print(table)
 
@@ -298,7 +300,7 @@ def workers(
             "yes" if node.online else "no",
             "initiator" if node.initiator else "worker",
             ", ".join(node.projects),
-            ", ".join(f"{k}={v}" for k, v in node.labels.items()),
+            escape(", ".join(f"{k}={v}" for k, v in node.labels.items())),
             str(node.max_jobs),
         )
     console.print(table)

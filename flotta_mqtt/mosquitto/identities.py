@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -28,7 +29,7 @@ Access = Literal["read", "write"]
 # A username is also a topic level in its rights: no `/`, `+`, `#` or spaces.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ANY_VERSION = "flotta/+"
-BROKER_GROUP = "mosquitto"  # the user a root-started mosquitto drops to, and its group
+BROKER_USER = "mosquitto"  # the user a root-started mosquitto drops to
 
 PASSWORD_FILE = "passwd"
 ACL_FILE = "acl"
@@ -169,6 +170,7 @@ class Credential:
     role: Role
     username: str
     password: str
+    carries: dict[str, Role] = field(default_factory=dict)  # a bridge's nodes: name → role
 
 
 @dataclass
@@ -198,9 +200,17 @@ def generate_identities(spec: IdentitySpec, out_dir: Path) -> Identities:
     broker only (see `broker_readable`); the credentials file by its owner only.
     """
     nodes = spec.nodes()
+    roles = dict(nodes)
     out_dir.mkdir(parents=True, exist_ok=True)
     credentials = {
-        name: Credential(name, role, name, secrets.token_urlsafe(24)) for name, role in nodes
+        name: Credential(
+            name,
+            role,
+            name,
+            secrets.token_urlsafe(24),
+            {node: roles[node] for node in spec.bridges.get(name, [])},
+        )
+        for name, role in nodes
     }
     password_file = out_dir / PASSWORD_FILE
     _write_password_file(password_file, credentials.values())
@@ -208,10 +218,13 @@ def generate_identities(spec: IdentitySpec, out_dir: Path) -> Identities:
     acl_file.write_text(render_acl(spec))
     broker_readable(password_file, acl_file)
     credentials_file = out_dir / CREDENTIALS_FILE
-    document = {
+    document: dict[str, dict[str, object]] = {
         name: {"role": c.role.value, "username": c.username, "password": c.password}
         for name, c in credentials.items()
     }
+    for name, c in credentials.items():
+        if c.carries:
+            document[name]["carries"] = {node: role.value for node, role in c.carries.items()}
     write_private(credentials_file, json.dumps({"nodes": document}, indent=2) + "\n")
     return Identities(password_file, acl_file, credentials_file, credentials)
 
@@ -220,7 +233,13 @@ def load_credentials(path: Path) -> dict[str, Credential]:
     """Read back a credentials file written by `generate_identities`."""
     nodes = json.loads(path.read_text())["nodes"]
     return {
-        name: Credential(name, Role(entry["role"]), entry["username"], entry["password"])
+        name: Credential(
+            name,
+            Role(entry["role"]),
+            entry["username"],
+            entry["password"],
+            {node: Role(role) for node, role in entry.get("carries", {}).items()},
+        )
         for name, entry in nodes.items()
     }
 
@@ -246,24 +265,22 @@ def write_private(path: Path, text: str) -> None:
 
 
 def broker_readable(*paths: Path) -> None:
-    """Let the broker, and no one else, read these files.
+    """Let the broker, and no one else, read these files (0600, owned by the broker's user).
 
-    Started as root, mosquitto drops to user `mosquitto` before reading them: as root,
-    hand them to group `mosquitto` (0640). Otherwise the broker runs as this user (0600).
+    Started as root, mosquitto drops to user `mosquitto` before it reads them, so as root
+    they are handed to that user (later 2.0 releases also warn about any other owner).
+    Run as another user, the broker runs as that user too, who owns them already.
     """
-    group = _broker_gid() if os.geteuid() == 0 else None
+    owner = _broker_user() if os.geteuid() == 0 else None
     for path in paths:
-        if group is not None:
-            os.chown(path, 0, group)
-            path.chmod(0o640)
-        else:
-            path.chmod(0o600)
+        if owner is not None:
+            os.chown(path, *owner)
+        path.chmod(0o600)
 
 
-def _broker_gid() -> int | None:
-    import grp
-
+def _broker_user() -> tuple[int, int] | None:
     try:
-        return grp.getgrnam(BROKER_GROUP).gr_gid
+        entry = pwd.getpwnam(BROKER_USER)
     except KeyError:
         return None
+    return entry.pw_uid, entry.pw_gid

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from flotta_mqtt.mosquitto.identities import write_private
+
 # Traps of mosquitto 2.0 that the rendered config avoids:
 # - Nagle adds up to 88 ms per QoS 1 hop: set_tcp_nodelay.
 # - max_queued_messages (default 1000) silently drops messages for offline sessions:
@@ -85,21 +87,19 @@ def render_config(settings: MosquittoSettings) -> str:
 
 
 def _render_tls(settings: MosquittoSettings) -> str:
-    """The TLS lines of the listener; they must follow its `listener` line."""
+    """The listener's TLS lines; mosquitto ties them to the `listener` line before them."""
+    checks_clients = settings.require_certificate or settings.use_identity_as_username
     if (settings.certfile is None) != (settings.keyfile is None):
         raise ValueError("a TLS listener needs both certfile and keyfile")
-    needs_tls = settings.cafile or settings.require_certificate or settings.use_identity_as_username
     if settings.certfile is None:
-        if needs_tls:
+        if settings.cafile is not None or checks_clients:
             raise ValueError("cafile and client certificates need a TLS listener (certfile)")
         return ""
-    if (settings.require_certificate or settings.use_identity_as_username) and not settings.cafile:
+    if checks_clients and settings.cafile is None:
         raise ValueError("checking client certificates needs the cafile that signed them")
-    text = ""
-    if settings.cafile is not None:
-        text += f"cafile {settings.cafile}\n"
+    text = "" if settings.cafile is None else f"cafile {settings.cafile}\n"
     text += f"certfile {settings.certfile}\nkeyfile {settings.keyfile}\n"
-    if settings.require_certificate or settings.use_identity_as_username:
+    if checks_clients:
         text += "require_certificate true\n"
     if settings.use_identity_as_username:
         text += "use_identity_as_username true\n"
@@ -174,7 +174,8 @@ class LocalBroker:
 
     def start(self, timeout: float = 10.0) -> LocalBroker:
         config = self.data_dir / "mosquitto.conf"
-        config.write_text(render_config(self.settings))
+        # Owner-only: a bridge block holds its password. mosquitto reads it before dropping root.
+        write_private(config, render_config(self.settings))
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [self.binary, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT

@@ -13,6 +13,7 @@ import queue
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,17 @@ class _Artifact:
     submitted_at: float = 0.0  # wall clock, for the artifact's deadline
     error: RemoteError | None = None
     failed_job: int | None = None
+    counts: Counter[JobState] = field(default_factory=Counter)  # kept as jobs change
+
+    def set_jobs(self, jobs: list[JobStatus]) -> None:
+        self.jobs = jobs
+        self.counts = Counter(status.state for status in jobs)
+
+    def set_job(self, job_id: int, status: JobStatus) -> None:
+        """Change one job's status, keeping the per-state counts current in O(1)."""
+        self.counts[self.jobs[job_id].state] -= 1
+        self.counts[status.state] += 1
+        self.jobs[job_id] = status
 
 
 Outgoing = tuple[str, BaseModel, bool]  # topic, message, retain
@@ -322,7 +334,7 @@ class Scheduler:
         record.graph = graph
         record.locks = LockTable(graph, completed)
         if not record.jobs:
-            record.jobs = [JobStatus() for _ in graph.jobs]
+            record.set_jobs([JobStatus() for _ in graph.jobs])
 
     def _transition(self, record: _Artifact, state: ArtifactState) -> None:
         record.state = state
@@ -359,20 +371,20 @@ class Scheduler:
                 ref = JobRef(artifact_id=record.artifact.id, job_id=job_id, attempt=status.attempt)
                 worker = record.graph.jobs[job_id].worker
                 self._out.append((topics.control(worker), CancelJob(job=ref), False))
-            record.jobs[job_id] = status.cancel()
+            record.set_job(job_id, status.cancel())
         self.db.cancel_jobs(record.artifact.id)
 
     # --- jobs ------------------------------------------------------------------------------
 
     def _ready(self, record: _Artifact, job_id: int) -> None:
-        record.jobs[job_id] = record.jobs[job_id].ready()
+        record.set_job(job_id, record.jobs[job_id].ready())
         self._send(record, job_id)
 
     def _send(self, record: _Artifact, job_id: int) -> None:
         """Dispatch a ready job: a new attempt, recorded before it is published."""
         assert record.graph is not None
         status = record.jobs[job_id].dispatch()
-        record.jobs[job_id] = status
+        record.set_job(job_id, status)
         self.db.update_job(record.artifact.id, job_id, status.state, status.attempt)
         record.dispatched_at[job_id] = time.monotonic()
         self._out.append(self._job_ready(record, job_id))
@@ -433,7 +445,7 @@ class Scheduler:
                     record.accepted.add(ref.job_id)
             elif isinstance(event, JobStarted):
                 if status.state is JobState.DISPATCHED:
-                    record.jobs[ref.job_id] = status.start(ref.attempt)
+                    record.set_job(ref.job_id, status.start(ref.attempt))
                     record.accepted.add(ref.job_id)
                     record.started_at[ref.job_id] = record.last_seen[ref.job_id] = time.monotonic()
                     self.db.update_job(
@@ -446,16 +458,9 @@ class Scheduler:
             elif isinstance(event, JobFinished):
                 self._finished(record, event, status)
             elif isinstance(event, JobFailed):
-                record.jobs[ref.job_id] = status.fail(ref.attempt)
-                self.db.update_job(
-                    ref.artifact_id,
-                    ref.job_id,
-                    JobState.FAILED,
-                    ref.attempt,
-                    finished_at=event.finished_at,
-                    error=event.error,
-                )
-                self._fail(record, event.error.type, event.error.message, ref.job_id, event.error)
+                if status.attempt != ref.attempt or status.final:
+                    return  # a late or repeated failure report: already handled
+                self._job_failed(record, ref, event.error, event.finished_at)
             elif isinstance(event, JobProgress):
                 log.info("job %s/%s: %s", ref.artifact_id, ref.job_id, event.message)
         except (StaleAttempt, IllegalTransition) as exc:
@@ -491,7 +496,7 @@ class Scheduler:
             )
             self._retry(record, ref.job_id, status.requeue(ref.attempt))
             return
-        record.jobs[ref.job_id] = status.fail(ref.attempt)
+        record.set_job(ref.job_id, status.fail(ref.attempt))
         self._forget_attempt(record, ref.job_id)
         self.db.update_job(
             ref.artifact_id,
@@ -505,7 +510,7 @@ class Scheduler:
 
     def _retry(self, record: _Artifact, job_id: int, requeued: JobStatus) -> None:
         """Make the job ready again and dispatch it after a jittered exponential backoff."""
-        record.jobs[job_id] = requeued
+        record.set_job(job_id, requeued)
         self._forget_attempt(record, job_id)
         self.db.update_job(record.artifact.id, job_id, JobState.READY, requeued.attempt)
         delay = min(
@@ -522,7 +527,7 @@ class Scheduler:
 
     def _finished(self, record: _Artifact, event: JobFinished, status: JobStatus) -> None:
         ref = event.job
-        record.jobs[ref.job_id] = status.complete(ref.attempt)
+        record.set_job(ref.job_id, status.complete(ref.attempt))
         record.products[ref.job_id] = event.product
         record.accepted.discard(ref.job_id)
         record.dispatched_at.pop(ref.job_id, None)
@@ -682,9 +687,7 @@ class Scheduler:
         self.db.update_artifact(
             artifact_id, record.state, record.seq, now, record.error, record.failed_job
         )
-        counts: dict[JobState, int] = {}
-        for status in record.jobs:
-            counts[status.state] = counts.get(status.state, 0) + 1
+        counts = {state: n for state, n in record.counts.items() if n}
         results: list[Resource] = []
         if record.state is ArtifactState.COMPLETED and self.config.allow_download and record.graph:
             results = [record.products[j] for j in record.graph.sinks()]
@@ -740,7 +743,7 @@ class Scheduler:
         )
         if row.context is not None:
             jobs = self.db.jobs(artifact_id)
-            record.jobs = [JobStatus(j.state, j.attempt) for j in jobs]
+            record.set_jobs([JobStatus(j.state, j.attempt) for j in jobs])
             record.products = {j.job_id: j.product for j in jobs if j.product is not None}
             completed = [j.job_id for j in jobs if j.state is JobState.COMPLETED]
             self._start(record, bind(row.artifact, row.context), completed)

@@ -75,6 +75,7 @@ class _Attempt:
     cancelled: threading.Event = field(default_factory=threading.Event)
     running: bool = False
     final: Final | None = None
+    sent_at: float = 0.0  # monotonic time the final event was last published
 
 
 class WorkerAgent:
@@ -164,10 +165,10 @@ class WorkerAgent:
                     self.bus.publish(
                         topics.presence(self.name), self.presence(online=True), retain=True
                     )
-                    self._resend()
+                    self._resend(older_than=0.0)
                 elif kind == "tick":
                     self._heartbeat()
-                    self._resend()
+                    self._resend(older_than=self.config.resend_interval)
                     next_tick = time.monotonic() + interval
             except Exception:
                 log.exception("worker %s: error handling %s", self.name, kind)
@@ -230,9 +231,15 @@ class WorkerAgent:
         if running:
             self.bus.publish(topics.events(self.name), JobHeartbeat(jobs=running, at=time.time()))
 
-    def _resend(self) -> None:
+    def _resend(self, older_than: float) -> None:
+        """Publish again the results not acknowledged within `older_than` seconds."""
+        now = time.monotonic()
+        pending = []
         with self._lock:
-            pending = [a.final for a in self._attempts.values() if a.final is not None]
+            for attempt in self._attempts.values():
+                if attempt.final is not None and now - attempt.sent_at >= older_than:
+                    attempt.sent_at = now
+                    pending.append(attempt.final)
         for event in pending:
             self.bus.publish(topics.events(self.name), event)
 
@@ -253,6 +260,7 @@ class WorkerAgent:
                 if attempt.cancelled.is_set():
                     return  # cancelled or superseded while running: nobody wants this result
                 attempt.final = final
+                attempt.sent_at = time.monotonic()
             self.journal.finish(final)
             self.bus.publish(topics.events(self.name), final)
         except Exception:  # a bus failure: the scheduler re-sends the job
