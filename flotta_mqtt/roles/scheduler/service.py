@@ -446,6 +446,7 @@ class Scheduler:
             elif isinstance(event, JobStarted):
                 if status.state is JobState.DISPATCHED:
                     record.set_job(ref.job_id, status.start(ref.attempt))
+                    self._changed.add(ref.artifact_id)
                     record.accepted.add(ref.job_id)
                     record.started_at[ref.job_id] = record.last_seen[ref.job_id] = time.monotonic()
                     self.db.update_job(

@@ -1,0 +1,1 @@
+"""Operations plugins used only by tests; workers load them as `tests.plugins.<module>`."""

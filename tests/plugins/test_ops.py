@@ -1,0 +1,131 @@
+"""Test-only operations, loaded by workers as `--plugin tests.plugins.test_ops`.
+
+- `boom`: its local part raises ValueError("boom: <message>") from `_explode`, so a test
+  can find the function in the remote traceback.
+- `slow`: waits for the file `flag` to exist (or sleeps `seconds`) — the sleep is the
+  workload, not synchronisation — then adds 1 per local job to what it consumes.
+- `once`: its local part appends `<node> <artifact> <job>` to the file `ledger` and adds 1
+  to what it consumes; initialize and aggregate pass the sum on. A chain of them therefore
+  produces exactly the number of local jobs run, so a job counted twice shows in the result.
+
+A subprocess worker imports this module as `tests.plugins.test_ops` (PYTHONPATH = repo
+root). pytest may also import the file under another name while collecting (its name
+matches `test_*.py`); `_register` keeps one registration per operation either way.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flotta_mqtt.roles.operations import (
+    REGISTRY,
+    JobContext,
+    OperationDef,
+    OperationError,
+    register,
+)
+
+
+def _register(cls: type[OperationDef]) -> type[OperationDef]:
+    """`register`, tolerating this very module imported a second time under another name."""
+    known = type(REGISTRY[cls.name]) if cls.name in REGISTRY else None
+    if known is not None and (known.__qualname__, known.__module__.rsplit(".", 2)[-2:]) == (
+        cls.__qualname__,
+        ["plugins", "test_ops"],
+    ):
+        return cls  # the same operation, from this file imported under its other name
+    return register(cls)
+
+
+def _numbers(inputs: list[Any]) -> float:
+    return sum(x for x in inputs if isinstance(x, int | float))
+
+
+class BoomParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = "it blew up"
+
+
+def _explode(message: str) -> None:
+    raise ValueError(f"boom: {message}")
+
+
+@_register
+class Boom(OperationDef):
+    name: ClassVar[str] = "boom"
+    Params = BoomParams
+
+    def local(self, params: BoomParams, ctx: JobContext) -> Any:
+        _explode(params.message)
+
+
+class SlowParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    flag: str | None = None  # wait until this file exists
+    seconds: float = Field(default=0.0, ge=0)  # or simply take this long
+    timeout: float = Field(default=60.0, gt=0)  # give up waiting for the flag after this
+
+
+def _take_time(params: SlowParams, ctx: JobContext) -> None:
+    """The workload: sleep, or wait for the flag; stop early when the job is cancelled."""
+    if params.flag is None:
+        if ctx.cancelled.wait(params.seconds):
+            raise OperationError("slow: cancelled")
+        return
+    deadline = time.monotonic() + params.timeout
+    flag = Path(params.flag)
+    while not flag.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"slow: flag {flag} not set after {params.timeout} s")
+        if ctx.cancelled.wait(0.01):
+            raise OperationError("slow: cancelled")
+
+
+@_register
+class Slow(OperationDef):
+    name: ClassVar[str] = "slow"
+    Params = SlowParams
+
+    def initialize(self, params: SlowParams, ctx: JobContext) -> Any:
+        _take_time(params, ctx)
+        return _numbers(ctx.inputs)
+
+    def local(self, params: SlowParams, ctx: JobContext) -> Any:
+        _take_time(params, ctx)
+        return 1 + _numbers(ctx.inputs)
+
+    def aggregate(self, params: SlowParams, ctx: JobContext) -> Any:
+        _take_time(params, ctx)
+        return _numbers(ctx.inputs)
+
+
+class OnceParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ledger: str
+    seconds: float = Field(default=0.0, ge=0)  # how long each local job takes
+
+
+@_register
+class Once(OperationDef):
+    name: ClassVar[str] = "once"
+    Params = OnceParams
+
+    def initialize(self, params: OnceParams, ctx: JobContext) -> Any:
+        return _numbers(ctx.inputs)
+
+    def local(self, params: OnceParams, ctx: JobContext) -> Any:
+        time.sleep(params.seconds)
+        # One short O_APPEND write per job: atomic between the worker processes sharing it.
+        with open(params.ledger, "a") as ledger:
+            ledger.write(f"{ctx.node} {ctx.job.artifact_id} {ctx.job.job_id}\n")
+        return 1 + _numbers(ctx.inputs)
+
+    def aggregate(self, params: OnceParams, ctx: JobContext) -> Any:
+        return _numbers(ctx.inputs)
