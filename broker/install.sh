@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Install what flotta_mqtt needs from Debian (mosquitto) and PyPI (the package itself).
+# Install what flotta_mqtt needs from Debian and PyPI, then the package itself.
 # Usage: bash broker/install.sh [EXTRAS]   e.g. `bash broker/install.sh test`
+# Debian: mosquitto (the broker); with the test extra also the tools the fault tests use
+# to cut and degrade links between network namespaces (iproute2, nftables) and openssl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+extras="${1:-}"
+packages=(mosquitto mosquitto-clients)
+if [[ ",$extras," == *",test,"* ]]; then
+    packages+=(iproute2 nftables openssl)
+fi
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" \
+        || missing+=("$package")
+done
+if (( ${#missing[@]} )); then
     sudo_=""
     [ "$(id -u)" -eq 0 ] || sudo_="sudo"
     $sudo_ apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-extras="${1:-}"
 python3 -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
