@@ -69,7 +69,17 @@ def run_demo(rows: int, seed: int, console: Console) -> int:
         ]
         nodes += [
             subprocess.Popen(
-                [*command, "worker", "--name", name, "--data", f"demo={path}", *common]
+                [
+                    *command,
+                    "worker",
+                    "--name",
+                    name,
+                    "--data",
+                    f"demo={path}",
+                    *common,
+                    "--state-dir",
+                    str(folder / "state" / name),
+                ]
             )
             for name, path in files.items()
         ]

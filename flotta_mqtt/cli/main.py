@@ -142,6 +142,14 @@ def worker(
         typer.Option(help="PROJECT=FILE.csv, repeatable: local data this worker holds"),
     ] = None,
     max_jobs: Annotated[int | None, typer.Option(envvar="FLOTTA_MAX_JOBS")] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FLOTTA_STATE_DIR",
+            help="where held jobs and unacknowledged results survive a restart "
+            "[default: ./flotta-state/NAME]",
+        ),
+    ] = None,
     plugin: Annotated[
         list[str] | None, typer.Option(help="module registering operations, repeatable")
     ] = None,
@@ -172,6 +180,8 @@ def worker(
             "storage": {"url": storage} if storage else {},
         },
     )
+    if settings.state_dir is None:
+        settings = settings.model_copy(update={"state_dir": Path("flotta-state") / settings.name})
     _serve(WorkerAgent(settings), f"worker {settings.name}")
 
 

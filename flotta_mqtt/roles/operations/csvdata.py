@@ -32,12 +32,11 @@ class CsvDataset(Dataset):
         self.paths = paths
 
     def columns(self) -> list[str]:
-        header: list[str] = []
-        for path in self.paths:
-            with path.open(newline="") as f:
-                header = next(csv.reader(f), [])
-            break
-        return header
+        """The header of the first file (the files of a project share one)."""
+        if not self.paths:
+            return []
+        with self.paths[0].open(newline="") as f:
+            return next(csv.reader(f), [])
 
     def rows(self) -> Iterator[Mapping[str, Any]]:
         for path in self.paths:

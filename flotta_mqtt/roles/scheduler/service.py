@@ -173,6 +173,7 @@ class Scheduler:
                     initiator=True,
                     max_jobs=4,
                     plugins=config.initiator_plugins,
+                    state_dir=config.database.parent / f"{config.initiator}.state",
                     resend_interval=config.resend_interval,
                 )
             )

@@ -57,7 +57,9 @@ class Client:
         connect_timeout: float = 10.0,
     ) -> None:
         settings = BrokerSettings(url=broker) if isinstance(broker, str) else broker
-        self.client_id = client_id or f"workbench-{uuid.uuid4().hex[:12]}"
+        # With broker identities, the ACL lets a workbench use only topics named after its
+        # username, so that is its name on the bus unless told otherwise.
+        self.client_id = client_id or settings.username or f"workbench-{uuid.uuid4().hex[:12]}"
         self.storage = storage or StorageSettings()
         self.resend_interval = resend_interval
         self._changed = threading.Condition()
