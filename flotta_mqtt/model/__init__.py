@@ -1,10 +1,11 @@
 """The model layer: artifacts, steps, distributions, binding and state machines. No I/O."""
 
-from flotta_mqtt.model.artifact import Artifact, SafeId
+from flotta_mqtt.model.artifact import Artifact
 from flotta_mqtt.model.binding import Job, JobGraph, bind, job_count
 from flotta_mqtt.model.context import NodeRef, SchedulerContext
 from flotta_mqtt.model.distribution import Collect, Distribute, Distribution, Pairwise, RoundRobin
 from flotta_mqtt.model.errors import BindingError, IllegalTransition, StaleAttempt
+from flotta_mqtt.model.ids import SafeId
 from flotta_mqtt.model.locks import LockTable
 from flotta_mqtt.model.operation import Operation
 from flotta_mqtt.model.query import AllOf, AnyOf, Compare, Filter, Not
@@ -25,8 +26,10 @@ from flotta_mqtt.model.steps import (
     Parallel,
     Sequential,
     Step,
+    Tasks,
     check_steps,
 )
+from flotta_mqtt.model.workflow import Task, Workflow, candidates, task_graph
 
 __all__ = [
     "ARTIFACT_FINAL",
@@ -62,9 +65,14 @@ __all__ = [
     "Sequential",
     "StaleAttempt",
     "Step",
+    "Task",
+    "Tasks",
+    "Workflow",
     "bind",
+    "candidates",
     "check_artifact_transition",
     "check_job_transition",
     "check_steps",
     "job_count",
+    "task_graph",
 ]

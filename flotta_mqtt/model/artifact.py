@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flotta_mqtt.model.ids import SafeId
 from flotta_mqtt.model.steps import Step, check_steps
-
-# Ids become topic levels and storage path segments, so they are restricted to safe text.
-SafeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 
 
 def new_artifact_id() -> str:

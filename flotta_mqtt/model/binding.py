@@ -21,8 +21,10 @@ from flotta_mqtt.model.steps import (
     Parallel,
     Sequential,
     Step,
+    Tasks,
     check_steps,
 )
+from flotta_mqtt.model.workflow import candidates, task_graph
 
 OperationStep = Initialize | Parallel | Sequential | Finalize
 
@@ -47,10 +49,10 @@ class Job:
         """Whether another attempt may run while the first one's node is gone.
 
         A worker's job is bound to the data only that worker holds, so it waits for that
-        worker (until the artifact's deadline); an initiator job holds no data and is
-        simply run again.
+        worker (until the artifact's deadline); an initiator job or a workflow task holds
+        no data and is simply run again (a task on another able worker).
         """
-        return self.on_initiator
+        return self.on_initiator or self.kind == "tasks"
 
 
 class JobGraph:
@@ -122,6 +124,8 @@ def job_count(steps: Iterable[Step], workers: int) -> int:
             total += workers
         elif isinstance(step, Sequential):
             total += workers + 2
+        elif isinstance(step, Tasks):
+            total += len(step.tasks)
         else:
             total += 1
     return total
@@ -160,6 +164,8 @@ class _Binder:
         if isinstance(step, Parallel):
             jobs = self._worker_jobs(step, path, iteration)
             return jobs, jobs
+        if isinstance(step, Tasks):
+            return self._tasks(step, path, iteration)
         # Sequential: initiator → worker 1 → … → worker N → initiator.
         first = self._initiator_job(step, path, JobRole.INITIALIZE, iteration)
         workers = self._worker_jobs(step, path, iteration)
@@ -182,6 +188,40 @@ class _Binder:
                 self.locks += [(a, b) for a in exits for b in entries]
             exits = round_exits
         return first, exits
+
+    def _tasks(self, step: Tasks, path: str, iteration: int) -> tuple[list[int], list[int]]:
+        """One job per task, created in dependency order so every lock points forward."""
+        graph = task_graph(step.tasks)
+        by_name = {task.name: task for task in step.tasks}
+        order = {task.name: i for i, task in enumerate(step.tasks)}
+        ids: dict[str, int] = {}
+        for spread, name in enumerate(nx.lexicographical_topological_sort(graph, key=order.get)):
+            task = by_name[name]
+            able = candidates(task, self.context.pool)
+            if not able:
+                raise BindingError(
+                    f"task {name} (step {path}): no worker runs the {task.executor} executor"
+                    + (f" with labels {task.selector}" if task.selector else "")
+                    + (f" under the name {task.worker}" if task.worker else "")
+                )
+            job = Job(
+                id=len(self.jobs),
+                worker=able[spread % len(able)].id,  # spread tasks over the able workers
+                step=path,
+                kind=step.kind,
+                role=JobRole.LOCAL,
+                iteration=iteration,
+                operation=Operation(name="task", params=task.model_dump(mode="json")),
+                on_initiator=False,
+                timeout=task.timeout,
+                retries=task.retries,
+            )
+            self.jobs.append(job)
+            ids[name] = job.id
+            self.locks += [(ids[dep], job.id) for dep in task.depends]
+        roots = [ids[t.name] for t in step.tasks if not t.depends]
+        leaves = [ids[name] for name, out in graph.out_degree() if out == 0]
+        return sorted(roots), sorted(leaves)
 
     def _worker_jobs(self, step: Parallel | Sequential, path: str, iteration: int) -> list[int]:
         if not self.context.workers:

@@ -6,7 +6,7 @@ from collections import Counter
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flotta_mqtt.model.artifact import SafeId
+from flotta_mqtt.model.ids import SafeId
 
 
 class NodeRef(BaseModel):
@@ -15,7 +15,8 @@ class NodeRef(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: SafeId
-    offers: dict[str, str] = Field(default_factory=dict)
+    offers: dict[str, str] = Field(default_factory=dict)  # labels, e.g. {"gpu": "yes"}
+    executors: list[str] = Field(default_factory=list)  # task executors it runs
 
 
 class SchedulerContext(BaseModel):
@@ -27,7 +28,8 @@ class SchedulerContext(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     initiator: NodeRef
-    workers: list[NodeRef]
+    workers: list[NodeRef]  # the nodes holding the project's data
+    pool: list[NodeRef] = Field(default_factory=list)  # every worker, for workflow tasks
 
     @model_validator(mode="after")
     def _unique_workers(self) -> SchedulerContext:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flotta_mqtt.model.distribution import Arity, Distribution
 from flotta_mqtt.model.errors import BindingError
 from flotta_mqtt.model.operation import Operation
+from flotta_mqtt.model.workflow import Task, task_graph
 
 
 class JobRole(StrEnum):
@@ -76,6 +77,22 @@ class Finalize(_OperationStep):
     kind: Literal["finalize"] = "finalize"
 
 
+class Tasks(_Step):
+    """A workflow's task graph: one job per task, on a worker able to run it.
+
+    Its jobs are locked by the tasks' own dependencies; they hold no data, so a task whose
+    worker is lost moves to another, and a failed task stops only its descendants.
+    """
+
+    kind: Literal["tasks"] = "tasks"
+    tasks: list[Task] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _is_a_dag(self) -> Tasks:
+        task_graph(self.tasks)
+        return self
+
+
 class Iterate(_Step):
     """Repeat a block of steps; each round waits for the previous round's last jobs.
 
@@ -99,7 +116,7 @@ class Iterate(_Step):
 
 
 Step = Annotated[
-    Initialize | Parallel | Sequential | Finalize | Iterate, Field(discriminator="kind")
+    Initialize | Parallel | Sequential | Finalize | Tasks | Iterate, Field(discriminator="kind")
 ]
 Iterate.model_rebuild()
 
@@ -108,6 +125,9 @@ def entry_arity(step: Step) -> Arity:
     """How many jobs a step starts with: one (initiator) or one per worker."""
     if isinstance(step, Iterate):
         return entry_arity(step.steps[0])
+    if isinstance(step, Tasks):
+        roots = [task for task in step.tasks if not task.depends]
+        return Arity.ONE if len(roots) == 1 else Arity.MANY
     return Arity.MANY if isinstance(step, Parallel) else Arity.ONE
 
 
@@ -115,6 +135,10 @@ def exit_arity(step: Step) -> Arity:
     """How many jobs a step ends with: one (initiator) or one per worker."""
     if isinstance(step, Iterate):
         return exit_arity(step.steps[-1])
+    if isinstance(step, Tasks):
+        needed = {dep for task in step.tasks for dep in task.depends}
+        leaves = [task for task in step.tasks if task.name not in needed]
+        return Arity.ONE if len(leaves) == 1 else Arity.MANY
     return Arity.MANY if isinstance(step, Parallel) else Arity.ONE
 
 
