@@ -80,7 +80,9 @@ def render_config(settings: MosquittoSettings) -> str:
     else:
         text += f"allow_anonymous false\npassword_file {settings.password_file}\n"
     if settings.acl_file is not None:
-        text += f"acl_file {settings.acl_file}\n"
+        # A node's session is named by its identity: another node's valid password must not
+        # let it connect under this node's client id and take over its queued jobs.
+        text += f"acl_file {settings.acl_file}\nuse_username_as_clientid true\n"
     for bridge in settings.bridges:
         text += "\n" + bridge.rstrip("\n") + "\n"
     return text + "".join(line + "\n" for line in settings.extra)

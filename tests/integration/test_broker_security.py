@@ -206,20 +206,24 @@ def test_a_workbench_submits_and_reads_its_status_and_replies(connect: Connect) 
 
 
 def test_a_workbench_cannot_submit_as_another_or_forge_statuses(connect: Connect) -> None:
-    scheduler = MessageRecorder()
-    connect("scheduler", scheduler, [topics.ALL_REQUESTS])
+    inbox = MessageRecorder()
+    scheduler = connect("scheduler", inbox, [topics.ALL_REQUESTS])
     watcher = MessageRecorder()
     connect("dash", watcher, [EVERYTHING])
+    node_1 = MessageRecorder()
+    connect("node-1", node_1, [EVERYTHING])
 
     denied(connect, "alice", topics.submit("bob"), b"as bob")
     denied(connect, "alice", topics.status("a1"), b"forged status")
     denied(connect, "alice", topics.jobs("node-1"), b"forged job")
     connect("alice").publish_raw(topics.submit("alice"), b"marker request")
+    scheduler.publish_raw(topics.status("a1"), b"marker status")
+    scheduler.publish_raw(topics.jobs("node-1"), b"marker job")
 
-    scheduler.wait(1)
-    assert scheduler.messages == [(topics.submit("alice"), b"marker request")]
-    # The dashboard reads statuses: had the forged one passed, it would be here by now.
-    assert watcher.messages == []
+    inbox.wait(1)
+    assert inbox.messages == [(topics.submit("alice"), b"marker request")]
+    assert watcher.wait(1) == [(topics.status("a1"), b"marker status")]
+    assert node_1.wait(1) == [(topics.jobs("node-1"), b"marker job")]
 
 
 def test_a_dashboard_reads_status_and_presence_but_cannot_submit(connect: Connect) -> None:
@@ -240,9 +244,12 @@ def test_a_dashboard_reads_status_and_presence_but_cannot_submit(connect: Connec
     connect("alice").publish_raw(topics.submit("alice"), b"marker request")
     scheduler_inbox.wait(1)
     assert scheduler_inbox.messages == [(topics.submit("alice"), b"marker request")]
-    scheduler.publish_raw(topics.status("a1"), b"marker status")
-    dash.wait(4)
-    assert dash.payloads[3:] == [b"marker status"]  # its own presence never came back
+    # Each identity has one session (use_username_as_clientid): the second "dash" connection
+    # in denied() took the first one's place, which then reconnected and got the retained
+    # messages again. A retained marker reaches it either way.
+    scheduler.publish_raw(topics.status("a1"), b"marker status", retain=True)
+    dash.wait_for(lambda msgs: any(payload == b"marker status" for _, payload in msgs))
+    assert b"dashboard presence" not in dash.payloads  # its own presence never came back
 
 
 # --- TLS ---------------------------------------------------------------------------------------
@@ -346,3 +353,35 @@ def test_client_certificates_can_stand_for_passwords(
 
         with pytest.raises(BusError):
             Bus("no-certificate", config(None), _noop, [], clean=True).start(wait=3)
+
+
+def test_a_node_cannot_take_over_another_nodes_session(
+    secure_broker: LocalBroker, identities: Identities, connect: Connect
+) -> None:
+    """With identities, a session is named by the username, not the client id asked for."""
+    inbox = MessageRecorder()
+    node_2 = Bus(
+        "node-2",
+        identities.broker_config("node-2", secure_broker.url),
+        inbox,
+        [topics.jobs("node-2")],
+    ).start(wait=10)
+    node_2.stop()  # offline, its persistent session kept by the broker
+    publish_settled(connect("scheduler"), topics.jobs("node-2"), b"job for node-2")
+
+    # node-1 asks for node-2's client id with its own valid password...
+    impostor = Bus("node-2", identities.broker_config("node-1", secure_broker.url), _noop, [])
+    impostor.start(wait=10)
+    impostor.stop()
+
+    # ...and node-2 still finds its queued job when it comes back.
+    back = Bus(
+        "node-2",
+        identities.broker_config("node-2", secure_broker.url),
+        inbox,
+        [topics.jobs("node-2")],
+    ).start(wait=10)
+    try:
+        inbox.wait_for(lambda msgs: (topics.jobs("node-2"), b"job for node-2") in msgs)
+    finally:
+        back.stop()
