@@ -15,8 +15,10 @@ from flotta_mqtt.model import Artifact, ArtifactState, JobRole, JobState, Operat
 from flotta_mqtt.model.operation import FiniteJson
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-JobId = Annotated[int, Field(ge=0)]
-Attempt = Annotated[int, Field(ge=1)]
+# Job ids and attempts are SQLite INTEGERs (the scheduler's database, a worker's journal):
+# a larger number must be refused on receipt, not fail inside a node's handler.
+JobId = Annotated[int, Field(ge=0, lt=2**63)]
+Attempt = Annotated[int, Field(ge=1, lt=2**63)]
 Timestamp = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # seconds since the epoch
 
 
@@ -70,6 +72,22 @@ class RequestRejected(Message):
     artifact_id: SafeId | None = None
 
 
+class JobSummary(Message):
+    """One job as a status shows it (for artifacts small enough to list every job)."""
+
+    id: JobId
+    step: str
+    worker: str
+    state: JobState
+    attempt: Annotated[int, Field(ge=0)]
+    name: str | None = None  # a workflow task's name
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
+    size: Annotated[int, Field(ge=0)] | None = None  # of its product
+    exit_code: int | None = None
+    error: str | None = None
+
+
 class ArtifactStatus(Message):
     """The current state of an artifact, retained so a late subscriber sees it at once.
 
@@ -86,6 +104,7 @@ class ArtifactStatus(Message):
     error: RemoteError | None = None
     failed_job: JobId | None = None
     results: list[Resource] = Field(default_factory=list)  # products of the final jobs
+    jobs: list[JobSummary] | None = None  # every job, when there are few enough to list
     updated_at: Timestamp
 
 
@@ -178,13 +197,16 @@ class JobFinished(Message):
     product: Resource
     started_at: Timestamp
     finished_at: Timestamp
+    exit_code: int | None = None  # a workflow task's process status, when it has one
 
 
 class JobFailed(Message):
     event: Literal["failed"] = "failed"
     job: JobRef
     error: RemoteError
+    started_at: Timestamp | None = None
     finished_at: Timestamp
+    exit_code: int | None = None  # a workflow task's process status, when it has one
 
 
 WorkerEvent = Annotated[
@@ -205,6 +227,7 @@ class NodePresence(Message):
     projects: list[SafeId] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)
     operations: list[str] = Field(default_factory=list)
+    executors: list[str] = Field(default_factory=list)  # workflow task executors it runs
     max_jobs: Annotated[int, Field(ge=1)] = 1
     details: dict[str, FiniteJson] = Field(default_factory=dict)  # e.g. dataset schemas
     since: Timestamp
@@ -224,6 +247,7 @@ __all__ = [
     "JobReady",
     "JobRef",
     "JobStarted",
+    "JobSummary",
     "LocksReleased",
     "Message",
     "NodePresence",

@@ -65,6 +65,7 @@ class ArtifactRow:
 @dataclass
 class JobRow:
     job_id: int
+    worker: str
     state: JobState
     attempt: int
     started_at: float | None
@@ -208,6 +209,13 @@ class Database:
             ),
         )
 
+    def assign_job(self, artifact_id: str, job_id: int, worker: str) -> None:
+        """Record that a task moved to another worker."""
+        self._db.execute(
+            "UPDATE jobs SET worker = ? WHERE artifact_id = ? AND job_id = ?",
+            (worker, artifact_id, job_id),
+        )
+
     def cancel_jobs(self, artifact_id: str) -> None:
         self._db.execute(
             "UPDATE jobs SET state = ? WHERE artifact_id = ? AND state NOT IN (?, ?)",
@@ -222,13 +230,15 @@ class Database:
 
     def jobs(self, artifact_id: str) -> list[JobRow]:
         rows = self._db.execute(
-            "SELECT job_id, state, attempt, started_at, finished_at, product, error FROM jobs "
+            "SELECT job_id, worker, state, attempt, started_at, finished_at, product, error "
+            "FROM jobs "
             "WHERE artifact_id = ? ORDER BY job_id",
             (artifact_id,),
         ).fetchall()
         return [
             JobRow(
                 job_id=job_id,
+                worker=worker,
                 state=JobState(state),
                 attempt=attempt,
                 started_at=started_at,
@@ -236,7 +246,7 @@ class Database:
                 product=None if product is None else Resource.model_validate_json(product),
                 error=None if error is None else RemoteError.model_validate_json(error),
             )
-            for job_id, state, attempt, started_at, finished_at, product, error in rows
+            for job_id, worker, state, attempt, started_at, finished_at, product, error in rows
         ]
 
     # --- nodes ---------------------------------------------------------------------------

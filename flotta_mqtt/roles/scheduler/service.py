@@ -19,23 +19,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field
 
 from flotta_mqtt.model import (
     ARTIFACT_FINAL,
+    JOB_FINAL,
     Artifact,
     ArtifactState,
     BindingError,
     IllegalTransition,
+    Iterate,
     JobGraph,
     JobState,
     JobStatus,
     LockTable,
     NodeRef,
+    Parallel,
     SafeId,
     SchedulerContext,
+    Sequential,
     StaleAttempt,
+    Step,
+    Task,
     bind,
+    candidates,
 )
 from flotta_mqtt.protocol import (
     ArtifactStatus,
@@ -50,6 +58,7 @@ from flotta_mqtt.protocol import (
     JobReady,
     JobRef,
     JobStarted,
+    JobSummary,
     LocksReleased,
     NodePresence,
     ProtocolError,
@@ -96,11 +105,28 @@ class SchedulerConfig(BaseModel):
     # failing an artifact whose project nobody seems to hold.
     worker_grace: float = Field(default=5.0, ge=0)
     run_initiator: bool = True  # run the initiator's jobs in this node
+    # The initiator's own broker identity (it reads its job topic like any worker); by
+    # default the scheduler's settings under the initiator's name.
+    initiator_broker: BrokerSettings | None = None
     initiator_plugins: list[str] = Field(default_factory=list)
 
     @property
     def initiator(self) -> str:
         return f"{self.name}.initiator"
+
+
+LISTED_JOBS = 300  # artifacts with at most this many jobs list each one in their status
+
+
+@dataclass
+class _Facts:
+    """What a status lists about one job beyond its state."""
+
+    started_at: float | None = None
+    finished_at: float | None = None
+    size: int | None = None
+    exit_code: int | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -125,6 +151,43 @@ class _Artifact:
     error: RemoteError | None = None
     failed_job: int | None = None
     counts: Counter[JobState] = field(default_factory=Counter)  # kept as jobs change
+    assigned: dict[int, str] = field(default_factory=dict)  # tasks moved off a lost worker
+    facts: dict[int, _Facts] = field(default_factory=dict)  # for listing small artifacts
+
+    def worker(self, job_id: int) -> str:
+        """The node a job runs on now: where binding put it, unless it was moved since."""
+        assert self.graph is not None
+        return self.assigned.get(job_id) or self.graph.jobs[job_id].worker
+
+    def note(self, job_id: int, **facts: Any) -> None:
+        """Remember facts about a job for the status listing, if this artifact is listed."""
+        if len(self.jobs) <= LISTED_JOBS:
+            known = self.facts.setdefault(job_id, _Facts())
+            for name, value in facts.items():
+                setattr(known, name, value)
+
+    def summaries(self) -> list[JobSummary] | None:
+        if self.graph is None or len(self.jobs) > LISTED_JOBS:
+            return None
+        listed = []
+        for job, status in zip(self.graph.jobs, self.jobs, strict=True):
+            facts = self.facts.get(job.id, _Facts())
+            listed.append(
+                JobSummary(
+                    id=job.id,
+                    step=job.step,
+                    worker=self.worker(job.id),
+                    state=status.state,
+                    attempt=status.attempt,
+                    name=str(job.operation.params["name"]) if job.kind == "tasks" else None,
+                    started_at=facts.started_at,
+                    finished_at=facts.finished_at,
+                    size=facts.size,
+                    exit_code=facts.exit_code,
+                    error=facts.error,
+                )
+            )
+        return listed
 
     def set_jobs(self, jobs: list[JobStatus]) -> None:
         self.jobs = jobs
@@ -138,6 +201,17 @@ class _Artifact:
 
 
 Outgoing = tuple[str, BaseModel, bool]  # topic, message, retain
+
+
+def _ref(node: NodePresence) -> NodeRef:
+    return NodeRef(id=node.node, offers=node.labels, executors=node.executors)
+
+
+def _needs_data(step: Step) -> bool:
+    """Whether a step binds jobs to the workers holding the project's data."""
+    if isinstance(step, Iterate):
+        return any(_needs_data(inner) for inner in step.steps)
+    return isinstance(step, Parallel | Sequential)
 
 
 class Scheduler:
@@ -168,7 +242,7 @@ class Scheduler:
             self.initiator = WorkerAgent(
                 WorkerConfig(
                     name=config.initiator,
-                    broker=config.broker,
+                    broker=config.initiator_broker or config.broker,
                     storage=config.storage,
                     initiator=True,
                     max_jobs=4,
@@ -290,25 +364,29 @@ class Scheduler:
     def _try_bind(self, artifact_id: str) -> None:
         record = self._artifacts[artifact_id]
         artifact = record.artifact
-        workers = [
-            node
-            for name, node in sorted(self._nodes.items())
-            if not node.initiator and artifact.project in node.projects
-        ]
-        if not workers:
-            if time.monotonic() - self._started_at < self.config.worker_grace:
-                return  # presence may still be arriving; _tick tries again
-            self._fail(record, "NoWorkers", f"no worker holds data for project {artifact.project}")
-            return
+        workers = [node for node in self._nodes.values() if not node.initiator]
+        holders = sorted(
+            (n for n in workers if artifact.project in n.projects), key=lambda n: n.node
+        )
+        # Workflow tasks may run on any worker offering their executor; online ones first.
+        pool = sorted((n for n in workers if n.executors), key=lambda n: (not n.online, n.node))
         context = SchedulerContext(
             initiator=NodeRef(id=self.config.initiator),
-            workers=[NodeRef(id=w.node, offers=w.labels) for w in workers],
+            workers=[_ref(n) for n in holders],
+            pool=[_ref(n) for n in pool],
         )
         try:
             graph = bind(artifact, context)
             self._check_operations(graph)
         except (BindingError, operations.OperationError) as exc:
-            self._fail(record, type(exc).__name__, str(exc))
+            if time.monotonic() - self._started_at < self.config.worker_grace:
+                return  # presence may still be arriving; _tick tries again
+            if not holders and any(_needs_data(step) for step in artifact.steps):
+                self._fail(
+                    record, "NoWorkers", f"no worker holds data for project {artifact.project}"
+                )
+            else:
+                self._fail(record, type(exc).__name__, str(exc))
             return
         self.db.bind_artifact(artifact.id, context, graph)
         self._start(record, graph, completed=[])
@@ -370,14 +448,15 @@ class Scheduler:
                 continue
             if status.state in (JobState.DISPATCHED, JobState.RUNNING) and record.graph:
                 ref = JobRef(artifact_id=record.artifact.id, job_id=job_id, attempt=status.attempt)
-                worker = record.graph.jobs[job_id].worker
-                self._out.append((topics.control(worker), CancelJob(job=ref), False))
+                self._out.append((topics.control(record.worker(job_id)), CancelJob(job=ref), False))
             record.set_job(job_id, status.cancel())
         self.db.cancel_jobs(record.artifact.id)
 
     # --- jobs ------------------------------------------------------------------------------
 
     def _ready(self, record: _Artifact, job_id: int) -> None:
+        if record.jobs[job_id].state is not JobState.WAITING:
+            return  # cancelled, as the descendant of a failed task
         record.set_job(job_id, record.jobs[job_id].ready())
         self._send(record, job_id)
 
@@ -406,7 +485,7 @@ class Scheduler:
             operation=job.operation,
             inputs=[record.products[p] for p in record.graph.consumes(job_id)],
         )
-        return topics.jobs(job.worker), message, False
+        return topics.jobs(record.worker(job_id)), message, False
 
     def _event(self, worker: str, event: Any) -> None:
         if isinstance(event, JobHeartbeat):
@@ -427,7 +506,7 @@ class Scheduler:
                 ref.artifact_id,
             )
             return
-        owner = record.graph.jobs[ref.job_id].worker
+        owner = record.worker(ref.job_id)
         if worker != owner:
             log.error(
                 "scheduler: %s reported on job %s/%s, which was given to %s: ignored",
@@ -450,6 +529,7 @@ class Scheduler:
                     self._changed.add(ref.artifact_id)
                     record.accepted.add(ref.job_id)
                     record.started_at[ref.job_id] = record.last_seen[ref.job_id] = time.monotonic()
+                    record.note(ref.job_id, started_at=event.at)
                     self.db.update_job(
                         ref.artifact_id,
                         ref.job_id,
@@ -462,7 +542,7 @@ class Scheduler:
             elif isinstance(event, JobFailed):
                 if status.attempt != ref.attempt or status.final:
                     return  # a late or repeated failure report: already handled
-                self._job_failed(record, ref, event.error, event.finished_at)
+                self._job_failed(record, ref, event.error, event.finished_at, event.exit_code)
             elif isinstance(event, JobProgress):
                 log.info("job %s/%s: %s", ref.artifact_id, ref.job_id, event.message)
         except (StaleAttempt, IllegalTransition) as exc:
@@ -475,18 +555,33 @@ class Scheduler:
             record = self._artifacts.get(ref.artifact_id)
             if record is None or record.graph is None or ref.job_id >= len(record.jobs):
                 continue
-            if record.graph.jobs[ref.job_id].worker != worker:
+            if record.worker(ref.job_id) != worker:
                 continue
             if record.jobs[ref.job_id].attempt == ref.attempt:
                 record.last_seen[ref.job_id] = now
 
     def _job_failed(
-        self, record: _Artifact, ref: JobRef, error: RemoteError, finished_at: float
+        self,
+        record: _Artifact,
+        ref: JobRef,
+        error: RemoteError,
+        finished_at: float,
+        exit_code: int | None = None,
     ) -> None:
-        """A failed attempt: retry it with backoff while the step allows, else fail it all."""
+        """A failed attempt: retry it with backoff while the step allows, else fail it all.
+
+        A failed workflow task fails the artifact but stops only its descendants: the
+        independent branches go on, and the artifact ends when they have.
+        """
         assert record.graph is not None
         job = record.graph.jobs[ref.job_id]
         status = record.jobs[ref.job_id]
+        record.note(
+            ref.job_id,
+            finished_at=finished_at,
+            exit_code=exit_code,
+            error=f"{error.type}: {error.message}"[:300],
+        )
         if ref.attempt <= job.retries:
             log.warning(
                 "job %s/%s attempt %d failed (%s: %s): retrying",
@@ -508,7 +603,24 @@ class Scheduler:
             finished_at=finished_at,
             error=error,
         )
-        self._fail(record, error.type, error.message, ref.job_id, error)
+        if job.kind != "tasks":
+            self._fail(record, error.type, error.message, ref.job_id, error)
+            return
+        if record.error is None:
+            record.error, record.failed_job = error, ref.job_id
+        for descendant in nx.descendants(record.graph.graph, ref.job_id):
+            if not record.jobs[descendant].final:
+                record.set_job(descendant, record.jobs[descendant].cancel())
+                self.db.update_job(record.artifact.id, descendant, JobState.CANCELLED, 0)
+        self._changed.add(record.artifact.id)
+        self._settle(record)
+
+    def _settle(self, record: _Artifact) -> None:
+        """End the artifact once every job is final: failed if any task failed."""
+        final = sum(record.counts[state] for state in JOB_FINAL)
+        if final == len(record.jobs):
+            failed = record.error is not None
+            self._transition(record, ArtifactState.FAILED if failed else ArtifactState.COMPLETED)
 
     def _retry(self, record: _Artifact, job_id: int, requeued: JobStatus) -> None:
         """Make the job ready again and dispatch it after a jittered exponential backoff."""
@@ -531,8 +643,14 @@ class Scheduler:
         ref = event.job
         record.set_job(ref.job_id, status.complete(ref.attempt))
         record.products[ref.job_id] = event.product
-        record.accepted.discard(ref.job_id)
-        record.dispatched_at.pop(ref.job_id, None)
+        self._forget_attempt(record, ref.job_id)
+        record.note(
+            ref.job_id,
+            started_at=event.started_at,
+            finished_at=event.finished_at,
+            size=event.product.size,
+            exit_code=event.exit_code,
+        )
         self.db.update_job(
             ref.artifact_id,
             ref.job_id,
@@ -551,8 +669,7 @@ class Scheduler:
         self._changed.add(ref.artifact_id)
         for job_id in unlocked:
             self._ready(record, job_id)
-        if len(record.locks.completed) == len(record.jobs):
-            self._transition(record, ArtifactState.COMPLETED)
+        self._settle(record)
 
     def _ack(self, worker: str, ref: JobRef) -> None:
         self._acks.setdefault(worker, []).append(ref)
@@ -589,7 +706,7 @@ class Scheduler:
             if record.graph is None:
                 continue
             for job_id, sent in list(record.dispatched_at.items()):
-                worker = record.graph.jobs[job_id].worker
+                worker = record.worker(job_id)
                 if (job_id in record.accepted and not include_accepted) or now - sent < older_than:
                     continue
                 if only_worker is not None and worker != only_worker:
@@ -621,15 +738,21 @@ class Scheduler:
             self._check_running(record, now)
 
     def _check_running(self, record: _Artifact, now: float) -> None:
-        """Stop attempts over their timeout; move initiator jobs whose node is lost."""
+        """Stop attempts over their timeout; move jobs that hold no data off a lost node.
+
+        The policy per step type: a worker's data job waits for its worker (until the
+        artifact's deadline), since only that worker holds the data; an initiator job is
+        run again; a workflow task moves to another worker able to run it.
+        """
         assert record.graph is not None
         for job_id in list(record.dispatched_at):
             job = record.graph.jobs[job_id]
+            worker = record.worker(job_id)
             status = record.jobs[job_id]
             started = record.started_at.get(job_id)
+            ref = JobRef(artifact_id=record.artifact.id, job_id=job_id, attempt=status.attempt)
             if job.timeout is not None and started is not None and now - started > job.timeout:
-                ref = JobRef(artifact_id=record.artifact.id, job_id=job_id, attempt=status.attempt)
-                self._out.append((topics.control(job.worker), CancelJob(job=ref), False))
+                self._out.append((topics.control(worker), CancelJob(job=ref), False))
                 error = RemoteError(
                     type="TimeoutError",
                     message=f"job {job_id} ran over its timeout of {job.timeout} s",
@@ -637,26 +760,43 @@ class Scheduler:
                 self._job_failed(record, ref, error, time.time())
                 continue
             if not job.relocatable:
-                continue  # bound to its worker's data: it waits for that worker
-            node = self._nodes.get(job.worker)
+                continue
+            node = self._nodes.get(worker)
             silent = started is not None and now - record.last_seen.get(job_id, started) > (
                 self.config.heartbeat_grace
             )
-            if (node is not None and not node.online) or silent:
-                lost = record.lost_attempts.get(job_id, 0) + 1
-                record.lost_attempts[job_id] = lost
-                if lost >= self.config.max_lost_attempts:
-                    self._fail(
-                        record,
-                        "WorkerLost",
-                        f"job {job_id} lost its node {job.worker} {lost} times",
-                        job_id,
-                    )
-                    return
-                log.warning(
-                    "job %s/%s lost with %s: retrying", record.artifact.id, job_id, job.worker
-                )
-                self._retry(record, job_id, status.requeue(status.attempt))
+            if not ((node is not None and not node.online) or silent):
+                continue
+            lost = record.lost_attempts[job_id] = record.lost_attempts.get(job_id, 0) + 1
+            if lost >= self.config.max_lost_attempts:
+                message = f"job {job_id} lost its node {worker} {lost} times"
+                self._fail(record, "WorkerLost", message, job_id)
+                return
+            self._out.append((topics.control(worker), CancelJob(job=ref), False))
+            if job.kind == "tasks":
+                self._move(record, job_id, away_from=worker)
+            log.warning(
+                "job %s/%s lost with %s: retrying on %s",
+                record.artifact.id,
+                job_id,
+                worker,
+                record.worker(job_id),
+            )
+            self._retry(record, job_id, status.requeue(status.attempt))
+
+    def _move(self, record: _Artifact, job_id: int, away_from: str) -> None:
+        """Give a task to another online worker able to run it, if there is one."""
+        assert record.graph is not None
+        task = Task.model_validate(record.graph.jobs[job_id].operation.params)
+        pool = [
+            _ref(n)
+            for name, n in sorted(self._nodes.items())
+            if n.online and not n.initiator and name != away_from
+        ]
+        able = candidates(task, pool)
+        if able:
+            record.assigned[job_id] = able[job_id % len(able)].id
+            self.db.assign_job(record.artifact.id, job_id, record.assigned[job_id])
 
     def _collect_status(self) -> None:
         """Turn what this burst changed into the messages that announce it."""
@@ -703,6 +843,7 @@ class Scheduler:
             error=record.error,
             failed_job=record.failed_job,
             results=results,
+            jobs=record.summaries(),
             updated_at=now,
         )
 
@@ -742,11 +883,23 @@ class Scheduler:
             row.seq,
             error=row.error,
             failed_job=row.failed_job,
+            submitted_at=row.submitted_at,
         )
         if row.context is not None:
             jobs = self.db.jobs(artifact_id)
             record.set_jobs([JobStatus(j.state, j.attempt) for j in jobs])
             record.products = {j.job_id: j.product for j in jobs if j.product is not None}
             completed = [j.job_id for j in jobs if j.state is JobState.COMPLETED]
-            self._start(record, bind(row.artifact, row.context), completed)
+            graph = bind(row.artifact, row.context)
+            self._start(record, graph, completed)
+            for j in jobs:
+                if j.worker != graph.jobs[j.job_id].worker:
+                    record.assigned[j.job_id] = j.worker
+                record.note(
+                    j.job_id,
+                    started_at=j.started_at,
+                    finished_at=j.finished_at,
+                    size=j.product.size if j.product else None,
+                    error=f"{j.error.type}: {j.error.message}"[:300] if j.error else None,
+                )
         return record
