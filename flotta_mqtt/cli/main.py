@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,11 +16,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flotta_mqtt.model import Artifact
+from flotta_mqtt.model import Artifact, Tasks, Workflow
+from flotta_mqtt.protocol import ArtifactStatus
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings, load_yaml
 from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
 from flotta_mqtt.roles.workbench.client import ArtifactFailed, Client
 from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.transport.store import ResourceStore
 
 app = typer.Typer(
     help="flotta_mqtt: distributed jobs over MQTT. Run a scheduler, edge workers, and submit "
@@ -153,6 +156,10 @@ def worker(
     plugin: Annotated[
         list[str] | None, typer.Option(help="module registering operations, repeatable")
     ] = None,
+    executor: Annotated[
+        list[str] | None,
+        typer.Option(help="workflow task executor this worker runs (shell, docker, kube, api)"),
+    ] = None,
     broker: BrokerOpt = None,
     username: UserOpt = None,
     password: PasswordOpt = None,
@@ -198,18 +205,28 @@ def _client(
 
 
 def load_artifact(path: Path) -> Artifact:
-    """Read an artifact from a JSON or YAML file, with errors that name what is wrong."""
+    """Read an artifact or a workflow (a file with `tasks`) from JSON or YAML.
+
+    Errors name what is wrong: duplicate tasks, unknown dependencies, the cycle.
+    """
     try:
-        return Artifact.model_validate(load_yaml(path))
+        data = load_yaml(path)
+        if "tasks" in data:
+            workflow = Workflow.model_validate(data)
+            return Artifact(project=workflow.project, steps=[Tasks(tasks=workflow.tasks)])
+        return Artifact.model_validate(data)
     except (ValueError, ValidationError) as exc:
-        raise _fail(f"{path} is not a valid artifact:\n{exc}") from None
+        what = "workflow" if "tasks" in data else "artifact"
+        raise _fail(f"{path} is not a valid {what}:\n{exc}") from None
 
 
 @app.command()
 def validate(file: Path) -> None:
-    """Check an artifact file (JSON or YAML) without submitting it."""
+    """Check an artifact or workflow file (JSON or YAML) without submitting it."""
     artifact = load_artifact(file)
-    console.print(f"[green]valid[/green]: artifact {artifact.id}, {len(artifact.steps)} steps")
+    step = artifact.steps[0]
+    size = f"{len(step.tasks)} tasks" if isinstance(step, Tasks) else f"{len(artifact.steps)} steps"
+    console.print(f"[green]valid[/green]: artifact {artifact.id}, {size}")
 
 
 @app.command()
@@ -223,7 +240,8 @@ def submit(
     ca_file: CaOpt = None,
     storage: StorageOpt = None,
 ) -> None:
-    """Submit an artifact file (JSON or YAML); print its id, or its result with --wait."""
+    """Submit an artifact or workflow file (JSON or YAML); print its id, or its result
+    with --wait."""
     artifact = load_artifact(file)
     with _client(broker, username, password, ca_file, storage) as client:
         handle = client.submit(artifact)
@@ -265,6 +283,78 @@ def status(
         escape(f"{current.error.type}: {current.error.message}") if current.error else "",
     )
     console.print(table)
+    if current.jobs:
+        console.print(_jobs_table(current))
+
+
+def _jobs_table(current: ArtifactStatus) -> Table:
+    """One row per job: where it ran, how it went, how long it took."""
+    table = Table(title="jobs")
+    for column in (
+        "job",
+        "step",
+        "worker",
+        "state",
+        "attempt",
+        "started",
+        "duration",
+        "size",
+        "exit",
+        "error",
+    ):
+        table.add_column(column)
+    for job in current.jobs or []:
+        started = (
+            datetime.fromtimestamp(job.started_at).strftime("%H:%M:%S.%f")[:-3]
+            if job.started_at
+            else ""
+        )
+        duration = (
+            f"{job.finished_at - job.started_at:.3f} s"
+            if job.started_at and job.finished_at
+            else ""
+        )
+        table.add_row(
+            escape(job.name or str(job.id)),
+            job.step,
+            escape(job.worker),
+            job.state,
+            str(job.attempt),
+            started,
+            duration,
+            "" if job.size is None else str(job.size),
+            "" if job.exit_code is None else str(job.exit_code),
+            escape(job.error or ""),
+        )
+    return table
+
+
+@app.command()
+def logs(
+    artifact_id: str,
+    task: Annotated[str | None, typer.Argument(help="task name or job id; all if omitted")] = None,
+    broker: BrokerOpt = None,
+    username: UserOpt = None,
+    password: PasswordOpt = None,
+    ca_file: CaOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Print the captured stdout and stderr of a workflow's tasks, from the resource store."""
+    with _client(broker, username, password, ca_file, storage) as client:
+        current = client.handle(artifact_id).fetch_status()
+        store_settings = client.storage
+    if current is None or not current.jobs:
+        raise _fail(f"no job listing for artifact {artifact_id}")
+    chosen = [j for j in current.jobs if task in (None, j.name, str(j.id)) and j.name]
+    if not chosen:
+        raise _fail(f"artifact {artifact_id} has no task {task!r}")
+    store = ResourceStore(store_settings.url, store_settings.options)
+    for job in chosen:
+        for stream in ("stdout", "stderr"):
+            url = store.log_url(artifact_id, job.name or "", max(job.attempt, 1), stream)
+            text = store.get_bytes(url).decode(errors="replace") if store.exists(url) else ""
+            console.rule(f"{job.name} {stream} (attempt {job.attempt})")
+            console.out(text, end="" if text.endswith("\n") else "\n", highlight=False)
 
 
 @app.command()

@@ -9,21 +9,36 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
+from pydantic import TypeAdapter
+
+from flotta_mqtt.model import Workflow
 from flotta_mqtt.protocol.codec import PAYLOADS
 from flotta_mqtt.protocol.topics import PROTOCOL_VERSION
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 
+# Files users write, beside the messages nodes exchange.
+DOCUMENTS: dict[str, TypeAdapter[Any]] = {"workflow": TypeAdapter(Workflow)}
+
+
 def render() -> dict[str, str]:
-    """File name → JSON text of each channel's message schema."""
+    """File name → JSON text of each channel's message schema and each user document's."""
+    named = [
+        (str(channel), adapter, f"Payload of the {channel} topics; see protocol/topics.py")
+        for channel, adapter in PAYLOADS.items()
+    ] + [
+        (name, adapter, f"A {name} file (YAML or JSON), as `flotta-mqtt submit` reads it")
+        for name, adapter in DOCUMENTS.items()
+    ]
     files = {}
-    for channel, adapter in PAYLOADS.items():
+    for name, adapter, comment in named:
         schema = adapter.json_schema()
-        schema["$id"] = f"flotta_mqtt/v{PROTOCOL_VERSION}/{channel}.schema.json"
-        schema["$comment"] = f"Payload of the {channel} topics; see flotta_mqtt/protocol/topics.py"
-        files[f"{channel}.schema.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+        schema["$id"] = f"flotta_mqtt/v{PROTOCOL_VERSION}/{name}.schema.json"
+        schema["$comment"] = comment
+        files[f"{name}.schema.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return files
 
 

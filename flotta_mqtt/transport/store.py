@@ -91,6 +91,19 @@ class ResourceStore:
             raise ValueError(f"attempt must be >= 0, got {attempt}")
         return f"{self.root}/artifacts/{artifact_id}/jobs/{job_id}/attempt-{attempt}/{name}"
 
+    def job_file_url(self, artifact_id: str, path: str) -> str:
+        """Where a workflow's shared job file lives: one folder per artifact, any worker."""
+        _check_segment("artifact_id", artifact_id)
+        for segment in path.split("/"):
+            _check_segment("job file path segment", segment)
+        return f"{self.root}/artifacts/{artifact_id}/files/{path}"
+
+    def log_url(self, artifact_id: str, task: str, attempt: int, stream: str) -> str:
+        """Where a task's captured stdout or stderr of one attempt is kept."""
+        for kind, value in (("artifact_id", artifact_id), ("task", task), ("stream", stream)):
+            _check_segment(kind, value)
+        return f"{self.root}/artifacts/{artifact_id}/logs/{task}/attempt-{attempt}.{stream}"
+
     def put(self, url: str, data: bytes, media_type: str = "application/json") -> Resource:
         """Write `data` at `url` so readers see either nothing, old bytes or all new bytes."""
         fs, path = self._fs_for(url)

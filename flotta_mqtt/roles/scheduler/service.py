@@ -398,6 +398,8 @@ class Scheduler:
         """Refuse at submission what a node could only refuse at run time."""
         seen: set[tuple[str, str]] = set()
         for job in graph.jobs:
+            if job.kind == "tasks":
+                continue  # tasks are checked against each worker's executors when bound
             if (job.worker, job.operation.name) in seen:
                 continue
             seen.add((job.worker, job.operation.name))

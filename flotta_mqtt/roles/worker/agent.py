@@ -40,6 +40,7 @@ from flotta_mqtt.protocol import (
 )
 from flotta_mqtt.roles import operations
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
+from flotta_mqtt.roles.executors import TaskError, TaskRunner
 from flotta_mqtt.roles.worker.journal import Final, Journal
 from flotta_mqtt.transport.bus import Bus, Will
 from flotta_mqtt.transport.store import ResourceStore
@@ -57,7 +58,8 @@ class WorkerConfig(BaseModel):
     name: SafeId
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
-    datasets: dict[SafeId, list[Path]] = Field(default_factory=dict)  # project → CSV files
+    # project → its CSV/Parquet files, or {paths, min_group_size, types}
+    datasets: dict[SafeId, operations.DatasetSpec] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     max_jobs: int = Field(default=2, ge=1, le=1024)
     plugins: list[str] = Field(default_factory=list)  # modules registering more operations
@@ -66,6 +68,9 @@ class WorkerConfig(BaseModel):
     state_dir: Path | None = None
     resend_interval: float = Field(default=5.0, gt=0)
     heartbeat_interval: float = Field(default=5.0, gt=0)
+    # Workflow task executors this worker runs (shell, docker, kube, api). None by default:
+    # a task is code sent from elsewhere, so a worker runs tasks only when told it may.
+    executors: list[str] = Field(default_factory=list)
     initiator: bool = False  # the scheduler's own runner: holds no data
 
 
@@ -87,9 +92,10 @@ class WorkerAgent:
         self.name = config.name
         self.store = ResourceStore(config.storage.url, config.storage.options)
         self.journal = Journal(config.state_dir)
+        self.tasks = TaskRunner(self.store, config.executors)
         self._datasets = {
-            project: operations.CsvDataset(project, config.name, paths)
-            for project, paths in config.datasets.items()
+            project: operations.FileDataset(project, config.name, spec)
+            for project, spec in config.datasets.items()
         }
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._attempts: dict[JobKey, _Attempt] = {}
@@ -115,11 +121,9 @@ class WorkerAgent:
             projects=sorted(self._datasets),
             labels=self.config.labels,
             operations=sorted(operations.REGISTRY),
+            executors=sorted(self.config.executors),
             max_jobs=self.config.max_jobs,
-            details={
-                project: {"columns": list(dataset.columns())}
-                for project, dataset in self._datasets.items()
-            },
+            details={project: dataset.describe() for project, dataset in self._datasets.items()},
             since=time.time(),
         )
 
@@ -272,16 +276,21 @@ class WorkerAgent:
 
     def _execute(self, attempt: _Attempt, started: float) -> Final:
         job = attempt.job
+        exit_code: int | None = None
         try:
-            inputs = [json.loads(self.store.get(resource)) for resource in job.inputs]
-            context = operations.JobContext(
-                job=job,
-                node=self.name,
-                inputs=inputs,
-                data=self._datasets.get(job.project),
-                cancelled=attempt.cancelled,
-            )
-            product = operations.run(context)
+            if job.kind == "tasks":
+                product = self.tasks.run(job, self.name, attempt.cancelled)
+                exit_code = product["exit_code"]
+            else:
+                inputs = [json.loads(self.store.get(resource)) for resource in job.inputs]
+                context = operations.JobContext(
+                    job=job,
+                    node=self.name,
+                    inputs=inputs,
+                    data=self._datasets.get(job.project),
+                    cancelled=attempt.cancelled,
+                )
+                product = operations.run(context)
             data = json.dumps(product, allow_nan=False).encode()
             resource = self.store.put_product(job.artifact_id, str(job.job_id), job.attempt, data)
         except Exception as exc:
@@ -290,8 +299,14 @@ class WorkerAgent:
                 error=RemoteError(
                     type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc()
                 ),
+                started_at=started,
                 finished_at=time.time(),
+                exit_code=exc.exit_code if isinstance(exc, TaskError) else None,
             )
         return JobFinished(
-            job=job.ref, product=resource, started_at=started, finished_at=time.time()
+            job=job.ref,
+            product=resource,
+            started_at=started,
+            finished_at=time.time(),
+            exit_code=exit_code,
         )

@@ -1,0 +1,24 @@
+"""Executors of workflow tasks, registered by name, chosen per worker by its config."""
+
+from flotta_mqtt.roles.executors import shell as _shell  # noqa: F401  (registers it)
+from flotta_mqtt.roles.executors.base import (
+    EXECUTORS,
+    Executor,
+    TaskError,
+    TaskResult,
+    TaskRun,
+    make_executor,
+    register_executor,
+)
+from flotta_mqtt.roles.executors.runner import TaskRunner
+
+__all__ = [
+    "EXECUTORS",
+    "Executor",
+    "TaskError",
+    "TaskResult",
+    "TaskRun",
+    "TaskRunner",
+    "make_executor",
+    "register_executor",
+]
