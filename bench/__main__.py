@@ -1,4 +1,4 @@
-"""`python -m bench [dispatch|binding|all] [--runs N]`: run the benchmarks, print tables."""
+"""`python -m bench [dispatch|binding|analytics|functions|all] [--runs N]`: print tables."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ from bench import _report
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", nargs="?", choices=["dispatch", "binding", "all"], default="all")
+    parser.add_argument(
+        "which",
+        nargs="?",
+        choices=["dispatch", "binding", "analytics", "functions", "all"],
+        default="all",
+    )
     parser.add_argument("--runs", type=int, default=1, help="report the median of N runs")
     parser.add_argument(
         "--artifacts", type=int, default=500, help="fan-out artifacts (4 jobs each)"
@@ -30,6 +35,14 @@ def main(argv: list[str] | None = None) -> None:
         from bench import binding
 
         binding.run(runs=args.runs)
+    if args.which in ("analytics", "all"):
+        from bench import analytics
+
+        analytics.run()
+    if args.which in ("functions", "all"):
+        from bench import functions
+
+        functions.run()
     _report.console.print(f"bench finished in {time.perf_counter() - start:.1f} s")
 
 

@@ -2,14 +2,17 @@
 # Install what flotta_mqtt needs from Debian and PyPI, then the package itself.
 # Usage: bash broker/install.sh [EXTRAS]   e.g. `bash broker/install.sh test`
 # Debian: mosquitto (the broker); with the test extra also the tools the fault tests use
-# to cut and degrade links between network namespaces (iproute2, nftables) and openssl.
+# to cut and degrade links between network namespaces (iproute2, nftables) and openssl,
+# and podman (with runc, and busybox-static for a tiny local image) serving the Docker API
+# to the docker executor's tests and running Pod specs for the kube executor's; chromium,
+# in which the dashboard's end-to-end test runs, and graphviz, which draws DAG pictures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="${1:-}"
 packages=(mosquitto mosquitto-clients)
 if [[ ",$extras," == *",test,"* ]]; then
-    packages+=(iproute2 nftables openssl)
+    packages+=(iproute2 nftables openssl podman runc busybox-static chromium graphviz)
 fi
 missing=()
 for package in "${packages[@]}"; do

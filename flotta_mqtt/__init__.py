@@ -25,7 +25,18 @@ from flotta_mqtt.model import (
     Sequential,
     bind,
 )
+from flotta_mqtt.model.query import DateCompare, IsIn, Query
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
+from flotta_mqtt.roles.functions import (
+    CallFailed,
+    CallHandle,
+    NotConfigured,
+    RemoteError,
+    as_completed,
+    configure,
+    distributed,
+    gather,
+)
 from flotta_mqtt.roles.workbench.client import ArtifactFailed, ArtifactHandle, Client
 
 __all__ = [
@@ -37,21 +48,32 @@ __all__ = [
     "ArtifactState",
     "BindingError",
     "BrokerSettings",
+    "CallFailed",
+    "CallHandle",
     "Client",
     "Collect",
     "Compare",
+    "DateCompare",
     "Distribute",
     "Finalize",
     "Initialize",
+    "IsIn",
     "Iterate",
     "JobState",
     "Not",
+    "NotConfigured",
     "Operation",
     "Pairwise",
     "Parallel",
+    "Query",
+    "RemoteError",
     "RoundRobin",
     "SchedulerContext",
     "Sequential",
     "StorageSettings",
+    "as_completed",
     "bind",
+    "configure",
+    "distributed",
+    "gather",
 ]

@@ -22,7 +22,6 @@ from flotta_mqtt.roles.config import BrokerSettings, StorageSettings, load_yaml
 from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
 from flotta_mqtt.roles.workbench.client import ArtifactFailed, Client
 from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
-from flotta_mqtt.transport.store import ResourceStore
 
 app = typer.Typer(
     help="flotta_mqtt: distributed jobs over MQTT. Run a scheduler, edge workers, and submit "
@@ -209,6 +208,7 @@ def load_artifact(path: Path) -> Artifact:
 
     Errors name what is wrong: duplicate tasks, unknown dependencies, the cycle.
     """
+    data: dict[str, Any] = {}  # an unreadable file fails before it is known which it is
     try:
         data = load_yaml(path)
         if "tasks" in data:
@@ -330,34 +330,6 @@ def _jobs_table(current: ArtifactStatus) -> Table:
 
 
 @app.command()
-def logs(
-    artifact_id: str,
-    task: Annotated[str | None, typer.Argument(help="task name or job id; all if omitted")] = None,
-    broker: BrokerOpt = None,
-    username: UserOpt = None,
-    password: PasswordOpt = None,
-    ca_file: CaOpt = None,
-    storage: StorageOpt = None,
-) -> None:
-    """Print the captured stdout and stderr of a workflow's tasks, from the resource store."""
-    with _client(broker, username, password, ca_file, storage) as client:
-        current = client.handle(artifact_id).fetch_status()
-        store_settings = client.storage
-    if current is None or not current.jobs:
-        raise _fail(f"no job listing for artifact {artifact_id}")
-    chosen = [j for j in current.jobs if task in (None, j.name, str(j.id)) and j.name]
-    if not chosen:
-        raise _fail(f"artifact {artifact_id} has no task {task!r}")
-    store = ResourceStore(store_settings.url, store_settings.options)
-    for job in chosen:
-        for stream in ("stdout", "stderr"):
-            url = store.log_url(artifact_id, job.name or "", max(job.attempt, 1), stream)
-            text = store.get_bytes(url).decode(errors="replace") if store.exists(url) else ""
-            console.rule(f"{job.name} {stream} (attempt {job.attempt})")
-            console.out(text, end="" if text.endswith("\n") else "\n", highlight=False)
-
-
-@app.command()
 def download(
     artifact_id: str,
     dest: Path,
@@ -375,35 +347,6 @@ def download(
         except (ArtifactFailed, PermissionError, TimeoutError) as exc:
             raise _fail(str(exc)) from None
     console.print(f"wrote {path}")
-
-
-@app.command()
-def workers(
-    output: Annotated[str, typer.Option(help="table or json")] = "table",
-    broker: BrokerOpt = None,
-    username: UserOpt = None,
-    password: PasswordOpt = None,
-    ca_file: CaOpt = None,
-) -> None:
-    """List the nodes known to the broker: presence, projects, labels, operations."""
-    with _client(broker, username, password, ca_file, None) as client:
-        nodes = client.workers()
-    if output == "json":
-        console.print_json(json.dumps([n.model_dump(mode="json") for n in nodes]))
-        return
-    table = Table(title="nodes")
-    for column in ("node", "online", "role", "projects", "labels", "max jobs"):
-        table.add_column(column)
-    for node in nodes:
-        table.add_row(
-            node.node,
-            "yes" if node.online else "no",
-            "initiator" if node.initiator else "worker",
-            ", ".join(node.projects),
-            escape(", ".join(f"{k}={v}" for k, v in node.labels.items())),
-            str(node.max_jobs),
-        )
-    console.print(table)
 
 
 @app.command()
@@ -432,6 +375,8 @@ def demo(
 
     raise typer.Exit(code=run_demo(rows=rows, seed=seed, console=console))
 
+
+from flotta_mqtt.cli import observe  # noqa: E402, F401  (registers watch, graph, dashboard, …)
 
 if __name__ == "__main__":
     app()

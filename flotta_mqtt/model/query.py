@@ -38,7 +38,7 @@ class _Filter(BaseModel):
         return AnyOf(filters=[*_parts(self, AnyOf), *_parts(other, AnyOf)])
 
     def __invert__(self) -> Not:
-        return Not(filter=self)  # type: ignore[arg-type]  # every subclass is a Filter
+        return Not(filter=self)
 
 
 def _parts(item: _Filter, kind: type[AllOf] | type[AnyOf]) -> list[Filter]:
@@ -121,9 +121,7 @@ class Not(_Filter):
         return self.filter.columns()
 
 
-Filter = Annotated[
-    Compare | DateCompare | IsIn | AllOf | AnyOf | Not, Field(discriminator="kind")
-]
+Filter = Annotated[Compare | DateCompare | IsIn | AllOf | AnyOf | Not, Field(discriminator="kind")]
 AllOf.model_rebuild()
 AnyOf.model_rebuild()
 Not.model_rebuild()
@@ -163,7 +161,7 @@ class Column:
         return self._compare("!=", value)
 
     def isin(self, values: Sequence[str] | Sequence[int | float]) -> IsIn:
-        return IsIn(column=self.name, values=list(values))  # type: ignore[arg-type]
+        return IsIn(column=self.name, values=list(values))
 
     def __repr__(self) -> str:
         return f"Column({self.name!r})"

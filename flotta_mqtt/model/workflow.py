@@ -12,7 +12,7 @@ from flotta_mqtt.model.context import NodeRef
 from flotta_mqtt.model.operation import FiniteJson
 
 TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-ExecutorName = Literal["shell", "docker", "kube", "api"]
+ExecutorName = Literal["shell", "docker", "kube", "api", "python"]
 
 
 def _relative(path: str) -> str:

@@ -59,6 +59,11 @@ class MosquittoSettings:
     use_identity_as_username: bool = False  # a client certificate's CN is its username
     bridges: list[str] = field(default_factory=list)  # bridge blocks, from bridge.render_bridge
     extra: list[str] = field(default_factory=list)
+    # A second listener speaking MQTT over WebSockets, for browsers (the dashboard); with TLS
+    # settings it uses the same certificate (wss://). mosquitto 2.0.11 needs the TCP
+    # listener beside it: alone, it exits with "Unable to start any listening sockets".
+    websockets_port: int | None = None
+    websockets_bind_address: str | None = None  # default: bind_address
 
     @property
     def tls(self) -> bool:
@@ -75,6 +80,12 @@ def render_config(settings: MosquittoSettings) -> str:
     )
     text += f"\nlistener {settings.port} {settings.bind_address}\n"
     text += _render_tls(settings)
+    if settings.websockets_port is not None:
+        # Listener options follow their `listener` line; the rest stays global
+        # (per_listener_settings false), so identities and the ACL apply here too.
+        bind = settings.websockets_bind_address or settings.bind_address
+        text += f"listener {settings.websockets_port} {bind}\nprotocol websockets\n"
+        text += _render_tls(settings)
     if settings.password_file is None:
         text += "allow_anonymous true\n"
     else:
@@ -158,6 +169,8 @@ class LocalBroker:
             data_dir=self.data_dir,
             **settings,  # type: ignore[arg-type]
         )
+        if self.settings.websockets_port == 0:  # 0: any free port
+            self.settings.websockets_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.data_dir / "mosquitto.log"
 
@@ -174,6 +187,15 @@ class LocalBroker:
         scheme = "mqtts" if self.settings.tls else "mqtt"
         return f"{scheme}://{self.host}:{self.port}"
 
+    @property
+    def ws_url(self) -> str | None:
+        """The MQTT-over-WebSockets URL browsers use, if the broker has that listener."""
+        if self.settings.websockets_port is None:
+            return None
+        scheme = "wss" if self.settings.tls else "ws"
+        host = self.settings.websockets_bind_address or self.host
+        return f"{scheme}://{host}:{self.settings.websockets_port}"
+
     def start(self, timeout: float = 10.0) -> LocalBroker:
         config = self.data_dir / "mosquitto.conf"
         # Owner-only: a bridge block holds its password. mosquitto reads it before dropping root.
@@ -185,6 +207,9 @@ class LocalBroker:
         log.close()
         try:
             wait_for_port(self.host, self.port, timeout)
+            if self.settings.websockets_port is not None:
+                host = self.settings.websockets_bind_address or self.host
+                wait_for_port(host, self.settings.websockets_port, timeout)
         except TimeoutError:
             self.stop()
             raise RuntimeError(

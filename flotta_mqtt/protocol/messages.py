@@ -86,6 +86,9 @@ class JobSummary(Message):
     size: Annotated[int, Field(ge=0)] | None = None  # of its product
     exit_code: int | None = None
     error: str | None = None
+    # Its product once completed: a caller of one job (a `@distributed` call) fetches its
+    # own result from the status, without a request to the scheduler per job.
+    product: Resource | None = None
 
 
 class ArtifactStatus(Message):
@@ -105,6 +108,8 @@ class ArtifactStatus(Message):
     failed_job: JobId | None = None
     results: list[Resource] = Field(default_factory=list)  # products of the final jobs
     jobs: list[JobSummary] | None = None  # every job, when there are few enough to list
+    # The DAG's locks (before, after), sent with `jobs` so a viewer can draw the graph.
+    locks: list[tuple[JobId, JobId]] | None = None
     updated_at: Timestamp
 
 

@@ -176,16 +176,17 @@ class Bus:
         return self
 
     def stop(self, goodbye: list[tuple[str, BaseModel, bool]] | None = None) -> None:
-        """Publish `goodbye` messages (topic, message, retain), then disconnect.
+        """Publish `goodbye` messages (topic, message, retain), then disconnect once every
+        publish so far is acknowledged (waiting 2 s at most).
 
         A clean DISCONNECT suppresses the last will, so a node says "offline" itself here.
         """
         for topic, message, retain in goodbye or []:
             self.publish(topic, message, retain=retain, timeout=2.0)
-        if goodbye and self.connected.is_set() and not self.flush(timeout=2.0):
-            log.warning(
-                "%s: goodbye messages not acknowledged before disconnecting", self.client_id
-            )
+        # paho drops what is still queued when its loop stops: without this, a workbench
+        # that submits and closes at once (`flotta-mqtt submit`) could lose the submission.
+        if self.connected.is_set() and not self.flush(timeout=2.0):
+            log.warning("%s: publishes not acknowledged before disconnecting", self.client_id)
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()

@@ -78,12 +78,12 @@ def flat(text: str) -> str:
 PURPOSES = {
     "scheduler": "Run a scheduler node",
     "worker": "Run an edge worker agent",
-    "submit": "Submit an artifact file",
+    "submit": "Submit an artifact or workflow file",
     "status": "Show an artifact's current status",
     "download": "Write an artifact's result",
     "workers": "List the nodes known to the broker",
     "cancel": "Cancel an artifact",
-    "validate": "Check an artifact file",
+    "validate": "Check an artifact or workflow file",
     "demo": "count the rows with x > 0.5",
 }
 

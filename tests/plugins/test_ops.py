@@ -129,3 +129,116 @@ class Once(OperationDef):
 
     def aggregate(self, params: OnceParams, ctx: JobContext) -> Any:
         return _numbers(ctx.inputs)
+
+
+# --- lifecycle tests (tests/integration/test_lifecycle.py) ---------------------------------
+#
+# - `flaky`: appends `<monotonic time> <node> <job> <attempt>` to the file `counter` and
+#   raises FlakyError while that file has at most `failures` lines, so a retried job fails
+#   its first attempts and then succeeds; the timestamps show the retry backoff. An attempt
+#   that succeeds waits for the file `flag` first, if one is named.
+# - `linger`: appends `<node> <artifact> <job> <attempt>` to `ledger` when an attempt starts,
+#   then lingers (sleeps `seconds`, or until the file `flag` exists), and appends the same
+#   line to `marker` when it sees `ctx.cancelled` — proof the cancellation reached it. Only
+#   attempts up to `attempts`, on the `nodes` named (all if None), linger; a cancelled one
+#   raises OperationError unless `quiet`.
+# Both add 1 per local job to what they consume, like `slow`.
+
+
+class FlakyError(RuntimeError):
+    """What `flaky` raises on its planned failures."""
+
+
+class FlakyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    counter: str
+    failures: int = Field(default=1, ge=0)
+    flag: str | None = None
+    timeout: float = Field(default=60.0, gt=0)
+
+
+def _flaky(params: FlakyParams, ctx: JobContext) -> None:
+    counter = Path(params.counter)
+    with counter.open("a") as lines:
+        lines.write(f"{time.monotonic()!r} {ctx.node} {ctx.job.job_id} {ctx.job.attempt}\n")
+    count = len(counter.read_text().splitlines())
+    if count <= params.failures:
+        raise FlakyError(f"flaky: failure {count} of {params.failures}")
+    if params.flag is not None:
+        _take_time(SlowParams(flag=params.flag, timeout=params.timeout), ctx)
+
+
+@_register
+class Flaky(OperationDef):
+    name: ClassVar[str] = "flaky"
+    Params = FlakyParams
+
+    def initialize(self, params: FlakyParams, ctx: JobContext) -> Any:
+        _flaky(params, ctx)
+        return _numbers(ctx.inputs)
+
+    def local(self, params: FlakyParams, ctx: JobContext) -> Any:
+        _flaky(params, ctx)
+        return 1 + _numbers(ctx.inputs)
+
+    def aggregate(self, params: FlakyParams, ctx: JobContext) -> Any:
+        _flaky(params, ctx)
+        return _numbers(ctx.inputs)
+
+
+class LingerParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ledger: str | None = None
+    marker: str | None = None
+    seconds: float = Field(default=60.0, ge=0)
+    flag: str | None = None
+    nodes: list[str] | None = None
+    attempts: int = Field(default=1_000_000, ge=0)
+    # Return quietly when cancelled instead of raising: no traceback is formatted on the
+    # worker's thread (on Python 3.11, formatting one parses source with `ast`, which is
+    # not thread-safe: it can break pytest rendering a failure at the same moment).
+    quiet: bool = False
+
+
+def _note(path: str | None, ctx: JobContext) -> None:
+    if path is not None:
+        with open(path, "a") as lines:
+            lines.write(f"{ctx.node} {ctx.job.artifact_id} {ctx.job.job_id} {ctx.job.attempt}\n")
+
+
+def _linger(params: LingerParams, ctx: JobContext) -> None:
+    _note(params.ledger, ctx)
+    if ctx.job.attempt > params.attempts or (
+        params.nodes is not None and ctx.node not in params.nodes
+    ):
+        return
+    deadline = time.monotonic() + params.seconds
+    while params.flag is None or not Path(params.flag).exists():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        if ctx.cancelled.wait(left if params.flag is None else min(left, 0.01)):
+            _note(params.marker, ctx)
+            if params.quiet:
+                return
+            raise OperationError("linger: cancelled")
+
+
+@_register
+class Linger(OperationDef):
+    name: ClassVar[str] = "linger"
+    Params = LingerParams
+
+    def initialize(self, params: LingerParams, ctx: JobContext) -> Any:
+        _linger(params, ctx)
+        return _numbers(ctx.inputs)
+
+    def local(self, params: LingerParams, ctx: JobContext) -> Any:
+        _linger(params, ctx)
+        return 1 + _numbers(ctx.inputs)
+
+    def aggregate(self, params: LingerParams, ctx: JobContext) -> Any:
+        _linger(params, ctx)
+        return _numbers(ctx.inputs)

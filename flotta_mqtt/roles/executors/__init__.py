@@ -1,5 +1,9 @@
 """Executors of workflow tasks, registered by name, chosen per worker by its config."""
 
+from flotta_mqtt.roles.executors import api as _api  # noqa: F401  (registers it)
+from flotta_mqtt.roles.executors import docker as _docker  # noqa: F401  (registers it)
+from flotta_mqtt.roles.executors import kube as _kube  # noqa: F401  (registers it)
+from flotta_mqtt.roles.executors import python as _python  # noqa: F401  (registers it)
 from flotta_mqtt.roles.executors import shell as _shell  # noqa: F401  (registers it)
 from flotta_mqtt.roles.executors.base import (
     EXECUTORS,

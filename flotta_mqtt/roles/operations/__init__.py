@@ -1,13 +1,20 @@
 """Operations: what jobs run, registered by name, split into initialize/local/aggregate parts."""
 
-from flotta_mqtt.roles.operations import builtin as _builtin  # noqa: F401  (registers them)
-from flotta_mqtt.roles.operations.csvdata import CsvDataset
+# Imported for their @register side effect: the operations every node offers.
+from flotta_mqtt.roles.operations import builtin as _builtin  # noqa: F401
+from flotta_mqtt.roles.operations import estimators as _estimators  # noqa: F401
+from flotta_mqtt.roles.operations import models as _models  # noqa: F401
+from flotta_mqtt.roles.operations.datasets import DatasetSpec, FileDataset
 from flotta_mqtt.roles.operations.registry import (
+    DEFAULT_MIN_GROUP_SIZE,
     REGISTRY,
+    ColumnTypeError,
     Dataset,
     JobContext,
     OperationDef,
     OperationError,
+    TooFewRows,
+    UnknownColumn,
     load_plugins,
     lookup,
     register,
@@ -15,12 +22,17 @@ from flotta_mqtt.roles.operations.registry import (
 )
 
 __all__ = [
+    "DEFAULT_MIN_GROUP_SIZE",
     "REGISTRY",
-    "CsvDataset",
+    "ColumnTypeError",
     "Dataset",
+    "DatasetSpec",
+    "FileDataset",
     "JobContext",
     "OperationDef",
     "OperationError",
+    "TooFewRows",
+    "UnknownColumn",
     "load_plugins",
     "lookup",
     "register",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flotta_mqtt.model import JobRole, Operation
@@ -19,30 +20,76 @@ class OperationError(Exception):
     """An operation cannot run as asked: unknown name, bad parameters, missing column."""
 
 
+class UnknownColumn(OperationError):
+    """An operation names a column the worker's data does not have."""
+
+
+class ColumnTypeError(OperationError):
+    """A column's type does not fit its use, e.g. a string column compared with a number."""
+
+
+class TooFewRows(OperationError):
+    """A worker refuses to release an aggregate of fewer rows than its project allows."""
+
+
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Dataset:
-    """What an operation sees of a worker's local data: rows, streamed, never shipped."""
+# Below this many rows a worker releases no aggregate, unless its project config says
+# otherwise; zero rows may be released, as in DataSHIELD's `nfilter.tab` rule.
+DEFAULT_MIN_GROUP_SIZE = 5
 
-    def __init__(self, project: str, node: str) -> None:
+
+class Dataset:
+    """What an operation sees of a worker's local data: column batches, streamed, never shipped.
+
+    Subclasses provide `schema`, `batches` and `count_rows`; the rest is shared policy.
+    """
+
+    def __init__(
+        self, project: str, node: str, min_group_size: int = DEFAULT_MIN_GROUP_SIZE
+    ) -> None:
         self.project = project
         self.node = node
+        self.min_group_size = min_group_size
 
-    def columns(self) -> list[str]:
+    def schema(self) -> pa.Schema:
+        """Column names and types, known without reading the data."""
         raise NotImplementedError
 
-    def rows(self) -> Iterator[Mapping[str, Any]]:
+    def batches(self, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+        """The named columns (at least one), in batches of rows, in file order."""
         raise NotImplementedError
+
+    def count_rows(self) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """The schema a worker announces in its presence: never any of the data."""
+        return {
+            "columns": [{"name": f.name, "type": str(f.type)} for f in self.schema()],
+            "rows": self.count_rows(),
+            "min_group_size": self.min_group_size,
+        }
 
     def require(self, columns: set[str]) -> None:
         """Fail with a clear error naming the node and column when one is missing."""
-        missing = sorted(columns - set(self.columns()))
+        names = self.schema().names
+        missing = sorted(columns - set(names))
         if missing:
-            raise OperationError(
+            raise UnknownColumn(
                 f"worker {self.node}: project {self.project} has no column "
-                f"{', '.join(missing)} (columns: {', '.join(self.columns())})"
+                f"{', '.join(missing)} (columns: {', '.join(names)})"
+            )
+
+    def release(self, rows: int, what: str) -> None:
+        """Refuse an aggregate of 1 to min_group_size - 1 rows; `what` names the group."""
+        if 0 < rows < self.min_group_size:
+            # The message names the group but not its size: that would be the disclosure.
+            raise TooFewRows(
+                f"worker {self.node}: {what} has fewer than {self.min_group_size} rows, the "
+                f"minimum group size of project {self.project}; the worker releases no aggregate"
             )
 
 

@@ -72,6 +72,7 @@ from flotta_mqtt.protocol.topics import Address, Channel
 from flotta_mqtt.roles import operations
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.scheduler.database import Database
+from flotta_mqtt.roles.scheduler.metrics import MetricsServer, SchedulerMetrics, scheduler_sampler
 from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
 from flotta_mqtt.transport.bus import Bus
 
@@ -109,6 +110,8 @@ class SchedulerConfig(BaseModel):
     # default the scheduler's settings under the initiator's name.
     initiator_broker: BrokerSettings | None = None
     initiator_plugins: list[str] = Field(default_factory=list)
+    # Serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port); None: off.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
     @property
     def initiator(self) -> str:
@@ -185,6 +188,7 @@ class _Artifact:
                     size=facts.size,
                     exit_code=facts.exit_code,
                     error=facts.error,
+                    product=self.products.get(job.id),
                 )
             )
         return listed
@@ -229,6 +233,8 @@ class Scheduler:
         self._nodes: dict[str, NodePresence] = {}
         self._started_at = time.monotonic()
         self._stopping = threading.Event()
+        self.metrics = SchedulerMetrics()
+        self.metrics_server: MetricsServer | None = None
         self._thread = threading.Thread(target=self._serve, name="scheduler", daemon=True)
         self.bus = Bus(
             client_id=config.name,
@@ -249,6 +255,8 @@ class Scheduler:
                     plugins=config.initiator_plugins,
                     state_dir=config.database.parent / f"{config.initiator}.state",
                     resend_interval=config.resend_interval,
+                    # Beat often enough that the scheduler's own grace never loses it.
+                    heartbeat_interval=min(5.0, config.heartbeat_grace / 3),
                 )
             )
 
@@ -258,9 +266,15 @@ class Scheduler:
         self.bus.start(wait=wait)
         if self.initiator is not None:
             self.initiator.start(wait=wait)
+        if self.config.metrics_port is not None:
+            self.metrics_server = MetricsServer(
+                self.metrics, self.config.metrics_port, sample=scheduler_sampler(self)
+            ).start()
         return self
 
     def stop(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self.initiator is not None:
             self.initiator.stop()
         self._stopping.set()
@@ -358,6 +372,7 @@ class Scheduler:
         self._artifacts[artifact.id] = _Artifact(
             artifact, client, ArtifactState.SUBMITTED, 0, submitted_at=now
         )
+        self.metrics.artifact(ArtifactState.SUBMITTED)
         self._changed.add(artifact.id)
         self._try_bind(artifact.id)
 
@@ -419,6 +434,7 @@ class Scheduler:
 
     def _transition(self, record: _Artifact, state: ArtifactState) -> None:
         record.state = state
+        self.metrics.artifact(state)
         self._changed.add(record.artifact.id)
 
     def _fail(
@@ -469,6 +485,7 @@ class Scheduler:
         record.set_job(job_id, status)
         self.db.update_job(record.artifact.id, job_id, status.state, status.attempt)
         record.dispatched_at[job_id] = time.monotonic()
+        self.metrics.dispatched()
         self._out.append(self._job_ready(record, job_id))
 
     def _job_ready(self, record: _Artifact, job_id: int) -> Outgoing:
@@ -530,6 +547,7 @@ class Scheduler:
                     record.set_job(ref.job_id, status.start(ref.attempt))
                     self._changed.add(ref.artifact_id)
                     record.accepted.add(ref.job_id)
+                    self.metrics.started(record.dispatched_at.get(ref.job_id))
                     record.started_at[ref.job_id] = record.last_seen[ref.job_id] = time.monotonic()
                     record.note(ref.job_id, started_at=event.at)
                     self.db.update_job(
@@ -596,6 +614,7 @@ class Scheduler:
             self._retry(record, ref.job_id, status.requeue(ref.attempt))
             return
         record.set_job(ref.job_id, status.fail(ref.attempt))
+        self.metrics.failed()
         self._forget_attempt(record, ref.job_id)
         self.db.update_job(
             ref.artifact_id,
@@ -627,6 +646,7 @@ class Scheduler:
     def _retry(self, record: _Artifact, job_id: int, requeued: JobStatus) -> None:
         """Make the job ready again and dispatch it after a jittered exponential backoff."""
         record.set_job(job_id, requeued)
+        self.metrics.retried()
         self._forget_attempt(record, job_id)
         self.db.update_job(record.artifact.id, job_id, JobState.READY, requeued.attempt)
         delay = min(
@@ -644,6 +664,7 @@ class Scheduler:
     def _finished(self, record: _Artifact, event: JobFinished, status: JobStatus) -> None:
         ref = event.job
         record.set_job(ref.job_id, status.complete(ref.attempt))
+        self.metrics.completed(event.finished_at - event.started_at)
         record.products[ref.job_id] = event.product
         self._forget_attempt(record, ref.job_id)
         record.note(
@@ -835,6 +856,9 @@ class Scheduler:
         results: list[Resource] = []
         if record.state is ArtifactState.COMPLETED and self.config.allow_download and record.graph:
             results = [record.products[j] for j in record.graph.sinks()]
+        jobs = record.summaries()
+        # Small artifacts carry their DAG's locks beside the job list, for drawing it.
+        locks = sorted(record.graph.locks) if jobs is not None and record.graph else None
         return ArtifactStatus(
             artifact_id=artifact_id,
             project=record.artifact.project,
@@ -845,7 +869,8 @@ class Scheduler:
             error=record.error,
             failed_job=record.failed_job,
             results=results,
-            jobs=record.summaries(),
+            jobs=jobs,
+            locks=locks,
             updated_at=now,
         )
 
@@ -870,6 +895,9 @@ class Scheduler:
                         # Whatever was said before the crash, ask again: workers answer
                         # a duplicate with what they know, and re-send their results.
                         record.dispatched_at[job_id] = now
+                        if status.state is JobState.RUNNING:
+                            # Its timeout and heartbeat grace count on from the restart.
+                            record.started_at[job_id] = record.last_seen[job_id] = now
                         self._out.append(self._job_ready(record, job_id))
             self._collect_status()
 

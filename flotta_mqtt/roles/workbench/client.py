@@ -9,7 +9,7 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flotta_mqtt.model import ARTIFACT_FINAL, Artifact, ArtifactState, JobState
 from flotta_mqtt.protocol import (
@@ -26,6 +26,9 @@ from flotta_mqtt.protocol.topics import Channel
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.store import ResourceStore
+
+if TYPE_CHECKING:
+    from flotta_mqtt.roles.workbench.graph import Engine, GraphImage
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,13 @@ class Client:
         with self._changed:
             return sorted(self._presence.values(), key=lambda p: p.node)
 
+    def statuses(self, timeout: float = 5.0) -> dict[str, ArtifactStatus]:
+        """Every artifact status the broker retains (and keeps them current from now on)."""
+        self.bus.subscribe(topics.ALL_STATUS)
+        self._sync(timeout)
+        with self._changed:
+            return dict(self._statuses)
+
     def _sync(self, timeout: float) -> None:
         """Wait until the broker has delivered what it held when we subscribed.
 
@@ -166,6 +176,37 @@ class ArtifactHandle:
         """The current status as the broker retains it, or None if it holds none."""
         self.client._sync(timeout)
         return self.status()
+
+    def next_status(
+        self, after_seq: int = -1, timeout: float | None = None
+    ) -> ArtifactStatus | None:
+        """The first status newer than `after_seq`, waiting up to `timeout` s; None if none came.
+
+        Statuses only move forwards (`seq`), so a watcher passes the last seq it showed.
+        """
+
+        def newer() -> bool:
+            status = self.client._statuses.get(self.artifact_id)
+            return status is not None and status.seq > after_seq
+
+        with self.client._changed:
+            if self.client._changed.wait_for(newer, timeout=timeout):
+                return self.client._statuses[self.artifact_id]
+            return None
+
+    def graph(self, timeout: float = 5.0, engine: Engine = "auto") -> GraphImage:
+        """A picture of the artifact's DAG, each job coloured by state, as the broker has it.
+
+        In a notebook it displays inline; `.save("dag.svg")` (or .png, .dot, .mmd) writes it.
+        Raises GraphTooLarge for artifacts whose status lists no jobs (over 300 jobs, or
+        not bound yet), and LookupError when the broker holds no status for it.
+        """
+        from flotta_mqtt.roles.workbench.graph import GraphImage, JobDag
+
+        status = self.fetch_status(timeout)
+        if status is None:
+            raise LookupError(f"no status for artifact {self.artifact_id}")
+        return GraphImage(JobDag.from_status(status), engine)
 
     def wait(self, timeout: float | None = None, progress: bool = False) -> ArtifactStatus:
         """Block until the artifact is completed, failed or cancelled; return its status.

@@ -41,6 +41,7 @@ from flotta_mqtt.protocol import (
 from flotta_mqtt.roles import operations
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.executors import TaskError, TaskRunner
+from flotta_mqtt.roles.executors.python import PythonExecutor
 from flotta_mqtt.roles.worker.journal import Final, Journal
 from flotta_mqtt.transport.bus import Bus, Will
 from flotta_mqtt.transport.store import ResourceStore
@@ -71,6 +72,10 @@ class WorkerConfig(BaseModel):
     # Workflow task executors this worker runs (shell, docker, kube, api). None by default:
     # a task is code sent from elsewhere, so a worker runs tasks only when told it may.
     executors: list[str] = Field(default_factory=list)
+    # Whether this worker runs code shipped by callers (`@distributed` functions, the
+    # `python` executor). Off by default: without it the worker neither offers nor runs
+    # that executor, even when `executors` names it.
+    allow_code: bool = False
     initiator: bool = False  # the scheduler's own runner: holds no data
 
 
@@ -92,7 +97,15 @@ class WorkerAgent:
         self.name = config.name
         self.store = ResourceStore(config.storage.url, config.storage.options)
         self.journal = Journal(config.state_dir)
-        self.tasks = TaskRunner(self.store, config.executors)
+        runnable = [e for e in config.executors if e != "python" or config.allow_code]
+        if len(runnable) < len(config.executors):
+            log.warning("worker %s: the python executor needs allow_code: true", self.name)
+        self.tasks = TaskRunner(self.store, runnable)
+        self._python = self.tasks.executors.get("python")
+        if isinstance(self._python, PythonExecutor):
+            self._python.setup(
+                config.name, config.broker, config.storage, config.state_dir, config.allow_code
+            )
         self._datasets = {
             project: operations.FileDataset(project, config.name, spec)
             for project, spec in config.datasets.items()
@@ -119,9 +132,9 @@ class WorkerAgent:
             online=online,
             initiator=self.config.initiator,
             projects=sorted(self._datasets),
-            labels=self.config.labels,
+            labels={**self.config.labels, "allow_code": "yes" if self.config.allow_code else "no"},
             operations=sorted(operations.REGISTRY),
-            executors=sorted(self.config.executors),
+            executors=sorted(self.tasks.executors),
             max_jobs=self.config.max_jobs,
             details={project: dataset.describe() for project, dataset in self._datasets.items()},
             since=time.time(),
@@ -141,6 +154,8 @@ class WorkerAgent:
             for attempt in self._attempts.values():
                 attempt.cancelled.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(self._python, PythonExecutor):
+            self._python.close()
         self.bus.stop(goodbye=[(topics.presence(self.name), self.presence(online=False), True)])
         self.journal.close()
 
@@ -155,11 +170,12 @@ class WorkerAgent:
     # --- agent thread ----------------------------------------------------------------
 
     def _serve(self) -> None:
-        interval = min(self.config.resend_interval, self.config.heartbeat_interval)
-        next_tick = time.monotonic() + interval
+        resend_at = time.monotonic() + self.config.resend_interval
+        beat_at = time.monotonic() + self.config.heartbeat_interval
         while not self._stopping.is_set():
+            wait = max(0.0, min(resend_at, beat_at) - time.monotonic())
             try:
-                kind, item = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
+                kind, item = self._inbox.get(timeout=wait)
             except queue.Empty:
                 kind, item = "tick", None
             try:
@@ -170,10 +186,13 @@ class WorkerAgent:
                         topics.presence(self.name), self.presence(online=True), retain=True
                     )
                     self._resend(older_than=0.0)
-                elif kind == "tick":
+                now = time.monotonic()
+                if now >= beat_at:
                     self._heartbeat()
+                    beat_at = now + self.config.heartbeat_interval
+                if now >= resend_at:
                     self._resend(older_than=self.config.resend_interval)
-                    next_tick = time.monotonic() + interval
+                    resend_at = now + self.config.resend_interval
             except Exception:
                 log.exception("worker %s: error handling %s", self.name, kind)
 

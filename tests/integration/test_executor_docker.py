@@ -1,0 +1,241 @@
+"""The docker executor for real: containers run by podman, through its Docker Engine API.
+
+The `podman` fixture (podman_fixtures.py) serves the API on a private socket with a busybox
+image built from Debian's busybox-static; nothing is pulled. The executor is given that
+socket explicitly, so `DOCKER_HOST` stays untouched for other tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+from podman_fixtures import Podman, podman  # noqa: F401  (the fixture)
+from pydantic import ValidationError
+
+from flotta_mqtt.model import JobRole, Operation, Task
+from flotta_mqtt.protocol import JobReady
+from flotta_mqtt.roles.executors import EXECUTORS, TaskError, TaskResult, TaskRun, TaskRunner
+from flotta_mqtt.roles.executors.docker import (
+    INSTALL_HINT,
+    DockerExecutor,
+    DockerParams,
+    container_name,
+)
+from flotta_mqtt.transport.store import ResourceStore
+
+pytestmark = pytest.mark.integration
+
+
+def run_task(
+    podman: Podman,  # noqa: F811
+    workdir: Path,
+    params: dict[str, Any],
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    cancelled: threading.Event | None = None,
+    inputs: list[str] | None = None,
+    outputs: list[str] | None = None,
+) -> TaskResult:
+    task = Task(
+        name="t",
+        executor="docker",
+        params={"image": podman.image, **params},
+        env=env or {},
+        timeout=timeout,
+        inputs=inputs or [],
+        outputs=outputs or [],
+    )
+    run = TaskRun(task, workdir, task.env, cancelled or threading.Event(), "a1b2c3d4e5f6-0-1")
+    return DockerExecutor(docker_host=podman.docker_host).run(run)
+
+
+def leftover_containers(podman: Podman) -> list[Any]:  # noqa: F811
+    client = docker.DockerClient(base_url=podman.docker_host)
+    try:
+        return list(client.containers.list(all=True, filters={"label": "flotta-mqtt.task"}))
+    finally:
+        client.close()
+
+
+def test_docker_is_registered() -> None:
+    assert "docker" in EXECUTORS
+
+
+def test_params_say_one_form_and_need_an_image() -> None:
+    with pytest.raises(ValidationError, match="at most one of"):
+        DockerParams.model_validate({"image": "x", "command": ["true"], "shell": "true"})
+    with pytest.raises(ValidationError, match="image"):
+        DockerParams.model_validate({"shell": "true"})
+    with pytest.raises(ValidationError, match="extra"):
+        DockerParams.model_validate({"image": "x", "volumes": {}})
+    assert DockerParams.model_validate({"image": "x"}).network == "none"
+
+
+def test_container_names_are_docker_names_and_unique() -> None:
+    first, second = container_name("a/b c:1"), container_name("a/b c:1")
+    assert first != second
+    assert first.startswith("flotta-a-b-c-1-")
+    assert all(ch.isalnum() or ch in "_.-" for ch in first)
+
+
+def test_stdout_and_stderr_come_back_apart(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
+    result = run_task(podman, tmp_path, {"shell": "echo to-out; echo to-err >&2; echo more-out"})
+    assert result.exit_code == 0
+    assert result.stdout == b"to-out\nmore-out\n"
+    assert result.stderr == b"to-err\n"
+    assert not result.timed_out
+    assert leftover_containers(podman) == [], "the container is removed afterwards"
+
+
+def test_a_failing_container_reports_its_own_status(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
+    # The trap: through podman's API an auto-removed container (`--rm`) reported 0 here.
+    result = run_task(podman, tmp_path, {"shell": "echo failing >&2; exit 7"})
+    assert result.exit_code == 7
+    assert result.stderr == b"failing\n"
+    assert leftover_containers(podman) == []
+
+
+def test_argv_runs_without_a_shell(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
+    result = run_task(podman, tmp_path, {"command": ["printf", "%s|", "two words", "$HOME", "*"]})
+    assert result.exit_code == 0
+    assert result.stdout == b"two words|$HOME|*|"
+
+
+def test_job_files_in_and_out_through_the_mounted_workdir(
+    podman: Podman,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "in.txt").write_text("three\nlines\nhere\n")
+    result = run_task(
+        podman,
+        tmp_path,
+        {"shell": "pwd; mkdir -p out && wc -l < data/in.txt > out/count.txt"},
+        inputs=["data/in.txt"],
+        outputs=["out/count.txt"],
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == b"/work\n", "the workdir is the container's working directory"
+    assert (tmp_path / "out" / "count.txt").read_text().strip() == "3"
+
+
+def test_a_custom_mount_point(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
+    (tmp_path / "in.txt").write_text("x")
+    result = run_task(podman, tmp_path, {"shell": "pwd; cat in.txt", "workdir_mount": "/job"})
+    assert result.stdout == b"/job\nx"
+
+
+def test_env_reaches_the_container(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
+    result = run_task(
+        podman,
+        tmp_path,
+        {"shell": 'echo "$GREETING|$SPACED"'},
+        env={"GREETING": "hello", "SPACED": "a b  c"},
+    )
+    assert result.stdout == b"hello|a b  c\n"
+
+
+def test_stdin_is_fed(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
+    result = run_task(podman, tmp_path, {"command": ["tr", "a-z", "A-Z"], "stdin": "quiet\n"})
+    assert result.exit_code == 0
+    assert result.stdout == b"QUIET\n"
+
+
+def test_no_network_by_default(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
+    result = run_task(podman, tmp_path, {"shell": "ls /sys/class/net"})
+    assert result.stdout.split() == [b"lo"]
+
+
+def test_user_is_applied(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
+    result = run_task(podman, tmp_path, {"shell": "id -u; id -g", "user": "1234:5678"})
+    assert result.stdout == b"1234\n5678\n"
+
+
+def test_timeout_kills_the_container(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
+    started = time.monotonic()
+    result = run_task(podman, tmp_path, {"shell": "echo started; sleep 60"}, timeout=1.5)
+    elapsed = time.monotonic() - started
+    assert result.timed_out
+    assert result.exit_code == 137, "killed (128 + SIGKILL)"
+    assert result.stdout == b"started\n", "what it wrote before the kill is kept"
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    assert leftover_containers(podman) == []
+
+
+def test_cancel_kills_the_container(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
+    cancelled = threading.Event()
+    threading.Timer(1.0, cancelled.set).start()
+    started = time.monotonic()
+    result = run_task(podman, tmp_path, {"shell": "sleep 60"}, cancelled=cancelled)
+    assert time.monotonic() - started < 15
+    assert result.exit_code == 137
+    assert not result.timed_out
+    assert leftover_containers(podman) == []
+
+
+def test_a_missing_image_is_reported_without_pulling(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
+    with pytest.raises(RuntimeError, match="not on the Docker host"):
+        run_task(podman, tmp_path, {"image": "localhost/absent:1", "pull": "never", "shell": ":"})
+
+
+def test_the_task_runner_moves_job_files_around_a_container(
+    podman: Podman,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Job files from the store into the container and back, logs stored, via TaskRunner."""
+    store = ResourceStore(str(tmp_path / "store"))
+    store.put(store.job_file_url("art1", "numbers.txt"), b"1\n2\n3\n")
+    runner = TaskRunner(store, [])
+    runner.executors["docker"] = DockerExecutor(docker_host=podman.docker_host)
+
+    def job(shell: str) -> JobReady:
+        task = Task(
+            name="sum",
+            executor="docker",
+            params={"image": podman.image, "shell": shell},
+            inputs=["numbers.txt"],
+            outputs=["total.txt"],
+        )
+        return JobReady(
+            artifact_id="art1",
+            job_id=0,
+            attempt=1,
+            project="p",
+            seed=0,
+            step="0",
+            kind="tasks",
+            role=JobRole.LOCAL,
+            iteration=0,
+            operation=Operation(name="task", params=task.model_dump(mode="json")),
+        )
+
+    summing = "s=0; while read n; do s=$((s+n)); done < numbers.txt; echo $s > total.txt; echo ok"
+    product = runner.run(job(summing), "node-1", threading.Event())
+    assert product["exit_code"] == 0
+    assert store.get_bytes(store.job_file_url("art1", "total.txt")) == b"6\n"
+    assert store.get_bytes(store.log_url("art1", "sum", 1, "stdout")) == b"ok\n"
+
+    with pytest.raises(TaskError, match="exited with status 7") as failed:
+        runner.run(job("echo no >&2; exit 7"), "node-1", threading.Event())
+    assert failed.value.exit_code == 7
+
+
+def test_a_clear_error_without_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_docker(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "docker":
+            raise ImportError("No module named 'docker'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_docker)
+    with pytest.raises(RuntimeError, match=r"flotta_mqtt\[docker\]") as error:
+        DockerExecutor()
+    assert str(error.value) == INSTALL_HINT

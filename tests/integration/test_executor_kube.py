@@ -1,0 +1,705 @@
+"""The kube executor: its Job manifest, its API conversation, and its Pod spec run for real.
+
+No Kubernetes API server can run here, so the conversation is held with kmock's emulated
+one on loopback (it stores objects, serves them back, and runs nothing); the test plays
+the Job controller and the kubelet through that API: it creates the Job's pod, sets the
+pod's and the Job's status, and serves the pod's log. What the emulator cannot show —
+that the generated pod spec runs — is shown by `podman kube play` on the same spec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kmock
+import pytest
+import yaml
+from kubernetes import client as kube
+from podman_fixtures import Podman, podman  # noqa: F401  (the fixture)
+from pydantic import ValidationError
+
+from flotta_mqtt.model import Task
+from flotta_mqtt.roles.executors import EXECUTORS, TaskResult, TaskRun
+from flotta_mqtt.roles.executors.kube import (
+    INSTALL_HINT,
+    KubeExecutor,
+    KubeParams,
+    configmap_manifest,
+    job_manifest,
+    job_name,
+)
+
+pytestmark = pytest.mark.integration
+
+LABEL = "a1b2c3d4e5f6-4-2"
+DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def make_run(
+    workdir: Path,
+    params: dict[str, Any],
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    inputs: list[str] | None = None,
+    outputs: list[str] | None = None,
+    cancelled: threading.Event | None = None,
+) -> TaskRun:
+    task = Task(
+        name="count-words",
+        executor="kube",
+        params={"image": "busybox:1.36", **params},
+        env=env or {},
+        timeout=timeout,
+        inputs=inputs or [],
+        outputs=outputs or [],
+    )
+    return TaskRun(task, workdir, task.env, cancelled or threading.Event(), LABEL)
+
+
+# ---------------------------------------------------------------- the manifest, pure
+
+
+def test_kube_is_registered() -> None:
+    assert "kube" in EXECUTORS
+
+
+def test_job_manifest_runs_the_task_once_with_its_env(tmp_path: Path) -> None:
+    run = make_run(
+        tmp_path, {"command": ["wc", "-w", "in.txt"]}, env={"B": "2", "A": "1"}, timeout=9.2
+    )
+    job = job_manifest(run)
+    name = job["metadata"]["name"]
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    assert name == job_name(LABEL) and DNS_1123.match(name) and len(name) <= 63
+    assert job["metadata"]["namespace"] == "default"
+    assert job["metadata"]["labels"] == {
+        "app.kubernetes.io/managed-by": "flotta-mqtt",
+        "flotta-mqtt/task": "count-words",
+    }
+    assert job["metadata"]["annotations"] == {"flotta-mqtt/run": LABEL}
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 0
+    assert spec["activeDeadlineSeconds"] == 10, "the timeout, rounded up"
+    assert spec["template"]["metadata"]["labels"] == job["metadata"]["labels"]
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert "serviceAccountName" not in pod
+    [container] = pod["containers"]
+    assert container["name"] == "task"
+    assert container["image"] == "busybox:1.36"
+    assert container["command"] == ["wc", "-w", "in.txt"]
+    assert container["workingDir"] == "/work"
+    assert container["env"] == [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]
+    assert "resources" not in container
+    assert container["volumeMounts"] == [{"name": "work", "mountPath": "/work"}]
+    assert pod["volumes"] == [{"name": "work", "emptyDir": {}}]
+    assert job_manifest(run) == job, "pure: the same run gives the same manifest"
+
+
+def test_job_manifest_shell_account_resources_namespace(tmp_path: Path) -> None:
+    resources = {"limits": {"cpu": "500m", "memory": "64Mi"}, "requests": {"cpu": "100m"}}
+    run = make_run(
+        tmp_path,
+        {
+            "shell": "echo $A | wc -c",
+            "namespace": "jobs",
+            "service_account": "runner",
+            "resources": resources,
+            "image_pull_policy": "Never",
+            "workdir_mount": "/data",
+        },
+    )
+    job = job_manifest(run, name="explicit")
+    assert job["metadata"] == {**job["metadata"], "name": "explicit", "namespace": "jobs"}
+    assert "activeDeadlineSeconds" not in job["spec"], "no timeout, no deadline"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "runner"
+    [container] = pod["containers"]
+    assert container["command"] == ["sh", "-c", "echo $A | wc -c"]
+    assert container["resources"] == resources
+    assert container["imagePullPolicy"] == "Never"
+    assert container["workingDir"] == "/data"
+    assert container["volumeMounts"][0]["mountPath"] == "/data"
+
+
+def test_job_manifest_with_neither_form_runs_the_image_entrypoint(tmp_path: Path) -> None:
+    [container] = job_manifest(make_run(tmp_path, {}))["spec"]["template"]["spec"]["containers"]
+    assert "command" not in container
+
+
+def test_inputs_go_in_a_configmap_mounted_read_only(tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("some words here\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "blob.bin").write_bytes(b"\xff\x00\xfe")
+    run = make_run(tmp_path, {"shell": "wc -w in.txt"}, inputs=["in.txt", "sub/blob.bin"])
+    job = job_manifest(run, name="j1")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["volumes"] == [
+        {
+            "name": "work",
+            "configMap": {
+                "name": "j1",
+                "items": [
+                    {"key": "input-0", "path": "in.txt"},
+                    {"key": "input-1", "path": "sub/blob.bin"},
+                ],
+            },
+        }
+    ]
+    assert pod["containers"][0]["volumeMounts"] == [
+        {"name": "work", "mountPath": "/work", "readOnly": True}
+    ]
+    configmap = configmap_manifest(run, "j1")
+    assert configmap["metadata"]["name"] == "j1"
+    assert configmap["data"] == {"input-0": "some words here\n"}
+    assert configmap["binaryData"] == {"input-1": "/wD+"}, "non-UTF-8 files travel as base64"
+
+
+def test_inputs_too_large_for_a_configmap_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "big.txt").write_bytes(b"x" * 1_100_000)
+    run = make_run(tmp_path, {"shell": ":"}, inputs=["big.txt"])
+    with pytest.raises(ValueError, match=r"too large for a ConfigMap.*volume_claim"):
+        configmap_manifest(run, "j1")
+
+
+def test_a_shared_volume_is_mounted_at_the_runs_own_folder(tmp_path: Path) -> None:
+    params = {"shell": ":", "volume_claim": "jobfiles", "volume_path": str(tmp_path)}
+    pod = job_manifest(make_run(tmp_path, params, inputs=["in.txt"]), name="j2")["spec"][
+        "template"
+    ]["spec"]
+    assert pod["volumes"] == [{"name": "work", "persistentVolumeClaim": {"claimName": "jobfiles"}}]
+    assert pod["containers"][0]["volumeMounts"] == [
+        {"name": "work", "mountPath": "/work", "subPath": "j2"}
+    ]
+
+
+def test_params_are_checked() -> None:
+    with pytest.raises(ValidationError, match="at most one of"):
+        KubeParams.model_validate({"image": "x", "command": ["true"], "shell": "true"})
+    with pytest.raises(ValidationError, match="go together"):
+        KubeParams.model_validate({"image": "x", "volume_claim": "pvc"})
+    with pytest.raises(ValidationError, match="extra"):
+        KubeParams.model_validate({"image": "x", "stdin": "no stdin for pods"})
+
+
+@pytest.mark.parametrize(
+    "label", [LABEL, "UPPER_case.dots", "-" * 80, "x" * 200, "ünïcødé/and spaces"]
+)
+def test_job_names_are_dns_labels(label: str) -> None:
+    name = job_name(label)
+    assert DNS_1123.match(name) and len(name) <= 63
+    assert job_name(label, nonce="1") != job_name(label, nonce="2")
+
+
+# ---------------------------------------------------------------- the API conversation
+
+
+class Cluster:
+    """kmock's Kubernetes emulator on loopback, served from a thread of its own.
+
+    `play(script)` runs a script in another thread that plays the Job controller and the
+    kubelet through the API: it is given the created Job (as the executor sent it).
+    """
+
+    def __init__(self) -> None:
+        self.logs: dict[str, bytes] = {}  # pod name → its log, served at .../pods/NAME/log
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.url = ""
+        self.emulator: kmock.KubernetesEmulator | None = None
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "the emulator did not start"
+        configuration = kube.Configuration()
+        configuration.host = self.url
+        self.api = kube.ApiClient(configuration)
+        self.batch = kube.BatchV1Api(self.api)
+        self.core = kube.CoreV1Api(self.api)
+
+    async def _serve(self) -> None:
+        async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
+            for resource in ("v1/pods", "v1/configmaps", "batch/v1/jobs"):
+                emulator.resources[resource] = {}
+            emulator[kmock.method.GET, kmock.subresource("log")] << (
+                lambda request: self.logs.get(request.name, b"")
+            )
+            self.emulator = emulator
+            self.url = str(server.url).rstrip("/")
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await self._stop.wait()
+
+    def close(self) -> None:
+        self.api.close()
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def requests(self) -> list[tuple[str, str, str, str | None, str | None, dict[str, str]]]:
+        """What the API server was asked: (method, kind, namespace, name, subresource, query)."""
+        assert self.emulator is not None
+        return [
+            (
+                str(request.method.value),
+                str(request.resource.plural if request.resource else request.url.path),
+                str(request.namespace),
+                request.name,
+                request.subresource,
+                dict(request.params),
+            )
+            for request in list(self.emulator)
+        ]
+
+    def created(self, plural: str) -> list[dict[str, Any]]:
+        assert self.emulator is not None
+        return [
+            request.data
+            for request in list(self.emulator)
+            if request.method.value == "POST"
+            and request.resource is not None
+            and request.resource.plural == plural
+        ]
+
+    def wait_for_job(self, timeout: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = self.created("jobs")
+            if jobs:
+                return jobs[0]
+            time.sleep(0.02)
+        raise AssertionError("the executor never created a Job")
+
+    # The Job controller and the kubelet, through the API.
+
+    def run_pod(self, job: dict[str, Any], exit_code: int | None, log: bytes) -> str:
+        name = job["metadata"]["name"]
+        namespace = job["metadata"]["namespace"]
+        pod_name = f"{name}-x7k2p"
+        template = job["spec"]["template"]
+        state: dict[str, Any] = (
+            {"waiting": {"reason": "ContainerCreating"}}
+            if exit_code is None
+            else {"terminated": {"exitCode": exit_code, "reason": "Completed"}}
+        )
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod_name,
+                "namespace": namespace,
+                "labels": {**template["metadata"]["labels"], "job-name": name},
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+            },
+            "spec": template["spec"],
+            "status": {
+                "phase": "Pending"
+                if exit_code is None
+                else "Succeeded"
+                if exit_code == 0
+                else "Failed",
+                "containerStatuses": [{"name": "task", "state": state}],
+            },
+        }
+        self.core.create_namespaced_pod(namespace, pod, _preload_content=False)
+        self.logs[pod_name] = log
+        return pod_name
+
+    def set_job_status(self, job: dict[str, Any], status: dict[str, Any]) -> None:
+        self.batch.patch_namespaced_job_status(
+            job["metadata"]["name"],
+            job["metadata"]["namespace"],
+            {"status": status},
+            _preload_content=False,
+        )
+
+    def job_exists(self, name: str, namespace: str = "default") -> bool:
+        try:
+            self.batch.read_namespaced_job(name, namespace, _preload_content=False)
+        except kube.exceptions.ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    emulated = Cluster()
+    try:
+        yield emulated
+    finally:
+        emulated.close()
+
+
+def execute(
+    cluster: Cluster, run: TaskRun, play: Callable[[dict[str, Any]], None] | None = None
+) -> TaskResult:
+    """Run the executor against the emulator while `play` acts as the cluster."""
+    player_error: list[BaseException] = []
+
+    def player() -> None:
+        try:
+            job = cluster.wait_for_job()
+            if play is not None:
+                play(job)
+        except BaseException as exc:
+            player_error.append(exc)
+
+    thread = threading.Thread(target=player, daemon=True)
+    thread.start()
+    try:
+        return KubeExecutor(host=cluster.url).run(run)
+    finally:
+        thread.join(10)
+        assert not player_error, player_error
+
+
+FAST = {"poll_interval": 0.05}
+
+
+def test_a_job_that_succeeds(cluster: Cluster, tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"shell": "echo hi", **FAST}, env={"K": "v"}, timeout=30)
+
+    def play(job: dict[str, Any]) -> None:
+        time.sleep(0.3)  # the executor polls a running Job a few times
+        cluster.run_pod(job, 0, b"hello from the pod\n")
+        cluster.set_job_status(
+            job, {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+        )
+
+    started = time.monotonic()
+    result = execute(cluster, run, play)
+    assert time.monotonic() - started < 10
+    assert result == TaskResult(0, b"hello from the pod\n", b"", False)
+
+    [job] = cluster.created("jobs")
+    name = job["metadata"]["name"]
+    assert job == job_manifest(run, name), "the Job sent is the manifest"
+    assert cluster.created("configmaps") == [], "no inputs, no ConfigMap"
+    calls = cluster.requests()
+    ours = [
+        call
+        for call in calls
+        if call[0] != "PATCH" and not (call[0] == "POST" and call[1] == "pods")
+    ]  # the player's own requests left out
+    assert ours[0] == ("POST", "jobs", "default", None, None, {})
+    polls = [call for call in ours if call[:5] == ("GET", "jobs", "default", name, "status")]
+    assert len(polls) >= 3, "the executor watched the Job's status"
+    assert ("GET", "pods", "default", None, None, {"labelSelector": f"job-name={name}"}) in ours
+    assert ("GET", "pods", "default", f"{name}-x7k2p", "log", {"container": "task"}) in ours
+    assert ours[-1] == (
+        "DELETE",
+        "jobs",
+        "default",
+        name,
+        None,
+        {"propagationPolicy": "Background"},
+    )
+    assert not cluster.job_exists(name)
+
+
+def test_a_job_that_fails_reports_the_pods_exit_code(cluster: Cluster, tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"command": ["false"], "namespace": "jobs", **FAST})
+
+    def play(job: dict[str, Any]) -> None:
+        cluster.run_pod(job, 3, b"something went wrong\n")
+        cluster.set_job_status(
+            job,
+            {
+                "failed": 1,
+                "conditions": [
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "BackoffLimitExceeded",
+                        "message": "Job has reached the specified backoff limit",
+                    }
+                ],
+            },
+        )
+
+    result = execute(cluster, run, play)
+    assert result.exit_code == 3
+    assert result.stdout == b"something went wrong\n"
+    assert b"failed: BackoffLimitExceeded: Job has reached the specified backoff limit" in (
+        result.stderr
+    )
+    assert not result.timed_out
+    [job] = cluster.created("jobs")
+    assert job["metadata"]["namespace"] == "jobs"
+    assert not cluster.job_exists(job["metadata"]["name"], "jobs")
+
+
+def test_a_failed_job_without_a_pod_exits_1(cluster: Cluster, tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"shell": "exit 0", **FAST})
+
+    def play(job: dict[str, Any]) -> None:
+        cluster.set_job_status(
+            job, {"conditions": [{"type": "Failed", "status": "True", "reason": "Evicted"}]}
+        )
+
+    result = execute(cluster, run, play)
+    assert (result.exit_code, result.stdout, result.timed_out) == (1, b"", False)
+    assert b"Evicted" in result.stderr
+
+
+def test_the_clusters_deadline_counts_as_a_timeout(cluster: Cluster, tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"shell": "sleep 100", **FAST}, timeout=30)
+
+    def play(job: dict[str, Any]) -> None:
+        cluster.set_job_status(
+            job,
+            {
+                "failed": 1,
+                "conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}],
+            },
+        )
+
+    result = execute(cluster, run, play)
+    assert result.timed_out
+
+
+def test_a_timeout_deletes_the_job(cluster: Cluster, tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"shell": "sleep 100", **FAST}, timeout=1.0)
+
+    def play(job: dict[str, Any]) -> None:
+        cluster.run_pod(job, None, b"started\n")  # it runs and never ends
+
+    started = time.monotonic()
+    result = execute(cluster, run, play)
+    elapsed = time.monotonic() - started
+    assert result.timed_out
+    assert result.exit_code == 137
+    assert result.stdout == b"started\n", "the log so far is kept"
+    assert b"timed out" in result.stderr
+    assert 0.9 < elapsed < 5, f"took {elapsed:.2f} s"
+    [job] = cluster.created("jobs")
+    assert not cluster.job_exists(job["metadata"]["name"])
+
+
+def test_a_cancel_deletes_the_job(cluster: Cluster, tmp_path: Path) -> None:
+    cancelled = threading.Event()
+    run = make_run(tmp_path, {"shell": "sleep 100", **FAST}, cancelled=cancelled)
+
+    started = time.monotonic()
+    result = execute(cluster, run, lambda job: cancelled.set())
+    assert time.monotonic() - started < 5
+    assert (result.exit_code, result.timed_out) == (137, False)
+    assert b"cancelled" in result.stderr
+    [job] = cluster.created("jobs")
+    assert not cluster.job_exists(job["metadata"]["name"])
+
+
+def test_inputs_travel_in_a_configmap_deleted_afterwards(cluster: Cluster, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("one two three\n")
+    run = make_run(tmp_path, {"shell": "wc -w < in.txt", **FAST}, inputs=["in.txt"])
+
+    def play(job: dict[str, Any]) -> None:
+        [configmap] = cluster.created("configmaps")
+        assert configmap["data"] == {"input-0": "one two three\n"}
+        cluster.run_pod(job, 0, b"3\n")
+        cluster.set_job_status(job, {"succeeded": 1})
+
+    result = execute(cluster, run, play)
+    assert result.exit_code == 0 and result.stdout == b"3\n"
+    [job] = cluster.created("jobs")
+    name = job["metadata"]["name"]
+    assert cluster.created("configmaps")[0]["metadata"]["name"] == name
+    calls = cluster.requests()
+    assert calls[0][:2] == ("POST", "configmaps"), "the ConfigMap exists before the Job"
+    assert ("DELETE", "configmaps", "default", name, None, {"propagationPolicy": "Background"}) in (
+        calls
+    )
+
+
+def test_outputs_need_a_shared_volume(cluster: Cluster, tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"shell": "echo x > out.txt"}, outputs=["out.txt"])
+    with pytest.raises(ValueError, match="volume_claim"):
+        KubeExecutor(host=cluster.url).run(run)
+    assert cluster.requests() == [], "refused before anything was created"
+
+
+def test_a_shared_volume_carries_inputs_and_outputs(cluster: Cluster, tmp_path: Path) -> None:
+    workdir, shared = tmp_path / "work", tmp_path / "shared"
+    workdir.mkdir()
+    shared.mkdir()
+    (workdir / "in.txt").write_text("a b c d\n")
+    params = {
+        "shell": "wc -w < in.txt > out/n.txt",
+        "volume_claim": "jobfiles",
+        "volume_path": str(shared),
+        **FAST,
+    }
+    run = make_run(workdir, params, inputs=["in.txt"], outputs=["out/n.txt"])
+
+    def play(job: dict[str, Any]) -> None:
+        # The pod's view: the PVC's subPath, i.e. the run's own folder on the shared volume.
+        [mount] = job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        folder = shared / mount["subPath"]
+        words = len((folder / "in.txt").read_text().split())
+        (folder / "out").mkdir()
+        (folder / "out" / "n.txt").write_text(f"{words}\n")
+        cluster.run_pod(job, 0, b"")
+        cluster.set_job_status(job, {"succeeded": 1})
+
+    result = execute(cluster, run, play)
+    assert result.exit_code == 0
+    assert (workdir / "out" / "n.txt").read_text() == "4\n"
+    assert list(shared.iterdir()) == [], "the run's folder on the shared volume is removed"
+    assert cluster.created("configmaps") == []
+
+
+def test_a_clear_error_without_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_kubernetes(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "kubernetes":
+            raise ImportError("No module named 'kubernetes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_kubernetes)
+    with pytest.raises(RuntimeError, match=r"flotta_mqtt\[kube\]") as error:
+        KubeExecutor()
+    assert str(error.value) == INSTALL_HINT
+
+
+def test_a_kubeconfig_file_points_at_the_server(cluster: Cluster, tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "emu", "cluster": {"server": cluster.url}}],
+                "users": [{"name": "me", "user": {"token": "t0ken"}}],
+                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "me"}}],
+                "current-context": "emu",
+            }
+        )
+    )
+    run = make_run(tmp_path, {"shell": ":", **FAST})
+    thread = threading.Thread(
+        target=lambda: cluster.set_job_status(cluster.wait_for_job(), {"succeeded": 1}),
+        daemon=True,
+    )
+    thread.start()
+    result = KubeExecutor(kubeconfig=str(kubeconfig)).run(run)
+    thread.join(10)
+    assert result.exit_code == 0
+    assert sent_the_token(cluster)
+
+
+def sent_the_token(cluster: Cluster) -> bool:
+    """Whether the executor's requests carried the kubeconfig's credentials."""
+    assert cluster.emulator is not None
+    posts = [request for request in list(cluster.emulator) if request.method.value == "POST"]
+    return bool(posts) and posts[0].headers.get("Authorization") == "Bearer t0ken"
+
+
+# ---------------------------------------------------------------- the pod spec, for real
+
+
+def pod_yaml(job: dict[str, Any], *extra: dict[str, Any]) -> str:
+    """The Job's pod template as the `v1 Pod` the Job controller would make of it."""
+    name = job["metadata"]["name"]
+    template = job["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {**template["metadata"]["labels"], "job-name": name}},
+        "spec": template["spec"],
+    }
+    return yaml.safe_dump_all([*extra, pod], sort_keys=False)
+
+
+def play_pod(podman: Podman, tmp_path: Path, text: str, name: str) -> tuple[int, str]:  # noqa: F811
+    """`podman kube play` the pod, wait for its task container; its status and log."""
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(text)
+    container = f"{name}-task"
+    try:
+        podman.run("kube", "play", "--network", "none", str(spec))
+        waited = podman.run("wait", container, timeout=60)
+        log = podman.run("logs", container)
+        inspected = json.loads(podman.run("inspect", container).stdout)[0]
+        assert inspected["State"]["ExitCode"] == int(waited.stdout.strip())
+        assert inspected["Config"]["WorkingDir"] == "/work"
+        return int(waited.stdout.strip()), log.stdout + log.stderr
+    finally:
+        podman.run("kube", "down", str(spec), check=False)
+        podman.run("volume", "rm", "--force", name, check=False)
+
+
+def test_the_pod_spec_runs_in_podman_with_configmap_inputs(
+    podman: Podman,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # podman 4.3 cannot place ConfigMap items in subfolders: the input here is flat.
+    (tmp_path / "in.txt").write_text("one two three four five\n")
+    run = make_run(
+        tmp_path,
+        {"image": podman.image, "shell": 'echo "$GREETING"; wc -w < in.txt; pwd; exit 4'},
+        env={"GREETING": "hello pod"},
+        inputs=["in.txt"],
+        timeout=60,
+    )
+    name = job_name(run.label, nonce="play-1")
+    job = job_manifest(run, name)
+    status, log = play_pod(podman, tmp_path, pod_yaml(job, configmap_manifest(run, name)), name)
+    assert status == 4
+    assert log.split() == ["hello", "pod", "5", "/work"]
+
+
+def test_the_pod_spec_runs_in_podman_with_a_shared_volume(
+    podman: Podman,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    shared = tmp_path / "shared"
+    run = make_run(
+        tmp_path,
+        {
+            "image": podman.image,
+            "command": ["sh", "-c", "mkdir -p out && tr a-z A-Z < in.txt > out/up.txt && ls"],
+            "volume_claim": "jobfiles",
+            "volume_path": str(shared),
+        },
+        inputs=["in.txt"],
+        outputs=["out/up.txt"],
+    )
+    name = job_name(run.label, nonce="play-2")
+    job = job_manifest(run, name)
+    # What the executor does before creating the Job: the run's folder on the shared volume.
+    folder = shared / name
+    folder.mkdir(parents=True)
+    (folder / "in.txt").write_text("shout\n")
+    # podman 4.3 ignores `subPath` on a claim: its volume is bound to the run's folder
+    # itself, which is what the subPath mount shows the pod in a cluster.
+    podman.run(
+        "volume",
+        "create",
+        "--opt",
+        "type=none",
+        "--opt",
+        "o=bind",
+        "--opt",
+        f"device={folder}",
+        "jobfiles",
+    )
+    try:
+        status, log = play_pod(podman, tmp_path, pod_yaml(job), name)
+    finally:
+        podman.run("volume", "rm", "--force", "jobfiles", check=False)
+    assert status == 0, log
+    assert log.split() == ["in.txt", "out"]
+    assert (folder / "out" / "up.txt").read_text() == "SHOUT\n"

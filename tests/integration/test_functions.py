@@ -1,0 +1,462 @@
+"""`@distributed` functions end to end: a real mosquitto, an in-process scheduler and
+workers running the `python` executor, the caller's workspace written by each test.
+
+Every test writes its own workspace module under a unique name (the SDK imports it the
+way a caller's script would), configures the SDK for its cluster, and waits on handles:
+they settle from retained statuses, so nothing here sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from helpers import MessageRecorder, wait_for
+
+from flotta_mqtt import CallFailed, NotConfigured, RemoteError, as_completed, configure, gather
+from flotta_mqtt.model import JobRole, Operation, Task
+from flotta_mqtt.mosquitto import LocalBroker
+from flotta_mqtt.protocol import JobFailed, JobReady, decode, topics
+from flotta_mqtt.roles import functions
+from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
+from flotta_mqtt.roles.executors import TaskRun
+from flotta_mqtt.roles.executors.python import PythonExecutor
+from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.roles.workbench.client import Client
+from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.transport.bus import BrokerConfig, Bus
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = 30.0
+
+
+@dataclass
+class Cluster:
+    """A scheduler and workers on one broker and store; a workspace folder for the caller."""
+
+    broker_url: str
+    folder: Path
+    running: list[Scheduler | WorkerAgent] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+
+    @property
+    def broker(self) -> BrokerSettings:
+        return BrokerSettings(url=self.broker_url)
+
+    @property
+    def storage(self) -> StorageSettings:
+        return StorageSettings(url=(self.folder / "store").as_uri())
+
+    @property
+    def store(self) -> Path:
+        return self.folder / "store"
+
+    @property
+    def workspace(self) -> Path:
+        return self.folder / "workspace"
+
+    def scheduler(self) -> Scheduler:
+        config = SchedulerConfig(
+            broker=self.broker,
+            storage=self.storage,
+            database=self.folder / "scheduler.db",
+            worker_grace=0.3,
+            retry_backoff=0.05,
+        )
+        node = Scheduler(config).start(wait=TIMEOUT)
+        self.running.append(node)
+        return node
+
+    def worker(self, name: str, allow_code: bool = True, **settings: Any) -> WorkerAgent:
+        config = WorkerConfig(
+            name=name,
+            broker=self.broker,
+            storage=self.storage,
+            executors=["python"],
+            allow_code=allow_code,
+            max_jobs=settings.pop("max_jobs", 4),
+            state_dir=self.folder / f"{name}.state",
+            **settings,
+        )
+        node = WorkerAgent(config).start(wait=TIMEOUT)
+        self.running.append(node)
+        return node
+
+    def start(self, *names: str) -> list[WorkerAgent]:
+        """A scheduler and workers that the broker holds online; the SDK configured."""
+        self.scheduler()
+        workers = [self.worker(name) for name in names]
+        self.wait_online(*names)
+        self.configure()
+        return workers
+
+    def wait_online(self, *names: str) -> None:
+        with Client(self.broker) as client:
+            wait_for(
+                lambda: set(names) <= {p.node for p in client.workers() if p.online},
+                timeout=TIMEOUT,
+                message=f"workers {names} not online",
+            )
+
+    def configure(self, **options: Any) -> None:
+        configure(self.broker_url, self.storage.url, workspace=self.workspace, **options)
+
+    def module(self, source: str, name: str | None = None) -> ModuleType:
+        """Write a module into the workspace and import it, as the caller's code would."""
+        name = name or f"calls_{uuid.uuid4().hex[:10]}"
+        self.workspace.mkdir(exist_ok=True)
+        (self.workspace / f"{name}.py").write_text(textwrap.dedent(source))
+        if str(self.workspace) not in sys.path:
+            sys.path.insert(0, str(self.workspace))
+        importlib.invalidate_caches()
+        self.modules.append(name)
+        return importlib.import_module(name)
+
+    def archives(self) -> list[Path]:
+        return sorted((self.store / "workspaces").glob("*.tar.gz"))
+
+    def close(self) -> None:
+        functions.shutdown()
+        for node in reversed(self.running):
+            node.stop()
+        if str(self.workspace) in sys.path:
+            sys.path.remove(str(self.workspace))
+        for name in self.modules:
+            sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def cluster(broker: LocalBroker, tmp_path: Path) -> Iterator[Cluster]:
+    nodes = Cluster(broker.url, tmp_path)
+    try:
+        yield nodes
+    finally:
+        nodes.close()
+
+
+SEED = """
+from time import sleep
+
+from flotta_mqtt import distributed
+
+
+@distributed(platform="*", threads=2)
+def sleep_sum(a: int, b: int) -> int:
+    sleep(0.01)
+    return a + b
+"""
+
+
+def test_seed_example_returns_every_value_in_order(cluster: Cluster) -> None:
+    cluster.start("w0", "w1", "w2")
+    seed = cluster.module(SEED)
+
+    responses = [seed.sleep_sum(x, x + 1) for x in range(250)]
+
+    assert [r.unwrap(timeout=TIMEOUT) for r in responses] == [2 * x + 1 for x in range(250)]
+    # Batched: a few artifacts of at most 200 calls, not 250 submissions.
+    batches: dict[str | None, int] = {}
+    for r in responses:
+        batches[r.artifact_id] = batches.get(r.artifact_id, 0) + 1
+    assert len(batches) <= 10 and max(batches.values()) <= 200
+    # Spread over every worker, each call's job listed with its worker and product.
+    jobs = [r.job() for r in responses]
+    assert {job.worker for job in jobs if job} == {"w0", "w1", "w2"}
+    assert all(job is not None and job.product is not None for job in jobs)
+
+
+def test_gather_as_completed_and_logs(cluster: Cluster) -> None:
+    cluster.start("w0", "w1")
+    mod = cluster.module(
+        """
+        import os
+        from flotta_mqtt import distributed
+
+        @distributed
+        def shout(word):
+            print(word.upper())
+            return word * 2
+        """
+    )
+    handles = mod.shout.map(["a", "b", "c"])
+    assert sorted(h.unwrap() for h in as_completed(handles, timeout=TIMEOUT)) == ["aa", "bb", "cc"]
+    assert gather(handles, progress=True) == ["aa", "bb", "cc"]
+    assert handles[1].logs()[0] == "B\n"
+
+
+def test_a_custom_exception_is_raised_locally_as_itself(cluster: Cluster) -> None:
+    cluster.start("w0", "w1")
+    mod = cluster.module(
+        """
+        from flotta_mqtt import distributed
+
+        class Overdrawn(ValueError):
+            pass
+
+        class Stubborn(Exception):
+            def __init__(self, account, amount):  # pickling cannot rebuild this one
+                super().__init__(f"{account} is short of {amount}")
+
+        @distributed
+        def withdraw(amount):
+            if amount > 10:
+                raise Overdrawn(f"cannot withdraw {amount}")
+            if amount < 0:
+                raise Stubborn("acme", -amount)
+            return 10 - amount
+        """
+    )
+    ok, overdrawn, stubborn, ok_too = mod.withdraw.map([1, 50, -3, 2])
+
+    with pytest.raises(mod.Overdrawn, match="cannot withdraw 50") as raised:
+        overdrawn.unwrap(timeout=TIMEOUT)
+    notes = "\n".join(raised.value.__notes__)
+    assert "remote traceback on worker w" in notes
+    assert 'raise Overdrawn(f"cannot withdraw {amount}")' in notes
+    assert isinstance(overdrawn.exception(), mod.Overdrawn)
+    # An exception that cannot be rebuilt here keeps its type name, message and traceback.
+    with pytest.raises(RemoteError) as remote:
+        stubborn.unwrap(timeout=TIMEOUT)
+    assert remote.value.type_name == f"{mod.__name__}.Stubborn"
+    assert remote.value.message == "acme is short of 3"
+    assert "raise Stubborn" in remote.value.remote_traceback
+    # One failing call fails nothing else of its batch.
+    assert (ok.unwrap(TIMEOUT), ok_too.unwrap(TIMEOUT)) == (9, 8)
+    assert ok.artifact_id == overdrawn.artifact_id
+
+
+def test_changed_workspace_ships_new_code_and_unchanged_is_uploaded_once(
+    cluster: Cluster,
+) -> None:
+    (w0,) = cluster.start("w0")
+    source = """
+        from flotta_mqtt import distributed
+
+        @distributed
+        def version():
+            return {version}
+        """
+    mod = cluster.module(source.format(version=1))
+    assert mod.version().unwrap(TIMEOUT) == 1
+    (first,) = cluster.archives()
+    before = first.stat()
+
+    cluster.configure()  # a new session: the same files are packed again...
+    assert mod.version().unwrap(TIMEOUT) == 1
+    # ...to the same hash, which the store already holds: not written again.
+    assert cluster.archives() == [first]
+    after = first.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+    (cluster.workspace / f"{mod.__name__}.py").write_text(textwrap.dedent(source.format(version=2)))
+    cluster.configure()
+    assert mod.version().unwrap(TIMEOUT) == 2  # the worker imports the new file
+    archives = cluster.archives()
+    assert len(archives) == 2 and first in archives
+    # Each hash unpacked once, in its own folder on the worker.
+    unpacked = sorted(p.name for p in (cluster.folder / "w0.state/python/workspaces").iterdir())
+    assert unpacked == sorted(p.name.removesuffix(".tar.gz") for p in archives)
+    assert w0.presence(online=True).labels["allow_code"] == "yes"
+
+
+def test_a_worker_without_allow_code_never_runs_shipped_code(cluster: Cluster) -> None:
+    cluster.scheduler()
+    careful = cluster.worker("careful", allow_code=False)
+    cluster.wait_online("careful")
+    cluster.configure()
+    witness = cluster.folder / "ran.txt"
+    mod = cluster.module(
+        """
+        from pathlib import Path
+        from flotta_mqtt import distributed
+
+        @distributed
+        def touch(path):
+            Path(path).write_text("shipped code ran")
+        """
+    )
+    presence = careful.presence(online=True)
+    assert "python" not in presence.executors and presence.labels["allow_code"] == "no"
+
+    with pytest.raises(CallFailed, match="allow_code: true") as failed:
+        mod.touch(str(witness)).unwrap(TIMEOUT)
+    assert failed.value.error_type == "BindingError"
+
+    # Even a job sent straight to it (a rogue scheduler) is refused without running.
+    recorder = MessageRecorder()
+    bus = Bus(
+        client_id=f"rogue-{uuid.uuid4().hex[:8]}",
+        config=BrokerConfig(url=cluster.broker_url),
+        on_message=recorder,
+        subscriptions=[topics.events("careful")],
+        clean=True,
+    ).start(wait=TIMEOUT)
+    try:
+        task = Task(
+            name="rogue",
+            executor="python",
+            params=_call_params(cluster, mod, witness),
+            outputs=["results/rogue"],
+        )
+        job = JobReady(
+            artifact_id="rogue0artifact",
+            job_id=0,
+            attempt=1,
+            project="functions",
+            seed=0,
+            step="0",
+            kind="tasks",
+            role=JobRole.LOCAL,
+            iteration=0,
+            operation=Operation(name="task", params=task.model_dump(mode="json")),
+        )
+        bus.publish(topics.jobs("careful"), job)
+        messages = recorder.wait_for(
+            lambda ms: any(isinstance(decode(t, p)[1], JobFailed) for t, p in ms),
+            timeout=TIMEOUT,
+        )
+    finally:
+        bus.stop()
+    failure = next(m for t, p in messages if isinstance(m := decode(t, p)[1], JobFailed))
+    assert "does not run the python executor" in failure.error.message
+    assert not witness.exists()
+    # And the executor itself refuses until its agent says code may run.
+    refused = PythonExecutor().run(
+        TaskRun(task, cluster.folder, {}, threading.Event(), "rogue-0-1")
+    )
+    assert refused.exit_code == 126 and b"allow_code: true" in refused.stderr
+    assert not witness.exists()
+
+
+def _call_params(cluster: Cluster, mod: ModuleType, witness: Path) -> dict[str, Any]:
+    """A well-formed call of `touch(witness)`, as a scheduler would send it."""
+    import base64
+
+    from flotta_mqtt.roles.functions.calls import CallParams, dumps
+
+    session = functions.session.current("touch")
+    return CallParams(
+        name=mod.touch.name,
+        workspace=session.workspace(),
+        function=mod.touch.reference(),
+        call=base64.b64encode(dumps(((str(witness),), {}))).decode(),
+        result_file="results/rogue",
+    ).model_dump(mode="json", exclude_none=True)
+
+
+def test_a_call_on_a_killed_worker_completes_on_another(cluster: Cluster) -> None:
+    workers = {w.name: w for w in cluster.start("w0", "w1")}
+    marks = cluster.folder / "marks"
+    marks.mkdir()
+    mod = cluster.module(
+        """
+        import os, time
+        from pathlib import Path
+        from flotta_mqtt import distributed
+
+        @distributed
+        def slow(marks):
+            node = os.environ["FLOTTA_NODE"]
+            Path(marks, node).write_text("started")
+            time.sleep(1.0)
+            return node
+        """
+    )
+    handle = mod.slow(str(marks))
+    wait_for(lambda: any(marks.iterdir()), timeout=TIMEOUT, message="the call never started")
+    (first,) = [p.name for p in marks.iterdir()]
+    victim = workers[first]
+    victim.bus.kill()  # its connection drops as in a crash: the broker sends its will
+    executor = victim.tasks.executors["python"]
+    assert isinstance(executor, PythonExecutor)
+    executor.close()  # and the call's process dies with it
+
+    survivor = handle.unwrap(TIMEOUT)
+    assert survivor != first and survivor in workers
+    job = handle.job()
+    assert job is not None and job.worker == survivor and job.attempt == 2
+
+
+def test_a_distributed_function_may_call_distributed_functions(cluster: Cluster) -> None:
+    cluster.start("w0", "w1")
+    mod = cluster.module(
+        """
+        from flotta_mqtt import distributed, gather
+
+        @distributed
+        def square(x):
+            return x * x
+
+        @distributed
+        def sum_of_squares(n):
+            handles = [square(i) for i in range(n)]
+            return sum(gather(handles)), sorted({h.artifact_id for h in handles})
+        """
+    )
+    outer = mod.sum_of_squares(5)
+    total, inner_artifacts = outer.unwrap(TIMEOUT)
+    assert total == 0 + 1 + 4 + 9 + 16
+    assert inner_artifacts and outer.artifact_id not in inner_artifacts
+
+
+def test_main_script_functions_large_arguments_platform_and_timeout(cluster: Cluster) -> None:
+    cluster.scheduler()
+    cluster.worker("w0")
+    cluster.worker("gpu0", labels={"gpu": "yes"})
+    cluster.wait_online("w0", "gpu0")
+    cluster.configure()
+    cluster.workspace.mkdir()
+    from flotta_mqtt import distributed
+
+    # Defined here, not in the workspace: pickled by value, as a main script's would be.
+    def checksum(data: bytes) -> int:
+        return sum(data) % 251
+
+    blob = bytes(range(256)) * 1024  # 256 KiB: a job file, not inline
+    handle = distributed(checksum)(blob)
+    assert handle.unwrap(TIMEOUT) == sum(blob) % 251
+    assert list((cluster.store / "artifacts" / str(handle.artifact_id) / "files/calls").iterdir())
+    assert list((cluster.store / "functions").glob("*.pkl"))
+
+    on_gpu = distributed(platform="gpu=yes")(checksum)
+    handles = on_gpu.map([b"a"] * 6)
+    assert gather(handles, timeout=TIMEOUT) == [97] * 6
+    assert {h.job().worker for h in handles if h.job()} == {"gpu0"}
+
+    import time as _time
+
+    def nap(seconds: float) -> str:
+        _time.sleep(seconds)
+        return "woke"
+
+    hasty = distributed(timeout=0.5)(nap)
+    with pytest.raises(CallFailed, match=r"timed out|timeout"):
+        hasty(30).unwrap(TIMEOUT)
+    assert hasty(0).unwrap(TIMEOUT) == "woke"  # a fresh process replaced the killed one
+
+
+def test_a_call_without_configuration_says_how_to_configure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flotta_mqtt import distributed
+
+    functions.shutdown()
+    for name in ("FLOTTA_BROKER", "FLOTTA_STORAGE", "FLOTTA_WORKSPACE_JSON"):
+        monkeypatch.delenv(name, raising=False)
+
+    @distributed
+    def idle() -> None:
+        return None
+
+    with pytest.raises(NotConfigured, match=r"configure\(broker=\.\.\., storage=\.\.\.\)"):
+        idle()

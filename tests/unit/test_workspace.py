@@ -1,0 +1,283 @@
+"""Workspaces without a broker: the deterministic archive, its ignore rules, its manifest.
+
+The ignore matcher (regular expressions, git's rules) is checked against a small
+reference written differently (fnmatch per path segment, recursion for `**`) on generated
+patterns and paths.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flotta_mqtt.roles.functions import calls
+from flotta_mqtt.roles.functions.ignore import IgnoreRules, parse_line
+from flotta_mqtt.roles.functions.session import selector
+from flotta_mqtt.roles.functions.workspace import (
+    MANIFEST,
+    WorkspaceTooLarge,
+    missing_requirements,
+    pack,
+    read_manifest,
+    unpack,
+)
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for path, text in files.items():
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return root
+
+
+PROJECT = {
+    "main.py": "print('hi')\n",
+    "lib/util.py": "X = 1\n",
+    "lib/data/big.csv": "1,2\n",
+    "notes.log": "noise\n",
+    "keep.log": "kept\n",
+    ".gitignore": "# logs and data\n*.log\n!keep.log\nlib/data/\n",
+    ".git/HEAD": "ref: refs/heads/main\n",
+    "lib/__pycache__/util.cpython-311.pyc": "bytecode",
+    ".venv/bin/python": "binary",
+}
+
+
+# --- the archive ----------------------------------------------------------------------------
+
+
+def test_the_same_files_give_the_same_bytes_wherever_and_whenever(tmp_path: Path) -> None:
+    one = write(tmp_path / "one", PROJECT)
+    first = pack(one)
+    assert pack(one).data == first.data
+    # Another folder, other times and permissions, the same content: the same hash.
+    two = tmp_path / "elsewhere" / "two"
+    shutil.copytree(one, two)
+    for path in two.rglob("*"):
+        os.utime(path, (1_000_000, 1_000_000))
+    (two / "lib" / "util.py").chmod(0o600)
+    assert pack(two).sha256 == first.sha256
+    # A changed byte, or an executable bit, is another workspace.
+    (two / "lib" / "util.py").write_text("X = 2\n")
+    assert pack(two).sha256 != first.sha256
+    (two / "lib" / "util.py").write_text("X = 1\n")
+    (two / "main.py").chmod(0o755)
+    assert pack(two).sha256 != first.sha256
+
+
+def test_ignored_files_stay_out_and_do_not_change_the_hash(tmp_path: Path) -> None:
+    root = write(tmp_path, PROJECT)
+    packed = pack(root)
+    assert packed.files == [".gitignore", "keep.log", "lib/util.py", "main.py"]
+    (root / "other.log").write_text("more noise")
+    (root / "lib" / "data" / "more.csv").write_text("3,4\n")
+    assert pack(root).sha256 == packed.sha256
+    # Nested ignore files apply below their own folder; .flottaignore like .gitignore.
+    write(root, {"lib/.flottaignore": "util.py\n", "other/util.py": "kept"})
+    assert pack(root).files == [
+        ".gitignore",
+        "keep.log",
+        "lib/.flottaignore",
+        "main.py",
+        "other/util.py",
+    ]
+    # The caller's own lines and excluded folders (the local store) come on top.
+    assert "main.py" not in pack(root, ignore=["main.py"]).files
+    assert pack(root, exclude=[root / "other"]).files == [
+        ".gitignore",
+        "keep.log",
+        "lib/.flottaignore",
+        "main.py",
+    ]
+
+
+def test_the_manifest_lists_files_requirements_and_python(tmp_path: Path) -> None:
+    root = write(tmp_path / "ws", {"a.py": "A = 1\n", "b/c.txt": "c"})
+    packed = pack(root, requirements=["numpy>=1.26", "cloudpickle>=3", "numpy>=1.26"])
+    manifest = packed.manifest
+    assert manifest["requirements"] == ["cloudpickle>=3", "numpy>=1.26"]
+    assert manifest["python"] == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert [(f["path"], f["size"]) for f in manifest["files"]] == [("a.py", 6), ("b/c.txt", 1)]
+    with tarfile.open(fileobj=io.BytesIO(packed.data), mode="r:gz") as tar:
+        names = tar.getnames()
+        members = tar.getmembers()
+        stored = json.loads(tar.extractfile(MANIFEST).read())  # type: ignore[union-attr]
+    assert names == ["a.py", "b/c.txt", MANIFEST]
+    assert {(m.mtime, m.uid, m.gid, m.uname) for m in members} == {(0, 0, 0, "")}
+    assert stored == manifest
+    # Requirements change the hash: they are part of what a worker needs.
+    assert pack(root, requirements=["numpy>=2"]).sha256 != packed.sha256
+
+
+def test_unpack_restores_the_files_once_and_refuses_escapes(tmp_path: Path) -> None:
+    root = write(tmp_path / "ws", {"pkg/__init__.py": "", "pkg/mod.py": "V = 3\n"})
+    packed = pack(root)
+    target = unpack(packed.data, tmp_path / "unpacked" / packed.sha256)
+    assert (target / "pkg" / "mod.py").read_text() == "V = 3\n"
+    assert read_manifest(target)["files"][1]["path"] == "pkg/mod.py"
+    (target / "pkg" / "mod.py").write_text("changed")
+    assert unpack(packed.data, target) == target  # already there: left alone
+    assert (target / "pkg" / "mod.py").read_text() == "changed"
+    assert [p.name for p in target.parent.iterdir()] == [packed.sha256]  # no scratch left
+
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w:gz") as tar:
+        info = tarfile.TarInfo("../escaped.py")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(tarfile.OutsideDestinationError):
+        unpack(evil.getvalue(), tmp_path / "unpacked" / "evil")
+    assert not (tmp_path / "unpacked" / "escaped.py").exists()
+
+
+def test_a_workspace_over_the_limit_names_its_biggest_files(tmp_path: Path) -> None:
+    root = write(tmp_path, {"small.py": "x", "dataset.bin": "y" * 5000})
+    with pytest.raises(WorkspaceTooLarge, match=r"dataset\.bin.*\.flottaignore"):
+        pack(root, max_bytes=1024)
+
+
+def test_missing_requirements_are_reported_with_the_reason() -> None:
+    assert missing_requirements(["pytest", "pydantic>=2"]) == []
+    missing = missing_requirements(
+        ["no-such-package-flotta-xyz", "pytest<1", 'pytest<1; python_version < "3"', "???"]
+    )
+    assert missing[0] == "no-such-package-flotta-xyz (not installed)"
+    assert missing[1].startswith("pytest<1 (installed: ")
+    assert missing[2].startswith("??? (not a requirement")
+    assert len(missing) == 3  # the marker excludes this interpreter
+
+
+# --- ignore rules -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lines", "path", "is_dir", "ignored"),
+    [
+        (["*.log"], "a/b/c.log", False, True),
+        (["*.log", "!keep.log"], "keep.log", False, False),
+        (["*.log", "!keep.log"], "sub/keep.log", False, False),
+        (["build/"], "build", False, False),  # a file named like the folder stays
+        (["build/"], "build/x.o", False, True),
+        (["/top.txt"], "top.txt", False, True),
+        (["/top.txt"], "sub/top.txt", False, False),
+        (["doc/*.md"], "doc/a.md", False, True),
+        (["doc/*.md"], "doc/sub/a.md", False, False),
+        (["**/cache"], "a/b/cache", True, True),
+        (["a/**/z"], "a/z", False, True),
+        (["a/**/z"], "a/b/c/z", False, True),
+        (["a/**"], "a/b/c", False, True),
+        (["a/**"], "a", True, False),
+        (["data/", "!data/keep.csv"], "data/keep.csv", False, True),  # parent excluded
+        (["# comment", "", "   "], "# comment", False, False),
+        (["\\#hash"], "#hash", False, True),
+        (["\\!bang"], "!bang", False, True),
+        (["file\\ "], "file ", False, True),
+        (["trailing   "], "trailing", False, True),
+        (["[ab].txt"], "b.txt", False, True),
+        (["[!ab].txt"], "c.txt", False, True),
+        (["[!ab].txt"], "a.txt", False, False),
+        (["?.py"], "ab.py", False, False),
+    ],
+)
+def test_ignore_rules(lines: list[str], path: str, is_dir: bool, ignored: bool) -> None:
+    assert IgnoreRules.from_lines(lines).ignored(path, is_dir) is ignored
+
+
+def test_rules_of_a_nested_ignore_file_apply_below_it_only() -> None:
+    rules = IgnoreRules()
+    rules.extend(["/local.txt", "*.tmp"], base="sub")
+    assert rules.ignored("sub/local.txt")
+    assert not rules.ignored("local.txt")
+    assert not rules.ignored("sub/deeper/local.txt")
+    assert rules.ignored("sub/deeper/x.tmp")
+    assert not rules.ignored("x.tmp")
+    assert parse_line("# only a comment") is None
+
+
+def _ref_segments(pattern: list[str], path: list[str]) -> bool:
+    if not pattern:
+        return not path
+    if pattern[0] == "**":
+        if len(pattern) == 1:
+            return len(path) >= 1
+        return any(_ref_segments(pattern[1:], path[i:]) for i in range(len(path) + 1))
+    return bool(path) and fnmatchcase(path[0], pattern[0]) and _ref_segments(pattern[1:], path[1:])
+
+
+def _ref_matches(line: str, path: str, is_dir: bool) -> bool:
+    dir_only = line.endswith("/")
+    pattern = line.rstrip("/")
+    if dir_only and not is_dir:
+        return False
+    if "/" not in pattern:
+        return fnmatchcase(path.split("/")[-1], pattern)
+    return _ref_segments(pattern.lstrip("/").split("/"), path.split("/"))
+
+
+def _ref_ignored(lines: list[str], path: str, is_dir: bool) -> bool:
+    """git's rules, written another way: fnmatch per segment, last match wins, parents first."""
+    parts = path.split("/")
+    for depth in range(1, len(parts) + 1):
+        here = "/".join(parts[:depth])
+        folder = depth < len(parts) or is_dir
+        excluded = False
+        for line in lines:
+            negated = line.startswith("!")
+            if _ref_matches(line[1:] if negated else line, here, folder):
+                excluded = not negated
+        if excluded:
+            return True
+    return False
+
+
+segment = st.one_of(st.text(alphabet="ab*?", min_size=1, max_size=3), st.just("**"))
+patterns = st.builds(
+    lambda neg, lead, segs, trail: (
+        ("!" if neg else "") + ("/" if lead else "") + "/".join(segs) + ("/" if trail else "")
+    ),
+    st.booleans(),
+    st.booleans(),
+    st.lists(segment, min_size=1, max_size=3),
+    st.booleans(),
+)
+paths = st.lists(st.text(alphabet="ab", min_size=1, max_size=3), min_size=1, max_size=4).map(
+    "/".join
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(patterns, min_size=1, max_size=4), paths, st.booleans())
+def test_the_matcher_agrees_with_a_reference(lines: list[str], path: str, is_dir: bool) -> None:
+    assert IgnoreRules.from_lines(lines).ignored(path, is_dir) == _ref_ignored(lines, path, is_dir)
+
+
+# --- small pieces of the call protocol ------------------------------------------------------
+
+
+def test_platform_selectors() -> None:
+    assert selector("*") == {"allow_code": "yes"}
+    assert selector(None) == {"allow_code": "yes"}
+    assert selector("linux") == {"platform": "linux", "allow_code": "yes"}
+    assert selector("os=linux, gpu=yes") == {"os": "linux", "gpu": "yes", "allow_code": "yes"}
+    assert selector({"site": "lab"}) == {"site": "lab", "allow_code": "yes"}
+
+
+def test_a_sealed_outcome_detects_damage() -> None:
+    sealed = calls.seal(calls.Outcome(kind="value", value=calls.dumps([1, 2]), worker="w0"))
+    outcome = calls.unseal(sealed)
+    assert outcome.worker == "w0" and outcome.value == calls.dumps([1, 2])
+    with pytest.raises(ValueError, match="damaged"):
+        calls.unseal(sealed[:-1] + bytes([sealed[-1] ^ 1]))
+    with pytest.raises(ValueError, match="not a call outcome"):
+        calls.unseal(b"something else")
