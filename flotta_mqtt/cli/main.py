@@ -19,6 +19,7 @@ from rich.table import Table
 from flotta_mqtt.model import Artifact, Tasks, Workflow
 from flotta_mqtt.protocol import ArtifactStatus
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings, load_yaml
+from flotta_mqtt.roles.executors import check_task
 from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
 from flotta_mqtt.roles.workbench.client import ArtifactFailed, Client
 from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
@@ -213,6 +214,8 @@ def load_artifact(path: Path) -> Artifact:
         data = load_yaml(path)
         if "tasks" in data:
             workflow = Workflow.model_validate(data)
+            for task in workflow.tasks:
+                check_task(task)
             return Artifact(project=workflow.project, steps=[Tasks(tasks=workflow.tasks)])
         return Artifact.model_validate(data)
     except (ValueError, ValidationError) as exc:

@@ -231,3 +231,13 @@ def test_random_dags_bind_to_jobs_locked_exactly_by_their_dependencies(
     for job in graph.jobs:
         task = Task.model_validate(job.operation.params)
         assert task in tasks, "the job carries its task unchanged"
+
+
+def test_task_params_are_checked_by_their_executor_before_anything_runs() -> None:
+    from flotta_mqtt.roles.executors import check_task
+
+    check_task(Task(name="ok", params={"shell": "true"}))
+    with pytest.raises(ValueError, match=r"task both: invalid shell params.*exactly one of"):
+        check_task(Task(name="both", params={"shell": "true", "command": ["true"]}))
+    with pytest.raises(ValueError, match=r"task api: invalid api params.*url"):
+        check_task(Task(name="api", executor="api", params={}))

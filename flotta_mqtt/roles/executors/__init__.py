@@ -11,6 +11,7 @@ from flotta_mqtt.roles.executors.base import (
     TaskError,
     TaskResult,
     TaskRun,
+    check_task,
     make_executor,
     register_executor,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "TaskResult",
     "TaskRun",
     "TaskRunner",
+    "check_task",
     "make_executor",
     "register_executor",
 ]

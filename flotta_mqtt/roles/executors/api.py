@@ -384,4 +384,4 @@ def _stdout(answer: _Answer | None) -> bytes:
     return answer.body if answer.body.endswith(b"\n") else answer.body + b"\n"
 
 
-register_executor("api", ApiExecutor)
+register_executor("api", ApiExecutor, ApiParams)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from pydantic import BaseModel, ValidationError
+
 from flotta_mqtt.model import Task
 
 
@@ -48,11 +50,32 @@ class Executor:
 
 
 _FACTORIES: dict[str, Callable[[], Executor]] = {}
+_PARAMS: dict[str, type[BaseModel]] = {}
 EXECUTORS: Mapping[str, Callable[[], Executor]] = MappingProxyType(_FACTORIES)
 
 
-def register_executor(name: str, factory: Callable[[], Executor]) -> None:
+def register_executor(
+    name: str, factory: Callable[[], Executor], params: type[BaseModel] | None = None
+) -> None:
+    """Make an executor available by name; `params` lets a task be checked before it runs."""
     _FACTORIES[name] = factory
+    if params is not None:
+        _PARAMS[name] = params
+
+
+def check_task(task: Task) -> None:
+    """Refuse a task whose params its executor would refuse, before anything runs."""
+    model = _PARAMS.get(task.executor)
+    if model is None:
+        return
+    try:
+        model.model_validate(task.params)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        )
+        raise ValueError(f"task {task.name}: invalid {task.executor} params: {problems}") from None
 
 
 def make_executor(name: str) -> Executor:

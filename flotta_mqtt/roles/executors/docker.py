@@ -208,4 +208,4 @@ def _feed(stream: Any, data: bytes) -> None:
         raw.shutdown(socket.SHUT_WR)
 
 
-register_executor("docker", DockerExecutor)
+register_executor("docker", DockerExecutor, DockerParams)

@@ -382,4 +382,4 @@ def _pod_log(core: Any, namespace: str, pod: dict[str, Any]) -> bytes:
     return data
 
 
-register_executor("kube", KubeExecutor)
+register_executor("kube", KubeExecutor, KubeParams)

@@ -74,4 +74,4 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-register_executor("shell", ShellExecutor)
+register_executor("shell", ShellExecutor, ShellParams)

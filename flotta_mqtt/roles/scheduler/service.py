@@ -71,6 +71,7 @@ from flotta_mqtt.protocol import (
 from flotta_mqtt.protocol.topics import Address, Channel
 from flotta_mqtt.roles import operations
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
+from flotta_mqtt.roles.executors import check_task
 from flotta_mqtt.roles.scheduler.database import Database
 from flotta_mqtt.roles.scheduler.metrics import MetricsServer, SchedulerMetrics, scheduler_sampler
 from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
@@ -414,7 +415,11 @@ class Scheduler:
         seen: set[tuple[str, str]] = set()
         for job in graph.jobs:
             if job.kind == "tasks":
-                continue  # tasks are checked against each worker's executors when bound
+                try:  # the worker was chosen for its executor; its params are checked here
+                    check_task(Task.model_validate(job.operation.params))
+                except ValueError as exc:
+                    raise BindingError(str(exc)) from None
+                continue
             if (job.worker, job.operation.name) in seen:
                 continue
             seen.add((job.worker, job.operation.name))
