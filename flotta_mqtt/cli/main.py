@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import threading
 from datetime import datetime
@@ -16,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import Artifact, Tasks, Workflow
 from flotta_mqtt.protocol import ArtifactStatus
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings, load_yaml
@@ -55,6 +55,14 @@ ConfigOpt = Annotated[
 ]
 TimeoutOpt = Annotated[float | None, typer.Option(help="seconds to wait at most")]
 LogOpt = Annotated[str, typer.Option("--log-level", envvar="FLOTTA_LOG_LEVEL")]
+LogFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--log-format",
+        envvar="FLOTTA_LOG_FORMAT",
+        help="text, or json: one object per line with artifact and job ids",
+    ),
+]
 
 
 def _broker(
@@ -97,6 +105,12 @@ def _node_config(
         raise _fail(f"invalid settings:\n{exc}") from None
 
 
+def _logging(level: str, fmt: str) -> None:
+    if fmt not in ("text", "json"):
+        raise _fail(f"--log-format takes text or json, not {fmt!r}")
+    configure_logging(level.upper(), "json" if fmt == "json" else "text")
+
+
 def _serve(node: Scheduler | WorkerAgent, what: str) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -118,10 +132,15 @@ def scheduler(
     password: PasswordOpt = None,
     ca_file: CaOpt = None,
     storage: StorageOpt = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(envvar="FLOTTA_METRICS_PORT", help="serve Prometheus metrics on this port"),
+    ] = None,
     log_level: LogOpt = "INFO",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run a scheduler node: binds submitted artifacts into jobs and dispatches them."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    _logging(log_level, log_format)
     settings = _node_config(
         SchedulerConfig,
         config,
@@ -166,9 +185,10 @@ def worker(
     ca_file: CaOpt = None,
     storage: StorageOpt = None,
     log_level: LogOpt = "INFO",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run an edge worker agent next to its local data."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    _logging(log_level, log_format)
     datasets: dict[str, list[str]] = {}
     for item in data or []:
         project, sep, file = item.partition("=")
@@ -181,6 +201,7 @@ def worker(
         {
             "name": name,
             "max_jobs": max_jobs,
+            "state_dir": state_dir,
             "plugins": plugin or None,
             "datasets": datasets or None,
             "broker": _broker(broker, username, password, ca_file),

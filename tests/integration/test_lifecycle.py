@@ -12,8 +12,10 @@ MessageRecorders, or poll files with the bounded `wait_for`.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import logging
 import sqlite3
 import statistics
 import time
@@ -26,6 +28,7 @@ from typing import Any
 import pytest
 from helpers import MessageRecorder, wait_for
 
+from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import (
     Artifact,
     ArtifactState,
@@ -703,3 +706,23 @@ def test_a_late_result_of_an_abandoned_attempt_is_ignored(nodes: Nodes) -> None:
     ]
     status = handle.wait(timeout=TIMEOUT)
     assert status.results and status.results[0].url.endswith("/jobs/1/attempt-1/product")
+
+
+def test_json_logs_carry_the_artifact_and_job_on_every_line(nodes: Nodes) -> None:
+    stream = io.StringIO()
+    handler = configure_logging("INFO", "json", stream=stream)
+    try:
+        _, _, client = nodes.start("w0")
+        flaky = Operation(name="flaky", params={"counter": str(nodes.path("n")), "failures": 1})
+        artifact = Artifact(
+            project=PROJECT,
+            steps=[Parallel(flaky, Collect(), retries=1), Finalize(Operation(name="noop"))],
+        )
+        assert client.submit(artifact).wait(timeout=TIMEOUT).state is ArtifactState.COMPLETED
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    retried = [line for line in lines if "retrying" in line["message"]]
+    assert retried, stream.getvalue()[-2000:]
+    assert all(line["artifact_id"] == artifact.id for line in retried)
+    assert all(line["job_id"] == 0 and line["attempt"] == 1 for line in retried)

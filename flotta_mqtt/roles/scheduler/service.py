@@ -22,6 +22,7 @@ from typing import Any
 import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field
 
+from flotta_mqtt.logs import log_context
 from flotta_mqtt.model import (
     ARTIFACT_FINAL,
     JOB_FINAL,
@@ -208,6 +209,17 @@ class _Artifact:
 Outgoing = tuple[str, BaseModel, bool]  # topic, message, retain
 
 
+def _ids(message: Any) -> dict[str, Any]:
+    """The artifact and job a message is about, for the ids on every log line."""
+    job = getattr(message, "job", None)
+    if isinstance(job, JobRef):
+        return {"artifact_id": job.artifact_id, "job_id": job.job_id, "attempt": job.attempt}
+    artifact_id = getattr(message, "artifact_id", None) or (
+        message.id if isinstance(message, Artifact) else None
+    )
+    return {"artifact_id": artifact_id} if artifact_id else {}
+
+
 def _ref(node: NodePresence) -> NodeRef:
     return NodeRef(id=node.node, offers=node.labels, executors=node.executors)
 
@@ -329,7 +341,7 @@ class Scheduler:
                 self._reject(topic, str(exc))
                 return
             try:
-                with self.db.savepoint():
+                with self.db.savepoint(), log_context(**_ids(message)):
                     self._dispatch_message(address, message)
             except Exception as exc:
                 log.exception("scheduler: error handling %s", topic)

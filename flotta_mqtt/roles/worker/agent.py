@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flotta_mqtt.logs import log_context
 from flotta_mqtt.model import SafeId
 from flotta_mqtt.protocol import (
     CancelJob,
@@ -269,6 +270,12 @@ class WorkerAgent:
     # --- job runners -------------------------------------------------------------------
 
     def _run(self, attempt: _Attempt) -> None:
+        job = attempt.job
+        ids = {"artifact_id": job.artifact_id, "job_id": job.job_id, "attempt": job.attempt}
+        with log_context(**ids, worker=self.name):
+            self._run_attempt(attempt)
+
+    def _run_attempt(self, attempt: _Attempt) -> None:
         job = attempt.job
         try:
             if attempt.cancelled.is_set():
