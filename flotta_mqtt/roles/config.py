@@ -24,6 +24,7 @@ class BrokerSettings(BaseModel):
     key_file: str | None = None
     keepalive: int = Field(default=15, ge=2)
     session_expiry: int = Field(default=DAY, ge=0)
+    reconnect_delay_max: int = Field(default=4, ge=1)  # seconds between reconnect attempts
 
     def bus_config(self) -> BrokerConfig:
         return BrokerConfig(
@@ -35,6 +36,7 @@ class BrokerSettings(BaseModel):
             key_file=self.key_file,
             keepalive=self.keepalive,
             session_expiry=self.session_expiry,
+            reconnect_delay=(1, self.reconnect_delay_max),
         )
 
 

@@ -51,7 +51,8 @@ class BrokerConfig:
     key_file: str | None = None
     keepalive: int = 15
     session_expiry: int = DAY  # how long the broker queues for this node while it is away
-    reconnect_delay: tuple[int, int] = (1, 16)
+    # Retries at 1, 2, 4, 4… s: an edge node is back within seconds of its link.
+    reconnect_delay: tuple[int, int] = (1, 4)
     inflight: int = 100  # paho's in-flight QoS 1 publishes: its cost per PUBACK grows with it
     window: int = 10_000  # our bound on queued unacknowledged publishes (< 65,535 ids)
 
