@@ -177,7 +177,16 @@ def worker(
     ] = None,
     executor: Annotated[
         list[str] | None,
-        typer.Option(help="workflow task executor this worker runs (shell, docker, kube, api)"),
+        typer.Option(
+            help="workflow task executor this worker runs (shell, docker, kube, api, python)"
+        ),
+    ] = None,
+    allow_code: Annotated[
+        bool | None,
+        typer.Option(
+            envvar="FLOTTA_ALLOW_CODE",
+            help="run code shipped by @distributed callers (the python executor); off by default",
+        ),
     ] = None,
     broker: BrokerOpt = None,
     username: UserOpt = None,
@@ -203,6 +212,8 @@ def worker(
             "max_jobs": max_jobs,
             "state_dir": state_dir,
             "plugins": plugin or None,
+            "executors": executor or None,
+            "allow_code": allow_code,
             "datasets": datasets or None,
             "broker": _broker(broker, username, password, ca_file),
             "storage": {"url": storage} if storage else {},

@@ -12,7 +12,9 @@ from flotta_mqtt.model.context import NodeRef
 from flotta_mqtt.model.operation import FiniteJson
 
 TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-ExecutorName = Literal["shell", "docker", "kube", "api", "python"]
+# `noop` does nothing: only the benchmarks register it (bench/_noop.py), to measure the
+# engine's own cost per task; a worker offers an executor only once one is registered.
+ExecutorName = Literal["shell", "docker", "kube", "api", "python", "noop"]
 
 
 def _relative(path: str) -> str:

@@ -299,3 +299,38 @@ def test_cancel_stops_a_running_artifact(running: Running, tmp_path: Path) -> No
         assert handle.wait(timeout=TIMEOUT).state is ArtifactState.CANCELLED
     finally:
         flag.touch()
+
+
+def test_worker_options_reach_its_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every worker flag lands in the settings the agent starts with (none silently dropped)."""
+    import flotta_mqtt.cli.main as cli
+
+    started: list[WorkerConfig] = []
+    monkeypatch.setattr(cli, "_serve", lambda node, what: started.append(node.config))
+    data = tmp_path / "d.csv"
+    data.write_text("x\n1\n")
+    result = invoke(
+        "worker",
+        "--name",
+        "w9",
+        "--data",
+        f"p={data}",
+        "--max-jobs",
+        "3",
+        "--executor",
+        "shell",
+        "--executor",
+        "api",
+        "--allow-code",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--plugin",
+        "tests.plugins.test_ops",
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert (config.name, config.max_jobs, config.allow_code) == ("w9", 3, True)
+    assert config.executors == ["shell", "api"]
+    assert config.state_dir == tmp_path / "state"
+    assert config.plugins == ["tests.plugins.test_ops"]
+    assert "p" in config.datasets

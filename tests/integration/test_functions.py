@@ -9,6 +9,7 @@ they settle from retained statuses, so nothing here sleeps to synchronise.
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 import textwrap
 import threading
@@ -175,8 +176,9 @@ def test_seed_example_returns_every_value_in_order(cluster: Cluster) -> None:
     assert all(job is not None and job.product is not None for job in jobs)
 
 
-def test_gather_as_completed_and_logs(cluster: Cluster) -> None:
+def test_gather_as_completed_logs_and_missing_requirements(cluster: Cluster) -> None:
     cluster.start("w0", "w1")
+    cluster.configure(requirements=["no-such-package-flotta-xyz>=1"])
     mod = cluster.module(
         """
         import os
@@ -191,7 +193,10 @@ def test_gather_as_completed_and_logs(cluster: Cluster) -> None:
     handles = mod.shout.map(["a", "b", "c"])
     assert sorted(h.unwrap() for h in as_completed(handles, timeout=TIMEOUT)) == ["aa", "bb", "cc"]
     assert gather(handles, progress=True) == ["aa", "bb", "cc"]
-    assert handles[1].logs()[0] == "B\n"
+    stdout, stderr = handles[1].logs()
+    assert stdout == "B\n"
+    # Workers report what the manifest asks for and they lack; they install nothing.
+    assert "lacks requirements: no-such-package-flotta-xyz>=1 (not installed)" in stderr
 
 
 def test_a_custom_exception_is_raised_locally_as_itself(cluster: Cluster) -> None:
@@ -460,3 +465,103 @@ def test_a_call_without_configuration_says_how_to_configure(
 
     with pytest.raises(NotConfigured, match=r"configure\(broker=\.\.\., storage=\.\.\.\)"):
         idle()
+
+
+def test_threads_bounds_the_calls_a_worker_runs_at_once(cluster: Cluster) -> None:
+    cluster.start("w0")  # max_jobs 4
+    mod = cluster.module(
+        """
+        import time
+        from flotta_mqtt import distributed
+
+        def span():
+            start = time.monotonic()
+            time.sleep(0.3)
+            return start, time.monotonic()
+
+        @distributed(threads=1)
+        def alone(_):
+            return span()
+
+        @distributed(threads=4)
+        def together(_):
+            return span()
+        """
+    )
+
+    def most_at_once(spans: list[tuple[float, float]]) -> int:
+        return max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+
+    assert most_at_once(gather(mod.alone.map(range(4)), timeout=TIMEOUT)) == 1
+    assert most_at_once(gather(mod.together.map(range(4)), timeout=TIMEOUT)) > 1
+
+
+def test_cancelling_the_artifact_kills_its_running_calls(cluster: Cluster) -> None:
+    (w0,) = cluster.start("w0")
+    marks = cluster.folder / "marks"
+    marks.mkdir()
+    mod = cluster.module(
+        """
+        import os, time
+        from pathlib import Path
+        from flotta_mqtt import distributed
+
+        @distributed
+        def stubborn(marks):
+            Path(marks, "started").touch()
+            time.sleep(30)
+            Path(marks, "finished").touch()
+        """
+    )
+    handle = mod.stubborn(str(marks))
+    wait_for(lambda: (marks / "started").exists(), timeout=TIMEOUT, message="never started")
+    functions.session.current("stubborn").client.cancel(str(handle.artifact_id))
+    with pytest.raises(CallFailed, match="cancelled"):
+        handle.unwrap(TIMEOUT)
+    executor = w0.tasks.executors["python"]
+    assert isinstance(executor, PythonExecutor)
+    wait_for(lambda: not executor._busy, timeout=TIMEOUT, message="the call's process lives on")
+    assert not (marks / "finished").exists()
+
+
+def test_the_seed_example_script_runs_with_its_own_local_cluster(tmp_path: Path) -> None:
+    """The main script's function is pickled by value; its folder is the workspace."""
+    script = Path(__file__).parents[2] / "examples" / "distributed_sum.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--local", "--calls", "40", "--pause", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[1, 3, 5, 7, 9] ... 79" in done.stdout
+
+
+def test_call_processes_and_the_zygote_dying_between_calls_are_replaced(
+    cluster: Cluster,
+) -> None:
+    import os
+    import signal
+
+    (w0,) = cluster.start("w0")
+    mod = cluster.module(
+        """
+        import os
+        from flotta_mqtt import distributed
+
+        @distributed
+        def pid():
+            return os.getpid()
+        """
+    )
+    first = mod.pid().unwrap(TIMEOUT)
+    executor = w0.tasks.executors["python"]
+    assert isinstance(executor, PythonExecutor)
+    assert [p.pid for idle in executor._idle.values() for p in idle] == [first]
+    os.kill(first, signal.SIGKILL)  # an idle call process dies (OOM killer, say)
+    assert executor._zygote is not None
+    executor._zygote.process.kill()  # and so does the zygote
+    executor._zygote.process.wait()
+    second = mod.pid().unwrap(TIMEOUT)
+    assert second != first

@@ -2,7 +2,9 @@
 
 Shipped code runs only on a worker whose config says `allow_code: true`: the agent does
 not even create this executor otherwise, and the executor refuses every call until the
-agent has set it up with that permission.
+agent has set it up with that permission. Call processes run as the worker's own user,
+with its store and broker settings for nested calls: allowing code means trusting the
+callers with whatever the worker itself may do.
 
 A call process serves one workspace (fetched from the store once per hash, unpacked into
 `{state_dir or a private temporary folder}/workspaces/{sha256}/`, first on its
@@ -140,11 +142,11 @@ class _Process:
             os.killpg(self.pid, signal.SIGKILL)  # it leads its own process group
         self.sock.close()
 
-    def call(
-        self, request: dict[str, Any], cancelled: threading.Event, deadline: float | None
-    ) -> dict[str, Any] | None:
-        """Send a call and wait for its reply; None if the process died meanwhile."""
+    def send(self, request: dict[str, Any]) -> None:
         send_frame(self.sock, request)
+
+    def wait(self, cancelled: threading.Event, deadline: float | None) -> dict[str, Any] | None:
+        """The reply to the call sent; None if the process died meanwhile."""
         while True:
             if cancelled.is_set():
                 raise _Stopped(timed_out=False)
@@ -205,10 +207,13 @@ class PythonExecutor(Executor):
             self._temporary = self._folder = Path(tempfile.mkdtemp(prefix=f"flotta-{node}-"))
         self._folder.mkdir(parents=True, exist_ok=True)
         # What a call needs to make calls of its own (nested calls): this worker's broker
-        # and store, a name for logs, and the workspace it runs in (set per process).
+        # (or FLOTTA_NESTED_BROKER_JSON's, e.g. a workbench identity where the broker's
+        # ACL lets a worker's identity submit nothing) and store, a name for logs, and
+        # the workspace it runs in (set per process).
         self._env = {
             "FLOTTA_NODE": node,
-            "FLOTTA_BROKER_JSON": broker.model_dump_json(),
+            "FLOTTA_BROKER_JSON": os.environ.get("FLOTTA_NESTED_BROKER_JSON")
+            or broker.model_dump_json(),
             "FLOTTA_STORAGE_JSON": storage.model_dump_json(),
         }
         if allow_code:
@@ -257,7 +262,7 @@ class PythonExecutor(Executor):
                 "cwd": str(run.workdir),
                 "stdout": str(logs[0]),
                 "stderr": str(logs[1]),
-                "notes": self._reports.get(params.workspace.sha256, ""),
+                "notes": self._report(params.workspace.sha256, folder),
             }
             slot = self._slot(params)
             _acquire(slot, run.cancelled, deadline)
@@ -296,7 +301,16 @@ class PythonExecutor(Executor):
         sha = archive.sha256
         process = self._checkout(archive, folder)
         try:
-            reply = process.call(request, run.cancelled, deadline)
+            try:
+                process.send(request)
+            except OSError:
+                # It died while idle (the call never reached it): a fresh one takes it.
+                with self._lock:
+                    self._busy.discard(process)
+                process.kill()
+                process = self._checkout(archive, folder)
+                process.send(request)
+            reply = process.wait(run.cancelled, deadline)
         except BaseException:
             with self._lock:
                 self._busy.discard(process)
@@ -335,11 +349,23 @@ class PythonExecutor(Executor):
             "FLOTTA_WORKSPACE_DIR": str(folder),
             "FLOTTA_WORKSPACE_JSON": archive.model_dump_json(),
         }
-        pid, sock = self._get_zygote().fork({"workspace": str(folder), "env": env})
+        spec = {"workspace": str(folder), "env": env}
+        try:
+            pid, sock = self._get_zygote().fork(spec)
+        except (OSError, RuntimeError):
+            log.warning("worker %s: the call-process zygote failed; starting another", self.node)
+            self._restart_zygote()
+            pid, sock = self._get_zygote().fork(spec)
         process = _Process(pid, sock, sha)
         with self._lock:
             self._busy.add(process)
         return process
+
+    def _restart_zygote(self) -> None:
+        with self._zygote_lock:
+            if self._zygote is not None:
+                self._zygote.close()
+                self._zygote = None
 
     def _get_zygote(self) -> _Zygote:
         with self._zygote_lock:
@@ -379,13 +405,20 @@ class PythonExecutor(Executor):
         with lock:
             if not target.is_dir():
                 workspaces.unpack(self._store.get(archive), target)
-                manifest = workspaces.read_manifest(target)
-                missing = workspaces.missing_requirements(manifest.get("requirements", []))
-                if missing:
-                    report = f"flotta: worker {self.node} lacks requirements: {', '.join(missing)}"
-                    log.warning("%s (workspace %s)", report, archive.sha256[:12])
-                    self._reports[archive.sha256] = report
         return target
+
+    def _report(self, sha: str, folder: Path) -> str:
+        """What this worker lacks of the workspace's requirements ("" if nothing), once."""
+        report = self._reports.get(sha)
+        if report is None:
+            manifest = workspaces.read_manifest(folder)
+            missing = workspaces.missing_requirements(manifest.get("requirements", []))
+            report = ""
+            if missing:
+                report = f"flotta: worker {self.node} lacks requirements: {', '.join(missing)}"
+                log.warning("%s (workspace %s)", report, sha[:12])
+            self._reports[sha] = report
+        return report
 
     def _pickled(self, resource: Resource) -> Path:
         """A function pickled by value, kept by its hash."""
@@ -410,4 +443,4 @@ def _acquire(
             raise _Stopped(timed_out=True)
 
 
-register_executor("python", PythonExecutor)
+register_executor("python", PythonExecutor, CallParams)

@@ -46,6 +46,7 @@ class TaskRunner:
                     media_type="text/plain",
                 ).model_dump(mode="json")
                 for stream, data in (("stdout", result.stdout), ("stderr", result.stderr))
+                if data  # an empty stream costs a write and shows nothing: `logs` prints ""
             }
             if result.timed_out:
                 raise TaskError(

@@ -14,6 +14,7 @@ How the function reaches a worker: a module-level function of an importable modu
 of the workspace's, or an installed package's) is named by module and qualified name and
 imported there from the shipped workspace; a function defined in the main script (or
 inside another function) is pickled by value with cloudpickle, once per session.
+Decorate functions, not methods: a call carries its arguments, not an instance.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from the environment:
   for it while holding its slot on its worker. Give the workers room (`max_jobs` above
   the outer calls' `threads`) or the outer calls can fill every slot and wait forever.
   On a broker with per-node identities a worker's identity may not submit: give its call
-  processes a workbench identity through `FLOTTA_BROKER_JSON` in the worker's environment.
+  processes a workbench identity with `FLOTTA_NESTED_BROKER_JSON` (BrokerSettings as
+  JSON) in the worker's environment.
 
 Calls are batched: a background submitter takes what the caller's loop queued and sends it
 as one artifact of at most `batch_size` calls (200: a status lists every job of an
@@ -563,9 +564,10 @@ def _failure(
     remote = status.error if status is not None else None
     if remote is not None and remote.type == "BindingError" and "python executor" in remote.message:
         return CallFailed(
-            f"no worker allows shipped code for {handle.function}: no online worker offers the "
-            "python executor, which a worker runs only with allow_code: true in its config "
-            f"(and the labels the call's platform asks for). Scheduler: {remote.message}",
+            f"no worker allows shipped code for {handle.function}: no worker the scheduler "
+            "knows offers the python executor, which a worker runs only with allow_code: true "
+            "in its config (and carries the labels the call's platform asks for). "
+            f"Scheduler: {remote.message}",
             "BindingError",
         )
     if state is JobState.FAILED:
@@ -573,9 +575,8 @@ def _failure(
         summary = handle._summary
         if status is not None and status.error is not None and summary is not None:
             traceback = status.error.traceback if status.failed_job == summary.id else ""
-        return CallFailed(
-            f"{handle.function} failed on its worker: {error}", "JobFailed", traceback
-        )
+        kind = (error or "").partition(":")[0] or "JobFailed"  # summaries say "Type: message"
+        return CallFailed(f"{handle.function} failed on its worker: {error}", kind, traceback)
     if remote is not None:
         what = "cancelled" if state is JobState.CANCELLED else "failed"
         return CallFailed(

@@ -245,6 +245,9 @@ class Scheduler:
         self._artifacts: dict[str, _Artifact] = {}
         self._nodes: dict[str, NodePresence] = {}
         self._started_at = time.monotonic()
+        # Everything received up to this moment has been handled: the clock periodic
+        # re-sends count on, so a backlog in our own inbox never passes for a silent worker.
+        self._caught_up = time.monotonic()
         self._stopping = threading.Event()
         self.metrics = SchedulerMetrics()
         self.metrics_server: MetricsServer | None = None
@@ -252,7 +255,9 @@ class Scheduler:
         self.bus = Bus(
             client_id=config.name,
             config=config.broker.bus_config(),
-            on_message=lambda topic, payload: self._inbox.put(("message", (topic, payload))),
+            on_message=lambda topic, payload: self._inbox.put(
+                ("message", (topic, payload, time.monotonic()))
+            ),
             subscriptions=[topics.ALL_REQUESTS, topics.ALL_EVENTS, topics.ALL_PRESENCE],
             on_connect=lambda session: self._inbox.put(("connected", session)),
         )
@@ -311,7 +316,12 @@ class Scheduler:
                 while len(burst) < BURST:
                     burst.append(self._inbox.get_nowait())
             except queue.Empty:
-                pass
+                self._caught_up = time.monotonic()  # the inbox is drained
+            else:
+                # Cut at BURST with more waiting: caught up to the last message taken.
+                arrivals = [item[2] for kind, item in burst if kind == "message"]
+                if arrivals:
+                    self._caught_up = arrivals[-1]
             try:
                 with self.db.transaction():
                     for kind, item in burst:
@@ -333,7 +343,7 @@ class Scheduler:
 
     def _handle(self, kind: str, item: Any) -> None:
         if kind == "message":
-            topic, payload = item
+            topic, payload, _ = item
             try:
                 address, message = decode(topic, payload)
             except ProtocolError as exc:
@@ -740,14 +750,22 @@ class Scheduler:
         """Re-send JobReady for dispatched jobs their worker has not acknowledged yet.
 
         Broker persistence is not end to end: a broker crash can lose a job it accepted.
+        `older_than` counts on the caught-up clock: a job is re-sent once everything its
+        worker said for that long after the dispatch has been handled without an answer
+        about it. Counting on the wall clock instead, a backlog in this scheduler's own
+        inbox (the answers are there, not handled yet) looked like silence: it re-sent
+        jobs by the thousand, and the duplicates made the backlog longer.
         """
         now = time.monotonic()
+        clock = now if older_than <= 0 else self._caught_up
         for record in self._artifacts.values():
             if record.graph is None:
                 continue
             for job_id, sent in list(record.dispatched_at.items()):
                 worker = record.worker(job_id)
-                if (job_id in record.accepted and not include_accepted) or now - sent < older_than:
+                if job_id in record.accepted and not include_accepted:
+                    continue
+                if clock - sent < older_than:
                     continue
                 if only_worker is not None and worker != only_worker:
                     continue

@@ -50,6 +50,7 @@ from flotta_mqtt.transport.store import ResourceStore
 log = logging.getLogger(__name__)
 
 JobKey = tuple[str, int]  # (artifact id, job id)
+MAX_BACKOFF = 16  # a result unacknowledged for long is re-sent every 16 resend intervals
 
 
 class WorkerConfig(BaseModel):
@@ -87,6 +88,7 @@ class _Attempt:
     running: bool = False
     final: Final | None = None
     sent_at: float = 0.0  # monotonic time the final event was last published
+    resends: int = 0  # periodic re-sends of the final event so far (each waits twice longer)
 
 
 class WorkerAgent:
@@ -256,13 +258,21 @@ class WorkerAgent:
             self.bus.publish(topics.events(self.name), JobHeartbeat(jobs=running, at=time.time()))
 
     def _resend(self, older_than: float) -> None:
-        """Publish again the results not acknowledged within `older_than` seconds."""
+        """Publish again the results not acknowledged within `older_than` seconds.
+
+        Each periodic re-send of a result waits twice as long as the one before (up to
+        MAX_BACKOFF times `older_than`): a scheduler slow to acknowledge because it is busy
+        is not flooded with copies. A reconnect (`older_than` 0) re-sends them all at once.
+        """
         now = time.monotonic()
         pending = []
         with self._lock:
             for attempt in self._attempts.values():
-                if attempt.final is not None and now - attempt.sent_at >= older_than:
+                wait = older_than * min(MAX_BACKOFF, 2**attempt.resends)
+                if attempt.final is not None and now - attempt.sent_at >= wait:
                     attempt.sent_at = now
+                    if older_than > 0:
+                        attempt.resends += 1
                     pending.append(attempt.final)
         for event in pending:
             self.bus.publish(topics.events(self.name), event)
