@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from flotta_mqtt.model.errors import describe
 from flotta_mqtt.protocol import topics
 from flotta_mqtt.protocol.messages import (
     Artifact,
@@ -65,9 +66,6 @@ def decode(topic: str, payload: bytes) -> tuple[Address, Any]:
     try:
         message = PAYLOADS[address.channel].validate_json(payload)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}"
-            for err in exc.errors(include_url=False)[:5]
-        )
+        problems = describe(exc, "message")
         raise ProtocolError(f"invalid {address.channel} message on {topic}: {problems}") from None
     return address, message

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from pydantic import BaseModel, ValidationError
 
 from flotta_mqtt.model import Task
+from flotta_mqtt.model.errors import describe
 
 
 @dataclass
@@ -71,10 +72,7 @@ def check_task(task: Task) -> None:
     try:
         model.model_validate(task.params)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}"
-            for e in exc.errors(include_url=False)
-        )
+        problems = describe(exc, "params")
         raise ValueError(f"task {task.name}: invalid {task.executor} params: {problems}") from None
 
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flotta_mqtt.model import JobRole, Operation
+from flotta_mqtt.model.errors import describe
 from flotta_mqtt.protocol import JobReady
 
 
@@ -159,10 +160,7 @@ def lookup(operation: Operation) -> tuple[OperationDef, BaseModel]:
     try:
         params = definition.Params.model_validate(operation.params)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}"
-            for e in exc.errors(include_url=False)
-        )
+        problems = describe(exc, "params")
         raise OperationError(f"invalid parameters for {operation.name}: {problems}") from None
     return definition, params
 
