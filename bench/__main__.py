@@ -1,45 +1,92 @@
-"""`python -m bench [dispatch|binding|analytics|functions|all] [--runs N]`: print tables."""
+"""`python -m bench [compare|scale|dispatch|binding|analytics|functions|all] [--runs N]`.
+
+With no argument: `compare` (flotta_mqtt next to the raw MQTT floor, Dask, Celery and Ray
+on fan-out, chain and fan-in) and then `scale` (100,000 jobs bound and scheduled).
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from bench import _report
+
+CHOICES = ["default", "compare", "scale", "dispatch", "binding", "analytics", "functions", "all"]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("which", nargs="?", choices=CHOICES, default="default")
+    parser.add_argument("--runs", type=int, default=3, help="report the median of N runs")
     parser.add_argument(
-        "which",
-        nargs="?",
-        choices=["dispatch", "binding", "analytics", "functions", "all"],
-        default="all",
+        "--systems",
+        default="floor,flotta_mqtt,dask,celery,ray",
+        help="compare: which systems, comma-separated (peers not installed are skipped)",
     )
-    parser.add_argument("--runs", type=int, default=1, help="report the median of N runs")
-    parser.add_argument(
-        "--artifacts", type=int, default=500, help="fan-out artifacts (4 jobs each)"
-    )
+    parser.add_argument("--fan-out", type=int, default=10_000, help="compare: fan-out tasks")
+    parser.add_argument("--fan-in", type=int, default=1_000, help="compare: fan-in width")
     parser.add_argument("--chain", type=int, default=300, help="links in the chain")
-    parser.add_argument("--floor", type=int, default=500, help="sequential floor round trips")
+    parser.add_argument(
+        "--database",
+        type=Path,
+        default=None,
+        help="compare: the scheduler's SQLite file (e.g. /dev/shm/flotta-bench.db for a RAM "
+        "disk); a temporary directory on disk by default",
+    )
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="compare: the folder under which workers store products (e.g. /dev/shm); a "
+        "temporary directory on disk by default",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="compare: py-spy the scheduler process during the first fan-out; folded stacks "
+        "to this file, top functions printed",
+    )
+    parser.add_argument("--scale-jobs", type=int, default=100_000, help="scale: jobs to run")
+    parser.add_argument(
+        "--artifacts", type=int, default=500, help="dispatch: fan-out artifacts (4 jobs each)"
+    )
+    parser.add_argument("--floor", type=int, default=500, help="dispatch: floor round trips")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
 
     start = time.perf_counter()
-    if args.which in ("dispatch", "all"):
+    which = args.which
+    if which in ("default", "compare", "all"):
+        from bench import compare
+
+        compare.run(
+            runs=args.runs,
+            shapes=compare.Shapes(args.fan_out, args.chain, args.fan_in),
+            systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()),
+            database=args.database,
+            profile=args.profile,
+            store=args.store,
+        )
+    if which in ("default", "scale", "all"):
+        from bench import scale
+
+        scale.run(runs=args.runs, jobs=args.scale_jobs)
+    if which in ("dispatch", "all"):
         from bench import dispatch
 
         dispatch.run(runs=args.runs, artifacts=args.artifacts, rounds=args.chain, count=args.floor)
-    if args.which in ("binding", "all"):
+    if which in ("binding", "all"):
         from bench import binding
 
         binding.run(runs=args.runs)
-    if args.which in ("analytics", "all"):
+    if which in ("analytics", "all"):
         from bench import analytics
 
         analytics.run()
-    if args.which in ("functions", "all"):
+    if which in ("functions", "all"):
         from bench import functions
 
         functions.run()

@@ -299,6 +299,8 @@ def _observer_main(url: str, conn: Connection) -> None:
                 else:
                     observed.finished_seen.setdefault(key, at)
                     observed.finished_at.setdefault(key, (message.started_at, message.finished_at))
+                    # A quick job sends no JobStarted: its result says when it started.
+                    observed.started_at.setdefault(key, message.started_at)
         conn.send(observed)
     bus.stop()
 

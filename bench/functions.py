@@ -5,6 +5,10 @@ Processes: mosquitto; a scheduler; 4 worker processes (WorkerAgent, `executors:
 function sleeps 10 ms and adds two numbers, `threads=4`, so the ideal is 2,000 x 10 ms
 / 16 slots = 1.25 s and the serial time 20 s.
 
+Each round also reports the CPU time every role used per call (Linux /proc), and how many
+of the machine's cores other processes kept busy meanwhile: on a shared 2-core machine
+the wall time says as much about the neighbours as about the calls.
+
 Two runs of 2,000 calls each: *cold* starts right after the workers are up (their
 call-process zygotes warm): it includes packing and uploading the workspace, each
 worker fetching and unpacking it and forking its call processes; *warm* repeats the
@@ -14,8 +18,10 @@ gathered, in order, and checked.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
+import os
 import tempfile
 import textwrap
 import time
@@ -83,18 +89,60 @@ def _worker_main(name: str, url: str, store: str, ready: Any, stop: Any) -> None
     agent.stop()
 
 
-def _round(calls: int) -> float:
+def _round(calls: int, roles: dict[str, list[int]]) -> dict[str, float]:
+    """Wall time of one round, and CPU seconds per role (and the machine's) during it."""
     from bench_functions_ws import sleep_sum  # type: ignore[import-not-found]
 
     import flotta_mqtt
 
+    before = _cpu(roles)
     start = time.perf_counter()
     handles = [sleep_sum(x, x + 1) for x in range(calls)]
     values = flotta_mqtt.gather(handles, timeout=300)
     wall = time.perf_counter() - start
+    after = _cpu(roles)
     if values != [2 * x + 1 for x in range(calls)]:
         raise AssertionError("the calls returned wrong values")
-    return wall
+    return {"wall": wall} | {role: after[role] - before[role] for role in after}
+
+
+def _cpu(roles: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds used so far by each role's processes and their descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+
+    def tree(pid: int) -> list[int]:
+        return [pid, *(p for child in children.get(pid, []) for p in tree(child))]
+
+    used = {
+        # The caller's own process only: the nodes and the broker are its children here.
+        role: sum(
+            _cpu_seconds(p) for pid in pids for p in ([pid] if role == "caller" else tree(pid))
+        )
+        for role, pids in roles.items()
+    }
+    return used | {"machine": _machine_cpu_seconds()}
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _machine_cpu_seconds() -> float:
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def run(calls: int = CALLS) -> list[dict[str, float]]:
@@ -136,7 +184,14 @@ def run(calls: int = CALLS) -> list[dict[str, float]]:
                 if not ready.wait(120):
                     raise RuntimeError("a node did not start")
             flotta_mqtt.configure(broker=broker.url, storage=store, workspace=workspace)
-            rounds = [{"cold": _round(calls)}, {"warm": _round(calls)}]
+            roles = {
+                "caller": [os.getpid()],
+                "scheduler": [processes[0].pid or 0],
+                # Each worker with its zygote and call processes (its descendants).
+                "workers": [p.pid or 0 for p in processes[1:]],
+                "mosquitto": [broker.process.pid if broker.process else 0],
+            }
+            rounds = [("cold", _round(calls, roles)), ("warm", _round(calls, roles))]
         finally:
             shutdown()
             sys.path.remove(str(workspace))
@@ -147,30 +202,36 @@ def run(calls: int = CALLS) -> list[dict[str, float]]:
                     process.kill()
     serial = calls * SLEEP
     rows = []
-    figures = []
-    for entry in rounds:
-        ((label, wall),) = entry.items()
+    for label, figures in rounds:
+        wall = figures["wall"]
+        ours = sum(figures[role] for role in roles)
         rows.append(
             [
                 label,
-                f"{calls:,}",
                 f"{wall:.2f}",
-                f"{serial:.1f}",
                 f"{wall / serial:.2f}",
                 f"{calls / wall:,.0f}",
+                *(f"{1000 * figures[role] / calls:.2f}" for role in roles),
+                f"{max(0.0, figures['machine'] - ours) / wall:.1f}",
             ]
         )
-        figures.append({"wall": wall, "serial": serial, "ratio": wall / serial})
     print_table(
         f"@distributed: {calls:,} calls of sleep({SLEEP}), {WORKERS} workers, threads={THREADS}",
-        ["round", "calls", "wall s", "serial s", "wall / serial", "calls/s"],
+        [
+            "round",
+            "wall s",
+            "wall / serial",
+            "calls/s",
+            *(f"{role} CPU ms/call" for role in roles),
+            "others' cores busy",
+        ],
         rows,
         note=(
-            f"target: wall / serial < 0.5; ideal {calls * SLEEP / (WORKERS * THREADS):.2f} s "
-            f"({machine_load()})"
+            f"serial: {serial:.1f} s; target: wall / serial < 0.5; ideal "
+            f"{calls * SLEEP / (WORKERS * THREADS):.2f} s ({machine_load()})"
         ),
     )
-    return figures
+    return [figures for _, figures in rounds]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 # to cut and degrade links between network namespaces (iproute2, nftables) and openssl,
 # and podman (with runc, and busybox-static for a tiny local image) serving the Docker API
 # to the docker executor's tests and running Pod specs for the kube executor's; chromium,
-# in which the dashboard's end-to-end test runs, and graphviz, which draws DAG pictures.
+# in which the dashboard's end-to-end test runs, and graphviz, which draws DAG pictures;
+# with the bench extra, redis-server for the Celery peer of the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,9 @@ extras="${1:-}"
 packages=(mosquitto mosquitto-clients)
 if [[ ",$extras," == *",test,"* ]]; then
     packages+=(iproute2 nftables openssl podman runc busybox-static chromium graphviz)
+fi
+if [[ ",$extras," == *",bench,"* ]]; then
+    packages+=(redis-server)  # Celery's broker and result backend in `python -m bench`
 fi
 missing=()
 for package in "${packages[@]}"; do

@@ -1,0 +1,178 @@
+"""Scale: 100,000 jobs bound and scheduled by the real scheduler code, without a network.
+
+In a fresh process (so its memory is the scheduler's alone): a `Scheduler` (not started:
+no broker) whose thread's work is done here, burst by burst, exactly as `_serve` does it:
+99 workers' presence; the submission of `Iterate(1000, [Parallel(noop, Collect()),
+Finalize(noop, Distribute())])` (100 jobs a round: 100,000 jobs and 197,901 locks), bound
+and persisted in SQLite; then every JobReady it publishes is answered with the encoded
+JobFinished its worker would send (decoded, validated and handled as on the bus, 500 per
+transaction, statuses and acknowledgements built and encoded, nothing published), until
+the artifact completes.
+
+Figures: the time to bind (submit → first JobReady ready to publish), the time to
+schedule everything after that (per job), the scheduler process's peak RSS, and memory:
+what the bound artifact held while running, per job, and what is left per finished job
+once the artifact is done (the database keeps the jobs, the process should not).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing as mp
+import resource
+import statistics
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from bench._report import machine_load, print_table
+
+SPAWN = mp.get_context("spawn")
+WORKERS = 99
+BURST = 500
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _scale_main(jobs: int, database: str, conn: Connection) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    from bench.binding import artifact_of
+    from flotta_mqtt.model import ArtifactState
+    from flotta_mqtt.protocol import JobFinished, JobReady, NodePresence, Resource, encode, topics
+    from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
+
+    scheduler = Scheduler(
+        SchedulerConfig(database=Path(database), run_initiator=False, worker_grace=0.0)
+    )
+    now = time.time()
+    with scheduler.db.transaction():
+        for i in range(WORKERS):
+            name = f"w{i:03d}"
+            presence = NodePresence(
+                node=name, online=True, projects=["bench"], operations=["noop"], since=now
+            )
+            scheduler._handle(
+                "message", (topics.presence(name), encode(presence), time.monotonic())
+            )
+        scheduler._out.clear()
+    artifact = artifact_of(jobs // 100)
+    gc.collect()
+    rss_start = _rss_mb()
+
+    def drain() -> list[Any]:
+        """What the burst decided, encoded as it would be published; the JobReady kept."""
+        scheduler._build_statuses()  # as `_serve` does after the commit
+        out, scheduler._out = scheduler._out, []
+        ready = []
+        for _topic, message, _retain in out:
+            encode(message)
+            if isinstance(message, JobReady):
+                ready.append(message)
+        return ready
+
+    start = time.perf_counter()
+    with scheduler.db.transaction():
+        payload = encode(artifact)
+        scheduler._handle("message", (topics.submit("bench"), payload, time.monotonic()))
+        scheduler._collect_status()
+    pending = drain()
+    bind_s = time.perf_counter() - start
+    rss_bound = _rss_mb()
+    record = scheduler._artifacts[artifact.id]
+    total = len(record.jobs)
+
+    start = time.perf_counter()
+    finished = 0
+    while pending:
+        burst, pending = pending[:BURST], pending[BURST:]
+        with scheduler.db.transaction():
+            for job in burst:
+                worker = record.worker(job.job_id)
+                product = Resource(
+                    url=f"file:///bench/artifacts/{job.artifact_id}/jobs/{job.job_id}/attempt-1/product",
+                    sha256="0" * 64,
+                    size=4,
+                )
+                event = JobFinished(job=job.ref, product=product, started_at=now, finished_at=now)
+                scheduler._handle(
+                    "message", (topics.events(worker), encode(event), time.monotonic())
+                )
+                finished += 1
+            scheduler._collect_status()
+        pending += drain()
+    schedule_s = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    state = scheduler.db.artifact(artifact.id)
+    if state is None or state.state is not ArtifactState.COMPLETED or finished != total:
+        raise RuntimeError(f"finished {finished} of {total} jobs; the artifact is {state}")
+    del record
+    gc.collect()
+    rss_end = _rss_mb()
+    scheduler.db.close()
+    conn.send(
+        {
+            "jobs": total,
+            "bind_s": bind_s,
+            "schedule_s": schedule_s,
+            "peak_mb": peak_mb,
+            "start_mb": rss_start,
+            "bound_kb_per_job": (rss_bound - rss_start) * 1024 / total,
+            "left_kb_per_job": (rss_end - rss_start) * 1024 / total,
+        }
+    )
+
+
+def measure(jobs: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="fb-scale-") as scratch:
+        ours, theirs = SPAWN.Pipe()
+        process = SPAWN.Process(
+            target=_scale_main, args=(jobs, str(Path(scratch) / "scheduler.db"), theirs)
+        )
+        process.start()
+        try:
+            if not ours.poll(900):
+                raise RuntimeError("the scale run gave no result in 900 s")
+            result: dict[str, float] = ours.recv()
+            return result
+        finally:
+            process.join(30)
+
+
+def run(runs: int = 1, jobs: int = 100_000) -> None:
+    results = [measure(jobs) for _ in range(runs)]
+
+    def cell(key: str, fmt: str, scale: float = 1.0) -> str:
+        values = [r[key] * scale for r in results]
+        middle = fmt.format(statistics.median(values))
+        return f"{middle} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+    n = results[0]["jobs"]
+    rows = [
+        ["bind (submit → first JobReady encoded)", cell("bind_s", "{:,.2f}", 1.0) + " s"],
+        ["schedule the rest (finished → next ready)", cell("schedule_s", "{:,.1f}") + " s"],
+        ["  per job", cell("schedule_s", "{:,.1f}", 1e6 / n) + " µs"],
+        ["scheduler process peak RSS", cell("peak_mb", "{:,.0f}") + " MB"],
+        ["  of which before submitting", cell("start_mb", "{:,.0f}") + " MB"],
+        ["bound artifact, per job (RSS)", cell("bound_kb_per_job", "{:,.2f}") + " KiB"],
+        ["left per finished job (RSS)", cell("left_kb_per_job", "{:,.3f}") + " KiB"],
+    ]
+    print_table(
+        f"scale: {n:,.0f} jobs (Iterate(1000, [Parallel(noop, Collect()), Finalize(noop, "
+        f"Distribute())]) over {WORKERS} workers), the scheduler's code without a network, "
+        f"median of {runs} run(s) (min-max); {machine_load()}",
+        ["figure", "value"],
+        rows,
+        note="target: 100,000 jobs bound and scheduled with the scheduler's peak memory < 500 MB",
+    )
+
+
+if __name__ == "__main__":
+    run()
