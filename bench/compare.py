@@ -17,13 +17,13 @@ How each system expresses them:
 - **flotta_mqtt**: a scheduler process (SQLite WAL, `--database`), 4 worker processes
   (`WorkerAgent`, `max_jobs=4`, each with its own name and state directory, journal on
   disk), the driver in this process publishing submissions and following statuses.
-  Fan-out: 2,500 artifacts `[Parallel(noop)]` (4 jobs each, one per worker: 10,000
-  independent jobs; an artifact is flotta's unit of submission, and one artifact of 2,500
-  `Parallel` steps would exceed the 256 KiB message limit); chain: `Iterate(300,
-  [Parallel(noop)])` in a project only one worker holds, so each job is locked behind the
-  one before; fan-in: a workflow (`Tasks`) of 1,000 independent tasks and an `agg` task
-  depending on all of them, run by a `noop` executor (bench/_noop.py): the aggregate's
-  JobReady lists all 1,000 products, like Dask's aggregate receives 1,000 results.
+  Fan-out: one workflow (`Tasks`) of one task `t` with `replicas=10,000`, run by a `noop`
+  executor (bench/_noop.py): one submission of 10,000 independent jobs, spread over the
+  4 workers, like `client.map`; chain: `Iterate(300, [Parallel(noop)])` in a project only
+  one worker holds, so each job is locked behind the one before; fan-in: the task `t`
+  with `replicas=1,000` and an `agg` task depending on `t`, so on all 1,000 replicas: the
+  aggregate's JobReady lists all 1,000 products, like Dask's aggregate receives 1,000
+  results.
 - **Dask** distributed `LocalCluster(n_workers=4, threads_per_worker=1)`: `client.map`,
   a chain of `client.submit(inc, previous)`, `client.submit(agg, futures)`.
 - **Celery** with Redis as broker and result backend (Debian's `redis-server`, started here
@@ -201,6 +201,9 @@ def _scheduler_main(url: str, store_url: str, database: str, ready: Any, stop: A
             database=Path(database),
             worker_grace=5.0,
             run_initiator=False,  # no shape here has initiator jobs
+            # The driver reads only final states. A completed status lists the products
+            # of the final jobs: the fan-out's 10,000 would exceed the message limit.
+            allow_download=False,
         )
     ).start()
     ready.set()
@@ -245,6 +248,7 @@ class _Driver:
         self._lock = threading.Condition()
         self._final: dict[str, ArtifactStatus] = {}
         self._waiting: set[str] = set()
+        self.workers_used: set[str] = set()  # by the last run's jobs, as its statuses list them
         self.bus = Bus(
             "bench-driver",
             BrokerConfig(url=url),
@@ -284,6 +288,7 @@ class _Driver:
             wall = time.perf_counter() - start
             finals = [self._final.pop(i) for i in ids]
             self._waiting -= ids
+        self.workers_used = {job.worker for status in finals for job in status.jobs or []}
         states = Counter(status.state for status in finals)
         if states != Counter({ArtifactState.COMPLETED: len(ids)}):
             errors = {str(s.error) for s in finals if s.error is not None}
@@ -294,11 +299,10 @@ class _Driver:
         self.bus.stop()
 
 
-def fan_out_artifacts(jobs: int) -> list[Artifact]:
-    return [
-        Artifact(project=FAN_PROJECT, steps=[Parallel(operation=NOOP)])
-        for _ in range(jobs // WORKERS)
-    ]
+def fan_out_artifact(jobs: int) -> Artifact:
+    """One submission of `jobs` independent no-op jobs: a task with that many replicas."""
+    task = Task(name="t", executor="noop", replicas=jobs)
+    return Artifact(project=FAN_PROJECT, steps=[Tasks(tasks=[task])])
 
 
 def chain_artifact(links: int) -> Artifact:
@@ -308,9 +312,11 @@ def chain_artifact(links: int) -> Artifact:
 
 
 def fan_in_artifact(width: int) -> Artifact:
-    names = [f"t{i}" for i in range(width)]
-    tasks = [Task(name=name, executor="noop") for name in names]
-    tasks.append(Task(name="agg", executor="noop", depends=names))
+    """`width` replicas of a no-op task, then `agg`, which waits for (and gets) them all."""
+    tasks = [
+        Task(name="t", executor="noop", replicas=width),
+        Task(name="agg", executor="noop", depends=["t"]),
+    ]
     return Artifact(project=FAN_PROJECT, steps=[Tasks(tasks=tasks)])
 
 
@@ -365,14 +371,18 @@ class FlottaCluster:
 
     def _warm_up(self) -> None:
         assert self.driver is not None
+        # Tasks are bound to the workers the scheduler has seen online: until every
+        # worker's presence has arrived, a fan-out fails (none yet) or leaves one out.
         for _ in range(40):
             try:
-                self.driver.run(fan_out_artifacts(WORKERS * 5), timeout=30)
+                self.driver.run([fan_out_artifact(WORKERS * 5)], timeout=30)
             except RuntimeError:
-                time.sleep(0.25)  # presence may still be arriving: not bound to all 4 yet
+                time.sleep(0.25)
                 continue
-            break
-        self.driver.run(fan_out_artifacts(400))
+            if len(self.driver.workers_used) == WORKERS:
+                break
+            time.sleep(0.25)
+        self.driver.run([fan_out_artifact(400)])
         self.driver.run([chain_artifact(20)])
         self.driver.run([fan_in_artifact(40)])
 
@@ -380,7 +390,7 @@ class FlottaCluster:
         assert self.driver is not None
         driver = self.driver
         profiler = _Profiler(self.scheduler.pid, profile) if profile is not None else None
-        fan_out = driver.run(fan_out_artifacts(shapes.fan_out))
+        fan_out = driver.run([fan_out_artifact(shapes.fan_out)])
         if profiler is not None:
             profiler.stop()
         return {

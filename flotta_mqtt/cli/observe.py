@@ -36,6 +36,7 @@ from flotta_mqtt.cli.main import (
     console,
 )
 from flotta_mqtt.model import ARTIFACT_FINAL, ArtifactState, JobState
+from flotta_mqtt.model.workflow import log_name, task_of
 from flotta_mqtt.protocol import ArtifactStatus, JobSummary, NodePresence
 from flotta_mqtt.transport.store import ResourceStore
 
@@ -403,7 +404,10 @@ def logs(
     artifact_id: str,
     task: Annotated[
         str | None,
-        typer.Argument(help="task name or job id; all tasks and failed jobs if omitted"),
+        typer.Argument(
+            help="task name (a replicated task's: all its replicas; name[i]: one) or job id; "
+            "all tasks and failed jobs if omitted"
+        ),
     ] = None,
     attempt: Annotated[
         int | None, typer.Option(help="the attempt to show [default: the latest]")
@@ -426,7 +430,10 @@ def logs(
     if task is None:
         chosen = [j for j in current.jobs if j.name or j.error]
     else:
-        chosen = [j for j in current.jobs if task in (j.name, str(j.id))]
+        # A replicated task's name picks all its replicas, `t[i]` one of them.
+        chosen = [
+            j for j in current.jobs if task in (str(j.id), j.name, j.name and task_of(j.name))
+        ]
     if not chosen:
         if task is None:
             raise _fail(f"artifact {artifact_id} has no tasks and no failed jobs")
@@ -437,7 +444,7 @@ def logs(
         label = job.name or f"job {job.id} (step {job.step} on {job.worker})"
         if job.name:
             for stream in ("stdout", "stderr"):
-                url = store.log_url(artifact_id, job.name, which, stream)
+                url = store.log_url(artifact_id, log_name(job.name), which, stream)
                 text = store.get_bytes(url).decode(errors="replace") if store.exists(url) else ""
                 console.rule(f"{escape(job.name)} {stream} (attempt {which})")
                 console.out(text, end="" if text.endswith("\n") else "\n", highlight=False)

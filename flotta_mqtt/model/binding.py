@@ -24,7 +24,7 @@ from flotta_mqtt.model.steps import (
     Tasks,
     check_steps,
 )
-from flotta_mqtt.model.workflow import candidates, task_graph
+from flotta_mqtt.model.workflow import Task, candidates, task_graph
 
 OperationStep = Initialize | Parallel | Sequential | Finalize
 
@@ -125,10 +125,26 @@ def job_count(steps: Iterable[Step], workers: int) -> int:
         elif isinstance(step, Sequential):
             total += workers + 2
         elif isinstance(step, Tasks):
-            total += len(step.tasks)
+            total += sum(task.replicas for task in step.tasks)
         else:
             total += 1
     return total
+
+
+def _replica_operations(task: Task) -> Iterator[Operation]:
+    """The operation of each job of a task: the task itself, or each replica of it.
+
+    A replica's params are the task's dump, dumped and validated once, with its own
+    `name[i]` and `replica` index: 10,000 replicas cost 10,000 dict copies, not dumps.
+    """
+    params = task.model_dump(mode="json")
+    if task.replicas == 1:
+        yield Operation(name="task", params=params)
+        return
+    template = Operation(name="task", params=params)
+    for i in range(task.replicas):
+        replica = {**template.params, "name": f"{task.name}[{i}]", "replica": i}
+        yield Operation.model_construct(name=template.name, params=replica)
 
 
 class _Binder:
@@ -190,12 +206,18 @@ class _Binder:
         return first, exits
 
     def _tasks(self, step: Tasks, path: str, iteration: int) -> tuple[list[int], list[int]]:
-        """One job per task, created in dependency order so every lock points forward."""
+        """One job per task replica, created in dependency order so every lock points forward.
+
+        A task's replicas are consecutive jobs, spread round robin over its able workers
+        with the rest of the step's jobs; each one waits for every job of every task it
+        depends on.
+        """
         graph = task_graph(step.tasks)
         by_name = {task.name: task for task in step.tasks}
         order = {task.name: i for i, task in enumerate(step.tasks)}
-        ids: dict[str, int] = {}
-        for spread, name in enumerate(nx.lexicographical_topological_sort(graph, key=order.get)):
+        ids: dict[str, range] = {}
+        spread = 0  # the step's job count so far: consecutive jobs go to consecutive workers
+        for name in nx.lexicographical_topological_sort(graph, key=order.get):
             task = by_name[name]
             able = candidates(task, self.context.pool)
             if not able:
@@ -204,23 +226,28 @@ class _Binder:
                     + (f" with labels {task.selector}" if task.selector else "")
                     + (f" under the name {task.worker}" if task.worker else "")
                 )
-            job = Job(
-                id=len(self.jobs),
-                worker=able[spread % len(able)].id,  # spread tasks over the able workers
-                step=path,
-                kind=step.kind,
-                role=JobRole.LOCAL,
-                iteration=iteration,
-                operation=Operation(name="task", params=task.model_dump(mode="json")),
-                on_initiator=False,
-                timeout=task.timeout,
-                retries=task.retries,
-            )
-            self.jobs.append(job)
-            ids[name] = job.id
-            self.locks += [(ids[dep], job.id) for dep in task.depends]
-        roots = [ids[t.name] for t in step.tasks if not t.depends]
-        leaves = [ids[name] for name, out in graph.out_degree() if out == 0]
+            waits_for = [job_id for dep in task.depends for job_id in ids[dep]]
+            first = len(self.jobs)
+            for operation in _replica_operations(task):
+                job = Job(
+                    id=len(self.jobs),
+                    worker=able[spread % len(able)].id,
+                    step=path,
+                    kind=step.kind,
+                    role=JobRole.LOCAL,
+                    iteration=iteration,
+                    operation=operation,
+                    on_initiator=False,
+                    timeout=task.timeout,
+                    retries=task.retries,
+                )
+                self.jobs.append(job)
+                if waits_for:
+                    self.locks += [(before, job.id) for before in waits_for]
+                spread += 1
+            ids[name] = range(first, len(self.jobs))
+        roots = [job_id for t in step.tasks if not t.depends for job_id in ids[t.name]]
+        leaves = [job_id for name, out in graph.out_degree() if out == 0 for job_id in ids[name]]
         return sorted(roots), sorted(leaves)
 
     def _worker_jobs(self, step: Parallel | Sequential, path: str, iteration: int) -> list[int]:

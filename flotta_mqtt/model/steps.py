@@ -78,7 +78,7 @@ class Finalize(_OperationStep):
 
 
 class Tasks(_Step):
-    """A workflow's task graph: one job per task, on a worker able to run it.
+    """A workflow's task graph: one job per task (per replica), on a worker able to run it.
 
     Its jobs are locked by the tasks' own dependencies; they hold no data, so a task whose
     worker is lost moves to another, and a failed task stops only its descendants.
@@ -127,7 +127,7 @@ def entry_arity(step: Step) -> Arity:
         return entry_arity(step.steps[0])
     if isinstance(step, Tasks):
         roots = [task for task in step.tasks if not task.depends]
-        return Arity.ONE if len(roots) == 1 else Arity.MANY
+        return Arity.ONE if sum(task.replicas for task in roots) == 1 else Arity.MANY
     return Arity.MANY if isinstance(step, Parallel) else Arity.ONE
 
 
@@ -138,7 +138,7 @@ def exit_arity(step: Step) -> Arity:
     if isinstance(step, Tasks):
         needed = {dep for task in step.tasks for dep in task.depends}
         leaves = [task for task in step.tasks if task.name not in needed]
-        return Arity.ONE if len(leaves) == 1 else Arity.MANY
+        return Arity.ONE if sum(task.replicas for task in leaves) == 1 else Arity.MANY
     return Arity.MANY if isinstance(step, Parallel) else Arity.ONE
 
 

@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import networkx as nx
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    WithJsonSchema,
+    model_serializer,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 
 from flotta_mqtt.model.context import NodeRef
 from flotta_mqtt.model.operation import FiniteJson
 
-TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+_TASK_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+TaskName = Annotated[str, Field(pattern=rf"^{_TASK_NAME}$")]
+# A job's task name: the task's own, or `name[i]` for replica i of a replicated task (which
+# binding sets, with `replica`). A workflow file's schema shows only plain names.
+_JOB_NAME = re.compile(rf"^({_TASK_NAME})(?:\[(0|[1-9][0-9]{{0,5}})\])?$")
+JobTaskName = Annotated[
+    str,
+    Field(pattern=_JOB_NAME.pattern),
+    WithJsonSchema({"type": "string", "pattern": rf"^{_TASK_NAME}$"}),
+]
+# Bounds that keep a small file from binding into a graph no scheduler could hold: N
+# replicas depending on M replicas take N x M locks.
+MAX_REPLICAS = 100_000
+MAX_JOBS = 1_000_000  # jobs of one workflow, replicas counted
+MAX_LOCKS = 1_000_000  # locks of one workflow's dependencies, replicas counted
 # `noop` does nothing: only the benchmarks register it (bench/_noop.py), to measure the
 # engine's own cost per task; a worker offers an executor only once one is registered.
 ExecutorName = Literal["shell", "docker", "kube", "api", "python", "noop"]
@@ -29,11 +54,15 @@ JobFile = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_re
 
 
 class Task(BaseModel):
-    """One task of a workflow: what to run, with which executor, after which tasks."""
+    """One task of a workflow: what to run, with which executor, after which tasks.
+
+    With `replicas` N > 1 it runs N times, as independent jobs name[0] to name[N-1] (an
+    array job), each told its index in FLOTTA_REPLICA.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: TaskName
+    name: JobTaskName
     depends: list[TaskName] = Field(default_factory=list)
     executor: ExecutorName = "shell"
     params: dict[str, FiniteJson] = Field(default_factory=dict)
@@ -44,6 +73,66 @@ class Task(BaseModel):
     retries: int = Field(default=0, ge=0, le=100)
     worker: str | None = None  # run on this worker only
     selector: dict[str, str] = Field(default_factory=dict)  # labels a worker must have
+    replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)  # independent runs of the task
+    # Which replica a job runs, 0 to replicas - 1: binding sets it, with the name `name[i]`,
+    # in each replica's job params; never in a workflow file.
+    replica: SkipJsonSchema[int | None] = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _replica_fits(self) -> Task:
+        """A replica's job is named `task[i]` after its index; a task is named plainly."""
+        match = _JOB_NAME.match(self.name)
+        assert match is not None  # the field's pattern
+        index = match.group(2)
+        if self.replica is None and index is not None:
+            raise ValueError(
+                f"task name {self.name!r}: `[i]` is how binding names replica i of a task; "
+                "name the task without it and set `replicas`"
+            )
+        if self.replica is not None and (
+            index is None or int(index) != self.replica or self.replica >= self.replicas
+        ):
+            raise ValueError(
+                f"task {self.name}: replica {self.replica} of {self.replicas} must be named "
+                f"{match.group(1)}[{self.replica}], with an index below replicas"
+            )
+        if self.replicas > 1 and self.outputs:
+            raise ValueError(
+                f"task {self.name}: its {self.replicas} replicas would each store the same "
+                f"outputs ({', '.join(self.outputs)}), each overwriting the others'"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _lean(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A plain task dumps as it did before replicas: no `replicas: 1`, no `replica`.
+
+        Submissions and jobs carry every task, under a message size limit.
+        """
+        data: dict[str, Any] = handler(self)
+        if "replica" in data and data["replica"] is None:
+            del data["replica"]
+        if data.get("replicas") == 1:
+            del data["replicas"]
+        return data
+
+
+def task_of(job_name: str) -> str:
+    """The task a job name belongs to: `t` for `t` and for its replica `t[3]`."""
+    match = _JOB_NAME.match(job_name)
+    return job_name if match is None else match.group(1)
+
+
+def log_name(job_name: str) -> str:
+    """The folder of a job's logs in the store: the task's name, `_t.3` for replica 3 of t.
+
+    A store path segment cannot hold brackets, and no task name starts with `_`, so a
+    replica's folder never meets a task's.
+    """
+    match = _JOB_NAME.match(job_name)
+    if match is None or match.group(2) is None:
+        return job_name
+    return f"_{match.group(1)}.{match.group(2)}"
 
 
 def task_graph(tasks: list[Task]) -> nx.DiGraph:
@@ -57,6 +146,13 @@ def task_graph(tasks: list[Task]) -> nx.DiGraph:
     )
     if unknown:
         raise ValueError(f"tasks depend on tasks that do not exist: {', '.join(unknown)}")
+    bound = sorted(task.name for task in tasks if task.replica is not None)
+    if bound:
+        raise ValueError(
+            f"tasks carry a replica index, which binding sets: {', '.join(bound)}; "
+            "a workflow sets `replicas`"
+        )
+    _check_size(tasks)
     graph = nx.DiGraph()
     graph.add_nodes_from(task.name for task in tasks)
     graph.add_edges_from((dep, task.name) for task in tasks for dep in task.depends)
@@ -66,6 +162,37 @@ def task_graph(tasks: list[Task]) -> nx.DiGraph:
         return graph
     path = " → ".join([*(a for a, _ in cycle), cycle[0][0]])
     raise ValueError(f"the tasks form a cycle: {path}")
+
+
+def _check_size(tasks: list[Task]) -> None:
+    """Refuse replicas that would bind to more jobs or locks than a scheduler should hold.
+
+    Names the largest contributions: the tasks, or the dependencies `task → dependency`.
+    """
+    replicas = {task.name: task.replicas for task in tasks}
+    jobs = sum(replicas.values())
+    if jobs > MAX_JOBS:
+        big = sorted(tasks, key=lambda task: -task.replicas)[:3]
+        raise ValueError(
+            f"the tasks would run as {jobs:,} jobs, more than {MAX_JOBS:,}: "
+            + ", ".join(f"{task.name} has {task.replicas:,} replicas" for task in big)
+        )
+    edges = [
+        (replicas[task.name] * replicas[dep], task.name, dep)
+        for task in tasks
+        for dep in task.depends
+    ]
+    locks = sum(n for n, _, _ in edges)
+    if locks > MAX_LOCKS:
+        big_edges = sorted(edges, key=lambda edge: (-edge[0], edge[1], edge[2]))[:3]
+        raise ValueError(
+            f"the tasks' dependencies would take {locks:,} locks, more than {MAX_LOCKS:,} "
+            "(each replica of a task waits for each replica of its dependencies): "
+            + ", ".join(
+                f"{task} → {dep} takes {replicas[task]:,} x {replicas[dep]:,}"
+                for _, task, dep in big_edges
+            )
+        )
 
 
 class Workflow(BaseModel):

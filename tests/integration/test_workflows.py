@@ -5,6 +5,7 @@ The issue's acceptance, one test each: the diamond (concurrency proved from the 
 start and finish times), refusal of bad files before anything runs, retries then failure
 that stops only descendants, a timeout that kills the task's children, logs through the
 CLI, the diamond on S3, and a worker without the shell executor never getting a shell task.
+Then a replicated task: each replica told its index, its dependent run after all of them.
 """
 
 from __future__ import annotations
@@ -544,3 +545,51 @@ def test_shell_tasks_go_only_to_workers_offering_shell(flotta: Flotta) -> None:
     assert status.state is ArtifactState.COMPLETED
     placed = [job.worker for job in by_name(status).values()]
     assert sorted(placed) == ["w0"] * 3 + ["w1"] * 3, "spread evenly, never on plain"
+
+
+# --- replicas: one task run N times, each told its index ----------------------------------------
+
+
+def test_replicas_run_with_their_index_and_a_dependent_waits_for_all(flotta: Flotta) -> None:
+    shell_cluster(flotta)
+    seen = flotta.folder / "seen"
+    workflow = {
+        "tasks": [
+            {
+                "name": "t",
+                "replicas": 3,
+                "params": {
+                    "shell": 'sleep 0.3; echo "replica $FLOTTA_REPLICA of $FLOTTA_REPLICAS"; '
+                    'echo "$FLOTTA_REPLICA" >> "$SEEN"'
+                },
+                "env": {"SEEN": str(seen)},
+            },
+            {
+                "name": "after",
+                "depends": ["t"],
+                "params": {"shell": 'sort "$SEEN"'},
+                "env": {"SEEN": str(seen)},
+            },
+        ]
+    }
+    status = run_and_wait(flotta, workflow)
+    assert status.state is ArtifactState.COMPLETED, status.error
+    jobs = by_name(status)
+    assert sorted(jobs) == ["after", "t[0]", "t[1]", "t[2]"]
+    replicas = [jobs[f"t[{i}]"] for i in range(3)]
+    assert {job.worker for job in replicas} == set(SHELL_WORKERS), "spread, never on plain"
+    after = jobs["after"]
+    assert after.started_at is not None
+    assert all(job.finished_at and job.finished_at <= after.started_at for job in replicas)
+    # Each replica got its own index; the dependent saw all three, so it ran after them.
+    store = ResourceStore(flotta.storage.url)
+    for i in range(3):
+        log = store.get_bytes(store.log_url(status.artifact_id, f"_t.{i}", 1, "stdout"))
+        assert log == f"replica {i} of 3\n".encode()
+    assert store.get_bytes(store.log_url(status.artifact_id, "after", 1, "stdout")) == b"0\n1\n2\n"
+    # `logs ID t` prints every replica's output, `logs ID t[1]` only that replica's.
+    every = flotta.cli("logs", status.artifact_id, "t")
+    assert every.exit_code == 0, every.output
+    assert all(f"replica {i} of 3" in every.output for i in range(3))
+    one = flotta.cli("logs", status.artifact_id, "t[1]")
+    assert "replica 1 of 3" in one.output and "replica 0" not in one.output

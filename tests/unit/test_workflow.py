@@ -2,12 +2,14 @@
 
 A workflow's tasks bind as one `Tasks` step: one job per task on a worker of the pool that
 offers the task's executor (and its labels, and its name when one is required), with one
-lock per dependency. No broker or worker is involved here.
+lock per dependency. A task with `replicas` N binds to N jobs `name[i]`, each locked
+behind every job of every task it depends on. No broker or worker is involved here.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 import networkx as nx
 import pytest
@@ -18,16 +20,25 @@ from pydantic import ValidationError
 from flotta_mqtt.model import (
     Artifact,
     BindingError,
+    Collect,
+    Distribute,
+    Finalize,
+    Initialize,
     JobGraph,
     NodeRef,
+    Operation,
+    Pairwise,
     SchedulerContext,
     Task,
     Tasks,
     Workflow,
     bind,
     candidates,
+    check_steps,
+    job_count,
     task_graph,
 )
+from flotta_mqtt.model.workflow import MAX_LOCKS, log_name, task_of
 
 
 def shell(name: str, *depends: str, **fields: object) -> Task:
@@ -202,13 +213,15 @@ def test_candidates_filter_on_executor_labels_and_name() -> None:
 
 @st.composite
 def task_dags(draw: st.DrawFn) -> list[Task]:
-    """Tasks whose dependencies form a random DAG, listed in a random order."""
+    """Tasks whose dependencies form a random DAG, listed in a random order; a few have
+    replicas."""
     count = draw(st.integers(min_value=1, max_value=14))
     labels = [f"t{i}" for i in range(count)]  # topological by construction: deps point back
     tasks = []
     for i, label in enumerate(labels):
         deps = draw(st.lists(st.sampled_from(labels[:i]), unique=True)) if i else []
-        tasks.append(shell(label, *deps))
+        replicas = draw(st.sampled_from([1, 1, 1, 2, 3, 5]))
+        tasks.append(shell(label, *deps, replicas=replicas))
     return draw(st.permutations(tasks))
 
 
@@ -220,17 +233,39 @@ def test_random_dags_bind_to_jobs_locked_exactly_by_their_dependencies(
     ctx = context(*(node(f"w{i}", "shell") for i in range(workers)))
     graph = bound(tasks, ctx)
     ids = {name: job_id for job_id, name in names(graph).items()}
-    assert sorted(ids) == sorted(t.name for t in tasks), "one job per task"
-    expected = {(ids[dep], ids[t.name]) for t in tasks for dep in t.depends}
+    expected_names = [
+        t.name if t.replicas == 1 else f"{t.name}[{i}]" for t in tasks for i in range(t.replicas)
+    ]
+    assert sorted(ids) == sorted(expected_names), "one job per task, or per replica"
+    assert len(graph) == len(expected_names) == sum(t.replicas for t in tasks)
+    assert len(graph) == job_count([Tasks(tasks=tasks)], workers)
+    jobs_of = {t.name: [ids[n] for n in expected_names if task_of(n) == t.name] for t in tasks}
+    expected = {
+        (before, after)
+        for t in tasks
+        for dep in t.depends
+        for before in jobs_of[dep]
+        for after in jobs_of[t.name]
+    }
     assert set(graph.locks) == expected
     assert len(graph.locks) == len(expected)
     assert all(before < after for before, after in graph.locks), "locks point forward"
     assert nx.is_directed_acyclic_graph(graph.graph)
     assert {job.worker for job in graph.jobs} <= {n.id for n in ctx.pool}
-    assert set(graph.sources()) == {ids[t.name] for t in tasks if not t.depends}
+    assert set(graph.sources()) == {j for t in tasks if not t.depends for j in jobs_of[t.name]}
+    for t in tasks:  # each task's replicas are spread evenly over the (all able) workers
+        spread = Counter(graph.jobs[j].worker for j in jobs_of[t.name])
+        assert max(spread.values()) - min(spread.values(), default=0) <= 1
+        assert len(spread) == min(t.replicas, workers)
     for job in graph.jobs:
         task = Task.model_validate(job.operation.params)
-        assert task in tasks, "the job carries its task unchanged"
+        if task.replica is None:
+            assert task in tasks, "the job carries its task unchanged"
+            continue
+        assert task.name == f"{task_of(task.name)}[{task.replica}]"
+        plain = {**job.operation.params, "name": task_of(task.name)}
+        del plain["replica"]
+        assert Task.model_validate(plain) in tasks, "a replica carries its task, indexed"
 
 
 def test_task_params_are_checked_by_their_executor_before_anything_runs() -> None:
@@ -241,3 +276,168 @@ def test_task_params_are_checked_by_their_executor_before_anything_runs() -> Non
         check_task(Task(name="both", params={"shell": "true", "command": ["true"]}))
     with pytest.raises(ValueError, match=r"task api: invalid api params.*url"):
         check_task(Task(name="api", executor="api", params={}))
+
+
+# --- replicas: array tasks -----------------------------------------------------------------------
+
+
+def replicated(name: str, replicas: int, *depends: str) -> Task:
+    return shell(name, *depends, replicas=replicas)
+
+
+def test_replicas_bind_to_jobs_named_by_index_carrying_the_index() -> None:
+    ctx = context(node("w0", "shell"), node("w1", "shell"))
+    graph = bound([replicated("t", 3)], ctx)
+    assert list(names(graph).values()) == ["t[0]", "t[1]", "t[2]"]
+    for i, job in enumerate(graph.jobs):
+        task = Task.model_validate(job.operation.params)
+        assert (task.name, task.replica, task.replicas) == (f"t[{i}]", i, 3)
+        assert task.params == {"shell": "true"}
+        assert job.kind == "tasks" and job.relocatable
+    assert graph.locks == []
+    assert graph.sources() == graph.sinks() == [0, 1, 2]
+    assert [job.worker for job in graph.jobs] == ["w0", "w1", "w0"]
+    assert bound([replicated("t", 3)], ctx).jobs == graph.jobs, "deterministic"
+
+
+def test_ten_thousand_replicas_spread_evenly_over_four_workers() -> None:
+    ctx = context(*(node(f"w{i}", "shell") for i in range(4)), node("plain", "api"))
+    graph = bound([shell("first"), replicated("t", 10_000)], ctx)
+    assert len(graph) == 10_001
+    spread = Counter(job.worker for job in graph.jobs[1:])
+    assert spread == {f"w{i}": 2_500 for i in range(4)}, "never `plain`, 2,500 each"
+    assert graph.jobs[-1].operation.params["name"] == "t[9999]"
+
+
+def test_a_task_after_a_replicated_one_waits_for_every_replica() -> None:
+    ctx = context(node("w0", "shell"), node("w1", "shell"))
+    graph = bound([replicated("t", 5), shell("agg", "t")], ctx)
+    ids = {name: job_id for job_id, name in names(graph).items()}
+    assert sorted(graph.locks) == [(ids[f"t[{i}]"], ids["agg"]) for i in range(5)]
+    assert graph.consumes(ids["agg"]) == [ids[f"t[{i}]"] for i in range(5)]
+    agg = graph.jobs[ids["agg"]].operation.params
+    assert agg["name"] == "agg" and "replica" not in agg and "replicas" not in agg
+    assert graph.sinks() == [ids["agg"]]
+
+
+def test_replicas_after_replicas_wait_for_every_replica_before_them() -> None:
+    ctx = context(node("w0", "shell"), node("w1", "shell"), node("w2", "shell"))
+    tasks = [shell("setup"), replicated("a", 3, "setup"), replicated("b", 4, "a")]
+    graph = bound(tasks, ctx)
+    ids = {name: job_id for job_id, name in names(graph).items()}
+    a = [ids[f"a[{i}]"] for i in range(3)]
+    b = [ids[f"b[{i}]"] for i in range(4)]
+    assert set(graph.locks) == {(ids["setup"], j) for j in a} | set(itertools.product(a, b))
+    assert len(graph.locks) == 3 + 3 * 4
+    assert all(before < after for before, after in graph.locks)
+    assert graph.sources() == [ids["setup"]] and graph.sinks() == b
+
+
+def test_replicas_one_binds_exactly_as_a_plain_task() -> None:
+    ctx = context(node("w0", "shell"), node("w1", "shell"))
+    plain = [shell("a"), shell("b", "a", env={"K": "v"})]
+    explicit = [shell("a", replicas=1), shell("b", "a", env={"K": "v"}, replicas=1)]
+    assert explicit == plain
+    graph = bound(explicit, ctx)
+    assert graph.jobs == bound(plain, ctx).jobs
+    assert names(graph) == {0: "a", 1: "b"} and graph.locks == [(0, 1)]
+    params = graph.jobs[1].operation.params
+    assert params == {
+        "name": "b",
+        "depends": ["a"],
+        "executor": "shell",
+        "params": {"shell": "true"},
+        "env": {"K": "v"},
+        "inputs": [],
+        "outputs": [],
+        "timeout": None,
+        "retries": 0,
+        "worker": None,
+        "selector": {},
+    }, "no replicas or replica key: a plain task dumps as it did before replicas"
+
+
+def test_too_many_locks_are_refused_naming_the_dependencies() -> None:
+    tasks = [replicated("t", 100_000), replicated("agg", 11, "t"), shell("x", "agg")]
+    with pytest.raises(ValidationError) as caught:
+        Workflow(tasks=tasks)
+    message = str(caught.value)
+    assert f"would take 1,100,011 locks, more than {MAX_LOCKS:,}" in message
+    assert "agg → t takes 11 x 100,000" in message
+    with pytest.raises(ValidationError, match="1,100,011 locks"):
+        Tasks(tasks=tasks)
+    # Just under the bound binds.
+    fits = [replicated("t", 100_000), replicated("agg", 10, "t")]
+    graph = bound(fits, context(node("w0", "shell")))
+    assert len(graph.locks) == 1_000_000
+
+
+def test_too_many_jobs_are_refused_naming_the_tasks() -> None:
+    tasks = [replicated(f"t{i}", 100_000) for i in range(10)] + [replicated("big", 100)]
+    with pytest.raises(ValidationError) as caught:
+        Workflow(tasks=tasks)
+    assert "the tasks would run as 1,000,100 jobs, more than 1,000,000" in str(caught.value)
+    assert "t0 has 100,000 replicas" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "culprit"),
+    [
+        ({"name": "t", "replicas": 0}, "greater than or equal to 1"),
+        ({"name": "t", "replicas": 100_001}, "less than or equal to 100000"),
+        ({"name": "t[0]"}, "`[i]` is how binding names replica i"),
+        ({"name": "t[1]", "replicas": 3}, "`[i]` is how binding names replica i"),
+        ({"name": "t", "replica": 1, "replicas": 3}, "must be named t[1]"),
+        ({"name": "t[2]", "replica": 1, "replicas": 3}, "must be named t[1]"),
+        ({"name": "t[3]", "replica": 3, "replicas": 3}, "an index below replicas"),
+        ({"name": "t", "replicas": 2, "outputs": ["o.txt"]}, "would each store the same"),
+    ],
+)
+def test_bad_replicas_are_refused(fields: dict[str, object], culprit: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Task.model_validate({"params": {"shell": "true"}, **fields})
+    assert culprit in str(caught.value)
+
+
+def test_a_workflow_cannot_set_a_replica_index() -> None:
+    job = Task(name="t[1]", replica=1, replicas=2)  # what binding puts in a job's params
+    with pytest.raises(ValidationError, match=r"replica index, which binding sets: t\[1\]"):
+        Workflow(tasks=[job])
+    assert "replica" not in Workflow.model_json_schema()["$defs"]["Task"]["properties"]
+
+
+def test_a_replicated_task_starts_and_ends_with_many_jobs() -> None:
+    """Entry and exit arity count replicas: a Collect may gather them, a Pairwise from
+    one initiator job may not."""
+    op = Operation(name="op")
+    pool = [node("w0", "shell"), node("w1", "shell")]
+    ctx = SchedulerContext(initiator=NodeRef(id="init"), workers=[], pool=pool)
+    fan = Tasks(tasks=[replicated("t", 3)], distribution=Collect())
+    graph = bind(
+        Artifact(project="p", steps=[Initialize(op, Distribute()), fan, Finalize(op)]), ctx
+    )
+    assert sorted(graph.locks) == [(0, 1), (0, 2), (0, 3), (1, 4), (2, 4), (3, 4)]
+    assert len(graph) == job_count([Initialize(op), fan, Finalize(op)], 0) == 5
+    with pytest.raises(BindingError, match="Pairwise"):
+        check_steps([Initialize(op, Pairwise()), Tasks(tasks=[replicated("t", 3)])])
+    with pytest.raises(BindingError, match="Pairwise"):
+        check_steps([Tasks(tasks=[replicated("t", 3)], distribution=Pairwise()), Finalize(op)])
+    check_steps([Initialize(op, Pairwise()), Tasks(tasks=[replicated("t", 1)])])
+
+
+def test_replica_log_folders_and_task_names() -> None:
+    assert [log_name(n) for n in ("t", "t[0]", "a.b-c[12]")] == ["t", "_t.0", "_a.b-c.12"]
+    assert [task_of(n) for n in ("t", "t[0]", "a.b-c[12]")] == ["t", "t", "a.b-c"]
+    # A replica's folder never meets a task's: task names start with a letter or digit.
+    with pytest.raises(ValidationError):
+        shell("_t.0")
+
+
+def test_a_replica_is_told_its_index_in_its_env() -> None:
+    from flotta_mqtt.roles.executors.runner import task_env
+
+    plain = shell("t", env={"K": "v"})
+    assert task_env(plain) == {"K": "v"}, "a plain task's env is its own"
+    graph = bound([shell("t", env={"K": "v"}, replicas=3)], context(node("w0", "shell")))
+    envs = [task_env(Task.model_validate(job.operation.params)) for job in graph.jobs]
+    assert envs == [{"K": "v", "FLOTTA_REPLICA": str(i), "FLOTTA_REPLICAS": "3"} for i in range(3)]

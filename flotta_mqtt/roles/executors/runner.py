@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flotta_mqtt.model import Task
+from flotta_mqtt.model.workflow import log_name
 from flotta_mqtt.protocol import JobReady
 from flotta_mqtt.roles.executors.base import Executor, TaskError, TaskRun, make_executor
 from flotta_mqtt.transport.store import ResourceStore
@@ -38,10 +39,10 @@ class TaskRunner:
                     self.store.get_bytes(self.store.job_file_url(job.artifact_id, path))
                 )
             label = f"{job.artifact_id[:12]}-{job.job_id}-{job.attempt}"
-            result = executor.run(TaskRun(task, workdir, task.env, cancelled, label))
+            result = executor.run(TaskRun(task, workdir, task_env(task), cancelled, label))
             logs = {
                 stream: self.store.put(
-                    self.store.log_url(job.artifact_id, task.name, job.attempt, stream),
+                    self.store.log_url(job.artifact_id, log_name(task.name), job.attempt, stream),
                     data,
                     media_type="text/plain",
                 ).model_dump(mode="json")
@@ -67,3 +68,18 @@ class TaskRunner:
                 url = self.store.job_file_url(job.artifact_id, path)
                 outputs[path] = self.store.put(url, produced.read_bytes()).model_dump(mode="json")
         return {"task": task.name, "exit_code": 0, "logs": logs, "outputs": outputs}
+
+
+def task_env(task: Task) -> dict[str, str]:
+    """The task's env, and for a replica which one it is: FLOTTA_REPLICA (from 0) of
+    FLOTTA_REPLICAS, as an array job's index tells it which share of the work is its own.
+
+    The shell, docker and kube executors pass it on; the python executor has its own.
+    """
+    if task.replica is None:
+        return task.env
+    return {
+        **task.env,
+        "FLOTTA_REPLICA": str(task.replica),
+        "FLOTTA_REPLICAS": str(task.replicas),
+    }
