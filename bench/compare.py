@@ -201,9 +201,6 @@ def _scheduler_main(url: str, store_url: str, database: str, ready: Any, stop: A
             database=Path(database),
             worker_grace=5.0,
             run_initiator=False,  # no shape here has initiator jobs
-            # The driver reads only final states. A completed status lists the products
-            # of the final jobs: the fan-out's 10,000 would exceed the message limit.
-            allow_download=False,
         )
     ).start()
     ready.set()

@@ -11,9 +11,9 @@ subscribed to every worker's job topic and every worker's events, stamping arriv
 (b) fan-out: 500 artifacts `[Parallel(noop)]` (4 jobs each, 2,000 independent jobs)
     submitted back to back; jobs/s from the first submit to the last completion the
     workbench sees; dispatch → start per job, where dispatch is the moment the scheduler
-    calls `bus.publish(JobReady)` (stamped by wrapping that one method of this scheduler
-    instance) and start is `JobStarted.at` from the worker (same machine clock); also
-    observer-saw-JobReady → start.
+    hands a JobReady to its bus (stamped by wrapping `publish` and `publish_many` of this
+    scheduler's bus) and start is `JobStarted.at` from the worker, or a quick job's
+    `started_at` from its result (same machine clock); also observer-saw-JobReady → start.
 (c) chain: `Iterate(300, [Parallel(noop)])` in a project only one worker holds: 300
     jobs, each locked behind the one before; ms per link = wall time / 300, plus the
     unloaded dispatch → start and the scheduler's turnaround (observer saw JobFinished of
@@ -43,7 +43,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench._report import machine_load, median_of_runs, percentile, print_table
 from flotta_mqtt.model import Artifact, ArtifactState, Iterate, JobState, Operation, Parallel
 from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.protocol import JobFinished, JobReady, JobStarted, decode, topics
+from flotta_mqtt.protocol import (
+    EventBatch,
+    JobBatch,
+    JobFinished,
+    JobReady,
+    JobStarted,
+    decode,
+    topics,
+)
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
 from flotta_mqtt.roles.workbench.client import Client
@@ -285,24 +293,35 @@ def _observer_main(url: str, conn: Connection) -> None:
         batch, records[:taken] = records[:taken], []
         observed = Observed({}, {}, {}, {}, Counter())
         for at, topic, payload in batch:
-            _, message = decode(topic, payload)
-            observed.counts[type(message).__name__] += 1
-            if isinstance(message, JobReady):
-                observed.ready_seen.setdefault(
-                    (message.artifact_id, message.job_id, message.attempt), at
-                )
-            elif isinstance(message, JobStarted | JobFinished):
-                ref = message.job
-                key = (ref.artifact_id, ref.job_id, ref.attempt)
-                if isinstance(message, JobStarted):
-                    observed.started_at.setdefault(key, message.at)
-                else:
-                    observed.finished_seen.setdefault(key, at)
-                    observed.finished_at.setdefault(key, (message.started_at, message.finished_at))
-                    # A quick job sends no JobStarted: its result says when it started.
-                    observed.started_at.setdefault(key, message.started_at)
+            _, received = decode(topic, payload)
+            observed.counts["messages"] += 1
+            if isinstance(received, JobBatch):
+                parts: list[Any] = list(received.jobs)
+            elif isinstance(received, EventBatch):
+                parts = list(received.events)
+            else:
+                parts = [received]
+            for message in parts:
+                observed.counts[type(message).__name__] += 1
+                _observe(observed, at, message)
         conn.send(observed)
     bus.stop()
+
+
+def _observe(observed: Observed, at: float, message: Any) -> None:
+    """Note what one job message, alone or from a batch, says about its job."""
+    if isinstance(message, JobReady):
+        observed.ready_seen.setdefault((message.artifact_id, message.job_id, message.attempt), at)
+    elif isinstance(message, JobStarted | JobFinished):
+        ref = message.job
+        key = (ref.artifact_id, ref.job_id, ref.attempt)
+        if isinstance(message, JobStarted):
+            observed.started_at.setdefault(key, message.at)
+        else:
+            observed.finished_seen.setdefault(key, at)
+            observed.finished_at.setdefault(key, (message.started_at, message.finished_at))
+            # A quick job sends no JobStarted: its result says when it started.
+            observed.started_at.setdefault(key, message.started_at)
 
 
 # --- (b, c) flotta_mqtt: driving them -------------------------------------------------------
@@ -384,7 +403,20 @@ class _Cluster:
             self.sent[type(message).__name__] += 1
             publish(topic, message, **kwargs)
 
+        publish_many = bus.publish_many
+
+        def stamped_many(topic: str, messages: Any) -> None:
+            for message in messages:
+                if isinstance(message, JobReady):
+                    self.published.setdefault(
+                        (message.artifact_id, message.job_id, message.attempt), time.time()
+                    )
+                    self.job_ready_publishes += 1
+                self.sent[type(message).__name__] += 1
+            publish_many(topic, messages)
+
         bus.publish = stamped  # type: ignore[method-assign]
+        bus.publish_many = stamped_many  # type: ignore[method-assign]
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds used so far by each role's processes (Linux /proc; 0 elsewhere)."""

@@ -1,14 +1,22 @@
 """The protocol layer: every topic and every message on the bus, and how they are coded."""
 
 from flotta_mqtt.protocol import topics
-from flotta_mqtt.protocol.codec import MAX_MESSAGE_BYTES, ProtocolError, decode, encode
+from flotta_mqtt.protocol.codec import (
+    MAX_MESSAGE_BYTES,
+    ProtocolError,
+    decode,
+    encode,
+    encode_batches,
+)
 from flotta_mqtt.protocol.messages import (
     Artifact,
     ArtifactStatus,
     CancelArtifact,
     CancelJob,
     EventAck,
+    EventBatch,
     JobAccepted,
+    JobBatch,
     JobFailed,
     JobFinished,
     JobHeartbeat,
@@ -34,7 +42,9 @@ __all__ = [
     "CancelArtifact",
     "CancelJob",
     "EventAck",
+    "EventBatch",
     "JobAccepted",
+    "JobBatch",
     "JobFailed",
     "JobFinished",
     "JobHeartbeat",
@@ -54,5 +64,6 @@ __all__ = [
     "WorkerEvent",
     "decode",
     "encode",
+    "encode_batches",
     "topics",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -17,7 +18,8 @@ from flotta_mqtt.protocol.messages import (
     NodePresence,
     RequestRejected,
     WorkerControl,
-    WorkerEvent,
+    WorkerEvents,
+    WorkerJobs,
 )
 from flotta_mqtt.protocol.topics import Address, Channel
 
@@ -33,9 +35,9 @@ PAYLOADS: dict[Channel, TypeAdapter[Any]] = {
     Channel.REPLY: TypeAdapter(RequestRejected),
     Channel.STATUS: TypeAdapter(ArtifactStatus),
     Channel.LOCKS: TypeAdapter(LocksReleased),
-    Channel.JOBS: TypeAdapter(JobReady),
+    Channel.JOBS: TypeAdapter(WorkerJobs),
     Channel.CONTROL: TypeAdapter(WorkerControl),
-    Channel.EVENTS: TypeAdapter(WorkerEvent),
+    Channel.EVENTS: TypeAdapter(WorkerEvents),
     Channel.PRESENCE: TypeAdapter(NodePresence),
 }
 
@@ -53,6 +55,39 @@ def encode(message: BaseModel) -> bytes:
             f"{MAX_MESSAGE_BYTES}-byte limit: put large data in the resource store"
         )
     return payload
+
+
+# The JSON of JobBatch and EventBatch up to their list (a test holds them to the models).
+_JOB_BATCH = b'{"type":"job_batch","jobs":['
+_EVENT_BATCH = b'{"event":"batch","events":['
+
+
+def encode_batches(messages: Sequence[BaseModel]) -> list[bytes]:
+    """Payloads for messages bound for one topic: as few as the size limit allows.
+
+    One message goes as itself; several JobReady go as JobBatch, several worker events as
+    EventBatch, each batch filled up to MAX_MESSAGE_BYTES. Every message is encoded once
+    and the batch is assembled around the bytes (what JobBatch/EventBatch would encode to).
+    """
+    if len(messages) == 1:
+        return [encode(messages[0])]
+    head = _JOB_BATCH if isinstance(messages[0], JobReady) else _EVENT_BATCH
+    payloads: list[bytes] = []
+    parts: list[bytes] = []
+    size = len(head) + 2
+    for message in messages:
+        part = encode(message)
+        if parts and size + len(part) + 1 > MAX_MESSAGE_BYTES:
+            payloads.append(_join(head, parts))
+            parts, size = [], len(head) + 2
+        parts.append(part)
+        size += len(part) + 1
+    payloads.append(_join(head, parts))
+    return payloads
+
+
+def _join(head: bytes, parts: list[bytes]) -> bytes:
+    return parts[0] if len(parts) == 1 else head + b",".join(parts) + b"]}"
 
 
 def decode(topic: str, payload: bytes) -> tuple[Address, Any]:

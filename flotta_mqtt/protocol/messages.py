@@ -144,6 +144,20 @@ class JobReady(Message):
         return JobRef(artifact_id=self.artifact_id, job_id=self.job_id, attempt=self.attempt)
 
 
+class JobBatch(Message):
+    """Several JobReady for one worker in one message: what a scheduler's burst made ready.
+
+    A sender batches what it has at hand and never waits to fill a batch; a receiver
+    handles each job as if it had arrived alone.
+    """
+
+    type: Literal["job_batch"] = "job_batch"
+    jobs: list[JobReady] = Field(min_length=1)
+
+
+WorkerJobs = Annotated[JobReady | JobBatch, Field(discriminator="type")]
+
+
 class EventAck(Message):
     """The scheduler has durably recorded these finished/failed events: stop re-sending."""
 
@@ -165,7 +179,7 @@ WorkerControl = Annotated[EventAck | CancelJob, Field(discriminator="type")]
 
 
 class JobAccepted(Message):
-    """The worker holds the job (queued): the scheduler stops re-sending JobReady."""
+    """The worker already holds the job: its answer to a JobReady it has seen before."""
 
     event: Literal["accepted"] = "accepted"
     job: JobRef
@@ -220,6 +234,19 @@ WorkerEvent = Annotated[
 ]
 
 
+class EventBatch(Message):
+    """Several events of one worker in one message, batched like JobBatch."""
+
+    event: Literal["batch"] = "batch"
+    events: list[WorkerEvent] = Field(min_length=1)
+
+
+WorkerEvents = Annotated[
+    JobAccepted | JobStarted | JobProgress | JobHeartbeat | JobFinished | JobFailed | EventBatch,
+    Field(discriminator="event"),
+]
+
+
 # --- presence ----------------------------------------------------------------------------
 
 
@@ -244,7 +271,9 @@ __all__ = [
     "CancelArtifact",
     "CancelJob",
     "EventAck",
+    "EventBatch",
     "JobAccepted",
+    "JobBatch",
     "JobFailed",
     "JobFinished",
     "JobHeartbeat",

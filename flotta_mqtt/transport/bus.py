@@ -16,7 +16,7 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,7 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel
 
-from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, encode
+from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, encode, encode_batches
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,12 @@ class Bus:
         QoS 1: PUBACKs are what keep the window exact.
         """
         self.publish_raw(topic, encode(message), retain=retain, timeout=timeout)
+
+    def publish_many(self, topic: str, messages: Sequence[BaseModel]) -> None:
+        """Publish messages for one topic in as few payloads as the size limit allows
+        (JobReady batched as JobBatch, worker events as EventBatch)."""
+        for payload in encode_batches(messages):
+            self.publish_raw(topic, payload)
 
     def publish_raw(
         self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 60.0

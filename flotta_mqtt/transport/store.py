@@ -7,11 +7,13 @@ corrupted or replaced object is detected instead of silently consumed.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
+import json
 import os
 import re
-import uuid
 from typing import Any
 
 import fsspec
@@ -21,6 +23,19 @@ from fsspec.utils import get_protocol
 from flotta_mqtt.protocol.messages import Resource
 
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# What may follow a local root for a URL to map to a path as it is: segments that are not
+# empty, do not start with a dot (so no `.` or `..`), and no trailing slash.
+_PLAIN_TAIL = re.compile(r"(?:/[A-Za-z0-9_-][A-Za-z0-9._~-]*)+")
+
+
+# Products up to this size travel inline, as data: URLs (RFC 2397) in the messages that
+# carry their Resource: a tiny result costs no file, no object and no read. Such a URL
+# (under 170 characters) is no longer than a store URL, so statuses listing products
+# stay the size they were.
+INLINE_BYTES = 96
+# The media type of an artifact's results manifest: a JSON list of Resources, what a
+# status carries instead of the results themselves when they are too many for a message.
+RESULTS_MANIFEST = "application/vnd.flotta.results+json"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -73,9 +88,26 @@ class ResourceStore:
         if isinstance(fs, LocalFileSystem):
             fs.makedirs(path, exist_ok=True)
         self.root: str = fs.unstrip_protocol(path).rstrip("/")
+        # A local root's filesystem and path, for the URLs under it (see _fs_for).
+        self._local: tuple[Any, str] | None = None
+        if isinstance(fs, LocalFileSystem):
+            self._local = (fs, str(path).rstrip("/"))
+        self._folders: set[str] = set()  # local folders known to exist (writes skip makedirs)
 
     def _fs_for(self, url: str) -> tuple[Any, str]:
-        """The filesystem for any URL; this store's credentials go only to its own protocol."""
+        """The filesystem for any URL; this store's credentials go only to its own protocol.
+
+        A plain URL under a local root (every product, log and job file this store
+        writes) maps to a path directly: fsspec's parsing of each URL cost about an eighth
+        of a worker's CPU per no-op job.
+        """
+        if (
+            self._local is not None
+            and url.startswith(self.root)
+            and _PLAIN_TAIL.fullmatch(url, len(self.root)) is not None
+        ):
+            fs, base = self._local
+            return fs, base + url[len(self.root) :]
         options = self._options if get_protocol(url) in self._protocols else {}
         fs, path = fsspec.url_to_fs(url, **options)
         return fs, str(path)
@@ -83,13 +115,28 @@ class ResourceStore:
     def product_url(
         self, artifact_id: str, job_id: str, attempt: int, name: str = "product"
     ) -> str:
-        """Where one attempt of a job writes its product; attempts never overwrite each other."""
+        """Where one attempt of a job writes its product; attempts never overwrite each other.
+
+        Products sit side by side in their artifact's folder (`~` cannot occur in the
+        parts): a folder per job cost two mkdir calls per job, several times the write.
+        """
         _check_segment("artifact_id", artifact_id)
         _check_segment("job_id", job_id)
         _check_segment("name", name)
         if attempt < 0:
             raise ValueError(f"attempt must be >= 0, got {attempt}")
-        return f"{self.root}/artifacts/{artifact_id}/jobs/{job_id}/attempt-{attempt}/{name}"
+        return f"{self.root}/artifacts/{artifact_id}/jobs/{job_id}~{attempt}~{name}"
+
+    def results_url(self, artifact_id: str) -> str:
+        """Where the scheduler lists an artifact's results when they are many."""
+        _check_segment("artifact_id", artifact_id)
+        return f"{self.root}/artifacts/{artifact_id}/results.json"
+
+    def results(self, resources: list[Resource]) -> list[Resource]:
+        """An artifact's results as its status gives them, with a manifest expanded."""
+        if len(resources) == 1 and resources[0].media_type == RESULTS_MANIFEST:
+            return [Resource.model_validate(r) for r in json.loads(self.get(resources[0]))]
+        return resources
 
     def job_file_url(self, artifact_id: str, path: str) -> str:
         """Where a workflow's shared job file lives: one folder per artifact, any worker."""
@@ -108,7 +155,7 @@ class ResourceStore:
         """Write `data` at `url` so readers see either nothing, old bytes or all new bytes."""
         fs, path = self._fs_for(url)
         if isinstance(fs, LocalFileSystem):
-            _write_local_atomically(path, data)
+            _write_local_atomically(path, data, self._folders)
         else:
             # A single object PUT is atomic on object stores: no partial object is visible.
             fs.pipe_file(path, data)
@@ -122,7 +169,10 @@ class ResourceStore:
         data: bytes,
         media_type: str = "application/json",
     ) -> Resource:
-        """Store a job attempt's product at its derived URL."""
+        """Store a job attempt's product at its derived URL, or inline if it is tiny."""
+        if len(data) <= INLINE_BYTES:
+            url = f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+            return Resource(url=url, sha256=sha256_hex(data), size=len(data), media_type=media_type)
         return self.put(self.product_url(artifact_id, job_id, attempt), data, media_type)
 
     def get(self, resource: Resource) -> bytes:
@@ -135,6 +185,8 @@ class ResourceStore:
 
     def get_bytes(self, url: str) -> bytes:
         """Read raw bytes without verification (callers that hold a Resource use `get`)."""
+        if url.startswith("data:"):
+            return _inline_bytes(url)
         fs, path = self._fs_for(url)
         try:
             data: bytes = fs.cat_file(path)
@@ -156,21 +208,46 @@ class ResourceStore:
             fs.rm_file(path)
 
 
-def _write_local_atomically(path: str, data: bytes) -> None:
-    """Write to a unique hidden sibling, fsync, then rename over the target.
+def _inline_bytes(url: str) -> bytes:
+    """The bytes of a base64 data: URL, as `put_product` writes them."""
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise ResourceNotFound(url)  # not a data: URL this store wrote
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error:
+        raise ResourceNotFound(url) from None
+
+
+def _write_local_atomically(path: str, data: bytes, folders: set[str]) -> None:
+    """Write to a unique hidden sibling, then rename it over the target.
 
     `os.replace` is atomic within a directory, so a concurrent reader sees the old file
-    or the complete new one, and a crash leaves at most a stray temporary file.
+    or the complete new one, and a crash of the writing process leaves at most a stray
+    temporary file (what was written is in the page cache, which outlives the process).
+
+    No fsync: the file's own fsync would not make it survive a power loss either, since
+    the rename is durable only once the directory is too, and a directory fsync costs
+    more than a whole no-op job (about 8 ms measured here, the file fsync alone up to
+    1.7 ms on a loaded machine). So a product is as durable as the scheduler's database
+    and the worker's journal, both SQLite WAL with synchronous=NORMAL: safe across process
+    crashes, on disk after a power loss once the file system commits (ext4: about 5 s,
+    with data=ordered writing the data before the rename that names it).
     """
     directory, name = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    tmp = os.path.join(directory, f".{name}.{os.urandom(8).hex()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        if directory not in folders:
+            raise FileNotFoundError(directory)
+        fd = os.open(tmp, flags, 0o666)
+    except FileNotFoundError:  # not made yet, or removed since
+        os.makedirs(directory, exist_ok=True)
+        folders.add(directory)
+        fd = os.open(tmp, flags, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         # The temporary file is gone if the rename happened; otherwise do not leave it behind.

@@ -56,6 +56,7 @@ from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.scheduler.service import TICK, Scheduler, SchedulerConfig
 from flotta_mqtt.roles.workbench.client import ArtifactFailed, ArtifactHandle, Client
 from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.transport import store as store_module
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
 from flotta_mqtt.transport.store import ResourceStore, sha256_hex
 
@@ -550,7 +551,10 @@ def test_a_result_made_while_the_broker_is_down_survives_a_worker_restart(
 # --- 6: resource integrity -------------------------------------------------------------------
 
 
-def test_a_tampered_product_fails_its_consumer_with_the_sha256_mismatch(nodes: Nodes) -> None:
+def test_a_tampered_product_fails_its_consumer_with_the_sha256_mismatch(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "INLINE_BYTES", -1)  # every product goes to the store
     _, _, client = nodes.start("w0", "w1")
     flag = nodes.path("go")
     # Job 0 (w0) finishes at once; job 1 (w1) waits for the flag; job 2 consumes both.
@@ -705,7 +709,8 @@ def test_a_late_result_of_an_abandoned_attempt_is_ignored(nodes: Nodes) -> None:
         (1, JobState.COMPLETED, 1),
     ]
     status = handle.wait(timeout=TIMEOUT)
-    assert status.results and status.results[0].url.endswith("/jobs/1/attempt-1/product")
+    assert status.jobs is not None
+    assert status.results == [status.jobs[1].product]  # the final job's own product
 
 
 def test_json_logs_carry_the_artifact_and_job_on_every_line(nodes: Nodes) -> None:

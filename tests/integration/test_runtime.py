@@ -56,6 +56,7 @@ from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
 from flotta_mqtt.roles.workbench.client import ArtifactFailed, ArtifactHandle, Client
 from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.transport import store as store_module
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
 from flotta_mqtt.transport.store import ResourceStore
 
@@ -742,7 +743,10 @@ def s3_storage() -> Iterator[StorageSettings]:
         server.stop()
 
 
-def test_seed_example_with_products_on_s3(cluster: Cluster, s3_storage: StorageSettings) -> None:
+def test_seed_example_with_products_on_s3(
+    cluster: Cluster, s3_storage: StorageSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "INLINE_BYTES", -1)  # no product travels inline
     cluster.storage = s3_storage
     _, _, client = cluster.start_all()
     handle = client.submit(estimate("count", where=X_ABOVE_HALF))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
+import shutil
 import threading
 import time
 import urllib.error
@@ -22,6 +24,7 @@ from hypothesis import strategies as st
 from moto.server import ThreadedMotoServer
 
 from flotta_mqtt.transport.store import (
+    INLINE_BYTES,
     IntegrityError,
     Resource,
     ResourceNotFound,
@@ -115,12 +118,17 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return _s3_backend(request.getfixturevalue("s3_endpoint"))
 
 
+def stored(data: bytes) -> bytes:
+    """`data` padded past INLINE_BYTES, so that a product of it goes to the store."""
+    return data.ljust(INLINE_BYTES + 1, b".")
+
+
 class TestResourceStore:
     """The same behaviour is required from every backend."""
 
     def test_round_trip(self, backend: Backend) -> None:
         store = backend.store
-        data = b'{"result": 42}'
+        data = stored(b'{"result": 42}')
         resource = store.put_product("art-1", "job-1", 1, data)
         assert resource.url == store.product_url("art-1", "job-1", 1)
         assert resource.sha256 == hashlib.sha256(data).hexdigest()
@@ -129,6 +137,30 @@ class TestResourceStore:
         assert store.exists(resource.url)
         assert store.get(resource) == data
         assert store.get_bytes(resource.url) == data
+
+    def test_a_tiny_product_travels_inline(self, backend: Backend) -> None:
+        store = backend.store
+        data = b"x" * INLINE_BYTES
+        resource = store.put_product("tiny", "j", 1, data)
+        assert resource.url.startswith("data:application/json;base64,")
+        assert len(resource.url) < 170
+        assert store.get(resource) == data
+        assert not store.exists(store.product_url("tiny", "j", 1))  # nothing written
+        bigger = store.put_product("tiny", "j", 2, data + b"x")
+        assert bigger.url == store.product_url("tiny", "j", 2)
+        assert store.get(bigger) == data + b"x"
+
+    def test_an_inline_product_is_verified_like_any_other(self, backend: Backend) -> None:
+        store = backend.store
+        resource = store.put_product("tiny", "j", 1, b'{"count": 7}')
+        forged = resource.model_copy(
+            update={"url": "data:application/json;base64," + base64.b64encode(b"9").decode()}
+        )
+        with pytest.raises(IntegrityError):
+            store.get(forged)
+        for bad in ("data:application/json,7", "data:;base64,!!!", "data:nothing"):
+            with pytest.raises(ResourceNotFound, match="resource not found"):
+                store.get(resource.model_copy(update={"url": bad}))
 
     def test_media_type_is_kept(self, backend: Backend) -> None:
         store = backend.store
@@ -139,9 +171,9 @@ class TestResourceStore:
     def test_product_url_derivation(self, backend: Backend) -> None:
         store = backend.store
         url = store.product_url("art.7", "job_3-b", 2, name="model.bin")
-        assert url == f"{store.root}/artifacts/art.7/jobs/job_3-b/attempt-2/model.bin"
+        assert url == f"{store.root}/artifacts/art.7/jobs/job_3-b~2~model.bin"
         default = store.product_url("a", "j", 1)
-        assert default == f"{store.root}/artifacts/a/jobs/j/attempt-1/product"
+        assert default == f"{store.root}/artifacts/a/jobs/j~1~product"
         assert store.product_url("a", "j", 1) != store.product_url("a", "j", 2)
 
     def test_unsafe_segments_rejected(self, backend: Backend) -> None:
@@ -158,7 +190,7 @@ class TestResourceStore:
 
     def test_tampered_bytes_raise_integrity_error(self, backend: Backend) -> None:
         store = backend.store
-        resource = store.put_product("a", "j", 1, b"original")
+        resource = store.put_product("a", "j", 1, stored(b"original"))
         backend.raw_write(resource.url, b"tampered")
         with pytest.raises(IntegrityError) as info:
             store.get(resource)
@@ -179,7 +211,7 @@ class TestResourceStore:
 
     def test_delete(self, backend: Backend) -> None:
         store = backend.store
-        resource = store.put_product("a", "j", 1, b"x")
+        resource = store.put_product("a", "j", 1, stored(b"x"))
         store.delete(resource.url)
         assert not store.exists(resource.url)
         with pytest.raises(ResourceNotFound):
@@ -188,17 +220,17 @@ class TestResourceStore:
 
     def test_put_is_idempotent(self, backend: Backend) -> None:
         store = backend.store
-        first = store.put_product("a", "j", 1, b"same bytes")
-        second = store.put_product("a", "j", 1, b"same bytes")
+        first = store.put_product("a", "j", 1, stored(b"same bytes"))
+        second = store.put_product("a", "j", 1, stored(b"same bytes"))
         assert first == second
-        assert store.get(second) == b"same bytes"
+        assert store.get(second) == stored(b"same bytes")
 
     def test_no_temporary_sibling_left_behind(self, backend: Backend) -> None:
         store = backend.store
         for payload in (b"one", b"two", b"three"):
-            resource = store.put_product("a", "j", 1, payload)
+            resource = store.put_product("a", "j", 1, stored(payload))
         directory = resource.url.rsplit("/", 1)[0]
-        assert backend.list_dir(directory) == ["product"]
+        assert backend.list_dir(directory) == ["j~1~product"]
 
     def test_concurrent_reader_never_sees_partial_file(self, backend: Backend) -> None:
         store = backend.store
@@ -242,16 +274,24 @@ def test_plain_local_path_is_a_file_root(tmp_path: Path) -> None:
     store = ResourceStore(str(root))
     assert root.is_dir()
     assert store.root == root.as_uri()
-    resource = store.put_product("a", "j", 1, b"data")
-    assert (root / "artifacts/a/jobs/j/attempt-1/product").read_bytes() == b"data"
-    assert store.get(resource) == b"data"
+    resource = store.put_product("a", "j", 1, stored(b"data"))
+    assert (root / "artifacts/a/jobs/j~1~product").read_bytes() == stored(b"data")
+    assert store.get(resource) == stored(b"data")
+
+
+def test_a_folder_removed_behind_the_store_is_made_again(tmp_path: Path) -> None:
+    store = ResourceStore(str(tmp_path / "store"))
+    store.put_product("a", "1", 1, stored(b"first"))
+    shutil.rmtree(tmp_path / "store" / "artifacts" / "a")  # e.g. an artifact cleaned up
+    resource = store.put_product("a", "2", 1, stored(b"second"))
+    assert store.get(resource) == stored(b"second")
 
 
 def test_s3_store_reads_file_url_without_its_options(tmp_path: Path, s3_endpoint: str) -> None:
     local = ResourceStore((tmp_path / "local").as_uri())
-    resource = local.put_product("a", "j", 1, b"made on a worker")
+    resource = local.put_product("a", "j", 1, stored(b"made on a worker"))
     s3 = _s3_backend(s3_endpoint).store
-    assert s3.get(resource) == b"made on a worker"
+    assert s3.get(resource) == stored(b"made on a worker")
 
 
 def test_storage_options_are_not_mutated(s3_endpoint: str) -> None:
@@ -262,7 +302,7 @@ def test_storage_options_are_not_mutated(s3_endpoint: str) -> None:
     store = ResourceStore(f"s3://{bucket}", options)
     assert options == snapshot
     assert store.root == f"s3://{bucket}"
-    assert store.get(store.put_product("a", "j", 1, b"{}")) == b"{}"
+    assert store.get(store.put_product("a", "j", 1, stored(b"{}"))) == stored(b"{}")
 
 
 @pytest.mark.parametrize(

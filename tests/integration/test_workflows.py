@@ -33,10 +33,10 @@ from flotta_mqtt.model import ArtifactState, JobState
 from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import ArtifactStatus, JobSummary
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.roles.scheduler.service import LISTED_JOBS, Scheduler, SchedulerConfig
 from flotta_mqtt.roles.workbench.client import Client
 from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
-from flotta_mqtt.transport.store import ResourceStore
+from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
 
 pytestmark = pytest.mark.integration
 
@@ -593,3 +593,20 @@ def test_replicas_run_with_their_index_and_a_dependent_waits_for_all(flotta: Flo
     assert all(f"replica {i} of 3" in every.output for i in range(3))
     one = flotta.cli("logs", status.artifact_id, "t[1]")
     assert "replica 1 of 3" in one.output and "replica 0" not in one.output
+
+
+def test_more_results_than_a_status_can_carry_come_as_a_manifest(flotta: Flotta) -> None:
+    shell_cluster(flotta)
+    width = LISTED_JOBS + 1  # one more final job than a status lists
+    workflow = {"tasks": [{"name": "t", "replicas": width, "params": {"command": ["true"]}}]}
+    status = run_and_wait(flotta, workflow)
+    assert status.state is ArtifactState.COMPLETED, status.error
+    assert status.jobs is None  # too many to list
+    [manifest] = status.results
+    assert manifest.media_type == RESULTS_MANIFEST
+    store = ResourceStore(flotta.storage.url)
+    assert len(store.results(status.results)) == width
+    assert flotta.client is not None
+    products = flotta.client.handle(status.artifact_id).result(timeout=TIMEOUT)
+    assert len(products) == width
+    assert all(product["exit_code"] == 0 for product in products)

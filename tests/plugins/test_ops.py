@@ -160,9 +160,12 @@ class FlakyParams(BaseModel):
 
 def _flaky(params: FlakyParams, ctx: JobContext) -> None:
     counter = Path(params.counter)
+    mine = f"{time.monotonic()!r} {ctx.node} {ctx.job.job_id} {ctx.job.attempt}"
     with counter.open("a") as lines:
-        lines.write(f"{time.monotonic()!r} {ctx.node} {ctx.job.job_id} {ctx.job.attempt}\n")
-    count = len(counter.read_text().splitlines())
+        lines.write(mine + "\n")
+    # Its place among the calls, not the lines there now: two calls appending at once
+    # would otherwise both count past the planned failures.
+    count = counter.read_text().splitlines().index(mine) + 1
     if count <= params.failures:
         raise FlakyError(f"flaky: failure {count} of {params.failures}")
     if params.flag is not None:

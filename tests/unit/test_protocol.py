@@ -34,7 +34,9 @@ from flotta_mqtt.protocol import (
     CancelArtifact,
     CancelJob,
     EventAck,
+    EventBatch,
     JobAccepted,
+    JobBatch,
     JobFailed,
     JobFinished,
     JobHeartbeat,
@@ -50,6 +52,7 @@ from flotta_mqtt.protocol import (
     Resource,
     decode,
     encode,
+    encode_batches,
     messages,
     topics,
 )
@@ -136,6 +139,22 @@ def artifacts(draw: st.DrawFn) -> Artifact:
         raise
 
 
+job_readies = st.builds(
+    JobReady,
+    artifact_id=safe_ids,
+    job_id=job_ids,
+    attempt=attempts,
+    project=safe_ids,
+    seed=st.integers(min_value=-(2**63), max_value=2**63),
+    step=texts,
+    kind=texts,
+    role=st.sampled_from(JobRole),
+    iteration=st.integers(min_value=0, max_value=10**6),
+    operation=operations,
+    inputs=st.lists(resources, max_size=3),
+)
+
+
 MESSAGES: dict[type[BaseModel], tuple[Callable[[str], str], st.SearchStrategy[Any]]] = {
     Artifact: (topics.submit, artifacts()),
     CancelArtifact: (topics.cancel, st.builds(CancelArtifact, artifact_id=safe_ids, reason=texts)),
@@ -163,22 +182,10 @@ MESSAGES: dict[type[BaseModel], tuple[Callable[[str], str], st.SearchStrategy[An
         topics.locks,
         st.builds(LocksReleased, artifact_id=safe_ids, locks=st.lists(st.tuples(job_ids, job_ids))),
     ),
-    JobReady: (
+    JobReady: (topics.jobs, job_readies),
+    JobBatch: (
         topics.jobs,
-        st.builds(
-            JobReady,
-            artifact_id=safe_ids,
-            job_id=job_ids,
-            attempt=attempts,
-            project=safe_ids,
-            seed=st.integers(min_value=-(2**63), max_value=2**63),
-            step=texts,
-            kind=texts,
-            role=st.sampled_from(JobRole),
-            iteration=st.integers(min_value=0, max_value=10**6),
-            operation=operations,
-            inputs=st.lists(resources, max_size=3),
-        ),
+        st.builds(JobBatch, jobs=st.lists(job_readies, min_size=1, max_size=3)),
     ),
     EventAck: (topics.control, st.builds(EventAck, jobs=st.lists(job_refs, max_size=5))),
     CancelJob: (topics.control, st.builds(CancelJob, job=job_refs)),
@@ -227,6 +234,12 @@ MESSAGES: dict[type[BaseModel], tuple[Callable[[str], str], st.SearchStrategy[An
         ),
     ),
 }
+
+worker_events = st.one_of(*(how for build, how in MESSAGES.values() if build is topics.events))
+MESSAGES[EventBatch] = (
+    topics.events,
+    st.builds(EventBatch, events=st.lists(worker_events, min_size=1, max_size=3)),
+)
 
 BUILDERS: dict[Channel, Callable[[str], str]] = {
     Channel.SUBMIT: topics.submit,
@@ -503,6 +516,66 @@ def test_every_message_round_trips_through_encode_and_decode(
     assert decoded == message
     assert address.name == name
     assert encode(decoded) == payload
+
+
+def _unbatched(topic: str, payloads: list[bytes]) -> list[BaseModel]:
+    """What a receiver handles from these payloads: every message of every batch, in order."""
+    received: list[BaseModel] = []
+    for payload in payloads:
+        assert len(payload) <= MAX_MESSAGE_BYTES
+        _, message = decode(topic, payload)
+        if isinstance(message, JobBatch):
+            received += message.jobs
+        elif isinstance(message, EventBatch):
+            received += message.events
+        else:
+            received.append(message)
+    return received
+
+
+@SETTINGS
+@given(jobs=st.lists(job_readies, min_size=1, max_size=8))
+def test_job_batches_deliver_every_job_in_order(jobs: list[JobReady]) -> None:
+    payloads = encode_batches(jobs)
+    assert _unbatched(topics.jobs("w"), payloads) == jobs
+    if len(jobs) == 1:
+        assert payloads == [encode(jobs[0])]  # one job travels as itself
+    else:
+        assert payloads == [encode(JobBatch(jobs=jobs))]  # what the model itself encodes to
+
+
+@SETTINGS
+@given(events=st.lists(worker_events, min_size=1, max_size=8))
+def test_event_batches_deliver_every_event_in_order(events: list[BaseModel]) -> None:
+    payloads = encode_batches(events)
+    assert _unbatched(topics.events("w"), payloads) == events
+    if len(events) > 1:
+        assert payloads == [encode(EventBatch.model_validate({"events": events}))]
+
+
+@pytest.mark.parametrize("count", [2, 9, 40])
+def test_batches_split_at_the_size_limit(count: int) -> None:
+    # Each event ~30 KiB: eight fit in one message, so 9 and 40 need several.
+    big = RemoteError(type="E", message="x" * 30_000)
+    events = [
+        JobFailed(job=JobRef(artifact_id="a", job_id=i, attempt=1), error=big, finished_at=1)
+        for i in range(count)
+    ]
+    payloads = encode_batches(events)
+    assert len(payloads) == -(-count // 8)
+    assert _unbatched(topics.events("w"), payloads) == events
+
+
+def test_a_batch_refuses_a_message_over_the_limit_alone() -> None:
+    huge = RemoteError(type="E", message="x" * MAX_MESSAGE_BYTES)
+    events = [JobFailed(job=ref(), error=huge, finished_at=1), JobAccepted(job=ref())]
+    with pytest.raises(ProtocolError, match=r"JobFailed is \d+ bytes"):
+        encode_batches(events)
+
+
+def test_an_empty_batch_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="at least 1"):
+        decode(topics.jobs("w"), b'{"type":"job_batch","jobs":[]}')
 
 
 def _decodes_or_refuses(topic: str, payload: bytes) -> None:

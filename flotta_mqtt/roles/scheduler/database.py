@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flotta_mqtt.model import Artifact, ArtifactState, JobGraph, JobState, SchedulerContext
 from flotta_mqtt.protocol import NodePresence, RemoteError, Resource
+from flotta_mqtt.roles import sqlite
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -36,11 +37,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     PRIMARY KEY (artifact_id, job_id)
 ) WITHOUT ROWID;
+-- The DAG as bound; which locks are released follows from the states of the jobs.
 CREATE TABLE IF NOT EXISTS locks (
     artifact_id TEXT NOT NULL,
     job_id INTEGER NOT NULL,
     unlocks INTEGER NOT NULL,
-    released INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (artifact_id, job_id, unlocks)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS nodes (
@@ -89,13 +90,8 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite.transaction(self._db, "BEGIN IMMEDIATE"):
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -220,12 +216,6 @@ class Database:
         self._db.execute(
             "UPDATE jobs SET state = ? WHERE artifact_id = ? AND state NOT IN (?, ?)",
             (JobState.CANCELLED, artifact_id, JobState.COMPLETED, JobState.FAILED),
-        )
-
-    def release_locks(self, artifact_id: str, job_id: int) -> None:
-        self._db.execute(
-            "UPDATE locks SET released = 1 WHERE artifact_id = ? AND job_id = ?",
-            (artifact_id, job_id),
         )
 
     def jobs(self, artifact_id: str) -> list[JobRow]:

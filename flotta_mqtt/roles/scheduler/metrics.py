@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -96,12 +95,12 @@ class SchedulerMetrics:
         with self._lock:
             self.dispatched_total += 1
 
-    def started(self, dispatched_at: float | None) -> None:
-        """A worker started an attempt; `dispatched_at` is when it was sent (monotonic)."""
+    def started(self, latency: float | None) -> None:
+        """A worker started an attempt `latency` seconds after it was dispatched."""
         with self._lock:
             self.started_total += 1
-            if dispatched_at is not None:
-                self.dispatch_latency.observe(time.monotonic() - dispatched_at)
+            if latency is not None:
+                self.dispatch_latency.observe(latency)
 
     def completed(self, duration: float | None = None) -> None:
         with self._lock:

@@ -269,7 +269,7 @@ class ArtifactHandle:
                 "downloading results (allow_download is off)"
             )
         store = ResourceStore(self.client.storage.url, self.client.storage.options)
-        products = [json.loads(store.get(resource)) for resource in status.results]
+        products = [json.loads(store.get(r)) for r in store.results(status.results)]
         return products[0] if len(products) == 1 else products
 
     def download(self, path: Path | str, timeout: float | None = None) -> Path:

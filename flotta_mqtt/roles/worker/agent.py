@@ -1,10 +1,16 @@
 """The edge worker agent: receives jobs on its own topic, runs them next to its data.
 
-Threads: paho's network thread only enqueues; the agent thread decodes, deduplicates and
-hands jobs to a pool of `max_jobs` runners; runners publish their events. A finished or
-failed event is journaled, then published, and re-sent on every reconnect and every
-`resend_interval` until the scheduler acknowledges it, so a result survives a lost
-connection and a restart of the worker.
+Threads: paho's network thread only enqueues; the agent thread works in bursts: it takes
+what is queued (never waiting for more), handles it inside one journal transaction,
+commits, then sends the events the burst produced. Runners (a pool of `max_jobs`) run
+jobs and send their results themselves. Events go out in batches through one outbox:
+whichever thread finds nothing being sent sends what is waiting, so a lone result leaves
+at once from its runner and results that pile up meanwhile leave together.
+
+The agent announces jobs still running STARTED_AFTER after they started (a quick job's
+result is its only event). A finished or failed event is journaled, then published, and
+re-sent on every reconnect, and when it looks lost, until the scheduler acknowledges it,
+so a result survives a lost connection and a restart of the worker.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import queue
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,7 @@ from flotta_mqtt.protocol import (
     CancelJob,
     EventAck,
     JobAccepted,
+    JobBatch,
     JobFailed,
     JobFinished,
     JobHeartbeat,
@@ -36,6 +43,7 @@ from flotta_mqtt.protocol import (
     NodePresence,
     ProtocolError,
     RemoteError,
+    WorkerEvent,
     decode,
     topics,
 )
@@ -51,6 +59,15 @@ log = logging.getLogger(__name__)
 
 JobKey = tuple[str, int]  # (artifact id, job id)
 MAX_BACKOFF = 16  # a result unacknowledged for long is re-sent every 16 resend intervals
+# A job still running this long after it started is announced (JobStarted); one that has
+# finished by then is not: its result says when it started, and a message per job is saved.
+STARTED_AFTER = 0.05
+BURST = 500  # the most inbox items handled in one journal transaction
+# A result finished while other jobs wait their turn may wait this long for the results
+# after it: a busy worker sends a message per batch of results, not per job.
+BATCH_WINDOW = 0.01
+# json.dumps(product, allow_nan=False) builds an encoder per call; one is enough.
+_PRODUCT_JSON = json.JSONEncoder(allow_nan=False)
 
 
 class WorkerConfig(BaseModel):
@@ -88,6 +105,9 @@ class _Attempt:
     running: bool = False
     final: Final | None = None
     sent_at: float = 0.0  # monotonic time the final event was last published
+    first_sent: float = 0.0  # monotonic time the final event was first published
+    started_at: float = 0.0  # wall clock time the current run started
+    announced: bool = False  # JobStarted published for it
     resends: int = 0  # periodic re-sends of the final event so far (each waits twice longer)
 
 
@@ -114,10 +134,27 @@ class WorkerAgent:
             for project, spec in config.datasets.items()
         }
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._outgoing: list[WorkerEvent] = []  # the events of the burst being handled
+        self._outbox: list[WorkerEvent] = []  # events waiting to be sent
+        self._sending = False  # a thread is sending the outbox
+        self._flush_at: float | None = None  # when results held for a batch must go
+        self._outbox_lock = threading.Lock()
+        # Attempts that started, by when to announce them: runners append, the agent pops.
+        self._starting: deque[tuple[float, _Attempt]] = deque()
         self._attempts: dict[JobKey, _Attempt] = {}
         self._queued = 0  # jobs handed to the pool and not yet done
+        # When the scheduler last said anything, and the latest first publish of a result
+        # it acknowledged (monotonic): what tells a lost result from a busy scheduler.
+        self._heard = time.monotonic()
+        self._answered = 0.0
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(config.max_jobs, thread_name_prefix=f"job-{self.name}")
+        # Runners take jobs in order from one queue (None tells one to stop): cheaper per
+        # job than an executor's futures, which nobody here waits on.
+        self._jobs: queue.SimpleQueue[_Attempt | None] = queue.SimpleQueue()
+        self._runners = [
+            threading.Thread(target=self._runner, name=f"job-{self.name}-{i}", daemon=True)
+            for i in range(config.max_jobs)
+        ]
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"worker-{self.name}", daemon=True)
         self.bus = Bus(
@@ -144,6 +181,8 @@ class WorkerAgent:
         )
 
     def start(self, wait: float | None = 10.0) -> WorkerAgent:
+        for runner in self._runners:
+            runner.start()
         self._resume()
         self._thread.start()
         self.bus.start(wait=wait)
@@ -156,7 +195,8 @@ class WorkerAgent:
         with self._lock:
             for attempt in self._attempts.values():
                 attempt.cancelled.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for _ in self._runners:
+            self._jobs.put(None)  # after the queued jobs, which return at once: cancelled
         if isinstance(self._python, PythonExecutor):
             self._python.close()
         self.bus.stop(goodbye=[(topics.presence(self.name), self.presence(online=False), True)])
@@ -176,28 +216,77 @@ class WorkerAgent:
         resend_at = time.monotonic() + self.config.resend_interval
         beat_at = time.monotonic() + self.config.heartbeat_interval
         while not self._stopping.is_set():
-            wait = max(0.0, min(resend_at, beat_at) - time.monotonic())
+            due = min(resend_at, beat_at, self._flush_at or resend_at)
+            if self._starting:
+                due = min(due, self._starting[0][0])
+            burst: list[tuple[str, Any]] = []
             try:
-                kind, item = self._inbox.get(timeout=wait)
+                burst.append(self._inbox.get(timeout=max(0.0, due - time.monotonic())))
+                while len(burst) < BURST:
+                    burst.append(self._inbox.get_nowait())
             except queue.Empty:
-                kind, item = "tick", None
-            try:
-                if kind == "message":
-                    self._receive(*item)
-                elif kind == "connected":
-                    self.bus.publish(
-                        topics.presence(self.name), self.presence(online=True), retain=True
-                    )
-                    self._resend(older_than=0.0)
+                pass
+            with self.journal.transaction():
+                for kind, item in burst:
+                    try:
+                        self._handle(kind, item)
+                    except Exception:
+                        log.exception("worker %s: error handling %s", self.name, kind)
                 now = time.monotonic()
+                while self._starting and self._starting[0][0] <= now:
+                    self._announce(self._starting.popleft()[1])
                 if now >= beat_at:
                     self._heartbeat()
                     beat_at = now + self.config.heartbeat_interval
                 if now >= resend_at:
                     self._resend(older_than=self.config.resend_interval)
                     resend_at = now + self.config.resend_interval
+            outgoing, self._outgoing = self._outgoing, []
+            flush = self._flush_at is not None and time.monotonic() >= self._flush_at
+            if outgoing or flush:
+                self._send(outgoing)  # after the commit: what they answer is journaled
+
+    def _send(self, events: list[WorkerEvent], hold: bool = False) -> None:
+        """Queue events; send everything queued unless another thread is sending already.
+
+        With `hold`, the events may wait up to BATCH_WINDOW for more (the agent thread
+        sends them then). Results are journaled before they are published. A batch that
+        cannot be published is not retried here: results are re-sent on reconnect, or when
+        they look lost, and the scheduler asks again for jobs it heard nothing about.
+        """
+        with self._outbox_lock:
+            self._outbox += events
+            if hold:
+                if self._flush_at is None:
+                    self._flush_at = time.monotonic() + BATCH_WINDOW
+                    self._inbox.put(("wake", None))  # the agent sleeps until then
+                return
+            if self._sending or not self._outbox:
+                return
+            self._sending = True
+        while True:
+            with self._outbox_lock:
+                batch, self._outbox = self._outbox, []
+                self._flush_at = None
+                if not batch:
+                    self._sending = False
+                    return
+            try:
+                finals = [e for e in batch if isinstance(e, JobFinished | JobFailed)]
+                if finals:
+                    with self.journal.transaction():
+                        for final in finals:
+                            self.journal.finish(final)
+                self.bus.publish_many(topics.events(self.name), batch)
             except Exception:
-                log.exception("worker %s: error handling %s", self.name, kind)
+                log.exception("worker %s: %d events not published", self.name, len(batch))
+
+    def _handle(self, kind: str, item: Any) -> None:
+        if kind == "message":
+            self._receive(*item)
+        elif kind == "connected":
+            self.bus.publish(topics.presence(self.name), self.presence(online=True), retain=True)
+            self._resend(older_than=0.0)
 
     def _receive(self, topic: str, payload: bytes) -> None:
         try:
@@ -205,8 +294,10 @@ class WorkerAgent:
         except ProtocolError as exc:
             log.error("worker %s rejected a message: %s", self.name, exc)
             return
-        if isinstance(message, JobReady):
-            self._job_ready(message)
+        self._heard = time.monotonic()
+        if isinstance(message, JobReady | JobBatch):
+            for job in message.jobs if isinstance(message, JobBatch) else [message]:
+                self._job_ready(job)
         elif isinstance(message, EventAck):
             self.journal.forget(message.jobs)
             with self._lock:
@@ -214,6 +305,7 @@ class WorkerAgent:
                     attempt = self._attempts.get((ref.artifact_id, ref.job_id))
                     if attempt is not None and attempt.job.attempt == ref.attempt:
                         del self._attempts[(ref.artifact_id, ref.job_id)]
+                        self._answered = max(self._answered, attempt.first_sent)
         elif isinstance(message, CancelJob):
             ref = message.job
             with self._lock:
@@ -237,45 +329,65 @@ class WorkerAgent:
             else:
                 if known is not None:
                     known.cancelled.set()  # an older attempt nobody waits for any more
+                # Queued or not, a new job gets no reply of its own: its result (or its
+                # announcement, if it runs long) tells the scheduler it arrived.
                 fresh = self._attempts[key] = _Attempt(job)
-                if self._queued >= self.config.max_jobs:
-                    reply = JobAccepted(job=job.ref)  # queued: stop the scheduler re-sending
         if fresh is not None:
             self.journal.hold(job)
             self._submit(fresh)
         if reply is not None:
-            self.bus.publish(topics.events(self.name), reply)
+            self._outgoing.append(reply)
 
     def _submit(self, attempt: _Attempt) -> None:
         with self._lock:
             self._queued += 1
-        self._pool.submit(self._run, attempt)
+        self._jobs.put(attempt)
+
+    def _runner(self) -> None:
+        while (attempt := self._jobs.get()) is not None:
+            try:
+                self._run(attempt)
+            except Exception:  # a runner outlives any job
+                log.exception("worker %s: runner error", self.name)
 
     def _heartbeat(self) -> None:
         with self._lock:
             running = [a.job.ref for a in self._attempts.values() if a.running]
         if running:
-            self.bus.publish(topics.events(self.name), JobHeartbeat(jobs=running, at=time.time()))
+            self._outgoing.append(JobHeartbeat(jobs=running, at=time.time()))
 
     def _resend(self, older_than: float) -> None:
         """Publish again the results not acknowledged within `older_than` seconds.
 
-        Each periodic re-send of a result waits twice as long as the one before (up to
-        MAX_BACKOFF times `older_than`): a scheduler slow to acknowledge because it is busy
-        is not flooded with copies. A reconnect (`older_than` 0) re-sends them all at once.
+        A periodic re-send is for a result that looks lost: the scheduler acknowledged a
+        result published after it (it handles them in order), or said nothing at all for
+        `older_than`; a scheduler busy with a backlog is not flooded with copies. Each
+        periodic re-send of a result waits twice as long as the one before (up to
+        MAX_BACKOFF times `older_than`). A reconnect (`older_than` 0) re-sends them all.
         """
         now = time.monotonic()
+        silent = now - self._heard >= older_than
         pending = []
         with self._lock:
             for attempt in self._attempts.values():
                 wait = older_than * min(MAX_BACKOFF, 2**attempt.resends)
+                lost = silent or self._answered > attempt.first_sent
+                if older_than > 0 and not lost:
+                    continue
                 if attempt.final is not None and now - attempt.sent_at >= wait:
                     attempt.sent_at = now
                     if older_than > 0:
                         attempt.resends += 1
                     pending.append(attempt.final)
-        for event in pending:
-            self.bus.publish(topics.events(self.name), event)
+        self._outgoing.extend(pending)
+
+    def _announce(self, attempt: _Attempt) -> None:
+        """Publish JobStarted for an attempt still running STARTED_AFTER after it started."""
+        with self._lock:
+            if not attempt.running or attempt.announced or attempt.cancelled.is_set():
+                return
+            attempt.announced = True
+        self._outgoing.append(JobStarted(job=attempt.job.ref, at=attempt.started_at))
 
     # --- job runners -------------------------------------------------------------------
 
@@ -287,28 +399,34 @@ class WorkerAgent:
 
     def _run_attempt(self, attempt: _Attempt) -> None:
         job = attempt.job
+        final: Final | None = None
         try:
             if attempt.cancelled.is_set():
                 return
             started = time.time()
             with self._lock:
-                attempt.running = True
-            self.bus.publish(topics.events(self.name), JobStarted(job=job.ref, at=started))
+                attempt.running, attempt.started_at, attempt.announced = True, started, False
+            # Announced by the agent thread if it is still running STARTED_AFTER from now;
+            # the agent sleeps until the first due announcement, so wake it only if none was.
+            idle = not self._starting
+            self._starting.append((time.monotonic() + STARTED_AFTER, attempt))
+            if idle:
+                self._inbox.put(("wake", None))
             final = self._execute(attempt, started)
-            with self._lock:
-                attempt.running = False
-                if attempt.cancelled.is_set():
-                    return  # cancelled or superseded while running: nobody wants this result
-                attempt.final = final
-                attempt.sent_at = time.monotonic()
-            self.journal.finish(final)
-            self.bus.publish(topics.events(self.name), final)
-        except Exception:  # a bus failure: the scheduler re-sends the job
+        except Exception:
             log.exception("worker %s: job %s/%s not run", self.name, job.artifact_id, job.job_id)
         finally:
             with self._lock:
                 attempt.running = False
                 self._queued -= 1
+                waiting = self._queued >= self.config.max_jobs  # jobs queued behind it
+                if final is not None and not attempt.cancelled.is_set():
+                    attempt.final = final
+                    attempt.sent_at = attempt.first_sent = time.monotonic()
+                else:
+                    final = None  # cancelled or superseded while running: nobody wants it
+        if final is not None:
+            self._send([final], hold=waiting)
 
     def _execute(self, attempt: _Attempt, started: float) -> Final:
         job = attempt.job
@@ -327,7 +445,7 @@ class WorkerAgent:
                     cancelled=attempt.cancelled,
                 )
                 product = operations.run(context)
-            data = json.dumps(product, allow_nan=False).encode()
+            data = _PRODUCT_JSON.encode(product).encode()
             resource = self.store.put_product(job.artifact_id, str(job.job_id), job.attempt, data)
         except Exception as exc:
             return JobFailed(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import TypeAdapter
 
 from flotta_mqtt.protocol import JobFailed, JobFinished, JobReady, JobRef
+from flotta_mqtt.roles import sqlite
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -49,11 +52,17 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # taken by a transaction and by the writes in it
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Make the writes inside one transaction: the agent commits once per burst."""
+        with self._lock, sqlite.transaction(self._db):
+            yield
 
     def hold(self, job: JobReady) -> None:
         """Remember a new attempt of a job (replacing an older attempt of it)."""
