@@ -37,15 +37,20 @@ from flotta_mqtt.model import (
     JobState,
     Operation,
     Parallel,
+    Task,
+    Tasks,
 )
 from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import (
     ArtifactStatus,
     CancelJob,
     EventAck,
+    EventBatch,
+    JobBatch,
     JobFailed,
     JobFinished,
     JobHeartbeat,
+    JobReady,
     JobRef,
     JobStarted,
     RemoteError,
@@ -231,12 +236,18 @@ def noted(path: Path, count: int, what: str) -> list[list[str]]:
 def messages_of(
     recorder: MessageRecorder, kind: type[Any], keep: Callable[[Any], bool] = lambda m: True
 ) -> list[Any]:
-    """The decoded messages of one type that a recorder has seen, in arrival order."""
+    """The decoded messages of one type that a recorder has seen, in arrival order (the
+    messages inside a JobBatch or EventBatch one by one)."""
     found = []
     for topic, payload in recorder.messages:
-        message = decode(topic, payload)[1]
-        if isinstance(message, kind) and keep(message):
-            found.append(message)
+        received = decode(topic, payload)[1]
+        if isinstance(received, JobBatch):
+            parts: list[Any] = list(received.jobs)
+        elif isinstance(received, EventBatch):
+            parts = list(received.events)
+        else:
+            parts = [received]
+        found += [m for m in parts if isinstance(m, kind) and keep(m)]
     return found
 
 
@@ -731,3 +742,21 @@ def test_json_logs_carry_the_artifact_and_job_on_every_line(nodes: Nodes) -> Non
     assert retried, stream.getvalue()[-2000:]
     assert all(line["artifact_id"] == artifact.id for line in retried)
     assert all(line["job_id"] == 0 and line["attempt"] == 1 for line in retried)
+
+
+# --- 9: no re-sends to a worker working through its queue -------------------------------------
+
+
+def test_a_worker_working_through_a_long_queue_gets_no_re_sends(nodes: Nodes) -> None:
+    _, _, client = nodes.start("w0", executors=["shell"], max_jobs=2)
+    jobs = MessageRecorder()
+    nodes.observer([topics.jobs("w0")], jobs)
+    # 12 jobs, dispatched together, queued far longer than the 0.5 s re-send interval;
+    # two runners end them out of order (even replicas are slower).
+    slow_even = "if [ $((FLOTTA_REPLICA % 2)) -eq 0 ]; then sleep 0.3; else sleep 0.05; fi"
+    task = Task(name="t", replicas=12, worker="w0", params={"shell": slow_even})
+    handle = client.submit(Artifact(project=PROJECT, steps=[Tasks(tasks=[task])]))
+    assert handle.wait(timeout=TIMEOUT).state is ArtifactState.COMPLETED
+    ready = messages_of(jobs, JobReady)
+    assert len(ready) == 12, "a job answered out of order made the others look lost"
+    assert sorted(job.job_id for job in ready) == list(range(12))

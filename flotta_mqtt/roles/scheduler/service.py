@@ -165,7 +165,7 @@ class _Artifact:
     accepted: set[int] = field(default_factory=set)  # dispatched jobs their worker holds
     # When the current attempt was dispatched (the burst's clock: jobs dispatched together
     # count as simultaneous, whatever order their worker's runners end them in), and when
-    # it was last re-sent. Monotonic.
+    # it was last re-sent. Monotonic; `dispatched_at` is kept in dispatch order.
     dispatched_at: dict[int, float] = field(default_factory=dict)
     resent_at: dict[int, float] = field(default_factory=dict)
     started_at: dict[int, float] = field(default_factory=dict)  # running jobs (monotonic)
@@ -622,6 +622,7 @@ class Scheduler:
         status = record.jobs[job_id].dispatch()
         record.set_job(job_id, status)
         self.db.update_job(record.artifact.id, job_id, status.state, status.attempt)
+        record.dispatched_at.pop(job_id, None)  # kept in dispatch order: see _resend
         record.dispatched_at[job_id] = self._burst_at
         self.metrics.dispatched()
         self._out.append(self._job_ready(record, job_id))
@@ -896,9 +897,11 @@ class Scheduler:
             if record.graph is None:
                 continue
             for job_id, sent in list(record.dispatched_at.items()):
+                if older_than > 0 and self._caught_up - sent < older_than:
+                    break  # in dispatch order: every job after this one is younger still
                 last = record.resent_at.get(job_id, sent)
                 if older_than > 0 and self._caught_up - last < older_than:
-                    continue  # the common case, decided first: every tick visits every job
+                    continue
                 if job_id in record.accepted and not include_accepted:
                     continue
                 worker = record.worker(job_id)
