@@ -16,8 +16,11 @@ import pytest
 from helpers import wait_for
 from pydantic import ValidationError
 
-from flotta_mqtt.model import Task
+from flotta_mqtt.model import JobRole, Operation, Task
+from flotta_mqtt.protocol import JobReady
 from flotta_mqtt.roles.executors import EXECUTORS, TaskResult, TaskRun, make_executor
+from flotta_mqtt.roles.executors.runner import TaskRunner
+from flotta_mqtt.transport.store import ResourceStore
 
 # Starts a child that would outlive the task, writes both PIDs, then waits for the child.
 SPAWNS_A_CHILD = "sleep 300 & echo $! > pids.txt; echo $$ >> pids.txt; wait"
@@ -175,3 +178,38 @@ def test_a_task_that_finishes_leaves_no_watcher_behind(tmp_path: Path) -> None:
     for _ in range(5):
         assert run_task(tmp_path, {"command": ["true"]}).exit_code == 0
     wait_for(lambda: threading.active_count() <= before, timeout=5, message="watchers left")
+
+
+def test_every_task_starts_in_an_empty_folder_of_its_own(tmp_path: Path) -> None:
+    """Folders are used again only when their task left them empty."""
+    runner = TaskRunner(ResourceStore(str(tmp_path / "store")), ["shell"])
+
+    def run(shell: str) -> tuple[str, str]:
+        task = Task(name="t", executor="shell", params={"shell": shell})
+        job = JobReady(
+            artifact_id="art1",
+            job_id=0,
+            attempt=1,
+            project="p",
+            seed=0,
+            step="0",
+            kind="tasks",
+            role=JobRole.LOCAL,
+            iteration=0,
+            operation=Operation(name="task", params=task.model_dump(mode="json")),
+        )
+        product = runner.run(job, "w", threading.Event())
+        out = runner.store.get_bytes(product["logs"]["stdout"]["url"]).decode().split()
+        return out[0], out[1]  # the folder, and how many entries it had at the start
+
+    try:
+        first, entries = run("pwd; ls -A | wc -l")
+        assert entries == "0"
+        again, entries = run("pwd; ls -A | wc -l; touch left-behind")
+        assert (again, entries) == (first, "0")  # left empty: used again
+        after, entries = run("pwd; ls -A | wc -l")
+        assert entries == "0" and after != first  # left a file: never used again
+        assert not Path(first).exists()
+    finally:
+        runner.close()
+    assert not Path(after).exists()  # closing removes the folders kept for later

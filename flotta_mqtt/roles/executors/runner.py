@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,10 @@ class TaskRunner:
     def __init__(self, store: ResourceStore, executors: list[str]) -> None:
         self.store = store
         self.executors: dict[str, Executor] = {name: make_executor(name) for name in executors}
+        self._folders = _Folders()
+
+    def close(self) -> None:
+        self._folders.close()
 
     def run(self, job: JobReady, node: str, cancelled: threading.Event) -> dict[str, Any]:
         """Run the task; its product lists its exit code, logs and output job files.
@@ -30,8 +38,7 @@ class TaskRunner:
         executor = self.executors.get(task.executor)
         if executor is None:
             raise TaskError(f"worker {node} does not run the {task.executor} executor", None)
-        with tempfile.TemporaryDirectory(prefix=f"flotta-task-{task.name}-") as folder:
-            workdir = Path(folder)
+        with self._folders.take() as workdir:
             for path in task.inputs:
                 target = workdir / path
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,3 +90,50 @@ def task_env(task: Task) -> dict[str, str]:
         "FLOTTA_REPLICA": str(task.replica),
         "FLOTTA_REPLICAS": str(task.replicas),
     }
+
+
+class _Folders:
+    """Private working folders for tasks, made once and used again.
+
+    A task gets an empty folder of its own. One its task left empty (most tasks write
+    nothing there) serves a later task; one with anything left in it is removed. Making
+    and removing a folder per task cost more than running a no-op task.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[Path] = []
+        self._closed = False  # a folder given back after close() is removed
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[Path]:
+        with self._lock:
+            folder = self._free.pop() if self._free else None
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix="flotta-task-"))
+        try:
+            yield folder
+        finally:
+            with self._lock:
+                kept = not self._closed and _empty_folder(folder)
+                if kept:
+                    self._free.append(folder)
+            if not kept:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def close(self) -> None:
+        with self._lock:
+            free, self._free, self._closed = self._free, [], True
+        for folder in free:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _empty_folder(path: Path) -> bool:
+    """Whether `path` is still a real, empty folder (not replaced by a link, say)."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return False
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False

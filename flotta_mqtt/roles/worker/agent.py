@@ -199,6 +199,7 @@ class WorkerAgent:
             self._jobs.put(None)  # after the queued jobs, which return at once: cancelled
         if isinstance(self._python, PythonExecutor):
             self._python.close()
+        self.tasks.close()
         self.bus.stop(goodbye=[(topics.presence(self.name), self.presence(online=False), True)])
         self.journal.close()
 
