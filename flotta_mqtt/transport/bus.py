@@ -93,8 +93,9 @@ class Bus:
     """A connected MQTT v5 client with a persistent session (unless `clean` is asked for).
 
     Incoming messages are handed to `on_message(topic, payload)` on paho's network thread:
-    handlers must only enqueue work. Publishing blocks while the window is full, so it must
-    be called from the node's own threads, never from a handler.
+    handlers must be quick and never wait on the bus (they enqueue work, or do a little of
+    it). Publishing blocks while the window is full, so it must be called from the node's
+    own threads, never from a handler.
     """
 
     def __init__(

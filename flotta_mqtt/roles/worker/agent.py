@@ -1,11 +1,13 @@
 """The edge worker agent: receives jobs on its own topic, runs them next to its data.
 
-Threads: paho's network thread only enqueues; the agent thread works in bursts: it takes
-what is queued (never waiting for more), handles it inside one journal transaction,
-commits, then sends the events the burst produced. Runners (a pool of `max_jobs`) run
-jobs and send their results themselves. Events go out in batches through one outbox:
-whichever thread finds nothing being sent sends what is waiting, so a lone result leaves
-at once from its runner and results that pile up meanwhile leave together.
+Threads: paho's network thread hands new jobs to the runners itself (decoded,
+deduplicated and journaled: no wait on the bus) and queues everything else for the agent
+thread, which works in bursts: it takes what is queued (never waiting for more), handles
+it inside one journal transaction, commits, then sends the events the burst produced.
+Runners (`max_jobs` threads) run jobs in order and send their results themselves. Events
+go out in batches through one outbox: whichever thread finds nothing being sent sends
+what is waiting, so a lone result leaves at once from its runner and results that pile
+up meanwhile leave together.
 
 The agent announces jobs still running STARTED_AFTER after they started (a quick job's
 result is its only event). A finished or failed event is journaled, then published, and
@@ -135,6 +137,7 @@ class WorkerAgent:
         }
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._outgoing: list[WorkerEvent] = []  # the events of the burst being handled
+        self._jobs_topic = topics.jobs(self.name)
         self._outbox: list[WorkerEvent] = []  # events waiting to be sent
         self._sending = False  # a thread is sending the outbox
         self._flush_at: float | None = None  # when results held for a batch must go
@@ -160,7 +163,7 @@ class WorkerAgent:
         self.bus = Bus(
             client_id=self.name,
             config=config.broker.bus_config(),
-            on_message=lambda topic, payload: self._inbox.put(("message", (topic, payload))),
+            on_message=self._arrived,
             subscriptions=[topics.worker_inbox(self.name)],
             will=Will(topics.presence(self.name), self.presence(online=False)),
             on_connect=lambda session: self._inbox.put(("connected", session)),
@@ -285,21 +288,47 @@ class WorkerAgent:
     def _handle(self, kind: str, item: Any) -> None:
         if kind == "message":
             self._receive(*item)
+        elif kind == "events":
+            self._outgoing += item
         elif kind == "connected":
             self.bus.publish(topics.presence(self.name), self.presence(online=True), retain=True)
             self._resend(older_than=0.0)
 
-    def _receive(self, topic: str, payload: bytes) -> None:
+    def _arrived(self, topic: str, payload: bytes) -> None:
+        """On paho's thread. Jobs go to the runners from here (decoded, deduplicated and
+        journaled; nothing here waits on the bus), saving a hand-over to the agent thread
+        on every job's way; anything else, and the replies to repeated jobs, to the agent.
+        """
+        if topic != self._jobs_topic:
+            self._inbox.put(("message", (topic, payload)))
+            return
+        message = self._decode(topic, payload)
+        if message is None:
+            return
+        jobs = message.jobs if isinstance(message, JobBatch) else [message]
+        try:
+            with self.journal.transaction():
+                replies = [reply for job in jobs if (reply := self._job_ready(job)) is not None]
+        except Exception:
+            log.exception("worker %s: jobs not taken", self.name)  # the scheduler re-sends
+            return
+        if replies:
+            self._inbox.put(("events", replies))
+
+    def _decode(self, topic: str, payload: bytes) -> Any:
         try:
             _, message = decode(topic, payload)
         except ProtocolError as exc:
             log.error("worker %s rejected a message: %s", self.name, exc)
-            return
+            return None
         self._heard = time.monotonic()
-        if isinstance(message, JobReady | JobBatch):
-            for job in message.jobs if isinstance(message, JobBatch) else [message]:
-                self._job_ready(job)
-        elif isinstance(message, EventAck):
+        return message
+
+    def _receive(self, topic: str, payload: bytes) -> None:
+        message = self._decode(topic, payload)
+        if message is None:
+            return
+        if isinstance(message, EventAck):
             self.journal.forget(message.jobs)
             with self._lock:
                 for ref in message.jobs:
@@ -316,13 +345,14 @@ class WorkerAgent:
         else:
             log.error("worker %s: unexpected %s on %s", self.name, type(message).__name__, topic)
 
-    def _job_ready(self, job: JobReady) -> None:
+    def _job_ready(self, job: JobReady) -> WorkerEvent | None:
+        """Take a job (once per attempt); the reply to a repeated one, if any."""
         key = (job.artifact_id, job.job_id)
         reply: Final | JobAccepted | None = None
         with self._lock:
             known = self._attempts.get(key)
             if known is not None and known.job.attempt > job.attempt:
-                return  # a stale re-send of an attempt already replaced
+                return None  # a stale re-send of an attempt already replaced
             if known is not None and known.job.attempt == job.attempt:
                 # A duplicate: repeat what we said, so a lost reply is recovered.
                 reply = known.final or JobAccepted(job=job.ref)
@@ -336,8 +366,7 @@ class WorkerAgent:
         if fresh is not None:
             self.journal.hold(job)
             self._submit(fresh)
-        if reply is not None:
-            self._outgoing.append(reply)
+        return reply
 
     def _submit(self, attempt: _Attempt) -> None:
         with self._lock:
