@@ -245,6 +245,14 @@ class WorkerAgent:
                 if now >= resend_at:
                     self._resend(older_than=self.config.resend_interval)
                     resend_at = now + self.config.resend_interval
+            # Publishing may wait for room in the window, which paho's thread makes; it may
+            # be waiting for the journal meanwhile (taking jobs): publish after the commit.
+            if any(kind == "connected" for kind, _ in burst):
+                try:
+                    online = self.presence(online=True)
+                    self.bus.publish(topics.presence(self.name), online, retain=True)
+                except Exception:  # said again on the next connection
+                    log.exception("worker %s: presence not published", self.name)
             outgoing, self._outgoing = self._outgoing, []
             flush = self._flush_at is not None and time.monotonic() >= self._flush_at
             if outgoing or flush:
@@ -291,8 +299,7 @@ class WorkerAgent:
         elif kind == "events":
             self._outgoing += item
         elif kind == "connected":
-            self.bus.publish(topics.presence(self.name), self.presence(online=True), retain=True)
-            self._resend(older_than=0.0)
+            self._resend(older_than=0.0)  # its presence goes out after the burst
 
     def _arrived(self, topic: str, payload: bytes) -> None:
         """On paho's thread. Jobs go to the runners from here (decoded, deduplicated and
