@@ -610,3 +610,23 @@ def test_more_results_than_a_status_can_carry_come_as_a_manifest(flotta: Flotta)
     products = flotta.client.handle(status.artifact_id).result(timeout=TIMEOUT)
     assert len(products) == width
     assert all(product["exit_code"] == 0 for product in products)
+
+
+def test_results_that_cannot_be_stored_still_end_the_artifact(
+    flotta: Flotta, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shell_cluster(flotta)
+    blocker = flotta.folder / "not-a-folder"
+    blocker.write_text("")  # where the manifest would go is a file: writing it fails
+    monkeypatch.setattr(
+        ResourceStore, "results_url", lambda self, artifact_id: f"{blocker.as_uri()}/results.json"
+    )
+    workflow = {
+        "tasks": [{"name": "t", "replicas": LISTED_JOBS + 1, "params": {"command": ["true"]}}]
+    }
+    status = run_and_wait(flotta, workflow)
+    assert status.state is ArtifactState.COMPLETED, status.error
+    assert status.results == []
+    assert flotta.client is not None
+    with pytest.raises(PermissionError, match="could not store"):
+        flotta.client.handle(status.artifact_id).result(timeout=TIMEOUT)

@@ -1084,7 +1084,11 @@ class Scheduler:
         if record.state is ArtifactState.COMPLETED and self.config.allow_download and record.graph:
             results = [record.products[j] for j in record.graph.sinks()]
             if len(results) > LISTED_JOBS:  # too many for a message: one manifest of them
-                results = [self._results_manifest(artifact_id, results)]
+                try:
+                    results = [self._results_manifest(artifact_id, results)]
+                except Exception:  # the artifact's end is announced all the same
+                    log.exception("scheduler: could not store the results of %s", artifact_id)
+                    results = []
         jobs = record.summaries()
         # Small artifacts carry their DAG's locks beside the job list, for drawing it.
         locks = record.listed_locks() if jobs is not None and record.graph else None

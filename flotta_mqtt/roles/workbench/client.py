@@ -265,8 +265,9 @@ class ArtifactHandle:
             raise ArtifactFailed(status)
         if not status.results:
             raise PermissionError(
-                f"artifact {self.artifact_id} completed, but its scheduler does not allow "
-                "downloading results (allow_download is off)"
+                f"artifact {self.artifact_id} completed, but its status carries no results: "
+                "its scheduler does not allow downloading them (allow_download is off), or "
+                "could not store their list (see its log)"
             )
         store = ResourceStore(self.client.storage.url, self.client.storage.options)
         products = [json.loads(store.get(r)) for r in store.results(status.results)]
