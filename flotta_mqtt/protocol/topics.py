@@ -6,9 +6,10 @@ Layout (ROOT carries the protocol version, so two versions can share a broker):
   {ROOT}/replies/{client}           scheduler → workbench: RequestRejected
   {ROOT}/artifacts/{id}/status      scheduler → all: ArtifactStatus (retained)
   {ROOT}/artifacts/{id}/locks       scheduler → all: LocksReleased
-  {ROOT}/workers/{worker}/jobs      scheduler → one worker: JobReady
+  {ROOT}/workers/{worker}/jobs      scheduler → one worker: JobReady, or a JobBatch of them
   {ROOT}/workers/{worker}/control   scheduler → one worker: EventAck, CancelJob
-  {ROOT}/events/{worker}            one worker → scheduler: job accepted/started/…/failed
+  {ROOT}/events/{worker}            one worker → scheduler: job started/…/failed, or an
+                                    EventBatch of them
   {ROOT}/presence/{node}            a node → all: NodePresence (retained, last will)
 
 A worker's broker identity reads only `workers/{itself}/#` and writes only
