@@ -203,6 +203,7 @@ class WorkerAgent:
         if isinstance(self._python, PythonExecutor):
             self._python.close()
         self.tasks.close()
+        self._send([])  # results held for a batch: journaled and sent before goodbye
         self.bus.stop(goodbye=[(topics.presence(self.name), self.presence(online=False), True)])
         self.journal.close()
 
