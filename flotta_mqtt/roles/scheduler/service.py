@@ -20,7 +20,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -457,7 +456,8 @@ class Scheduler:
             for part in message.events if isinstance(message, EventBatch) else [message]:
                 try:
                     # Acceptances and heartbeats write nothing to the database: no savepoint.
-                    undo = nullcontext() if isinstance(part, READ_ONLY) else self.db.savepoint()
+                    read_only = isinstance(part, READ_ONLY)
+                    undo = contextlib.nullcontext() if read_only else self.db.savepoint()
                     with undo, log_context(**_ids(part)):
                         self._dispatch_message(address, part)
                 except Exception as exc:
