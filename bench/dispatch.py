@@ -44,13 +44,12 @@ from bench._report import machine_load, median_of_runs, percentile, print_table
 from flotta_mqtt.model import Artifact, ArtifactState, Iterate, JobState, Operation, Parallel
 from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import (
-    EventBatch,
-    JobBatch,
     JobFinished,
     JobReady,
     JobStarted,
     decode,
     topics,
+    unbatch,
 )
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
@@ -295,13 +294,7 @@ def _observer_main(url: str, conn: Connection) -> None:
         for at, topic, payload in batch:
             _, received = decode(topic, payload)
             observed.counts["messages"] += 1
-            if isinstance(received, JobBatch):
-                parts: list[Any] = list(received.jobs)
-            elif isinstance(received, EventBatch):
-                parts = list(received.events)
-            else:
-                parts = [received]
-            for message in parts:
+            for message in unbatch(received):
                 observed.counts[type(message).__name__] += 1
                 _observe(observed, at, message)
         conn.send(observed)

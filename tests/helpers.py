@@ -12,6 +12,9 @@ from collections.abc import Callable
 
 import pytest
 
+from flotta_mqtt.model import JobRole, Operation, Task
+from flotta_mqtt.protocol import JobReady
+
 Messages = list[tuple[str, bytes]]
 
 
@@ -77,3 +80,19 @@ class MessageRecorder:
 
     def _tail(self) -> str:
         return repr(self._messages[-3:])[:500]
+
+
+def task_job(task: Task, artifact_id: str = "art1", project: str = "p") -> JobReady:
+    """The JobReady a scheduler would send for a workflow task: job 0, attempt 1."""
+    return JobReady(
+        artifact_id=artifact_id,
+        job_id=0,
+        attempt=1,
+        project=project,
+        seed=0,
+        step="0",
+        kind="tasks",
+        role=JobRole.LOCAL,
+        iteration=0,
+        operation=Operation(name="task", params=task.model_dump(mode="json")),
+    )

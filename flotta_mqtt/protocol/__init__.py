@@ -7,6 +7,7 @@ from flotta_mqtt.protocol.codec import (
     decode,
     encode,
     encode_batches,
+    unbatch,
 )
 from flotta_mqtt.protocol.messages import (
     Artifact,
@@ -66,4 +67,5 @@ __all__ = [
     "encode",
     "encode_batches",
     "topics",
+    "unbatch",
 ]

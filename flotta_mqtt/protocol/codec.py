@@ -13,6 +13,8 @@ from flotta_mqtt.protocol.messages import (
     Artifact,
     ArtifactStatus,
     CancelArtifact,
+    EventBatch,
+    JobBatch,
     JobReady,
     LocksReleased,
     NodePresence,
@@ -84,6 +86,15 @@ def encode_batches(messages: Sequence[BaseModel]) -> list[bytes]:
         size += len(part) + 1
     payloads.append(_join(head, parts))
     return payloads
+
+
+def unbatch(message: Any) -> list[Any]:
+    """The messages a decoded payload carries: a batch's, one by one, or the message itself."""
+    if isinstance(message, JobBatch):
+        return list(message.jobs)
+    if isinstance(message, EventBatch):
+        return list(message.events)
+    return [message]
 
 
 def _join(head: bytes, parts: list[bytes]) -> bytes:

@@ -14,10 +14,11 @@ from typing import Any
 
 import docker
 import pytest
+from helpers import task_job
 from podman_fixtures import Podman, podman  # noqa: F401  (the fixture)
 from pydantic import ValidationError
 
-from flotta_mqtt.model import JobRole, Operation, Task
+from flotta_mqtt.model import Task
 from flotta_mqtt.protocol import JobReady
 from flotta_mqtt.roles.executors import EXECUTORS, TaskError, TaskResult, TaskRun, TaskRunner
 from flotta_mqtt.roles.executors.docker import (
@@ -201,18 +202,7 @@ def test_the_task_runner_moves_job_files_around_a_container(
             inputs=["numbers.txt"],
             outputs=["total.txt"],
         )
-        return JobReady(
-            artifact_id="art1",
-            job_id=0,
-            attempt=1,
-            project="p",
-            seed=0,
-            step="0",
-            kind="tasks",
-            role=JobRole.LOCAL,
-            iteration=0,
-            operation=Operation(name="task", params=task.model_dump(mode="json")),
-        )
+        return task_job(task)
 
     summing = "s=0; while read n; do s=$((s+n)); done < numbers.txt; echo $s > total.txt; echo ok"
     product = runner.run(job(summing), "node-1", threading.Event())

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import task_job, wait_for
 from pydantic import ValidationError
 
-from flotta_mqtt.model import JobRole, Operation, Task
-from flotta_mqtt.protocol import JobReady
+from flotta_mqtt.model import Task
 from flotta_mqtt.roles.executors import EXECUTORS, TaskResult, TaskRun, make_executor
 from flotta_mqtt.roles.executors.runner import TaskRunner
 from flotta_mqtt.transport.store import ResourceStore
@@ -186,18 +185,7 @@ def test_every_task_starts_in_an_empty_folder_of_its_own(tmp_path: Path) -> None
 
     def run(shell: str) -> tuple[str, str]:
         task = Task(name="t", executor="shell", params={"shell": shell})
-        job = JobReady(
-            artifact_id="art1",
-            job_id=0,
-            attempt=1,
-            project="p",
-            seed=0,
-            step="0",
-            kind="tasks",
-            role=JobRole.LOCAL,
-            iteration=0,
-            operation=Operation(name="task", params=task.model_dump(mode="json")),
-        )
+        job = task_job(task)
         product = runner.run(job, "w", threading.Event())
         out = runner.store.get_bytes(product["logs"]["stdout"]["url"]).decode().split()
         return out[0], out[1]  # the folder, and how many entries it had at the start

@@ -21,12 +21,12 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from helpers import MessageRecorder, wait_for
+from helpers import MessageRecorder, task_job, wait_for
 
 from flotta_mqtt import CallFailed, NotConfigured, RemoteError, as_completed, configure, gather
-from flotta_mqtt.model import JobRole, Operation, Task
+from flotta_mqtt.model import Task
 from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.protocol import JobFailed, JobReady, decode, topics
+from flotta_mqtt.protocol import JobFailed, decode, topics
 from flotta_mqtt.roles import functions
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.executors import TaskRun
@@ -313,18 +313,7 @@ def test_a_worker_without_allow_code_never_runs_shipped_code(cluster: Cluster) -
             params=_call_params(cluster, mod, witness),
             outputs=["results/rogue"],
         )
-        job = JobReady(
-            artifact_id="rogue0artifact",
-            job_id=0,
-            attempt=1,
-            project="functions",
-            seed=0,
-            step="0",
-            kind="tasks",
-            role=JobRole.LOCAL,
-            iteration=0,
-            operation=Operation(name="task", params=task.model_dump(mode="json")),
-        )
+        job = task_job(task, artifact_id="rogue0artifact", project="functions")
         bus.publish(topics.jobs("careful"), job)
         messages = recorder.wait_for(
             lambda ms: any(isinstance(decode(t, p)[1], JobFailed) for t, p in ms),

@@ -45,8 +45,6 @@ from flotta_mqtt.protocol import (
     ArtifactStatus,
     CancelJob,
     EventAck,
-    EventBatch,
-    JobBatch,
     JobFailed,
     JobFinished,
     JobHeartbeat,
@@ -56,6 +54,7 @@ from flotta_mqtt.protocol import (
     RemoteError,
     decode,
     topics,
+    unbatch,
 )
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.scheduler.service import TICK, Scheduler, SchedulerConfig
@@ -240,13 +239,7 @@ def messages_of(
     messages inside a JobBatch or EventBatch one by one)."""
     found = []
     for topic, payload in recorder.messages:
-        received = decode(topic, payload)[1]
-        if isinstance(received, JobBatch):
-            parts: list[Any] = list(received.jobs)
-        elif isinstance(received, EventBatch):
-            parts = list(received.events)
-        else:
-            parts = [received]
+        parts = unbatch(decode(topic, payload)[1])
         found += [m for m in parts if isinstance(m, kind) and keep(m)]
     return found
 

@@ -55,6 +55,7 @@ from flotta_mqtt.protocol import (
     encode_batches,
     messages,
     topics,
+    unbatch,
 )
 from flotta_mqtt.protocol.codec import PAYLOADS
 from flotta_mqtt.protocol.topics import Address, Channel, TopicError
@@ -523,13 +524,7 @@ def _unbatched(topic: str, payloads: list[bytes]) -> list[BaseModel]:
     received: list[BaseModel] = []
     for payload in payloads:
         assert len(payload) <= MAX_MESSAGE_BYTES
-        _, message = decode(topic, payload)
-        if isinstance(message, JobBatch):
-            received += message.jobs
-        elif isinstance(message, EventBatch):
-            received += message.events
-        else:
-            received.append(message)
+        received += unbatch(decode(topic, payload)[1])
     return received
 
 

@@ -56,7 +56,6 @@ from flotta_mqtt.protocol import (
     CancelArtifact,
     CancelJob,
     EventAck,
-    EventBatch,
     JobAccepted,
     JobFailed,
     JobFinished,
@@ -74,6 +73,7 @@ from flotta_mqtt.protocol import (
     Resource,
     decode,
     topics,
+    unbatch,
 )
 from flotta_mqtt.protocol.topics import Address, Channel
 from flotta_mqtt.roles import operations
@@ -453,7 +453,7 @@ class Scheduler:
                 log.error("scheduler rejected a message: %s", exc)
                 self._reject(topic, str(exc))
                 return
-            for part in message.events if isinstance(message, EventBatch) else [message]:
+            for part in unbatch(message):
                 try:
                     # Acceptances and heartbeats write nothing to the database: no savepoint.
                     read_only = isinstance(part, READ_ONLY)

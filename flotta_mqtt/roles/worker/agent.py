@@ -36,7 +36,6 @@ from flotta_mqtt.protocol import (
     CancelJob,
     EventAck,
     JobAccepted,
-    JobBatch,
     JobFailed,
     JobFinished,
     JobHeartbeat,
@@ -48,6 +47,7 @@ from flotta_mqtt.protocol import (
     WorkerEvent,
     decode,
     topics,
+    unbatch,
 )
 from flotta_mqtt.roles import operations
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
@@ -313,7 +313,7 @@ class WorkerAgent:
         message = self._decode(topic, payload)
         if message is None:
             return
-        jobs = message.jobs if isinstance(message, JobBatch) else [message]
+        jobs = unbatch(message)
         try:
             with self.journal.transaction():
                 replies = [reply for job in jobs if (reply := self._job_ready(job)) is not None]
