@@ -9,13 +9,31 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from flotta_mqtt.model import JobRole, Operation, Task
-from flotta_mqtt.protocol import JobReady
+from flotta_mqtt.protocol import JobReady, decode, unbatch
 
 Messages = list[tuple[str, bytes]]
+
+
+def decoded(messages: Messages) -> list[tuple[str, Any]]:
+    """Each message decoded, with the topic it came on; a JobBatch's or EventBatch's
+    messages one by one, since nodes batch whatever is ready at the same time."""
+    return [
+        (topic, message)
+        for topic, payload in messages
+        for message in unbatch(decode(topic, payload)[1])
+    ]
+
+
+def messages_of(
+    messages: Messages, kind: type[Any], keep: Callable[[Any], bool] = lambda m: True
+) -> list[Any]:
+    """The decoded messages of one type, in arrival order (batches unpacked)."""
+    return [m for _, m in decoded(messages) if isinstance(m, kind) and keep(m)]
 
 
 def wait_for(

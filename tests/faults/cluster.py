@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Any
 
 import pytest
-from helpers import MessageRecorder
+from helpers import MessageRecorder, decoded
 from netns import Netns
 
 from flotta_mqtt.cli.demo import count_artifact
@@ -41,7 +41,7 @@ from flotta_mqtt.model import (
     Parallel,
     Sequential,
 )
-from flotta_mqtt.protocol import ArtifactStatus, JobReady, NodePresence, decode, topics
+from flotta_mqtt.protocol import ArtifactStatus, JobReady, NodePresence, topics
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.workbench.client import ArtifactFailed, ArtifactHandle, Client
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
@@ -314,7 +314,7 @@ class Observer:
         self.close()
 
     def decoded(self, since: int = 0) -> list[object]:
-        return [decode(topic, payload)[1] for topic, payload in self.messages.messages[since:]]
+        return [message for _, message in decoded(self.messages.messages[since:])]
 
     def mark(self) -> int:
         """The number of messages so far: pass it as `since` to look only at what follows."""
@@ -348,8 +348,8 @@ class Observer:
         wanted = topics.jobs(worker)
         return [
             message
-            for topic, payload in self.messages.messages[since:]
-            if topic == wanted and isinstance(message := decode(topic, payload)[1], JobReady)
+            for topic, message in decoded(self.messages.messages[since:])
+            if topic == wanted and isinstance(message, JobReady)
         ]
 
 

@@ -21,12 +21,12 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from helpers import MessageRecorder, task_job, wait_for
+from helpers import MessageRecorder, messages_of, task_job, wait_for
 
 from flotta_mqtt import CallFailed, NotConfigured, RemoteError, as_completed, configure, gather
 from flotta_mqtt.model import Task
 from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.protocol import JobFailed, decode, topics
+from flotta_mqtt.protocol import JobFailed, topics
 from flotta_mqtt.roles import functions
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.executors import TaskRun
@@ -316,12 +316,12 @@ def test_a_worker_without_allow_code_never_runs_shipped_code(cluster: Cluster) -
         job = task_job(task, artifact_id="rogue0artifact", project="functions")
         bus.publish(topics.jobs("careful"), job)
         messages = recorder.wait_for(
-            lambda ms: any(isinstance(decode(t, p)[1], JobFailed) for t, p in ms),
+            lambda ms: messages_of(ms, JobFailed),
             timeout=TIMEOUT,
         )
     finally:
         bus.stop()
-    failure = next(m for t, p in messages if isinstance(m := decode(t, p)[1], JobFailed))
+    failure = messages_of(messages, JobFailed)[0]
     assert "does not run the python executor" in failure.error.message
     assert not witness.exists()
     # And the executor itself refuses until its agent says code may run.

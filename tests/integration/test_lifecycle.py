@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import MessageRecorder, wait_for
+from helpers import MessageRecorder, messages_of, wait_for
 
 from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import (
@@ -52,9 +52,7 @@ from flotta_mqtt.protocol import (
     JobRef,
     JobStarted,
     RemoteError,
-    decode,
     topics,
-    unbatch,
 )
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.scheduler.service import TICK, Scheduler, SchedulerConfig
@@ -232,18 +230,6 @@ def noted(path: Path, count: int, what: str) -> list[list[str]]:
     return lines(path)
 
 
-def messages_of(
-    recorder: MessageRecorder, kind: type[Any], keep: Callable[[Any], bool] = lambda m: True
-) -> list[Any]:
-    """The decoded messages of one type that a recorder has seen, in arrival order (the
-    messages inside a JobBatch or EventBatch one by one)."""
-    found = []
-    for topic, payload in recorder.messages:
-        parts = unbatch(decode(topic, payload)[1])
-        found += [m for m in parts if isinstance(m, kind) and keep(m)]
-    return found
-
-
 def operation(name: str, **params: Any) -> Operation:
     """An Operation whose Path parameters are passed as strings."""
     return Operation(
@@ -352,7 +338,7 @@ def test_a_job_over_its_timeout_is_cancelled_and_fails_the_artifact(nodes: Nodes
     # The worker was told to stop that attempt, and the operation saw it and returned.
     ref = JobRef(artifact_id=artifact.id, job_id=0, attempt=1)
     control.wait_for(
-        lambda _: any(m.job == ref for m in messages_of(control, CancelJob)),
+        lambda _: any(m.job == ref for m in messages_of(control.messages, CancelJob)),
         timeout=TIMEOUT,
         message="the worker was never told to cancel the job",
     )
@@ -375,7 +361,7 @@ def test_a_job_over_its_timeout_is_retried_when_it_has_retries(nodes: Nodes) -> 
     assert noted(marker, 1, "attempt 1 never saw its cancellation") == [
         ["w0", artifact.id, "0", "1"]
     ]
-    cancels = messages_of(control, CancelJob)
+    cancels = messages_of(control.messages, CancelJob)
     assert [m.job.attempt for m in cancels] == [1]
 
 
@@ -491,7 +477,7 @@ def test_cancel_stops_running_jobs_frees_their_workers_and_ignores_late_results(
         topics.events("w0"), JobFinished(job=ref, product=product, started_at=now, finished_at=now)
     )
     control.wait_for(
-        lambda _: any(ref in ack.jobs for ack in messages_of(control, EventAck)),
+        lambda _: any(ref in ack.jobs for ack in messages_of(control.messages, EventAck)),
         timeout=TIMEOUT,
         message="the late result was never acknowledged",
     )
@@ -502,7 +488,7 @@ def test_cancel_stops_running_jobs_frees_their_workers_and_ignores_late_results(
     ]
     # The workers themselves sent no result for the cancelled jobs: only the forged one.
     finals = messages_of(
-        events, JobFinished | JobFailed, lambda m: m.job.artifact_id == artifact.id
+        events.messages, JobFinished | JobFailed, lambda m: m.job.artifact_id == artifact.id
     )
     assert [m.job for m in finals] == [ref]
 
@@ -618,14 +604,14 @@ def test_a_running_job_sends_heartbeats_at_the_configured_interval(
     ref = JobRef(artifact_id=artifact.id, job_id=0, attempt=1)
 
     def beats() -> list[JobHeartbeat]:
-        return messages_of(events, JobHeartbeat, lambda m: ref in m.jobs)
+        return messages_of(events.messages, JobHeartbeat, lambda m: ref in m.jobs)
 
     events.wait_for(lambda _: len(beats()) >= 4, timeout=TIMEOUT, message="too few heartbeats")
     flag.touch()
     assert handle.result(timeout=TIMEOUT) == 1
     seen = beats()[:4]
     assert all(beat.jobs == [ref] for beat in seen)  # only the running attempt
-    started = messages_of(events, JobStarted, lambda m: m.job == ref)
+    started = messages_of(events.messages, JobStarted, lambda m: m.job == ref)
     assert started and started[0].at <= seen[0].at
     gaps = [b.at - a.at for a, b in itertools.pairwise(seen)]
     assert 0.6 * interval <= statistics.median(gaps) <= interval + 0.4, gaps
@@ -677,7 +663,7 @@ def test_a_late_result_of_an_abandoned_attempt_is_ignored(nodes: Nodes) -> None:
     )
     handle = client.submit(artifact)
     events.wait_for(
-        lambda _: messages_of(events, JobStarted, lambda m: m.job.attempt == 2),
+        lambda _: messages_of(events.messages, JobStarted, lambda m: m.job.attempt == 2),
         timeout=TIMEOUT,
         message="attempt 2 never started",
     )
@@ -697,7 +683,9 @@ def test_a_late_result_of_an_abandoned_attempt_is_ignored(nodes: Nodes) -> None:
         JobFinished(job=stale, product=product, started_at=now, finished_at=now),
     )
     control.wait_for(
-        lambda _: sum(ack.jobs.count(stale) for ack in messages_of(control, EventAck)) >= 3,
+        lambda _: (
+            sum(ack.jobs.count(stale) for ack in messages_of(control.messages, EventAck)) >= 3
+        ),
         timeout=TIMEOUT,
         message="the late results were never acknowledged",
     )  # one for the real failure of attempt 1, one per forged result (acks come in batches)
@@ -750,6 +738,6 @@ def test_a_worker_working_through_a_long_queue_gets_no_re_sends(nodes: Nodes) ->
     task = Task(name="t", replicas=12, worker="w0", params={"shell": slow_even})
     handle = client.submit(Artifact(project=PROJECT, steps=[Tasks(tasks=[task])]))
     assert handle.wait(timeout=TIMEOUT).state is ArtifactState.COMPLETED
-    ready = messages_of(jobs, JobReady)
+    ready = messages_of(jobs.messages, JobReady)
     assert len(ready) == 12, "a job answered out of order made the others look lost"
     assert sorted(job.job_id for job in ready) == list(range(12))

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import s3fs
-from helpers import MessageRecorder, wait_for
+from helpers import MessageRecorder, decoded, messages_of, wait_for
 from moto.server import ThreadedMotoServer
 
 from flotta_mqtt.model import (
@@ -242,12 +242,11 @@ def started(artifact_id: str, job_ids: set[int]) -> Callable[[list[tuple[str, by
     """
 
     def seen(messages: list[tuple[str, bytes]]) -> bool:
-        running = set()
-        for topic, payload in messages:
-            if topics.parse(topic).channel is topics.Channel.EVENTS:
-                event = decode(topic, payload)[1]
-                if isinstance(event, JobStarted) and event.job.artifact_id == artifact_id:
-                    running.add(event.job.job_id)
+        running = {
+            event.job.job_id
+            for event in messages_of(messages, JobStarted)
+            if event.job.artifact_id == artifact_id
+        }
         return job_ids <= running
 
     return seen
@@ -358,11 +357,11 @@ def test_duplicate_finished_event_changes_nothing(cluster: Cluster, broker: Loca
         handle = client.submit(artifact)
 
         def finished_job_0(messages: list[tuple[str, bytes]]) -> bytes | None:
-            for topic, payload in messages:
-                if topic == topics.events("w0"):
-                    _, event = decode(topic, payload)
-                    if isinstance(event, JobFinished) and event.job.job_id == 0:
-                        return payload
+            for topic, payload in messages:  # the payload: perhaps a batch holding it
+                if topic == topics.events("w0") and messages_of(
+                    [(topic, payload)], JobFinished, lambda event: event.job.job_id == 0
+                ):
+                    return payload
             return None
 
         events.wait_for(finished_job_0, timeout=TIMEOUT, message="w0 never finished job 0")
@@ -372,11 +371,9 @@ def test_duplicate_finished_event_changes_nothing(cluster: Cluster, broker: Loca
 
         def acks_of_job_0(messages: list[tuple[str, bytes]]) -> int:
             """How often the scheduler has acknowledged w0's finished job 0 so far."""
-            acks = [decode(topic, payload)[1] for topic, payload in messages]
             return sum(
                 1
-                for ack in acks
-                if isinstance(ack, EventAck)
+                for ack in messages_of(messages, EventAck)
                 for ref in ack.jobs
                 if ref.artifact_id == artifact.id and ref.job_id == 0
             )
@@ -402,8 +399,8 @@ def test_duplicate_finished_event_changes_nothing(cluster: Cluster, broker: Loca
         assert final is not None and final.state is ArtifactState.COMPLETED
 
         dispatches = [
-            decode(topic, payload)[1]
-            for topic, payload in events.messages
+            message
+            for topic, message in decoded(events.messages)
             if topics.parse(topic).channel is topics.Channel.JOBS
         ]
     finally:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import MessageRecorder, wait_for
+from helpers import MessageRecorder, messages_of, wait_for
 
 from flotta_mqtt.model import (
     Artifact,
@@ -32,7 +32,7 @@ from flotta_mqtt.model import (
     Sequential,
 )
 from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.protocol import ArtifactStatus, JobReady, JobStarted, decode, topics
+from flotta_mqtt.protocol import ArtifactStatus, JobReady, JobStarted, topics
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.workbench.client import ArtifactHandle, Client
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
@@ -243,8 +243,7 @@ def test_worker_killed_mid_job_gets_it_again_when_restarted(
         handle = client.submit(artifact)
 
         def w1_started(seen: list[tuple[str, bytes]]) -> bool:
-            events = [decode(topic, payload)[1] for topic, payload in seen]
-            return any(isinstance(e, JobStarted) and e.job.job_id == 1 for e in events)
+            return bool(messages_of(seen, JobStarted, lambda e: e.job.job_id == 1))
 
         messages.wait_for(w1_started, timeout=TIMEOUT, message="w1 never started its job")
         nodes.kill("w1")  # mid-job: it holds job 1, which waits for the flag
@@ -256,11 +255,7 @@ def test_worker_killed_mid_job_gets_it_again_when_restarted(
 
         nodes.worker("w1")  # the same name and state dir: its journal holds job 1
         assert handle.result(timeout=TIMEOUT) == len(WORKERS), nodes.logs()
-        dispatches = [
-            message
-            for topic, payload in messages.messages
-            if isinstance(message := decode(topic, payload)[1], JobReady)
-        ]
+        dispatches = messages_of(messages.messages, JobReady)
     finally:
         watch.stop()
     # The restarted worker resumes job 1 from its journal (the scheduler may also re-send it
