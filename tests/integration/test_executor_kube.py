@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import threading
 import time
@@ -209,6 +210,9 @@ class Cluster:
     """
 
     def __init__(self) -> None:
+        # aiohttp logs each request from the server's thread, also after a test's log
+        # capture has closed: "Logging error" noise, and nothing any test reads.
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
         self.logs: dict[str, bytes] = {}  # pod name → its log, served at .../pods/NAME/log
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None

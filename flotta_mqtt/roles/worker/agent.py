@@ -10,13 +10,16 @@ what is waiting, so a lone result leaves at once from its runner and results tha
 up meanwhile leave together.
 
 The agent announces jobs still running STARTED_AFTER after they started (a quick job's
-result is its only event). A finished or failed event is journaled, then published, and
-re-sent on every reconnect, and when it looks lost, until the scheduler acknowledges it,
-so a result survives a lost connection and a restart of the worker.
+result is its only event), looking at most once per STARTED_AFTER, so that a worker
+running a job a millisecond does not wake its agent per job. A finished or failed event
+is journaled, then published, and re-sent on every reconnect, and when it looks lost,
+until the scheduler acknowledges it, so a result survives a lost connection and a
+restart of the worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -135,7 +138,7 @@ class WorkerAgent:
             project: operations.FileDataset(project, config.name, spec)
             for project, spec in config.datasets.items()
         }
-        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._outgoing: list[WorkerEvent] = []  # the events of the burst being handled
         self._jobs_topic = topics.jobs(self.name)
         self._outbox: list[WorkerEvent] = []  # events waiting to be sent
@@ -144,6 +147,7 @@ class WorkerAgent:
         self._outbox_lock = threading.Lock()
         # Attempts that started, by when to announce them: runners append, the agent pops.
         self._starting: deque[tuple[float, _Attempt]] = deque()
+        self._wakes_at = 0.0  # monotonic time the agent thread wakes at the latest
         self._attempts: dict[JobKey, _Attempt] = {}
         self._queued = 0  # jobs handed to the pool and not yet done
         # When the scheduler last said anything, and the latest first publish of a result
@@ -220,10 +224,13 @@ class WorkerAgent:
     def _serve(self) -> None:
         resend_at = time.monotonic() + self.config.resend_interval
         beat_at = time.monotonic() + self.config.heartbeat_interval
+        checked_at = 0.0  # when started jobs were last looked at
         while not self._stopping.is_set():
-            due = min(resend_at, beat_at, self._flush_at or resend_at)
+            due = self._wakes_at = min(resend_at, beat_at, self._flush_at or resend_at)
+            # Said before looking: a runner adding a job after the look sees a long sleep.
             if self._starting:
-                due = min(due, self._starting[0][0])
+                due = min(due, max(self._starting[0][0], checked_at + STARTED_AFTER))
+                self._wakes_at = due
             burst: list[tuple[str, Any]] = []
             try:
                 burst.append(self._inbox.get(timeout=max(0.0, due - time.monotonic())))
@@ -231,21 +238,25 @@ class WorkerAgent:
                     burst.append(self._inbox.get_nowait())
             except queue.Empty:
                 pass
-            with self.journal.transaction():
+            self._wakes_at = 0.0  # awake: a job starting now is seen before the next sleep
+            # A wake for timers alone writes nothing: no transaction.
+            with self.journal.transaction() if burst else contextlib.nullcontext():
                 for kind, item in burst:
                     try:
                         self._handle(kind, item)
                     except Exception:
                         log.exception("worker %s: error handling %s", self.name, kind)
-                now = time.monotonic()
+            now = time.monotonic()
+            if self._starting and self._starting[0][0] <= now:
+                checked_at = now
                 while self._starting and self._starting[0][0] <= now:
                     self._announce(self._starting.popleft()[1])
-                if now >= beat_at:
-                    self._heartbeat()
-                    beat_at = now + self.config.heartbeat_interval
-                if now >= resend_at:
-                    self._resend(older_than=self.config.resend_interval)
-                    resend_at = now + self.config.resend_interval
+            if now >= beat_at:
+                self._heartbeat()
+                beat_at = now + self.config.heartbeat_interval
+            if now >= resend_at:
+                self._resend(older_than=self.config.resend_interval)
+                resend_at = now + self.config.resend_interval
             # Publishing may wait for room in the window, which paho's thread makes; it may
             # be waiting for the journal meanwhile (taking jobs): publish after the commit.
             if any(kind == "connected" for kind, _ in burst):
@@ -313,13 +324,25 @@ class WorkerAgent:
         message = self._decode(topic, payload)
         if message is None:
             return
-        jobs = unbatch(message)
+        taken: list[_Attempt] = []
         try:
             with self.journal.transaction():
-                replies = [reply for job in jobs if (reply := self._job_ready(job)) is not None]
+                replies = [
+                    reply
+                    for job in unbatch(message)
+                    if (reply := self._job_ready(job, taken)) is not None
+                ]
         except Exception:
             log.exception("worker %s: jobs not taken", self.name)  # the scheduler re-sends
+            with self._lock:  # forgotten, so that the re-sent jobs are taken afresh
+                for attempt in taken:
+                    key = (attempt.job.artifact_id, attempt.job.job_id)
+                    if self._attempts.get(key) is attempt:
+                        del self._attempts[key]
             return
+        # Handed over once committed: a runner woken earlier would only wait for the journal.
+        for attempt in taken:
+            self._submit(attempt)
         if replies:
             self._inbox.put(("events", replies))
 
@@ -353,8 +376,9 @@ class WorkerAgent:
         else:
             log.error("worker %s: unexpected %s on %s", self.name, type(message).__name__, topic)
 
-    def _job_ready(self, job: JobReady) -> WorkerEvent | None:
-        """Take a job (once per attempt); the reply to a repeated one, if any."""
+    def _job_ready(self, job: JobReady, taken: list[_Attempt]) -> WorkerEvent | None:
+        """Take a job (once per attempt, journaled and added to `taken` for the runners);
+        the reply to a repeated one, if any."""
         key = (job.artifact_id, job.job_id)
         reply: Final | JobAccepted | None = None
         with self._lock:
@@ -372,8 +396,8 @@ class WorkerAgent:
                 # announcement, if it runs long) tells the scheduler it arrived.
                 fresh = self._attempts[key] = _Attempt(job)
         if fresh is not None:
+            taken.append(fresh)  # first: forgotten again if the journal fails
             self.journal.hold(job)
-            self._submit(fresh)
         return reply
 
     def _submit(self, attempt: _Attempt) -> None:
@@ -445,10 +469,10 @@ class WorkerAgent:
             with self._lock:
                 attempt.running, attempt.started_at, attempt.announced = True, started, False
             # Announced by the agent thread if it is still running STARTED_AFTER from now;
-            # the agent sleeps until the first due announcement, so wake it only if none was.
-            idle = not self._starting
-            self._starting.append((time.monotonic() + STARTED_AFTER, attempt))
-            if idle:
+            # wake the agent only if it sleeps past then (an idle worker's first job).
+            announce_at = time.monotonic() + STARTED_AFTER
+            self._starting.append((announce_at, attempt))
+            if self._wakes_at > announce_at + STARTED_AFTER:
                 self._inbox.put(("wake", None))
             final = self._execute(attempt, started)
         except Exception:
