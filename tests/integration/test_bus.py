@@ -45,10 +45,26 @@ def _noop(topic: str, payload: bytes) -> None:
     pass
 
 
+@pytest.fixture(params=[True, False], ids=["threaded", "pumped"])
+def threaded(request: pytest.FixtureRequest) -> bool:
+    """Both ways of driving a bus: paho's network thread, or a thread of ours pumping it."""
+    return bool(request.param)
+
+
 @pytest.fixture
 def make_bus(broker_config: BrokerConfig) -> Iterator[BusFactory]:
-    """Build (not start) Buses on the test's broker; every one is stopped after the test."""
+    """Build (not start) Buses on the test's broker; every one is stopped after the test.
+
+    An unthreaded bus (`threaded=False`) gets a thread that pumps it, as a node's own
+    thread would, until the test ends.
+    """
     made: list[Bus] = []
+    done = threading.Event()
+    pumps: list[threading.Thread] = []
+
+    def pump(bus: Bus) -> None:
+        while not done.is_set():
+            bus.pump(0.05)
 
     def make(
         client_id: str | None = None,
@@ -65,9 +81,15 @@ def make_bus(broker_config: BrokerConfig) -> Iterator[BusFactory]:
             **kwargs,  # type: ignore[arg-type]
         )
         made.append(bus)
+        if not bus.threaded:
+            pumps.append(threading.Thread(target=pump, args=(bus,), daemon=True))
+            pumps[-1].start()
         return bus
 
     yield make
+    done.set()
+    for thread in pumps:
+        thread.join(timeout=5)
     for bus in made:
         try:
             bus._client.disconnect()
@@ -102,10 +124,10 @@ def presence(node: str, online: bool, how: str = "") -> NodePresence:
 # --- delivery -----------------------------------------------------------------------------
 
 
-def test_round_trip_delivers_the_exact_bytes(make_bus: BusFactory) -> None:
+def test_round_trip_delivers_the_exact_bytes(make_bus: BusFactory, threaded: bool) -> None:
     received = MessageRecorder()
-    make_bus("worker-1", received, [topics.worker_inbox("worker-1")]).start()
-    publisher = make_bus("scheduler").start()
+    make_bus("worker-1", received, [topics.worker_inbox("worker-1")], threaded=threaded).start()
+    publisher = make_bus("scheduler", threaded=threaded).start()
 
     message = job(3)
     publisher.publish(topics.jobs("worker-1"), message)
@@ -147,20 +169,20 @@ def test_nagle_is_off_and_a_qos1_round_trip_is_fast(make_bus: BusFactory) -> Non
 
 
 def test_persistent_session_receives_everything_published_while_away(
-    make_bus: BusFactory,
+    make_bus: BusFactory, threaded: bool
 ) -> None:
     topic = topics.jobs("w-away")
-    first = make_bus("w-away", _noop, [topic]).start()
+    first = make_bus("w-away", _noop, [topic], threaded=threaded).start()
     first.stop()
 
-    publisher = make_bus("scheduler").start()
+    publisher = make_bus("scheduler", threaded=threaded).start()
     sent = {encode(cancel(n)) for n in range(500)}
     for n in range(500):
         publisher.publish(topic, cancel(n))
     assert publisher.flush(timeout=10), "the broker did not acknowledge every publish"
 
     received = MessageRecorder()
-    make_bus("w-away", received, [topic]).start()
+    make_bus("w-away", received, [topic], threaded=threaded).start()
     received.wait_for(lambda msgs: {p for _, p in msgs} >= sent, message="500 queued messages")
     assert set(received.payloads) == sent
     assert len(sent) == 500
@@ -212,13 +234,13 @@ def test_clean_session_reports_no_session_present(make_bus: BusFactory) -> None:
 
 
 def test_window_blocks_while_the_broker_is_down_then_drains_after_restart(
-    make_bus: BusFactory, broker: LocalBroker, broker_config: BrokerConfig
+    make_bus: BusFactory, broker: LocalBroker, broker_config: BrokerConfig, threaded: bool
 ) -> None:
     topic = topics.jobs("w-window")
     received = MessageRecorder()
-    subscriber = make_bus("w-window", received, [topic]).start()
+    subscriber = make_bus("w-window", received, [topic], threaded=threaded).start()
     config = BrokerConfig(url=broker_config.url, window=5, reconnect_delay=(1, 1))
-    publisher = make_bus("scheduler", config=config).start()
+    publisher = make_bus("scheduler", config=config, threaded=threaded).start()
 
     broker.stop()
     wait_for(lambda: not publisher.connected.is_set(), 10, "the publisher saw no disconnect")
@@ -248,7 +270,7 @@ def test_window_blocks_while_the_broker_is_down_then_drains_after_restart(
 
 
 def test_an_exception_in_a_handler_does_not_kill_the_network_thread(
-    make_bus: BusFactory, caplog: pytest.LogCaptureFixture
+    make_bus: BusFactory, caplog: pytest.LogCaptureFixture, threaded: bool
 ) -> None:
     topic = topics.control("w-boom")
     received = MessageRecorder()
@@ -258,8 +280,8 @@ def test_an_exception_in_a_handler_does_not_kill_the_network_thread(
         if len(received.messages) == 1:
             raise RuntimeError("handler bug")
 
-    make_bus("w-boom", handler, [topic]).start()
-    publisher = make_bus("scheduler").start()
+    make_bus("w-boom", handler, [topic], threaded=threaded).start()
+    publisher = make_bus("scheduler", threaded=threaded).start()
     with caplog.at_level(logging.ERROR, logger="flotta_mqtt.transport.bus"):
         publisher.publish(topic, cancel(1))
         publisher.publish(topic, cancel(2))
@@ -271,7 +293,7 @@ def test_an_exception_in_a_handler_does_not_kill_the_network_thread(
 
 
 def test_publishing_from_a_handler_is_refused_and_the_bus_keeps_working(
-    make_bus: BusFactory, caplog: pytest.LogCaptureFixture
+    make_bus: BusFactory, caplog: pytest.LogCaptureFixture, threaded: bool
 ) -> None:
     topic = topics.control("w-reentrant")
     received = MessageRecorder()
@@ -287,8 +309,8 @@ def test_publishing_from_a_handler_is_refused_and_the_bus_keeps_working(
                 errors.append(exc)
                 raise
 
-    buses.append(make_bus("w-reentrant", handler, [topic]).start())
-    publisher = make_bus("scheduler").start()
+    buses.append(make_bus("w-reentrant", handler, [topic], threaded=threaded).start())
+    publisher = make_bus("scheduler", threaded=threaded).start()
     with caplog.at_level(logging.ERROR, logger="flotta_mqtt.transport.bus"):
         publisher.publish(topic, cancel(1))
         publisher.publish(topic, cancel(2))
@@ -371,11 +393,13 @@ def test_wrong_password_is_refused_and_the_right_one_connects(
 # --- last will and goodbye ------------------------------------------------------------------
 
 
-def test_a_killed_node_leaves_its_retained_will(make_bus: BusFactory) -> None:
+def test_a_killed_node_leaves_its_retained_will(make_bus: BusFactory, threaded: bool) -> None:
     watched = MessageRecorder()
-    make_bus("watcher", watched, [topics.ALL_PRESENCE]).start()
+    make_bus("watcher", watched, [topics.ALL_PRESENCE], threaded=threaded).start()
     will = presence("n-crash", False, "will")
-    node = make_bus("n-crash", will=Will(topics.presence("n-crash"), will)).start()
+    node = make_bus(
+        "n-crash", will=Will(topics.presence("n-crash"), will), threaded=threaded
+    ).start()
     node.publish(topics.presence("n-crash"), presence("n-crash", True), retain=True)
     watched.wait(1)
 
@@ -383,22 +407,26 @@ def test_a_killed_node_leaves_its_retained_will(make_bus: BusFactory) -> None:
     assert watched.wait(2)[1] == (topics.presence("n-crash"), encode(will))
 
     late = MessageRecorder()  # retained: a node that starts now sees it at once
-    make_bus("late", late, [topics.presence("n-crash")]).start()
+    make_bus("late", late, [topics.presence("n-crash")], threaded=threaded).start()
     assert late.wait(1) == [(topics.presence("n-crash"), encode(will))]
 
 
-def test_a_node_stopped_with_goodbye_publishes_it_and_no_will(make_bus: BusFactory) -> None:
+def test_a_node_stopped_with_goodbye_publishes_it_and_no_will(
+    make_bus: BusFactory, threaded: bool
+) -> None:
     watched = MessageRecorder()
-    make_bus("watcher", watched, [topics.ALL_PRESENCE]).start()
+    make_bus("watcher", watched, [topics.ALL_PRESENCE], threaded=threaded).start()
     node = make_bus(
-        "n-polite", will=Will(topics.presence("n-polite"), presence("n-polite", False, "will"))
+        "n-polite",
+        will=Will(topics.presence("n-polite"), presence("n-polite", False, "will")),
+        threaded=threaded,
     ).start()
 
     goodbye = presence("n-polite", False, "goodbye")
     node.stop(goodbye=[(topics.presence("n-polite"), goodbye, True)])
     # The marker travels after the node's DISCONNECT: a will would have arrived before it.
     marker = presence("marker", True)
-    make_bus("marker").start().publish(topics.presence("marker"), marker)
+    make_bus("marker", threaded=threaded).start().publish(topics.presence("marker"), marker)
     assert watched.wait(2) == [
         (topics.presence("n-polite"), encode(goodbye)),
         (topics.presence("marker"), encode(marker)),
@@ -410,7 +438,11 @@ def test_a_node_stopped_with_goodbye_publishes_it_and_no_will(make_bus: BusFacto
 
 @pytest.mark.parametrize("kill", [False, True], ids=["terminated", "killed"])
 def test_a_subscriber_reconnects_by_itself_after_a_broker_restart(
-    make_bus: BusFactory, broker: LocalBroker, broker_config: BrokerConfig, kill: bool
+    make_bus: BusFactory,
+    broker: LocalBroker,
+    broker_config: BrokerConfig,
+    kill: bool,
+    threaded: bool,
 ) -> None:
     topic = topics.jobs("w-again")
     received = MessageRecorder()
@@ -422,6 +454,7 @@ def test_a_subscriber_reconnects_by_itself_after_a_broker_restart(
         [topic],
         config=config,
         on_connect=lambda present: connects("connect", b"%d" % present),
+        threaded=threaded,
     ).start()
     connects.wait(1)
 
@@ -429,6 +462,6 @@ def test_a_subscriber_reconnects_by_itself_after_a_broker_restart(
     connects.wait(2, timeout=15)
     assert subscriber.connected.is_set()
 
-    publisher = make_bus("scheduler").start()
+    publisher = make_bus("scheduler", threaded=threaded).start()
     publisher.publish(topic, cancel(1))
     assert received.wait(1) == [(topic, encode(cancel(1)))]

@@ -3,7 +3,6 @@ to its runners, and when."""
 
 from __future__ import annotations
 
-import queue
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ def job(job_id: int, attempt: int = 1) -> JobReady:
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Any:
-    """A worker whose runners and bus are never started: handed jobs wait in its queue."""
+    """A worker whose threads and bus are never started: taken jobs wait for its agent."""
     config = WorkerConfig(
         name="w0", state_dir=tmp_path / "state", storage=StorageSettings(url=tmp_path.as_uri())
     )
@@ -42,14 +41,10 @@ def agent(tmp_path: Path) -> Any:
 
 
 def handed(agent: WorkerAgent) -> list[JobReady]:
-    jobs = []
-    while True:
-        try:
-            attempt = agent._jobs.get_nowait()
-        except queue.Empty:
-            return jobs
-        assert attempt is not None
-        jobs.append(attempt.job)
+    """The jobs taken for the runners since last asked (the agent thread submits them)."""
+    taken, agent._taken = agent._taken, []
+    assert agent._jobs.empty()  # nothing reaches a runner before its journal write commits
+    return [attempt.job for attempt in taken]
 
 
 def test_a_batch_is_journaled_then_handed_to_the_runners_once(agent: WorkerAgent) -> None:

@@ -1,11 +1,12 @@
 """The scheduler node: binds artifacts into jobs, dispatches them, and owns their state.
 
-One thread does all the work. paho's thread only enqueues; the scheduler thread takes
-what is queued (up to BURST messages, never waiting for more), handles it inside one
-SQLite transaction, commits, and only then publishes what the burst decided: durable
-before acting, with one commit per burst rather than per message. The jobs it made ready
-go out first; the artifacts' statuses (recorded in the same transaction) are built and
-published after them.
+One thread does all the work, the bus's network work included (an unthreaded Bus): it
+reads what has arrived, takes it (up to BURST messages, never waiting for more), handles
+it inside one SQLite transaction, commits, and only then publishes what the burst
+decided, writing it to the socket itself: durable before acting, with one commit per
+burst rather than per message, and no hand-over between threads on a job's way. The
+jobs it made ready go out first; the artifacts' statuses (recorded in the same
+transaction) are built and published after them.
 """
 
 from __future__ import annotations
@@ -339,6 +340,7 @@ class Scheduler:
             ),
             subscriptions=[topics.ALL_REQUESTS, topics.ALL_EVENTS, topics.ALL_PRESENCE],
             on_connect=lambda session: self._inbox.put(("connected", session)),
+            threaded=False,  # driven by the scheduler thread: see the module's docstring
         )
         self.initiator: WorkerAgent | None = None
         if config.run_initiator:
@@ -376,6 +378,7 @@ class Scheduler:
             self.initiator.stop()
         self._stopping.set()
         self._inbox.put(("stop", None))
+        self.bus.wake()
         self._thread.join(timeout=10)
         self.bus.stop()
         self.db.close()
@@ -383,6 +386,7 @@ class Scheduler:
     def call(self, function: Callable[[], Any]) -> None:
         """Run `function` on the scheduler thread (tests use it to inspect state safely)."""
         self._inbox.put(("call", function))
+        self.bus.wake()
 
     # --- the scheduler thread --------------------------------------------------------------
 
@@ -393,8 +397,9 @@ class Scheduler:
             wake = min(next_tick, *self._deferred.values()) if self._deferred else next_tick
             if self._acks_due is not None:
                 wake = min(wake, self._acks_due)
+            if self._inbox.empty():  # read the socket, waiting until then at most
+                self.bus.pump(max(0.0, wake - time.monotonic()))
             try:
-                burst.append(self._inbox.get(timeout=max(0.0, wake - time.monotonic())))
                 while len(burst) < BURST:
                     burst.append(self._inbox.get_nowait())
             except queue.Empty:

@@ -1,13 +1,14 @@
 """The edge worker agent: receives jobs on its own topic, runs them next to its data.
 
-Threads: paho's network thread hands new jobs to the runners itself (decoded,
-deduplicated and journaled: no wait on the bus) and queues everything else for the agent
-thread, which works in bursts: it takes what is queued (never waiting for more), handles
-it inside one journal transaction, commits, then sends the events the burst produced.
-Runners (`max_jobs` threads) run jobs in order and send their results themselves. Events
-go out in batches through one outbox: whichever thread finds nothing being sent sends
-what is waiting, so a lone result leaves at once from its runner and results that pile
-up meanwhile leave together.
+Threads: the agent thread drives the bus (an unthreaded Bus: it reads the socket
+itself). New jobs go to the runners as they are read (decoded, deduplicated and
+journaled); everything else is queued and handled in bursts: what is queued is taken
+(never waiting for more), handled inside one journal transaction, committed, then the
+events the burst produced are sent. Runners (`max_jobs` threads) run jobs in order and
+send their results themselves, writing them to the socket at once. Events go out in
+batches through one outbox: whichever thread finds nothing being sent sends what is
+waiting, so a lone result leaves at once from its runner and results that pile up
+meanwhile leave together.
 
 The agent announces jobs still running STARTED_AFTER after they started (a quick job's
 result is its only event), looking at most once per STARTED_AFTER, so that a worker
@@ -141,6 +142,7 @@ class WorkerAgent:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._outgoing: list[WorkerEvent] = []  # the events of the burst being handled
         self._jobs_topic = topics.jobs(self.name)
+        self._taken: list[_Attempt] = []  # jobs read and journaled, for the runners
         self._outbox: list[WorkerEvent] = []  # events waiting to be sent
         self._sending = False  # a thread is sending the outbox
         self._flush_at: float | None = None  # when results held for a batch must go
@@ -171,6 +173,7 @@ class WorkerAgent:
             subscriptions=[topics.worker_inbox(self.name)],
             will=Will(topics.presence(self.name), self.presence(online=False)),
             on_connect=lambda session: self._inbox.put(("connected", session)),
+            threaded=False,  # driven by the agent thread; runners write their results
         )
 
     def presence(self, online: bool) -> NodePresence:
@@ -197,7 +200,7 @@ class WorkerAgent:
 
     def stop(self) -> None:
         self._stopping.set()
-        self._inbox.put(("stop", None))
+        self._tell("stop")
         self._thread.join(timeout=10)
         with self._lock:
             for attempt in self._attempts.values():
@@ -231,9 +234,13 @@ class WorkerAgent:
             if self._starting:
                 due = min(due, max(self._starting[0][0], checked_at + STARTED_AFTER))
                 self._wakes_at = due
+            if self._inbox.empty():  # read the socket, waiting until `due` at most
+                self.bus.pump(max(0.0, due - time.monotonic()))
+            taken, self._taken = self._taken, []
+            for attempt in taken:
+                self._submit(attempt)
             burst: list[tuple[str, Any]] = []
             try:
-                burst.append(self._inbox.get(timeout=max(0.0, due - time.monotonic())))
                 while len(burst) < BURST:
                     burst.append(self._inbox.get_nowait())
             except queue.Empty:
@@ -257,8 +264,8 @@ class WorkerAgent:
             if now >= resend_at:
                 self._resend(older_than=self.config.resend_interval)
                 resend_at = now + self.config.resend_interval
-            # Publishing may wait for room in the window, which paho's thread makes; it may
-            # be waiting for the journal meanwhile (taking jobs): publish after the commit.
+            # Publishing may wait for room in the window, pumping the bus meanwhile, which
+            # takes jobs into the journal: publish after the commit.
             if any(kind == "connected" for kind, _ in burst):
                 try:
                     online = self.presence(online=True)
@@ -269,6 +276,11 @@ class WorkerAgent:
             flush = self._flush_at is not None and time.monotonic() >= self._flush_at
             if outgoing or flush:
                 self._send(outgoing)  # after the commit: what they answer is journaled
+
+    def _tell(self, kind: str) -> None:
+        """From another thread: queue a signal for the agent thread and end its wait."""
+        self._inbox.put((kind, None))
+        self.bus.wake()
 
     def _send(self, events: list[WorkerEvent], hold: bool = False) -> None:
         """Queue events; send everything queued unless another thread is sending already.
@@ -283,7 +295,7 @@ class WorkerAgent:
             if hold:
                 if self._flush_at is None:
                     self._flush_at = time.monotonic() + BATCH_WINDOW
-                    self._inbox.put(("wake", None))  # the agent sleeps until then
+                    self._tell("wake")  # the agent sleeps until then
                 return
             if self._sending or not self._outbox:
                 return
@@ -314,9 +326,9 @@ class WorkerAgent:
             self._resend(older_than=0.0)  # its presence goes out after the burst
 
     def _arrived(self, topic: str, payload: bytes) -> None:
-        """On paho's thread. Jobs go to the runners from here (decoded, deduplicated and
-        journaled; nothing here waits on the bus), saving a hand-over to the agent thread
-        on every job's way; anything else, and the replies to repeated jobs, to the agent.
+        """A bus callback, on the agent thread inside `pump()`. Jobs go to the runners
+        from here (decoded, deduplicated and journaled; nothing here waits on the bus);
+        anything else, and the replies to repeated jobs, is queued for the next burst.
         """
         if topic != self._jobs_topic:
             self._inbox.put(("message", (topic, payload)))
@@ -340,9 +352,9 @@ class WorkerAgent:
                     if self._attempts.get(key) is attempt:
                         del self._attempts[key]
             return
-        # Handed over once committed: a runner woken earlier would only wait for the journal.
-        for attempt in taken:
-            self._submit(attempt)
+        # Handed over once committed and read: a runner woken earlier would wait for the
+        # journal, then for the socket, to send its result.
+        self._taken += taken
         if replies:
             self._inbox.put(("events", replies))
 
@@ -473,7 +485,7 @@ class WorkerAgent:
             announce_at = time.monotonic() + STARTED_AFTER
             self._starting.append((announce_at, attempt))
             if self._wakes_at > announce_at + STARTED_AFTER:
-                self._inbox.put(("wake", None))
+                self._tell("wake")
             final = self._execute(attempt, started)
         except Exception:
             log.exception("worker %s: job %s/%s not run", self.name, job.artifact_id, job.job_id)
