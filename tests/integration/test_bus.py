@@ -465,3 +465,41 @@ def test_a_subscriber_reconnects_by_itself_after_a_broker_restart(
     publisher = make_bus("scheduler", threaded=threaded).start()
     publisher.publish(topic, cancel(1))
     assert received.wait(1) == [(topic, encode(cancel(1)))]
+
+
+# --- acknowledgements of an unthreaded bus --------------------------------------------------
+
+
+def _pump_until(bus: Bus, done: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Drive an unthreaded bus from the test's thread until `done()` (each pump waits on
+    the socket, 0.05 s at most)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} (waited {timeout} s)")
+        bus.pump(0.05)
+
+
+@pytest.mark.parametrize("acknowledged", [False, True], ids=["unacknowledged", "acknowledged"])
+def test_an_unthreaded_bus_acknowledges_what_it_received_when_told(
+    make_bus: BusFactory, broker_config: BrokerConfig, acknowledged: bool
+) -> None:
+    """A message the node has not acknowledged is delivered again after it went away: one
+    it acknowledged (after handling it) is not."""
+    topic = topics.jobs("w-ack")
+    first = MessageRecorder()
+    node = Bus("w-ack", broker_config, first, [topic], threaded=False).start(wait=None)
+    _pump_until(node, node.connected.is_set, "the unthreaded bus never connected")
+    publisher = make_bus("scheduler").start()
+    publisher.publish(topic, cancel(1))
+    _pump_until(node, lambda: first.messages, "the message never arrived")
+    if acknowledged:
+        node.acknowledge()
+    node.stop()  # DISCONNECT after anything acknowledged; the session stays
+
+    again = MessageRecorder()
+    make_bus("w-ack", again, [topic]).start()
+    publisher.publish(topic, cancel(2))  # a marker: whatever is re-delivered comes before it
+    again.wait_for(lambda msgs: encode(cancel(2)) in [p for _, p in msgs])
+    redelivered = encode(cancel(1)) in again.payloads
+    assert redelivered is not acknowledged

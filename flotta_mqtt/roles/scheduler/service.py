@@ -424,6 +424,7 @@ class Scheduler:
                 self._recorded.clear()
                 continue
             self._publish()
+            self.bus.acknowledge()  # what the burst handled is committed: the broker may forget it
             # The statuses are built once the jobs the burst made ready are on their way.
             self._build_statuses()
             self._publish()

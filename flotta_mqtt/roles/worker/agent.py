@@ -253,6 +253,7 @@ class WorkerAgent:
                         self._handle(kind, item)
                     except Exception:
                         log.exception("worker %s: error handling %s", self.name, kind)
+            self.bus.acknowledge()  # jobs journaled, messages handled: after the runners start
             now = time.monotonic()
             if self._starting and self._starting[0][0] <= now:
                 checked_at = now
