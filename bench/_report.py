@@ -35,6 +35,25 @@ def machine_load() -> str:
     return f"{os.cpu_count()} cores, load average {load:.1f}"
 
 
+def cpu_ticks() -> list[int] | None:
+    """The machine's CPU time counters (/proc/stat), read before and after a run."""
+    try:
+        with open("/proc/stat") as stat:
+            return [int(field) for field in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def stolen(before: list[int] | None, after: list[int] | None) -> str:
+    """The share of CPU time the hypervisor gave to other machines between two readings:
+    on a virtual machine, what makes one run slower than the next without any load here."""
+    if before is None or after is None or len(before) < 8 or len(after) < 8:
+        return ""
+    delta = [a - b for a, b in zip(after[:8], before[:8], strict=True)]  # user … steal
+    total = sum(delta)
+    return f"; {100 * delta[7] / total:.0f}% of the CPU time stolen by the host" if total else ""
+
+
 def print_table(title: str, columns: list[str], rows: list[list[str]], note: str = "") -> None:
     console.print(f"[bold]{title}[/bold]")
     table = Table(box=box.MARKDOWN)

@@ -55,7 +55,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from bench._report import console, machine_load, print_table
+from bench._report import console, cpu_ticks, machine_load, print_table, stolen
 from bench.dispatch import FLOOR_WINDOW, PING, PONG, _raw_client
 from flotta_mqtt.model import Artifact, ArtifactState, Iterate, Operation, Parallel, Tasks
 from flotta_mqtt.model.workflow import Task
@@ -798,6 +798,7 @@ def run(
     shapes = shapes or Shapes()
     logging.basicConfig(level=logging.WARNING, format="[bench] %(levelname)s %(name)s: %(message)s")
     loads = [os.getloadavg()[0]]
+    ticks = cpu_ticks()
     results: dict[str, list[Figures] | str] = {}
     with LocalBroker() as broker:
         if "floor" in systems:
@@ -817,7 +818,10 @@ def run(
             log.exception("%s failed", peer)
             results[peer] = f"failed: {type(exc).__name__}"
         loads.append(os.getloadavg()[0])
-    load = f"{machine_load()}; load average during the runs {min(loads):.1f}-{max(loads):.1f}"
+    load = (
+        f"{machine_load()}; load average during the runs {min(loads):.1f}-{max(loads):.1f}"
+        f"{stolen(ticks, cpu_ticks())}"
+    )
     report(results, shapes, runs, load)
     if profile is not None:
         report_profile(profile)

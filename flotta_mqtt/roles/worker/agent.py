@@ -236,6 +236,9 @@ class WorkerAgent:
                 self._wakes_at = due
             if self._inbox.empty():  # read the socket, waiting until `due` at most
                 self.bus.pump(max(0.0, due - time.monotonic()))
+            # The jobs read are journaled: acknowledged before a runner starts on one (the
+            # acknowledgement's write would otherwise compete with the runner).
+            self.bus.acknowledge()
             taken, self._taken = self._taken, []
             for attempt in taken:
                 self._submit(attempt)
@@ -253,7 +256,6 @@ class WorkerAgent:
                         self._handle(kind, item)
                     except Exception:
                         log.exception("worker %s: error handling %s", self.name, kind)
-            self.bus.acknowledge()  # jobs journaled, messages handled: after the runners start
             now = time.monotonic()
             if self._starting and self._starting[0][0] <= now:
                 checked_at = now
