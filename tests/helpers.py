@@ -100,17 +100,30 @@ class MessageRecorder:
         return repr(self._messages[-3:])[:500]
 
 
-def task_job(task: Task, artifact_id: str = "art1", project: str = "p") -> JobReady:
-    """The JobReady a scheduler would send for a workflow task: job 0, attempt 1."""
+def job_ready(
+    job_id: int = 0,
+    attempt: int = 1,
+    artifact_id: str = "art1",
+    project: str = "p",
+    kind: str = "steps",
+    operation: Operation | None = None,
+) -> JobReady:
+    """A JobReady as a scheduler would send it (a `noop` step's job unless told otherwise)."""
     return JobReady(
         artifact_id=artifact_id,
-        job_id=0,
-        attempt=1,
+        job_id=job_id,
+        attempt=attempt,
         project=project,
         seed=0,
         step="0",
-        kind="tasks",
+        kind=kind,
         role=JobRole.LOCAL,
         iteration=0,
-        operation=Operation(name="task", params=task.model_dump(mode="json")),
+        operation=operation or Operation(name="noop"),
     )
+
+
+def task_job(task: Task, artifact_id: str = "art1", project: str = "p") -> JobReady:
+    """The JobReady a scheduler would send for a workflow task: job 0, attempt 1."""
+    operation = Operation(name="task", params=task.model_dump(mode="json"))
+    return job_ready(artifact_id=artifact_id, project=project, kind="tasks", operation=operation)

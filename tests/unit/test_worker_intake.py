@@ -1,5 +1,5 @@
-"""A worker taking jobs off the bus (on paho's thread), without a broker: what it hands
-to its runners, and when."""
+"""A worker taking jobs off its bus (inside its agent thread's pump), without a broker:
+what it hands to its runners, and when."""
 
 from __future__ import annotations
 
@@ -7,26 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import job_ready
 
-from flotta_mqtt.model import JobRole, Operation
 from flotta_mqtt.protocol import JobBatch, JobReady, encode, topics
 from flotta_mqtt.roles.config import StorageSettings
 from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
-
-
-def job(job_id: int, attempt: int = 1) -> JobReady:
-    return JobReady(
-        artifact_id="artifact0001",
-        job_id=job_id,
-        attempt=attempt,
-        project="p",
-        seed=0,
-        step="0",
-        kind="steps",
-        role=JobRole.LOCAL,
-        iteration=0,
-        operation=Operation(name="noop"),
-    )
 
 
 @pytest.fixture
@@ -48,7 +33,7 @@ def handed(agent: WorkerAgent) -> list[JobReady]:
 
 
 def test_a_batch_is_journaled_then_handed_to_the_runners_once(agent: WorkerAgent) -> None:
-    batch = encode(JobBatch(jobs=[job(0), job(1)]))
+    batch = encode(JobBatch(jobs=[job_ready(0), job_ready(1)]))
     agent._arrived(topics.jobs("w0"), batch)
     assert [j.job_id for j in handed(agent)] == [0, 1]
     assert sorted(h.job.job_id for h in agent.journal.held()) == [0, 1]
@@ -70,11 +55,11 @@ def test_jobs_whose_journal_write_fails_are_not_run_and_are_taken_when_sent_agai
         hold(ready)
 
     monkeypatch.setattr(agent.journal, "hold", failing)
-    agent._arrived(topics.jobs("w0"), encode(JobBatch(jobs=[job(0), job(1)])))
+    agent._arrived(topics.jobs("w0"), encode(JobBatch(jobs=[job_ready(0), job_ready(1)])))
     assert handed(agent) == []
     assert agent.journal.held() == []  # the transaction was rolled back whole
 
     monkeypatch.setattr(agent.journal, "hold", hold)
-    agent._arrived(topics.jobs("w0"), encode(JobBatch(jobs=[job(0), job(1)])))
+    agent._arrived(topics.jobs("w0"), encode(JobBatch(jobs=[job_ready(0), job_ready(1)])))
     assert [j.job_id for j in handed(agent)] == [0, 1]
     assert sorted(h.job.job_id for h in agent.journal.held()) == [0, 1]
