@@ -13,9 +13,9 @@ meanwhile leave together.
 The agent announces jobs still running STARTED_AFTER after they started (a quick job's
 result is its only event), looking at most once per STARTED_AFTER, so that a worker
 running a job a millisecond does not wake its agent per job. A finished or failed event
-is journaled, then published, and re-sent on every reconnect, and when it looks lost,
-until the scheduler acknowledges it, so a result survives a lost connection and a
-restart of the worker.
+is published, then journaled (its write off the result's way to the scheduler), and
+re-sent on every reconnect, and when it looks lost, until the scheduler acknowledges it,
+so a result survives a lost connection and a restart of the worker.
 """
 
 from __future__ import annotations
@@ -289,9 +289,11 @@ class WorkerAgent:
         """Queue events; send everything queued unless another thread is sending already.
 
         With `hold`, the events may wait up to BATCH_WINDOW for more (the agent thread
-        sends them then). Results are journaled before they are published. A batch that
-        cannot be published is not retried here: results are re-sent on reconnect, or when
-        they look lost, and the scheduler asks again for jobs it heard nothing about.
+        sends them then). Results are journaled once handed to the bus (queued there while
+        the broker is away): a crash in between runs the job again after the restart, as a
+        crash during the job would. A batch that cannot be published is not retried here:
+        results are re-sent on reconnect, or when they look lost, and the scheduler asks
+        again for jobs it heard nothing about.
         """
         with self._outbox_lock:
             self._outbox += events
@@ -311,14 +313,17 @@ class WorkerAgent:
                     self._sending = False
                     return
             try:
-                finals = [e for e in batch if isinstance(e, JobFinished | JobFailed)]
+                self.bus.publish_many(topics.events(self.name), batch)
+            except Exception:
+                log.exception("worker %s: %d events not published", self.name, len(batch))
+            finals = [e for e in batch if isinstance(e, JobFinished | JobFailed)]
+            try:
                 if finals:
                     with self.journal.transaction():
                         for final in finals:
                             self.journal.finish(final)
-                self.bus.publish_many(topics.events(self.name), batch)
             except Exception:
-                log.exception("worker %s: %d events not published", self.name, len(batch))
+                log.exception("worker %s: %d results not journaled", self.name, len(finals))
 
     def _handle(self, kind: str, item: Any) -> None:
         if kind == "message":
