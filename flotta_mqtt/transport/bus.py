@@ -251,6 +251,8 @@ class Bus:
 
     def acknowledge(self) -> None:
         """Unthreaded: tell the broker that what was received so far is handled."""
+        if not self._received:  # called once per loop by the node: most often nothing
+            return
         with self._io:
             received, self._received = self._received, []
             for mid, qos in received:
@@ -267,8 +269,7 @@ class Bus:
         if self._stopped:  # nothing to drive any more; the caller is about to stop too
             time.sleep(min(timeout, 0.1))
             return
-        if self._received:
-            self.acknowledge()  # whatever the node did not acknowledge itself
+        self.acknowledge()  # whatever the node did not acknowledge itself
         sock = self._client.socket()
         if sock is None:
             self._connect_if_due()
@@ -386,25 +387,26 @@ class Bus:
                 self._pending.topics[info.mid] = topic
 
     def _wait_for_room(self, timeout: float) -> bool:
-        """Take a slot in the window; unthreaded, the pumping thread pumps meanwhile, as
-        nobody else reads the acknowledgements that free one."""
+        """Take a slot in the window (freed by the broker's acknowledgements)."""
         if self.threaded or self._pumped_elsewhere():
             return self._window.acquire(timeout=timeout)
-        deadline = time.monotonic() + timeout
-        while not self._window.acquire(blocking=False):
-            if time.monotonic() >= deadline:
-                return False
-            self.pump(min(0.05, deadline - time.monotonic()))
-        return True
+        return self._pump_until(lambda: self._window.acquire(blocking=False), timeout)
 
     def _pumped_elsewhere(self) -> bool:
         """Whether another live thread pumps this unthreaded bus: waiting is then enough."""
         pumping = self._pumping
-        return (
-            pumping is not None
-            and pumping is not threading.current_thread()
-            and (pumping.is_alive())
-        )
+        current = threading.current_thread()
+        return pumping is not None and pumping is not current and pumping.is_alive()
+
+    def _pump_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Unthreaded, with nobody else pumping: pump until `done()`, or False at `timeout`
+        (what the caller waits for comes in through this thread alone)."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() >= deadline:
+                return False
+            self.pump(min(0.05, deadline - time.monotonic()))
+        return True
 
     @property
     def unacknowledged(self) -> int:
@@ -416,12 +418,7 @@ class Bus:
         if self.threaded or self._pumped_elsewhere():
             with self._settled:
                 return self._settled.wait_for(lambda: not self._pending.topics, timeout)
-        deadline = time.monotonic() + timeout  # unthreaded, and nobody else pumps
-        while self.unacknowledged:
-            if time.monotonic() >= deadline:
-                return False
-            self.pump(min(0.05, deadline - time.monotonic()))
-        return True
+        return self._pump_until(lambda: not self.unacknowledged, timeout)
 
     # --- paho callbacks (network thread) ---------------------------------------------
 

@@ -334,9 +334,10 @@ class WorkerAgent:
             self._resend(older_than=0.0)  # its presence goes out after the burst
 
     def _arrived(self, topic: str, payload: bytes) -> None:
-        """A bus callback, on the agent thread inside `pump()`. Jobs go to the runners
-        from here (decoded, deduplicated and journaled; nothing here waits on the bus);
-        anything else, and the replies to repeated jobs, is queued for the next burst.
+        """A bus callback, on the agent thread inside `pump()`. Jobs are decoded,
+        deduplicated and journaled here (nothing here waits on the bus), and handed to the
+        runners when the pump returns; anything else, and the replies to repeated jobs, is
+        queued for the next burst.
         """
         if topic != self._jobs_topic:
             self._inbox.put(("message", (topic, payload)))
@@ -360,8 +361,8 @@ class WorkerAgent:
                     if self._attempts.get(key) is attempt:
                         del self._attempts[key]
             return
-        # Handed over once committed and read: a runner woken earlier would wait for the
-        # journal, then for the socket, to send its result.
+        # Handed over after the pump: a runner woken earlier would wait for the journal,
+        # then for the socket, to send its result.
         self._taken += taken
         if replies:
             self._inbox.put(("events", replies))
