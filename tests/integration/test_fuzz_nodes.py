@@ -145,8 +145,9 @@ class Fleet:
         assert self.log.crashes() == []
         # The nodes' own threads (private attributes: nothing public says they run).
         assert self.scheduler._thread.is_alive()
-        assert self.worker._thread.is_alive()
-        assert self.scheduler.initiator is not None and self.scheduler.initiator._thread.is_alive()
+        assert all(thread.is_alive() for thread in self.worker._threads)
+        initiator = self.scheduler.initiator
+        assert initiator is not None and all(thread.is_alive() for thread in initiator._threads)
         for node in (self.scheduler, self.worker, self.scheduler.initiator, self.client):
             assert node is not None and node.bus.connected.is_set()
         handle = self.client.submit(self.count_artifact())

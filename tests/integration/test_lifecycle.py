@@ -493,6 +493,35 @@ def test_cancel_stops_running_jobs_frees_their_workers_and_ignores_late_results(
     assert [m.job for m in finals] == [ref]
 
 
+def test_a_long_job_on_an_idle_worker_is_announced_and_the_next_job_runs_beside_it(
+    nodes: Nodes,
+) -> None:
+    """An idle worker's agent runs a lone job on its own thread; once the job runs long,
+    another thread takes over the agent's work: it announces the job, and reads, runs and
+    reports the next job while the first still runs."""
+    _, _, client = nodes.start("w0", max_jobs=2)
+    events = MessageRecorder()
+    nodes.observer([topics.events("w0")], events)
+    flag, ledger = nodes.path("go"), nodes.path("ledger")
+    long = Artifact(project=PROJECT, steps=[Parallel(linger(flag=flag, ledger=ledger))])
+    held = client.submit(long)
+    noted(ledger, 1, "the long job never started")
+    events.wait_for(
+        lambda messages: bool(
+            messages_of(messages, JobStarted, lambda m: m.job.artifact_id == long.id)
+        ),
+        timeout=TIMEOUT,
+        message="the long job was never announced",
+    )
+
+    quick = client.submit(Artifact(project=PROJECT, steps=[Parallel(Operation(name="count"))]))
+    assert quick.result(timeout=TIMEOUT) == [ROWS["w0"]]  # one result per worker
+    status = held.status()
+    assert status is not None and status.counts == {JobState.RUNNING: 1}
+    flag.touch()
+    assert held.result(timeout=TIMEOUT) == 1
+
+
 # --- 5: store and forward --------------------------------------------------------------------
 
 

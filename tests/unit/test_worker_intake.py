@@ -28,7 +28,7 @@ def agent(tmp_path: Path) -> Any:
 def handed(agent: WorkerAgent) -> list[JobReady]:
     """The jobs taken for the runners since last asked (the agent thread submits them)."""
     taken, agent._taken = agent._taken, []
-    assert agent._jobs.empty()  # nothing reaches a runner before its journal write commits
+    assert not agent._ready  # nothing reaches a runner before its journal write commits
     return [attempt.job for attempt in taken]
 
 

@@ -1,14 +1,20 @@
 """The edge worker agent: receives jobs on its own topic, runs them next to its data.
 
-Threads: the agent thread drives the bus (an unthreaded Bus: it reads the socket
-itself). New jobs go to the runners as they are read (decoded, deduplicated and
-journaled); everything else is queued and handled in bursts: what is queued is taken
-(never waiting for more), handled inside one journal transaction, committed, then the
-events the burst produced are sent. Runners (`max_jobs` threads) run jobs in order and
-send their results themselves, writing them to the socket at once. Events go out in
-batches through one outbox: whichever thread finds nothing being sent sends what is
-waiting, so a lone result leaves at once from its runner and results that pile up
-meanwhile leave together.
+Threads: `max_jobs + 1` of them, each in turn the agent or a runner. The agent drives
+the bus (an unthreaded Bus: it reads the socket itself). New jobs are taken as they are
+read (decoded, deduplicated and journaled); everything else is queued and handled in
+bursts: what is queued is taken (never waiting for more), handled inside one journal
+transaction, committed, then the events the burst produced are sent. Runners run jobs
+in order and send their results themselves, writing them to the socket at once. Events
+go out in batches through one outbox: whichever thread finds nothing being sent sends
+what is waiting, so a lone result leaves at once from its runner and results that pile
+up meanwhile leave together.
+
+An idle worker's agent runs a lone new job itself: waking a runner first costs a
+wake-up and a fight for the GIL (about 0.1 ms a job here, the longest step of a chain's
+hop through a worker). An idle thread stands by meanwhile, and takes the agent's turn
+if the job still runs STARTED_AFTER after it started (and announces it): a long job
+delays the worker's other messages by that much at most.
 
 The agent announces jobs still running STARTED_AFTER after they started (a quick job's
 result is its only event), looking at most once per STARTED_AFTER, so that a worker
@@ -149,23 +155,30 @@ class WorkerAgent:
         self._outbox_lock = threading.Lock()
         # Attempts that started, by when to announce them: runners append, the agent pops.
         self._starting: deque[tuple[float, _Attempt]] = deque()
-        self._wakes_at = 0.0  # monotonic time the agent thread wakes at the latest
+        self._wakes_at = 0.0  # monotonic time the agent wakes at the latest
         self._attempts: dict[JobKey, _Attempt] = {}
-        self._queued = 0  # jobs handed to the pool and not yet done
         # When the scheduler last said anything, and the latest first publish of a result
         # it acknowledged (monotonic): what tells a lost result from a busy scheduler.
         self._heard = time.monotonic()
         self._answered = 0.0
         self._lock = threading.Lock()
-        # Runners take jobs in order from one queue (None tells one to stop): cheaper per
-        # job than an executor's futures, which nobody here waits on.
-        self._jobs: queue.SimpleQueue[_Attempt | None] = queue.SimpleQueue()
-        self._runners = [
-            threading.Thread(target=self._runner, name=f"job-{self.name}-{i}", daemon=True)
-            for i in range(config.max_jobs)
+        # Who does what (see _work): jobs waiting for a runner, in order, how many run,
+        # the thread whose turn it is to be the agent, when it started running a job
+        # itself (monotonic), and the idle thread standing by meanwhile.
+        self._turns = threading.Condition()
+        self._ready: deque[_Attempt] = deque()
+        self._running = 0
+        self._agent: threading.Thread | None = None
+        self._agent_busy_since: float | None = None
+        self._standby: threading.Thread | None = None
+        self._threads = [
+            threading.Thread(target=self._work, name=f"worker-{self.name}-{i}", daemon=True)
+            for i in range(config.max_jobs + 1)
         ]
+        # The agent's timers (monotonic), carried from one agent's turn to the next.
+        self._resend_at = self._beat_at = 0.0
+        self._checked_at = 0.0  # when started jobs were last looked at
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=f"worker-{self.name}", daemon=True)
         self.bus = Bus(
             client_id=self.name,
             config=config.broker.bus_config(),
@@ -191,22 +204,30 @@ class WorkerAgent:
         )
 
     def start(self, wait: float | None = 10.0) -> WorkerAgent:
-        for runner in self._runners:
-            runner.start()
         self._resume()
-        self._thread.start()
+        self._resend_at = time.monotonic() + self.config.resend_interval
+        self._beat_at = time.monotonic() + self.config.heartbeat_interval
+        for thread in self._threads:
+            thread.start()
         self.bus.start(wait=wait)
         return self
 
     def stop(self) -> None:
+        """Cancel the jobs (those cut off run again after a restart: they are journaled),
+        then say goodbye."""
         self._stopping.set()
         self._tell("stop")
-        self._thread.join(timeout=10)
+        with self._turns:
+            self._turns.notify_all()  # idle threads leave; nobody takes the agent's turn
+            # The agent leaves its loop, or runs a job (and leaves after it).
+            if not self._turns.wait_for(
+                lambda: self._agent is None or self._agent_busy_since is not None, timeout=10
+            ):
+                log.error("worker %s: the agent did not stop", self.name)
         with self._lock:
             for attempt in self._attempts.values():
                 attempt.cancelled.set()
-        for _ in self._runners:
-            self._jobs.put(None)  # after the queued jobs, which return at once: cancelled
+        self.bus.pump(0)  # this thread drives the bus from now on: goodbye, last results
         if isinstance(self._python, PythonExecutor):
             self._python.close()
         self.tasks.close()
@@ -220,35 +241,108 @@ class WorkerAgent:
             attempt = _Attempt(held.job, final=held.final)
             self._attempts[(held.job.artifact_id, held.job.job_id)] = attempt
             if held.final is None:
-                self._submit(attempt)
+                self._ready.append(attempt)
 
-    # --- agent thread ----------------------------------------------------------------
+    # --- the worker's threads -----------------------------------------------------------
 
-    def _serve(self) -> None:
-        resend_at = time.monotonic() + self.config.resend_interval
-        beat_at = time.monotonic() + self.config.heartbeat_interval
-        checked_at = 0.0  # when started jobs were last looked at
+    def _work(self) -> None:
+        """Each thread: run the next job while fewer than `max_jobs` run, else take the
+        agent's turn if nobody has it, else wait (standing by while the agent runs a job);
+        leave when the worker stops."""
+        me = threading.current_thread()
+        while True:
+            with self._turns:
+                work = self._next(me)
+            if isinstance(work, _Attempt):
+                self._run_job(work)
+            elif work is None or not self._agent_turn(me):
+                return
+
+    def _agent_turn(self, me: threading.Thread) -> bool:
+        """Serve as the agent, running lone jobs in between, until another thread takes
+        the turn over (True) or the worker stops (False)."""
+        while (job := self._serve()) is not None:
+            self._run_job(job)
+            with self._turns:
+                if self._agent is not me:  # taken over while the job ran
+                    return True
+                self._agent_busy_since = None
+        return False
+
+    def _run_job(self, attempt: _Attempt) -> None:
+        try:
+            self._run(attempt)
+        except Exception:  # a thread outlives any job
+            log.exception("worker %s: runner error", self.name)
+        finally:
+            with self._turns:
+                self._running -= 1
+
+    def _next(self, me: threading.Thread) -> _Attempt | threading.Thread | None:
+        """Under `_turns`: wait for what `me` does next, a job to run or the agent's turn
+        (`me`), or None when the worker stops."""
         while not self._stopping.is_set():
-            due = self._wakes_at = min(resend_at, beat_at, self._flush_at or resend_at)
+            taken: _Attempt | threading.Thread | None = None
+            late: float | None = None  # standing by: how long until `me` takes over
+            if self._ready and self._running < self.config.max_jobs:
+                taken = self._ready.popleft()
+                self._running += 1
+            elif self._agent is None:
+                taken = self._agent = me
+            elif self._standby in (None, me) and self._agent_busy_since is not None:
+                self._standby = me
+                late = self._agent_busy_since + STARTED_AFTER - time.monotonic()
+                if late <= 0:  # a long job: its runner is no agent any more
+                    taken = self._agent = me
+                    self._agent_busy_since = None
+            if self._standby is me and (taken is not None or late is None):
+                self._standby = None  # off to work, or the agent's job is over
+            if taken is not None:
+                return taken
+            self._turns.wait(late)
+        return None
+
+    def _take(self, taken: list[_Attempt]) -> _Attempt | None:
+        """Queue jobs for the runners; or, if the worker is idle, return a lone one for
+        the agent to run itself (see the module's docstring)."""
+        with self._turns:
+            if len(taken) == 1 and self._running == 0 and not self._ready:
+                self._running += 1
+                self._agent_busy_since = time.monotonic()
+                if self._standby is None:
+                    self._turns.notify()  # an idle thread stands by
+                return taken[0]
+            self._ready.extend(taken)
+            self._turns.notify(min(len(self._ready), self.config.max_jobs - self._running))
+            return None
+
+    def _serve(self) -> _Attempt | None:
+        """The agent's turn: serve until taking a lone job to run itself (returned) or
+        stopping."""
+        while not self._stopping.is_set():
+            due = self._wakes_at = min(
+                self._resend_at, self._beat_at, self._flush_at or self._resend_at
+            )
             # Said before looking: a runner adding a job after the look sees a long sleep.
             if self._starting:
-                due = min(due, max(self._starting[0][0], checked_at + STARTED_AFTER))
+                due = min(due, max(self._starting[0][0], self._checked_at + STARTED_AFTER))
                 self._wakes_at = due
             if self._inbox.empty():  # read the socket, waiting until `due` at most
                 self.bus.pump(max(0.0, due - time.monotonic()))
+            self._wakes_at = 0.0  # awake: a job starting now is seen before the next sleep
             # The jobs read are journaled: acknowledged before a runner starts on one (the
             # acknowledgement's write would otherwise compete with the runner).
             self.bus.acknowledge()
-            taken, self._taken = self._taken, []
-            for attempt in taken:
-                self._submit(attempt)
+            with self._lock:
+                taken, self._taken = self._taken, []
+            if taken and (lone := self._take(taken)) is not None:
+                return lone  # what else was read is handled after it
             burst: list[tuple[str, Any]] = []
             try:
                 while len(burst) < BURST:
                     burst.append(self._inbox.get_nowait())
             except queue.Empty:
                 pass
-            self._wakes_at = 0.0  # awake: a job starting now is seen before the next sleep
             # A wake for timers alone writes nothing: no transaction.
             with self.journal.transaction() if burst else contextlib.nullcontext():
                 for kind, item in burst:
@@ -258,15 +352,15 @@ class WorkerAgent:
                         log.exception("worker %s: error handling %s", self.name, kind)
             now = time.monotonic()
             if self._starting and self._starting[0][0] <= now:
-                checked_at = now
+                self._checked_at = now
                 while self._starting and self._starting[0][0] <= now:
                     self._announce(self._starting.popleft()[1])
-            if now >= beat_at:
+            if now >= self._beat_at:
                 self._heartbeat()
-                beat_at = now + self.config.heartbeat_interval
-            if now >= resend_at:
+                self._beat_at = now + self.config.heartbeat_interval
+            if now >= self._resend_at:
                 self._resend(older_than=self.config.resend_interval)
-                resend_at = now + self.config.resend_interval
+                self._resend_at = now + self.config.resend_interval
             # Publishing may wait for room in the window, pumping the bus meanwhile, which
             # takes jobs into the journal: publish after the commit.
             if any(kind == "connected" for kind, _ in burst):
@@ -279,6 +373,10 @@ class WorkerAgent:
             flush = self._flush_at is not None and time.monotonic() >= self._flush_at
             if outgoing or flush:
                 self._send(outgoing)  # after the commit: what they answer is journaled
+        with self._turns:
+            self._agent = None
+            self._turns.notify_all()  # stop() waits for the agent to leave
+        return None
 
     def _tell(self, kind: str) -> None:
         """From another thread: queue a signal for the agent thread and end its wait."""
@@ -363,7 +461,8 @@ class WorkerAgent:
             return
         # Handed over after the pump: a runner woken earlier would wait for the journal,
         # then for the socket, to send its result.
-        self._taken += taken
+        with self._lock:
+            self._taken += taken
         if replies:
             self._inbox.put(("events", replies))
 
@@ -420,18 +519,6 @@ class WorkerAgent:
             taken.append(fresh)  # first: forgotten again if the journal fails
             self.journal.hold(job)
         return reply
-
-    def _submit(self, attempt: _Attempt) -> None:
-        with self._lock:
-            self._queued += 1
-        self._jobs.put(attempt)
-
-    def _runner(self) -> None:
-        while (attempt := self._jobs.get()) is not None:
-            try:
-                self._run(attempt)
-            except Exception:  # a runner outlives any job
-                log.exception("worker %s: runner error", self.name)
 
     def _heartbeat(self) -> None:
         with self._lock:
@@ -499,10 +586,10 @@ class WorkerAgent:
         except Exception:
             log.exception("worker %s: job %s/%s not run", self.name, job.artifact_id, job.job_id)
         finally:
+            with self._turns:
+                waiting = bool(self._ready)  # jobs queued behind it
             with self._lock:
                 attempt.running = False
-                self._queued -= 1
-                waiting = self._queued >= self.config.max_jobs  # jobs queued behind it
                 if final is not None and not attempt.cancelled.is_set():
                     attempt.final = final
                     attempt.sent_at = attempt.first_sent = time.monotonic()
