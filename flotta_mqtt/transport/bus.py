@@ -7,7 +7,8 @@ Each trap measured with mosquitto 2.0 and paho 2.2 is handled here, once:
   every publish() return code checked;
 - every callback guarded: an exception escaping one kills paho's network thread;
 - nothing blocks the network thread: publishing from a callback is refused;
-- the size limit is enforced by the protocol codec before anything is published.
+- the size limit is enforced by the protocol codec before anything is published;
+- paho's v5 property tables, which it rebuilds for every message, are built once.
 
 A bus either runs paho's network thread (the default), or, with `threaded=False`, has
 none: the node's own thread calls `pump()`, which reads what arrived (handing it to the
