@@ -291,8 +291,9 @@ class Bus:
         """Unthreaded: wait up to `timeout` s for traffic, hand what arrived to the
         handlers, send what is due (pings, acknowledgements) and reconnect with backoff.
 
-        Called over and over by one thread, at least every keepalive/2 seconds; returns
-        early when messages arrived or `wake()` was called.
+        Called over and over by one thread at a time (a worker's agent turn passes between
+        its threads), at least every keepalive/2 seconds; returns early when messages
+        arrived or `wake()` was called.
         """
         self._pumping = threading.current_thread()
         if self._stopped:  # nothing to drive any more; the caller is about to stop too
@@ -422,7 +423,8 @@ class Bus:
         return self._pump_until(lambda: self._window.acquire(blocking=False), timeout)
 
     def _pumped_elsewhere(self) -> bool:
-        """Whether another live thread pumps this unthreaded bus: waiting is then enough."""
+        """Whether another live thread pumped this unthreaded bus last, and so drives it:
+        waiting is then enough."""
         pumping = self._pumping
         current = threading.current_thread()
         return pumping is not None and pumping is not current and pumping.is_alive()

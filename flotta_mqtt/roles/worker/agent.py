@@ -186,7 +186,7 @@ class WorkerAgent:
             subscriptions=[topics.worker_inbox(self.name)],
             will=Will(topics.presence(self.name), self.presence(online=False)),
             on_connect=lambda session: self._inbox.put(("connected", session)),
-            threaded=False,  # driven by the agent thread; runners write their results
+            threaded=False,  # driven by whichever thread is the agent; runners write results
         )
 
     def presence(self, online: bool) -> NodePresence:
@@ -433,9 +433,9 @@ class WorkerAgent:
 
     def _arrived(self, topic: str, payload: bytes) -> None:
         """A bus callback, on the agent thread inside `pump()`. Jobs are decoded,
-        deduplicated and journaled here (nothing here waits on the bus), and handed to the
-        runners when the pump returns; anything else, and the replies to repeated jobs, is
-        queued for the next burst.
+        deduplicated and journaled here (nothing here waits on the bus), and taken (by the
+        runners, or a lone one by the agent) when the pump returns; anything else, and the
+        replies to repeated jobs, is queued for the next burst.
         """
         if topic != self._jobs_topic:
             self._inbox.put(("message", (topic, payload)))
