@@ -171,6 +171,7 @@ class Bus:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._received: list[tuple[int, int]] = []  # unthreaded: (mid, qos) to acknowledge
+        self._withheld = False  # unthreaded: acknowledgements held back (see withhold)
         self._window = threading.BoundedSemaphore(config.window)
         self._pending = _Pending()
         self._lock = threading.Lock()
@@ -244,9 +245,11 @@ class Bus:
         publish so far is acknowledged (waiting 2 s at most).
 
         A clean DISCONNECT suppresses the last will, so a node says "offline" itself here.
+        After `kill()` nothing is published: a crashed node says nothing more.
         """
-        for topic, message, retain in goodbye or []:
-            self.publish(topic, message, retain=retain, timeout=2.0)
+        if not self._stopped:
+            for topic, message, retain in goodbye or []:
+                self.publish(topic, message, retain=retain, timeout=2.0)
         # paho drops what is still queued when its loop stops: without this, a workbench
         # that submits and closes at once (`flotta-mqtt submit`) could lose the submission.
         if self.connected.is_set() and not self.flush(timeout=2.0):
@@ -279,13 +282,24 @@ class Bus:
             self._wake_w.send(b"!")
 
     def acknowledge(self) -> None:
-        """Unthreaded: tell the broker that what was received so far is handled."""
-        if not self._received:  # called once per loop by the node: most often nothing
+        """Unthreaded: tell the broker that what was received so far is handled (unless
+        acknowledgements are withheld)."""
+        if not self._received or self._withheld:  # called once per loop: most often nothing
             return
         with self._io:
             received, self._received = self._received, []
             for mid, qos in received:
                 self._client.ack(mid, qos)
+
+    def withhold(self, held: bool) -> None:
+        """Unthreaded: hold back every acknowledgement (True), from `pump()` and
+        `acknowledge()` alike, until what was received is durable (False).
+
+        For a message handled after the pump that read it returned (a worker journals a
+        lone job with its result): unacknowledged, it is delivered again if the node goes
+        away first. All are held, so acknowledgements still go in the order received.
+        """
+        self._withheld = held
 
     def pump(self, timeout: float) -> None:
         """Unthreaded: wait up to `timeout` s for traffic, hand what arrived to the

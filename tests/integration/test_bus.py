@@ -480,12 +480,13 @@ def _pump_until(bus: Bus, done: Callable[[], object], what: str, timeout: float 
         bus.pump(0.05)
 
 
-@pytest.mark.parametrize("acknowledged", [False, True], ids=["unacknowledged", "acknowledged"])
+@pytest.mark.parametrize("handling", ["unacknowledged", "acknowledged", "withheld", "released"])
 def test_an_unthreaded_bus_acknowledges_what_it_received_when_told(
-    make_bus: BusFactory, broker_config: BrokerConfig, acknowledged: bool
+    make_bus: BusFactory, broker_config: BrokerConfig, handling: str
 ) -> None:
     """A message the node has not acknowledged is delivered again after it went away: one
-    it acknowledged (after handling it) is not."""
+    it acknowledged (after handling it) is not. While acknowledgements are withheld,
+    neither `acknowledge()` nor `pump()` acknowledges; once released, they do."""
     topic = topics.jobs("w-ack")
     first = MessageRecorder()
     node = Bus("w-ack", broker_config, first, [topic], threaded=False).start(wait=None)
@@ -493,9 +494,15 @@ def test_an_unthreaded_bus_acknowledges_what_it_received_when_told(
     publisher = make_bus("scheduler").start()
     publisher.publish(topic, cancel(1))
     _pump_until(node, lambda: first.messages, "the message never arrived")
-    if acknowledged:
+    if handling in ("withheld", "released"):
+        node.withhold(True)
+        node.acknowledge()
+        node.pump(0.01)
+        node.withhold(handling == "withheld")
+    if handling != "unacknowledged":
         node.acknowledge()
     node.stop()  # DISCONNECT after anything acknowledged; the session stays
+    acknowledged = handling in ("acknowledged", "released")
 
     again = MessageRecorder()
     make_bus("w-ack", again, [topic]).start()

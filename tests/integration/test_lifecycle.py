@@ -34,6 +34,7 @@ from flotta_mqtt.model import (
     ArtifactState,
     Collect,
     Finalize,
+    JobRole,
     JobState,
     Operation,
     Parallel,
@@ -57,6 +58,7 @@ from flotta_mqtt.protocol import (
 from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
 from flotta_mqtt.roles.scheduler.service import TICK, Scheduler, SchedulerConfig
 from flotta_mqtt.roles.workbench.client import ArtifactFailed, ArtifactHandle, Client
+from flotta_mqtt.roles.worker import agent as agent_module
 from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
 from flotta_mqtt.transport import store as store_module
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
@@ -565,6 +567,83 @@ def test_a_result_made_while_the_broker_is_down_survives_a_worker_restart(
     ]
     # Acknowledged, so the restarted worker forgets it.
     wait_for(lambda: not restarted.journal.held(), timeout=TIMEOUT, message="never acknowledged")
+
+
+def lone_job(job_id: int, ledger: Path, **linger_params: Any) -> JobReady:
+    """A JobReady as the scheduler would send it to w0, for a `linger` job."""
+    return JobReady(
+        artifact_id="lone",
+        job_id=job_id,
+        attempt=1,
+        project=PROJECT,
+        seed=0,
+        step="0",
+        kind="steps",
+        role=JobRole.LOCAL,
+        iteration=0,
+        operation=linger(ledger=ledger, **linger_params),
+    )
+
+
+def finished(events: MessageRecorder, job_id: int) -> None:
+    events.wait_for(
+        lambda messages: bool(
+            messages_of(
+                messages,
+                JobFinished,
+                lambda m: m.job == JobRef(artifact_id="lone", job_id=job_id, attempt=1),
+            )
+        ),
+        timeout=TIMEOUT,
+        message=f"job {job_id} never finished",
+    )
+
+
+def test_a_lone_job_cut_off_before_it_is_journaled_is_delivered_again_by_the_broker(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle worker runs a lone job before journaling it, and acknowledges its JobReady
+    only once it is journaled: a worker that dies first gets the job again from the broker
+    (no scheduler here asks again), even on a new machine with an empty journal."""
+    monkeypatch.setattr(agent_module, "STARTED_AFTER", 3600.0)  # no thread takes over
+    w0 = nodes.worker("w0", state_dir=nodes.path("w0-state"))
+    events = MessageRecorder()
+    scheduler = nodes.observer([topics.events("w0")], events)
+    flag, ledger = nodes.path("go"), nodes.path("ledger")
+    scheduler.publish(topics.jobs("w0"), lone_job(0, ledger, flag=flag, quiet=True))
+    noted(ledger, 1, "the job never started")
+    assert w0.journal.held() == []  # running, not journaled yet
+
+    w0.bus.kill()  # a crash: the JobReady was never acknowledged
+    nodes.stop(w0)  # reaps its threads; what it does now reaches nobody
+    flag.touch()
+    nodes.worker("w0", state_dir=nodes.path("w0-new-machine"))
+    finished(events, 0)
+    assert lines(ledger) == [["w0", "lone", "0", "1"]] * 2  # cut off, then run again
+
+
+def test_a_lone_job_is_journaled_with_its_result_then_acknowledged(nodes: Nodes) -> None:
+    """Once a lone job's result is journaled, its JobReady is acknowledged: a worker that
+    restarts does not get it again (and runs it once)."""
+    w0 = nodes.worker("w0", state_dir=nodes.path("w0-state"))
+    events = MessageRecorder()
+    scheduler = nodes.observer([topics.events("w0")], events)
+    ledger = nodes.path("ledger")
+    scheduler.publish(topics.jobs("w0"), lone_job(0, ledger, seconds=0))
+    finished(events, 0)
+    # The job and its result, in one row (written once the result is on its way).
+    wait_for(
+        lambda: [(h.job.job_id, type(h.final)) for h in w0.journal.held()] == [(0, JobFinished)],
+        timeout=TIMEOUT,
+        message="the job was never journaled with its result",
+    )
+
+    nodes.stop(w0)
+    nodes.worker("w0", state_dir=nodes.path("w0-new-machine"))
+    # A marker: whatever the broker delivers again comes before it.
+    scheduler.publish(topics.jobs("w0"), lone_job(1, ledger, seconds=0))
+    finished(events, 1)
+    assert lines(ledger) == [["w0", "lone", "0", "1"], ["w0", "lone", "1", "1"]]
 
 
 # --- 6: resource integrity -------------------------------------------------------------------

@@ -2,19 +2,22 @@
 
 Threads: `max_jobs + 1` of them, each in turn the agent or a runner. The agent drives
 the bus (an unthreaded Bus: it reads the socket itself). New jobs are taken as they are
-read (decoded, deduplicated and journaled); everything else is queued and handled in
-bursts: what is queued is taken (never waiting for more), handled inside one journal
-transaction, committed, then the events the burst produced are sent. Runners run jobs
-in order and send their results themselves, writing them to the socket at once. Events
-go out in batches through one outbox: whichever thread finds nothing being sent sends
-what is waiting, so a lone result leaves at once from its runner and results that pile
-up meanwhile leave together.
+read (decoded and deduplicated), then journaled, acknowledged and handed to the runners;
+everything else is queued and handled in bursts: what is queued is taken (never waiting
+for more), handled inside one journal transaction, committed, then the events the burst
+produced are sent. Runners run jobs in order and send their results themselves, writing
+them to the socket at once. Events go out in batches through one outbox: whichever
+thread finds nothing being sent sends what is waiting, so a lone result leaves at once
+from its runner and results that pile up meanwhile leave together.
 
 An idle worker's agent runs a lone new job itself: waking a runner first costs a
 wake-up and a fight for the GIL (about 0.1 ms a job here, the longest step of a chain's
 hop through a worker). An idle thread stands by meanwhile, and takes the agent's turn
 if the job still runs STARTED_AFTER after it started (and announces it): a long job
-delays the worker's other messages by that much at most.
+delays the worker's other messages by that much at most. The lone job is journaled
+with its result, in one transaction after it ran, or by the thread taking the agent's
+turn; until then the bus acknowledges nothing, so a worker that dies first gets the job
+again from the broker (and runs it again, as it would a journaled job cut off).
 
 The agent announces jobs still running STARTED_AFTER after they started (a quick job's
 result is its only event), looking at most once per STARTED_AFTER, so that a worker
@@ -148,7 +151,9 @@ class WorkerAgent:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._outgoing: list[WorkerEvent] = []  # the events of the burst being handled
         self._jobs_topic = topics.jobs(self.name)
-        self._taken: list[_Attempt] = []  # jobs read and journaled, for the runners
+        self._taken: list[_Attempt] = []  # jobs read, to be journaled and taken
+        # A lone job the agent took without journaling it (see _take), until _journal.
+        self._unjournaled: _Attempt | None = None
         self._outbox: list[WorkerEvent] = []  # events waiting to be sent
         self._sending = False  # a thread is sending the outbox
         self._flush_at: float | None = None  # when results held for a batch must go
@@ -227,6 +232,7 @@ class WorkerAgent:
         with self._lock:
             for attempt in self._attempts.values():
                 attempt.cancelled.set()
+        self._journal([])  # a lone job cut off: journaled, so it runs again after a restart
         self.bus.pump(0)  # this thread drives the bus from now on: goodbye, last results
         if isinstance(self._python, PythonExecutor):
             self._python.close()
@@ -303,23 +309,70 @@ class WorkerAgent:
         return None
 
     def _take(self, taken: list[_Attempt]) -> _Attempt | None:
-        """Queue jobs for the runners; or, if the worker is idle, return a lone one for
-        the agent to run itself (see the module's docstring)."""
+        """Journal jobs read and queue them for the runners; or, if the worker is idle,
+        return a lone one for the agent to run at once, unjournaled and unacknowledged
+        (see the module's docstring)."""
         with self._turns:
             if len(taken) == 1 and self._running == 0 and not self._ready:
                 self._running += 1
                 self._agent_busy_since = time.monotonic()
                 if self._standby is None:
                     self._turns.notify()  # an idle thread stands by
+                self.bus.withhold(True)
+                with self._lock:
+                    self._unjournaled = taken[0]
                 return taken[0]
+        try:
+            with self.journal.transaction():
+                for attempt in taken:
+                    self.journal.hold(attempt.job)
+        except Exception:
+            log.exception("worker %s: jobs not taken", self.name)  # the scheduler re-sends
+            with self._lock:  # forgotten, so that the re-sent jobs are taken afresh
+                for attempt in taken:
+                    key = (attempt.job.artifact_id, attempt.job.job_id)
+                    if self._attempts.get(key) is attempt:
+                        del self._attempts[key]
+            return None
+        # Acknowledged before a runner starts on one (the write would compete with it).
+        self.bus.acknowledge()
+        with self._turns:
             self._ready.extend(taken)
             self._turns.notify(min(len(self._ready), self.config.max_jobs - self._running))
-            return None
+        return None
+
+    def _journal(self, finals: list[Final]) -> None:
+        """Journal results in one transaction, after the lone job taken unjournaled, if
+        any; that job's JobReady may then be acknowledged.
+
+        Whoever journals the lone job (its runner with its result, the thread taking the
+        agent's turn, `stop()`) takes it inside the transaction: a result's update comes
+        after the job's row is committed. Were the write to fail, the job is acknowledged
+        anyway, as jobs whose journal write fails are: the scheduler re-sends what it
+        hears nothing about.
+        """
+        lone = None
+        try:
+            with self.journal.transaction():
+                with self._lock:
+                    lone, self._unjournaled = self._unjournaled, None
+                if lone is not None:
+                    self.journal.hold(lone.job)
+                for final in finals:
+                    self.journal.finish(final)
+        except Exception:
+            job = "" if lone is None else f" and job {lone.job.artifact_id}/{lone.job.job_id}"
+            log.exception("worker %s: %d results%s not journaled", self.name, len(finals), job)
+        finally:
+            if lone is not None:
+                self.bus.withhold(False)
 
     def _serve(self) -> _Attempt | None:
         """The agent's turn: serve until taking a lone job to run itself (returned) or
         stopping."""
         while not self._stopping.is_set():
+            if self._unjournaled is not None:  # taken over, or a job that had no result
+                self._journal([])  # before pumping: a long job holds no acknowledgements
             due = self._wakes_at = min(
                 self._resend_at, self._beat_at, self._flush_at or self._resend_at
             )
@@ -330,13 +383,11 @@ class WorkerAgent:
             if self._inbox.empty():  # read the socket, waiting until `due` at most
                 self.bus.pump(max(0.0, due - time.monotonic()))
             self._wakes_at = 0.0  # awake: a job starting now is seen before the next sleep
-            # The jobs read are journaled: acknowledged before a runner starts on one (the
-            # acknowledgement's write would otherwise compete with the runner).
-            self.bus.acknowledge()
             with self._lock:
                 taken, self._taken = self._taken, []
             if taken and (lone := self._take(taken)) is not None:
                 return lone  # what else was read is handled after it
+            self.bus.acknowledge()
             burst: list[tuple[str, Any]] = []
             try:
                 while len(burst) < BURST:
@@ -389,9 +440,9 @@ class WorkerAgent:
         With `hold`, the events may wait up to BATCH_WINDOW for more (the agent thread
         sends them then). Results are journaled once handed to the bus (queued there while
         the broker is away): a crash in between runs the job again after the restart, as a
-        crash during the job would. A batch that cannot be published is not retried here:
-        results are re-sent on reconnect, or when they look lost, and the scheduler asks
-        again for jobs it heard nothing about.
+        crash during the job would (a lone job unjournaled is delivered again). A batch
+        that cannot be published is not retried here: results are re-sent on reconnect, or
+        when they look lost, and the scheduler asks again for jobs it heard nothing about.
         """
         with self._outbox_lock:
             self._outbox += events
@@ -415,13 +466,8 @@ class WorkerAgent:
             except Exception:
                 log.exception("worker %s: %d events not published", self.name, len(batch))
             finals = [e for e in batch if isinstance(e, JobFinished | JobFailed)]
-            try:
-                if finals:
-                    with self.journal.transaction():
-                        for final in finals:
-                            self.journal.finish(final)
-            except Exception:
-                log.exception("worker %s: %d results not journaled", self.name, len(finals))
+            if finals or self._unjournaled is not None:
+                self._journal(finals)
 
     def _handle(self, kind: str, item: Any) -> None:
         if kind == "message":
@@ -432,10 +478,10 @@ class WorkerAgent:
             self._resend(older_than=0.0)  # its presence goes out after the burst
 
     def _arrived(self, topic: str, payload: bytes) -> None:
-        """A bus callback, on the agent thread inside `pump()`. Jobs are decoded,
-        deduplicated and journaled here (nothing here waits on the bus), and taken (by the
-        runners, or a lone one by the agent) when the pump returns; anything else, and the
-        replies to repeated jobs, is queued for the next burst.
+        """A bus callback, on the agent thread inside `pump()`. Jobs are decoded and
+        deduplicated here, and taken (`_take`: journaled for the runners, or a lone one
+        run by the agent) when the pump returns; anything else, and the replies to
+        repeated jobs, is queued for the next burst.
         """
         if topic != self._jobs_topic:
             self._inbox.put(("message", (topic, payload)))
@@ -444,23 +490,11 @@ class WorkerAgent:
         if message is None:
             return
         taken: list[_Attempt] = []
-        try:
-            with self.journal.transaction():
-                replies = [
-                    reply
-                    for job in unbatch(message)
-                    if (reply := self._job_ready(job, taken)) is not None
-                ]
-        except Exception:
-            log.exception("worker %s: jobs not taken", self.name)  # the scheduler re-sends
-            with self._lock:  # forgotten, so that the re-sent jobs are taken afresh
-                for attempt in taken:
-                    key = (attempt.job.artifact_id, attempt.job.job_id)
-                    if self._attempts.get(key) is attempt:
-                        del self._attempts[key]
-            return
-        # Handed over after the pump: a runner woken earlier would wait for the journal,
-        # then for the socket, to send its result.
+        replies = [
+            reply for job in unbatch(message) if (reply := self._job_ready(job, taken)) is not None
+        ]
+        # Handed over after the pump: a runner woken earlier would wait for the socket to
+        # send its result.
         with self._lock:
             self._taken += taken
         if replies:
@@ -497,8 +531,8 @@ class WorkerAgent:
             log.error("worker %s: unexpected %s on %s", self.name, type(message).__name__, topic)
 
     def _job_ready(self, job: JobReady, taken: list[_Attempt]) -> WorkerEvent | None:
-        """Take a job (once per attempt, journaled and added to `taken` for the runners);
-        the reply to a repeated one, if any."""
+        """Take a job (once per attempt, added to `taken`); the reply to a repeated one,
+        if any."""
         key = (job.artifact_id, job.job_id)
         reply: Final | JobAccepted | None = None
         with self._lock:
@@ -516,8 +550,7 @@ class WorkerAgent:
                 # announcement, if it runs long) tells the scheduler it arrived.
                 fresh = self._attempts[key] = _Attempt(job)
         if fresh is not None:
-            taken.append(fresh)  # first: forgotten again if the journal fails
-            self.journal.hold(job)
+            taken.append(fresh)
         return reply
 
     def _heartbeat(self) -> None:
