@@ -394,9 +394,8 @@ class Scheduler:
         next_tick = time.monotonic() + TICK
         while not self._stopping.is_set():
             burst: list[tuple[str, Any]] = []
-            wake = min(next_tick, *self._deferred.values()) if self._deferred else next_tick
-            if self._acks_due is not None:
-                wake = min(wake, self._acks_due)
+            timers = min(next_tick, *self._deferred.values()) if self._deferred else next_tick
+            wake = timers if self._acks_due is None else min(timers, self._acks_due)
             if self._inbox.empty():  # read the socket, waiting until then at most
                 self.bus.pump(max(0.0, wake - time.monotonic()))
             try:
@@ -410,11 +409,14 @@ class Scheduler:
                 if arrivals:
                     self._caught_up = arrivals[-1]
             self._burst_at = time.monotonic()
+            # Woken by acknowledgements alone (the broker's, or ours falling due): nothing
+            # to write, so no transaction (its locks cost four system calls).
+            quiet = not burst and self._burst_at < timers
             try:
-                with self.db.transaction():
+                with contextlib.nullcontext() if quiet else self.db.transaction():
                     for kind, item in burst:
                         self._handle(kind, item)
-                    if time.monotonic() >= next_tick:
+                    if not quiet and time.monotonic() >= next_tick:
                         self._tick()
                         next_tick = time.monotonic() + TICK
                     self._collect_status()
