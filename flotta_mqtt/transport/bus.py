@@ -18,8 +18,9 @@ socket at once from whichever thread calls it. A message is then handled and ans
 without a hand-over between threads, each of which costs a wake-up and a fight for the
 GIL (about 0.1 ms a hop on 2 cores): the scheduler's dependency hop pays two fewer.
 Such a bus acknowledges what it received when the node says it has handled it
-(`acknowledge()`, after its commit) or at the next `pump()`: the broker re-delivers what
-a node crashed on, and the acknowledgements leave after the node's own answers.
+(`acknowledge()`, after its commit) or at the next `pump()`, unless the node withholds
+them (`withhold()`): the broker re-delivers what a node crashed on, and the
+acknowledgements leave after the node's own answers.
 """
 
 from __future__ import annotations
