@@ -351,6 +351,8 @@ class WorkerAgent:
         anyway, as jobs whose journal write fails are: the scheduler re-sends what it
         hears nothing about.
         """
+        if not finals and self._unjournaled is None:
+            return  # nothing to write: no transaction
         lone = None
         try:
             with self.journal.transaction():
@@ -371,8 +373,9 @@ class WorkerAgent:
         """The agent's turn: serve until taking a lone job to run itself (returned) or
         stopping."""
         while not self._stopping.is_set():
-            if self._unjournaled is not None:  # taken over, or a job that had no result
-                self._journal([])  # before pumping: a long job holds no acknowledgements
+            # A lone job still unjournaled (taken over, or it had no result) is journaled
+            # before pumping: a long job holds no acknowledgements back.
+            self._journal([])
             due = self._wakes_at = min(
                 self._resend_at, self._beat_at, self._flush_at or self._resend_at
             )
@@ -412,8 +415,8 @@ class WorkerAgent:
             if now >= self._resend_at:
                 self._resend(older_than=self.config.resend_interval)
                 self._resend_at = now + self.config.resend_interval
-            # Publishing may wait for room in the window, pumping the bus meanwhile, which
-            # takes jobs into the journal: publish after the commit.
+            # Publishing may wait for room in the window, pumping the bus meanwhile: publish
+            # after the commit, with no transaction open.
             if any(kind == "connected" for kind, _ in burst):
                 try:
                     online = self.presence(online=True)
@@ -465,9 +468,7 @@ class WorkerAgent:
                 self.bus.publish_many(topics.events(self.name), batch)
             except Exception:
                 log.exception("worker %s: %d events not published", self.name, len(batch))
-            finals = [e for e in batch if isinstance(e, JobFinished | JobFailed)]
-            if finals or self._unjournaled is not None:
-                self._journal(finals)
+            self._journal([e for e in batch if isinstance(e, JobFinished | JobFailed)])
 
     def _handle(self, kind: str, item: Any) -> None:
         if kind == "message":
