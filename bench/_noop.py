@@ -9,7 +9,7 @@ Python functions.
 
 from __future__ import annotations
 
-from flotta_mqtt.roles.executors import Executor, TaskResult, TaskRun, register_executor
+from flotta_mqtt.workflows.executors import Executor, TaskResult, TaskRun, register_executor
 
 
 class NoopExecutor(Executor):

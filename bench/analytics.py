@@ -25,10 +25,10 @@ import numpy as np
 
 from bench._report import console, machine_load, print_table
 from flotta_mqtt import Artifact, Client, Collect, Finalize, Operation, Parallel, Query
-from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 BLOCK_MB = 64
 SITES = np.array(["north", "south", "east", "west"])

@@ -39,7 +39,7 @@ from flotta_mqtt.model import (
     SchedulerContext,
     bind,
 )
-from flotta_mqtt.roles.scheduler.database import Database
+from flotta_mqtt.scheduler.database import Database
 
 WORKERS = 99
 SIZES = (100, 1_000)  # rounds: 10,000 and 100,000 jobs

@@ -57,9 +57,9 @@ import paho.mqtt.client as mqtt
 
 from bench._report import console, cpu_ticks, machine_load, print_table, stolen
 from bench.dispatch import FLOOR_WINDOW, PING, PONG, _raw_client
+from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.model import Artifact, ArtifactState, Iterate, Operation, Parallel, Tasks
 from flotta_mqtt.model.workflow import Task
-from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import ArtifactStatus, decode, topics
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
 
@@ -191,8 +191,8 @@ def _timed(action: Callable[[], Any]) -> float:
 
 def _scheduler_main(url: str, store_url: str, database: str, ready: Any, stop: Any) -> None:
     logging.basicConfig(level=logging.WARNING, format="[scheduler] %(levelname)s %(message)s")
-    from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-    from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
+    from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+    from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
     scheduler = Scheduler(
         SchedulerConfig(
@@ -219,8 +219,8 @@ def _worker_main(
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(levelname)s %(message)s")
     import bench._noop  # noqa: F401  (registers the noop executor in this process only)
-    from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-    from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+    from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+    from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
     agent = WorkerAgent(
         WorkerConfig(

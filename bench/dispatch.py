@@ -41,8 +41,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench._report import machine_load, median_of_runs, percentile, print_table
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.client.client import Client
 from flotta_mqtt.model import Artifact, ArtifactState, Iterate, JobState, Operation, Parallel
-from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import (
     JobFinished,
     JobReady,
@@ -51,11 +52,10 @@ from flotta_mqtt.protocol import (
     topics,
     unbatch,
 )
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.roles.workbench.client import Client
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 log = logging.getLogger("bench.dispatch")
 

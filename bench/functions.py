@@ -50,8 +50,8 @@ def sleep_sum(a: int, b: int) -> int:
 
 
 def _scheduler_main(url: str, store: str, database: str, ready: Any, stop: Any) -> None:
-    from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-    from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
+    from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+    from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
     logging.basicConfig(level=logging.WARNING)
     config = SchedulerConfig(
@@ -67,9 +67,9 @@ def _scheduler_main(url: str, store: str, database: str, ready: Any, stop: Any) 
 
 
 def _worker_main(name: str, url: str, store: str, ready: Any, stop: Any) -> None:
-    from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-    from flotta_mqtt.roles.executors.python import PythonExecutor
-    from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+    from flotta_mqtt.functions.executor import PythonExecutor
+    from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+    from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
     logging.basicConfig(level=logging.WARNING)
     config = WorkerConfig(
@@ -150,8 +150,8 @@ def run(calls: int = CALLS) -> list[dict[str, float]]:
     import sys
 
     import flotta_mqtt
-    from flotta_mqtt.mosquitto import LocalBroker
-    from flotta_mqtt.roles.functions import shutdown
+    from flotta_mqtt.broker import LocalBroker
+    from flotta_mqtt.functions import shutdown
 
     with tempfile.TemporaryDirectory(prefix="flotta-bench-fn-") as tmp, LocalBroker() as broker:
         scratch = Path(tmp)

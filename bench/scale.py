@@ -47,7 +47,7 @@ def _scale_main(jobs: int, database: str, conn: Connection) -> None:
     from bench.binding import artifact_of
     from flotta_mqtt.model import ArtifactState
     from flotta_mqtt.protocol import JobFinished, JobReady, NodePresence, Resource, encode, topics
-    from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
+    from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
 
     scheduler = Scheduler(
         SchedulerConfig(database=Path(database), run_initiator=False, worker_grace=0.0)

@@ -4,4 +4,4 @@
 # Usage: bash broker/bridge.sh --name SITE --remote HOST:PORT [--credentials FILE]
 #        [--ca-file CA] [--out FILE]
 set -euo pipefail
-exec python3 -m flotta_mqtt.mosquitto bridge "$@"
+exec python3 -m flotta_mqtt.broker bridge "$@"

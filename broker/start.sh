@@ -4,4 +4,4 @@
 # Usage: bash broker/start.sh [PORT] [DIR] [--bind ADDR] [--identities DIR] [--tls DIR]
 #        [--bridge FILE]...   (see broker/README.md)
 set -euo pipefail
-exec python3 -m flotta_mqtt.mosquitto start "${1:-1883}" "${2:-./broker-data}" "${@:3}"
+exec python3 -m flotta_mqtt.broker start "${1:-1883}" "${2:-./broker-data}" "${@:3}"

@@ -3,4 +3,4 @@
 # and optional client certificates, with openssl. ca.key stays where it is made.
 # Usage: bash broker/tls.sh --out DIR [--name HOST]... [--client NODE]...
 set -euo pipefail
-exec python3 -m flotta_mqtt.mosquitto tls "$@"
+exec python3 -m flotta_mqtt.broker tls "$@"

@@ -20,10 +20,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from flotta_mqtt import Client, StorageSettings
-from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.roles.config import BrokerSettings
-from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.transport.settings import BrokerSettings
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 WORKERS = ("node-1", "node-2", "node-3")
 SIZES = (1200, 2100, 3300)

@@ -20,7 +20,7 @@ from pathlib import Path
 from time import sleep
 
 from flotta_mqtt import configure, distributed, gather
-from flotta_mqtt.roles.functions import shutdown
+from flotta_mqtt.functions import shutdown
 
 PAUSE = 0.01  # seconds each call sleeps (the seed sleeps 1 s; --pause changes it)
 
@@ -35,10 +35,10 @@ def sleep_sum(a: int, b: int) -> int:
 def local_cluster(workers: int = 3) -> Iterator[tuple[str, str]]:
     """A mosquitto, a scheduler and workers allowed to run shipped code, in this process."""
     from flotta_mqtt import Client
-    from flotta_mqtt.mosquitto import LocalBroker
-    from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-    from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
-    from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+    from flotta_mqtt.broker import LocalBroker
+    from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+    from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+    from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
     with tempfile.TemporaryDirectory(prefix="flotta-sum-") as tmp, LocalBroker() as broker:
         folder = Path(tmp)

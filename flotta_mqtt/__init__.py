@@ -3,6 +3,17 @@
 The public surface for workbenches: build an Artifact from steps, submit it with a Client.
 """
 
+from flotta_mqtt.client.client import ArtifactFailed, ArtifactHandle, Client
+from flotta_mqtt.functions import (
+    CallFailed,
+    CallHandle,
+    NotConfigured,
+    RemoteError,
+    as_completed,
+    configure,
+    distributed,
+    gather,
+)
 from flotta_mqtt.model import (
     AllOf,
     AnyOf,
@@ -26,18 +37,7 @@ from flotta_mqtt.model import (
     bind,
 )
 from flotta_mqtt.model.query import DateCompare, IsIn, Query
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.functions import (
-    CallFailed,
-    CallHandle,
-    NotConfigured,
-    RemoteError,
-    as_completed,
-    configure,
-    distributed,
-    gather,
-)
-from flotta_mqtt.roles.workbench.client import ArtifactFailed, ArtifactHandle, Client
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
 __all__ = [
     "AllOf",

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from helpers import wait_for as _wait_for
 
-from flotta_mqtt.mosquitto import LocalBroker
+from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.transport.bus import BrokerConfig
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.client.client import Client
 from flotta_mqtt.model import Artifact, Collect, Compare, Finalize, Operation, Parallel, Sequential
-from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.workbench.client import Client
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
 WORKERS = ("node-1", "node-2", "node-3")
 

@@ -15,14 +15,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flotta_mqtt.client.client import ArtifactFailed, Client
 from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import Artifact, Tasks, Workflow
 from flotta_mqtt.protocol import ArtifactStatus
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings, load_yaml
-from flotta_mqtt.roles.executors import check_task
-from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.roles.workbench.client import ArtifactFailed, Client
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings, load_yaml
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.workflows.executors import check_task
 
 app = typer.Typer(
     help="flotta_mqtt: distributed jobs over MQTT. Run a scheduler, edge workers, and submit "

@@ -276,7 +276,7 @@ def graph(
     """Draw an artifact's DAG, each job coloured by its state (svg, png, dot, mermaid).
 
     Artifacts of over 300 jobs are too large to draw: their counts by state are shown."""
-    from flotta_mqtt.roles.workbench.graph import FORMATS, GraphTooLarge, JobDag, format_of
+    from flotta_mqtt.client.graph import FORMATS, GraphTooLarge, JobDag, format_of
 
     if format is not None and format not in FORMATS:
         raise _fail(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")

@@ -27,7 +27,7 @@ FiniteJson = Annotated[JsonValue, AfterValidator(_finite)]
 
 
 class Operation(BaseModel):
-    """A reference to an operation by name; the roles layer validates `params` against it.
+    """A reference to an operation by name; the analytics layer validates `params` against it.
 
     Steps carry data, never code: a node runs only operations it has registered.
     """

@@ -9,7 +9,7 @@ Build them with natural syntax and put them in an operation's parameters:
 Missing values follow SQL's three-valued logic: a comparison with a missing value is
 unknown, `~` of unknown is unknown, and only rows whose filter is true are kept — so a row
 with no `x` matches neither `x > 0.5` nor `~(x > 0.5)`. Workers evaluate filters on column
-batches (roles/operations/filters.py); this module only describes them.
+batches (analytics/filters.py); this module only describes them.
 """
 
 from __future__ import annotations

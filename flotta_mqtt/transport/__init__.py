@@ -1,0 +1,63 @@
+"""The transport layer: the bus (paho over an MQTT broker, or in memory) and the resource store."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from flotta_mqtt.transport.base import (
+    BusError,
+    ConnectHandler,
+    MessageHandler,
+    Transport,
+    Will,
+)
+from flotta_mqtt.transport.settings import BrokerSettings
+
+__all__ = [
+    "BusError",
+    "ConnectHandler",
+    "MessageHandler",
+    "Transport",
+    "Will",
+    "open_bus",
+]
+
+
+def open_bus(
+    client_id: str,
+    settings: BrokerSettings,
+    on_message: MessageHandler,
+    subscriptions: list[str],
+    *,
+    will: Will | None = None,
+    on_connect: ConnectHandler | None = None,
+    clean: bool = False,
+    threaded: bool = True,
+) -> Transport:
+    """A bus to the broker `settings.url` names: `memory://NAME` is an in-memory broker
+    shared by the nodes of this process (the roles' unit tests); anything else is MQTT."""
+    if urlsplit(settings.url).scheme == "memory":
+        from flotta_mqtt.transport.memory import MemoryBus
+
+        return MemoryBus(
+            client_id,
+            settings,
+            on_message,
+            subscriptions,
+            will=will,
+            on_connect=on_connect,
+            clean=clean,
+            threaded=threaded,
+        )
+    from flotta_mqtt.transport.bus import Bus
+
+    return Bus(
+        client_id,
+        settings.bus_config(),
+        on_message,
+        subscriptions,
+        will=will,
+        on_connect=on_connect,
+        clean=clean,
+        threaded=threaded,
+    )

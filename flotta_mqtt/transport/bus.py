@@ -46,11 +46,10 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel
 
 from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, encode, encode_batches
+from flotta_mqtt.transport.base import BusError, ConnectHandler, MessageHandler, Will
 
 log = logging.getLogger(__name__)
 
-MessageHandler = Callable[[str, bytes], None]
-ConnectHandler = Callable[[bool], None]  # called with session_present after each CONNACK
 
 DAY = 24 * 3600
 
@@ -140,19 +139,6 @@ class BrokerConfig:
     @property
     def tls(self) -> bool:
         return urlsplit(self.url).scheme == "mqtts" or self.ca_file is not None
-
-
-class BusError(RuntimeError):
-    """The bus cannot do what was asked: refused connection, full window, broker error."""
-
-
-@dataclass
-class Will:
-    """What the broker publishes for this node if it vanishes without saying goodbye."""
-
-    topic: str
-    message: BaseModel
-    retain: bool = True
 
 
 @dataclass

@@ -31,6 +31,7 @@ from helpers import MessageRecorder, decoded
 from netns import Netns
 
 from flotta_mqtt.cli.demo import count_artifact
+from flotta_mqtt.client.client import ArtifactFailed, ArtifactHandle, Client
 from flotta_mqtt.model import (
     Artifact,
     Collect,
@@ -42,9 +43,8 @@ from flotta_mqtt.model import (
     Sequential,
 )
 from flotta_mqtt.protocol import ArtifactStatus, JobReady, NodePresence, topics
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.workbench.client import ArtifactFailed, ArtifactHandle, Client
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGINS = ("tests.plugins.test_ops", "tests.faults.fault_ops")

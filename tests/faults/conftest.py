@@ -25,8 +25,8 @@ import pytest
 from cluster import Cluster
 from netns import Netns
 
-from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.mosquitto.local import free_port
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.broker.local import free_port
 
 
 @pytest.fixture(autouse=True)

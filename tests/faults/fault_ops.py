@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flotta_mqtt.roles.operations import JobContext, OperationDef, OperationError, register
+from flotta_mqtt.analytics import JobContext, OperationDef, OperationError, register
 
 
 class GatedParams(BaseModel):

@@ -31,10 +31,10 @@ from cluster import (
 )
 from netns import Netns
 
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.client.client import ArtifactHandle
 from flotta_mqtt.model import ArtifactState, JobState
-from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import topics
-from flotta_mqtt.roles.workbench.client import ArtifactHandle
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

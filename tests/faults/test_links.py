@@ -32,8 +32,8 @@ from cluster import (
 from netns import Netns
 from proxy import DelayProxy
 
+from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.model import ArtifactState, JobState
-from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import JobFinished, topics
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]

@@ -38,12 +38,12 @@ from flotta_mqtt import (
     Query,
     Sequential,
 )
-from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.operations import masking
-from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.analytics import masking
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import ResourceStore
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 pytestmark = pytest.mark.integration
 

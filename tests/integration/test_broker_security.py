@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 from helpers import MessageRecorder, wait_for
 
-from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.mosquitto.identities import Identities, IdentitySpec, generate_identities
-from flotta_mqtt.mosquitto.tls import TlsFiles, generate_tls
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.broker.identities import Identities, IdentitySpec, generate_identities
+from flotta_mqtt.broker.tls import TlsFiles, generate_tls
 from flotta_mqtt.protocol import topics
-from flotta_mqtt.transport.bus import BrokerConfig, Bus, BusError
+from flotta_mqtt.transport import BusError
+from flotta_mqtt.transport.bus import BrokerConfig, Bus
 
 pytestmark = pytest.mark.integration
 

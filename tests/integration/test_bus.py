@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from helpers import MessageRecorder, wait_for
 
-from flotta_mqtt.mosquitto import LocalBroker
+from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.protocol import (
     MAX_MESSAGE_BYTES,
     JobReady,
@@ -34,7 +34,8 @@ from flotta_mqtt.protocol import (
     topics,
 )
 from flotta_mqtt.protocol.messages import CancelArtifact
-from flotta_mqtt.transport.bus import BrokerConfig, Bus, BusError, MessageHandler, Will
+from flotta_mqtt.transport import BusError, MessageHandler, Will
+from flotta_mqtt.transport.bus import BrokerConfig, Bus
 
 pytestmark = pytest.mark.integration
 

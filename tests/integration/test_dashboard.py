@@ -27,6 +27,10 @@ from pathlib import Path
 import pytest
 from helpers import wait_for
 
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.broker.identities import Identities, IdentitySpec, generate_identities
+from flotta_mqtt.broker.local import MosquittoSettings, free_port, render_config, wait_for_port
+from flotta_mqtt.client.client import Client
 from flotta_mqtt.dashboard import STATIC
 from flotta_mqtt.dashboard.server import DashboardServer
 from flotta_mqtt.model import (
@@ -39,13 +43,9 @@ from flotta_mqtt.model import (
     Operation,
     Parallel,
 )
-from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.mosquitto.identities import Identities, IdentitySpec, generate_identities
-from flotta_mqtt.mosquitto.local import MosquittoSettings, free_port, render_config, wait_for_port
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.roles.workbench.client import Client
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """The api executor against a real HTTP service the test runs on loopback (http.server).
 
-The service implements the contract of `flotta_mqtt.roles.executors.api`: a POST answered
+The service implements the contract of `flotta_mqtt.workflows.executors.api`: a POST answered
 at once (200) or accepted (202 + Location) and polled until it succeeds or fails, job files
 PUT before the call and fetched with GET after it. The last test runs an api task inside a
 workflow on a real mosquitto, between two shell tasks that make and read its job files.
@@ -23,14 +23,14 @@ import pytest
 from helpers import wait_for
 from pydantic import ValidationError
 
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.client.client import Client
 from flotta_mqtt.model import Artifact, ArtifactState, JobState, Task, Tasks
-from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.executors import EXECUTORS, TaskResult, TaskRun, make_executor
-from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.roles.workbench.client import Client
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import ResourceStore
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.workflows.executors import EXECUTORS, TaskResult, TaskRun, make_executor
 
 pytestmark = pytest.mark.integration
 

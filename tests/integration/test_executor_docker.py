@@ -20,14 +20,14 @@ from pydantic import ValidationError
 
 from flotta_mqtt.model import Task
 from flotta_mqtt.protocol import JobReady
-from flotta_mqtt.roles.executors import EXECUTORS, TaskError, TaskResult, TaskRun, TaskRunner
-from flotta_mqtt.roles.executors.docker import (
+from flotta_mqtt.transport.store import ResourceStore
+from flotta_mqtt.workflows.executors import EXECUTORS, TaskError, TaskResult, TaskRun, TaskRunner
+from flotta_mqtt.workflows.executors.docker import (
     INSTALL_HINT,
     DockerExecutor,
     DockerParams,
     container_name,
 )
-from flotta_mqtt.transport.store import ResourceStore
 
 pytestmark = pytest.mark.integration
 

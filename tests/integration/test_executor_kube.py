@@ -27,8 +27,8 @@ from podman_fixtures import Podman, podman  # noqa: F401  (the fixture)
 from pydantic import ValidationError
 
 from flotta_mqtt.model import Task
-from flotta_mqtt.roles.executors import EXECUTORS, TaskResult, TaskRun
-from flotta_mqtt.roles.executors.kube import (
+from flotta_mqtt.workflows.executors import EXECUTORS, TaskResult, TaskRun
+from flotta_mqtt.workflows.executors.kube import (
     INSTALL_HINT,
     KubeExecutor,
     KubeParams,

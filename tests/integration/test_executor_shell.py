@@ -17,9 +17,9 @@ from helpers import task_job, wait_for
 from pydantic import ValidationError
 
 from flotta_mqtt.model import Task
-from flotta_mqtt.roles.executors import EXECUTORS, TaskResult, TaskRun, make_executor
-from flotta_mqtt.roles.executors.runner import TaskRunner
 from flotta_mqtt.transport.store import ResourceStore
+from flotta_mqtt.workflows.executors import EXECUTORS, TaskResult, TaskRun, make_executor
+from flotta_mqtt.workflows.executors.runner import TaskRunner
 
 # Starts a child that would outlive the task, writes both PIDs, then waits for the child.
 SPAWNS_A_CHILD = "sleep 300 & echo $! > pids.txt; echo $$ >> pids.txt; wait"

@@ -23,18 +23,25 @@ from typing import Any
 import pytest
 from helpers import MessageRecorder, messages_of, task_job, wait_for
 
-from flotta_mqtt import CallFailed, NotConfigured, RemoteError, as_completed, configure, gather
+from flotta_mqtt import (
+    CallFailed,
+    NotConfigured,
+    RemoteError,
+    as_completed,
+    configure,
+    functions,
+    gather,
+)
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.client.client import Client
+from flotta_mqtt.functions.executor import PythonExecutor
 from flotta_mqtt.model import Task
-from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import JobFailed, topics
-from flotta_mqtt.roles import functions
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.executors import TaskRun
-from flotta_mqtt.roles.executors.python import PythonExecutor
-from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.roles.workbench.client import Client
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.workflows.executors import TaskRun
 
 pytestmark = pytest.mark.integration
 
@@ -336,7 +343,7 @@ def _call_params(cluster: Cluster, mod: ModuleType, witness: Path) -> dict[str, 
     """A well-formed call of `touch(witness)`, as a scheduler would send it."""
     import base64
 
-    from flotta_mqtt.roles.functions.calls import CallParams, dumps
+    from flotta_mqtt.functions.calls import CallParams, dumps
 
     session = functions.session.current("touch")
     return CallParams(

@@ -31,8 +31,9 @@ from helpers import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.client.client import Client
 from flotta_mqtt.model import Artifact, Collect, Finalize, Operation, Parallel
-from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import (
     MAX_MESSAGE_BYTES,
     CancelArtifact,
@@ -53,12 +54,11 @@ from flotta_mqtt.protocol import (
     decode,
     topics,
 )
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.roles.workbench.client import Client
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
 from flotta_mqtt.transport import bus as bus_module
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 pytestmark = pytest.mark.integration
 

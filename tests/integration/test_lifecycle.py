@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 from helpers import MessageRecorder, messages_of, wait_for
 
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.client.client import ArtifactFailed, ArtifactHandle, Client
 from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import (
     Artifact,
@@ -41,7 +43,6 @@ from flotta_mqtt.model import (
     Task,
     Tasks,
 )
-from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import (
     ArtifactStatus,
     CancelJob,
@@ -55,14 +56,13 @@ from flotta_mqtt.protocol import (
     RemoteError,
     topics,
 )
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.scheduler.service import TICK, Scheduler, SchedulerConfig
-from flotta_mqtt.roles.workbench.client import ArtifactFailed, ArtifactHandle, Client
-from flotta_mqtt.roles.worker import agent as agent_module
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.scheduler.service import TICK, Scheduler, SchedulerConfig
 from flotta_mqtt.transport import store as store_module
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import ResourceStore, sha256_hex
+from flotta_mqtt.worker import agent as agent_module
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,7 @@ from flotta_mqtt import (
     Operation,
     Parallel,
 )
-from flotta_mqtt.roles.operations.models import is_test
+from flotta_mqtt.analytics.models import is_test
 
 pytestmark = pytest.mark.integration
 

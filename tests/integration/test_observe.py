@@ -27,8 +27,12 @@ from helpers import wait_for
 from rich.console import Console
 from typer.testing import CliRunner, Result
 
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.broker.local import free_port
 from flotta_mqtt.cli.main import app
 from flotta_mqtt.cli.observe import watch_view
+from flotta_mqtt.client.client import Client
+from flotta_mqtt.client.graph import GraphImage, GraphTooLarge, graphviz_available
 from flotta_mqtt.model import (
     Artifact,
     ArtifactState,
@@ -39,13 +43,9 @@ from flotta_mqtt.model import (
     Operation,
     Parallel,
 )
-from flotta_mqtt.mosquitto import LocalBroker
-from flotta_mqtt.mosquitto.local import free_port
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.roles.workbench.client import Client
-from flotta_mqtt.roles.workbench.graph import GraphImage, GraphTooLarge, graphviz_available
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 pytestmark = pytest.mark.integration
 
@@ -332,8 +332,8 @@ def test_graph_formats_and_the_sdk_picture(running: Running, tmp_path: Path) -> 
 
 def test_graph_of_an_artifact_too_large_to_list_says_so(running: Running) -> None:
     # 4 jobs would be listed; a status of a big artifact has no jobs: fake one by hand.
+    from flotta_mqtt.client.graph import JobDag
     from flotta_mqtt.protocol import ArtifactStatus
-    from flotta_mqtt.roles.workbench.graph import JobDag
 
     big = ArtifactStatus(
         artifact_id="big",

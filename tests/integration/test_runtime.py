@@ -26,6 +26,8 @@ import s3fs
 from helpers import MessageRecorder, decoded, messages_of, wait_for
 from moto.server import ThreadedMotoServer
 
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.client.client import ArtifactFailed, ArtifactHandle, Client
 from flotta_mqtt.model import (
     Artifact,
     ArtifactState,
@@ -37,7 +39,6 @@ from flotta_mqtt.model import (
     Parallel,
     Sequential,
 )
-from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import (
     ArtifactStatus,
     CancelJob,
@@ -52,13 +53,12 @@ from flotta_mqtt.protocol import (
     decode,
     topics,
 )
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.roles.workbench.client import ArtifactFailed, ArtifactHandle, Client
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
 from flotta_mqtt.transport import store as store_module
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import ResourceStore
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 pytestmark = pytest.mark.integration
 

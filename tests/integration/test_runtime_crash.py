@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from helpers import MessageRecorder, messages_of, wait_for
 
+from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.client.client import ArtifactHandle, Client
 from flotta_mqtt.model import (
     Artifact,
     ArtifactState,
@@ -31,11 +33,9 @@ from flotta_mqtt.model import (
     Parallel,
     Sequential,
 )
-from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import ArtifactStatus, JobReady, JobStarted, topics
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.workbench.client import ArtifactHandle, Client
 from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
 pytestmark = pytest.mark.integration
 

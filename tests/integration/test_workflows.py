@@ -28,15 +28,15 @@ from helpers import wait_for
 from moto.server import ThreadedMotoServer
 from typer.testing import CliRunner, Result
 
+from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.cli.main import app
+from flotta_mqtt.client.client import Client
 from flotta_mqtt.model import ArtifactState, JobState
-from flotta_mqtt.mosquitto import LocalBroker
 from flotta_mqtt.protocol import ArtifactStatus, JobSummary
-from flotta_mqtt.roles.config import BrokerSettings, StorageSettings
-from flotta_mqtt.roles.scheduler.service import LISTED_JOBS, Scheduler, SchedulerConfig
-from flotta_mqtt.roles.workbench.client import Client
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.scheduler.service import LISTED_JOBS, Scheduler, SchedulerConfig
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 pytestmark = pytest.mark.integration
 

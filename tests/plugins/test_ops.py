@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flotta_mqtt.roles.operations import (
+from flotta_mqtt.analytics import (
     REGISTRY,
     JobContext,
     OperationDef,

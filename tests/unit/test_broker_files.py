@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from flotta_mqtt.mosquitto.local import MosquittoSettings, render_config
+from flotta_mqtt.broker.local import MosquittoSettings, render_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

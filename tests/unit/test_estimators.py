@@ -27,11 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_query import TableDataset
 
-from flotta_mqtt.model import Operation
-from flotta_mqtt.model.query import Query
-from flotta_mqtt.protocol import JobReady
-from flotta_mqtt.roles import operations
-from flotta_mqtt.roles.operations import (
+from flotta_mqtt import analytics as operations
+from flotta_mqtt.analytics import (
     REGISTRY,
     DatasetSpec,
     FileDataset,
@@ -42,6 +39,9 @@ from flotta_mqtt.roles.operations import (
     models,
     quantiles,
 )
+from flotta_mqtt.model import Operation
+from flotta_mqtt.model.query import Query
+from flotta_mqtt.protocol import JobReady
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SCHEMA = pa.schema([("v", pa.float64()), ("k", pa.string()), ("j", pa.int64())])

@@ -1,4 +1,4 @@
-"""DAG pictures from a status alone (roles/workbench/graph.py): no broker needed."""
+"""DAG pictures from a status alone (client/graph.py): no broker needed."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flotta_mqtt.model import ArtifactState, JobState
-from flotta_mqtt.protocol import ArtifactStatus, JobSummary
-from flotta_mqtt.roles.workbench import graph as graph_module
-from flotta_mqtt.roles.workbench.graph import (
+from flotta_mqtt.client import graph as graph_module
+from flotta_mqtt.client.graph import (
     NODE_H,
     NODE_W,
     GraphImage,
@@ -23,6 +21,8 @@ from flotta_mqtt.roles.workbench.graph import (
     format_of,
     layout,
 )
+from flotta_mqtt.model import ArtifactState, JobState
+from flotta_mqtt.protocol import ArtifactStatus, JobSummary
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flotta_mqtt.mosquitto.identities import (
+from flotta_mqtt.broker.identities import (
     IdentitySpec,
     generate_identities,
     load_credentials,

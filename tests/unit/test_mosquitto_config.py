@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flotta_mqtt.mosquitto import MosquittoSettings, render_config
+from flotta_mqtt.broker import MosquittoSettings, render_config
 from flotta_mqtt.protocol import MAX_MESSAGE_BYTES
 
 

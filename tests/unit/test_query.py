@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
 from flotta_mqtt import Compare, DateCompare, IsIn, Query
+from flotta_mqtt.analytics import ColumnTypeError, Dataset, UnknownColumn
+from flotta_mqtt.analytics.filters import check, mask, select
 from flotta_mqtt.model.query import AllOf, AnyOf, Filter, Not
-from flotta_mqtt.roles.operations import ColumnTypeError, Dataset, UnknownColumn
-from flotta_mqtt.roles.operations.filters import check, mask, select
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FILTER = TypeAdapter(Filter)

@@ -10,9 +10,9 @@ import pytest
 from helpers import job_ready
 
 from flotta_mqtt.protocol import JobBatch, JobFinished, JobReady, Resource, encode, topics
-from flotta_mqtt.roles.config import StorageSettings
-from flotta_mqtt.roles.worker.agent import WorkerAgent, WorkerConfig, _Attempt
+from flotta_mqtt.transport.settings import StorageSettings
 from flotta_mqtt.transport.store import sha256_hex
+from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig, _Attempt
 
 
 @pytest.fixture

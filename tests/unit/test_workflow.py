@@ -269,7 +269,7 @@ def test_random_dags_bind_to_jobs_locked_exactly_by_their_dependencies(
 
 
 def test_task_params_are_checked_by_their_executor_before_anything_runs() -> None:
-    from flotta_mqtt.roles.executors import check_task
+    from flotta_mqtt.workflows.executors import check_task
 
     check_task(Task(name="ok", params={"shell": "true"}))
     with pytest.raises(ValueError, match=r"task both: invalid shell params.*exactly one of"):
@@ -434,7 +434,7 @@ def test_replica_log_folders_and_task_names() -> None:
 
 
 def test_a_replica_is_told_its_index_in_its_env() -> None:
-    from flotta_mqtt.roles.executors.runner import task_env
+    from flotta_mqtt.workflows.executors.runner import task_env
 
     plain = shell("t", env={"K": "v"})
     assert task_env(plain) == {"K": "v"}, "a plain task's env is its own"

@@ -20,10 +20,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flotta_mqtt.roles.functions import calls
-from flotta_mqtt.roles.functions.ignore import IgnoreRules, parse_line
-from flotta_mqtt.roles.functions.session import selector
-from flotta_mqtt.roles.functions.workspace import (
+from flotta_mqtt.functions import calls
+from flotta_mqtt.functions.ignore import IgnoreRules, parse_line
+from flotta_mqtt.functions.session import selector
+from flotta_mqtt.functions.workspace import (
     MANIFEST,
     WorkspaceTooLarge,
     missing_requirements,

@@ -1,0 +1,40 @@
+"""Operations: what jobs run, registered by name, split into initialize/local/aggregate parts."""
+
+# Imported for their @register side effect: the operations every node offers.
+from flotta_mqtt.analytics import builtin as _builtin  # noqa: F401
+from flotta_mqtt.analytics import estimators as _estimators  # noqa: F401
+from flotta_mqtt.analytics import models as _models  # noqa: F401
+from flotta_mqtt.analytics.datasets import DatasetSpec, FileDataset
+from flotta_mqtt.analytics.registry import (
+    DEFAULT_MIN_GROUP_SIZE,
+    REGISTRY,
+    ColumnTypeError,
+    Dataset,
+    JobContext,
+    OperationDef,
+    OperationError,
+    TooFewRows,
+    UnknownColumn,
+    load_plugins,
+    lookup,
+    register,
+    run,
+)
+
+__all__ = [
+    "DEFAULT_MIN_GROUP_SIZE",
+    "REGISTRY",
+    "ColumnTypeError",
+    "Dataset",
+    "DatasetSpec",
+    "FileDataset",
+    "JobContext",
+    "OperationDef",
+    "OperationError",
+    "TooFewRows",
+    "UnknownColumn",
+    "load_plugins",
+    "lookup",
+    "register",
+    "run",
+]

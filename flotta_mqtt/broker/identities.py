@@ -1,0 +1,286 @@
+"""Broker identities: one username and password per node, and an ACL that follows the topics.
+
+Each node's rights are written out per user (no `pattern` lines), so the ACL file says
+exactly who may do what. The topic layout is `flotta_mqtt.protocol.topics`; the protocol
+version level is `+` so that two protocol versions can share one broker.
+
+Mosquitto 2.0 grants every SUBSCRIBE under an `acl_file` and filters at delivery, so a
+read right decides what a node receives, not what it may subscribe to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from flotta_mqtt.transport.bus import BrokerConfig
+
+Access = Literal["read", "write"]
+# A username is also a topic level in its rights: no `/`, `+`, `#` or spaces.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+ANY_VERSION = "flotta/+"
+BROKER_USER = "mosquitto"  # the user a root-started mosquitto drops to
+
+PASSWORD_FILE = "passwd"
+ACL_FILE = "acl"
+CREDENTIALS_FILE = "credentials.json"
+
+
+class Role(StrEnum):
+    """What a node does, which decides its rights."""
+
+    SCHEDULER = "scheduler"
+    INITIATOR = "initiator"  # the scheduler's own worker, "<scheduler>.initiator"
+    WORKER = "worker"
+    WORKBENCH = "workbench"
+    DASHBOARD = "dashboard"
+    BRIDGE = "bridge"  # a site broker's bridge: the rights of the nodes it carries
+
+
+@dataclass(frozen=True, slots=True)
+class Right:
+    access: Access
+    topic: str  # an MQTT filter; `#` also matches its parent level
+
+
+@dataclass
+class IdentitySpec:
+    """The nodes of a deployment, by role. Names are usernames and client ids.
+
+    `bridges` maps a site bridge's name to the nodes behind it (at that site): on the
+    central broker the bridge may do exactly what those nodes may do.
+    """
+
+    scheduler: str | None = "scheduler"
+    workers: list[str] = field(default_factory=list)
+    workbenches: list[str] = field(default_factory=list)
+    dashboards: list[str] = field(default_factory=list)
+    bridges: dict[str, list[str]] = field(default_factory=dict)
+
+    def nodes(self) -> list[tuple[str, Role]]:
+        """Every identity to create, in file order; raises ValueError on a bad or repeated name."""
+        nodes: list[tuple[str, Role]] = []
+        if self.scheduler is not None:
+            nodes += [(self.scheduler, Role.SCHEDULER), (initiator(self.scheduler), Role.INITIATOR)]
+        nodes += [(name, Role.WORKER) for name in self.workers]
+        nodes += [(name, Role.WORKBENCH) for name in self.workbenches]
+        nodes += [(name, Role.DASHBOARD) for name in self.dashboards]
+        nodes += [(name, Role.BRIDGE) for name in self.bridges]
+        seen: set[str] = set()
+        for name, _ in nodes:
+            if not NAME.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} cannot be a broker identity: use letters, digits, '.', '_', '-'"
+                )
+            if name in seen:
+                raise ValueError(f"{name!r} is named twice: each node needs its own identity")
+            seen.add(name)
+        roles = dict(nodes)
+        for bridge, carried in self.bridges.items():
+            for name in carried:
+                if roles.get(name) in (None, Role.BRIDGE):
+                    raise ValueError(f"bridge {bridge!r} carries {name!r}, which is not a node")
+        return nodes
+
+
+def initiator(scheduler: str) -> str:
+    """The identity of the initiator the scheduler runs (SchedulerConfig.initiator)."""
+    return f"{scheduler}.initiator"
+
+
+def rights(role: Role, name: str, spec: IdentitySpec | None = None) -> list[Right]:
+    """What a node of this role and name may read and write."""
+    v = ANY_VERSION
+    if role in (Role.WORKER, Role.INITIATOR):
+        return [
+            Right("read", f"{v}/workers/{name}/#"),
+            Right("write", f"{v}/events/{name}"),
+            Right("write", f"{v}/presence/{name}"),
+        ]
+    if role is Role.SCHEDULER:
+        # Only the scheduler writes job-ready messages, control, replies and statuses.
+        return [
+            Right("read", f"{v}/requests/+/+"),
+            Right("read", f"{v}/events/+"),
+            Right("read", f"{v}/presence/+"),
+            Right("write", f"{v}/workers/+/jobs"),
+            Right("write", f"{v}/workers/+/control"),
+            Right("write", f"{v}/artifacts/#"),
+            Right("write", f"{v}/replies/+"),
+        ]
+    if role is Role.WORKBENCH:
+        # It writes its own reply topic too: the SDK syncs on a marker sent to itself.
+        return [
+            Right("read", f"{v}/replies/{name}"),
+            Right("read", f"{v}/artifacts/+/status"),
+            Right("read", f"{v}/artifacts/+/locks"),
+            Right("read", f"{v}/presence/+"),
+            Right("write", f"{v}/requests/{name}/+"),
+            Right("write", f"{v}/replies/{name}"),
+        ]
+    if role is Role.DASHBOARD:
+        return [
+            Right("read", f"{v}/artifacts/+/status"),
+            Right("read", f"{v}/artifacts/+/locks"),
+            Right("read", f"{v}/presence/+"),
+        ]
+    if role is Role.BRIDGE:
+        if spec is None:
+            raise ValueError("a bridge's rights are those of its nodes: pass the spec")
+        roles = dict(spec.nodes())
+        union: list[Right] = []
+        for node in spec.bridges[name]:
+            union += [r for r in rights(roles[node], node, spec) if r not in union]
+        # Its link state (mosquitto `notifications`) as a retained message and will.
+        return [*union, Right("write", f"$SYS/broker/connection/{bridge_client_id(name)}/state")]
+    raise ValueError(f"unknown role {role!r}")
+
+
+def bridge_client_id(name: str) -> str:
+    """The client id a site's bridge uses on the central broker (its persistent session)."""
+    return f"bridge-{name}"
+
+
+def render_acl(spec: IdentitySpec) -> str:
+    """The text of a mosquitto 2.0 `acl_file` for these nodes: one `user` block per node."""
+    lines = [
+        "# flotta_mqtt broker ACL, generated by `python -m flotta_mqtt.broker identities`.",
+        "# One block per node; no `pattern` lines, so each block is all that user may do.",
+        "# Anonymous clients (no `user` line above their rights) get nothing.",
+    ]
+    for name, role in spec.nodes():
+        lines += ["", f"# {role.value}", f"user {name}"]
+        lines += [f"topic {right.access} {right.topic}" for right in rights(role, name, spec)]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Credential:
+    node: str
+    role: Role
+    username: str
+    password: str
+    carries: dict[str, Role] = field(default_factory=dict)  # a bridge's nodes: name → role
+
+
+@dataclass
+class Identities:
+    """The generated files, and each node's credentials."""
+
+    password_file: Path
+    acl_file: Path
+    credentials_file: Path
+    credentials: dict[str, Credential]
+
+    def broker_config(self, node: str, url: str, ca_file: Path | None = None) -> BrokerConfig:
+        """How `node` connects to the broker at `url` with its identity."""
+        credential = self.credentials[node]
+        return BrokerConfig(
+            url=url,
+            username=credential.username,
+            password=credential.password,
+            ca_file=str(ca_file) if ca_file is not None else None,
+        )
+
+
+def generate_identities(spec: IdentitySpec, out_dir: Path) -> Identities:
+    """Write a password file, an ACL and a credentials file (0600) for these nodes.
+
+    Each run draws new passwords. The password and ACL files are made readable by the
+    broker only (see `broker_readable`); the credentials file by its owner only.
+    """
+    nodes = spec.nodes()
+    roles = dict(nodes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    credentials = {
+        name: Credential(
+            name,
+            role,
+            name,
+            secrets.token_urlsafe(24),
+            {node: roles[node] for node in spec.bridges.get(name, [])},
+        )
+        for name, role in nodes
+    }
+    password_file = out_dir / PASSWORD_FILE
+    _write_password_file(password_file, credentials.values())
+    acl_file = out_dir / ACL_FILE
+    acl_file.write_text(render_acl(spec))
+    broker_readable(password_file, acl_file)
+    credentials_file = out_dir / CREDENTIALS_FILE
+    document: dict[str, dict[str, object]] = {
+        name: {"role": c.role.value, "username": c.username, "password": c.password}
+        for name, c in credentials.items()
+    }
+    for name, c in credentials.items():
+        if c.carries:
+            document[name]["carries"] = {node: role.value for node, role in c.carries.items()}
+    write_private(credentials_file, json.dumps({"nodes": document}, indent=2) + "\n")
+    return Identities(password_file, acl_file, credentials_file, credentials)
+
+
+def load_credentials(path: Path) -> dict[str, Credential]:
+    """Read back a credentials file written by `generate_identities`."""
+    nodes = json.loads(path.read_text())["nodes"]
+    return {
+        name: Credential(
+            name,
+            Role(entry["role"]),
+            entry["username"],
+            entry["password"],
+            {node: Role(role) for node, role in entry.get("carries", {}).items()},
+        )
+        for name, entry in nodes.items()
+    }
+
+
+def _write_password_file(path: Path, credentials: Iterable[Credential]) -> None:
+    """Hash with `mosquitto_passwd -U`: the plain passwords never appear on a command line."""
+    binary = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    if not Path(binary).exists():
+        raise FileNotFoundError("mosquitto_passwd is not installed (Debian: mosquitto)")
+    write_private(path, "".join(f"{c.username}:{c.password}\n" for c in credentials))
+    result = subprocess.run([binary, "-U", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        path.unlink(missing_ok=True)  # it still holds plain passwords
+        raise RuntimeError(f"mosquitto_passwd failed: {result.stderr.strip() or result.stdout}")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, from its first byte on."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        os.fchmod(file.fileno(), 0o600)  # O_CREAT's mode does not apply to an existing file
+        file.write(text)
+
+
+def broker_readable(*paths: Path) -> None:
+    """Let the broker, and no one else, read these files (0600, owned by the broker's user).
+
+    Started as root, mosquitto drops to user `mosquitto` before it reads them, so as root
+    they are handed to that user (later 2.0 releases also warn about any other owner).
+    Run as another user, the broker runs as that user too, who owns them already.
+    """
+    owner = _broker_user() if os.geteuid() == 0 else None
+    for path in paths:
+        if owner is not None:
+            os.chown(path, *owner)
+        path.chmod(0o600)
+
+
+def _broker_user() -> tuple[int, int] | None:
+    try:
+        entry = pwd.getpwnam(BROKER_USER)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid

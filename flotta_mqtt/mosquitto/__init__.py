@@ -1,5 +1,0 @@
-"""Running mosquitto for development, tests and the demo: config rendering and a local broker."""
-
-from flotta_mqtt.mosquitto.local import LocalBroker, MosquittoSettings, render_config
-
-__all__ = ["LocalBroker", "MosquittoSettings", "render_config"]

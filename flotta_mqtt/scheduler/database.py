@@ -1,0 +1,260 @@
+"""The scheduler's durable truth: artifacts, jobs, locks, attempts and resources in SQLite."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from flotta_mqtt import sqlite
+from flotta_mqtt.model import Artifact, ArtifactState, JobGraph, JobState, SchedulerContext
+from flotta_mqtt.protocol import NodePresence, RemoteError, Resource
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS artifacts (
+    id TEXT PRIMARY KEY,
+    client TEXT NOT NULL,
+    body TEXT NOT NULL,
+    context TEXT,
+    state TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    error TEXT,
+    failed_job INTEGER,
+    submitted_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    artifact_id TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    product TEXT,
+    error TEXT,
+    PRIMARY KEY (artifact_id, job_id)
+) WITHOUT ROWID;
+-- The DAG as bound; which locks are released follows from the states of the jobs.
+CREATE TABLE IF NOT EXISTS locks (
+    artifact_id TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    unlocks INTEGER NOT NULL,
+    PRIMARY KEY (artifact_id, job_id, unlocks)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    presence TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class ArtifactRow:
+    artifact: Artifact
+    client: str
+    context: SchedulerContext | None
+    state: ArtifactState
+    seq: int
+    error: RemoteError | None
+    failed_job: int | None
+    submitted_at: float
+
+
+@dataclass
+class JobRow:
+    job_id: int
+    worker: str
+    state: JobState
+    attempt: int
+    started_at: float | None
+    finished_at: float | None
+    product: Resource | None
+    error: RemoteError | None
+
+
+class Database:
+    """SQLite in WAL mode, written by the scheduler thread alone, one transaction per burst."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with sqlite.transaction(self._db, "BEGIN IMMEDIATE"):
+            yield
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Undo one message's writes if handling it fails, keeping the rest of the burst."""
+        self._db.execute("SAVEPOINT message")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO message")
+            raise
+        finally:
+            self._db.execute("RELEASE message")
+
+    # --- artifacts ---------------------------------------------------------------------
+
+    def artifact_exists(self, artifact_id: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM artifacts WHERE id = ?", (artifact_id,)).fetchone()
+        return row is not None
+
+    def insert_artifact(self, artifact: Artifact, client: str, now: float) -> None:
+        self._db.execute(
+            "INSERT INTO artifacts (id, client, body, state, seq, submitted_at, updated_at) "
+            "VALUES (?, ?, ?, ?, 0, ?, ?)",
+            (artifact.id, client, artifact.model_dump_json(), ArtifactState.SUBMITTED, now, now),
+        )
+
+    def update_artifact(
+        self,
+        artifact_id: str,
+        state: ArtifactState,
+        seq: int,
+        now: float,
+        error: RemoteError | None = None,
+        failed_job: int | None = None,
+    ) -> None:
+        self._db.execute(
+            "UPDATE artifacts SET state = ?, seq = ?, error = ?, failed_job = ?, updated_at = ? "
+            "WHERE id = ?",
+            (state, seq, _json(error), failed_job, now, artifact_id),
+        )
+
+    def bind_artifact(self, artifact_id: str, context: SchedulerContext, graph: JobGraph) -> None:
+        """Record the context (binding is deterministic from it), every job and every lock."""
+        self._db.execute(
+            "UPDATE artifacts SET context = ? WHERE id = ?",
+            (context.model_dump_json(), artifact_id),
+        )
+        self._db.executemany(
+            "INSERT INTO jobs (artifact_id, job_id, worker, state, attempt) VALUES (?, ?, ?, ?, 0)",
+            ((artifact_id, job.id, job.worker, JobState.WAITING) for job in graph.jobs),
+        )
+        self._db.executemany(
+            "INSERT INTO locks (artifact_id, job_id, unlocks) VALUES (?, ?, ?)",
+            ((artifact_id, a, b) for a, b in graph.graph.edges),
+        )
+
+    def unfinished_artifacts(self) -> list[str]:
+        rows = self._db.execute(
+            "SELECT id FROM artifacts WHERE state IN (?, ?) ORDER BY submitted_at",
+            (ArtifactState.SUBMITTED, ArtifactState.RUNNING),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def artifact(self, artifact_id: str) -> ArtifactRow | None:
+        row = self._db.execute(
+            "SELECT body, client, context, state, seq, error, failed_job, submitted_at "
+            "FROM artifacts WHERE id = ?",
+            (artifact_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        body, client, context, state, seq, error, failed_job, submitted_at = row
+        return ArtifactRow(
+            artifact=Artifact.model_validate_json(body),
+            client=client,
+            context=None if context is None else SchedulerContext.model_validate_json(context),
+            state=ArtifactState(state),
+            seq=seq,
+            error=None if error is None else RemoteError.model_validate_json(error),
+            failed_job=failed_job,
+            submitted_at=submitted_at,
+        )
+
+    # --- jobs and locks ------------------------------------------------------------------
+
+    def update_job(
+        self,
+        artifact_id: str,
+        job_id: int,
+        state: JobState,
+        attempt: int,
+        *,
+        started_at: float | None = None,
+        finished_at: float | None = None,
+        product: Resource | None = None,
+        error: RemoteError | None = None,
+    ) -> None:
+        self._db.execute(
+            "UPDATE jobs SET state = ?, attempt = ?, started_at = COALESCE(?, started_at), "
+            "finished_at = COALESCE(?, finished_at), product = COALESCE(?, product), "
+            "error = COALESCE(?, error) WHERE artifact_id = ? AND job_id = ?",
+            (
+                state,
+                attempt,
+                started_at,
+                finished_at,
+                _json(product),
+                _json(error),
+                artifact_id,
+                job_id,
+            ),
+        )
+
+    def assign_job(self, artifact_id: str, job_id: int, worker: str) -> None:
+        """Record that a task moved to another worker."""
+        self._db.execute(
+            "UPDATE jobs SET worker = ? WHERE artifact_id = ? AND job_id = ?",
+            (worker, artifact_id, job_id),
+        )
+
+    def cancel_jobs(self, artifact_id: str) -> None:
+        self._db.execute(
+            "UPDATE jobs SET state = ? WHERE artifact_id = ? AND state NOT IN (?, ?)",
+            (JobState.CANCELLED, artifact_id, JobState.COMPLETED, JobState.FAILED),
+        )
+
+    def jobs(self, artifact_id: str) -> list[JobRow]:
+        rows = self._db.execute(
+            "SELECT job_id, worker, state, attempt, started_at, finished_at, product, error "
+            "FROM jobs "
+            "WHERE artifact_id = ? ORDER BY job_id",
+            (artifact_id,),
+        ).fetchall()
+        return [
+            JobRow(
+                job_id=job_id,
+                worker=worker,
+                state=JobState(state),
+                attempt=attempt,
+                started_at=started_at,
+                finished_at=finished_at,
+                product=None if product is None else Resource.model_validate_json(product),
+                error=None if error is None else RemoteError.model_validate_json(error),
+            )
+            for job_id, worker, state, attempt, started_at, finished_at, product, error in rows
+        ]
+
+    # --- nodes ---------------------------------------------------------------------------
+
+    def save_node(self, presence: NodePresence) -> None:
+        self._db.execute(
+            "INSERT INTO nodes (name, presence) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET presence = excluded.presence",
+            (presence.node, presence.model_dump_json()),
+        )
+
+    def nodes(self) -> list[NodePresence]:
+        rows = self._db.execute("SELECT presence FROM nodes ORDER BY name").fetchall()
+        return [NodePresence.model_validate_json(row[0]) for row in rows]
+
+
+def _json(value: Resource | RemoteError | None) -> str | None:
+    return None if value is None else value.model_dump_json()
+
+
+__all__ = ["ArtifactRow", "Database", "JobRow"]

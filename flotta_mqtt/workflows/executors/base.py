@@ -1,0 +1,96 @@
+"""Executors run workflow tasks; a worker runs only the executors its config names."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from pydantic import BaseModel, ValidationError
+
+from flotta_mqtt.model import Task
+from flotta_mqtt.model.errors import describe
+
+
+@dataclass
+class TaskRun:
+    """What a task is given: its definition, a private working folder, a stop signal."""
+
+    task: Task
+    workdir: Path  # holds the task's input job files; its outputs are collected from here
+    env: dict[str, str]
+    cancelled: threading.Event
+    label: str  # artifact/task/attempt, for names of containers or Kubernetes jobs
+
+
+@dataclass
+class TaskResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+
+class TaskError(Exception):
+    """A task that ran and failed: carries its exit code for the status."""
+
+    def __init__(self, message: str, exit_code: int | None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Executor:
+    """Runs one task to completion, honouring its timeout and the stop signal."""
+
+    name: str
+
+    def run(self, run: TaskRun) -> TaskResult:
+        raise NotImplementedError
+
+
+_FACTORIES: dict[str, Callable[[], Executor]] = {}
+# Executors defined by other parts, imported (and so registered) when first named.
+_PROVIDERS = {"python": "flotta_mqtt.functions.executor"}
+_PARAMS: dict[str, type[BaseModel]] = {}
+EXECUTORS: Mapping[str, Callable[[], Executor]] = MappingProxyType(_FACTORIES)
+
+
+def register_executor(
+    name: str, factory: Callable[[], Executor], params: type[BaseModel] | None = None
+) -> None:
+    """Make an executor available by name; `params` lets a task be checked before it runs."""
+    _FACTORIES[name] = factory
+    if params is not None:
+        _PARAMS[name] = params
+
+
+def check_task(task: Task) -> None:
+    """Refuse a task whose params its executor would refuse, before anything runs."""
+    _provide(task.executor)
+    model = _PARAMS.get(task.executor)
+    if model is None:
+        return
+    try:
+        model.model_validate(task.params)
+    except ValidationError as exc:
+        problems = describe(exc, "params")
+        raise ValueError(f"task {task.name}: invalid {task.executor} params: {problems}") from None
+
+
+def make_executor(name: str) -> Executor:
+    """An executor by name; a clear error naming the choices when it is unknown."""
+    _provide(name)
+    try:
+        return _FACTORIES[name]()
+    except KeyError:
+        known = ", ".join(sorted(_FACTORIES))
+        raise ValueError(f"unknown executor {name!r} (known: {known})") from None
+
+
+def _provide(name: str) -> None:
+    """Import the module that registers executor `name`, if another part provides it."""
+    if name not in _FACTORIES and name in _PROVIDERS:
+        importlib.import_module(_PROVIDERS[name])

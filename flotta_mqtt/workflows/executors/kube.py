@@ -1,0 +1,385 @@
+"""The kube executor: a task as a Kubernetes Job, watched to its end, its logs kept.
+
+It uses the official `kubernetes` client (the `kube` extra), imported only when the
+executor is made. Per task it creates a `batch/v1` Job (one pod, never restarted, no
+retries: retries are the workflow's), polls the Job's status until it succeeds or fails,
+reads the pod's exit code and log, then deletes the Job (propagation Background) and what
+it created for it, whatever happened. A timeout or a cancellation deletes the Job early;
+the Job also carries `activeDeadlineSeconds` so the cluster stops it if the worker dies.
+
+Job files. A pod runs on a cluster node, not on the worker, so the task's working folder
+cannot be bind-mounted as the docker executor does:
+
+- by default the task's input job files travel in a ConfigMap made for the task (at most
+  ~1 MiB in all) mounted read-only at `workdir_mount` (the pod's working directory), and
+  the task may declare no outputs: nothing comes back from the pod but its log;
+- with `volume_claim` (a PersistentVolumeClaim of a volume the worker also mounts, at
+  `volume_path`, e.g. NFS), the worker copies the inputs into a folder of its own on that
+  volume, the pod mounts that folder (subPath) read-write at `workdir_mount`, and the
+  worker copies the folder back after the Job, so declared outputs are collected.
+
+Kubernetes merges a container's STDOUT and STDERR in one log: it is returned as STDOUT;
+STDERR carries only the executor's notes (why a Job failed). Pods have no STDIN here.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flotta_mqtt.workflows.executors.base import Executor, TaskResult, TaskRun, register_executor
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "the kube executor needs the kubernetes client: pip install 'flotta_mqtt[kube]'"
+CONTAINER = "task"
+# Total size of input job files carried in a ConfigMap (the API limit is 1 MiB per object).
+CONFIGMAP_LIMIT = 1_000_000
+# Status reported for a pod the executor had to stop (128 + SIGKILL) when it has none.
+KILLED = 137
+MANAGED_BY = {"app.kubernetes.io/managed-by": "flotta-mqtt"}
+
+
+class KubeParams(BaseModel):
+    """A Job to run: `image`, at most one of `command` (argv) or `shell`, and where."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1)
+    command: list[str] | None = Field(default=None, min_length=1)  # replaces the entrypoint
+    shell: str | None = None  # runs as `sh -c SHELL`
+    namespace: str = "default"
+    service_account: str | None = None
+    resources: dict[str, dict[str, str | int | float]] | None = None  # requests / limits
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    workdir_mount: str = Field(default="/work", pattern=r"^/.")
+    volume_claim: str | None = None  # a PVC shared with the worker (see the module's doc)
+    volume_path: str | None = None  # where the worker mounts that volume
+    poll_interval: float = Field(default=1.0, gt=0, le=60)
+    # Where the API server is: the executor's own settings unless given here.
+    host: str | None = None  # an API server URL, no credentials (emulators, proxies)
+    kubeconfig: str | None = None  # a kubeconfig file (default: $KUBECONFIG, ~/.kube/config)
+    context: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KubeParams:
+        if self.command is not None and self.shell is not None:
+            raise ValueError("give at most one of `command` (argv list) or `shell` (a string)")
+        if (self.volume_claim is None) != (self.volume_path is None):
+            raise ValueError("`volume_claim` and `volume_path` go together (a shared volume)")
+        return self
+
+
+def job_name(label: str, nonce: str = "") -> str:
+    """A Job name from a task's label: DNS-1123, short enough for the `job-name` label."""
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-")[:40].strip("-") or "task"
+    digest = hashlib.sha1(f"{label}/{nonce}".encode()).hexdigest()[:8]
+    return f"flotta-{cleaned}-{digest}"
+
+
+def _label_value(text: str) -> str:
+    value = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:63]
+    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", value)
+
+
+def _input_key(index: int) -> str:
+    return f"input-{index}"
+
+
+def job_manifest(run: TaskRun, name: str | None = None) -> dict[str, Any]:
+    """The `batch/v1` Job running the task: pure, from the task's definition only."""
+    params = KubeParams.model_validate(run.task.params)
+    name = name or job_name(run.label)
+    labels = {**MANAGED_BY, "flotta-mqtt/task": _label_value(run.task.name)}
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": params.image,
+        "workingDir": params.workdir_mount,
+        "env": [{"name": key, "value": value} for key, value in sorted(run.env.items())],
+    }
+    if params.command is not None:
+        container["command"] = list(params.command)
+    elif params.shell is not None:
+        container["command"] = ["sh", "-c", params.shell]
+    if params.resources is not None:
+        container["resources"] = params.resources
+    if params.image_pull_policy is not None:
+        container["imagePullPolicy"] = params.image_pull_policy
+    mount: dict[str, Any] = {"name": "work", "mountPath": params.workdir_mount}
+    volume: dict[str, Any] = {"name": "work"}
+    if params.volume_claim is not None:
+        volume["persistentVolumeClaim"] = {"claimName": params.volume_claim}
+        mount["subPath"] = name  # the worker's folder for this run on the shared volume
+    elif run.task.inputs:
+        items = [{"key": _input_key(i), "path": path} for i, path in enumerate(run.task.inputs)]
+        volume["configMap"] = {"name": name, "items": items}
+        mount["readOnly"] = True
+    else:
+        volume["emptyDir"] = {}
+    container["volumeMounts"] = [mount]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": [volume],
+    }
+    if params.service_account is not None:
+        pod_spec["serviceAccountName"] = params.service_account
+    job_spec: dict[str, Any] = {
+        "backoffLimit": 0,  # retries are the workflow's, not the cluster's
+        "ttlSecondsAfterFinished": 3600,  # in case the worker dies before deleting it
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if run.task.timeout is not None:
+        job_spec["activeDeadlineSeconds"] = max(1, math.ceil(run.task.timeout))
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": params.namespace,
+            "labels": labels,
+            "annotations": {"flotta-mqtt/run": run.label},
+        },
+        "spec": job_spec,
+    }
+
+
+def configmap_manifest(run: TaskRun, name: str) -> dict[str, Any]:
+    """The ConfigMap carrying the task's input job files, read from its working folder."""
+    params = KubeParams.model_validate(run.task.params)
+    data: dict[str, str] = {}
+    binary: dict[str, str] = {}
+    total = 0
+    for index, path in enumerate(run.task.inputs):
+        content = (run.workdir / path).read_bytes()
+        total += len(content)
+        try:
+            data[_input_key(index)] = content.decode("utf-8")
+        except UnicodeDecodeError:
+            binary[_input_key(index)] = base64.b64encode(content).decode()
+    if total > CONFIGMAP_LIMIT:
+        raise ValueError(
+            f"task {run.task.name}: its inputs ({total} bytes) are too large for a ConfigMap; "
+            "give the kube task a shared volume (`volume_claim` and `volume_path`)"
+        )
+    manifest: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": params.namespace,
+            "labels": {**MANAGED_BY, "flotta-mqtt/task": _label_value(run.task.name)},
+        },
+        "data": data,
+    }
+    if binary:
+        manifest["binaryData"] = binary
+    return manifest
+
+
+def _import_kubernetes() -> Any:
+    try:
+        import kubernetes
+    except ImportError as exc:
+        raise RuntimeError(INSTALL_HINT) from exc
+    return kubernetes
+
+
+class KubeExecutor(Executor):
+    """Runs each task as a Kubernetes Job.
+
+    Where the API server is: `host` (a URL, no credentials), else a kubeconfig (`kubeconfig`,
+    else `$KUBECONFIG`, else `~/.kube/config`), else the in-cluster service account when
+    the worker runs in a pod. A task's params may override them.
+    """
+
+    name = "kube"
+
+    def __init__(
+        self, host: str | None = None, kubeconfig: str | None = None, context: str | None = None
+    ) -> None:
+        self._kube = _import_kubernetes()  # fail when the worker starts, not at its first task
+        self.host = host
+        self.kubeconfig = kubeconfig
+        self.context = context
+
+    def _api_client(self, params: KubeParams) -> Any:
+        client, config = self._kube.client, self._kube.config
+        host = params.host or self.host
+        if host:
+            configuration = client.Configuration()
+            configuration.host = host
+            return client.ApiClient(configuration)
+        kubeconfig = params.kubeconfig or self.kubeconfig
+        context = params.context or self.context
+        in_cluster = "KUBERNETES_SERVICE_HOST" in os.environ
+        if kubeconfig is None and "KUBECONFIG" not in os.environ and in_cluster:
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            return client.ApiClient(configuration)
+        return config.new_client_from_config(
+            config_file=kubeconfig or os.environ.get("KUBECONFIG"),
+            context=context,
+            persist_config=False,
+        )
+
+    def run(self, run: TaskRun) -> TaskResult:
+        params = KubeParams.model_validate(run.task.params)
+        if run.task.outputs and params.volume_claim is None:
+            raise ValueError(
+                f"task {run.task.name} declares outputs, but a kube task's files come back "
+                "only through a shared volume: give it `volume_claim` and `volume_path`"
+            )
+        name = job_name(run.label, nonce=str(time.time_ns()))
+        api_client = self._api_client(params)
+        batch = self._kube.client.BatchV1Api(api_client)
+        core = self._kube.client.CoreV1Api(api_client)
+        shared = Path(params.volume_path) / name if params.volume_path is not None else None
+        made_configmap = made_job = False
+        try:
+            if shared is not None:
+                shutil.copytree(run.workdir, shared)
+                shared.chmod(0o777)  # the pod may run as any user
+            elif run.task.inputs:
+                core.create_namespaced_config_map(params.namespace, configmap_manifest(run, name))
+                made_configmap = True
+            batch.create_namespaced_job(params.namespace, job_manifest(run, name))
+            made_job = True
+            outcome = _watch(batch, params, name, run)
+            pod = _job_pod(core, params.namespace, name)
+            stdout = _pod_log(core, params.namespace, pod) if pod is not None else b""
+            exit_code = _exit_code(pod)
+            notes: list[str] = []
+            timed_out = outcome.reason == "DeadlineExceeded"
+            if outcome.state == "timeout":
+                timed_out = True
+                notes.append(f"[kube] job {name} timed out after {run.task.timeout} s")
+            elif outcome.state == "cancelled":
+                notes.append(f"[kube] job {name} cancelled")
+            elif outcome.state == "failed":
+                notes.append(f"[kube] job {name} failed: {outcome.reason}: {outcome.message}")
+            if exit_code is None:
+                exit_code = {"succeeded": 0, "failed": 1}.get(outcome.state, KILLED)
+            if shared is not None and outcome.state == "succeeded":
+                shutil.copytree(shared, run.workdir, dirs_exist_ok=True)
+            stderr = "".join(f"{note}\n" for note in notes).encode()
+            return TaskResult(exit_code, stdout, stderr, timed_out)
+        finally:
+            if made_job:
+                self._delete(batch.delete_namespaced_job, name, params.namespace)
+            if made_configmap:
+                self._delete(core.delete_namespaced_config_map, name, params.namespace)
+            if shared is not None:
+                shutil.rmtree(shared, ignore_errors=True)
+            api_client.close()
+
+    def _delete(self, delete: Any, name: str, namespace: str) -> None:
+        """Delete what the task made, dependents in the background; gone already is fine."""
+        try:
+            delete(name, namespace, propagation_policy="Background")
+        except self._kube.client.exceptions.ApiException as exc:
+            if exc.status != 404:
+                log.warning("kube: could not delete %s/%s: %s", namespace, name, exc)
+
+
+@dataclass
+class _Outcome:
+    state: str  # succeeded, failed, timeout, cancelled
+    reason: str = ""
+    message: str = ""
+
+
+def _read(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """A GET through the client, as plain JSON: independent of the client's model classes."""
+    response = call(*args, _preload_content=False, **kwargs)
+    return json.loads(response.data)
+
+
+def _watch(batch: Any, params: KubeParams, name: str, run: TaskRun) -> _Outcome:
+    """Poll the Job's status until it ends, the task's timeout passes, or it is cancelled."""
+    deadline = None if run.task.timeout is None else time.monotonic() + run.task.timeout
+    while True:
+        job = _read(batch.read_namespaced_job_status, name, params.namespace)
+        outcome = _job_outcome(job.get("status") or {})
+        if outcome is not None:
+            return outcome
+        if run.cancelled.is_set():
+            return _Outcome("cancelled")
+        wait = params.poll_interval
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return _Outcome("timeout")
+            wait = min(wait, left)
+        if run.cancelled.wait(wait):
+            return _Outcome("cancelled")
+
+
+def _job_outcome(status: dict[str, Any]) -> _Outcome | None:
+    for condition in status.get("conditions") or []:
+        if condition.get("status") != "True":
+            continue
+        reason, message = condition.get("reason") or "", condition.get("message") or ""
+        # Only the final conditions: SuccessCriteriaMet / FailureTarget come while pods
+        # may still be terminating.
+        if condition.get("type") == "Complete":
+            return _Outcome("succeeded", reason, message)
+        if condition.get("type") == "Failed":
+            return _Outcome("failed", reason, message)
+    # Older API servers may report the counts before (or without) the conditions.
+    if status.get("succeeded") and not status.get("active"):
+        return _Outcome("succeeded")
+    if status.get("failed") and not status.get("active"):
+        return _Outcome("failed", "PodFailed", "the Job's pod failed")
+    return None
+
+
+def _job_pod(core: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    """The Job's pod (the latest, should there be more), by the label the Job controller sets."""
+    listing = _read(core.list_namespaced_pod, namespace, label_selector=f"job-name={name}")
+    pods = [
+        pod
+        for pod in listing.get("items") or []
+        if (pod.get("metadata") or {}).get("labels", {}).get("job-name") == name
+    ]
+    pods.sort(key=lambda pod: str(pod["metadata"].get("creationTimestamp") or ""))
+    return pods[-1] if pods else None
+
+
+def _exit_code(pod: dict[str, Any] | None) -> int | None:
+    if pod is None:
+        return None
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER:
+            terminated = (status.get("state") or {}).get("terminated")
+            if terminated and terminated.get("exitCode") is not None:
+                return int(terminated["exitCode"])
+    return None
+
+
+def _pod_log(core: Any, namespace: str, pod: dict[str, Any]) -> bytes:
+    """The pod's log (STDOUT and STDERR merged by Kubernetes); none if it never started."""
+    try:
+        response = core.read_namespaced_pod_log(
+            pod["metadata"]["name"], namespace, container=CONTAINER, _preload_content=False
+        )
+    except Exception as exc:  # e.g. 400: the container never started
+        log.info("kube: no log for pod %s: %s", pod["metadata"].get("name"), exc)
+        return b""
+    data: bytes = response.data
+    return data
+
+
+register_executor("kube", KubeExecutor, KubeParams)

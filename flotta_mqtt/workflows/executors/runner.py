@@ -1,0 +1,139 @@
+"""Running one workflow task on a worker: job files in, executor, logs and job files out."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from flotta_mqtt.model import Task
+from flotta_mqtt.model.workflow import log_name
+from flotta_mqtt.protocol import JobReady
+from flotta_mqtt.transport.store import ResourceStore
+from flotta_mqtt.workflows.executors.base import Executor, TaskError, TaskRun, make_executor
+
+
+class TaskRunner:
+    """The executors a worker's config allows, and the job-file plumbing around them."""
+
+    def __init__(self, store: ResourceStore, executors: list[str]) -> None:
+        self.store = store
+        self.executors: dict[str, Executor] = {name: make_executor(name) for name in executors}
+        self._folders = _Folders()
+
+    def close(self) -> None:
+        self._folders.close()
+
+    def run(self, job: JobReady, node: str, cancelled: threading.Event) -> dict[str, Any]:
+        """Run the task; its product lists its exit code, logs and output job files.
+
+        Raises TaskError (with the exit code) when the task fails or times out.
+        """
+        task = Task.model_validate(job.operation.params)
+        executor = self.executors.get(task.executor)
+        if executor is None:
+            raise TaskError(f"worker {node} does not run the {task.executor} executor", None)
+        with self._folders.take() as workdir:
+            for path in task.inputs:
+                target = workdir / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(
+                    self.store.get_bytes(self.store.job_file_url(job.artifact_id, path))
+                )
+            label = f"{job.artifact_id[:12]}-{job.job_id}-{job.attempt}"
+            result = executor.run(TaskRun(task, workdir, task_env(task), cancelled, label))
+            logs = {
+                stream: self.store.put(
+                    self.store.log_url(job.artifact_id, log_name(task.name), job.attempt, stream),
+                    data,
+                    media_type="text/plain",
+                ).model_dump(mode="json")
+                for stream, data in (("stdout", result.stdout), ("stderr", result.stderr))
+                if data  # an empty stream costs a write and shows nothing: `logs` prints ""
+            }
+            if result.timed_out:
+                raise TaskError(
+                    f"task {task.name} timed out after {task.timeout} s and was killed",
+                    result.exit_code,
+                )
+            if result.exit_code != 0:
+                tail = result.stderr.decode(errors="replace")[-500:]
+                raise TaskError(
+                    f"task {task.name} exited with status {result.exit_code}: {tail}",
+                    result.exit_code,
+                )
+            outputs = {}
+            for path in task.outputs:
+                produced = workdir / path
+                if not produced.is_file():
+                    raise TaskError(f"task {task.name} did not produce its output {path}", 0)
+                url = self.store.job_file_url(job.artifact_id, path)
+                outputs[path] = self.store.put(url, produced.read_bytes()).model_dump(mode="json")
+        return {"task": task.name, "exit_code": 0, "logs": logs, "outputs": outputs}
+
+
+def task_env(task: Task) -> dict[str, str]:
+    """The task's env, and for a replica which one it is: FLOTTA_REPLICA (from 0) of
+    FLOTTA_REPLICAS, as an array job's index tells it which share of the work is its own.
+
+    The shell, docker and kube executors pass it on; the python executor has its own.
+    """
+    if task.replica is None:
+        return task.env
+    return {
+        **task.env,
+        "FLOTTA_REPLICA": str(task.replica),
+        "FLOTTA_REPLICAS": str(task.replicas),
+    }
+
+
+class _Folders:
+    """Private working folders for tasks, made once and used again.
+
+    A task gets an empty folder of its own. One its task left empty (most tasks write
+    nothing there) serves a later task; one with anything left in it is removed. Making
+    and removing a folder per task cost more than running a no-op task.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[Path] = []
+        self._closed = False  # a folder given back after close() is removed
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[Path]:
+        with self._lock:
+            folder = self._free.pop() if self._free else None
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix="flotta-task-"))
+        try:
+            yield folder
+        finally:
+            with self._lock:
+                kept = not self._closed and _empty_folder(folder)
+                if kept:
+                    self._free.append(folder)
+            if not kept:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def close(self) -> None:
+        with self._lock:
+            free, self._free, self._closed = self._free, [], True
+        for folder in free:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _empty_folder(path: Path) -> bool:
+    """Whether `path` is still a real, empty folder (not replaced by a link, say)."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return False
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
