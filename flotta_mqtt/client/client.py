@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -121,6 +122,38 @@ class Client:
         self._sync(timeout)
         with self._changed:
             return dict(self._statuses)
+
+    # --- what the client recorded, for code built on it (distributed functions) ------------
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Block until `predicate()` is true or `timeout` s pass; return its last value.
+
+        It is evaluated now, after every message the client records and after `wake()`,
+        with the records locked, so it may read them through `status_of` and `rejection_of`.
+        """
+        with self._changed:
+            return self._changed.wait_for(predicate, timeout)
+
+    def wake(self) -> None:
+        """Have every `wait_for` evaluate its predicate again (its own state changed)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def status_of(self, artifact_id: str) -> ArtifactStatus | None:
+        """The latest status recorded of an artifact followed (see `handle`), if any."""
+        with self._changed:
+            return self._statuses.get(artifact_id)
+
+    def rejection_of(self, artifact_id: str) -> RequestRejected | None:
+        """The first rejection recorded that names this artifact, if any."""
+        with self._changed:
+            return next((r for r in self._rejections if r.artifact_id == artifact_id), None)
+
+    def forget(self, artifact_id: str) -> None:
+        """Drop the status and rejections recorded of an artifact nobody will ask about."""
+        with self._changed:
+            self._statuses.pop(artifact_id, None)
+            self._rejections[:] = [r for r in self._rejections if r.artifact_id != artifact_id]
 
     def _sync(self, timeout: float) -> None:
         """Wait until the broker has delivered what it held when we subscribed.

@@ -13,7 +13,8 @@ from flotta_mqtt.functions.handles import (
     as_completed,
     gather,
 )
-from flotta_mqtt.functions.session import NotConfigured, configure, shutdown
+from flotta_mqtt.functions.session import configure, shutdown
+from flotta_mqtt.functions.settings import NotConfigured
 
 __all__ = [
     "CallFailed",

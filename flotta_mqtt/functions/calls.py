@@ -30,6 +30,11 @@ INLINE_LIMIT = 64 * 1024
 _MAGIC = b"flotta-call-outcome/1\n"
 
 
+def result_file(task: str | None) -> str:
+    """The job file the outcome of the call that is task `task` is written to."""
+    return f"results/{task}"
+
+
 class FunctionRef(BaseModel):
     """A function the worker imports: a module of the workspace (or installed) and a name."""
 

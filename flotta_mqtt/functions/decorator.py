@@ -32,6 +32,26 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def selector(platform: str | Mapping[str, str] | None) -> dict[str, str]:
+    """The worker labels a call needs: "*" any, "linux" → platform=linux, "k=v,k2=v2" as said.
+
+    Every call also needs `allow_code=yes`, which a worker's agent sets from its config;
+    the python executor is offered only there anyway, and the label makes a binding
+    error name the reason.
+    """
+    labels: dict[str, str] = {}
+    if isinstance(platform, Mapping):
+        labels = {str(k): str(v) for k, v in platform.items()}
+    elif platform and platform.strip() not in ("*", ""):
+        for part in platform.split(","):
+            key, sep, value = part.strip().partition("=")
+            if sep:
+                labels[key.strip()] = value.strip()
+            else:
+                labels["platform"] = key
+    return {**labels, "allow_code": "yes"}
+
+
 class DistributedFunction(Generic[P, R]):
     """A function whose calls are submitted to workers; see `distributed`."""
 
@@ -52,7 +72,7 @@ class DistributedFunction(Generic[P, R]):
         functools.update_wrapper(self, func)
         self.func = func
         self.platform = platform
-        self.selector = sessions.selector(platform)
+        self.selector = selector(platform)
         self.threads = threads
         self.timeout = timeout
         self.retries = retries

@@ -137,12 +137,14 @@ class CallHandle(Generic[T]):
                 return
         callback(self)
 
-    # --- settled by the session's resolver thread -------------------------------------
+    # --- settled by the session that made the call ------------------------------------
 
-    def _update(self, summary: JobSummary) -> None:
+    def record_job(self, summary: JobSummary) -> None:
+        """The call's job as a newer status lists it (the session's resolver calls this)."""
         self._summary = summary
 
-    def _settle(self, summary: JobSummary | None, failure: CallFailed | None) -> None:
+    def settle(self, summary: JobSummary | None, failure: CallFailed | None) -> None:
+        """Mark the call done, with its final job or a failure (its session calls this)."""
         with self._lock:
             if self._done.is_set():
                 return
@@ -181,7 +183,7 @@ class CallHandle(Generic[T]):
             product = self._product()
             if product is None:
                 raise ValueError("its status lists no product (is the scheduler older?)")
-            resource = Resource.model_validate(product["outputs"][self._session.result_file(self)])
+            resource = Resource.model_validate(product["outputs"][calls.result_file(self.task)])
             try:
                 data = self._session.store.get(resource)
             except IntegrityError:

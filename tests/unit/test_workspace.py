@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flotta_mqtt.functions import calls
+from flotta_mqtt.functions.decorator import selector
 from flotta_mqtt.functions.ignore import IgnoreRules, parse_line
-from flotta_mqtt.functions.session import selector
 from flotta_mqtt.functions.workspace import (
     MANIFEST,
     WorkspaceTooLarge,
