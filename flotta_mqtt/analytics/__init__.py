@@ -2,8 +2,10 @@
 
 # Imported for their @register side effect: the operations every node offers.
 from flotta_mqtt.analytics import builtin as _builtin  # noqa: F401
-from flotta_mqtt.analytics import estimators as _estimators  # noqa: F401
-from flotta_mqtt.analytics import models as _models  # noqa: F401
+from flotta_mqtt.analytics import forest as _forest  # noqa: F401
+from flotta_mqtt.analytics import groups as _groups  # noqa: F401
+from flotta_mqtt.analytics import linear as _linear  # noqa: F401
+from flotta_mqtt.analytics import statistics as _statistics  # noqa: F401
 from flotta_mqtt.analytics.datasets import DatasetSpec, FileDataset
 from flotta_mqtt.analytics.registry import (
     DEFAULT_MIN_GROUP_SIZE,

@@ -35,6 +35,7 @@ from flotta_mqtt.analytics import (
     JobContext,
     OperationError,
     TooFewRows,
+    forest,
     masking,
     models,
     quantiles,
@@ -429,13 +430,13 @@ def test_forest_leaves_each_hold_at_least_the_minimum_group_of_training_rows() -
         [
             xs[~test]
             for xs, _, test in models.design(
-                data, models.ForestParams.model_validate(params), seed=11
+                data, forest.ForestParams.model_validate(params), seed=11
             )
         ]
     )
     assert len(model["trees"]) == 4
     for tree in model["trees"]:
-        sizes = np.bincount(models.leaves(tree, train))
+        sizes = np.bincount(forest.leaves(tree, train))
         assert sizes[sizes > 0].min() >= 7
 
 

@@ -1,0 +1,128 @@
+"""Group-by statistics: rows and means per group of the `by` columns' values.
+
+Each is an estimator (see `estimators`) whose state maps every group to its sums, so
+states merge exactly. Missing values are left out; a worker refuses to release a group of
+1 to min_group_size - 1 rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import date
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from pydantic import Field, field_validator
+
+from flotta_mqtt.analytics.estimators import Estimator, Rows
+from flotta_mqtt.analytics.filters import present, select
+from flotta_mqtt.analytics.registry import JobContext, register
+
+
+class GroupParams(Rows):
+    by: list[str] = Field(min_length=1)  # the grouping columns (one name is taken as [name])
+
+    @field_validator("by", mode="before")
+    @classmethod
+    def _listed(cls, by: Any) -> Any:
+        return [by] if isinstance(by, str) else by
+
+
+class GroupMeanParams(GroupParams):
+    column: str = Field(min_length=1)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _order(key: list[Any]) -> tuple[tuple[bool, Any], ...]:
+    return tuple((v is not None, v if v is not None else 0) for v in key)
+
+
+def _add(a: list[float] | None, b: list[float]) -> list[float]:
+    return b if a is None else [x + y for x, y in zip(a, b, strict=True)]
+
+
+class GroupStatistic(Estimator):
+    """Per group of the `by` columns' values, a list of sums whose first item is the rows.
+
+    The state maps each group's values, as a JSON list, to its sums: JSON keys merge
+    exactly, whatever the columns' types.
+    """
+
+    def aggregates(self, params: Any) -> list[tuple[Any, ...]]:
+        """pyarrow hash aggregations giving a batch's sums per group, in state order."""
+        raise NotImplementedError
+
+    def row(self, params: Any, state: list[float]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def empty(self, params: GroupParams) -> dict[str, list[float]]:
+        return {}
+
+    def measure(self, params: Any, ctx: JobContext) -> dict[str, list[float]]:
+        data = ctx.dataset()
+        column = getattr(params, "column", None)
+        numbers = [column] if column is not None else []
+        states: dict[str, list[float]] = {}
+        for batch in select(data, [*params.by, *numbers], params.where, numbers=numbers):
+            if column is not None:
+                batch = batch.filter(present(batch.column(column)))
+            grouped = pa.Table.from_batches([batch]).group_by(params.by)
+            table = grouped.aggregate(self.aggregates(params))
+            sums = table.select(table.column_names[-len(self.aggregates(params)) :])
+            keys = table.select(params.by).to_pylist()
+            for key, row in zip(keys, sums.to_pylist(), strict=True):
+                name = json.dumps([_json_value(key[b]) for b in params.by])
+                states[name] = _add(states.get(name), list(row.values()))
+        for name, state in states.items():
+            group = ", ".join(f"{b}={v}" for b, v in zip(params.by, json.loads(name), strict=True))
+            data.release(int(state[0]), f"group {group}")
+        return states
+
+    def merge(self, a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, list[float]]:
+        merged = dict(a)
+        for name, state in b.items():
+            merged[name] = _add(merged.get(name), state)
+        return merged
+
+    def finalize(self, params: Any, state: dict[str, list[float]]) -> list[dict[str, Any]]:
+        groups = [(json.loads(name), sums) for name, sums in state.items()]
+        return [
+            {**dict(zip(params.by, key, strict=True)), **self.row(params, sums)}
+            for key, sums in sorted(groups, key=lambda group: _order(group[0]))
+        ]
+
+
+@register
+class GroupCount(GroupStatistic):
+    """Rows per group: a list of {by columns..., "count"}, sorted by group."""
+
+    name: ClassVar[str] = "group_count"
+    Params = GroupParams
+
+    def aggregates(self, params: GroupParams) -> list[tuple[Any, ...]]:
+        return [([], "count_all")]
+
+    def row(self, params: GroupParams, state: list[float]) -> dict[str, Any]:
+        return {"count": int(state[0])}
+
+
+@register
+class GroupMean(GroupStatistic):
+    """Mean of `column` per group: a list of {by columns..., "count", "mean"}."""
+
+    name: ClassVar[str] = "group_mean"
+    Params = GroupMeanParams
+
+    def aggregates(self, params: GroupMeanParams) -> list[tuple[Any, ...]]:
+        return [(params.column, "count"), (params.column, "sum")]
+
+    def row(self, params: GroupMeanParams, state: list[float]) -> dict[str, Any]:
+        return {"count": int(state[0]), "mean": state[1] / state[0]}

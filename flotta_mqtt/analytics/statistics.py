@@ -1,0 +1,295 @@
+"""Statistics of each selected column: count, sum, mean, variance, std, min, max, histogram
+and quantiles, each an estimator (see `estimators`).
+
+Missing values (empty CSV cells, nulls, NaN) are left out of every statistic. A worker
+refuses to release any count or bin of 1 to min_group_size - 1 rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow.compute as pc
+from pydantic import Field, field_validator
+
+from flotta_mqtt.analytics import masking, quantiles
+from flotta_mqtt.analytics.estimators import (
+    Columns,
+    ColumnStatistic,
+    Maskable,
+    MaskableColumns,
+)
+from flotta_mqtt.analytics.filters import present, select
+from flotta_mqtt.analytics.registry import JobContext, register
+
+# --- parameters ---------------------------------------------------------------------------
+
+
+class CountParams(MaskableColumns):
+    needs_column: ClassVar[bool] = False  # without columns: the rows passing the filter
+
+
+class VarianceParams(Columns):
+    ddof: int = Field(default=1, ge=0)  # 1: the sample variance, as pandas; 0: population
+
+
+class HistogramParams(Columns):
+    edges: list[float] = Field(min_length=2)  # bins [e0, e1), [e1, e2), …, [e(n-1), en]
+
+    @field_validator("edges")
+    @classmethod
+    def _increasing(cls, edges: list[float]) -> list[float]:
+        if any(b <= a for a, b in itertools.pairwise(edges)):
+            raise ValueError("edges must increase strictly")
+        return edges
+
+
+class QuantileParams(Columns):
+    q: float | list[float]  # one quantile (one value) or several (a list), each in [0, 1]
+    k: int = Field(default=quantiles.DEFAULT_K, ge=16, le=1 << 16)  # accuracy: see quantiles
+
+    @field_validator("q")
+    @classmethod
+    def _unit(cls, q: float | list[float]) -> float | list[float]:
+        if any(not 0 <= x <= 1 for x in (q if isinstance(q, list) else [q])):
+            raise ValueError("quantiles lie in [0, 1]")
+        return q
+
+
+# --- the statistics ---------------------------------------------------------------------
+
+
+@register
+class Count(Maskable):
+    """Rows passing the filter; with columns, each column's values present."""
+
+    name: ClassVar[str] = "count"
+    Params = CountParams
+
+    def empty(self, params: CountParams) -> list[int]:
+        return [0] * max(1, len(params.targets()))
+
+    def measure(self, params: CountParams, ctx: JobContext) -> list[int]:
+        data = ctx.dataset()
+        targets = params.targets()
+        if not targets and params.where is None:
+            counts = [data.count_rows()]
+        else:
+            counts = self.empty(params)
+            for batch in select(data, targets, params.where):
+                for i, column in enumerate(targets):
+                    counts[i] += pc.sum(present(batch.column(column))).as_py() or 0
+                if not targets:
+                    counts[0] += batch.num_rows
+        for n, column in zip(counts, targets or ["rows passing the filter"], strict=True):
+            data.release(n, f"column {column}" if targets else column)
+        return counts
+
+    def merge(self, a: list[int], b: list[int]) -> list[int]:
+        return [x + y for x, y in zip(a, b, strict=True)]
+
+    def finalize(self, params: CountParams, state: list[int]) -> Any:
+        return params.result(state) if params.targets() else state[0]
+
+    def to_ints(self, state: list[int]) -> list[int]:
+        return state
+
+    def from_ints(self, ints: list[int]) -> list[int]:
+        return ints
+
+
+@register
+class Sum(ColumnStatistic, Maskable):
+    name: ClassVar[str] = "sum"
+    Params = MaskableColumns
+
+    def start(self, params: Any) -> float:
+        return 0.0
+
+    def update(self, params: Any, state: float, numbers: np.ndarray) -> float:
+        return state + float(np.sum(numbers))
+
+    def combine(self, a: float, b: float) -> float:
+        return a + b
+
+    def to_ints(self, state: list[float]) -> list[int]:
+        return [masking.fixed(s) for s in state]
+
+    def from_ints(self, ints: list[int]) -> list[float]:
+        return [masking.unfixed(i) for i in ints]
+
+
+@register
+class Mean(ColumnStatistic, Maskable):
+    name: ClassVar[str] = "mean"
+    Params = MaskableColumns
+
+    def start(self, params: Any) -> list[float]:
+        return [0.0, 0]  # sum, count
+
+    def update(self, params: Any, state: list[float], numbers: np.ndarray) -> list[float]:
+        return [state[0] + float(np.sum(numbers)), state[1] + len(numbers)]
+
+    def combine(self, a: list[float], b: list[float]) -> list[float]:
+        return [a[0] + b[0], a[1] + b[1]]
+
+    def result(self, params: Any, state: list[float]) -> float | None:
+        return state[0] / state[1] if state[1] else None
+
+    def to_ints(self, state: list[list[float]]) -> list[int]:
+        return [v for total, n in state for v in (masking.fixed(total), int(n))]
+
+    def from_ints(self, ints: list[int]) -> list[list[float]]:
+        return [[masking.unfixed(ints[i]), ints[i + 1]] for i in range(0, len(ints), 2)]
+
+
+def chan(a: list[float], b: list[float]) -> list[float]:
+    """Merge two (n, mean, M2) summaries exactly (Chan, Golub & LeVeque)."""
+    n = a[0] + b[0]
+    if not n:
+        return [0, 0.0, 0.0]
+    delta = b[1] - a[1]
+    mean = a[1] + delta * b[0] / n
+    return [n, mean, a[2] + b[2] + delta * delta * a[0] * b[0] / n]
+
+
+def moments(numbers: np.ndarray) -> list[float]:
+    """(n, mean, M2) of some numbers, M2 being the sum of squared deviations.
+
+    The corrected two-pass algorithm: the mean is refined by its residuals' mean, so equal
+    numbers give a variance of exactly 0.
+    """
+    if not len(numbers):
+        return [0, 0.0, 0.0]
+    mean = float(np.mean(numbers))
+    deviations = numbers - mean
+    shift = float(np.mean(deviations))
+    m2 = float(np.sum(np.square(deviations))) - len(numbers) * shift * shift
+    return [len(numbers), mean + shift, max(m2, 0.0)]
+
+
+@register
+class Variance(ColumnStatistic):
+    name: ClassVar[str] = "variance"
+    Params = VarianceParams
+
+    def start(self, params: Any) -> list[float]:
+        return [0, 0.0, 0.0]
+
+    def update(self, params: Any, state: list[float], numbers: np.ndarray) -> list[float]:
+        return chan(state, moments(numbers))
+
+    def combine(self, a: list[float], b: list[float]) -> list[float]:
+        return chan(a, b)
+
+    def result(self, params: VarianceParams, state: list[float]) -> float | None:
+        n, _, m2 = state
+        return m2 / (n - params.ddof) if n > params.ddof else None
+
+
+@register
+class Std(Variance):
+    name: ClassVar[str] = "std"
+
+    def result(self, params: VarianceParams, state: list[float]) -> float | None:
+        variance = super().result(params, state)
+        return None if variance is None else math.sqrt(variance)
+
+
+class Extremes(ColumnStatistic):
+    """min and max share one state: [smallest, largest] (null while no value is seen)."""
+
+    pick: ClassVar[int]
+
+    def start(self, params: Any) -> list[float | None]:
+        return [None, None]
+
+    def update(
+        self, params: Any, state: list[float | None], numbers: np.ndarray
+    ) -> list[float | None]:
+        if not len(numbers):
+            return state
+        return self.combine(state, [float(np.min(numbers)), float(np.max(numbers))])
+
+    def combine(self, a: list[float | None], b: list[float | None]) -> list[float | None]:
+        lows = [x for x in (a[0], b[0]) if x is not None]
+        highs = [x for x in (a[1], b[1]) if x is not None]
+        return [min(lows) if lows else None, max(highs) if highs else None]
+
+    def result(self, params: Any, state: list[float | None]) -> float | None:
+        return state[self.pick]
+
+
+@register
+class Min(Extremes):
+    name: ClassVar[str] = "min"
+    pick: ClassVar[int] = 0
+
+
+@register
+class Max(Extremes):
+    name: ClassVar[str] = "max"
+    pick: ClassVar[int] = 1
+
+
+@register
+class Histogram(ColumnStatistic):
+    """Counts per bin of the given edges (as numpy.histogram), plus below and above them."""
+
+    name: ClassVar[str] = "histogram"
+    Params = HistogramParams
+
+    def start(self, params: HistogramParams) -> list[int]:
+        return [0] * (len(params.edges) + 1)  # below, one per bin, above
+
+    def update(self, params: HistogramParams, state: list[int], numbers: np.ndarray) -> list[int]:
+        # Bin i holds edges[i] <= x < edges[i + 1]; the last bin also holds its right edge.
+        edges = np.asarray(params.edges)
+        index = np.searchsorted(edges, numbers, side="right")
+        index[numbers == edges[-1]] = len(edges) - 1
+        counts = np.bincount(index, minlength=len(edges) + 1)
+        return [a + int(b) for a, b in zip(state, counts, strict=True)]
+
+    def combine(self, a: list[int], b: list[int]) -> list[int]:
+        return [x + y for x, y in zip(a, b, strict=True)]
+
+    def cells(
+        self, params: HistogramParams, column: str, state: list[int], n: int
+    ) -> list[tuple[int, str]]:
+        e = params.edges
+        bins = [f"[{a}, {b})" for a, b in itertools.pairwise(e)]
+        bins[-1] = bins[-1][:-1] + "]"  # the last bin holds its right edge
+        names = [f"below {e[0]}", *bins, f"above {e[-1]}"]
+        return [
+            (rows, f"column {column} bin {name}") for rows, name in zip(state, names, strict=True)
+        ]
+
+    def result(self, params: HistogramParams, state: list[int]) -> dict[str, Any]:
+        return {"edges": params.edges, "counts": state[1:-1], "below": state[0], "above": state[-1]}
+
+
+@register
+class Quantile(ColumnStatistic):
+    """Approximate quantiles from a mergeable sketch; error bound in quantiles.py."""
+
+    name: ClassVar[str] = "quantile"
+    Params = QuantileParams
+
+    def start(self, params: QuantileParams) -> dict[str, Any]:
+        return quantiles.empty(params.k)
+
+    def update(
+        self, params: QuantileParams, state: dict[str, Any], numbers: np.ndarray
+    ) -> dict[str, Any]:
+        return quantiles.update(state, numbers)
+
+    def combine(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        return quantiles.merge(a, b)
+
+    def result(self, params: QuantileParams, state: dict[str, Any]) -> Any:
+        qs = params.q if isinstance(params.q, list) else [params.q]
+        found = quantiles.quantiles(state, qs)
+        return found if isinstance(params.q, list) else found[0]
