@@ -11,16 +11,13 @@ import json
 import signal
 import threading
 import time
-from collections import Counter, defaultdict
-from datetime import datetime
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -35,159 +32,22 @@ from flotta_mqtt.cli.main import (
     app,
     console,
 )
-from flotta_mqtt.model import ARTIFACT_FINAL, ArtifactState, JobState
+from flotta_mqtt.cli.views import (
+    ACTIVE,
+    ago,
+    capabilities_text,
+    clock,
+    datasets_text,
+    state_counts,
+    summary_line,
+    watch_view,
+)
+from flotta_mqtt.model import ARTIFACT_FINAL, ArtifactState
 from flotta_mqtt.model.workflow import log_name, task_of
-from flotta_mqtt.protocol import ArtifactStatus, JobSummary, NodePresence
+from flotta_mqtt.protocol import ArtifactStatus
 from flotta_mqtt.transport.store import ResourceStore
 
-ACTIVE = (JobState.DISPATCHED, JobState.RUNNING)
-STATE_STYLE = {
-    JobState.WAITING: "grey62",
-    JobState.READY: "cyan",
-    JobState.DISPATCHED: "blue",
-    JobState.RUNNING: "yellow",
-    JobState.COMPLETED: "green",
-    JobState.FAILED: "red",
-    JobState.CANCELLED: "grey50",
-}
-ARTIFACT_STYLE = {
-    ArtifactState.SUBMITTED: "cyan",
-    ArtifactState.RUNNING: "yellow",
-    ArtifactState.COMPLETED: "bold green",
-    ArtifactState.FAILED: "bold red",
-    ArtifactState.CANCELLED: "grey50",
-}
-
-
-def _clock(seconds: float | None) -> str:
-    return datetime.fromtimestamp(seconds).strftime("%H:%M:%S") if seconds else ""
-
-
-def _ago(seconds: float) -> str:
-    elapsed = max(0.0, time.time() - seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if elapsed >= size:
-            return f"{elapsed / size:.0f} {unit} ago"
-    return f"{elapsed:.0f} s ago"
-
-
-def _step_key(step: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in step.split("."))
-    except ValueError:
-        return (1 << 30,)
-
-
-def _states(counts: Counter[JobState] | dict[JobState, int]) -> Text:
-    text = Text()
-    for state in JobState:
-        n = counts.get(state, 0)
-        if n:
-            if text:
-                text.append("  ")
-            text.append(f"{state} {n}", style=STATE_STYLE[state])
-    return text
-
-
 # --- watch ---------------------------------------------------------------------------------
-
-
-def watch_view(status: ArtifactStatus, started: float) -> Group:
-    """The live picture of an artifact: overall progress, then per step and per worker."""
-    done = status.counts.get(JobState.COMPLETED, 0)
-    head = Text.assemble(
-        ("artifact ", "bold"),
-        (status.artifact_id, "bold"),
-        "  ",
-        (str(status.state), ARTIFACT_STYLE[status.state]),
-        f"  {done}/{status.total} jobs completed  ·  project {status.project}",
-        ""
-        if status.state in ARTIFACT_FINAL
-        else f"  ·  watching {time.monotonic() - started:.0f} s",
-    )
-    progress = Table.grid(padding=(0, 2))
-    progress.add_row(
-        ProgressBar(total=max(status.total, 1), completed=done, width=50), _states(status.counts)
-    )
-    parts: list[RenderableType] = [head, progress]
-    if status.error is not None:
-        where = f" (job {status.failed_job})" if status.failed_job is not None else ""
-        parts.append(
-            Text(
-                f"{status.error.type}: {status.error.message}{where}", style="red", overflow="fold"
-            )
-        )
-    if status.jobs is None:
-        if status.total:
-            parts.append(
-                Text(
-                    f"{status.total} jobs: per-step and per-worker views need the job list, "
-                    "which statuses carry for artifacts of at most 300 jobs",
-                    style="grey62",
-                )
-            )
-        return Group(*parts)
-    parts += [_steps_table(status.jobs), _workers_table(status.jobs)]
-    return Group(*parts)
-
-
-def _steps_table(jobs: list[JobSummary]) -> Table:
-    by_step: dict[str, list[JobSummary]] = defaultdict(list)
-    for job in jobs:
-        by_step[job.step].append(job)
-    table = Table(title="by step", title_justify="left", expand=False)
-    for column in ("step", "jobs", "progress", "done", "states", "longest"):
-        table.add_column(column, no_wrap=column != "states")
-    for step in sorted(by_step, key=_step_key):
-        listed = by_step[step]
-        counts = Counter(job.state for job in listed)
-        done = counts[JobState.COMPLETED]
-        durations = [j.finished_at - j.started_at for j in listed if j.started_at and j.finished_at]
-        table.add_row(
-            step,
-            str(len(listed)),
-            ProgressBar(total=len(listed), completed=done, width=20),
-            f"{done}/{len(listed)}",
-            _states(counts),
-            f"{max(durations):.2f} s" if durations else "",
-        )
-    return table
-
-
-def _workers_table(jobs: list[JobSummary]) -> Table:
-    by_worker: dict[str, list[JobSummary]] = defaultdict(list)
-    for job in jobs:
-        by_worker[job.worker].append(job)
-    table = Table(title="by worker", title_justify="left", expand=False)
-    for column in ("worker", "jobs", "running", "completed", "failed", "states"):
-        table.add_column(column, no_wrap=column != "states")
-    for worker in sorted(by_worker):
-        listed = by_worker[worker]
-        counts = Counter(job.state for job in listed)
-        table.add_row(
-            escape(worker),
-            str(len(listed)),
-            str(sum(counts[s] for s in ACTIVE)),
-            str(counts[JobState.COMPLETED]),
-            str(counts[JobState.FAILED]),
-            _states(counts),
-        )
-    return table
-
-
-def _summary_line(status: ArtifactStatus) -> str:
-    done = status.counts.get(JobState.COMPLETED, 0)
-    line = f"{_clock(status.updated_at)} {status.state} {done}/{status.total} completed"
-    if status.jobs is not None:
-        steps: dict[str, Counter[JobState]] = defaultdict(Counter)
-        for job in status.jobs:
-            steps[job.step][job.state] += 1
-        line += " | " + " ".join(
-            f"step {step}: {c[JobState.COMPLETED]}/{sum(c.values())}"
-            for step, c in sorted(steps.items(), key=lambda item: _step_key(item[0]))
-        )
-    counts = ", ".join(f"{state} {n}" for state, n in status.counts.items() if n)
-    return f"{line} ({counts})" if counts else line
 
 
 @app.command()
@@ -216,7 +76,7 @@ def watch(
         if console.is_terminal:
             live.start()
         else:
-            console.print(_summary_line(status), highlight=False)
+            console.print(summary_line(status), highlight=False)
         try:
             while status.state not in ARTIFACT_FINAL:
                 left = None if deadline is None else deadline - time.monotonic()
@@ -229,7 +89,7 @@ def watch(
                 if newer is not None:
                     status = newer
                     if not console.is_terminal:
-                        console.print(_summary_line(status), highlight=False)
+                        console.print(summary_line(status), highlight=False)
                 if console.is_terminal:
                     live.update(watch_view(status, started), refresh=True)
         finally:
@@ -291,7 +151,7 @@ def graph(
         dag = JobDag.from_status(status)
     except GraphTooLarge as exc:
         console.print(f"[yellow]{escape(str(exc))}[/yellow]")
-        console.print(Text.assemble(f"{status.state}: ", _states(status.counts)))
+        console.print(Text.assemble(f"{status.state}: ", state_counts(status.counts)))
         raise typer.Exit(code=1) from None
     try:
         data = dag.render(chosen, engine)  # type: ignore[arg-type]
@@ -310,34 +170,6 @@ def graph(
 
 
 # --- workers -------------------------------------------------------------------------------
-
-
-def _datasets(node: NodePresence) -> str:
-    parts = []
-    for project in node.projects:
-        described = node.details.get(project)
-        if isinstance(described, dict):
-            rows, columns = described.get("rows"), described.get("columns")
-            extra = []
-            if isinstance(rows, int):
-                extra.append(f"{rows} rows")
-            if isinstance(columns, list):
-                extra.append(f"{len(columns)} columns")
-            parts.append(f"{project} ({', '.join(extra)})" if extra else project)
-        else:
-            parts.append(project)
-    return "\n".join(parts)
-
-
-def _capabilities(node: NodePresence) -> str:
-    parts = []
-    if node.executors:
-        parts.append("executors: " + ", ".join(node.executors))
-    if node.labels:
-        parts.append(", ".join(f"{k}={v}" for k, v in node.labels.items()))
-    if node.operations:
-        parts.append(f"{len(node.operations)} operations")
-    return "\n".join(parts)
 
 
 def running_jobs(statuses: dict[str, ArtifactStatus]) -> Counter[str]:
@@ -380,14 +212,14 @@ def workers(
     if jobs:
         table.add_column("running")
     for node in nodes:
-        seen = f"{'up' if node.online else 'down'} since {_clock(node.since)} ({_ago(node.since)})"
+        seen = f"{'up' if node.online else 'down'} since {clock(node.since)} ({ago(node.since)})"
         row = [
             escape(node.node),
             "[green]yes[/green]" if node.online else "[red]no[/red]",
             "initiator" if node.initiator else "worker",
             seen,
-            escape(_datasets(node)),
-            escape(_capabilities(node)),
+            escape(datasets_text(node)),
+            escape(capabilities_text(node)),
             str(node.max_jobs),
         ]
         if jobs:
