@@ -1,24 +1,11 @@
 """Masked sequential aggregation: no worker learns the running total it is handed.
 
-In a `Sequential` step (initiator → worker 1 → … → worker N → initiator) the initialize
-job starts the running value at a random mask; each worker adds its contribution modulo
-M = 2**2176; the aggregate job subtracts the mask. Both initiator jobs run on the same
-initiator node, which derives the step's masks from a key drawn with `secrets` when the
-node's process starts and kept only in its memory: the mask never travels, and the
-artifact's seed (which workers see) plays no part.
-
-Values are integers modulo M: counts as they are, floats as exact fixed point (every
-finite float64 is a whole multiple of 2**-1074, and 2**2176 leaves room for 2**64 of the
-largest), so removing the mask loses nothing: the result is the exact sum of the
-workers' contributions, rounded once.
-
-What it protects: each worker is handed a number uniformly distributed modulo M whatever
-the workers before it contributed, so it cannot learn their partial sum.
-What it does not: the initiator learns the total (the result); the two neighbours of a
-worker, colluding, learn its contribution by subtraction; the number and order of the
-workers are visible to all. The key lives in the initiator's process: if that process
-restarts between the first and the last job of the step, the last job fails with a clear
-error and the artifact must be submitted again.
+In a `Sequential` step the initialize job starts the running value at a random mask, each
+worker adds its contribution modulo 2**BITS, and the aggregate job takes the mask off.
+What it protects: each worker is handed a uniformly random number, whatever the workers
+before it contributed. What it does not: the initiator learns the total (the result); a
+worker's two neighbours, colluding, learn its contribution; who takes part, in which order,
+is visible to all.
 """
 
 from __future__ import annotations
@@ -37,7 +24,14 @@ SCALE_BITS = 1074  # 2**-1074 is float64's smallest step
 
 
 class MaskVault:
-    """The initiator's secret: masks derived per (artifact, step, round), never stored."""
+    """The initiator's secret: masks derived per (artifact, step, round), never stored.
+
+    Both initiator jobs of a step run on the same initiator node, which derives the masks
+    from a key drawn when its process starts and kept only in its memory: a mask never
+    travels, and the artifact's seed (which workers see) plays no part. If that process
+    restarts between the step's first and last jobs, the last fails with a clear error and
+    the artifact must be submitted again.
+    """
 
     def __init__(self) -> None:
         self._key = secrets.token_bytes(32)
@@ -62,7 +56,12 @@ VAULT = MaskVault()
 
 
 def fixed(value: float) -> int:
-    """A float as an exact integer count of 2**-1074."""
+    """A float as an exact integer count of 2**-1074.
+
+    Every finite float64 is a whole multiple of 2**-1074, and 2**BITS leaves room for 2**64
+    of the largest, so taking the mask off loses nothing: the result is the exact sum of
+    the workers' contributions, rounded once.
+    """
     numerator, denominator = float(value).as_integer_ratio()
     return numerator * ((1 << SCALE_BITS) // denominator)
 

@@ -1,24 +1,7 @@
-"""A mergeable quantile sketch with a worst-case rank-error bound.
+"""A mergeable quantile sketch with a worst-case rank-error bound (`error_bound`).
 
-A hierarchy of compactors (Manku-Rajagopalan-Lindsay; the idea KLL refines): level h
-holds items of weight 2**h, at most k of them once compacted. A level with more than k
-items is sorted and every other item (odd or even positions, by a coin: a hash of the
-level and sizes, so results are reproducible) moves up a level with twice the weight; an
-odd one out stays. Merging two sketches concatenates their
-levels and compacts again, so workers' sketches merge in any order or grouping.
-
-Bound. A compaction at level h changes the estimated rank of any value by at most 2**h;
-a level compacts only while it holds more than k items (weight > k * 2**h of the N
-values), so it compacts at most N / (k * 2**h) times, adding at most N / k; and only
-levels h < log2(N / k) ever compact. Hence, whatever the coins, for the value v returned
-for quantile q of N values:
-
-    #values < v  <=  q*N + eps*N   and   #values <= v  >=  q*N - eps*N,
-    eps = ceil(log2(N / k)) / k     (0, i.e. exact, while N <= k)
-
-With the default k = 2048: eps <= 0.44% at a million values, 0.93% at a billion. The
-coins make errors cancel, so typical errors are far smaller. Like min and max, a sketch
-carries some of the data's own values to the initiator.
+Workers' sketches merge in any order or grouping; like min and max, a sketch carries
+some of the data's own values to the initiator.
 """
 
 from __future__ import annotations
@@ -37,7 +20,19 @@ def empty(k: int) -> dict[str, Any]:
 
 
 def error_bound(n: int, k: int) -> float:
-    """eps of the module docstring: the worst-case rank error, as a fraction of n."""
+    """eps: the worst-case rank error, as a fraction of the n values, whatever the coins.
+
+    For the value v returned for quantile q of N values:
+
+        #values < v  <=  q*N + eps*N   and   #values <= v  >=  q*N - eps*N,
+        eps = ceil(log2(N / k)) / k     (0, i.e. exact, while N <= k)
+
+    A compaction at level h changes the estimated rank of any value by at most 2**h; a
+    level compacts only while it holds more than k items (weight > k * 2**h of the N
+    values), so it compacts at most N / (k * 2**h) times, adding at most N / k; and only
+    levels h < log2(N / k) ever compact. The coins make errors cancel, so typical errors
+    are far smaller.
+    """
     return 0.0 if n <= k else math.ceil(math.log2(n / k)) / k
 
 
@@ -47,6 +42,13 @@ def _coin(level: int, size: int, n: int) -> int:
 
 
 def _compact(k: int, n: int, levels: list[np.ndarray]) -> list[list[float]]:
+    """A hierarchy of compactors (Manku-Rajagopalan-Lindsay; the idea KLL refines).
+
+    Level h holds items of weight 2**h, at most k of them once compacted. A level with
+    more than k items is sorted and every other item (odd or even positions, by a coin: a
+    hash of the level and sizes, so results are reproducible) moves up a level with twice
+    the weight; an odd one out stays. Merging concatenates levels and compacts again.
+    """
     level = 0
     while level < len(levels):
         items = levels[level]

@@ -13,12 +13,12 @@ from types import TracebackType
 
 from flotta_mqtt.broker.identities import write_private
 
-# Traps of mosquitto 2.0 that the rendered config avoids:
-# - Nagle adds up to 88 ms per QoS 1 hop: set_tcp_nodelay.
+# Traps of mosquitto 2.0 that the rendered config avoids (costs in bench/README.md):
+# - Nagle's algorithm delays every QoS 1 hop: set_tcp_nodelay.
 # - max_queued_messages (default 1000) silently drops messages for offline sessions:
 #   no count limit, bounded by bytes instead.
 # - a crash loses everything since the last autosave (default 1800 s). Saving on every
-#   change caps the broker near 1.5k msg/s, so it saves every few seconds instead: nodes
+#   change caps the broker's throughput, so it saves every few seconds instead: nodes
 #   acknowledge jobs and results at application level and re-send what a crash lost.
 BASE_CONFIG = """\
 # flotta_mqtt broker config, rendered by `python -m flotta_mqtt.broker`.

@@ -1,17 +1,9 @@
 """The processes that run calls on a worker, outside the agent's interpreter.
 
-A worker's `python` executor starts one *zygote*: a fresh interpreter that imports
-flotta_mqtt and cloudpickle once (about a second and a half here, mostly pydantic and
-networkx) and then only forks. Each fork becomes a call process for one workspace: it
-puts that workspace's folder first on `sys.path`, then runs calls one at a time, as long
-as the executor keeps it. Forking a warm interpreter costs a few milliseconds where
-starting one costs more than a second, and the zygote itself never imports a workspace,
-so workspaces never mix: each call process only ever sees its own.
-
-Wire formats, both over Unix sockets: the executor asks the zygote for a process with one
-JSON datagram carrying the call process's socket (SCM_RIGHTS) and gets its pid back; the
-executor and a call process exchange length-prefixed JSON frames, one request and one
-reply per call.
+A worker's `python` executor starts one *zygote* that imports flotta_mqtt and cloudpickle
+once and then only forks, as forking a warm interpreter is far cheaper than starting one
+(bench/README.md). Each fork is a call process for one workspace, which runs calls one at a
+time; the zygote never imports a workspace, so workspaces never mix.
 """
 
 from __future__ import annotations
@@ -34,6 +26,7 @@ _LENGTH = struct.Struct(">I")
 
 
 def send_frame(sock: socket.socket, message: dict[str, Any]) -> None:
+    """One length-prefixed JSON frame: a request or a reply between executor and call process."""
     data = json.dumps(message).encode()
     sock.sendall(_LENGTH.pack(len(data)) + data)
 
@@ -68,7 +61,11 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
 
 
 def zygote() -> None:
-    """Serve fork requests on the socket named by FLOTTA_ZYGOTE_FD until it closes."""
+    """Serve fork requests on the socket named by FLOTTA_ZYGOTE_FD until it closes.
+
+    A request is one JSON datagram carrying the call process's Unix socket (SCM_RIGHTS);
+    the answer, the forked process's pid.
+    """
     control = socket.socket(fileno=int(os.environ.pop("FLOTTA_ZYGOTE_FD")))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # it stops when its executor goes
     # Everything a call process needs before its workspace: imported once, here.

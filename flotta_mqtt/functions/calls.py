@@ -1,17 +1,8 @@
 """What a call is on the wire: the task parameters, the pickled arguments, the sealed outcome.
 
-Arguments and results are serialised with cloudpickle: unlike `pickle`, it pickles
-lambdas, closures and functions or classes defined in `__main__` by value, so the caller's
-script needs no importable module of its own; what is importable (the workspace's
-modules, installed packages) it still pickles by reference, as `pickle` does. Both sides
-must trust each other: a worker unpickles what the caller sends and the caller what the
-worker returns, as with any pickle-based RPC.
-
-Small pickled arguments travel inline in the task's parameters (base64); larger ones are
-a job file of the artifact in the resource store, fetched by the worker's task runner.
-The outcome (a value, or the exception with its traceback text) is a job file written by
-the worker, sealed with its own sha256 so a reader can tell a complete outcome from a
-damaged one even if a stale attempt of the same call replaced the file.
+Small pickled arguments travel inline in the task's parameters (base64), larger ones as a
+job file; the outcome is a job file written by the worker, sealed with its own sha256.
+Both sides must trust each other, as with any pickle-based RPC (see `dumps`).
 """
 
 from __future__ import annotations
@@ -80,7 +71,11 @@ class Outcome(BaseModel):
 
 
 def seal(outcome: Outcome) -> bytes:
-    """The outcome as bytes that carry their own sha256."""
+    """The outcome as bytes that carry their own sha256.
+
+    A reader can then tell a complete outcome from a damaged one, even if a stale attempt
+    of the same call replaced the file.
+    """
     body = pickle.dumps(outcome.model_dump(), protocol=pickle.HIGHEST_PROTOCOL)
     return _MAGIC + hashlib.sha256(body).digest() + body
 
@@ -118,6 +113,12 @@ def raised(exc: BaseException, worker: str) -> Outcome:
 
 
 def dumps(value: Any) -> bytes:
+    """`value` pickled with cloudpickle: lambdas, closures and what `__main__` defines by value.
+
+    So the caller's script needs no importable module of its own; what is importable (the
+    workspace's modules, installed packages) is still pickled by reference, as `pickle`
+    does. A worker unpickles what the caller sends and the caller what the worker returns.
+    """
     import cloudpickle
 
     data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)

@@ -10,10 +10,6 @@ responses = [sleep_sum(x, x + 1) for x in range(10000)]
 print([r.unwrap() for r in responses])
 ```
 
-How the function reaches a worker: a module-level function of an importable module (one
-of the workspace's, or an installed package's) is named by module and qualified name and
-imported there from the shipped workspace; a function defined in the main script (or
-inside another function) is pickled by value with cloudpickle, once per session.
 Decorate functions, not methods: a call carries its arguments, not an instance.
 """
 
@@ -53,7 +49,13 @@ def selector(platform: str | Mapping[str, str] | None) -> dict[str, str]:
 
 
 class DistributedFunction(Generic[P, R]):
-    """A function whose calls are submitted to workers; see `distributed`."""
+    """A function whose calls are submitted to workers; see `distributed`.
+
+    How it reaches a worker: a module-level function of an importable module (one of the
+    workspace's, or an installed package's) is named by module and qualified name and
+    imported there from the shipped workspace; a function defined in the main script (or
+    inside another function) is pickled by value with cloudpickle, once per session.
+    """
 
     def __init__(
         self,

@@ -1,20 +1,10 @@
 """.gitignore-style rules deciding which files of a workspace are shipped to workers.
 
-The common subset of git's syntax, implemented here rather than borrowed, so the result
-does not depend on a git binary or on a third-party matcher's reading of the rules:
-
-- blank lines and lines starting with `#` are skipped (`\\#` is a literal `#`);
-- `!pattern` re-includes what an earlier pattern excluded, except below an excluded
-  folder (as in git: an excluded folder is never entered);
-- a trailing `/` matches folders only;
-- a `/` at the start or in the middle anchors the pattern to the folder of the ignore
-  file; without one it matches a name at any depth below it;
-- `*` and `?` never match `/`; `[abc]`, `[a-z]`, `[!a]` are character classes;
-- `**/` at the start, `/**/` in the middle and `/**` at the end span any folders.
-
-The last matching rule wins. Rules come from every `.gitignore` and `.flottaignore` in the
-workspace (each relative to its own folder; `.flottaignore` keeps files out of workers
-that git keeps) and from the caller's own list.
+The common subset of git's syntax (see `parse_line`), implemented here so the result does
+not depend on a git binary or on a third-party matcher's reading of the rules. Rules come
+from every `.gitignore` and `.flottaignore` in the workspace (each relative to its own
+folder; `.flottaignore` keeps out of workers files that git keeps) and from the caller's
+own list; the last matching rule wins.
 """
 
 from __future__ import annotations
@@ -50,7 +40,17 @@ class Rule:
 
 
 def parse_line(line: str, base: str = "") -> Rule | None:
-    """A rule from one line of an ignore file, or None for blanks and comments."""
+    """A rule from one line of an ignore file, or None for blanks and comments.
+
+    - blank lines and lines starting with `#` are skipped (`\\#` is a literal `#`);
+    - `!pattern` re-includes what an earlier pattern excluded, except below an excluded
+      folder (as in git: an excluded folder is never entered);
+    - a trailing `/` matches folders only;
+    - a `/` at the start or in the middle anchors the pattern to the folder of the ignore
+      file; without one it matches a name at any depth below it;
+    - `*` and `?` never match `/`; `[abc]`, `[a-z]`, `[!a]` are character classes;
+    - `**/` at the start, `/**/` in the middle and `/**` at the end span any folders.
+    """
     text = line.rstrip("\n").rstrip("\r")
     # Trailing spaces are dropped unless escaped with a backslash, as git does.
     stripped = text.rstrip(" ")

@@ -1,16 +1,8 @@
 """Workspaces: the caller's project folder as one deterministic archive named by its hash.
 
-The same files give the same bytes, so the same sha256: entries are sorted, and every
-header carries a fixed mtime, owner and mode (0644, or 0755 for executables), the gzip
-header no name and no time. Two callers with the same files share one archive in the
-store and one unpacked folder on each worker; a changed file gives a new hash, so a
-worker never runs a mixture of old and new code. (The hash is of the compressed bytes,
-so two machines whose zlib compresses differently name the same files differently: a
-lost chance to share, never a wrong result.)
-
-The archive holds a manifest (`MANIFEST`): the format, the caller's Python version, the
-declared requirements and every file with its size and sha256, so a worker can report
-what it lacks before it runs anything.
+The same files give the same bytes, so the same sha256: two callers with the same files
+share one archive in the store and one unpacked folder on each worker, and a changed file
+gives a new hash, so a worker never runs a mixture of old and new code.
 """
 
 from __future__ import annotations
@@ -107,7 +99,16 @@ def pack(
     exclude: Iterable[Path] = (),
     max_bytes: int = MAX_BYTES,
 ) -> Workspace:
-    """Pack the folder into a deterministic tar.gz with its manifest; hash it."""
+    """Pack the folder into a deterministic tar.gz with its manifest; hash it.
+
+    Entries are sorted, and every header carries a fixed mtime, owner and mode (0644, or
+    0755 for executables), the gzip header no name and no time. (The hash is of the
+    compressed bytes, so two machines whose zlib compresses differently name the same
+    files differently: a lost chance to share, never a wrong result.) The manifest
+    (`MANIFEST`) holds the format, the caller's Python version, the declared requirements
+    and every file with its size and sha256, so a worker can report what it lacks before
+    it runs anything.
+    """
     folder = Path(root).resolve()
     if not folder.is_dir():
         raise NotADirectoryError(f"the workspace {folder} is not a folder")
