@@ -109,7 +109,8 @@ class Columns(Rows):
     def targets(self) -> list[str]:
         return [self.column] if self.column is not None else list(self.columns or [])
 
-    def result(self, per_column: list[Any]) -> Any:
+    def shaped(self, per_column: list[Any]) -> Any:
+        """The per-column results as asked: one value for `column`, a dict for `columns`."""
         if self.column is not None:
             return per_column[0]
         return dict(zip(self.targets(), per_column, strict=True))
@@ -165,4 +166,4 @@ class ColumnStatistic(Estimator):
         return [self.combine(x, y) for x, y in zip(a, b, strict=True)]
 
     def finalize(self, params: Columns, state: list[Any]) -> Any:
-        return params.result([self.result(params, s) for s in state])
+        return params.shaped([self.result(params, s) for s in state])

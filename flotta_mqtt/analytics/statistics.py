@@ -92,7 +92,7 @@ class Count(Maskable):
         return [x + y for x, y in zip(a, b, strict=True)]
 
     def finalize(self, params: CountParams, state: list[int]) -> Any:
-        return params.result(state) if params.targets() else state[0]
+        return params.shaped(state) if params.targets() else state[0]
 
     def to_ints(self, state: list[int]) -> list[int]:
         return state
