@@ -61,7 +61,8 @@ from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.model import Artifact, ArtifactState, Iterate, Operation, Parallel, Tasks
 from flotta_mqtt.model.workflow import Task
 from flotta_mqtt.protocol import ArtifactStatus, decode, topics
-from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.bus import Bus
+from flotta_mqtt.transport.settings import BrokerSettings
 
 log = logging.getLogger("bench.compare")
 
@@ -248,7 +249,7 @@ class _Driver:
         self.workers_used: set[str] = set()  # by the last run's jobs, as its statuses list them
         self.bus = Bus(
             "bench-driver",
-            BrokerConfig(url=url),
+            BrokerSettings(url=url),
             on_message=self._message,
             subscriptions=[topics.ALL_STATUS, topics.reply("bench-driver")],
             clean=True,

@@ -53,7 +53,7 @@ from flotta_mqtt.protocol import (
     unbatch,
 )
 from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
@@ -281,7 +281,7 @@ def _observer_main(url: str, conn: Connection) -> None:
     records: list[tuple[float, str, bytes]] = []
     bus = Bus(
         "bench-observer",
-        BrokerConfig(url=url),
+        BrokerSettings(url=url),
         on_message=lambda topic, payload: records.append((time.time(), topic, payload)),
         subscriptions=[topics.jobs("+"), topics.ALL_EVENTS],
         clean=True,

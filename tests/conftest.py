@@ -1,8 +1,11 @@
-"""Fixtures shared by every suite: a real mosquitto per test, and bounded waiting.
+"""Fixtures shared by every suite: a real mosquitto or an in-memory broker per test, and
+bounded waiting.
 
 - `broker`: a started LocalBroker on a free port with its own data dir, removed after
   the test. A missing mosquitto fails the test (it is a requirement, not an option).
-- `broker_config`: a BrokerConfig pointing at that broker.
+- `broker_settings`: BrokerSettings pointing at that broker.
+- `memory_broker`: an in-memory broker of the test's own (`memory://NAME`), closed after
+  it; `memory_broker.broker_settings()` are settings for its nodes.
 - `wait_for`: the polling helper from tests/helpers.py, as a fixture.
 tests/helpers.py also holds MessageRecorder, a bus handler a test can wait on.
 """
@@ -15,7 +18,8 @@ import pytest
 from helpers import wait_for as _wait_for
 
 from flotta_mqtt.broker import LocalBroker
-from flotta_mqtt.transport.bus import BrokerConfig
+from flotta_mqtt.transport.memory_broker import MemoryBroker, fresh_memory_broker
+from flotta_mqtt.transport.settings import BrokerSettings
 
 
 @pytest.fixture
@@ -30,8 +34,17 @@ def broker() -> Iterator[LocalBroker]:
 
 
 @pytest.fixture
-def broker_config(broker: LocalBroker) -> BrokerConfig:
-    return BrokerConfig(url=broker.url)
+def broker_settings(broker: LocalBroker) -> BrokerSettings:
+    return BrokerSettings(url=broker.url)
+
+
+@pytest.fixture
+def memory_broker() -> Iterator[MemoryBroker]:
+    broker = fresh_memory_broker()
+    try:
+        yield broker
+    finally:
+        broker.close()
 
 
 @pytest.fixture(name="wait_for")

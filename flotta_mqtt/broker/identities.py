@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from flotta_mqtt.transport.bus import BrokerConfig
+from flotta_mqtt.transport.settings import BrokerSettings
 
 Access = Literal["read", "write"]
 # A username is also a topic level in its rights: no `/`, `+`, `#` or spaces.
@@ -182,10 +182,10 @@ class Identities:
     credentials_file: Path
     credentials: dict[str, Credential]
 
-    def broker_config(self, node: str, url: str, ca_file: Path | None = None) -> BrokerConfig:
+    def broker_settings(self, node: str, url: str, ca_file: Path | None = None) -> BrokerSettings:
         """How `node` connects to the broker at `url` with its identity."""
         credential = self.credentials[node]
-        return BrokerConfig(
+        return BrokerSettings(
             url=url,
             username=credential.username,
             password=credential.password,

@@ -53,7 +53,7 @@ def open_bus(
 
     return Bus(
         client_id,
-        settings.bus_config(),
+        settings,
         on_message,
         subscriptions,
         will=will,

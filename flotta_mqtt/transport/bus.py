@@ -1,26 +1,10 @@
-"""The message bus: the only code that imports paho-mqtt. MQTT v5, QoS 1, persistent sessions.
+"""The transport over a real MQTT broker: the Bus, the one class driving paho-mqtt.
 
-Each trap measured with mosquitto 2.0 and paho 2.2 is handled here, once:
-- TCP_NODELAY on every socket (Nagle adds up to 88 ms per QoS 1 hop);
-- a session expiry on CONNECT, without which clean-start-off gets no session;
-- a bounded window of unacknowledged publishes (paho's message ids wrap at 65,535) and
-  every publish() return code checked;
-- every callback guarded: an exception escaping one kills paho's network thread;
-- nothing blocks the network thread: publishing from a callback is refused;
-- the size limit is enforced by the protocol codec before anything is published;
-- paho's v5 property and reason code tables, which it copies for every message, are
-  shared.
-
-A bus either runs paho's network thread (the default), or, with `threaded=False`, has
-none: the node's own thread calls `pump()`, which reads what arrived (handing it to the
-handlers on that thread) and keeps the connection alive, and `publish()` writes to the
-socket at once from whichever thread calls it. A message is then handled and answered
-without a hand-over between threads, each of which costs a wake-up and a fight for the
-GIL (about 0.1 ms a hop on 2 cores): the scheduler's dependency hop pays two fewer.
-Such a bus acknowledges what it received when the node says it has handled it
-(`acknowledge()`, after its commit) or at the next `pump()`, unless the node withholds
-them (`withhold()`): the broker re-delivers what a node crashed on, and the
-acknowledgements leave after the node's own answers.
+MQTT v5, QoS 1, persistent sessions; each trap noted in MQTT-NOTES.md (Nagle, session
+expiry, message ids wrapping, callbacks killing the network thread, oversize PUBACKs) is
+handled here once. Paho's network thread delivers messages, or with `threaded=False` the
+node's own thread does, inside `pump()`, acknowledging them when told (`acknowledge()`).
+Speed-ups inside paho are opt-in: `flotta_mqtt.transport.paho_speedups`.
 """
 
 from __future__ import annotations
@@ -33,9 +17,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -47,104 +29,9 @@ from pydantic import BaseModel
 
 from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, encode, encode_batches
 from flotta_mqtt.transport.base import BusError, ConnectHandler, MessageHandler, Will
+from flotta_mqtt.transport.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
-
-
-DAY = 24 * 3600
-
-
-def _share_property_tables() -> None:
-    """paho 2 builds its tables of the v5 properties' names and types anew for every
-    Properties object, and makes one or two per PUBLISH received and per acknowledgement.
-    The tables never change: every Properties object shares one set, and paho's time
-    per PUBLISH received falls from 25-43 µs to 15-25 here. Left as it is if paho lays
-    its Properties out otherwise."""
-    sample = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    tables = {name: vars(sample).get(name) for name in ("types", "names", "properties")}
-    if set(vars(sample)) != {"packetType", *tables} or not isinstance(tables["names"], dict):
-        return
-    compressed = [name.replace(" ", "") for name in tables["names"]]  # the attribute names
-
-    def init(self: Properties, packetType: int) -> None:
-        vars(self).update(tables, packetType=packetType)
-
-    def clear(self: Properties) -> None:
-        attributes = vars(self)
-        if len(attributes) > len(tables) + 1:  # some values were set (the tables, its type)
-            for name in compressed:
-                attributes.pop(name, None)
-
-    Properties.__init__ = init  # type: ignore[method-assign]
-    Properties.clear = clear  # type: ignore[method-assign]
-
-
-def _share_reason_code_names() -> None:
-    """paho 2 copies its table of reason code names into every ReasonCode, and makes one
-    per acknowledgement received (4-5 µs each, in a loop on its own, and more live). The
-    table is only read: every ReasonCode reads the class's own. Left as it is if paho
-    lays its ReasonCode out otherwise."""
-    sample = ReasonCode(PacketTypes.PUBACK)
-    if set(vars(sample)) != {"names", "packetType", "value"} or sample.names != dict(
-        ReasonCode.names
-    ):
-        return
-    disconnect = PacketTypes.DISCONNECT
-
-    def init(
-        self: ReasonCode, packetType: int, aName: str = "Success", identifier: int = -1
-    ) -> None:
-        self.packetType = packetType
-        if identifier == -1:
-            self.set(
-                "Normal disconnection" if packetType == disconnect and aName == "Success" else aName
-            )
-        else:
-            self.value = identifier
-            self.getName()  # a code this packet type has, as paho checks
-
-    ReasonCode.__init__ = init  # type: ignore[method-assign]
-
-
-_share_property_tables()
-_share_reason_code_names()
-
-
-@dataclass
-class BrokerConfig:
-    """How a node reaches the broker and who it is there."""
-
-    url: str = "mqtt://127.0.0.1:1883"  # mqtt://host:port, or mqtts:// for TLS
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None  # TLS: the CA that signed the broker's certificate
-    cert_file: str | None = None  # TLS: this node's client certificate, if the broker asks
-    key_file: str | None = None
-    keepalive: int = 15
-    session_expiry: int = DAY  # how long the broker queues for this node while it is away
-    # Retries at 1, 2, 4, 4… s: an edge node is back within seconds of its link.
-    reconnect_delay: tuple[int, int] = (1, 4)
-    inflight: int = 100  # paho's in-flight QoS 1 publishes: its cost per PUBACK grows with it
-    window: int = 10_000  # our bound on queued unacknowledged publishes (< 65,535 ids)
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or "127.0.0.1"
-
-    @property
-    def port(self) -> int:
-        parts = urlsplit(self.url)
-        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-
-    @property
-    def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts" or self.ca_file is not None
-
-
-@dataclass
-class _Pending:
-    topics: dict[int, str] = field(default_factory=dict)  # mid → topic, awaiting PUBACK
-    acked_early: set[int] = field(default_factory=set)  # PUBACKed before publish() returned
 
 
 class Bus:
@@ -160,16 +47,17 @@ class Bus:
     def __init__(
         self,
         client_id: str,
-        config: BrokerConfig,
+        config: BrokerSettings,  # `settings` once every caller goes through open_bus
         on_message: MessageHandler,
         subscriptions: list[str],
+        *,
         will: Will | None = None,
         on_connect: ConnectHandler | None = None,
         clean: bool = False,
         threaded: bool = True,
     ) -> None:
         self.client_id = client_id
-        self.config = config
+        self.settings = settings = config
         self._on_message = on_message
         self._on_connect_hook = on_connect
         self.subscriptions = list(subscriptions)
@@ -188,8 +76,9 @@ class Bus:
         self._wake_w.setblocking(False)
         self._received: list[tuple[int, int]] = []  # unthreaded: (mid, qos) to acknowledge
         self._withheld = False  # unthreaded: acknowledgements held back (see withhold)
-        self._window = threading.BoundedSemaphore(config.window)
-        self._pending = _Pending()
+        self._window = threading.BoundedSemaphore(settings.window)
+        self._pending: dict[int, str] = {}  # mid → topic, awaiting PUBACK
+        self._acked_early: set[int] = set()  # PUBACKed before publish() returned
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
         self._callback_thread: int | None = None  # the thread inside a callback now
@@ -200,16 +89,16 @@ class Bus:
         self._session_present = False
 
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        client.max_inflight_messages_set(config.inflight)
+        client.max_inflight_messages_set(settings.inflight)
         client.max_queued_messages_set(0)  # our window bounds the queue
-        client.reconnect_delay_set(*config.reconnect_delay)
-        if config.username is not None:
-            client.username_pw_set(config.username, config.password)
-        if config.tls:
+        client.reconnect_delay_set(settings.reconnect_delay_min, settings.reconnect_delay_max)
+        if settings.username is not None:
+            client.username_pw_set(settings.username, settings.password)
+        if settings.tls:
             client.tls_set(
-                ca_certs=config.ca_file,
-                certfile=config.cert_file,
-                keyfile=config.key_file,
+                ca_certs=settings.ca_file,
+                certfile=settings.cert_file,
+                keyfile=settings.key_file,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
         if will is not None:
@@ -232,11 +121,11 @@ class Bus:
         refusal (wrong password, not authorised) raises BusError at once.
         """
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = 0 if self._clean else self.config.session_expiry
+        properties.SessionExpiryInterval = 0 if self._clean else self.settings.session_expiry
         self._client.connect_async(
-            self.config.host,
-            self.config.port,
-            keepalive=self.config.keepalive,
+            self.settings.host,
+            self.settings.port,
+            keepalive=self.settings.keepalive,
             clean_start=self._clean,
             properties=properties,
         )
@@ -248,11 +137,11 @@ class Bus:
         if wait is not None:
             if not self._first_connack.wait(wait):
                 self.stop()
-                raise BusError(f"no answer from the broker at {self.config.url} in {wait} s")
+                raise BusError(f"no answer from the broker at {self.settings.url} in {wait} s")
             if self._refusal is not None:
                 self.stop()
                 raise BusError(
-                    f"the broker at {self.config.url} refused {self.client_id}: {self._refusal}"
+                    f"the broker at {self.settings.url} refused {self.client_id}: {self._refusal}"
                 )
         return self
 
@@ -377,7 +266,7 @@ class Bus:
         return True
 
     def _schedule_reconnect(self) -> None:
-        low, high = self.config.reconnect_delay
+        low, high = self.settings.reconnect_delay_min, self.settings.reconnect_delay_max
         self._reconnect_delay = min(high, max(low, self._reconnect_delay * 2))
         self._reconnect_at = time.monotonic() + self._reconnect_delay
 
@@ -429,7 +318,7 @@ class Bus:
         if threading.get_ident() == self._callback_thread:
             raise BusError("publish() called from a bus callback: hand the work to a thread")
         if not self._wait_for_room(timeout):
-            raise BusError(f"{self.config.window} publishes unacknowledged for {timeout} s")
+            raise BusError(f"{self.settings.window} publishes unacknowledged for {timeout} s")
         with self._io:  # unthreaded, paho writes the packet from here at once
             info = self._client.publish(topic, payload, qos=1, retain=retain)
             if not self.threaded and self._client.want_write():
@@ -440,11 +329,11 @@ class Bus:
         # paho may deliver the PUBACK before publish() returns; whichever side comes
         # second settles the window slot.
         with self._lock:
-            if info.mid in self._pending.acked_early:
-                self._pending.acked_early.discard(info.mid)
+            if info.mid in self._acked_early:
+                self._acked_early.discard(info.mid)
                 self._window.release()
             else:
-                self._pending.topics[info.mid] = topic
+                self._pending[info.mid] = topic
 
     def _wait_for_room(self, timeout: float) -> bool:
         """Take a slot in the window (freed by the broker's acknowledgements)."""
@@ -472,13 +361,13 @@ class Bus:
     @property
     def unacknowledged(self) -> int:
         with self._lock:
-            return len(self._pending.topics)
+            return len(self._pending)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every publish so far is acknowledged by the broker."""
         if self.threaded or self._pumped_elsewhere():
             with self._settled:
-                return self._settled.wait_for(lambda: not self._pending.topics, timeout)
+                return self._settled.wait_for(lambda: not self._pending, timeout)
         return self._pump_until(lambda: not self.unacknowledged, timeout)
 
     # --- paho callbacks (network thread) ---------------------------------------------
@@ -497,16 +386,13 @@ class Bus:
 
         return guarded
 
-    def _socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    def _socket_open(self, _: Any, __: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    # paho's VERSION2 signatures: (client, userdata, …, properties), unused ones as `_`.
+
     def _connected(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason: ReasonCode,
-        properties: Properties | None,
+        self, client: mqtt.Client, _: Any, flags: Any, reason: ReasonCode, __: Any
     ) -> None:
         if reason.is_failure:
             self._refusal = str(reason)
@@ -524,14 +410,7 @@ class Bus:
         else:
             self._ready(flags.session_present)
 
-    def _subscribed(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reasons: list[ReasonCode],
-        properties: Properties | None,
-    ) -> None:
+    def _subscribed(self, _: Any, __: Any, mid: int, reasons: list[Any], ___: Any) -> None:
         for reason in reasons:
             if reason.is_failure:
                 log.error("%s: a subscription was refused: %s", self.client_id, reason)
@@ -544,36 +423,22 @@ class Bus:
         if self._on_connect_hook is not None:
             self._on_connect_hook(session_present)
 
-    def _disconnected(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _disconnected(self, _: Any, __: Any, ___: Any, reason: ReasonCode, ____: Any) -> None:
         self.connected.clear()
         self._received.clear()  # ids of the lost session: the broker re-delivers those
         if reason.is_failure:
             log.warning("%s: disconnected from the broker: %s", self.client_id, reason)
 
-    def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _message(self, _: Any, __: Any, message: mqtt.MQTTMessage) -> None:
         if not self.threaded and message.qos > 0:
             self._received.append((message.mid, message.qos))  # even if the handler fails
         self._on_message(message.topic, bytes(message.payload))
 
-    def _published(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _published(self, _: Any, __: Any, mid: int, reason: ReasonCode, ___: Any) -> None:
         with self._lock:
-            topic = self._pending.topics.pop(mid, None)
+            topic = self._pending.pop(mid, None)
             if topic is None:
-                self._pending.acked_early.add(mid)
+                self._acked_early.add(mid)
                 return
             self._settled.notify_all()
         self._window.release()

@@ -1,43 +1,92 @@
-"""Node settings shared by every role: the broker and the resource store."""
+"""Node settings shared by every role and the CLI: the broker and the resource store."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flotta_mqtt.transport.bus import DAY, BrokerConfig
+DAY = 24 * 3600
+SCHEMES = ("mqtt", "mqtts", "memory")  # memory://NAME: the in-memory broker of this process
 
 
 class BrokerSettings(BaseModel):
-    """Where the broker is and who this node is there (see broker/ for identities)."""
+    """Where the broker is, who this node is there, and how its session behaves.
+
+    The one model for broker connection options: every role, the CLI and the tests build
+    it, and both transports take it. Credentials in the URL (`mqtt://user:pass@host`) move
+    to `username`/`password`, so the URL that appears in logs and errors carries none.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = "mqtt://127.0.0.1:1883"
+    url: str = "mqtt://127.0.0.1:1883"  # mqtt://host:port, or mqtts:// for TLS
     username: str | None = None
     password: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
+    ca_file: str | None = None  # TLS: the CA that signed the broker's certificate
+    cert_file: str | None = None  # TLS: this node's client certificate, if the broker asks
     key_file: str | None = None
     keepalive: int = Field(default=15, ge=2)
-    session_expiry: int = Field(default=DAY, ge=0)
-    reconnect_delay_max: int = Field(default=4, ge=1)  # seconds between reconnect attempts
+    session_expiry: int = Field(default=DAY, ge=0)  # how long the broker queues while away
+    # Retries at 1, 2, 4, 4… s: an edge node is back within seconds of its link.
+    reconnect_delay_min: int = Field(default=1, ge=1)
+    reconnect_delay_max: int = Field(default=4, ge=1)
+    inflight: int = Field(default=100, ge=1)  # paho's cost per PUBACK grows with it
+    window: int = Field(default=10_000, ge=1, lt=65_535)  # paho's message ids wrap at 65,535
 
-    def bus_config(self) -> BrokerConfig:
-        return BrokerConfig(
-            url=self.url,
-            username=self.username,
-            password=self.password,
-            ca_file=self.ca_file,
-            cert_file=self.cert_file,
-            key_file=self.key_file,
-            keepalive=self.keepalive,
-            session_expiry=self.session_expiry,
-            reconnect_delay=(1, self.reconnect_delay_max),
-        )
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_from_url(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+            return data
+        parts = urlsplit(data["url"])
+        if parts.username is None:
+            return data
+        if data.get("username") is not None or data.get("password") is not None:
+            raise ValueError("broker credentials given both in the URL and apart")
+        host = parts.netloc.rpartition("@")[2]
+        return {
+            **data,
+            "url": parts._replace(netloc=host).geturl(),
+            "username": unquote(parts.username),
+            "password": unquote(parts.password) if parts.password is not None else None,
+        }
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in SCHEMES or not parts.netloc:
+            raise ValueError(
+                f"broker URL {url!r}: expected mqtt://host:port, mqtts:// or memory://"
+            )
+        return url
+
+    @model_validator(mode="after")
+    def _ordered_delays(self) -> Self:
+        if self.reconnect_delay_min > self.reconnect_delay_max:
+            raise ValueError("reconnect_delay_min is over reconnect_delay_max")
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts" or self.ca_file is not None
+
+    def bus_config(self) -> BrokerSettings:
+        """The settings themselves: kept until the last callers pass them to the bus directly."""
+        return self
 
 
 class StorageSettings(BaseModel):

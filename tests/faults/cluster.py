@@ -43,7 +43,7 @@ from flotta_mqtt.model import (
     Sequential,
 )
 from flotta_mqtt.protocol import ArtifactStatus, JobReady, NodePresence, topics
-from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -296,7 +296,7 @@ class Observer:
         self.messages = MessageRecorder()
         self.bus = Bus(
             client_id=name,
-            config=BrokerConfig(url=broker_url),
+            config=BrokerSettings(url=broker_url),
             on_message=self.messages,
             subscriptions=subscriptions,
             clean=True,

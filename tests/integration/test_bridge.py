@@ -25,7 +25,8 @@ from flotta_mqtt.broker.bridge import SITE_TOPICS, render_bridge, site_topics
 from flotta_mqtt.broker.identities import Identities, IdentitySpec, generate_identities
 from flotta_mqtt.broker.tls import generate_tls
 from flotta_mqtt.protocol import topics
-from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.bus import Bus
+from flotta_mqtt.transport.settings import BrokerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST_RETRY = (1, 2)  # the bridge's reconnect backoff in tests, in seconds
@@ -79,11 +80,11 @@ def connect() -> Iterator[Connect]:
         name: str,
         on_message: Callable[[str, bytes], None] = _noop,
         subs: list[str] | None = None,
-        config: BrokerConfig | None = None,
+        config: BrokerSettings | None = None,
         clean: bool = True,
     ) -> Bus:
-        config = config or BrokerConfig(url=broker.url)
-        config.reconnect_delay = (1, 2)
+        config = config or BrokerSettings(url=broker.url)
+        config.reconnect_delay_min, config.reconnect_delay_max = 1, 2
         client_id = name if not clean else f"{name}-{uuid.uuid4().hex[:6]}"
         bus = Bus(client_id, config, on_message, subs or [], clean=clean)
         made.append(bus)
@@ -245,7 +246,7 @@ def test_central_queues_for_the_site_while_the_wan_is_cut(
                     "scheduler",
                     scheduler,
                     [topics.ALL_EVENTS],
-                    config=identities.broker_config("scheduler", central.url, tls.ca_file),
+                    config=identities.broker_settings("scheduler", central.url, tls.ca_file),
                 )
                 worker = MessageRecorder()
                 node_1 = connect(
@@ -253,7 +254,7 @@ def test_central_queues_for_the_site_while_the_wan_is_cut(
                     "node-1",
                     worker,
                     [topics.worker_inbox("node-1")],
-                    config=identities.broker_config("node-1", site.url),
+                    config=identities.broker_settings("node-1", site.url),
                     clean=False,
                 )
                 node_1.publish_raw(topics.events("node-1"), b"event 1")
@@ -309,7 +310,7 @@ def test_central_sends_a_site_only_what_its_nodes_may_read(
                 "scheduler",
                 scheduler,
                 [topics.ALL_EVENTS],
-                config=identities.broker_config("scheduler", central.url),
+                config=identities.broker_settings("scheduler", central.url),
             )
             spy = MessageRecorder()
             node_1 = connect(site, "spy", spy, ["flotta/#"])

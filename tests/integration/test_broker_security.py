@@ -28,7 +28,8 @@ from flotta_mqtt.broker.identities import Identities, IdentitySpec, generate_ide
 from flotta_mqtt.broker.tls import TlsFiles, generate_tls
 from flotta_mqtt.protocol import topics
 from flotta_mqtt.transport import BusError
-from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.bus import Bus
+from flotta_mqtt.transport.settings import BrokerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -87,8 +88,8 @@ def connect(secure_broker: LocalBroker, identities: Identities) -> Iterator[Conn
         subs: list[str] | None = None,
         reconnect_delay: tuple[int, int] = (1, 2),
     ) -> Bus:
-        config = identities.broker_config(node, secure_broker.url)
-        config.reconnect_delay = reconnect_delay
+        config = identities.broker_settings(node, secure_broker.url)
+        config.reconnect_delay_min, config.reconnect_delay_max = reconnect_delay
         bus = Bus(f"{node}-{uuid.uuid4().hex[:6]}", config, on_message, subs or [], clean=True)
         made.append(bus)
         return bus.start(wait=10)
@@ -125,14 +126,14 @@ def denied(connect: Connect, node: str, topic: str, payload: bytes) -> None:
 def test_a_wrong_password_or_no_identity_is_refused(
     secure_broker: LocalBroker, identities: Identities
 ) -> None:
-    config = identities.broker_config("node-1", secure_broker.url)
+    config = identities.broker_settings("node-1", secure_broker.url)
     config.password = "not-" + (config.password or "")
     with pytest.raises(BusError, match="refused"):
         Bus("node-1", config, _noop, []).start(wait=10)
     with pytest.raises(BusError, match="refused"):
-        Bus("anonymous", BrokerConfig(url=secure_broker.url), _noop, []).start(wait=10)
+        Bus("anonymous", BrokerSettings(url=secure_broker.url), _noop, []).start(wait=10)
     # A node's password does not open another node's identity.
-    stolen = identities.broker_config("node-1", secure_broker.url)
+    stolen = identities.broker_settings("node-1", secure_broker.url)
     stolen.username = "scheduler"
     with pytest.raises(BusError, match="refused"):
         Bus("scheduler", stolen, _noop, []).start(wait=10)
@@ -277,14 +278,14 @@ def test_a_node_with_the_ca_connects_over_tls(
     received = MessageRecorder()
     node = Bus(
         "node-1",
-        identities.broker_config("node-1", tls_broker.url, ca_file=tls_files.ca_file),
+        identities.broker_settings("node-1", tls_broker.url, ca_file=tls_files.ca_file),
         received,
         [topics.worker_inbox("node-1")],
         clean=True,
     )
     scheduler = Bus(
         "scheduler",
-        identities.broker_config("scheduler", tls_broker.url, ca_file=tls_files.ca_file),
+        identities.broker_settings("scheduler", tls_broker.url, ca_file=tls_files.ca_file),
         _noop,
         [],
         clean=True,
@@ -306,8 +307,8 @@ def test_a_node_without_the_ca_is_refused(
     url = tls_broker.url
     if how == "plain mqtt":
         url = url.replace("mqtts://", "mqtt://")
-    config = identities.broker_config("node-1", url)  # no ca_file
-    config.reconnect_delay = (1, 1)
+    config = identities.broker_settings("node-1", url)  # no ca_file
+    config.reconnect_delay_min, config.reconnect_delay_max = 1, 1
     node = Bus("node-1", config, _noop, [], clean=True)
     with pytest.raises(BusError, match="no answer"):
         node.start(wait=3)
@@ -328,14 +329,15 @@ def test_client_certificates_can_stand_for_passwords(
         use_identity_as_username=True,
     ) as broker:
 
-        def config(client: str | None) -> BrokerConfig:
+        def config(client: str | None) -> BrokerSettings:
             cert, key = tls_files.clients[client] if client else (None, None)
-            return BrokerConfig(
+            return BrokerSettings(
                 url=broker.url,
                 ca_file=str(tls_files.ca_file),
                 cert_file=str(cert) if cert else None,
                 key_file=str(key) if key else None,
-                reconnect_delay=(1, 1),
+                reconnect_delay_min=1,
+                reconnect_delay_max=1,
             )
 
         received = MessageRecorder()
@@ -363,7 +365,7 @@ def test_a_node_cannot_take_over_another_nodes_session(
     inbox = MessageRecorder()
     node_2 = Bus(
         "node-2",
-        identities.broker_config("node-2", secure_broker.url),
+        identities.broker_settings("node-2", secure_broker.url),
         inbox,
         [topics.jobs("node-2")],
     ).start(wait=10)
@@ -371,14 +373,14 @@ def test_a_node_cannot_take_over_another_nodes_session(
     publish_settled(connect("scheduler"), topics.jobs("node-2"), b"job for node-2")
 
     # node-1 asks for node-2's client id with its own valid password...
-    impostor = Bus("node-2", identities.broker_config("node-1", secure_broker.url), _noop, [])
+    impostor = Bus("node-2", identities.broker_settings("node-1", secure_broker.url), _noop, [])
     impostor.start(wait=10)
     impostor.stop()
 
     # ...and node-2 still finds its queued job when it comes back.
     back = Bus(
         "node-2",
-        identities.broker_config("node-2", secure_broker.url),
+        identities.broker_settings("node-2", secure_broker.url),
         inbox,
         [topics.jobs("node-2")],
     ).start(wait=10)

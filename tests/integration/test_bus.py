@@ -35,7 +35,8 @@ from flotta_mqtt.protocol import (
 )
 from flotta_mqtt.protocol.messages import CancelArtifact
 from flotta_mqtt.transport import BusError, MessageHandler, Will
-from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.bus import Bus
+from flotta_mqtt.transport.settings import BrokerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +54,7 @@ def threaded(request: pytest.FixtureRequest) -> bool:
 
 
 @pytest.fixture
-def make_bus(broker_config: BrokerConfig) -> Iterator[BusFactory]:
+def make_bus(broker_settings: BrokerSettings) -> Iterator[BusFactory]:
     """Build (not start) Buses on the test's broker; every one is stopped after the test.
 
     An unthreaded bus (`threaded=False`) gets a thread that pumps it, as a node's own
@@ -71,12 +72,12 @@ def make_bus(broker_config: BrokerConfig) -> Iterator[BusFactory]:
         client_id: str | None = None,
         on_message: MessageHandler = _noop,
         subscriptions: list[str] | None = None,
-        config: BrokerConfig | None = None,
+        settings: BrokerSettings | None = None,
         **kwargs: object,
     ) -> Bus:
         bus = Bus(
             client_id or f"test-{uuid.uuid4().hex[:8]}",
-            config or broker_config,
+            settings or broker_settings,
             on_message,
             subscriptions or [],
             **kwargs,  # type: ignore[arg-type]
@@ -190,29 +191,29 @@ def test_persistent_session_receives_everything_published_while_away(
 
 
 def test_session_expiry_is_sent_on_connect(
-    make_bus: BusFactory, broker_config: BrokerConfig
+    make_bus: BusFactory, broker_settings: BrokerSettings
 ) -> None:
-    config = BrokerConfig(url=broker_config.url, session_expiry=1)
-    bus = make_bus("expiring", config=config).start()
+    settings = BrokerSettings(url=broker_settings.url, session_expiry=1)
+    bus = make_bus("expiring", settings=settings).start()
     properties = bus._client._connect_properties
     assert properties is not None
     assert properties.SessionExpiryInterval == 1
 
 
 def test_a_zero_session_expiry_keeps_nothing_while_away(
-    make_bus: BusFactory, broker_config: BrokerConfig
+    make_bus: BusFactory, broker_settings: BrokerSettings
 ) -> None:
     """Clean start off with expiry 0 is no session at all: the contrast to the test above."""
     topic = topics.jobs("w-zero")
-    config = BrokerConfig(url=broker_config.url, session_expiry=0)
-    make_bus("w-zero", _noop, [topic], config=config).start().stop()
+    settings = BrokerSettings(url=broker_settings.url, session_expiry=0)
+    make_bus("w-zero", _noop, [topic], settings=settings).start().stop()
 
     publisher = make_bus("scheduler").start()
     publisher.publish(topic, cancel(1))
     assert publisher.flush(timeout=5)
 
     received = MessageRecorder()
-    make_bus("w-zero", received, [topic], config=config).start()
+    make_bus("w-zero", received, [topic], settings=settings).start()
     marker = cancel(2)
     publisher.publish(topic, marker)
     assert received.wait(1) == [(topic, encode(marker))]
@@ -235,13 +236,15 @@ def test_clean_session_reports_no_session_present(make_bus: BusFactory) -> None:
 
 
 def test_window_blocks_while_the_broker_is_down_then_drains_after_restart(
-    make_bus: BusFactory, broker: LocalBroker, broker_config: BrokerConfig, threaded: bool
+    make_bus: BusFactory, broker: LocalBroker, broker_settings: BrokerSettings, threaded: bool
 ) -> None:
     topic = topics.jobs("w-window")
     received = MessageRecorder()
     subscriber = make_bus("w-window", received, [topic], threaded=threaded).start()
-    config = BrokerConfig(url=broker_config.url, window=5, reconnect_delay=(1, 1))
-    publisher = make_bus("scheduler", config=config, threaded=threaded).start()
+    settings = BrokerSettings(
+        url=broker_settings.url, window=5, reconnect_delay_min=1, reconnect_delay_max=1
+    )
+    publisher = make_bus("scheduler", settings=settings, threaded=threaded).start()
 
     broker.stop()
     wait_for(lambda: not publisher.connected.is_set(), 10, "the publisher saw no disconnect")
@@ -325,13 +328,13 @@ def test_publishing_from_a_handler_is_refused_and_the_bus_keeps_working(
 
 
 def test_an_oversize_message_is_refused_before_publishing(
-    make_bus: BusFactory, broker_config: BrokerConfig
+    make_bus: BusFactory, broker_settings: BrokerSettings
 ) -> None:
     topic = topics.presence("big")
     received = MessageRecorder()
     make_bus("watcher", received, [topics.ALL_PRESENCE]).start()
-    config = BrokerConfig(url=broker_config.url, window=1)
-    publisher = make_bus("big", config=config).start()
+    settings = BrokerSettings(url=broker_settings.url, window=1)
+    publisher = make_bus("big", settings=settings).start()
 
     big = NodePresence(
         node="big", online=True, since=1.0, details={"blob": "x" * MAX_MESSAGE_BYTES}
@@ -369,20 +372,20 @@ def password_broker() -> Iterator[LocalBroker]:
 def test_wrong_password_is_refused_and_the_right_one_connects(
     password_broker: LocalBroker,
 ) -> None:
-    def config(password: str) -> BrokerConfig:
-        return BrokerConfig(url=password_broker.url, username="flotta-user", password=password)
+    def settings(password: str) -> BrokerSettings:
+        return BrokerSettings(url=password_broker.url, username="flotta-user", password=password)
 
-    intruder = Bus("intruder", config("wrong-pass"), _noop, [])
+    intruder = Bus("intruder", settings("wrong-pass"), _noop, [])
     with pytest.raises(BusError, match="refused intruder") as refused:
         intruder.start(wait=10)
     assert "authori" in str(refused.value).lower() or "password" in str(refused.value).lower()
     assert not intruder.connected.is_set()
 
-    anonymous = Bus("anonymous", BrokerConfig(url=password_broker.url), _noop, [])
+    anonymous = Bus("anonymous", BrokerSettings(url=password_broker.url), _noop, [])
     with pytest.raises(BusError, match="refused"):
         anonymous.start(wait=10)
 
-    node = Bus("node", config("right-pass"), _noop, []).start(wait=10)
+    node = Bus("node", settings("right-pass"), _noop, []).start(wait=10)
     try:
         assert node.connected.is_set()
         node.publish(topics.presence("node"), presence("node", True))
@@ -441,19 +444,19 @@ def test_a_node_stopped_with_goodbye_publishes_it_and_no_will(
 def test_a_subscriber_reconnects_by_itself_after_a_broker_restart(
     make_bus: BusFactory,
     broker: LocalBroker,
-    broker_config: BrokerConfig,
+    broker_settings: BrokerSettings,
     kill: bool,
     threaded: bool,
 ) -> None:
     topic = topics.jobs("w-again")
     received = MessageRecorder()
     connects = MessageRecorder()  # one entry per CONNACK (+ SUBACK)
-    config = BrokerConfig(url=broker_config.url, reconnect_delay=(1, 1))
+    settings = BrokerSettings(url=broker_settings.url, reconnect_delay_min=1, reconnect_delay_max=1)
     subscriber = make_bus(
         "w-again",
         received,
         [topic],
-        config=config,
+        settings=settings,
         on_connect=lambda present: connects("connect", b"%d" % present),
         threaded=threaded,
     ).start()
@@ -483,14 +486,14 @@ def _pump_until(bus: Bus, done: Callable[[], object], what: str, timeout: float 
 
 @pytest.mark.parametrize("handling", ["unacknowledged", "acknowledged", "withheld", "released"])
 def test_an_unthreaded_bus_acknowledges_what_it_received_when_told(
-    make_bus: BusFactory, broker_config: BrokerConfig, handling: str
+    make_bus: BusFactory, broker_settings: BrokerSettings, handling: str
 ) -> None:
     """A message the node has not acknowledged is delivered again after it went away: one
     it acknowledged (after handling it) is not. While acknowledgements are withheld,
     neither `acknowledge()` nor `pump()` acknowledges; once released, they do."""
     topic = topics.jobs("w-ack")
     first = MessageRecorder()
-    node = Bus("w-ack", broker_config, first, [topic], threaded=False).start(wait=None)
+    node = Bus("w-ack", broker_settings, first, [topic], threaded=False).start(wait=None)
     _pump_until(node, node.connected.is_set, "the unthreaded bus never connected")
     publisher = make_bus("scheduler").start()
     publisher.publish(topic, cancel(1))

@@ -38,7 +38,7 @@ from flotta_mqtt.functions.executor import PythonExecutor
 from flotta_mqtt.model import Task
 from flotta_mqtt.protocol import JobFailed, topics
 from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
-from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 from flotta_mqtt.workflows.executors import TaskRun
@@ -308,7 +308,7 @@ def test_a_worker_without_allow_code_never_runs_shipped_code(cluster: Cluster) -
     recorder = MessageRecorder()
     bus = Bus(
         client_id=f"rogue-{uuid.uuid4().hex[:8]}",
-        config=BrokerConfig(url=cluster.broker_url),
+        config=BrokerSettings(url=cluster.broker_url),
         on_message=recorder,
         subscriptions=[topics.events("careful")],
         clean=True,

@@ -56,7 +56,7 @@ from flotta_mqtt.protocol import (
 )
 from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
 from flotta_mqtt.transport import bus as bus_module
-from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
@@ -216,7 +216,7 @@ def start_fleet(
     )
     prober = Bus(
         client_id=f"prober-{uuid.uuid4().hex[:8]}",
-        config=BrokerConfig(url=broker.url),
+        config=BrokerSettings(url=broker.url),
         on_message=lambda topic, payload: None,
         subscriptions=[],
         clean=True,

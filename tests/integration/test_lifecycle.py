@@ -58,7 +58,7 @@ from flotta_mqtt.protocol import (
 )
 from flotta_mqtt.scheduler.service import TICK, Scheduler, SchedulerConfig
 from flotta_mqtt.transport import store as store_module
-from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import ResourceStore, sha256_hex
 from flotta_mqtt.worker import agent as agent_module
@@ -154,7 +154,7 @@ class Nodes:
         """A bare bus client that records what it sees and publishes what a test forges."""
         bus = Bus(
             client_id=f"observer-{uuid.uuid4().hex[:8]}",
-            config=BrokerConfig(url=self.broker_url),
+            config=BrokerSettings(url=self.broker_url),
             on_message=recorder,
             subscriptions=subscriptions,
             clean=True,

@@ -55,7 +55,7 @@ from flotta_mqtt.protocol import (
 )
 from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
 from flotta_mqtt.transport import store as store_module
-from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
@@ -256,7 +256,7 @@ def observer(broker_url: str, subscriptions: list[str], recorder: MessageRecorde
     """A bare bus client: it watches topics and publishes raw bytes, as a hostile node could."""
     return Bus(
         client_id=f"observer-{uuid.uuid4().hex[:8]}",
-        config=BrokerConfig(url=broker_url),
+        config=BrokerSettings(url=broker_url),
         on_message=recorder,
         subscriptions=subscriptions,
         clean=True,

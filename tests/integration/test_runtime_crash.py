@@ -34,7 +34,7 @@ from flotta_mqtt.model import (
     Sequential,
 )
 from flotta_mqtt.protocol import ArtifactStatus, JobReady, JobStarted, topics
-from flotta_mqtt.transport.bus import BrokerConfig, Bus
+from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
 pytestmark = pytest.mark.integration
@@ -229,7 +229,7 @@ def test_worker_killed_mid_job_gets_it_again_when_restarted(
     messages = MessageRecorder()
     watch = Bus(
         client_id="crash-observer",
-        config=BrokerConfig(url=broker.url),
+        config=BrokerSettings(url=broker.url),
         on_message=messages,
         subscriptions=[topics.events("w1"), topics.jobs("w1")],
         clean=True,

@@ -1,11 +1,17 @@
-"""paho's MQTT v5 Properties and ReasonCodes with the lookup tables the bus makes them
-share: they must still pack, unpack, clear and name exactly as paho's own, and keep their
-values apart."""
+"""paho's MQTT v5 Properties and ReasonCodes with the lookup tables the opt-in speed-ups
+make them share: they must still pack, unpack, clear and name exactly as paho's own, and
+keep their values apart. Nothing is shared unless asked, nor on another paho version."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
 from typing import Any
 
+import paho.mqtt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,7 +19,20 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MQTTException, Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-import flotta_mqtt.transport.bus  # noqa: F401  (shares the tables on import)
+from flotta_mqtt.transport.paho_speedups import (
+    TESTED_PAHO_VERSION,
+    disable_paho_speedups,
+    enable_paho_speedups,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def speedups() -> Iterator[None]:
+    """The speed-ups on for this module's tests, and off again after them."""
+    assert enable_paho_speedups(), f"paho {paho.mqtt.__version__} is not {TESTED_PAHO_VERSION}"
+    yield
+    disable_paho_speedups()
+
 
 # MQTT strings: UTF-8 without surrogates, U+0000 or U+FEFF (paho refuses those on receipt).
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\ufeff"))
@@ -100,3 +119,53 @@ def test_reason_codes_still_refuse_a_code_or_name_their_packet_does_not_have() -
         ReasonCode(PacketTypes.PUBACK, identifier=1)  # a SUBACK's code
     with pytest.raises(KeyError, match="not found"):
         ReasonCode(PacketTypes.PUBACK, "Granted QoS 1")
+
+
+def _packed_and_named() -> list[Any]:
+    """What paho makes of every reason code and of a PUBLISH's properties."""
+    reasons = [ReasonCode(packet_type, identifier=code) for packet_type, code, _ in REASONS]
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.MessageExpiryInterval = 60
+    properties.UserProperty = [("a", "b")]
+    return [(r.value, str(r), r.is_failure, r.pack()) for r in reasons] + [properties.pack()]
+
+
+def test_shared_tables_give_what_paho_own_methods_give() -> None:
+    shared = _packed_and_named()
+    disable_paho_speedups()
+    try:
+        assert _packed_and_named() == shared
+    finally:
+        assert enable_paho_speedups()
+
+
+# --- nothing is patched unless asked, and only on the paho version tested -----------------
+
+
+def test_importing_flotta_mqtt_leaves_paho_as_it_is() -> None:
+    script = textwrap.dedent(
+        """
+        from paho.mqtt.properties import Properties
+        from paho.mqtt.reasoncodes import ReasonCode
+        before = (Properties.__init__, Properties.clear, ReasonCode.__init__)
+        import flotta_mqtt, flotta_mqtt.transport.bus, flotta_mqtt.transport.memory
+        import flotta_mqtt.transport.paho_speedups
+        assert (Properties.__init__, Properties.clear, ReasonCode.__init__) == before
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+
+
+def test_another_paho_version_gets_no_speedups(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    disable_paho_speedups()
+    original = (Properties.__init__, Properties.clear, ReasonCode.__init__)
+    monkeypatch.setattr(paho.mqtt, "__version__", "2.3.0")
+    with caplog.at_level(logging.DEBUG, logger="flotta_mqtt.transport.paho_speedups"):
+        assert not enable_paho_speedups()
+    assert (Properties.__init__, Properties.clear, ReasonCode.__init__) == original
+    assert "paho 2.3.0" in caplog.text
+    assert "names" in vars(ReasonCode(PacketTypes.PUBACK))  # paho's own copy, as before
+    monkeypatch.undo()
+    assert enable_paho_speedups()
