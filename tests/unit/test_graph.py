@@ -12,15 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flotta_mqtt.client import graph as graph_module
-from flotta_mqtt.client.graph import (
-    NODE_H,
-    NODE_W,
-    GraphImage,
-    GraphTooLarge,
-    JobDag,
-    format_of,
-    layout,
-)
+from flotta_mqtt.client.drawing import NODE_H, NODE_W, layout
+from flotta_mqtt.client.graph import GraphImage, GraphTooLarge, JobDag, format_of
 from flotta_mqtt.model import ArtifactState, JobState
 from flotta_mqtt.protocol import ArtifactStatus, JobSummary
 
