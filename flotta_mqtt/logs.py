@@ -1,16 +1,8 @@
 """Node logging: plain text, or one JSON object per line carrying artifact and job ids.
 
 Every JSON line has the keys `artifact_id`, `job_id`, `attempt` and `worker` (null when
-the line is about no job), so a log pipeline can filter one artifact's or one job's lines
-without parsing messages. Ids come from, in order of precedence:
-
-- `extra={"artifact_id": ..., "job_id": ...}` on the logging call;
-- a `JobLogger` (a LoggerAdapter bound to one job): `job_logger(log, ref).info("...")`;
-- the enclosing `log_context(artifact_id=..., job_id=...)` block, which follows the code
-  running inside it (a contextvar), for code that logs without knowing the job.
-
-`configure_logging(level, "json")` installs it on the root logger; the `FLOTTA_LOG_FORMAT`
-variable (`text` or `json`) chooses when no format is given.
+the line is about no job; see `ContextFilter` for where they come from), so a log pipeline
+can filter one artifact's or one job's lines. `configure_logging` installs it.
 """
 
 from __future__ import annotations
@@ -46,7 +38,13 @@ def log_context(**ids: Any) -> Iterator[None]:
 
 
 class ContextFilter(logging.Filter):
-    """Give every record the id attributes: from `extra`, else the context, else None."""
+    """Give every record the id attributes: from `extra`, else the context, else None.
+
+    In order of precedence: `extra={"artifact_id": ..., "job_id": ...}` on the logging call;
+    a `JobLogger` (a LoggerAdapter bound to one job): `job_logger(log, ref).info("...")`;
+    the enclosing `log_context(artifact_id=..., job_id=...)` block, which follows the code
+    running inside it (a contextvar), for code that logs without knowing the job.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         context = _context.get()
@@ -124,7 +122,8 @@ def configure_logging(
 ) -> logging.Handler:
     """Send the root logger's lines to `stream` (stderr) as text or JSON; returns the handler.
 
-    Replaces the handlers a previous call installed (not anyone else's).
+    Without `fmt`, the `FLOTTA_LOG_FORMAT` variable (`text` or `json`) chooses. Replaces
+    the handlers a previous call installed (not anyone else's).
     """
     chosen = fmt or os.environ.get("FLOTTA_LOG_FORMAT", "text").lower()
     if chosen not in ("text", "json"):
