@@ -1,9 +1,7 @@
 """The transport over a real MQTT broker: the Bus, the one class driving paho-mqtt.
 
-MQTT v5, QoS 1, persistent sessions; each trap noted in MQTT-NOTES.md (Nagle, session
-expiry, message ids wrapping, callbacks killing the network thread, oversize PUBACKs) is
-handled here once. Paho's network thread delivers messages, or with `threaded=False` the
-node's own thread does, inside `pump()`, acknowledging them when told (`acknowledge()`).
+MQTT v5, QoS 1, persistent sessions; each trap in MQTT-NOTES.md is handled here, once.
+With `threaded=False` the node's own thread drives the connection, inside `pump()`.
 Speed-ups inside paho are opt-in: `flotta_mqtt.transport.paho_speedups`.
 """
 
@@ -34,14 +32,34 @@ from flotta_mqtt.transport.settings import BrokerSettings
 log = logging.getLogger(__name__)
 
 
+def _paho_client(
+    client_id: str, settings: BrokerSettings, will: Will | None, manual_ack: bool
+) -> mqtt.Client:
+    """A paho client as `settings` say, MQTT v5, queueing bounded by the Bus's window."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(settings.inflight)
+    client.max_queued_messages_set(0)  # the Bus's window bounds the queue
+    client.reconnect_delay_set(settings.reconnect_delay_min, settings.reconnect_delay_max)
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls:
+        client.tls_set(
+            ca_certs=settings.ca_file,
+            certfile=settings.cert_file,
+            keyfile=settings.key_file,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+    if will is not None:
+        client.will_set(will.topic, encode(will.message), qos=1, retain=will.retain)
+    client.manual_ack_set(manual_ack)
+    return client
+
+
 class Bus:
     """A connected MQTT v5 client with a persistent session (unless `clean` is asked for).
 
-    Incoming messages are handed to `on_message(topic, payload)` on paho's network thread
-    (with `threaded=False`, on the thread calling `pump()`): handlers must be quick and
-    never wait on the bus (they enqueue work, or do a little of it). Publishing blocks
-    while the window is full, so it must be called from the node's own threads, never
-    from a handler.
+    Handlers run on paho's network thread (unthreaded: inside `pump()`), so they must be
+    quick and never publish: publishing blocks while the window is full.
     """
 
     def __init__(
@@ -88,22 +106,7 @@ class Bus:
         self._connect_subscription: int | None = None  # mid of the SUBSCRIBE sent on CONNACK
         self._session_present = False
 
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        client.max_inflight_messages_set(settings.inflight)
-        client.max_queued_messages_set(0)  # our window bounds the queue
-        client.reconnect_delay_set(settings.reconnect_delay_min, settings.reconnect_delay_max)
-        if settings.username is not None:
-            client.username_pw_set(settings.username, settings.password)
-        if settings.tls:
-            client.tls_set(
-                ca_certs=settings.ca_file,
-                certfile=settings.cert_file,
-                keyfile=settings.key_file,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-        if will is not None:
-            client.will_set(will.topic, encode(will.message), qos=1, retain=will.retain)
-        client.manual_ack_set(not threaded)
+        client = _paho_client(client_id, settings, will, manual_ack=not threaded)
         client.on_socket_open = self._guard(self._socket_open)
         client.on_connect = self._guard(self._connected)
         client.on_disconnect = self._guard(self._disconnected)
@@ -198,21 +201,17 @@ class Bus:
 
     def withhold(self, held: bool) -> None:
         """Unthreaded: hold back every acknowledgement (True), from `pump()` and
-        `acknowledge()` alike, until what was received is durable (False).
-
-        For a message handled after the pump that read it returned (a worker journals a
-        lone job with its result): unacknowledged, it is delivered again if the node goes
-        away first. All are held, so acknowledgements still go in the order received.
-        """
+        `acknowledge()` alike, until what was received is durable (False): a message the
+        node handles after the pump that read it is delivered again if the node goes away
+        first. All are held, so acknowledgements still go in the order received."""
         self._withheld = held
 
     def pump(self, timeout: float) -> None:
         """Unthreaded: wait up to `timeout` s for traffic, hand what arrived to the
         handlers, send what is due (pings, acknowledgements) and reconnect with backoff.
 
-        Called over and over by one thread at a time (a worker's agent turn passes between
-        its threads), at least every keepalive/2 seconds; returns early when messages
-        arrived or `wake()` was called.
+        Called over and over by one thread at a time, at least every keepalive/2 seconds;
+        returns early when messages arrived or `wake()` was called.
         """
         self._pumping = threading.current_thread()
         if self._stopped:  # nothing to drive any more; the caller is about to stop too

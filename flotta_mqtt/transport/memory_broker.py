@@ -65,7 +65,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Ready:
-    """The CONNACK (and SUBACK): what was in flight, queued and retained comes before it."""
+    """The CONNACK and SUBACK: what was in flight or queued comes before, what is retained
+    after (as from mosquitto)."""
 
     connection: Connection
     session_present: bool
@@ -192,9 +193,9 @@ class MemoryBroker:
                 connection.post(Delivery(connection, mid, message))
             while session.queued:
                 self._send(session, session.queued.popleft())
+            connection.post(Ready(connection, present))
             for pattern in connection.subscriptions:
                 self._send_retained(client_id, session, pattern)
-            connection.post(Ready(connection, present))
             for message in outbox:
                 self.publish(client_id, message)
             outbox.clear()
