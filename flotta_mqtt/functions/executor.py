@@ -50,9 +50,14 @@ from flotta_mqtt.functions import workspace as workspaces
 from flotta_mqtt.functions._child import recv_frame, send_frame
 from flotta_mqtt.functions.calls import CallParams
 from flotta_mqtt.protocol.messages import Resource
-from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import ResourceStore
-from flotta_mqtt.workflows.executors.base import Executor, TaskResult, TaskRun, register_executor
+from flotta_mqtt.workflows.executors.base import (
+    Executor,
+    Site,
+    TaskResult,
+    TaskRun,
+    register_executor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,24 +188,18 @@ class PythonExecutor(Executor):
         self._closed = False
         self.warm = threading.Event()  # set once the zygote has imported what calls need
 
-    def setup(
-        self,
-        node: str,
-        broker: BrokerSettings,
-        storage: StorageSettings,
-        state_dir: Path | None,
-        allow_code: bool,
-    ) -> None:
-        """Called by the worker agent: who it is, where things are, whether code may run.
+    def setup(self, site: Site) -> None:
+        """Who the worker is, where things are, whether code may run.
 
         The zygote starts in the background now, so the first call does not wait for an
         interpreter to import flotta_mqtt.
         """
-        self.allow_code = allow_code
+        node, broker, storage = site.node, site.broker, site.storage
+        self.allow_code = site.allow_code
         self.node = node
         self._store = ResourceStore(storage.url, storage.options)
-        if state_dir is not None:
-            self._folder = Path(state_dir) / "python"
+        if site.state_dir is not None:
+            self._folder = Path(site.state_dir) / "python"
         else:
             # Private (mode 0700): a shared temporary folder would let another local user
             # plant code under a hash this worker is about to run.
@@ -216,7 +215,7 @@ class PythonExecutor(Executor):
             or broker.model_dump_json(),
             "FLOTTA_STORAGE_JSON": storage.model_dump_json(),
         }
-        if allow_code:
+        if site.allow_code:
             threading.Thread(target=self._warm, name=f"zygote-{node}", daemon=True).start()
 
     def _warm(self) -> None:

@@ -143,11 +143,11 @@ class Fleet:
     def check_healthy(self) -> None:
         """No escaped exception, every node thread alive and connected, and still serving."""
         assert self.log.crashes() == []
-        # The nodes' own threads (private attributes: nothing public says they run).
+        # The nodes' own threads (the scheduler's: a private attribute).
         assert self.scheduler._thread.is_alive()
-        assert all(thread.is_alive() for thread in self.worker._threads)
+        assert self.worker.alive()
         initiator = self.scheduler.initiator
-        assert initiator is not None and all(thread.is_alive() for thread in initiator._threads)
+        assert initiator is not None and initiator.alive()
         for node in (self.scheduler, self.worker, self.scheduler.initiator, self.client):
             assert node is not None and node.bus.connected.is_set()
         handle = self.client.submit(self.count_artifact())

@@ -61,7 +61,6 @@ from flotta_mqtt.transport import store as store_module
 from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import ResourceStore, sha256_hex
-from flotta_mqtt.worker import agent as agent_module
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 pytestmark = pytest.mark.integration
@@ -498,9 +497,8 @@ def test_cancel_stops_running_jobs_frees_their_workers_and_ignores_late_results(
 def test_a_long_job_on_an_idle_worker_is_announced_and_the_next_job_runs_beside_it(
     nodes: Nodes,
 ) -> None:
-    """An idle worker's agent runs a lone job on its own thread; once the job runs long,
-    another thread takes over the agent's work: it announces the job, and reads, runs and
-    reports the next job while the first still runs."""
+    """A job still running a moment after it started is announced, and the worker reads,
+    runs and reports the next job on another runner while the first still runs."""
     _, _, client = nodes.start("w0", max_jobs=2)
     events = MessageRecorder()
     nodes.observer([topics.events("w0")], events)
@@ -599,43 +597,47 @@ def finished(events: MessageRecorder, job_id: int) -> None:
     )
 
 
-def test_a_lone_job_cut_off_before_it_is_journaled_is_delivered_again_by_the_broker(
+def test_a_job_cut_off_before_its_journal_commit_is_delivered_again_by_the_broker(
     nodes: Nodes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An idle worker runs a lone job before journaling it, and acknowledges its JobReady
-    only once it is journaled: a worker that dies first gets the job again from the broker
-    (no scheduler here asks again), even on a new machine with an empty journal."""
-    monkeypatch.setattr(agent_module, "STARTED_AFTER", 3600.0)  # no thread takes over
+    """A worker acknowledges a JobReady only once the job is journaled: a worker that
+    dies first gets the job again from the broker (no scheduler here asks again), even on
+    a new machine with an empty journal."""
     w0 = nodes.worker("w0", state_dir=nodes.path("w0-state"))
-    events = MessageRecorder()
-    scheduler = nodes.observer([topics.events("w0")], events)
-    flag, ledger = nodes.path("go"), nodes.path("ledger")
-    scheduler.publish(topics.jobs("w0"), lone_job(0, ledger, flag=flag, quiet=True))
-    noted(ledger, 1, "the job never started")
-    assert w0.journal.held() == []  # running, not journaled yet
 
-    w0.bus.kill()  # a crash: the JobReady was never acknowledged
-    nodes.stop(w0)  # reaps its threads; what it does now reaches nobody
-    flag.touch()
-    nodes.worker("w0", state_dir=nodes.path("w0-new-machine"))
-    finished(events, 0)
-    assert lines(ledger) == [["w0", "lone", "0", "1"]] * 2  # cut off, then run again
+    def crash(ready: JobReady) -> None:
+        w0.bus.kill()  # the machine dies before the commit: nothing was acknowledged
+        raise OSError("the machine is gone")
 
-
-def test_a_lone_job_is_journaled_with_its_result_then_acknowledged(nodes: Nodes) -> None:
-    """Once a lone job's result is journaled, its JobReady is acknowledged: a worker that
-    restarts does not get it again (and runs it once)."""
-    w0 = nodes.worker("w0", state_dir=nodes.path("w0-state"))
+    monkeypatch.setattr(w0.journal, "hold", crash)
     events = MessageRecorder()
     scheduler = nodes.observer([topics.events("w0")], events)
     ledger = nodes.path("ledger")
     scheduler.publish(topics.jobs("w0"), lone_job(0, ledger, seconds=0))
+    wait_for(lambda: not w0.bus.connected.is_set(), timeout=TIMEOUT, message="never crashed")
+    nodes.stop(w0)  # reaps its threads; what it does now reaches nobody
+    nodes.worker("w0", state_dir=nodes.path("w0-new-machine"))
     finished(events, 0)
-    # The job and its result, in one row (written once the result is on its way).
+    assert lines(ledger) == [["w0", "lone", "0", "1"]]  # run once, by the new machine
+
+
+def test_a_job_is_journaled_before_it_runs_then_acknowledged(nodes: Nodes) -> None:
+    """A job is journaled before it runs, then its JobReady is acknowledged: a worker that
+    restarts does not get it again (and runs it once); its result joins it in the journal."""
+    w0 = nodes.worker("w0", state_dir=nodes.path("w0-state"))
+    events = MessageRecorder()
+    scheduler = nodes.observer([topics.events("w0")], events)
+    flag, ledger = nodes.path("go"), nodes.path("ledger")
+    scheduler.publish(topics.jobs("w0"), lone_job(0, ledger, flag=flag))
+    noted(ledger, 1, "the job never started")
+    assert [(h.job.job_id, h.final) for h in w0.journal.held()] == [(0, None)]
+    flag.touch()
+    finished(events, 0)
+    # The result joins the job's row (written once the result is on its way).
     wait_for(
         lambda: [(h.job.job_id, type(h.final)) for h in w0.journal.held()] == [(0, JobFinished)],
         timeout=TIMEOUT,
-        message="the job was never journaled with its result",
+        message="the result was never journaled",
     )
 
     nodes.stop(w0)

@@ -1,57 +1,44 @@
-"""A worker taking jobs off its bus (inside its agent thread's pump), without a broker:
-what it journals, what it hands to its runners, and when."""
+"""A worker taking jobs off its bus, on the in-memory transport: a job is journaled before
+it runs and acknowledged to the broker after that commit, so a worker that dies before
+the commit gets it again; a job whose journal write fails is not run, and taken when the
+scheduler sends it again."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers import job_ready
+from helpers import job_ready, wait_for
+from worker_support import GATES, TIMEOUT, Station, gated, station
 
-from flotta_mqtt.protocol import JobBatch, JobFinished, JobReady, Resource, encode, topics
-from flotta_mqtt.transport.settings import StorageSettings
-from flotta_mqtt.transport.store import sha256_hex
-from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig, _Attempt
+from flotta_mqtt.protocol import JobReady
 
 
-@pytest.fixture
-def agent(tmp_path: Path) -> Any:
-    """A worker whose threads and bus are never started: taken jobs wait for its agent."""
-    config = WorkerConfig(
-        name="w0", state_dir=tmp_path / "state", storage=StorageSettings(url=tmp_path.as_uri())
-    )
-    worker = WorkerAgent(config)
-    yield worker
-    worker.journal.close()
+@pytest.fixture(name="station")
+def station_fixture(tmp_path: Path) -> Iterator[Station]:
+    yield from station(tmp_path)
 
 
-def read(agent: WorkerAgent, *jobs: JobReady) -> list[_Attempt]:
-    """What the agent's pump reads: the new jobs it will take."""
-    agent._arrived(topics.jobs("w0"), encode(JobBatch(jobs=list(jobs))))
-    taken, agent._taken = agent._taken, []
-    return taken
-
-
-def queued(agent: WorkerAgent) -> list[int]:
-    return [attempt.job.job_id for attempt in agent._ready]
-
-
-def test_a_batch_is_journaled_then_handed_to_the_runners_once(agent: WorkerAgent) -> None:
-    taken = read(agent, job_ready(0), job_ready(1))
-    assert agent.journal.held() == []  # read, not yet taken
-    assert agent._take(taken) is None  # two jobs: for the runners
-    assert queued(agent) == [0, 1]
-    assert sorted(h.job.job_id for h in agent.journal.held()) == [0, 1]
-
-    assert read(agent, job_ready(0), job_ready(1)) == []  # redelivered: answered, not run again
+def test_a_batch_is_journaled_then_run_once(station: Station) -> None:
+    agent = station.worker()
+    station.send(gated(0, gate="batch"), gated(1, gate="batch"))
+    GATES.wait_for(lambda: GATES.runs.count(("batch", 1)) == 2, "the jobs never started")
+    # Both started: both were journaled first, in one transaction.
+    assert sorted((h.job.job_id, h.final) for h in agent.journal.held()) == [(0, None), (1, None)]
+    GATES.release("batch")
+    first = [station.wait_results(0)[0], station.wait_results(1)[0]]
+    station.send(gated(0, gate="batch"), gated(1, gate="batch"))  # redelivered
+    assert [station.wait_results(0, 2)[1], station.wait_results(1, 2)[1]] == first
+    assert GATES.runs.count(("batch", 1)) == 2  # answered, not run again
 
 
 def test_jobs_whose_journal_write_fails_are_not_run_and_are_taken_when_sent_again(
-    agent: WorkerAgent, monkeypatch: pytest.MonkeyPatch
+    station: Station, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A queued job runs only once journaled: if the write fails, nothing is handed to a
-    runner and nothing is remembered, so the scheduler's re-send is taken as a new job."""
+    """A job runs only once journaled: if the write fails, nothing reaches a runner and
+    nothing is remembered, so the scheduler's re-send is taken as a new job."""
+    agent = station.worker()
     hold = agent.journal.hold
 
     def failing(ready: JobReady) -> None:
@@ -60,60 +47,54 @@ def test_jobs_whose_journal_write_fails_are_not_run_and_are_taken_when_sent_agai
         hold(ready)
 
     monkeypatch.setattr(agent.journal, "hold", failing)
-    assert agent._take(read(agent, job_ready(0), job_ready(1))) is None
-    assert queued(agent) == []
+    station.send(gated(0, gate="disk"), gated(1, gate="disk"))
+    wait_for(lambda: "2 jobs not taken" in caplog.text, TIMEOUT, "the failure was never logged")
     assert agent.journal.held() == []  # the transaction was rolled back whole
+    assert GATES.runs.count(("disk", 1)) == 0
 
     monkeypatch.setattr(agent.journal, "hold", hold)
-    assert agent._take(read(agent, job_ready(0), job_ready(1))) is None
-    assert queued(agent) == [0, 1]
-    assert sorted(h.job.job_id for h in agent.journal.held()) == [0, 1]
+    GATES.release("disk")
+    station.send(gated(0, gate="disk"), gated(1, gate="disk"))
+    station.wait_results(0)
+    station.wait_results(1)
+    assert GATES.runs.count(("disk", 1)) == 2
 
 
-def finished(job: JobReady) -> JobFinished:
-    data = b"null"
-    product = Resource(url="data:,null", sha256=sha256_hex(data), size=len(data))
-    return JobFinished(job=job.ref, product=product, started_at=1.0, finished_at=2.0)
+def test_a_job_is_acknowledged_once_journaled(station: Station) -> None:
+    """A worker that dies while a journaled job runs does not get it again from the
+    broker (the scheduler moves or re-sends it): a new machine runs only what follows."""
+    first = station.worker(state_dir=station.tmp_path / "first")
+    station.send(gated(0, gate="acknowledged"))
+    GATES.wait_for(lambda: ("acknowledged", 1) in GATES.running, "the job never started")
+    first.bus.kill()  # a crash: the broker sends the will, keeps the session
+    station.workers.remove(first)
+    first.stop()  # reaps its threads; what it does now reaches nobody
+    GATES.release("acknowledged")
+    station.worker(state_dir=station.tmp_path / "new-machine")
+    station.send(job_ready(1))  # a marker: whatever the broker delivers again comes first
+    station.wait_results(1)
+    assert GATES.runs.count(("acknowledged", 1)) == 1
 
 
-@pytest.mark.parametrize("taken_over", [False, True], ids=["alone", "taken-over"])
-def test_a_lone_job_on_an_idle_worker_is_run_first_and_journaled_with_its_result(
-    agent: WorkerAgent, taken_over: bool
+def test_a_job_cut_off_before_its_journal_commit_is_delivered_again(
+    station: Station, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The agent runs a lone job at once, journaling it after; if another thread takes
-    the agent's turn meanwhile, it journals the job first and the result follows. Either
-    way the journal ends with the job and its result, and nothing is journaled twice."""
-    (lone,) = read(agent, job_ready(0))
-    assert agent._take([lone]) is lone  # for the agent itself: not queued, not journaled
-    assert queued(agent) == [] and agent.journal.held() == []
-    if taken_over:
-        agent._journal([])
-        assert [(h.job.job_id, h.final) for h in agent.journal.held()] == [(0, None)]
-    agent._journal([finished(lone.job)])
-    agent._journal([])  # later turns find nothing left to journal
-    assert [(h.job.job_id, h.final) for h in agent.journal.held()] == [(0, finished(lone.job))]
+    """The worker dies between reading a job and committing it: the broker never had an
+    acknowledgement, and delivers the job again to the worker's next connection, even on
+    a new machine with an empty journal."""
+    first = station.worker(state_dir=station.tmp_path / "first")
 
+    def crash(ready: JobReady) -> None:
+        first.bus.kill()
+        raise OSError("the machine is gone")
 
-def test_a_lone_job_whose_journal_write_fails_is_reported_and_the_agent_goes_on(
-    agent: WorkerAgent, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The result was sent already: a failed write is logged, not raised into the thread
-    that runs the agent, and the next lone job is journaled as usual."""
-    hold = agent.journal.hold
-
-    def failing(ready: JobReady) -> None:
-        raise OSError("disk full")
-
-    (lone,) = read(agent, job_ready(0))
-    assert agent._take([lone]) is lone
-    monkeypatch.setattr(agent.journal, "hold", failing)
-    agent._journal([finished(lone.job)])
-    assert "1 results and job art1/0 not journaled" in caplog.text
-    assert agent.journal.held() == []
-
-    monkeypatch.setattr(agent.journal, "hold", hold)
-    agent._running = 0  # the first job's runner is done
-    (second,) = read(agent, job_ready(1))
-    assert agent._take([second]) is second
-    agent._journal([finished(second.job)])
-    assert [(h.job.job_id, h.final) for h in agent.journal.held()] == [(1, finished(second.job))]
+    monkeypatch.setattr(first.journal, "hold", crash)
+    GATES.release("redelivered")
+    station.send(gated(0, gate="redelivered"))
+    wait_for(lambda: not first.bus.connected.is_set(), TIMEOUT, "the bus never died")
+    station.workers.remove(first)
+    first.stop()
+    assert GATES.runs.count(("redelivered", 1)) == 0
+    station.worker(state_dir=station.tmp_path / "new-machine")
+    station.wait_results(0)
+    assert GATES.runs.count(("redelivered", 1)) == 1

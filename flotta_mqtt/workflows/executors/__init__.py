@@ -7,6 +7,7 @@ from flotta_mqtt.workflows.executors import shell as _shell  # noqa: F401  (regi
 from flotta_mqtt.workflows.executors.base import (
     EXECUTORS,
     Executor,
+    Site,
     TaskError,
     TaskResult,
     TaskRun,
@@ -19,6 +20,7 @@ from flotta_mqtt.workflows.executors.runner import TaskRunner
 __all__ = [
     "EXECUTORS",
     "Executor",
+    "Site",
     "TaskError",
     "TaskResult",
     "TaskRun",

@@ -13,6 +13,19 @@ from pydantic import BaseModel, ValidationError
 
 from flotta_mqtt.model import Task
 from flotta_mqtt.model.errors import describe
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+
+
+@dataclass(frozen=True)
+class Site:
+    """What a node may hand its executors: who it is, its broker and store, where it keeps
+    state, and whether it runs code shipped by callers."""
+
+    node: str
+    broker: BrokerSettings
+    storage: StorageSettings
+    state_dir: Path | None
+    allow_code: bool
 
 
 @dataclass
@@ -43,12 +56,22 @@ class TaskError(Exception):
 
 
 class Executor:
-    """Runs one task to completion, honouring its timeout and the stop signal."""
+    """Runs one task to completion, honouring its timeout and the stop signal.
+
+    A node calls `setup` once before the first run and `close` once when it stops; by
+    default both do nothing, for executors that need nothing of the node.
+    """
 
     name: str
 
+    def setup(self, site: Site) -> None:
+        """Take what the executor needs of the node it runs on."""
+
     def run(self, run: TaskRun) -> TaskResult:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what `setup` or the runs acquired (processes, folders)."""
 
 
 _FACTORIES: dict[str, Callable[[], Executor]] = {}

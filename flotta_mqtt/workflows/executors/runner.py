@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -15,18 +16,38 @@ from flotta_mqtt.model import Task
 from flotta_mqtt.model.workflow import log_name
 from flotta_mqtt.protocol import JobReady
 from flotta_mqtt.transport.store import ResourceStore
-from flotta_mqtt.workflows.executors.base import Executor, TaskError, TaskRun, make_executor
+from flotta_mqtt.workflows.executors.base import (
+    Executor,
+    Site,
+    TaskError,
+    TaskRun,
+    make_executor,
+)
+
+log = logging.getLogger(__name__)
 
 
 class TaskRunner:
-    """The executors a worker's config allows, and the job-file plumbing around them."""
+    """The executors a worker's config allows, and the job-file plumbing around them.
+
+    It sets up and closes its executors (`setup`, `close`), so a node knows none of them.
+    """
 
     def __init__(self, store: ResourceStore, executors: list[str]) -> None:
         self.store = store
         self.executors: dict[str, Executor] = {name: make_executor(name) for name in executors}
         self._folders = _Folders()
 
+    def setup(self, site: Site) -> None:
+        for executor in self.executors.values():
+            executor.setup(site)
+
     def close(self) -> None:
+        for name, executor in self.executors.items():
+            try:
+                executor.close()
+            except Exception:  # the others are closed all the same
+                log.exception("the %s executor did not close cleanly", name)
         self._folders.close()
 
     def run(self, job: JobReady, node: str, cancelled: threading.Event) -> dict[str, Any]:

@@ -1,0 +1,39 @@
+"""A worker's settings: its name, broker, store, datasets, executors and limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flotta_mqtt import analytics as operations
+from flotta_mqtt.model import SafeId
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+
+
+class WorkerConfig(BaseModel):
+    """A worker's settings, from a YAML file, flags or FLOTTA_* variables."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: SafeId
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    # project → its CSV/Parquet files, or {paths, min_group_size, types}
+    datasets: dict[SafeId, operations.DatasetSpec] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    max_jobs: int = Field(default=2, ge=1, le=1024)
+    plugins: list[str] = Field(default_factory=list)  # modules registering more operations
+    # Where the worker keeps the jobs it holds and its unacknowledged results across a
+    # restart; without one it remembers them only while it runs.
+    state_dir: Path | None = None
+    resend_interval: float = Field(default=5.0, gt=0)
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    # Workflow task executors this worker runs (shell, docker, kube, api). None by default:
+    # a task is code sent from elsewhere, so a worker runs tasks only when told it may.
+    executors: list[str] = Field(default_factory=list)
+    # Whether this worker runs code shipped by callers (`@distributed` functions, the
+    # `python` executor). Off by default: without it the worker neither offers nor runs
+    # that executor, even when `executors` names it.
+    allow_code: bool = False
+    initiator: bool = False  # the scheduler's own runner: holds no data

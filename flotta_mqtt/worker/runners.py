@@ -1,0 +1,147 @@
+"""A worker's runner threads: they take jobs from a queue, run them, and answer the agent
+through its inbox; they never touch the bus or the journal."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flotta_mqtt.logs import log_context
+from flotta_mqtt.protocol import JobReady, JobRef
+from flotta_mqtt.worker.attempts import STARTED_AFTER
+from flotta_mqtt.worker.journal import Final
+
+log = logging.getLogger(__name__)
+
+# What a runner does with a job: run it from `started` (wall clock) unless `cancelled`.
+Execute = Callable[[JobReady, threading.Event, float], Final]
+# A result finished while other jobs wait their turn may wait this long for the results
+# after it: a busy worker sends a message per batch of results, not per job.
+BATCH_WINDOW = 0.01
+
+
+@dataclass(frozen=True)
+class Work:
+    """A job for a runner, and the signal that stops it."""
+
+    job: JobReady
+    cancelled: threading.Event
+
+
+@dataclass(frozen=True)
+class Started:
+    """A runner took a job at `at` (wall clock), `clock` (monotonic), and runs it unless
+    it is cancelled."""
+
+    job: JobRef
+    at: float
+    clock: float
+
+
+@dataclass(frozen=True)
+class Done:
+    """A runner is through with a job: its result, or None if it was cancelled or broke."""
+
+    job: JobRef
+    final: Final | None
+
+
+Report = Started | Done
+
+
+class Inbox:
+    """What the runners tell the agent, and a wake-up for an agent asleep in its pump.
+
+    The agent says until when it sleeps, then looks at the inbox, then waits; a runner
+    puts, then looks whether the agent sleeps past when its report is due. One of the two
+    sees the other, so no report waits longer than it may, and a runner wakes a sleeping
+    agent once at most.
+    """
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._reports: queue.SimpleQueue[Report] = queue.SimpleQueue()
+        self._wake = wake
+        self._wakes_at: float | None = None  # monotonic; None while the agent is awake
+
+    def put(self, report: Report, within: float = 0.0) -> None:
+        """From a runner: a report the agent must see within `within` seconds."""
+        self._reports.put(report)
+        wakes_at = self._wakes_at
+        if wakes_at is not None and wakes_at > time.monotonic() + within:
+            self._wakes_at = None
+            self._wake()
+
+    def sleep(self, wait: Callable[[float], object], timeout: float) -> None:
+        """From the agent: `wait(timeout)` (its pump) unless a report is waiting already."""
+        self._wakes_at = time.monotonic() + timeout
+        if self._reports.empty():
+            wait(timeout)
+        self._wakes_at = None
+
+    def take(self) -> list[Report]:
+        """Every report waiting, in order, without waiting for more."""
+        reports = []
+        try:
+            while True:
+                reports.append(self._reports.get_nowait())
+        except queue.Empty:
+            return reports
+
+
+class Runners:
+    """`count` threads running jobs in the order queued, so never more than `count` at once."""
+
+    def __init__(self, name: str, count: int, execute: Execute, inbox: Inbox) -> None:
+        self._execute = execute
+        self._inbox = inbox
+        self._queue: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"{name}-runner-{i}", daemon=True)
+            for i in range(count)
+        ]
+        self._worker = name
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, work: Work) -> None:
+        self._queue.put(work)
+
+    def backlog(self) -> bool:
+        """Whether jobs wait for a runner."""
+        return not self._queue.empty()
+
+    def alive(self) -> bool:
+        return all(thread.is_alive() for thread in self._threads)
+
+    def stop(self) -> None:
+        """Let each runner leave after the jobs queued (cancelled, they end at once)."""
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _serve(self) -> None:
+        while (work := self._queue.get()) is not None:
+            job = work.job
+            started = time.time()
+            # The agent waits for it no longer than it would to announce the job.
+            self._inbox.put(Started(job.ref, started, time.monotonic()), within=STARTED_AFTER)
+            final: Final | None = None
+            try:
+                if not work.cancelled.is_set():
+                    ids = {"artifact_id": job.artifact_id, "job_id": job.job_id}
+                    with log_context(**ids, attempt=job.attempt, worker=self._worker):
+                        final = self._execute(job, work.cancelled, started)
+            except Exception:  # a runner outlives any job
+                log.exception(
+                    "worker %s: job %s/%s not run", self._worker, job.artifact_id, job.job_id
+                )
+            finally:
+                # The result of a job with others queued behind it may wait for theirs:
+                # they leave together, in one message.
+                within = BATCH_WINDOW if self.backlog() else 0.0
+                self._inbox.put(Done(job.ref, final), within=within)
