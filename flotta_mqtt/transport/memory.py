@@ -177,18 +177,27 @@ class MemoryBus:
             self._hand_over(item)
 
     def pump(self, timeout: float) -> None:
-        """Unthreaded: acknowledge what is due, wait up to `timeout` s for deliveries (or
-        `wake()`) and hand them to the handlers on this thread."""
+        """Unthreaded: acknowledge what is due, wait up to `timeout` s (0.1 s once stopped,
+        as the Bus) for deliveries or `wake()`, and hand them to the handlers here."""
         self.acknowledge()
-        connection = None if self.threaded else self._connection
         with self._arrived:
             self._arrived.wait_for(
-                lambda: self._woken or (connection is not None and bool(connection.inbox)),
-                timeout,
+                lambda: self._woken or self._deliverable() is not None,
+                min(timeout, 0.1) if self._stopped else timeout,
             )
             self._woken = False
-        for item in connection.take() if connection is not None else []:
+            connection = self._deliverable()
+            burst = connection.take() if connection is not None else []
+        for item in burst:
             self._hand_over(item)
+
+    def _deliverable(self) -> Connection | None:
+        """Unthreaded: the connection now, if deliveries wait in it (the current one is
+        read each time: a pump may begin before `start()`)."""
+        connection = self._connection
+        if self.threaded or connection is None or not connection.inbox:
+            return None
+        return connection
 
     def wake(self) -> None:
         """End a `pump()` waiting in another thread."""

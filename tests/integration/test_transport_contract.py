@@ -247,6 +247,24 @@ def test_what_an_unthreaded_node_did_not_acknowledge_comes_again_after_a_crash(
     assert got == [*expected, ("jobs/acker", b"marker")]
 
 
+def test_start_reaches_a_pump_already_waiting(connect: Connect) -> None:
+    node = connect("early", threaded=False, pumped=False)
+    stopping = threading.Event()
+
+    def pump() -> None:
+        while not stopping.is_set():
+            node.pump(30)
+
+    pumping = threading.Thread(target=pump, daemon=True)
+    pumping.start()
+    try:
+        node.start(wait=5)  # BusError if the waiting pump saw nothing of it
+    finally:
+        stopping.set()
+        node.wake()
+        pumping.join(5)
+
+
 def test_wake_ends_a_pump_early(connect: Connect) -> None:
     node = connect("idle", threaded=False, pumped=False)
     node.start(wait=None)
