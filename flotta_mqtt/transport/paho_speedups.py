@@ -30,7 +30,8 @@ _lock = threading.Lock()
 
 
 def enable_paho_speedups() -> bool:
-    """Share paho's property and reason code tables; whether they are shared now."""
+    """Share paho's property and reason code tables; whether they are shared now. Safe at
+    any time and more than once: objects made before or after work with either methods."""
     with _lock:
         if _originals:
             return True

@@ -16,8 +16,10 @@ from typing import Any, Protocol
 import pytest
 from helpers import MessageRecorder, wait_for
 
+from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, NodePresence, encode
 from flotta_mqtt.transport import BusError, MessageHandler, Transport, Will, open_bus
+from flotta_mqtt.transport.memory_broker import MemoryBroker
 from flotta_mqtt.transport.settings import BrokerSettings
 
 
@@ -39,8 +41,10 @@ def _noop(topic: str, payload: bytes) -> None:
 def settings(request: pytest.FixtureRequest) -> BrokerSettings:
     """Where the test's nodes connect: a fresh in-memory broker, or a fresh mosquitto."""
     if request.param == "memory":
-        return request.getfixturevalue("memory_broker").broker_settings()  # type: ignore[no-any-return]
-    return BrokerSettings(url=request.getfixturevalue("broker").url)
+        memory: MemoryBroker = request.getfixturevalue("memory_broker")
+        return memory.broker_settings()
+    broker: LocalBroker = request.getfixturevalue("broker")
+    return BrokerSettings(url=broker.url)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MQTTException, Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from flotta_mqtt.transport import paho_speedups
 from flotta_mqtt.transport.paho_speedups import (
     TESTED_PAHO_VERSION,
     disable_paho_speedups,
@@ -167,5 +168,19 @@ def test_another_paho_version_gets_no_speedups(
     assert (Properties.__init__, Properties.clear, ReasonCode.__init__) == original
     assert "paho 2.3.0" in caplog.text
     assert "names" in vars(ReasonCode(PacketTypes.PUBACK))  # paho's own copy, as before
+    monkeypatch.undo()
+    assert enable_paho_speedups()
+
+
+def test_a_layout_guard_that_fails_leaves_all_of_paho_as_it_is(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    disable_paho_speedups()
+    original = (Properties.__init__, Properties.clear, ReasonCode.__init__)
+    monkeypatch.setattr(paho_speedups, "_reason_code_patches", list)  # laid out otherwise
+    with caplog.at_level(logging.DEBUG, logger="flotta_mqtt.transport.paho_speedups"):
+        assert not enable_paho_speedups()
+    assert (Properties.__init__, Properties.clear, ReasonCode.__init__) == original
+    assert "laid out otherwise" in caplog.text
     monkeypatch.undo()
     assert enable_paho_speedups()
