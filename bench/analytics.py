@@ -26,7 +26,8 @@ import numpy as np
 from bench._report import console, machine_load, print_table
 from flotta_mqtt import Artifact, Client, Collect, Finalize, Operation, Parallel, Query
 from flotta_mqtt.broker import LocalBroker
-from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.nodes import SchedulerNode
+from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
@@ -81,7 +82,7 @@ def run(size_mb: int = 1024) -> None:
         storage = StorageSettings(url=(folder / "store").as_uri())
         with LocalBroker() as broker:
             settings = BrokerSettings(url=broker.url)
-            scheduler = Scheduler(
+            scheduler = SchedulerNode(
                 SchedulerConfig(broker=settings, storage=storage, database=folder / "s.db")
             ).start()
             start = time.perf_counter()

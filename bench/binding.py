@@ -12,7 +12,7 @@ Figures, each the median over `--runs`:
 - drain: completing every job in ready order through `LockTable.release` until none is
   left, and the same with the look-ups the scheduler does per completion
   (`graph.unlocks(job)` for LocksReleased, `graph.consumes(next)` for each JobReady);
-- persist: `Database.bind_artifact` (jobs and locks rows) in one SQLite transaction, as
+- persist: `Repository.bind_artifact` (jobs and locks rows) in one SQLite transaction, as
   the scheduler does when it binds.
 """
 
@@ -39,7 +39,7 @@ from flotta_mqtt.model import (
     SchedulerContext,
     bind,
 )
-from flotta_mqtt.scheduler.database import Database
+from flotta_mqtt.scheduler.repository import Repository
 
 WORKERS = 99
 SIZES = (100, 1_000)  # rounds: 10,000 and 100,000 jobs
@@ -117,7 +117,7 @@ def measure(rounds: int, workers: int, scratch: Path) -> dict[str, float]:
     if done != jobs:
         raise AssertionError(f"drain completed {done} of {jobs} jobs")
 
-    db = Database(scratch / f"bind-{rounds}-{time.monotonic_ns()}.db")
+    db = Repository(scratch / f"bind-{rounds}-{time.monotonic_ns()}.db")
     try:
         start = time.perf_counter()
         with db.transaction():

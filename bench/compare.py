@@ -192,10 +192,11 @@ def _timed(action: Callable[[], Any]) -> float:
 
 def _scheduler_main(url: str, store_url: str, database: str, ready: Any, stop: Any) -> None:
     logging.basicConfig(level=logging.WARNING, format="[scheduler] %(levelname)s %(message)s")
-    from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+    from flotta_mqtt.nodes import SchedulerNode
+    from flotta_mqtt.scheduler.config import SchedulerConfig
     from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
-    scheduler = Scheduler(
+    scheduler = SchedulerNode(
         SchedulerConfig(
             broker=BrokerSettings(url=url),
             storage=StorageSettings(url=store_url),

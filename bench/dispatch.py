@@ -44,6 +44,7 @@ from bench._report import machine_load, median_of_runs, percentile, print_table
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.client.client import Client
 from flotta_mqtt.model import Artifact, ArtifactState, Iterate, JobState, Operation, Parallel
+from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.protocol import (
     JobFinished,
     JobReady,
@@ -52,7 +53,7 @@ from flotta_mqtt.protocol import (
     topics,
     unbatch,
 )
-from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
@@ -354,7 +355,7 @@ class _Cluster:
         self.published: dict[Key, float] = {}
         self.job_ready_publishes = 0
         self.sent: Counter[str] = Counter()  # the scheduler's publishes by message type
-        self.scheduler: Scheduler | None = None
+        self.scheduler: SchedulerNode | None = None
         try:
             self._start(readies, scratch)
         except BaseException:
@@ -371,7 +372,7 @@ class _Cluster:
             if not conn.poll(60) or conn.recv() != "ready":
                 raise RuntimeError("the workbench or observer process did not start")
         # Workers are up and their presence retained before the scheduler subscribes.
-        self.scheduler = Scheduler(
+        self.scheduler = SchedulerNode(
             SchedulerConfig(
                 broker=BrokerSettings(url=self.url),
                 storage=StorageSettings(url=self.store_url),
@@ -382,9 +383,9 @@ class _Cluster:
         self._stamp_dispatches(self.scheduler)
         self.scheduler.start()
 
-    def _stamp_dispatches(self, scheduler: Scheduler) -> None:
+    def _stamp_dispatches(self, scheduler: SchedulerNode) -> None:
         """Record when the scheduler thread hands each JobReady to its bus (first time)."""
-        bus = scheduler.bus
+        bus = scheduler.scheduler.bus
         publish = bus.publish
 
         def stamped(topic: str, message: Any, **kwargs: Any) -> None:

@@ -50,7 +50,8 @@ def sleep_sum(a: int, b: int) -> int:
 
 
 def _scheduler_main(url: str, store: str, database: str, ready: Any, stop: Any) -> None:
-    from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+    from flotta_mqtt.nodes import SchedulerNode
+    from flotta_mqtt.scheduler.config import SchedulerConfig
     from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
     logging.basicConfig(level=logging.WARNING)
@@ -60,7 +61,7 @@ def _scheduler_main(url: str, store: str, database: str, ready: Any, stop: Any) 
         database=Path(database),
         worker_grace=0.5,
     )
-    scheduler = Scheduler(config).start()
+    scheduler = SchedulerNode(config).start()
     ready.set()
     stop.wait()
     scheduler.stop()

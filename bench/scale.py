@@ -1,7 +1,7 @@
 """Scale: 100,000 jobs bound and scheduled by the real scheduler code, without a network.
 
-In a fresh process (so its memory is the scheduler's alone): a `Scheduler` (not started:
-no broker) whose thread's work is done here, burst by burst, exactly as `_serve` does it:
+In a fresh process (so its memory is the scheduler's alone): the scheduler's core and
+repository, driven here burst by burst as its service drives them (no broker):
 99 workers' presence; the submission of `Iterate(1000, [Parallel(noop, Collect()),
 Finalize(noop, Distribute())])` (100 jobs a round: 100,000 jobs and 197,901 locks), bound
 and persisted in SQLite; then every JobReady it publishes is answered with the encoded
@@ -18,8 +18,10 @@ once the artifact is done (the database keeps the jobs, the process should not).
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import multiprocessing as mp
+import random
 import resource
 import statistics
 import tempfile
@@ -47,76 +49,87 @@ def _scale_main(jobs: int, database: str, conn: Connection) -> None:
     from bench.binding import artifact_of
     from flotta_mqtt.model import ArtifactState
     from flotta_mqtt.protocol import JobFinished, JobReady, NodePresence, Resource, encode, topics
-    from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+    from flotta_mqtt.scheduler.announcements import build_status
+    from flotta_mqtt.scheduler.config import SchedulerConfig
+    from flotta_mqtt.scheduler.core import Policies, SchedulerCore
+    from flotta_mqtt.scheduler.effects import Clock, Event, Received
+    from flotta_mqtt.scheduler.metrics import SchedulerMetrics
+    from flotta_mqtt.scheduler.repository import Repository
+    from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
 
-    scheduler = Scheduler(
-        SchedulerConfig(database=Path(database), run_initiator=False, worker_grace=0.0)
-    )
+    config = SchedulerConfig(database=Path(database), run_initiator=False, worker_grace=0.0)
+    repository = Repository(config.database)
+    core = SchedulerCore(config, SchedulerMetrics(), Policies.of(config, random.Random(0)))
+    store = ResourceStore((Path(database).parent / "store").as_uri())
+
+    def manifest(artifact_id: str, results: list[Resource]) -> Resource:
+        data = json.dumps([r.model_dump(mode="json") for r in results]).encode()
+        return store.put(store.results_url(artifact_id), data, media_type=RESULTS_MANIFEST)
+
+    def clock() -> Clock:
+        now = time.monotonic()
+        return Clock(now, time.time(), now)
+
+    def burst(events: list[Event]) -> list[Any]:
+        """One burst as the service handles it: decided, written in one transaction, and
+        what it publishes encoded (statuses built after the commit); the JobReady kept."""
+        decision = core.handle(events, clock())
+        with repository.transaction():
+            repository.apply(decision.writes)
+        ready = []
+        for _topic, message, _retain in decision.publish:
+            encode(message)
+            if isinstance(message, JobReady):
+                ready.append(message)
+        for record, wall in decision.statuses:
+            encode(build_status(record, wall, config.allow_download, manifest))
+        return ready
+
+    core.restore([], set(), [], clock())
     now = time.time()
-    with scheduler.db.transaction():
-        for i in range(WORKERS):
-            name = f"w{i:03d}"
-            presence = NodePresence(
-                node=name, online=True, projects=["bench"], operations=["noop"], since=now
-            )
-            scheduler._handle(
-                "message", (topics.presence(name), encode(presence), time.monotonic())
-            )
-        scheduler._out.clear()
+    presence = [
+        NodePresence(
+            node=f"w{i:03d}", online=True, projects=["bench"], operations=["noop"], since=now
+        )
+        for i in range(WORKERS)
+    ]
+    burst([Received(topics.presence(p.node), encode(p), time.monotonic()) for p in presence])
     artifact = artifact_of(jobs // 100)
     gc.collect()
     rss_start = _rss_mb()
 
-    def drain() -> list[Any]:
-        """What the burst decided, encoded as it would be published; the JobReady kept."""
-        scheduler._build_statuses()  # as `_serve` does after the commit
-        out, scheduler._out = scheduler._out, []
-        ready = []
-        for _topic, message, _retain in out:
-            encode(message)
-            if isinstance(message, JobReady):
-                ready.append(message)
-        return ready
-
     start = time.perf_counter()
-    with scheduler.db.transaction():
-        payload = encode(artifact)
-        scheduler._handle("message", (topics.submit("bench"), payload, time.monotonic()))
-        scheduler._collect_status()
-    pending = drain()
+    pending = burst([Received(topics.submit("bench"), encode(artifact), time.monotonic())])
     bind_s = time.perf_counter() - start
     rss_bound = _rss_mb()
-    record = scheduler._artifacts[artifact.id]
+    record = core.artifacts[artifact.id]
     total = len(record.jobs)
 
     start = time.perf_counter()
     finished = 0
     while pending:
-        burst, pending = pending[:BURST], pending[BURST:]
-        with scheduler.db.transaction():
-            for job in burst:
-                worker = record.worker(job.job_id)
-                product = Resource(
-                    url=f"file:///bench/artifacts/{job.artifact_id}/jobs/{job.job_id}/attempt-1/product",
-                    sha256="0" * 64,
-                    size=4,
-                )
-                event = JobFinished(job=job.ref, product=product, started_at=now, finished_at=now)
-                scheduler._handle(
-                    "message", (topics.events(worker), encode(event), time.monotonic())
-                )
-                finished += 1
-            scheduler._collect_status()
-        pending += drain()
+        taken, pending = pending[:BURST], pending[BURST:]
+        events: list[Event] = []
+        for job in taken:
+            worker = record.worker(job.job_id)
+            product = Resource(
+                url=f"file:///bench/artifacts/{job.artifact_id}/jobs/{job.job_id}/attempt-1/product",
+                sha256="0" * 64,
+                size=4,
+            )
+            event = JobFinished(job=job.ref, product=product, started_at=now, finished_at=now)
+            events.append(Received(topics.events(worker), encode(event), time.monotonic()))
+            finished += 1
+        pending += burst(events)
     schedule_s = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    state = scheduler.db.artifact(artifact.id)
+    state = repository.artifact(artifact.id)
     if state is None or state.state is not ArtifactState.COMPLETED or finished != total:
         raise RuntimeError(f"finished {finished} of {total} jobs; the artifact is {state}")
     del record
     gc.collect()
     rss_end = _rss_mb()
-    scheduler.db.close()
+    repository.close()
     conn.send(
         {
             "jobs": total,

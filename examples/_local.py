@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from flotta_mqtt import Client, StorageSettings
 from flotta_mqtt.broker import LocalBroker
-from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.nodes import SchedulerNode
+from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
@@ -39,10 +40,10 @@ def local_cluster(
         folder = Path(tmp)
         storage = StorageSettings(url=(folder / "store").as_uri())
         settings = BrokerSettings(url=broker.url)
-        nodes: list[Scheduler | WorkerAgent] = []
+        nodes: list[SchedulerNode | WorkerAgent] = []
         try:
             config = SchedulerConfig(broker=settings, storage=storage, database=folder / "s.db")
-            nodes.append(Scheduler(config).start())
+            nodes.append(SchedulerNode(config).start())
             for name, size in zip(WORKERS, SIZES, strict=True):
                 table = make(rng, size)
                 if name == "node-2":

@@ -36,7 +36,8 @@ def local_cluster(workers: int = 3) -> Iterator[tuple[str, str]]:
     """A mosquitto, a scheduler and workers allowed to run shipped code, in this process."""
     from flotta_mqtt import Client
     from flotta_mqtt.broker import LocalBroker
-    from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+    from flotta_mqtt.nodes import SchedulerNode
+    from flotta_mqtt.scheduler.config import SchedulerConfig
     from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
     from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
@@ -44,10 +45,10 @@ def local_cluster(workers: int = 3) -> Iterator[tuple[str, str]]:
         folder = Path(tmp)
         settings = BrokerSettings(url=broker.url)
         storage = StorageSettings(url=(folder / "store").as_uri())
-        nodes: list[Scheduler | WorkerAgent] = []
+        nodes: list[SchedulerNode | WorkerAgent] = []
         try:
             config = SchedulerConfig(broker=settings, storage=storage, database=folder / "s.db")
-            nodes.append(Scheduler(config).start())
+            nodes.append(SchedulerNode(config).start())
             names = [f"node-{i + 1}" for i in range(workers)]
             for name in names:
                 worker = WorkerConfig(

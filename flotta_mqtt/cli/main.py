@@ -18,8 +18,9 @@ from rich.table import Table
 from flotta_mqtt.client.client import ArtifactFailed, Client
 from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import Artifact, Tasks, Workflow
+from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.protocol import ArtifactStatus
-from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings, load_yaml
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 from flotta_mqtt.workflows.executors import check_task
@@ -111,7 +112,7 @@ def _logging(level: str, fmt: str) -> None:
     configure_logging(level.upper(), "json" if fmt == "json" else "text")
 
 
-def _serve(node: Scheduler | WorkerAgent, what: str) -> None:
+def _serve(node: SchedulerNode | WorkerAgent, what: str) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -152,7 +153,7 @@ def scheduler(
             "storage": {"url": storage} if storage else {},
         },
     )
-    _serve(Scheduler(settings), f"scheduler {settings.name}")
+    _serve(SchedulerNode(settings), f"scheduler {settings.name}")
 
 
 @app.command()

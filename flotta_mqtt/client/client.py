@@ -187,8 +187,16 @@ class Client:
                 barrier = self._barriers.get(message.error) if message.topic == "sync" else None
                 if barrier is not None:
                     barrier.set()
-                else:
+                elif message.artifact_id is not None:
                     self._rejections.append(message)
+                else:  # this workbench's requests all name their artifact: not one of ours
+                    log.error(
+                        "workbench %s: the scheduler rejected a request naming no "
+                        "artifact on %s: %s",
+                        self.client_id,
+                        message.topic,
+                        message.error,
+                    )
             self._changed.notify_all()
 
 
@@ -283,8 +291,9 @@ class ArtifactHandle:
         )
 
     def _rejection(self) -> RequestRejected | None:
+        """The scheduler's rejection of a request about this artifact, if one came."""
         for rejection in self.client._rejections:
-            if rejection.artifact_id in (None, self.artifact_id):
+            if rejection.artifact_id == self.artifact_id:
                 return rejection
         return None
 

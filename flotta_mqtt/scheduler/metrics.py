@@ -1,10 +1,9 @@
 """The scheduler's metrics in Prometheus' text format, served on an optional HTTP port.
 
-Counters and histograms are updated by the scheduler thread at the points where things
-happen (a dispatch, a start, a completion, a failure, a retry, an artifact changing
-state). Gauges that describe the present (jobs held per worker, unfinished artifacts by
-state, jobs of unfinished artifacts by state) are read on the scheduler thread at scrape
-time, through `Scheduler.call`, so nothing reads its state from another thread.
+Counters and histograms are updated by the scheduler's core where things happen (a
+dispatch, a start, a completion, a failure, a retry, an artifact changing state). Gauges
+that describe the present are the core's `snapshot()`, which the service takes on its
+own thread at scrape time.
 
 Exposition format: https://prometheus.io/docs/instrumenting/exposition_formats/ (0.0.4).
 Only the standard library: a scrape is a few hundred bytes of text.
@@ -16,15 +15,11 @@ import logging
 import math
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
 
 from flotta_mqtt.model import ArtifactState, JobState
-
-if TYPE_CHECKING:
-    from flotta_mqtt.scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +28,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Job run time, as its worker measured it.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
-SAMPLE_TIMEOUT = 2.0  # seconds a scrape waits for the scheduler thread's gauges
 
 
 class Histogram:
@@ -187,42 +181,6 @@ def _number(value: float) -> str:
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def scheduler_sampler(scheduler: Scheduler) -> Callable[[], Gauges | None]:
-    """A function reading the scheduler's gauges on its own thread; None if it is busy."""
-
-    def sample() -> Gauges | None:
-        done = threading.Event()
-        box: list[Gauges] = []
-
-        def collect() -> None:
-            box.append(gauges_of(scheduler._artifacts.values()))
-            done.set()
-
-        scheduler.call(collect)
-        return box[0] if done.wait(SAMPLE_TIMEOUT) else None
-
-    return sample
-
-
-def gauges_of(records: Iterable[object]) -> Gauges:
-    """Gauges over the scheduler's in-memory (unfinished) artifact records."""
-    from flotta_mqtt.scheduler.service import _Artifact
-
-    gauges = Gauges()
-    for record in records:
-        assert isinstance(record, _Artifact)
-        gauges.artifacts[str(record.state)] += 1
-        for state, n in record.counts.items():
-            gauges.jobs[str(state)] += n
-        gauges.retry_pending += len(record.retry_at)
-        if record.graph is None:
-            continue
-        for job_id in record.dispatched_at:
-            if record.jobs[job_id].state in (JobState.DISPATCHED, JobState.RUNNING):
-                gauges.queue_depth[record.worker(job_id)] += 1
-    return gauges
 
 
 class MetricsServer:

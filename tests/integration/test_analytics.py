@@ -40,7 +40,8 @@ from flotta_mqtt import (
 )
 from flotta_mqtt.analytics import masking
 from flotta_mqtt.broker import LocalBroker
-from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.nodes import SchedulerNode
+from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
@@ -86,7 +87,7 @@ class Nodes:
     """The running cluster, the workers' files, and what each worker holds, as read back."""
 
     client: Client
-    scheduler: Scheduler
+    scheduler: SchedulerNode
     store: ResourceStore
     folder: Path
     shares: dict[str, dict[str, pa.Table]] = field(default_factory=dict)  # project → worker
@@ -134,7 +135,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
         settings = BrokerSettings(url=broker.url)
         running: list[Any] = []
         try:
-            scheduler = Scheduler(
+            scheduler = SchedulerNode(
                 SchedulerConfig(broker=settings, storage=storage, database=folder / "s.db")
             ).start(wait=TIMEOUT)
             running.append(scheduler)

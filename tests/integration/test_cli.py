@@ -23,7 +23,8 @@ from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.cli.main import app
 from flotta_mqtt.client.client import Client
 from flotta_mqtt.model import Artifact, ArtifactState, Collect, Finalize, Operation, Parallel
-from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.nodes import SchedulerNode
+from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
@@ -175,7 +176,7 @@ def running(broker: LocalBroker, tmp_path: Path) -> Iterator[Running]:
     rng = random.Random(11)
     broker_settings = BrokerSettings(url=broker.url)
     storage = StorageSettings(url=(tmp_path / "store").as_uri())
-    nodes: list[Scheduler | WorkerAgent] = []
+    nodes: list[SchedulerNode | WorkerAgent] = []
     expected = 0
     try:
         config = SchedulerConfig(
@@ -184,7 +185,7 @@ def running(broker: LocalBroker, tmp_path: Path) -> Iterator[Running]:
             database=tmp_path / "scheduler.db",
             initiator_plugins=[PLUGIN],
         )
-        nodes.append(Scheduler(config).start(wait=TIMEOUT))
+        nodes.append(SchedulerNode(config).start(wait=TIMEOUT))
         for i, name in enumerate(WORKERS):
             xs = [rng.random() for _ in range(50 + 31 * i)]
             expected += sum(1 for x in xs if x > 0.5)

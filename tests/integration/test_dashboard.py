@@ -43,7 +43,8 @@ from flotta_mqtt.model import (
     Operation,
     Parallel,
 )
-from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.nodes import SchedulerNode
+from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
@@ -139,7 +140,7 @@ SPEC = IdentitySpec(
 def deployment() -> Iterator[Deployment]:
     """As deployed: identities and ACL, a WebSockets listener, every node its own identity."""
     data_dir = Path(tempfile.mkdtemp(prefix="flotta-dashboard-"))
-    nodes: list[Scheduler | WorkerAgent] = []
+    nodes: list[SchedulerNode | WorkerAgent] = []
     try:
         identities = generate_identities(SPEC, data_dir / "identities")
         with LocalBroker(
@@ -163,7 +164,7 @@ def deployment() -> Iterator[Deployment]:
                 database=data_dir / "scheduler.db",
                 initiator_plugins=[PLUGIN],
             )
-            nodes.append(Scheduler(config).start(wait=TIMEOUT))
+            nodes.append(SchedulerNode(config).start(wait=TIMEOUT))
             for name in WORKERS:
                 csv = data_dir / f"{name}.csv"
                 csv.write_text("x\n0.25\n0.75\n")

@@ -26,7 +26,8 @@ from pydantic import ValidationError
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.client.client import Client
 from flotta_mqtt.model import Artifact, ArtifactState, JobState, Task, Tasks
-from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.nodes import SchedulerNode
+from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
@@ -463,7 +464,7 @@ def test_an_api_task_runs_inside_a_workflow(
 ) -> None:
     broker_settings = BrokerSettings(url=broker.url)
     storage = StorageSettings(url=(tmp_path / "store").as_uri())
-    scheduler = Scheduler(
+    scheduler = SchedulerNode(
         SchedulerConfig(
             broker=broker_settings, storage=storage, database=tmp_path / "s.db", worker_grace=0.5
         )

@@ -36,8 +36,9 @@ from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.client.client import Client
 from flotta_mqtt.functions.executor import PythonExecutor
 from flotta_mqtt.model import Task
+from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.protocol import JobFailed, topics
-from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
@@ -54,7 +55,7 @@ class Cluster:
 
     broker_url: str
     folder: Path
-    running: list[Scheduler | WorkerAgent] = field(default_factory=list)
+    running: list[SchedulerNode | WorkerAgent] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)
 
     @property
@@ -73,7 +74,7 @@ class Cluster:
     def workspace(self) -> Path:
         return self.folder / "workspace"
 
-    def scheduler(self) -> Scheduler:
+    def scheduler(self) -> SchedulerNode:
         config = SchedulerConfig(
             broker=self.broker,
             storage=self.storage,
@@ -81,7 +82,7 @@ class Cluster:
             worker_grace=0.3,
             retry_backoff=0.05,
         )
-        node = Scheduler(config).start(wait=TIMEOUT)
+        node = SchedulerNode(config).start(wait=TIMEOUT)
         self.running.append(node)
         return node
 

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.client.client import Client
 from flotta_mqtt.model import Artifact, Collect, Finalize, Operation, Parallel
+from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.protocol import (
     MAX_MESSAGE_BYTES,
     CancelArtifact,
@@ -54,7 +55,7 @@ from flotta_mqtt.protocol import (
     decode,
     topics,
 )
-from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport import bus as bus_module
 from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
@@ -119,7 +120,7 @@ class Records(logging.Handler):
 
 @dataclass
 class Fleet:
-    scheduler: Scheduler
+    scheduler: SchedulerNode
     worker: WorkerAgent
     client: Client
     prober: Bus
@@ -143,12 +144,12 @@ class Fleet:
     def check_healthy(self) -> None:
         """No escaped exception, every node thread alive and connected, and still serving."""
         assert self.log.crashes() == []
-        # The nodes' own threads (the scheduler's: a private attribute).
-        assert self.scheduler._thread.is_alive()
+        # The nodes' own threads still run.
+        assert self.scheduler.scheduler.running
         assert self.worker.alive()
         initiator = self.scheduler.initiator
         assert initiator is not None and initiator.alive()
-        for node in (self.scheduler, self.worker, self.scheduler.initiator, self.client):
+        for node in (self.scheduler.scheduler, self.worker, initiator, self.client):
             assert node is not None and node.bus.connected.is_set()
         handle = self.client.submit(self.count_artifact())
         assert handle.result(timeout=TIMEOUT) == ROWS
@@ -161,7 +162,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     records = Records()
     logger = logging.getLogger("flotta_mqtt")
     logger.addHandler(records)
-    started: list[Scheduler | WorkerAgent | Client | Bus] = []
+    started: list[SchedulerNode | WorkerAgent | Client | Bus] = []
     try:
         with LocalBroker() as broker:
             try:
@@ -177,14 +178,14 @@ def start_fleet(
     broker: LocalBroker,
     folder: Path,
     records: Records,
-    started: list[Scheduler | WorkerAgent | Client | Bus],
+    started: list[SchedulerNode | WorkerAgent | Client | Bus],
 ) -> Fleet:
     """Start the nodes (each added to `started` at once) and run one artifact through them."""
     data = folder / "w0.csv"
     data.write_text("x\n" + "".join(f"{i}\n" for i in range(ROWS)))
     node = BrokerSettings(url=broker.url)
     storage = StorageSettings(url=(folder / "store").as_uri())
-    scheduler = Scheduler(
+    scheduler = SchedulerNode(
         SchedulerConfig(
             broker=node,
             storage=storage,

@@ -43,6 +43,7 @@ from flotta_mqtt.model import (
     Task,
     Tasks,
 )
+from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.protocol import (
     ArtifactStatus,
     CancelJob,
@@ -56,7 +57,7 @@ from flotta_mqtt.protocol import (
     RemoteError,
     topics,
 )
-from flotta_mqtt.scheduler.service import TICK, Scheduler, SchedulerConfig
+from flotta_mqtt.scheduler.config import TICK, SchedulerConfig
 from flotta_mqtt.transport import store as store_module
 from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
@@ -85,7 +86,7 @@ class Nodes:
 
     broker_url: str
     folder: Path
-    running: list[Scheduler | WorkerAgent | Client] = field(default_factory=list)
+    running: list[SchedulerNode | WorkerAgent | Client] = field(default_factory=list)
     buses: list[Bus] = field(default_factory=list)
 
     @property
@@ -104,7 +105,7 @@ class Nodes:
         """A file for an operation to write or wait for (unique in this test)."""
         return self.folder / name
 
-    def scheduler(self, **settings: Any) -> Scheduler:
+    def scheduler(self, **settings: Any) -> SchedulerNode:
         config = SchedulerConfig(
             broker=self.broker,
             storage=self.storage,
@@ -112,7 +113,7 @@ class Nodes:
             initiator_plugins=[PLUGIN],
             **{**SCHEDULER, **settings},
         )
-        node = Scheduler(config).start(wait=TIMEOUT)
+        node = SchedulerNode(config).start(wait=TIMEOUT)
         self.running.append(node)
         return node
 
@@ -141,7 +142,7 @@ class Nodes:
 
     def start(
         self, *workers: str, scheduler: dict[str, Any] | None = None, **worker_settings: Any
-    ) -> tuple[Scheduler, list[WorkerAgent], Client]:
+    ) -> tuple[SchedulerNode, list[WorkerAgent], Client]:
         """A scheduler, these workers, and a workbench that has seen them all online."""
         node = self.scheduler(**(scheduler or {}))
         agents = [self.worker(name, **worker_settings) for name in workers]
@@ -161,7 +162,7 @@ class Nodes:
         self.buses.append(bus)
         return bus
 
-    def stop(self, node: Scheduler | WorkerAgent | Client) -> None:
+    def stop(self, node: SchedulerNode | WorkerAgent | Client) -> None:
         self.running.remove(node)
         if isinstance(node, Client):
             node.close()
@@ -393,7 +394,9 @@ def test_an_artifact_past_its_deadline_fails_and_its_jobs_stop(nodes: Nodes) -> 
     ]
 
 
-def restart_scheduler(nodes: Nodes, scheduler: Scheduler, handle: ArtifactHandle) -> Scheduler:
+def restart_scheduler(
+    nodes: Nodes, scheduler: SchedulerNode, handle: ArtifactHandle
+) -> SchedulerNode:
     """Stop the scheduler and start it again on its database; wait until it has resumed."""
     before = handle.fetch_status(timeout=TIMEOUT)
     assert before is not None

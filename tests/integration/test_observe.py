@@ -43,7 +43,8 @@ from flotta_mqtt.model import (
     Operation,
     Parallel,
 )
-from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.nodes import SchedulerNode
+from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
@@ -75,7 +76,7 @@ class Running:
     broker_url: str
     storage: str
     client: Client
-    scheduler: Scheduler
+    scheduler: SchedulerNode
     metrics_url: str
     rows: dict[str, int]
 
@@ -89,7 +90,7 @@ def running(broker: LocalBroker, tmp_path: Path) -> Iterator[Running]:
     rng = random.Random(5)
     settings = BrokerSettings(url=broker.url)
     storage = StorageSettings(url=(tmp_path / "store").as_uri())
-    nodes: list[Scheduler | WorkerAgent] = []
+    nodes: list[SchedulerNode | WorkerAgent] = []
     rows: dict[str, int] = {}
     try:
         config = SchedulerConfig(
@@ -100,7 +101,7 @@ def running(broker: LocalBroker, tmp_path: Path) -> Iterator[Running]:
             metrics_port=free_port(),
             retry_backoff=0.05,
         )
-        scheduler = Scheduler(config).start(wait=TIMEOUT)
+        scheduler = SchedulerNode(config).start(wait=TIMEOUT)
         nodes.append(scheduler)
         for name, size in zip(WORKERS, SIZES, strict=True):
             path = tmp_path / f"{name}.csv"

@@ -39,6 +39,7 @@ from flotta_mqtt.model import (
     Parallel,
     Sequential,
 )
+from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.protocol import (
     ArtifactStatus,
     CancelJob,
@@ -53,7 +54,7 @@ from flotta_mqtt.protocol import (
     decode,
     topics,
 )
-from flotta_mqtt.scheduler.service import Scheduler, SchedulerConfig
+from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport import store as store_module
 from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
@@ -120,7 +121,7 @@ class Cluster:
     folder: Path
     data: Data
     storage: StorageSettings
-    running: list[Scheduler | WorkerAgent | Client] = field(default_factory=list)
+    running: list[SchedulerNode | WorkerAgent | Client] = field(default_factory=list)
 
     @property
     def broker(self) -> BrokerSettings:
@@ -130,7 +131,7 @@ class Cluster:
     def database(self) -> Path:
         return self.folder / "scheduler.db"
 
-    def scheduler(self, **settings: Any) -> Scheduler:
+    def scheduler(self, **settings: Any) -> SchedulerNode:
         config = SchedulerConfig(
             broker=self.broker,
             storage=self.storage,
@@ -138,7 +139,7 @@ class Cluster:
             initiator_plugins=[PLUGIN],
             **settings,
         )
-        node = Scheduler(config).start(wait=TIMEOUT)
+        node = SchedulerNode(config).start(wait=TIMEOUT)
         self.running.append(node)
         return node
 
@@ -160,7 +161,7 @@ class Cluster:
         self.running.append(client)
         return client
 
-    def stop(self, node: Scheduler | WorkerAgent | Client) -> None:
+    def stop(self, node: SchedulerNode | WorkerAgent | Client) -> None:
         """Stop a node now (once), as its operator would."""
         self.running.remove(node)
         if isinstance(node, Client):
@@ -168,7 +169,9 @@ class Cluster:
         else:
             node.stop()
 
-    def start_all(self, **scheduler_settings: Any) -> tuple[Scheduler, list[WorkerAgent], Client]:
+    def start_all(
+        self, **scheduler_settings: Any
+    ) -> tuple[SchedulerNode, list[WorkerAgent], Client]:
         """A scheduler, the three workers and a workbench that has seen them all online."""
         scheduler = self.scheduler(**scheduler_settings)
         workers = [self.worker(name) for name in WORKERS]
@@ -570,6 +573,21 @@ def test_malformed_messages_are_rejected_and_nodes_keep_serving(
 
 
 # --- 7: forged events ---------------------------------------------------------------------------
+
+
+def test_a_rejection_fails_only_the_request_it_names(cluster: Cluster) -> None:
+    """Two handles wait; the scheduler rejects the request of one (a submission it cannot
+    read, naming its artifact): that one fails, the other waits on."""
+    cluster.scheduler()
+    client = cluster.client()
+    waiting = client.handle("still-waiting")
+    rejected = client.handle("unreadable")
+    unreadable = {"id": "unreadable", "project": PROJECT, "steps": "not a list"}
+    client.bus.publish_raw(topics.submit(client.client_id), json.dumps(unreadable).encode())
+    with pytest.raises(ValueError, match="rejected the request"):
+        rejected.wait(timeout=TIMEOUT)
+    with pytest.raises(TimeoutError):  # the rejection has arrived: it is not this one's
+        waiting.wait(timeout=0)
 
 
 def test_events_from_a_worker_not_owning_the_job_are_ignored(

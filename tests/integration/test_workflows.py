@@ -32,8 +32,9 @@ from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.cli.main import app
 from flotta_mqtt.client.client import Client
 from flotta_mqtt.model import ArtifactState, JobState
+from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.protocol import ArtifactStatus, JobSummary
-from flotta_mqtt.scheduler.service import LISTED_JOBS, Scheduler, SchedulerConfig
+from flotta_mqtt.scheduler.config import LISTED_JOBS, SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
@@ -93,8 +94,8 @@ class Flotta:
     broker_url: str
     folder: Path
     storage: StorageSettings
-    running: list[Scheduler | WorkerAgent | Client] = field(default_factory=list)
-    scheduler_node: Scheduler | None = None
+    running: list[SchedulerNode | WorkerAgent | Client] = field(default_factory=list)
+    scheduler_node: SchedulerNode | None = None
     client: Client | None = None
 
     @property
@@ -107,7 +108,7 @@ class Flotta:
 
     def start(self, workers: dict[str, list[str]]) -> Client:
         """A scheduler, workers by name → executors, and a client that has seen them online."""
-        self.scheduler_node = Scheduler(
+        self.scheduler_node = SchedulerNode(
             SchedulerConfig(
                 broker=self.broker,
                 storage=self.storage,

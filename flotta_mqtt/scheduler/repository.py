@@ -1,16 +1,31 @@
-"""The scheduler's durable truth: artifacts, jobs, locks, attempts and resources in SQLite."""
+"""The scheduler's durable truth: artifacts, jobs, locks, attempts and resources in SQLite.
+
+The only scheduler module that touches the database: the core decides the writes, the
+service applies them here, one transaction per burst.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from flotta_mqtt import sqlite
 from flotta_mqtt.model import Artifact, ArtifactState, JobGraph, JobState, SchedulerContext
 from flotta_mqtt.protocol import NodePresence, RemoteError, Resource
+from flotta_mqtt.scheduler.effects import (
+    AssignJob,
+    BindArtifact,
+    CancelJobs,
+    InsertArtifact,
+    SaveNode,
+    UpdateArtifact,
+    UpdateJob,
+    Write,
+)
+from flotta_mqtt.scheduler.gc_pause import gc_paused
+from flotta_mqtt.scheduler.records import ArtifactRow, JobRow
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -51,31 +66,7 @@ CREATE TABLE IF NOT EXISTS nodes (
 """
 
 
-@dataclass
-class ArtifactRow:
-    artifact: Artifact
-    client: str
-    context: SchedulerContext | None
-    state: ArtifactState
-    seq: int
-    error: RemoteError | None
-    failed_job: int | None
-    submitted_at: float
-
-
-@dataclass
-class JobRow:
-    job_id: int
-    worker: str
-    state: JobState
-    attempt: int
-    started_at: float | None
-    finished_at: float | None
-    product: Resource | None
-    error: RemoteError | None
-
-
-class Database:
+class Repository:
     """SQLite in WAL mode, written by the scheduler thread alone, one transaction per burst."""
 
     def __init__(self, path: Path | str) -> None:
@@ -93,23 +84,47 @@ class Database:
         with sqlite.transaction(self._db, "BEGIN IMMEDIATE"):
             yield
 
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """Undo one message's writes if handling it fails, keeping the rest of the burst."""
-        self._db.execute("SAVEPOINT message")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK TO message")
-            raise
-        finally:
-            self._db.execute("RELEASE message")
+    def apply(self, writes: list[Write]) -> None:
+        """Write what the core decided, in its order (inside the caller's transaction)."""
+        for write in writes:
+            match write:
+                case UpdateJob():
+                    self.update_job(
+                        write.artifact_id,
+                        write.job_id,
+                        write.state,
+                        write.attempt,
+                        started_at=write.started_at,
+                        finished_at=write.finished_at,
+                        product=write.product,
+                        error=write.error,
+                    )
+                case UpdateArtifact():
+                    self.update_artifact(
+                        write.artifact_id,
+                        write.state,
+                        write.seq,
+                        write.now,
+                        write.error,
+                        write.failed_job,
+                    )
+                case InsertArtifact():
+                    self.insert_artifact(write.artifact, write.client, write.now)
+                case BindArtifact():
+                    with gc_paused():
+                        self.bind_artifact(write.artifact_id, write.context, write.graph)
+                case AssignJob():
+                    self.assign_job(write.artifact_id, write.job_id, write.worker)
+                case CancelJobs():
+                    self.cancel_jobs(write.artifact_id)
+                case SaveNode():
+                    self.save_node(write.presence)
 
     # --- artifacts ---------------------------------------------------------------------
 
-    def artifact_exists(self, artifact_id: str) -> bool:
-        row = self._db.execute("SELECT 1 FROM artifacts WHERE id = ?", (artifact_id,)).fetchone()
-        return row is not None
+    def artifact_ids(self) -> set[str]:
+        """Every artifact ever submitted: the core answers re-sent requests from it."""
+        return {row[0] for row in self._db.execute("SELECT id FROM artifacts")}
 
     def insert_artifact(self, artifact: Artifact, client: str, now: float) -> None:
         self._db.execute(
@@ -257,4 +272,4 @@ def _json(value: Resource | RemoteError | None) -> str | None:
     return None if value is None else value.model_dump_json()
 
 
-__all__ = ["ArtifactRow", "Database", "JobRow"]
+__all__ = ["Repository"]

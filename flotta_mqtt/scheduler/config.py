@@ -1,0 +1,57 @@
+"""A scheduler node's settings, and the pace its service and core keep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flotta_mqtt.model import SafeId
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+
+BURST = 500  # the most messages handled in one transaction
+TICK = 0.25  # seconds between checks of timers: retries, timeouts, deadlines, re-sends
+# A running artifact's progress goes out at most once per STATUS_INTERVAL seconds (what
+# changed meanwhile is folded into the next status); a change of its state goes out at once.
+STATUS_INTERVAL = 0.05
+# Results are acknowledged within ACK_DELAY seconds, many per message, or at once when
+# ACK_BATCH wait for one worker: an acknowledgement only stops re-sends, never urgent.
+ACK_DELAY = 0.05
+ACK_BATCH = 500
+LISTED_JOBS = 300  # artifacts with at most this many jobs list each one in their status
+
+
+class SchedulerConfig(BaseModel):
+    """A scheduler node's settings, from a YAML file, flags or FLOTTA_* variables."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: SafeId = "scheduler"
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: Path = Path("flotta-scheduler.db")
+    # Whether workbenches may fetch final products. On by default, as in the embedded demo;
+    # turn it off on a node whose results must stay where they are.
+    allow_download: bool = True
+    resend_interval: float = Field(default=5.0, gt=0)
+    # A running job whose worker sent no heartbeat for this long is treated as lost.
+    heartbeat_grace: float = Field(default=30.0, gt=0)
+    # Retries wait base * 2**(attempt - 1) seconds, at most `max`, with jitter.
+    retry_backoff: float = Field(default=1.0, ge=0)
+    retry_backoff_max: float = Field(default=60.0, ge=0)
+    # Attempts an initiator job gets when its node is lost (it holds no data, so it moves).
+    max_lost_attempts: int = Field(default=3, ge=1)
+    # A scheduler just started waits this long for workers' retained presence before
+    # failing an artifact whose project nobody seems to hold.
+    worker_grace: float = Field(default=5.0, ge=0)
+    run_initiator: bool = True  # run the initiator's jobs in this node (see flotta_mqtt.nodes)
+    # The initiator's own broker identity (it reads its job topic like any worker); by
+    # default the scheduler's settings under the initiator's name.
+    initiator_broker: BrokerSettings | None = None
+    initiator_plugins: list[str] = Field(default_factory=list)
+    # Serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port); None: off.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
+    @property
+    def initiator(self) -> str:
+        return f"{self.name}.initiator"

@@ -1,0 +1,433 @@
+"""The scheduler's core: a synchronous state machine with no threads and no I/O.
+
+A burst of events (messages as they arrived, a reconnection, a tick) goes in with the
+time it is handled at; what the core decided comes out as a `Decision`: the messages to
+publish, the rows to write, the statuses to announce. The service around it owns the
+bus, the repository and the clock. Policies (binding, retries, deadlines, re-sends) are
+small modules it consults.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flotta_mqtt.logs import log_context
+from flotta_mqtt.model import (
+    Artifact,
+    ArtifactState,
+    IllegalTransition,
+    JobState,
+    StaleAttempt,
+)
+from flotta_mqtt.protocol import (
+    CancelArtifact,
+    JobAccepted,
+    JobFailed,
+    JobFinished,
+    JobHeartbeat,
+    JobProgress,
+    JobRef,
+    JobStarted,
+    NodePresence,
+    ProtocolError,
+    RemoteError,
+    RequestRejected,
+    decode,
+    topics,
+    unbatch,
+)
+from flotta_mqtt.protocol.topics import Address, Channel
+from flotta_mqtt.scheduler.announcements import Announcements
+from flotta_mqtt.scheduler.binding import Refused, bind_artifact, relocate_task
+from flotta_mqtt.scheduler.config import SchedulerConfig
+from flotta_mqtt.scheduler.deadlines import DeadlinePolicy
+from flotta_mqtt.scheduler.effects import (
+    AssignJob,
+    Clock,
+    Connected,
+    Decision,
+    Event,
+    InsertArtifact,
+    Received,
+    SaveNode,
+    Tick,
+)
+from flotta_mqtt.scheduler.intake import message_ids, named_artifact
+from flotta_mqtt.scheduler.jobs import JobFlow
+from flotta_mqtt.scheduler.metrics import Gauges, SchedulerMetrics
+from flotta_mqtt.scheduler.records import ArtifactRecord
+from flotta_mqtt.scheduler.resends import ResendPolicy
+from flotta_mqtt.scheduler.retries import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Policies:
+    """The rules the core consults; a new kind of rule is a new module and a field here."""
+
+    retries: RetryPolicy
+    deadlines: DeadlinePolicy
+    resends: ResendPolicy
+
+    @classmethod
+    def of(cls, config: SchedulerConfig, rng: random.Random) -> Policies:
+        return cls(
+            RetryPolicy(
+                config.retry_backoff, config.retry_backoff_max, config.max_lost_attempts, rng
+            ),
+            DeadlinePolicy(config.heartbeat_grace, config.worker_grace),
+            ResendPolicy(config.resend_interval),
+        )
+
+
+class SchedulerCore:
+    """Artifacts, jobs and workers as the scheduler knows them; every change decided here.
+
+    `restore` once with what the repository holds, then `handle` each burst. Handling
+    one message either completes or leaves no write behind (an error in it is answered
+    with a rejection where there is someone to answer).
+    """
+
+    def __init__(
+        self, config: SchedulerConfig, metrics: SchedulerMetrics, policies: Policies
+    ) -> None:
+        self.initiator = config.initiator
+        self.policies = policies
+        self.announcements = Announcements()
+        self.flow = JobFlow(self.announcements, metrics, policies.retries)
+        self.artifacts: dict[str, ArtifactRecord] = {}  # unfinished, in memory
+        self.nodes: dict[str, NodePresence] = {}
+        self._known: set[str] = set()  # every artifact id ever stored
+        self._started_at = 0.0
+
+    # --- entry points -------------------------------------------------------------------
+
+    def restore(
+        self,
+        nodes: Iterable[NodePresence],
+        known: set[str],
+        unfinished: Iterable[ArtifactRecord],
+        clock: Clock,
+    ) -> Decision:
+        """Take up what the repository holds (after a start, a crash or a restart):
+        ready jobs are dispatched, dispatched and running ones asked about again."""
+        decision = Decision()
+        self.flow.begin(decision, clock)
+        self._started_at = clock.monotonic
+        self.nodes = {node.node: node.model_copy(update={"online": False}) for node in nodes}
+        self._known = known
+        now = clock.monotonic
+        for record in unfinished:
+            self.artifacts[record.id] = record
+            self.announcements.changed(record.id)
+            for job_id, status in enumerate(record.jobs):
+                if status.state is JobState.READY:
+                    self.flow.dispatch(record, job_id)
+                elif status.state in (JobState.DISPATCHED, JobState.RUNNING):
+                    # Whatever was said before the crash, ask again: workers answer a
+                    # duplicate with what they know, and re-send their results.
+                    record.attempts.dispatched_at[job_id] = now
+                    if status.state is JobState.RUNNING:
+                        # Its timeout and heartbeat grace count on from the restart.
+                        record.attempts.started_at[job_id] = now
+                        record.attempts.last_seen[job_id] = now
+                    decision.publish.append(self.flow.job_ready(record, job_id))
+        self.announcements.collect(self.artifacts, self._known, clock, decision)
+        return decision
+
+    def handle(self, events: Sequence[Event], clock: Clock) -> Decision:
+        """Handle a burst of events at `clock`; what it decided."""
+        decision = Decision()
+        self.flow.begin(decision, clock)
+        for event in events:
+            if isinstance(event, Received):
+                self._receive(event)
+            elif isinstance(event, Connected):
+                self._resend(self.policies.resends.to_resend(self.artifacts.values(), 0.0))
+            elif isinstance(event, Tick):
+                self._tick(clock)
+        self.announcements.collect(self.artifacts, self._known, clock, decision)
+        return decision
+
+    def next_status_due(self) -> float | None:
+        """When a folded status falls due (monotonic), if one waits."""
+        return self.announcements.status_due
+
+    def next_ack_due(self) -> float | None:
+        """When pending acknowledgements fall due (monotonic), if any wait."""
+        return self.announcements.acks_due
+
+    def snapshot(self) -> Gauges:
+        """The present, for metrics: unfinished artifacts and their jobs by state, jobs
+        waiting out a retry backoff, jobs dispatched to or running on each worker."""
+        gauges = Gauges()
+        for record in self.artifacts.values():
+            gauges.artifacts[str(record.state)] += 1
+            for state, n in record.counts.items():
+                gauges.jobs[str(state)] += n
+            gauges.retry_pending += len(record.attempts.retry_at)
+            if record.graph is None:
+                continue
+            for job_id in record.attempts.dispatched_at:
+                if record.jobs[job_id].state in (JobState.DISPATCHED, JobState.RUNNING):
+                    gauges.queue_depth[record.worker(job_id)] += 1
+        return gauges
+
+    # --- messages -------------------------------------------------------------------------
+
+    def _receive(self, event: Received) -> None:
+        self.flow.arrived = event.arrived
+        try:
+            address, message = decode(event.topic, event.payload)
+        except ProtocolError as exc:
+            log.error("scheduler rejected a message: %s", exc)
+            self._reject(event.topic, str(exc), named_artifact(event.topic, event.payload))
+            return
+        writes = self.flow.decision.writes
+        for part in unbatch(message):
+            undo = len(writes)
+            ids = message_ids(part)
+            try:
+                with log_context(**ids):
+                    self._route(address, part)
+            except Exception as exc:
+                del writes[undo:]  # none of this message's writes, the burst's others kept
+                log.exception("scheduler: error handling %s", event.topic)
+                self._reject(event.topic, f"internal error: {exc}", ids.get("artifact_id"))
+
+    def _reject(self, topic: str, error: str, artifact_id: str | None) -> None:
+        """Answer a request that could not be handled, naming its artifact if it did."""
+        try:
+            address = topics.parse(topic)
+        except topics.TopicError:
+            return
+        if address.channel in (Channel.SUBMIT, Channel.CANCEL):
+            message = RequestRejected(topic=topic, error=error, artifact_id=artifact_id)
+            self.flow.decision.publish.append((topics.reply(address.name), message, False))
+
+    def _route(self, address: Address, message: Any) -> None:
+        if address.channel is Channel.SUBMIT:
+            self._submit(message, client=address.name)
+        elif address.channel is Channel.CANCEL:
+            self._cancel(message)
+        elif address.channel is Channel.PRESENCE:
+            self._presence(address.name, message)
+        elif address.channel is Channel.EVENTS:
+            self._event(address.name, message)
+        else:
+            log.error("scheduler: unexpected %s message", address.channel)
+
+    def _submit(self, artifact: Artifact, client: str) -> None:
+        if artifact.id in self._known:
+            # A re-sent submission: answer with the current status, change nothing.
+            self.announcements.changed(artifact.id)
+            return
+        wall = self.flow.clock.wall
+        self.flow.decision.writes.append(InsertArtifact(artifact, client, wall))
+        self._known.add(artifact.id)
+        record = ArtifactRecord(artifact, client, ArtifactState.SUBMITTED, 0, submitted_at=wall)
+        self.artifacts[artifact.id] = record
+        self.flow.metrics.artifact(ArtifactState.SUBMITTED)
+        self.announcements.changed(artifact.id)
+        self._try_bind(record)
+
+    def _try_bind(self, record: ArtifactRecord) -> None:
+        outcome = bind_artifact(record.artifact, self.nodes, self.initiator)
+        if not isinstance(outcome, Refused):
+            self.flow.run(record, outcome)
+        elif not self.policies.deadlines.awaiting_workers(
+            self._started_at, self.flow.clock.monotonic
+        ):
+            self.flow.fail(record, outcome.kind, outcome.message)
+        # else: presence may still be arriving; a tick tries again
+
+    def _bind_waiting(self) -> None:
+        for record in list(self.artifacts.values()):
+            if record.state is ArtifactState.SUBMITTED:
+                self._try_bind(record)
+
+    def _cancel(self, request: CancelArtifact) -> None:
+        record = self.artifacts.get(request.artifact_id)
+        if record is None:
+            self.announcements.changed(request.artifact_id)  # answer with its (final) status
+            return
+        self.flow.cancel(record, request.reason)
+
+    def _presence(self, node: str, presence: NodePresence) -> None:
+        if presence.node != node:
+            log.error("scheduler: presence on %s names %s: ignored", node, presence.node)
+            return
+        known = self.nodes.get(node)
+        came_online = presence.online and not (known is not None and known.online)
+        self.nodes[node] = presence
+        self.flow.decision.writes.append(SaveNode(presence))
+        if came_online:
+            # The worker may have restarted and forgotten what it held: ask again for
+            # everything it was given; it answers duplicates with what it knows.
+            self._resend(
+                self.policies.resends.to_resend(
+                    self.artifacts.values(), 0.0, worker=node, include_accepted=True
+                )
+            )
+            self._bind_waiting()
+
+    def _resend(self, due: list[tuple[ArtifactRecord, int]]) -> None:
+        for record, job_id in due:
+            self.flow.resend(record, job_id)
+
+    def _event(self, worker: str, event: Any) -> None:
+        resends = self.policies.resends
+        if isinstance(event, JobHeartbeat):
+            self._heartbeat(worker, event)
+            return
+        resends.heard(worker, self.flow.arrived)
+        ref: JobRef = event.job
+        final = isinstance(event, JobFinished | JobFailed)
+        record = self.artifacts.get(ref.artifact_id)
+        if record is not None and ref.job_id < len(record.jobs):
+            sent = record.attempts.dispatched_at.get(ref.job_id)
+            if sent is not None and record.jobs[ref.job_id].attempt == ref.attempt:
+                resends.answered(worker, sent)
+        if record is None or record.graph is None:
+            if final and ref.artifact_id in self._known:
+                # The artifact is over: stop the worker re-sending.
+                self.announcements.acknowledge(worker, ref)
+            return
+        if ref.job_id >= len(record.jobs):
+            log.error(
+                "scheduler: %s reported job %s of %s, which has no such job",
+                worker,
+                ref.job_id,
+                ref.artifact_id,
+            )
+            return
+        owner = record.worker(ref.job_id)
+        if worker != owner:
+            log.error(
+                "scheduler: %s reported on job %s/%s, which was given to %s: ignored",
+                worker,
+                ref.artifact_id,
+                ref.job_id,
+                owner,
+            )
+            return
+        if final:
+            self.announcements.acknowledge(worker, ref)
+        try:
+            self._job_event(record, event)
+        except (StaleAttempt, IllegalTransition) as exc:
+            # A duplicate or a late event of an abandoned attempt: it changes nothing.
+            log.debug("scheduler: ignored %s from %s: %s", event.event, worker, exc)
+
+    def _job_event(self, record: ArtifactRecord, event: Any) -> None:
+        ref: JobRef = event.job
+        status = record.jobs[ref.job_id]
+        if isinstance(event, JobAccepted):
+            if status.attempt == ref.attempt:
+                record.attempts.accepted.add(ref.job_id)
+        elif isinstance(event, JobStarted):
+            self.flow.started(record, ref, event.at)
+        elif isinstance(event, JobFinished):
+            self.flow.finished(record, event)
+        elif isinstance(event, JobFailed):
+            if status.attempt != ref.attempt or status.final:
+                return  # a late or repeated failure report: already handled
+            if status.state is JobState.DISPATCHED and event.started_at is not None:
+                ran_for = event.finished_at - event.started_at
+                self.flow.started_unannounced(record, ref.job_id, ran_for)
+            self.flow.failed(record, ref, event.error, event.finished_at, event.exit_code)
+        elif isinstance(event, JobProgress):
+            log.info("job %s/%s: %s", ref.artifact_id, ref.job_id, event.message)
+
+    def _heartbeat(self, worker: str, beat: JobHeartbeat) -> None:
+        self.policies.resends.heard(worker, self.flow.arrived)
+        now = self.flow.clock.monotonic
+        for ref in beat.jobs:
+            record = self.artifacts.get(ref.artifact_id)
+            if record is None or record.graph is None or ref.job_id >= len(record.jobs):
+                continue
+            if record.worker(ref.job_id) != worker:
+                continue
+            if record.jobs[ref.job_id].attempt == ref.attempt:
+                record.attempts.last_seen[ref.job_id] = now
+
+    # --- timers ---------------------------------------------------------------------------
+
+    def _tick(self, clock: Clock) -> None:
+        self._resend(
+            self.policies.resends.to_resend(self.artifacts.values(), clock.caught_up, periodic=True)
+        )
+        self._bind_waiting()
+        for record in list(self.artifacts.values()):
+            if record.graph is None or record.state is not ArtifactState.RUNNING:
+                continue
+            overdue = self.policies.deadlines.overdue(
+                record.artifact, record.submitted_at, clock.wall
+            )
+            if overdue is not None:
+                self.flow.fail(record, "DeadlineExceeded", overdue)
+                continue
+            retry_at = record.attempts.retry_at
+            for job_id, due in list(retry_at.items()):
+                if clock.monotonic >= due:
+                    del retry_at[job_id]
+                    self.flow.dispatch(record, job_id)
+            self._check_running(record, clock.monotonic)
+
+    def _check_running(self, record: ArtifactRecord, now: float) -> None:
+        """Stop attempts over their timeout; move jobs that hold no data off a lost node.
+
+        The policy per step type: a worker's data job waits for its worker (until the
+        artifact's deadline), since only that worker holds the data; an initiator job is
+        run again; a workflow task moves to another worker able to run it.
+        """
+        assert record.graph is not None
+        deadlines, retries, attempts = (
+            self.policies.deadlines,
+            self.policies.retries,
+            record.attempts,
+        )
+        # A job nobody announced as started can only be lost with an offline node.
+        offline = any(not node.online for node in self.nodes.values())
+        for job_id in list(attempts.dispatched_at if offline else attempts.started_at):
+            job = record.graph.jobs[job_id]
+            worker = record.worker(job_id)
+            status = record.jobs[job_id]
+            started = attempts.started_at.get(job_id)
+            over = deadlines.over_timeout(job, started, now)
+            if over is not None:
+                self.flow.stop_attempt(record, job_id)
+                ref = JobRef(artifact_id=record.id, job_id=job_id, attempt=status.attempt)
+                error = RemoteError(type="TimeoutError", message=over)
+                self.flow.failed(record, ref, error, self.flow.clock.wall)
+                continue
+            if not job.relocatable:
+                continue
+            node = self.nodes.get(worker)
+            silent = deadlines.silent(started, attempts.last_seen.get(job_id), now)
+            if not ((node is not None and not node.online) or silent):
+                continue
+            lost = attempts.lost[job_id] = attempts.lost.get(job_id, 0) + 1
+            if retries.lost_too_often(lost):
+                message = f"job {job_id} lost its node {worker} {lost} times"
+                self.flow.fail(record, "WorkerLost", message, job_id)
+                return
+            self.flow.stop_attempt(record, job_id)
+            if job.kind == "tasks":
+                moved_to = relocate_task(record.graph, job_id, self.nodes, away_from=worker)
+                if moved_to is not None:
+                    record.assigned[job_id] = moved_to
+                    self.flow.decision.writes.append(AssignJob(record.id, job_id, moved_to))
+            log.warning(
+                "job %s/%s lost with %s: retrying on %s",
+                record.id,
+                job_id,
+                worker,
+                record.worker(job_id),
+            )
+            self.flow.retry(record, job_id, status.requeue(status.attempt))

@@ -1,0 +1,288 @@
+"""How one artifact and its jobs move: dispatch, start, completion, failure and retry,
+cancellation, and the artifact's end. Every change is made in memory and recorded as a
+write and the messages that announce it; nothing here reads a clock or touches I/O."""
+
+from __future__ import annotations
+
+import logging
+
+import networkx as nx
+
+from flotta_mqtt.model import JOB_FINAL, ArtifactState, JobState, JobStatus
+from flotta_mqtt.protocol import (
+    CancelJob,
+    JobFinished,
+    JobReady,
+    JobRef,
+    RemoteError,
+    topics,
+)
+from flotta_mqtt.scheduler.announcements import Announcements
+from flotta_mqtt.scheduler.binding import Bound
+from flotta_mqtt.scheduler.effects import (
+    BindArtifact,
+    CancelJobs,
+    Clock,
+    Decision,
+    Outgoing,
+    UpdateJob,
+)
+from flotta_mqtt.scheduler.metrics import SchedulerMetrics
+from flotta_mqtt.scheduler.records import ArtifactRecord
+from flotta_mqtt.scheduler.retries import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+class JobFlow:
+    """The transitions of artifacts and jobs, writing into the burst's decision."""
+
+    def __init__(
+        self, announcements: Announcements, metrics: SchedulerMetrics, retries: RetryPolicy
+    ) -> None:
+        self.announcements = announcements
+        self.metrics = metrics
+        self.retries = retries
+        self.decision = Decision()
+        self.clock = Clock(0.0, 0.0, 0.0)
+        self.arrived = 0.0  # when the message being handled arrived (monotonic)
+
+    def begin(self, decision: Decision, clock: Clock) -> None:
+        """Start a burst: its decisions go to `decision`, its time is `clock`."""
+        self.decision, self.clock, self.arrived = decision, clock, clock.monotonic
+
+    # --- artifacts -----------------------------------------------------------------------
+
+    def run(self, record: ArtifactRecord, bound: Bound) -> None:
+        """Start a bound artifact: record its DAG and make its first jobs ready."""
+        self.decision.writes.append(BindArtifact(record.id, bound.context, bound.graph))
+        record.bound(bound.graph, completed=[])
+        self.transition(record, ArtifactState.RUNNING)
+        for job_id in record.locks.ready() if record.locks else []:
+            self.make_ready(record, job_id)
+
+    def transition(self, record: ArtifactRecord, state: ArtifactState) -> None:
+        record.state = state
+        self.metrics.artifact(state)
+        self.announcements.changed(record.id)
+
+    def fail(
+        self,
+        record: ArtifactRecord,
+        kind: str,
+        message: str,
+        job: int | None = None,
+        error: RemoteError | None = None,
+    ) -> None:
+        record.error = error or RemoteError(type=kind, message=message)
+        record.failed_job = job
+        self.stop_jobs(record)
+        self.transition(record, ArtifactState.FAILED)
+
+    def cancel(self, record: ArtifactRecord, reason: str) -> None:
+        record.error = RemoteError(type="Cancelled", message=reason)
+        self.stop_jobs(record)
+        self.transition(record, ArtifactState.CANCELLED)
+
+    def stop_jobs(self, record: ArtifactRecord) -> None:
+        """Cancel every unfinished job; tell workers running one to stop it."""
+        for job_id, status in enumerate(record.jobs):
+            if status.final:
+                continue
+            if status.state in (JobState.DISPATCHED, JobState.RUNNING) and record.graph:
+                self.stop_attempt(record, job_id)
+            record.set_job(job_id, status.cancel())
+        self.decision.writes.append(CancelJobs(record.id))
+
+    def settle(self, record: ArtifactRecord) -> None:
+        """End the artifact once every job is final: failed if any task failed."""
+        final = sum(record.counts[state] for state in JOB_FINAL)
+        if final == len(record.jobs):
+            failed = record.error is not None
+            self.transition(record, ArtifactState.FAILED if failed else ArtifactState.COMPLETED)
+
+    # --- dispatch --------------------------------------------------------------------------
+
+    def make_ready(self, record: ArtifactRecord, job_id: int) -> None:
+        """A job whose locks are all released becomes ready and is dispatched."""
+        if record.jobs[job_id].state is not JobState.WAITING:
+            return  # cancelled, as the descendant of a failed task
+        record.set_job(job_id, record.jobs[job_id].ready())
+        self.dispatch(record, job_id)
+
+    def dispatch(self, record: ArtifactRecord, job_id: int) -> None:
+        """Send a ready job: a new attempt, recorded before it is published."""
+        status = record.jobs[job_id].dispatch()
+        record.set_job(job_id, status)
+        self.decision.writes.append(UpdateJob(record.id, job_id, status.state, status.attempt))
+        dispatched_at = record.attempts.dispatched_at
+        dispatched_at.pop(job_id, None)  # kept in dispatch order: see resends
+        dispatched_at[job_id] = self.clock.monotonic
+        self.metrics.dispatched()
+        self.decision.publish.append(self.job_ready(record, job_id))
+
+    def resend(self, record: ArtifactRecord, job_id: int) -> None:
+        """Send the current attempt of a dispatched job again (not a new attempt)."""
+        record.attempts.resent_at[job_id] = self.clock.monotonic
+        self.decision.publish.append(self.job_ready(record, job_id))
+
+    def job_ready(self, record: ArtifactRecord, job_id: int) -> Outgoing:
+        """The JobReady message of a job's current attempt, to its worker."""
+        assert record.graph is not None
+        job = record.graph.jobs[job_id]
+        # Built from values validated on their way in: no need to validate them again.
+        message = JobReady.model_construct(
+            artifact_id=record.id,
+            job_id=job_id,
+            attempt=record.jobs[job_id].attempt,
+            project=record.artifact.project,
+            seed=record.artifact.seed,
+            step=job.step,
+            kind=job.kind,
+            role=job.role,
+            iteration=job.iteration,
+            operation=job.operation,
+            inputs=[record.products[p] for p in record.graph.consumes(job_id)],
+        )
+        return topics.jobs(record.worker(job_id)), message, False
+
+    def stop_attempt(self, record: ArtifactRecord, job_id: int) -> None:
+        """Tell the job's worker to stop its current attempt."""
+        ref = JobRef(artifact_id=record.id, job_id=job_id, attempt=record.jobs[job_id].attempt)
+        self.decision.publish.append(
+            (topics.control(record.worker(job_id)), CancelJob(job=ref), False)
+        )
+
+    # --- what workers report ----------------------------------------------------------------
+
+    def started(self, record: ArtifactRecord, ref: JobRef, at: float) -> None:
+        status = record.jobs[ref.job_id]
+        if status.state is not JobState.DISPATCHED:
+            return
+        record.set_job(ref.job_id, status.start(ref.attempt))
+        self.announcements.changed(record.id)
+        attempts = record.attempts
+        attempts.accepted.add(ref.job_id)
+        sent = attempts.dispatched_at.get(ref.job_id)
+        self.metrics.started(None if sent is None else self.arrived - sent)
+        attempts.started_at[ref.job_id] = attempts.last_seen[ref.job_id] = self.clock.monotonic
+        record.note(ref.job_id, started_at=at)
+        self.decision.writes.append(
+            UpdateJob(record.id, ref.job_id, JobState.RUNNING, ref.attempt, started_at=at)
+        )
+
+    def finished(self, record: ArtifactRecord, event: JobFinished) -> None:
+        ref = event.job
+        status = record.jobs[ref.job_id]
+        if status.state is JobState.DISPATCHED and status.attempt == ref.attempt:
+            self.started_unannounced(record, ref.job_id, event.finished_at - event.started_at)
+        record.set_job(ref.job_id, status.complete(ref.attempt))
+        self.metrics.completed(event.finished_at - event.started_at)
+        record.products[ref.job_id] = event.product
+        record.attempts.forget(ref.job_id)
+        record.note(
+            ref.job_id,
+            started_at=event.started_at,
+            finished_at=event.finished_at,
+            size=event.product.size,
+            exit_code=event.exit_code,
+        )
+        self.decision.writes.append(
+            UpdateJob(
+                record.id,
+                ref.job_id,
+                JobState.COMPLETED,
+                ref.attempt,
+                started_at=event.started_at,
+                finished_at=event.finished_at,
+                product=event.product,
+            )
+        )
+        assert record.locks is not None and record.graph is not None
+        unlocked = record.locks.release(ref.job_id)
+        self.announcements.released(
+            record.id, [(ref.job_id, j) for j in record.graph.unlocks(ref.job_id)]
+        )
+        self.announcements.changed(record.id)
+        for job_id in unlocked:
+            self.make_ready(record, job_id)
+        self.settle(record)
+
+    def failed(
+        self,
+        record: ArtifactRecord,
+        ref: JobRef,
+        error: RemoteError,
+        finished_at: float,
+        exit_code: int | None = None,
+    ) -> None:
+        """A failed attempt: retry it with backoff while the step allows, else fail it all.
+
+        A failed workflow task fails the artifact but stops only its descendants: the
+        independent branches go on, and the artifact ends when they have.
+        """
+        assert record.graph is not None
+        job = record.graph.jobs[ref.job_id]
+        status = record.jobs[ref.job_id]
+        record.note(
+            ref.job_id,
+            finished_at=finished_at,
+            exit_code=exit_code,
+            error=f"{error.type}: {error.message}"[:300],
+        )
+        if self.retries.may_retry(job, ref.attempt):
+            log.warning(
+                "job %s/%s attempt %d failed (%s: %s): retrying",
+                ref.artifact_id,
+                ref.job_id,
+                ref.attempt,
+                error.type,
+                error.message,
+            )
+            self.retry(record, ref.job_id, status.requeue(ref.attempt))
+            return
+        record.set_job(ref.job_id, status.fail(ref.attempt))
+        self.metrics.failed()
+        record.attempts.forget(ref.job_id)
+        self.decision.writes.append(
+            UpdateJob(
+                record.id,
+                ref.job_id,
+                JobState.FAILED,
+                ref.attempt,
+                finished_at=finished_at,
+                error=error,
+            )
+        )
+        if job.kind != "tasks":
+            self.fail(record, error.type, error.message, ref.job_id, error)
+            return
+        if record.error is None:
+            record.error, record.failed_job = error, ref.job_id
+        for descendant in nx.descendants(record.graph.graph, ref.job_id):
+            if not record.jobs[descendant].final:
+                record.set_job(descendant, record.jobs[descendant].cancel())
+                self.decision.writes.append(UpdateJob(record.id, descendant, JobState.CANCELLED, 0))
+        self.announcements.changed(record.id)
+        self.settle(record)
+
+    def retry(self, record: ArtifactRecord, job_id: int, requeued: JobStatus) -> None:
+        """Make the job ready again; it is dispatched once its backoff is over."""
+        record.set_job(job_id, requeued)
+        self.metrics.retried()
+        record.attempts.forget(job_id)
+        self.decision.writes.append(UpdateJob(record.id, job_id, JobState.READY, requeued.attempt))
+        record.attempts.retry_at[job_id] = self.retries.retry_at(
+            self.clock.monotonic, requeued.attempt
+        )
+        self.announcements.changed(record.id)
+
+    def started_unannounced(self, record: ArtifactRecord, job_id: int, ran_for: float) -> None:
+        """Count the start of an attempt whose result came before any JobStarted.
+
+        Workers announce only the jobs still running a moment after they started. For a
+        quick one, the dispatch latency is the time to its result less the time it ran:
+        a difference of the worker's own clock, so no skew between clocks enters.
+        """
+        sent = record.attempts.dispatched_at.get(job_id)
+        self.metrics.started(None if sent is None else max(0.0, self.arrived - sent - ran_for))

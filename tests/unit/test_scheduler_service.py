@@ -1,0 +1,128 @@
+"""The scheduler service on the in-memory transport: the core wired to a bus and a
+repository, with a stand-in worker and workbench and no broker process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import MessageRecorder, Messages, messages_of
+
+from flotta_mqtt.model import Artifact, ArtifactState, Operation, Parallel
+from flotta_mqtt.protocol import (
+    ArtifactStatus,
+    EventAck,
+    JobFinished,
+    JobReady,
+    NodePresence,
+    RequestRejected,
+    Resource,
+    topics,
+)
+from flotta_mqtt.scheduler.config import SchedulerConfig
+from flotta_mqtt.scheduler.service import Scheduler
+from flotta_mqtt.transport.memory import MemoryBus, fresh_memory_broker
+from flotta_mqtt.transport.settings import BrokerSettings
+
+TIMEOUT = 10.0
+WORKERS = ("w0", "w1")
+
+
+class Site:
+    """A scheduler on a fresh memory:// broker, stand-in workers and a workbench."""
+
+    def __init__(self, folder: Path) -> None:
+        self.settings = BrokerSettings(url=f"memory://{fresh_memory_broker('sched').name}")
+        self.config = SchedulerConfig(
+            database=folder / "scheduler.db", broker=self.settings, run_initiator=False
+        )
+        self.jobs = MessageRecorder()
+        self.seen = MessageRecorder()
+        self.workers = MemoryBus(
+            "workers",
+            self.settings,
+            self.jobs,
+            [topic for w in WORKERS for topic in (topics.jobs(w), topics.control(w))],
+        ).start(wait=TIMEOUT)
+        self.workbench = MemoryBus(
+            "wb", self.settings, self.seen, [topics.ALL_STATUS, topics.reply("wb")]
+        ).start(wait=TIMEOUT)
+        for worker in WORKERS:
+            presence = NodePresence(
+                node=worker, online=True, projects=["p"], operations=["noop"], since=1.0
+            )
+            self.workers.publish(topics.presence(worker), presence, retain=True)
+        self.scheduler = Scheduler(self.config).start(wait=TIMEOUT)
+
+    def status(self, artifact_id: str, state: ArtifactState, after_seq: int = 0) -> ArtifactStatus:
+        """The first status of the artifact in `state` with a seq over `after_seq`."""
+
+        def reached(messages: Messages) -> list[ArtifactStatus]:
+            statuses: list[ArtifactStatus] = messages_of(
+                messages,
+                ArtifactStatus,
+                lambda s: s.artifact_id == artifact_id and s.state is state and s.seq > after_seq,
+            )
+            return statuses
+
+        return reached(self.seen.wait_for(reached, TIMEOUT, f"{artifact_id} never {state}"))[0]
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.workbench.stop()
+        self.workers.stop()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    running = Site(tmp_path)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def test_an_artifact_is_dispatched_completed_and_its_results_acknowledged(site: Site) -> None:
+    artifact = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
+    site.workbench.publish(topics.submit("wb"), artifact)
+    readies = messages_of(site.jobs.wait(len(WORKERS), timeout=TIMEOUT), JobReady)
+    assert sorted(r.job_id for r in readies) == [0, 1]
+    for ready in readies:
+        product = Resource(url=f"file:///p/{ready.job_id}", sha256="0" * 64, size=1)
+        finished = JobFinished(job=ready.ref, product=product, started_at=1.0, finished_at=2.0)
+        site.workers.publish(topics.events(f"w{ready.job_id}"), finished)
+    status = site.status(artifact.id, ArtifactState.COMPLETED)
+    assert [r.url for r in status.results] == ["file:///p/0", "file:///p/1"]
+    site.jobs.wait_for(
+        lambda messages: len(messages_of(messages, EventAck)) >= 1,
+        TIMEOUT,
+        "the results were never acknowledged",
+    )
+    gauges = site.scheduler.snapshot()
+    assert gauges is not None and sum(gauges.artifacts.values()) == 0
+
+
+def test_a_restarted_scheduler_resumes_and_answers_a_resubmission(site: Site) -> None:
+    artifact = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
+    site.workbench.publish(topics.submit("wb"), artifact)
+    site.jobs.wait(len(WORKERS), timeout=TIMEOUT)
+    site.scheduler.stop()
+    site.scheduler = Scheduler(site.config).start(wait=TIMEOUT)
+    # Whatever was dispatched before the restart is asked about again: the same attempts.
+    again = messages_of(site.jobs.wait(2 * len(WORKERS), timeout=TIMEOUT), JobReady)
+    assert {(r.job_id, r.attempt) for r in again} == {(0, 1), (1, 1)}
+    resumed = site.status(artifact.id, ArtifactState.RUNNING, after_seq=1)  # announced again
+    site.workbench.publish(topics.submit("wb"), artifact)  # answered with its status
+    site.status(artifact.id, ArtifactState.RUNNING, after_seq=resumed.seq)
+
+
+def test_a_request_that_cannot_be_read_is_rejected_by_name(site: Site) -> None:
+    site.workbench.publish_raw(topics.submit("wb"), b'{"id": "named", "steps": 1}')
+    site.seen.wait_for(
+        lambda messages: messages_of(messages, RequestRejected),
+        TIMEOUT,
+        "no rejection came",
+    )
+    [rejection] = messages_of(site.seen.messages, RequestRejected)
+    assert rejection.artifact_id == "named" and rejection.topic == topics.submit("wb")
