@@ -99,6 +99,13 @@ class Scheduler:
         self._inbox.put(("call", function))
         self.bus.wake()
 
+    @staticmethod
+    def _run(function: Callable[[], Any]) -> None:
+        try:
+            function()
+        except Exception:
+            log.exception("scheduler: a call on its thread failed")
+
     def snapshot(self, timeout: float = SNAPSHOT_TIMEOUT) -> Gauges | None:
         """The core's present state (taken on its thread); None if it is too busy."""
         done = threading.Event()
@@ -149,7 +156,12 @@ class Scheduler:
                     (item.arrived for kind, item in reversed(burst) if kind == "message"),
                     self._caught_up,
                 )
-            events: list[Event] = [item for kind, item in burst if kind in ("message", "connected")]
+            events: list[Event] = []
+            for kind, item in burst:
+                if kind == "call":
+                    self._run(item)
+                elif kind != "stop":
+                    events.append(item)
             clock = self._clock()
             if clock.monotonic >= next_tick:
                 events.append(Tick())
@@ -167,9 +179,6 @@ class Scheduler:
             # The statuses are built once the jobs the burst made ready are on their way.
             self._announce(decision)
             self._publish()
-            for kind, item in burst:
-                if kind == "call":
-                    item()
 
     def _clock(self) -> Clock:
         now = time.monotonic()
