@@ -1,9 +1,9 @@
 """The edge worker agent: receives jobs on its own topic, runs them next to its data.
 
 One agent thread alone owns the connection (an unthreaded bus it pumps) and the
-journal. New jobs are journaled, then acknowledged to the broker, then queued for a
-pool of `max_jobs` runner threads (`runners.py`), which answer through the agent's
-inbox. The agent publishes their results, then journals them, and re-sends them until
+journal. New jobs are queued for a pool of `max_jobs` runner threads (`runners.py`),
+journaled, then acknowledged to the broker; the runners answer with reports through a
+queue. The agent publishes their results, then journals them, and re-sends them until
 the scheduler acknowledges them; a restart resumes from the journal.
 """
 
@@ -34,7 +34,7 @@ from flotta_mqtt.worker.attempts import STARTED_AFTER, Attempt, Attempts
 from flotta_mqtt.worker.config import WorkerConfig
 from flotta_mqtt.worker.jobs import Jobs
 from flotta_mqtt.worker.journal import Final, Journal
-from flotta_mqtt.worker.runners import BATCH_WINDOW, Done, Inbox, Runners, Work
+from flotta_mqtt.worker.runners import BATCH_WINDOW, Done, Reports, Runners, Work
 from flotta_mqtt.workflows.executors import Site, TaskRunner
 
 __all__ = ["WorkerAgent", "WorkerConfig"]
@@ -79,9 +79,9 @@ class WorkerAgent:
             on_connect=self._on_connect,
             threaded=False,  # pumped by the agent thread: no hand-over per message
         )
-        self._inbox = Inbox(self.bus.wake)
+        self._reports = Reports(self.bus.wake)
         jobs = Jobs(self.name, self.store, self.tasks, self._datasets)
-        self._runners = Runners(f"worker-{self.name}", config.max_jobs, jobs.run, self._inbox)
+        self._runners = Runners(f"worker-{self.name}", config.max_jobs, jobs.run, self._reports)
         self._thread = threading.Thread(target=self._serve, name=f"worker-{self.name}", daemon=True)
 
     def presence(self, online: bool) -> NodePresence:
@@ -142,7 +142,7 @@ class WorkerAgent:
         try:
             while not self._stopping.is_set():
                 now = time.monotonic()
-                self._inbox.sleep(self.bus.pump, max(0.0, self._due(now) - now))
+                self._reports.sleep(self.bus.pump, max(0.0, self._due(now) - now))
                 try:
                     self._handle()
                 except Exception:  # the agent outlives any message
@@ -206,9 +206,14 @@ class WorkerAgent:
                 log.exception("worker %s: %d results not journaled", self.name, len(finals))
 
     def _take_arrived(self, events: list[WorkerEvent]) -> None:
-        """Handle the messages the pump read: new jobs are journaled (with the results
-        acknowledged) in one transaction, then acknowledged to the broker, then queued
-        for the runners; a crash before the commit gets them delivered again."""
+        """Handle the messages the pump read: new jobs are queued for the runners, then
+        journaled (with the results acknowledged) in one transaction, then acknowledged
+        to the broker: a crash before the commit gets them delivered again.
+
+        Queued first, a job runs while its row is written (the commit is most of a quick
+        job's way through the worker); its result is handled after the commit all the
+        same, as this thread does one thing at a time.
+        """
         arrived, self._arrived = self._arrived, []
         taken: list[Attempt] = []
         acknowledged: list[JobRef] = []
@@ -237,6 +242,8 @@ class WorkerAgent:
                 log.error(
                     "worker %s: unexpected %s on %s", self.name, type(message).__name__, topic
                 )
+        for attempt in taken:
+            self._submit(attempt)
         if taken or acknowledged:
             try:
                 with self.journal.transaction():
@@ -246,18 +253,16 @@ class WorkerAgent:
                         self.journal.forget(acknowledged)
             except Exception:  # the scheduler re-sends jobs it hears nothing about
                 log.exception("worker %s: %d jobs not taken", self.name, len(taken))
-                for attempt in taken:  # so that a re-sent job is taken afresh
+                for attempt in taken:  # stopped, and forgotten: a re-sent job is new
+                    attempt.cancelled.set()
                     self._attempts.drop(attempt)
-                taken = []
         self.bus.acknowledge()
-        for attempt in taken:
-            self._submit(attempt)
 
     def _take_reports(self, events: list[WorkerEvent]) -> list[Final]:
         """What the runners said: starts noted, results added to `events` and returned."""
         finals: list[Final] = []
         now = time.monotonic()
-        for report in self._inbox.take():
+        for report in self._reports.take():
             if isinstance(report, Done):
                 final = self._attempts.finished(report.job, report.final, now)
                 if final is not None:

@@ -38,8 +38,9 @@ class Held:
 class Journal:
     """SQLite next to the worker (or in memory when it has no state directory).
 
-    A result produced while the broker is unreachable is written here before it is
-    published, so it survives a restart of the worker and is re-sent until acknowledged.
+    A job is written here before it runs and its result once published, so a restarted
+    worker runs again the jobs it held and re-sends the results not yet acknowledged.
+    Written by the agent thread alone; the lock lets other threads read it.
     """
 
     def __init__(self, directory: Path | None) -> None:

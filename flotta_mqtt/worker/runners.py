@@ -1,5 +1,5 @@
-"""A worker's runner threads: they take jobs from a queue, run them, and answer the agent
-through its inbox; they never touch the bus or the journal."""
+"""A worker's runner threads: they take jobs from a queue, run them, and report to the
+agent through another; they never touch the bus or the journal."""
 
 from __future__ import annotations
 
@@ -53,10 +53,10 @@ class Done:
 Report = Started | Done
 
 
-class Inbox:
+class Reports:
     """What the runners tell the agent, and a wake-up for an agent asleep in its pump.
 
-    The agent says until when it sleeps, then looks at the inbox, then waits; a runner
+    The agent says until when it sleeps, then looks for reports, then waits; a runner
     puts, then looks whether the agent sleeps past when its report is due. One of the two
     sees the other, so no report waits longer than it may, and a runner wakes a sleeping
     agent once at most.
@@ -95,9 +95,9 @@ class Inbox:
 class Runners:
     """`count` threads running jobs in the order queued, so never more than `count` at once."""
 
-    def __init__(self, name: str, count: int, execute: Execute, inbox: Inbox) -> None:
+    def __init__(self, name: str, count: int, execute: Execute, reports: Reports) -> None:
         self._execute = execute
-        self._inbox = inbox
+        self._reports = reports
         self._queue: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._serve, name=f"{name}-runner-{i}", daemon=True)
@@ -129,7 +129,7 @@ class Runners:
             job = work.job
             started = time.time()
             # The agent waits for it no longer than it would to announce the job.
-            self._inbox.put(Started(job.ref, started, time.monotonic()), within=STARTED_AFTER)
+            self._reports.put(Started(job.ref, started, time.monotonic()), within=STARTED_AFTER)
             final: Final | None = None
             try:
                 if not work.cancelled.is_set():
@@ -144,4 +144,4 @@ class Runners:
                 # The result of a job with others queued behind it may wait for theirs:
                 # they leave together, in one message.
                 within = BATCH_WINDOW if self.backlog() else 0.0
-                self._inbox.put(Done(job.ref, final), within=within)
+                self._reports.put(Done(job.ref, final), within=within)

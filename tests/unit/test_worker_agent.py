@@ -23,7 +23,7 @@ from flotta_mqtt.protocol import (
 )
 from flotta_mqtt.transport.store import sha256_hex
 from flotta_mqtt.worker.journal import Final
-from flotta_mqtt.worker.runners import Done, Inbox, Runners, Started, Work
+from flotta_mqtt.worker.runners import Done, Reports, Runners, Started, Work
 from flotta_mqtt.workflows.executors import Executor, Site, TaskResult, TaskRun, register_executor
 
 
@@ -37,8 +37,13 @@ def test_a_job_runs_and_its_result_is_published_once(station: Station) -> None:
     station.send(job_ready(0))
     (finished,) = station.wait_results(0)
     assert isinstance(finished, JobFinished) and finished.job == job_ready(0).ref
-    # The job and its result stay journaled until the scheduler acknowledges the result.
-    assert [(h.job.job_id, h.final) for h in agent.journal.held()] == [(0, finished)]
+    # The job and its result stay journaled until the scheduler acknowledges the result
+    # (written once the result is on its way).
+    wait_for(
+        lambda: [(h.job.job_id, h.final) for h in agent.journal.held()] == [(0, finished)],
+        TIMEOUT,
+        "the result was never journaled",
+    )
     station.send(job_ready(1))  # a marker: anything sent about job 0 came before it
     station.wait_results(1)
     assert len(results(station.events.messages, 0)) == 1
@@ -162,7 +167,7 @@ def test_a_runner_outlives_an_error_outside_any_job() -> None:
     """A runner whose job breaks (not a failed job: a bug) reports no result and runs
     the next job."""
     woken = threading.Event()
-    inbox = Inbox(woken.set)
+    box = Reports(woken.set)
 
     def execute(job: JobReady, cancelled: threading.Event, started: float) -> Final:
         if job.job_id == 0:
@@ -170,15 +175,15 @@ def test_a_runner_outlives_an_error_outside_any_job() -> None:
         product = Resource(url="data:,null", sha256=sha256_hex(b"null"), size=4)
         return JobFinished(job=job.ref, product=product, started_at=started, finished_at=started)
 
-    runners = Runners("w0", 1, execute, inbox)
+    runners = Runners("w0", 1, execute, box)
     runners.start()
     for job_id in (0, 1):
         runners.submit(Work(job_ready(job_id), threading.Event()))
     done: list[Done] = []
     while len(done) < 2:
-        inbox.sleep(lambda timeout: woken.wait(timeout), TIMEOUT)
+        box.sleep(lambda timeout: woken.wait(timeout), TIMEOUT)
         woken.clear()
-        reports = inbox.take()
+        reports = box.take()
         assert reports, "no report"
         done += [r for r in reports if isinstance(r, Done)]
         assert all(isinstance(r, Started | Done) for r in reports)
