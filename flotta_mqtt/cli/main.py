@@ -85,7 +85,8 @@ def _broker(
     return settings
 
 
-def _fail(message: str) -> typer.Exit:
+def fail(message: str) -> typer.Exit:
+    """Print `message` as an error; return the exit (code 2) for the command to raise."""
     # Messages quote user input and remote errors ("[type=...]", "[1, 2]"): not rich markup.
     console.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code=2)
@@ -103,12 +104,12 @@ def _node_config(
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _fail(f"invalid settings:\n{exc}") from None
+        raise fail(f"invalid settings:\n{exc}") from None
 
 
 def _logging(level: str, fmt: str) -> None:
     if fmt not in ("text", "json"):
-        raise _fail(f"--log-format takes text or json, not {fmt!r}")
+        raise fail(f"--log-format takes text or json, not {fmt!r}")
     configure_logging(level.upper(), "json" if fmt == "json" else "text")
 
 
@@ -203,7 +204,7 @@ def worker(
     for item in data or []:
         project, sep, file = item.partition("=")
         if not sep or not project or not file:
-            raise _fail(f"--data takes PROJECT=FILE, got {item!r}")
+            raise fail(f"--data takes PROJECT=FILE, got {item!r}")
         datasets.setdefault(project, []).append(file)
     settings = _node_config(
         WorkerConfig,
@@ -225,13 +226,14 @@ def worker(
     _serve(WorkerAgent(settings), f"worker {settings.name}")
 
 
-def _client(
+def open_client(
     broker: str | None,
     username: str | None,
     password: str | None,
     ca: Path | None,
     storage: str | None,
 ) -> Client:
+    """A workbench client connected with the command's broker and storage options."""
     settings = BrokerSettings.model_validate(_broker(broker, username, password, ca))
     store = StorageSettings(url=storage) if storage else None
     return Client(settings, storage=store)
@@ -253,7 +255,7 @@ def load_artifact(path: Path) -> Artifact:
         return Artifact.model_validate(data)
     except (ValueError, ValidationError) as exc:
         what = "workflow" if "tasks" in data else "artifact"
-        raise _fail(f"{path} is not a valid {what}:\n{exc}") from None
+        raise fail(f"{path} is not a valid {what}:\n{exc}") from None
 
 
 @app.command()
@@ -279,14 +281,14 @@ def submit(
     """Submit an artifact or workflow file (JSON or YAML); print its id, or its result
     with --wait."""
     artifact = load_artifact(file)
-    with _client(broker, username, password, ca_file, storage) as client:
+    with open_client(broker, username, password, ca_file, storage) as client:
         handle = client.submit(artifact)
         console.print(f"submitted artifact {artifact.id}")
         if wait:
             try:
                 console.print_json(json.dumps(handle.result(timeout)))
             except ArtifactFailed as exc:
-                raise _fail(str(exc)) from None
+                raise fail(str(exc)) from None
 
 
 @app.command()
@@ -300,10 +302,10 @@ def status(
     ca_file: CaOpt = None,
 ) -> None:
     """Show an artifact's current status (from its retained status topic)."""
-    with _client(broker, username, password, ca_file, None) as client:
+    with open_client(broker, username, password, ca_file, None) as client:
         current = client.handle(artifact_id).fetch_status(timeout)
     if current is None:
-        raise _fail(f"no status for artifact {artifact_id}")
+        raise fail(f"no status for artifact {artifact_id}")
     if output == "json":
         console.print_json(current.model_dump_json())
         return
@@ -377,11 +379,11 @@ def download(
     storage: StorageOpt = None,
 ) -> None:
     """Write an artifact's result to DEST as a JSON document."""
-    with _client(broker, username, password, ca_file, storage) as client:
+    with open_client(broker, username, password, ca_file, storage) as client:
         try:
             path = client.handle(artifact_id).download(dest, timeout)
         except (ArtifactFailed, PermissionError, TimeoutError) as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
     console.print(f"wrote {path}")
 
 
@@ -394,7 +396,7 @@ def cancel(
     ca_file: CaOpt = None,
 ) -> None:
     """Cancel an artifact: its running jobs are stopped and its locks freed."""
-    with _client(broker, username, password, ca_file, None) as client:
+    with open_client(broker, username, password, ca_file, None) as client:
         client.cancel(artifact_id)
         final = client.handle(artifact_id).wait(timeout=30)
     console.print(f"artifact {artifact_id}: {final.state}")

@@ -27,10 +27,10 @@ from flotta_mqtt.cli.main import (
     PasswordOpt,
     StorageOpt,
     UserOpt,
-    _client,
-    _fail,
     app,
     console,
+    fail,
+    open_client,
 )
 from flotta_mqtt.cli.views import (
     ACTIVE,
@@ -67,11 +67,11 @@ def watch(
     per change. Exits 0 when the artifact completes, 1 when it fails or is cancelled."""
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    with _client(broker, username, password, ca_file, None) as client:
+    with open_client(broker, username, password, ca_file, None) as client:
         handle = client.handle(artifact_id)
         status = handle.fetch_status()
         if status is None:
-            raise _fail(f"no status for artifact {artifact_id}")
+            raise fail(f"no status for artifact {artifact_id}")
         live = Live(watch_view(status, started), console=console, auto_refresh=False)
         if console.is_terminal:
             live.start()
@@ -139,14 +139,14 @@ def graph(
     from flotta_mqtt.client.graph import FORMATS, GraphTooLarge, JobDag, format_of
 
     if format is not None and format not in FORMATS:
-        raise _fail(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+        raise fail(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     if engine not in ("auto", "graphviz", "python"):
-        raise _fail(f"--engine must be auto, graphviz or python, not {engine!r}")
+        raise fail(f"--engine must be auto, graphviz or python, not {engine!r}")
     chosen = format or (format_of(output) if output and str(output) != "-" else "svg")
-    with _client(broker, username, password, ca_file, None) as client:
+    with open_client(broker, username, password, ca_file, None) as client:
         status = client.handle(artifact_id).fetch_status(timeout)
     if status is None:
-        raise _fail(f"no status for artifact {artifact_id}")
+        raise fail(f"no status for artifact {artifact_id}")
     try:
         dag = JobDag.from_status(status)
     except GraphTooLarge as exc:
@@ -156,10 +156,10 @@ def graph(
     try:
         data = dag.render(chosen, engine)  # type: ignore[arg-type]
     except RuntimeError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if output is not None and str(output) == "-":
         if chosen == "png":
-            raise _fail("PNG is binary: write it to a file with --output")
+            raise fail("PNG is binary: write it to a file with --output")
         console.out(data.decode(), end="", highlight=False)
         return
     target = output or Path(f"{artifact_id}.{_SUFFIX[chosen]}")
@@ -196,7 +196,7 @@ def workers(
     ca_file: CaOpt = None,
 ) -> None:
     """List the nodes known to the broker: presence, datasets, capabilities, running jobs."""
-    with _client(broker, username, password, ca_file, None) as client:
+    with open_client(broker, username, password, ca_file, None) as client:
         nodes = client.workers()
         busy = running_jobs(client.statuses()) if jobs else Counter[str]()
     if output == "json":
@@ -254,11 +254,11 @@ def logs(
 
     Workflow tasks capture their output in the resource store; any job's error comes from
     the artifact's status."""
-    with _client(broker, username, password, ca_file, storage) as client:
+    with open_client(broker, username, password, ca_file, storage) as client:
         current = client.handle(artifact_id).fetch_status()
         store_settings = client.storage
     if current is None or not current.jobs:
-        raise _fail(f"no job listing for artifact {artifact_id}")
+        raise fail(f"no job listing for artifact {artifact_id}")
     if task is None:
         chosen = [j for j in current.jobs if j.name or j.error]
     else:
@@ -268,8 +268,8 @@ def logs(
         ]
     if not chosen:
         if task is None:
-            raise _fail(f"artifact {artifact_id} has no tasks and no failed jobs")
-        raise _fail(f"artifact {artifact_id} has no task {task!r} (nor a job of that id)")
+            raise fail(f"artifact {artifact_id} has no tasks and no failed jobs")
+        raise fail(f"artifact {artifact_id} has no task {task!r} (nor a job of that id)")
     store = ResourceStore(store_settings.url, store_settings.options)
     for job in chosen:
         which = attempt or max(job.attempt, 1)
@@ -324,12 +324,12 @@ def dashboard(
     from flotta_mqtt.logs import configure_logging
 
     if log_format not in (None, "text", "json"):
-        raise _fail(f"--log-format must be text or json, not {log_format!r}")
+        raise fail(f"--log-format must be text or json, not {log_format!r}")
     configure_logging("INFO", log_format)  # type: ignore[arg-type]
     try:
         server = DashboardServer(broker_ws, port, host, username, password)
     except (ValueError, OSError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

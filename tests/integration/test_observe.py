@@ -30,7 +30,7 @@ from typer.testing import CliRunner, Result
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.broker.local import free_port
 from flotta_mqtt.cli.main import app
-from flotta_mqtt.cli.observe import watch_view
+from flotta_mqtt.cli.views import watch_view
 from flotta_mqtt.client.client import Client
 from flotta_mqtt.client.graph import GraphImage, GraphTooLarge, graphviz_available
 from flotta_mqtt.model import (
