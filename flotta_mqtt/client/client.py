@@ -112,18 +112,18 @@ class Client:
 
     def workers(self, timeout: float = 5.0) -> list[NodePresence]:
         """The nodes whose retained presence the broker holds, online or not."""
-        self._sync(timeout)
+        self.sync(timeout)
         with self._changed:
             return sorted(self._presence.values(), key=lambda p: p.node)
 
     def statuses(self, timeout: float = 5.0) -> dict[str, ArtifactStatus]:
         """Every artifact status the broker retains (and keeps them current from now on)."""
         self.bus.subscribe(topics.ALL_STATUS)
-        self._sync(timeout)
+        self.sync(timeout)
         with self._changed:
             return dict(self._statuses)
 
-    # --- what the client recorded, for code built on it (distributed functions) ------------
+    # --- what the client recorded, for code built on it -------------------------------------
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
         """Block until `predicate()` is true or `timeout` s pass; return its last value.
@@ -155,7 +155,7 @@ class Client:
             self._statuses.pop(artifact_id, None)
             self._rejections[:] = [r for r in self._rejections if r.artifact_id != artifact_id]
 
-    def _sync(self, timeout: float) -> None:
+    def sync(self, timeout: float = 5.0) -> None:
         """Wait until the broker has delivered what it held when we subscribed.
 
         The broker keeps per-subscriber order, so once a marker we publish to ourselves
@@ -210,12 +210,11 @@ class ArtifactHandle:
 
     def status(self) -> ArtifactStatus | None:
         """The latest status seen, or None if none has arrived yet."""
-        with self.client._changed:
-            return self.client._statuses.get(self.artifact_id)
+        return self.client.status_of(self.artifact_id)
 
     def fetch_status(self, timeout: float = 5.0) -> ArtifactStatus | None:
         """The current status as the broker retains it, or None if it holds none."""
-        self.client._sync(timeout)
+        self.client.sync(timeout)
         return self.status()
 
     def next_status(
@@ -227,13 +226,12 @@ class ArtifactHandle:
         """
 
         def newer() -> bool:
-            status = self.client._statuses.get(self.artifact_id)
+            status = self.client.status_of(self.artifact_id)
             return status is not None and status.seq > after_seq
 
-        with self.client._changed:
-            if self.client._changed.wait_for(newer, timeout=timeout):
-                return self.client._statuses[self.artifact_id]
-            return None
+        if self.client.wait_for(newer, timeout=timeout):
+            return self.client.status_of(self.artifact_id)
+        return None
 
     def graph(self, timeout: float = 5.0, engine: Engine = "auto") -> GraphImage:
         """A picture of the artifact's DAG, each job coloured by state, as the broker has it.
@@ -262,10 +260,9 @@ class ArtifactHandle:
                 step = self.client.resend_interval
                 if deadline is not None:
                     step = min(step, max(0.0, deadline - time.monotonic()))
-                with self.client._changed:
-                    self.client._changed.wait_for(self._settled, timeout=step)
-                    status = self.client._statuses.get(self.artifact_id)
-                    rejected = self._rejection()
+                self.client.wait_for(self._settled, timeout=step)
+                status = self.client.status_of(self.artifact_id)
+                rejected = self.client.rejection_of(self.artifact_id)
                 if rejected is not None:
                     raise ValueError(f"the scheduler rejected the request: {rejected.error}")
                 if bar is not None and status is not None:
@@ -284,18 +281,11 @@ class ArtifactHandle:
                 bar.close()
 
     def _settled(self) -> bool:
-        """Whether waiting can stop: a final status, a rejection (call with the lock held)."""
-        status = self.client._statuses.get(self.artifact_id)
-        return self._rejection() is not None or (
+        """Whether waiting can stop: a final status, or a rejection of the submission."""
+        status = self.client.status_of(self.artifact_id)
+        return self.client.rejection_of(self.artifact_id) is not None or (
             status is not None and status.state in ARTIFACT_FINAL
         )
-
-    def _rejection(self) -> RequestRejected | None:
-        """The scheduler's rejection of a request about this artifact, if one came."""
-        for rejection in self.client._rejections:
-            if rejection.artifact_id == self.artifact_id:
-                return rejection
-        return None
 
     def result(self, timeout: float | None = None) -> Any:
         """The final product, loaded; raises ArtifactFailed with the remote error on failure.

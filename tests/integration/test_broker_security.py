@@ -202,7 +202,7 @@ def test_a_workbench_submits_and_reads_its_status_and_replies(connect: Connect) 
 
     scheduler.publish_raw(topics.status("a1"), b"a1 running", retain=True)
     publish_settled(scheduler, topics.reply("alice"), b"rejected something")
-    workbench.publish_raw(topics.reply("alice"), b"sync marker")  # as the SDK's _sync does
+    workbench.publish_raw(topics.reply("alice"), b"sync marker")  # as the SDK's Client.sync does
     alice.wait_for(lambda msgs: b"sync marker" in [p for _, p in msgs])
     assert sorted(alice.payloads) == [b"a1 running", b"rejected something", b"sync marker"]
 
