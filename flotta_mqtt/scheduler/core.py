@@ -138,7 +138,7 @@ class SchedulerCore:
                         record.attempts.last_seen[job_id] = now
                     decision.publish.append(self.flow.job_ready(record, job_id))
         self.announcements.collect(self.artifacts, self._known, clock, decision)
-        return decision
+        return self.flow.end()
 
     def handle(self, events: Sequence[Event], clock: Clock) -> Decision:
         """Handle a burst of events at `clock`; what it decided."""
@@ -152,7 +152,7 @@ class SchedulerCore:
             elif isinstance(event, Tick):
                 self._tick(clock)
         self.announcements.collect(self.artifacts, self._known, clock, decision)
-        return decision
+        return self.flow.end()
 
     def next_status_due(self) -> float | None:
         """When a folded status falls due (monotonic), if one waits."""

@@ -51,6 +51,12 @@ class JobFlow:
         """Start a burst: its decisions go to `decision`, its time is `clock`."""
         self.decision, self.clock, self.arrived = decision, clock, clock.monotonic
 
+    def end(self) -> Decision:
+        """End the burst: its decision, no longer held here (it holds records and graphs
+        that a finished artifact no longer needs)."""
+        decision, self.decision = self.decision, Decision()
+        return decision
+
     # --- artifacts -----------------------------------------------------------------------
 
     def run(self, record: ArtifactRecord, bound: Bound) -> None:

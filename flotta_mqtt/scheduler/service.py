@@ -166,19 +166,23 @@ class Scheduler:
             if clock.monotonic >= next_tick:
                 events.append(Tick())
                 next_tick = clock.monotonic + TICK
-            try:
-                decision = self.core.handle(events, clock)
-                commit(self.repository, decision)
-            except Exception:
-                log.exception("scheduler: a burst of %d messages failed", len(burst))
-                self._out.clear()
-                continue
-            self._out += decision.publish
-            self._publish()
-            self.bus.acknowledge()  # what the burst handled is committed: the broker may forget it
-            # The statuses are built once the jobs the burst made ready are on their way.
-            self._announce(decision)
-            self._publish()
+            self._carry_out(events, clock, len(burst))
+
+    def _carry_out(self, events: list[Event], clock: Clock, received: int) -> None:
+        """Have the core decide on a burst, then write, commit and publish what it did."""
+        try:
+            decision = self.core.handle(events, clock)
+            commit(self.repository, decision)
+        except Exception:
+            log.exception("scheduler: a burst of %d messages failed", received)
+            self._out.clear()
+            return
+        self._out += decision.publish
+        self._publish()
+        self.bus.acknowledge()  # what the burst handled is committed: the broker may forget it
+        # The statuses are built once the jobs the burst made ready are on their way.
+        self._announce(decision)
+        self._publish()
 
     def _clock(self) -> Clock:
         now = time.monotonic()
