@@ -1,29 +1,6 @@
 """The python executor: runs `@distributed` calls in per-workspace processes on a worker.
 
-Shipped code runs only on a worker whose config says `allow_code: true`: the agent does
-not even create this executor otherwise, and the executor refuses every call until the
-agent has set it up with that permission. Call processes run as the worker's own user,
-with its store and broker settings for nested calls: allowing code means trusting the
-callers with whatever the worker itself may do.
-
-A call process serves one workspace (fetched from the store once per hash, unpacked into
-`{state_dir or a private temporary folder}/workspaces/{sha256}/`, first on its
-`sys.path`) and runs one call at a time; processes are forked from a warm zygote
-(see `flotta_mqtt.functions._child`) and kept between calls, so the interpreter's
-start-up is paid once per process, not per call. How many calls of one function run at
-once on this worker is its `threads` parameter, bounded by the worker's `max_jobs`
-(the agent never runs more jobs than that, whatever the task asks).
-
-A call's timeout counts from when this worker starts the job, waiting for a `threads`
-slot included; on timeout or cancel the call's process (and whatever it started) is
-killed and never reused. A call that raises is a successful task: its outcome carries
-the exception. A failed task is a call that could not run or finish (killed, timed out,
-its process died, its workspace unreadable), which the scheduler retries per the task's
-`retries`; a worker lost mid-call is the scheduler's to move (the task is relocatable).
-
-Declared requirements are checked against the worker's installed packages and reported
-(in the worker's log and at the top of each call's stderr); the worker does not install
-them: what a worker's interpreter holds is its operator's choice, not a caller's.
+What a task gets and how it ends: PythonExecutor's docstring.
 """
 
 from __future__ import annotations
@@ -166,7 +143,33 @@ class _Process:
 
 
 class PythonExecutor(Executor):
-    """Runs one call per task in a kept call process of the call's workspace."""
+    """Runs one call per task in a kept call process of the call's workspace.
+
+    Shipped code runs only on a worker whose config says `allow_code: true`: the agent does
+    not even create this executor otherwise, and the executor refuses every call until the
+    agent has set it up with that permission. Call processes run as the worker's own user,
+    with its store and broker settings for nested calls: allowing code means trusting the
+    callers with whatever the worker itself may do.
+
+    A call process serves one workspace (fetched from the store once per hash, unpacked into
+    `{state_dir or a private temporary folder}/workspaces/{sha256}/`, first on its
+    `sys.path`) and runs one call at a time; processes are forked from a warm zygote
+    (see `flotta_mqtt.functions._child`) and kept between calls, so the interpreter's
+    start-up is paid once per process, not per call. How many calls of one function run at
+    once on this worker is its `threads` parameter, bounded by the worker's `max_jobs`
+    (the agent never runs more jobs than that, whatever the task asks).
+
+    A call's timeout counts from when this worker starts the job, waiting for a `threads`
+    slot included; on timeout or cancel the call's process (and whatever it started) is
+    killed and never reused. A call that raises is a successful task: its outcome carries
+    the exception. A failed task is a call that could not run or finish (killed, timed out,
+    its process died, its workspace unreadable), which the scheduler retries per the task's
+    `retries`; a worker lost mid-call is the scheduler's to move (the task is relocatable).
+
+    Declared requirements are checked against the worker's installed packages and reported
+    (in the worker's log and at the top of each call's stderr); the worker does not install
+    them: what a worker's interpreter holds is its operator's choice, not a caller's.
+    """
 
     name = "python"
 

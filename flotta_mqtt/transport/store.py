@@ -228,11 +228,10 @@ def _write_local_atomically(path: str, data: bytes, folders: set[str]) -> None:
 
     No fsync: the file's own fsync would not make it survive a power loss either, since
     the rename is durable only once the directory is too, and a directory fsync costs
-    more than a whole no-op job (about 8 ms measured here, the file fsync alone up to
-    1.7 ms on a loaded machine). So a product is as durable as the scheduler's database
-    and the worker's journal, both SQLite WAL with synchronous=NORMAL: safe across process
-    crashes, on disk after a power loss once the file system commits (ext4: about 5 s,
-    with data=ordered writing the data before the rename that names it).
+    more than a whole no-op job (bench/README.md). So a product is as durable as the
+    scheduler's database and the worker's journal, both SQLite WAL with synchronous=NORMAL:
+    safe across process crashes, on disk after a power loss once the file system commits
+    (ext4's data=ordered writes the data before the rename that names it).
     """
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}.{os.urandom(8).hex()}.tmp")

@@ -1,32 +1,6 @@
 """The api executor: a task is a call to an HTTP service, with job files PUT and GET.
 
-Standard library only (urllib). The contract a service implements:
-
-1. Before the call, each job file of `upload` (it must be in the task's workdir, i.e. one
-   of its `inputs`) is PUT, as raw bytes, to its URL; any non-2xx answer fails the task.
-2. `body` (a JSON object) is POSTed to `url` with `Content-Type: application/json` and the
-   task's `headers`.
-3. The answer is either final or, when it is `202 Accepted` (or a 2xx whose JSON says
-   `"status": "running"`), a promise: its `Location` header (or a `status_url` field of
-   its JSON), resolved against `url`, is then GET every `interval` seconds (with the same
-   headers) until it answers something other than 202 / `"running"`. With `poll: false`
-   an accepted call counts as done.
-4. A final answer is JSON `{"status": "succeeded" | "failed", "result": ..., "exit_code": n}`
-   (`status` defaults to succeeded, `result` is anything, `exit_code` is optional). The
-   task succeeds when the answer is 2xx, not `failed`, and reports no non-zero exit code.
-   A non-2xx answer fails it with the HTTP status as exit code; `failed` fails it with the
-   reported exit code, or 1.
-5. After a success, each job file of `download` is fetched with GET from its URL and
-   written into the workdir, so the runner stores it as an output (list it in `outputs`).
-
-The task's stdout is the body of the final answer, its stderr the error text. The task's
-`timeout` bounds everything (every socket timeout is at most `request_timeout` and the
-time left, and a request still pending at the deadline is abandoned); a cancelled task
-stops at once. Either way, a call being polled gets a best-effort DELETE of its status
-URL, so a service that supports it can stop the work. Without a timeout, a call is polled
-until the service says it is done or the task is cancelled. Only http:// and https:// URLs are
-followed, redirects included: a task cannot read the worker's own files through file://.
-Errors without an HTTP status exit with 1, a timeout with 124, a cancellation with 130.
+What a task gets and how it ends: ApiExecutor's docstring.
 """
 
 from __future__ import annotations
@@ -362,7 +336,36 @@ def _exchange(
 
 
 class ApiExecutor(Executor):
-    """Runs a task as a call to an HTTP service (see the module's contract)."""
+    """Runs a task as a call to an HTTP service.
+
+    Standard library only (urllib). The contract a service implements:
+
+    1. Before the call, each job file of `upload` (it must be in the task's workdir, i.e. one
+       of its `inputs`) is PUT, as raw bytes, to its URL; any non-2xx answer fails the task.
+    2. `body` (a JSON object) is POSTed to `url` with `Content-Type: application/json` and the
+       task's `headers`.
+    3. The answer is either final or, when it is `202 Accepted` (or a 2xx whose JSON says
+       `"status": "running"`), a promise: its `Location` header (or a `status_url` field of
+       its JSON), resolved against `url`, is then GET every `interval` seconds (with the same
+       headers) until it answers something other than 202 / `"running"`. With `poll: false`
+       an accepted call counts as done.
+    4. A final answer is JSON `{"status": "succeeded" | "failed", "result": ..., "exit_code": n}`
+       (`status` defaults to succeeded, `result` is anything, `exit_code` is optional). The
+       task succeeds when the answer is 2xx, not `failed`, and reports no non-zero exit code.
+       A non-2xx answer fails it with the HTTP status as exit code; `failed` fails it with the
+       reported exit code, or 1.
+    5. After a success, each job file of `download` is fetched with GET from its URL and
+       written into the workdir, so the runner stores it as an output (list it in `outputs`).
+
+    The task's stdout is the body of the final answer, its stderr the error text. The task's
+    `timeout` bounds everything (every socket timeout is at most `request_timeout` and the
+    time left, and a request still pending at the deadline is abandoned); a cancelled task
+    stops at once. Either way, a call being polled gets a best-effort DELETE of its status
+    URL, so a service that supports it can stop the work. Without a timeout, a call is polled
+    until the service says it is done or the task is cancelled. Only http:// and https:// URLs are
+    followed, redirects included: a task cannot read the worker's own files through file://.
+    Errors without an HTTP status exit with 1, a timeout with 124, a cancellation with 130.
+    """
 
     name = "api"
 

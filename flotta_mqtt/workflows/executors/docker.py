@@ -1,19 +1,6 @@
 """The docker executor: a task in a container, through the Docker Engine API.
 
-Any server of that API works: Docker itself, or podman's (`podman system service`). The
-client is the `docker` Python SDK (the `docker` extra), imported only when the executor is
-made, and it honours `DOCKER_HOST` (and `DOCKER_TLS_VERIFY`/`DOCKER_CERT_PATH`) unless the
-executor is given a host.
-
-The contract is the shell executor's: the task's working folder (its input job files; its
-outputs are collected from it afterwards) is bind-mounted read-write at `workdir_mount`
-and is the container's working directory; ENV comes from the task; STDIN is fed through
-the attach stream; STDOUT and STDERR are kept apart; the status is the container's exit
-status. A timeout or a cancellation kills the container.
-
-The container is created without auto-removal and removed by the executor afterwards:
-through podman's API, `--rm` (AutoRemove) can report status 0 for a container that
-exited non-zero, so the status is always taken from the wait call of a kept container.
+What a task gets and how it ends: DockerExecutor's docstring.
 """
 
 from __future__ import annotations
@@ -79,7 +66,23 @@ def _import_docker() -> Any:
 
 
 class DockerExecutor(Executor):
-    """Runs each task in a fresh container; `docker_host` overrides `DOCKER_HOST`."""
+    """Runs each task in a fresh container; `docker_host` overrides `DOCKER_HOST`.
+
+    Any server of that API works: Docker itself, or podman's (`podman system service`). The
+    client is the `docker` Python SDK (the `docker` extra), imported only when the executor is
+    made, and it honours `DOCKER_HOST` (and `DOCKER_TLS_VERIFY`/`DOCKER_CERT_PATH`) unless the
+    executor is given a host.
+
+    The contract is the shell executor's: the task's working folder (its input job files; its
+    outputs are collected from it afterwards) is bind-mounted read-write at `workdir_mount`
+    and is the container's working directory; ENV comes from the task; STDIN is fed through
+    the attach stream; STDOUT and STDERR are kept apart; the status is the container's exit
+    status. A timeout or a cancellation kills the container.
+
+    The container is created without auto-removal and removed by the executor afterwards:
+    through podman's API, `--rm` (AutoRemove) can report status 0 for a container that
+    exited non-zero, so the status is always taken from the wait call of a kept container.
+    """
 
     name = "docker"
 

@@ -1,25 +1,6 @@
 """The kube executor: a task as a Kubernetes Job, watched to its end, its logs kept.
 
-It uses the official `kubernetes` client (the `kube` extra), imported only when the
-executor is made. Per task it creates a `batch/v1` Job (one pod, never restarted, no
-retries: retries are the workflow's), polls the Job's status until it succeeds or fails,
-reads the pod's exit code and log, then deletes the Job (propagation Background) and what
-it created for it, whatever happened. A timeout or a cancellation deletes the Job early;
-the Job also carries `activeDeadlineSeconds` so the cluster stops it if the worker dies.
-
-Job files. A pod runs on a cluster node, not on the worker, so the task's working folder
-cannot be bind-mounted as the docker executor does:
-
-- by default the task's input job files travel in a ConfigMap made for the task (at most
-  ~1 MiB in all) mounted read-only at `workdir_mount` (the pod's working directory), and
-  the task may declare no outputs: nothing comes back from the pod but its log;
-- with `volume_claim` (a PersistentVolumeClaim of a volume the worker also mounts, at
-  `volume_path`, e.g. NFS), the worker copies the inputs into a folder of its own on that
-  volume, the pod mounts that folder (subPath) read-write at `workdir_mount`, and the
-  worker copies the folder back after the Job, so declared outputs are collected.
-
-Kubernetes merges a container's STDOUT and STDERR in one log: it is returned as STDOUT;
-STDERR carries only the executor's notes (why a Job failed). Pods have no STDIN here.
+What a task gets and how it ends: KubeExecutor's docstring.
 """
 
 from __future__ import annotations
@@ -203,6 +184,27 @@ class KubeExecutor(Executor):
     Where the API server is: `host` (a URL, no credentials), else a kubeconfig (`kubeconfig`,
     else `$KUBECONFIG`, else `~/.kube/config`), else the in-cluster service account when
     the worker runs in a pod. A task's params may override them.
+
+    It uses the official `kubernetes` client (the `kube` extra), imported only when the
+    executor is made. Per task it creates a `batch/v1` Job (one pod, never restarted, no
+    retries: retries are the workflow's), polls the Job's status until it succeeds or fails,
+    reads the pod's exit code and log, then deletes the Job (propagation Background) and what
+    it created for it, whatever happened. A timeout or a cancellation deletes the Job early;
+    the Job also carries `activeDeadlineSeconds` so the cluster stops it if the worker dies.
+
+    Job files. A pod runs on a cluster node, not on the worker, so the task's working folder
+    cannot be bind-mounted as the docker executor does:
+
+    - by default the task's input job files travel in a ConfigMap made for the task (at most
+      ~1 MiB in all) mounted read-only at `workdir_mount` (the pod's working directory), and
+      the task may declare no outputs: nothing comes back from the pod but its log;
+    - with `volume_claim` (a PersistentVolumeClaim of a volume the worker also mounts, at
+      `volume_path`, e.g. NFS), the worker copies the inputs into a folder of its own on that
+      volume, the pod mounts that folder (subPath) read-write at `workdir_mount`, and the
+      worker copies the folder back after the Job, so declared outputs are collected.
+
+    Kubernetes merges a container's STDOUT and STDERR in one log: it is returned as STDOUT;
+    STDERR carries only the executor's notes (why a Job failed). Pods have no STDIN here.
     """
 
     name = "kube"
