@@ -166,8 +166,8 @@ class WorkerAgent:
         return due
 
     def _handle(self) -> None:
-        """One look: take what arrived and what the runners said, then publish the
-        events it produced, then journal the results among them."""
+        """One look: take what arrived and what the runners said, publish the events it
+        produced, journal the results among them, acknowledge what arrived."""
         events: list[WorkerEvent] = []
         if self._arrived:
             self._take_arrived(events)
@@ -204,11 +204,15 @@ class WorkerAgent:
                         self.journal.finish(final)
             except Exception:
                 log.exception("worker %s: %d results not journaled", self.name, len(finals))
+        # What arrived is journaled: the broker may forget it. Last, so that a result
+        # ready by now leaves first.
+        self.bus.acknowledge()
 
     def _take_arrived(self, events: list[WorkerEvent]) -> None:
         """Handle the messages the pump read: new jobs are queued for the runners, then
-        journaled (with the results acknowledged) in one transaction, then acknowledged
-        to the broker: a crash before the commit gets them delivered again.
+        journaled (with the results acknowledged) in one transaction; `_handle`
+        acknowledges them to the broker after that commit, so a crash before it gets them
+        delivered again.
 
         Queued first, a job runs while its row is written (the commit is most of a quick
         job's way through the worker); its result is handled after the commit all the
@@ -256,7 +260,6 @@ class WorkerAgent:
                 for attempt in taken:  # stopped, and forgotten: a re-sent job is new
                     attempt.cancelled.set()
                     self._attempts.drop(attempt)
-        self.bus.acknowledge()
 
     def _take_reports(self, events: list[WorkerEvent]) -> list[Final]:
         """What the runners said: starts noted, results added to `events` and returned."""
