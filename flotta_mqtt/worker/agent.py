@@ -81,7 +81,7 @@ class WorkerAgent:
         )
         self._reports = Reports(self.bus.wake)
         jobs = Jobs(self.name, self.store, self.tasks, self._datasets)
-        self._runners = Runners(f"worker-{self.name}", config.max_jobs, jobs.run, self._reports)
+        self._runners = Runners(self.name, config.max_jobs, jobs.run, self._reports)
         self._thread = threading.Thread(target=self._serve, name=f"worker-{self.name}", daemon=True)
 
     def presence(self, online: bool) -> NodePresence:

@@ -95,15 +95,15 @@ class Reports:
 class Runners:
     """`count` threads running jobs in the order queued, so never more than `count` at once."""
 
-    def __init__(self, name: str, count: int, execute: Execute, reports: Reports) -> None:
+    def __init__(self, worker: str, count: int, execute: Execute, reports: Reports) -> None:
+        self._worker = worker
         self._execute = execute
         self._reports = reports
         self._queue: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._threads = [
-            threading.Thread(target=self._serve, name=f"{name}-runner-{i}", daemon=True)
+            threading.Thread(target=self._serve, name=f"worker-{worker}-runner-{i}", daemon=True)
             for i in range(count)
         ]
-        self._worker = name
 
     def start(self) -> None:
         for thread in self._threads:
