@@ -42,6 +42,10 @@ __all__ = ["WorkerAgent", "WorkerConfig"]
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 30.0  # how long stop() waits for the agent thread to say goodbye
+# After handing new jobs to the runners, the agent waits this long at most for a result
+# before it reads the bus again: a quick job's result then leaves at once, with no
+# wake-up through the bus, and the journal is written after it has gone.
+LINGER = 0.002
 
 
 class WorkerAgent:
@@ -169,8 +173,12 @@ class WorkerAgent:
         """One look: take what arrived and what the runners said, publish the events it
         produced, journal the results among them, acknowledge what arrived."""
         events: list[WorkerEvent] = []
+        taken: list[Attempt] = []
+        acknowledged: list[JobRef] = []
         if self._arrived:
-            self._take_arrived(events)
+            self._take_arrived(events, taken, acknowledged)
+        if taken:  # a quick job's result goes out before the journal is written
+            self._reports.linger(LINGER)
         now = time.monotonic()
         if self._connected:  # before new results: those are sent once below
             self._connected = False
@@ -197,30 +205,44 @@ class WorkerAgent:
                 self.bus.publish_many(topics.events(self.name), events)
             except Exception:  # re-sent on reconnect, or when they look lost
                 log.exception("worker %s: %d events not published", self.name, len(events))
-        if finals:  # journaled once on their way: the write is off the result's path
-            try:
-                with self.journal.transaction():
-                    for final in finals:
-                        self.journal.finish(final)
-            except Exception:
-                log.exception("worker %s: %d results not journaled", self.name, len(finals))
-        # What arrived is journaled: the broker may forget it. Last, so that a result
-        # ready by now leaves first.
+        if taken or acknowledged or finals:
+            self._journal(taken, acknowledged, finals)
+        # What arrived is journaled: the broker may forget it.
         self.bus.acknowledge()
 
-    def _take_arrived(self, events: list[WorkerEvent]) -> None:
-        """Handle the messages the pump read: new jobs are queued for the runners, then
-        journaled (with the results acknowledged) in one transaction; `_handle`
-        acknowledges them to the broker after that commit, so a crash before it gets them
-        delivered again.
+    def _journal(
+        self, taken: list[Attempt], acknowledged: list[JobRef], finals: list[Final]
+    ) -> None:
+        """Write a look's changes in one transaction: new jobs, results the scheduler has
+        recorded (forgotten), results sent (kept until then). Written after the events
+        went out, the commit is off a quick job's way; the broker is acknowledged only
+        after it, so a crash before it gets the jobs delivered again."""
+        try:
+            with self.journal.transaction():
+                for attempt in taken:
+                    self.journal.hold(attempt.job)
+                if acknowledged:
+                    self.journal.forget(acknowledged)
+                for final in finals:
+                    self.journal.finish(final)
+        except Exception:  # the scheduler re-sends jobs it hears nothing about
+            log.exception(
+                "worker %s: %d jobs and %d results not journaled",
+                self.name,
+                len(taken),
+                len(finals),
+            )
+            for attempt in taken:  # stopped, and forgotten: a re-sent job is new
+                attempt.cancelled.set()
+                self._attempts.drop(attempt)
 
-        Queued first, a job runs while its row is written (the commit is most of a quick
-        job's way through the worker); its result is handled after the commit all the
-        same, as this thread does one thing at a time.
-        """
+    def _take_arrived(
+        self, events: list[WorkerEvent], taken: list[Attempt], acknowledged: list[JobRef]
+    ) -> None:
+        """Handle the messages the pump read: new jobs are queued for the runners (and
+        added to `taken`, journaled by `_handle` later in the same look), duplicates
+        answered in `events`, acknowledged results added to `acknowledged`."""
         arrived, self._arrived = self._arrived, []
-        taken: list[Attempt] = []
-        acknowledged: list[JobRef] = []
         for topic, payload in arrived:
             try:
                 _, message = decode(topic, payload)
@@ -233,6 +255,7 @@ class WorkerAgent:
                     outcome = self._attempts.receive(job)
                     if isinstance(outcome, Attempt):
                         taken.append(outcome)
+                        self._submit(outcome)
                     elif outcome is not None:
                         events.append(outcome)
             elif isinstance(message, EventAck):
@@ -246,20 +269,6 @@ class WorkerAgent:
                 log.error(
                     "worker %s: unexpected %s on %s", self.name, type(message).__name__, topic
                 )
-        for attempt in taken:
-            self._submit(attempt)
-        if taken or acknowledged:
-            try:
-                with self.journal.transaction():
-                    for attempt in taken:
-                        self.journal.hold(attempt.job)
-                    if acknowledged:
-                        self.journal.forget(acknowledged)
-            except Exception:  # the scheduler re-sends jobs it hears nothing about
-                log.exception("worker %s: %d jobs not taken", self.name, len(taken))
-                for attempt in taken:  # stopped, and forgotten: a re-sent job is new
-                    attempt.cancelled.set()
-                    self._attempts.drop(attempt)
 
     def _take_reports(self, events: list[WorkerEvent]) -> list[Final]:
         """What the runners said: starts noted, results added to `events` and returned."""

@@ -3,10 +3,12 @@ agent through another; they never touch the bus or the journal."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,17 +61,23 @@ class Reports:
     The agent says until when it sleeps, then looks for reports, then waits; a runner
     puts, then looks whether the agent sleeps past when its report is due. One of the two
     sees the other, so no report waits longer than it may, and a runner wakes a sleeping
-    agent once at most.
+    agent once at most. Starts and results travel apart, so that an agent lingering for
+    a result (`linger`) is not woken by the start before it.
     """
 
     def __init__(self, wake: Callable[[], None]) -> None:
-        self._reports: queue.SimpleQueue[Report] = queue.SimpleQueue()
+        self._started: deque[Started] = deque()
+        self._done: queue.SimpleQueue[Done] = queue.SimpleQueue()
+        self._lingered: list[Done] = []  # taken off the queue by linger(), not yet seen
         self._wake = wake
         self._wakes_at: float | None = None  # monotonic; None while the agent is awake
 
     def put(self, report: Report, within: float = 0.0) -> None:
         """From a runner: a report the agent must see within `within` seconds."""
-        self._reports.put(report)
+        if isinstance(report, Started):
+            self._started.append(report)
+        else:
+            self._done.put(report)
         wakes_at = self._wakes_at
         if wakes_at is not None and wakes_at > time.monotonic() + within:
             self._wakes_at = None
@@ -78,18 +86,28 @@ class Reports:
     def sleep(self, wait: Callable[[float], object], timeout: float) -> None:
         """From the agent: `wait(timeout)` (its pump) unless a report is waiting already."""
         self._wakes_at = time.monotonic() + timeout
-        if self._reports.empty():
+        if not (self._started or self._lingered) and self._done.empty():
             wait(timeout)
         self._wakes_at = None
 
+    def linger(self, timeout: float) -> None:
+        """From the agent: wait up to `timeout` for a runner to be through with a job."""
+        with contextlib.suppress(queue.Empty):
+            self._lingered.append(self._done.get(timeout=timeout))
+
     def take(self) -> list[Report]:
-        """Every report waiting, in order, without waiting for more."""
-        reports = []
+        """Every report waiting, a job's start before its result, without waiting."""
+        done, self._lingered = self._lingered, []
         try:
             while True:
-                reports.append(self._reports.get_nowait())
+                done.append(self._done.get_nowait())
         except queue.Empty:
-            return reports
+            pass
+        # Taken after the results: a runner adds a start before the result that follows.
+        reports: list[Report] = []
+        while self._started:
+            reports.append(self._started.popleft())
+        return reports + done
 
 
 class Runners:

@@ -5,6 +5,7 @@ keep their values apart. Nothing is shared unless asked, nor on another paho ver
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -184,3 +185,31 @@ def test_a_layout_guard_that_fails_leaves_all_of_paho_as_it_is(
     assert "laid out otherwise" in caplog.text
     monkeypatch.undo()
     assert enable_paho_speedups()
+
+
+@pytest.mark.parametrize("setting", ["", "0"], ids=["default", "turned-off"])
+def test_the_cli_nodes_opt_in_unless_told_not_to(setting: str) -> None:
+    """A node the CLI serves owns its process: it turns the speed-ups on, unless
+    FLOTTA_PAHO_SPEEDUPS=0; the node here stops as soon as it is started (SIGTERM)."""
+    script = textwrap.dedent(
+        """
+        import os, signal
+        from paho.mqtt.properties import Properties
+        from flotta_mqtt.cli import main
+        before = Properties.__init__
+
+        class Node:
+            def start(self, wait):
+                signal.raise_signal(signal.SIGTERM)
+            def stop(self):
+                pass
+
+        main.serve(Node(), "test node")
+        print("patched" if Properties.__init__ is not before else "untouched")
+        """
+    )
+    env = {**os.environ, "FLOTTA_PAHO_SPEEDUPS": setting}
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=True, timeout=60, capture_output=True, env=env
+    )
+    assert done.stdout.decode().split()[-1] == ("untouched" if setting == "0" else "patched")
