@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from flotta_mqtt.transport.base import (
@@ -36,22 +37,16 @@ def open_bus(
 ) -> Transport:
     """A bus to the broker `settings.url` names: `memory://NAME` is an in-memory broker
     shared by the nodes of this process (the roles' unit tests); anything else is MQTT."""
+    bus: Callable[..., Transport]
     if urlsplit(settings.url).scheme == "memory":
         from flotta_mqtt.transport.memory import MemoryBus
 
-        return MemoryBus(
-            client_id,
-            settings,
-            on_message,
-            subscriptions,
-            will=will,
-            on_connect=on_connect,
-            clean=clean,
-            threaded=threaded,
-        )
-    from flotta_mqtt.transport.bus import Bus
+        bus = MemoryBus
+    else:
+        from flotta_mqtt.transport.bus import Bus
 
-    return Bus(
+        bus = Bus
+    return bus(
         client_id,
         settings,
         on_message,

@@ -9,6 +9,8 @@ from typing import Protocol, Self
 
 from pydantic import BaseModel
 
+from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, encode, encode_batches
+
 MessageHandler = Callable[[str, bytes], None]
 ConnectHandler = Callable[[bool], None]  # called with session_present after each CONNACK
 
@@ -24,6 +26,40 @@ class Will:
     topic: str
     message: BaseModel
     retain: bool = True
+
+
+class Publisher:
+    """What every bus does alike when publishing: protocol messages become payloads, a
+    burst of them for one topic as few batches as the size limit allows, and no payload
+    leaves that the broker would refuse or that a handler sends."""
+
+    _callback_thread: int | None = None  # the thread inside a message handler now
+
+    def publish(
+        self, topic: str, message: BaseModel, *, retain: bool = False, timeout: float = 60.0
+    ) -> None:
+        """Publish a protocol message at QoS 1 (queued while disconnected)."""
+        self.publish_raw(topic, encode(message), retain=retain, timeout=timeout)
+
+    def publish_many(self, topic: str, messages: Sequence[BaseModel]) -> None:
+        """Publish messages for one topic in as few payloads as the size limit allows
+        (JobReady batched as JobBatch, worker events as EventBatch)."""
+        for payload in encode_batches(messages):
+            self.publish_raw(topic, payload)
+
+    def publish_raw(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 60.0
+    ) -> None:
+        raise NotImplementedError
+
+    def check_payload(self, topic: str, payload: bytes) -> None:
+        """Refuse a payload over the broker's limit (a v5 QoS 1 publish past it gets a
+        PUBACK paho cannot parse, and it reconnects and re-sends forever), and a publish
+        from inside a handler (it may wait for the window the handler holds up)."""
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise BusError(f"{len(payload)} bytes to {topic}: over {MAX_MESSAGE_BYTES}")
+        if threading.get_ident() == self._callback_thread:
+            raise BusError("publish() called from a bus callback: hand the work to a thread")
 
 
 class Transport(Protocol):

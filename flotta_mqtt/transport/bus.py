@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -25,8 +25,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel
 
-from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, encode, encode_batches
-from flotta_mqtt.transport.base import BusError, ConnectHandler, MessageHandler, Will
+from flotta_mqtt.protocol import encode
+from flotta_mqtt.transport.base import BusError, ConnectHandler, MessageHandler, Publisher, Will
 from flotta_mqtt.transport.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def _paho_client(
     return client
 
 
-class Bus:
+class Bus(Publisher):
     """A connected MQTT v5 client with a persistent session (unless `clean` is asked for).
 
     Handlers run on paho's network thread (unthreaded: inside `pump()`), so they must be
@@ -99,7 +99,6 @@ class Bus:
         self._acked_early: set[int] = set()  # PUBACKed before publish() returned
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
-        self._callback_thread: int | None = None  # the thread inside a callback now
         self.connected = threading.Event()
         self._first_connack = threading.Event()
         self._refusal: str | None = None
@@ -290,32 +289,11 @@ class Bus:
 
     # --- publishing --------------------------------------------------------------------
 
-    def publish(
-        self, topic: str, message: BaseModel, *, retain: bool = False, timeout: float = 60.0
-    ) -> None:
-        """Publish a protocol message at QoS 1, waiting for room in the window.
-
-        While disconnected, messages are queued and sent on reconnect. Every publish is
-        QoS 1: PUBACKs are what keep the window exact.
-        """
-        self.publish_raw(topic, encode(message), retain=retain, timeout=timeout)
-
-    def publish_many(self, topic: str, messages: Sequence[BaseModel]) -> None:
-        """Publish messages for one topic in as few payloads as the size limit allows
-        (JobReady batched as JobBatch, worker events as EventBatch)."""
-        for payload in encode_batches(messages):
-            self.publish_raw(topic, payload)
-
     def publish_raw(
         self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 60.0
     ) -> None:
         """Publish bytes as they are (tests use it to send malformed messages)."""
-        if len(payload) > MAX_MESSAGE_BYTES:
-            # Past the broker's limit, a v5 QoS 1 publish gets a PUBACK paho cannot parse,
-            # and it reconnects and re-sends forever.
-            raise BusError(f"{len(payload)} bytes to {topic}: over {MAX_MESSAGE_BYTES}")
-        if threading.get_ident() == self._callback_thread:
-            raise BusError("publish() called from a bus callback: hand the work to a thread")
+        self.check_payload(topic, payload)
         if not self._wait_for_room(timeout):
             raise BusError(f"{self.settings.window} publishes unacknowledged for {timeout} s")
         with self._io:  # unthreaded, paho writes the packet from here at once

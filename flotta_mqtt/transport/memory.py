@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, encode, encode_batches
-from flotta_mqtt.transport.base import BusError, ConnectHandler, MessageHandler, Will
+from flotta_mqtt.protocol import encode
+from flotta_mqtt.transport.base import BusError, ConnectHandler, MessageHandler, Publisher, Will
 from flotta_mqtt.transport.memory_broker import (
     Connection,
     Delivery,
@@ -32,7 +32,7 @@ __all__ = ["MemoryBroker", "MemoryBus", "fresh_memory_broker", "memory_broker"]
 log = logging.getLogger(__name__)
 
 
-class MemoryBus:
+class MemoryBus(Publisher):
     """A connection to a MemoryBroker with the Bus's rules: handlers run on the bus's
     delivery thread (or, with `threaded=False`, inside `pump()` on the node's thread) and
     may not publish; a message is acknowledged once its handler returned (unthreaded: at
@@ -69,7 +69,6 @@ class MemoryBus:
         self._received: list[tuple[Connection, int]] = []  # unthreaded: to acknowledge
         self._withheld = False
         self._first_ready = threading.Event()
-        self._callback_thread: int | None = None  # the thread inside a handler now
         self._delivering: threading.Thread | None = None
         self._stopped = False
 
@@ -126,25 +125,11 @@ class MemoryBus:
 
     # --- publishing --------------------------------------------------------------------
 
-    def publish(
-        self, topic: str, message: BaseModel, *, retain: bool = False, timeout: float = 60.0
-    ) -> None:
-        """Publish a protocol message (queued while disconnected, as paho does)."""
-        self.publish_raw(topic, encode(message), retain=retain, timeout=timeout)
-
-    def publish_many(self, topic: str, messages: Sequence[BaseModel]) -> None:
-        """Publish messages for one topic in as few payloads as the size limit allows."""
-        for payload in encode_batches(messages):
-            self.publish_raw(topic, payload)
-
     def publish_raw(
         self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 60.0
     ) -> None:
         """Publish bytes as they are; while disconnected, wait for room in the window."""
-        if len(payload) > MAX_MESSAGE_BYTES:
-            raise BusError(f"{len(payload)} bytes to {topic}: over {MAX_MESSAGE_BYTES}")
-        if threading.get_ident() == self._callback_thread:
-            raise BusError("publish() called from a bus callback: hand the work to a thread")
+        self.check_payload(topic, payload)
         window = self.settings.window
         with self._broker.changed:
             if not self._broker.changed.wait_for(
