@@ -24,7 +24,7 @@ from flotta_mqtt.protocol import (
     topics,
 )
 from flotta_mqtt.protocol.topics import Channel
-from flotta_mqtt.transport.bus import Bus
+from flotta_mqtt.transport import open_bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import ResourceStore
 
@@ -71,11 +71,11 @@ class Client:
         self._rejections: list[RequestRejected] = []
         self._presence: dict[str, NodePresence] = {}
         self._barriers: dict[str, threading.Event] = {}
-        self.bus = Bus(
-            client_id=self.client_id,
-            config=settings.bus_config(),
-            on_message=self._message,
-            subscriptions=[topics.reply(self.client_id), topics.ALL_PRESENCE],
+        self.bus = open_bus(
+            self.client_id,
+            settings,
+            self._message,
+            [topics.reply(self.client_id), topics.ALL_PRESENCE],
             clean=True,
         )
         self.bus.start(wait=connect_timeout)

@@ -65,7 +65,7 @@ class Bus(Publisher):
     def __init__(
         self,
         client_id: str,
-        config: BrokerSettings,  # `settings` once every caller goes through open_bus
+        settings: BrokerSettings,
         on_message: MessageHandler,
         subscriptions: list[str],
         *,
@@ -75,7 +75,7 @@ class Bus(Publisher):
         threaded: bool = True,
     ) -> None:
         self.client_id = client_id
-        self.settings = settings = config
+        self.settings = settings
         self._on_message = on_message
         self._on_connect_hook = on_connect
         self.subscriptions = list(subscriptions)

@@ -84,10 +84,6 @@ class BrokerSettings(BaseModel):
     def tls(self) -> bool:
         return urlsplit(self.url).scheme == "mqtts" or self.ca_file is not None
 
-    def bus_config(self) -> BrokerSettings:
-        """The settings themselves: kept until the last callers pass them to the bus directly."""
-        return self
-
 
 class StorageSettings(BaseModel):
     """The shared resource store: file:// (default) or s3:// with its options."""

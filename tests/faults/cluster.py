@@ -296,7 +296,7 @@ class Observer:
         self.messages = MessageRecorder()
         self.bus = Bus(
             client_id=name,
-            config=BrokerSettings(url=broker_url),
+            settings=BrokerSettings(url=broker_url),
             on_message=self.messages,
             subscriptions=subscriptions,
             clean=True,

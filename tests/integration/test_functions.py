@@ -309,7 +309,7 @@ def test_a_worker_without_allow_code_never_runs_shipped_code(cluster: Cluster) -
     recorder = MessageRecorder()
     bus = Bus(
         client_id=f"rogue-{uuid.uuid4().hex[:8]}",
-        config=BrokerSettings(url=cluster.broker_url),
+        settings=BrokerSettings(url=cluster.broker_url),
         on_message=recorder,
         subscriptions=[topics.events("careful")],
         clean=True,

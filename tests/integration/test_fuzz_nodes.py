@@ -217,7 +217,7 @@ def start_fleet(
     )
     prober = Bus(
         client_id=f"prober-{uuid.uuid4().hex[:8]}",
-        config=BrokerSettings(url=broker.url),
+        settings=BrokerSettings(url=broker.url),
         on_message=lambda topic, payload: None,
         subscriptions=[],
         clean=True,

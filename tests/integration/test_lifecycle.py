@@ -154,7 +154,7 @@ class Nodes:
         """A bare bus client that records what it sees and publishes what a test forges."""
         bus = Bus(
             client_id=f"observer-{uuid.uuid4().hex[:8]}",
-            config=BrokerSettings(url=self.broker_url),
+            settings=BrokerSettings(url=self.broker_url),
             on_message=recorder,
             subscriptions=subscriptions,
             clean=True,

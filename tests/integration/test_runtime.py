@@ -259,7 +259,7 @@ def observer(broker_url: str, subscriptions: list[str], recorder: MessageRecorde
     """A bare bus client: it watches topics and publishes raw bytes, as a hostile node could."""
     return Bus(
         client_id=f"observer-{uuid.uuid4().hex[:8]}",
-        config=BrokerSettings(url=broker_url),
+        settings=BrokerSettings(url=broker_url),
         on_message=recorder,
         subscriptions=subscriptions,
         clean=True,

@@ -229,7 +229,7 @@ def test_worker_killed_mid_job_gets_it_again_when_restarted(
     messages = MessageRecorder()
     watch = Bus(
         client_id="crash-observer",
-        config=BrokerSettings(url=broker.url),
+        settings=BrokerSettings(url=broker.url),
         on_message=messages,
         subscriptions=[topics.events("w1"), topics.jobs("w1")],
         clean=True,

@@ -54,7 +54,11 @@ def test_jobs_whose_journal_write_fails_are_stopped_and_taken_when_sent_again(
 
     monkeypatch.setattr(agent.journal, "hold", failing)
     station.send(gated(0, gate="disk"), gated(1, gate="disk"))
-    wait_for(lambda: "2 jobs and 0 results not journaled" in caplog.text, TIMEOUT, "the failure was never logged")
+    wait_for(
+        lambda: "2 jobs and 0 results not journaled" in caplog.text,
+        TIMEOUT,
+        "the failure was never logged",
+    )
     assert agent.journal.held() == []  # the transaction was rolled back whole
     GATES.wait_for(
         lambda: GATES.runs.count(("disk", 1)) == GATES.cancelled.count(("disk", 1)),
