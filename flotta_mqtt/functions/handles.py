@@ -117,17 +117,23 @@ class CallHandle(Generic[T]):
         return self._summary
 
     def logs(self, timeout: float | None = None) -> tuple[str, str]:
-        """What the call printed on the worker: (stdout, stderr) of its last attempt."""
+        """What the call printed on the worker: (stdout, stderr) of its last attempt.
+
+        A stream the call wrote nothing to is "" (the worker stores only non-empty ones).
+        """
         self._outcome(timeout)
         product = self._product()
         if product is None:
             return "", ""
         store = self._session.store
-        texts = []
-        for stream in ("stdout", "stderr"):
-            resource = Resource.model_validate(product["logs"][stream])
-            texts.append(store.get(resource).decode(errors="replace"))
-        return texts[0], texts[1]
+        logs = product.get("logs", {})
+        stdout, stderr = (
+            store.get(Resource.model_validate(logs[name])).decode(errors="replace")
+            if name in logs
+            else ""
+            for name in ("stdout", "stderr")
+        )
+        return stdout, stderr
 
     def add_done_callback(self, callback: Callable[[CallHandle[T]], None]) -> None:
         """Call `callback(handle)` once done (at once if it is); it runs on a session thread."""
