@@ -68,11 +68,23 @@ def fits(queue: list[QueuedCall], count: int, limit: int) -> bool:
 
 
 def take(queue: list[QueuedCall], limit: int) -> tuple[list[QueuedCall], list[QueuedCall]]:
-    """The first calls that fit one artifact (at least one), and the rest."""
-    count = 1
-    while count < len(queue) and fits(queue, count + 1, limit):
-        count += 1
-    return queue[:count], queue[count:]
+    """The first call and the queued calls placed like it that fit one artifact, and the rest.
+
+    The scheduler binds an artifact as a whole: a call that no worker can run (its labels
+    match none) fails the binding of every call beside it. So an artifact holds only calls
+    whose functions ask for the same labels, and one that cannot be placed fails alone with
+    the calls that ask for what it asks.
+    """
+    first, taken, rest = queue[0], [queue[0]], []
+    size = first.size
+    for item in queue[1:]:
+        alike = item.function.selector == first.function.selector
+        if alike and len(taken) < limit and size + item.size <= BATCH_BYTES:
+            taken.append(item)
+            size += item.size
+        else:
+            rest.append(item)
+    return taken, rest
 
 
 def make_batch(taken: list[QueuedCall], uploads: Uploads) -> Batch:
