@@ -21,7 +21,7 @@ import tarfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from flotta_mqtt.functions.ignore import ALWAYS_IGNORED, IgnoreRules
@@ -32,11 +32,18 @@ FORMAT = 1
 # A workspace is code, not data: past this the caller most likely forgot an ignore rule,
 # and every worker would download it. Raise it with `configure(max_workspace_bytes=...)`.
 MAX_BYTES = 256 * 1024 * 1024
+# What a worker unpacks of one archive at most: a bound on its disk, whoever sent it.
+MAX_UNPACKED_BYTES = 4 * 1024 * 1024 * 1024
+MAX_MEMBERS = 100_000
 _MTIME = 0  # every entry's modification time: the epoch, so the bytes depend on content only
 
 
 class WorkspaceTooLarge(ValueError):
     """The files to ship add up to more than the limit; names the biggest."""
+
+
+class UnsafeArchive(ValueError):
+    """A workspace archive holding what no workspace holds: refused before anything is written."""
 
 
 @dataclass(frozen=True)
@@ -175,8 +182,9 @@ def unpack(data: bytes, target: Path) -> Path:
 
     Concurrent unpackers of the same hash (threads, or workers sharing a state folder)
     each unpack beside it and rename; the first rename wins and the others discard their
-    copy. Tar's `data` filter refuses absolute paths, `..`, links leaving the folder and
-    device files, whoever made the archive.
+    copy. Every member is checked before anything is written (see `checked_members`),
+    whoever made the archive, and written here member by member: the same on every Python
+    this project supports, with or without tarfile's `filter=` (3.11.4+).
     """
     if target.is_dir():
         return target
@@ -184,7 +192,10 @@ def unpack(data: bytes, target: Path) -> Path:
     scratch = target.parent / f".{target.name}.{uuid.uuid4().hex}"
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            tar.extractall(scratch, filter="data")
+            members = checked_members(tar)
+            scratch.mkdir()
+            for info, parts in members:
+                _extract(tar, info, scratch.joinpath(*parts))
         try:
             os.rename(scratch, target)
         except OSError:
@@ -193,6 +204,67 @@ def unpack(data: bytes, target: Path) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def checked_members(
+    tar: tarfile.TarFile, max_bytes: int = MAX_UNPACKED_BYTES, max_members: int = MAX_MEMBERS
+) -> list[tuple[tarfile.TarInfo, tuple[str, ...]]]:
+    """The archive's members with their relative path parts; UnsafeArchive on the first bad one.
+
+    A workspace holds files and folders only (`pack` writes nothing else): an absolute
+    name, a `..`, a link of either kind, a device or a FIFO is refused, as are archives of
+    more than `max_members` members or `max_bytes` unpacked.
+    """
+    members: list[tuple[tarfile.TarInfo, tuple[str, ...]]] = []
+    total = 0
+    for info in tar:
+        if len(members) >= max_members:
+            raise UnsafeArchive(f"the workspace archive holds more than {max_members} members")
+        name = info.name
+        path = PurePosixPath(name)
+        if path.is_absolute() or ".." in path.parts:
+            raise UnsafeArchive(
+                f"the workspace archive's member {name!r} would be written outside its folder"
+            )
+        if not (info.isfile() or info.isdir()):
+            raise UnsafeArchive(
+                f"the workspace archive's member {name!r} is a {_kind(info)}: "
+                "a workspace holds only files and folders"
+            )
+        if info.isfile() and not path.parts:
+            raise UnsafeArchive(f"the workspace archive's member {name!r} is a file without a name")
+        total += info.size
+        if total > max_bytes:
+            raise UnsafeArchive(
+                f"the workspace archive unpacks to more than {max_bytes // 2**20} MiB"
+            )
+        members.append((info, path.parts))
+    return members
+
+
+def _extract(tar: tarfile.TarFile, info: tarfile.TarInfo, destination: Path) -> None:
+    """One checked member: a folder, or a file 0644 (0755 if executable), owned by us."""
+    if info.isdir():
+        destination.mkdir(parents=True, exist_ok=True)
+        return
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    source = tar.extractfile(info)
+    assert source is not None  # a regular file always has its data
+    with source, destination.open("wb") as sink:
+        shutil.copyfileobj(source, sink)
+    destination.chmod(0o755 if info.mode & stat.S_IXUSR else 0o644)
+
+
+def _kind(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return f"symbolic link to {info.linkname!r}"
+    if info.islnk():
+        return f"hard link to {info.linkname!r}"
+    if info.ischr() or info.isblk():
+        return "device file"
+    if info.isfifo():
+        return "FIFO"
+    return f"member of tar type {info.type!r}"
 
 
 def missing_requirements(requirements: Iterable[str]) -> list[str]:

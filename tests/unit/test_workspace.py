@@ -10,11 +10,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tarfile
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -25,7 +27,9 @@ from flotta_mqtt.functions.decorator import selector
 from flotta_mqtt.functions.ignore import IgnoreRules, parse_line
 from flotta_mqtt.functions.workspace import (
     MANIFEST,
+    UnsafeArchive,
     WorkspaceTooLarge,
+    checked_members,
     missing_requirements,
     pack,
     read_manifest,
@@ -136,9 +140,104 @@ def test_unpack_restores_the_files_once_and_refuses_escapes(tmp_path: Path) -> N
         info = tarfile.TarInfo("../escaped.py")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
-    with pytest.raises(tarfile.OutsideDestinationError):
+    with pytest.raises(UnsafeArchive, match="outside its folder"):
         unpack(evil.getvalue(), tmp_path / "unpacked" / "evil")
     assert not (tmp_path / "unpacked" / "escaped.py").exists()
+
+
+@pytest.fixture
+def tarfile_of_python_3_11_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tarfile as Debian 12's Python 3.11.2 has it: no `filter=` argument, no filters."""
+    extractall, extract = tarfile.TarFile.extractall, tarfile.TarFile.extract
+
+    def old_extractall(
+        self: tarfile.TarFile, path: str = ".", members: Any = None, *, numeric_owner: bool = False
+    ) -> None:
+        extractall(self, path, members, numeric_owner=numeric_owner)
+
+    def old_extract(
+        self: tarfile.TarFile,
+        member: Any,
+        path: str = "",
+        set_attrs: bool = True,
+        *,
+        numeric_owner: bool = False,
+    ) -> None:
+        extract(self, member, path, set_attrs, numeric_owner=numeric_owner)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", old_extractall)
+    monkeypatch.setattr(tarfile.TarFile, "extract", old_extract)
+    for name in ("data_filter", "tar_filter", "fully_trusted_filter", "FilterError"):
+        monkeypatch.delattr(tarfile, name)
+
+
+def archive(*members: tuple[str, bytes, bytes | None, str]) -> bytes:
+    """A tar.gz of (name, tar type, data, link name) members, as a hostile caller makes it."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, kind, data, linkname in members:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.mode = kind, linkname, 0o755
+            info.size = len(data or b"")
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+GOOD = ("pkg/mod.py", tarfile.REGTYPE, b"V = 3\n", "")
+
+
+@pytest.mark.usefixtures("tarfile_of_python_3_11_2")
+def test_unpack_on_python_3_11_2_restores_a_workspace(tmp_path: Path) -> None:
+    root = write(tmp_path / "ws", {"pkg/__init__.py": "", "pkg/mod.py": "V = 3\n"})
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    (root / "run.sh").chmod(0o700)
+    packed = pack(root)
+    target = unpack(packed.data, tmp_path / "unpacked" / packed.sha256)
+    assert (target / "pkg" / "mod.py").read_text() == "V = 3\n"
+    assert read_manifest(target)["files"][0]["path"] == "pkg/__init__.py"
+    assert (target / "run.sh").stat().st_mode & 0o777 == 0o755
+    assert (target / "pkg" / "mod.py").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.usefixtures("tarfile_of_python_3_11_2")
+@pytest.mark.parametrize(
+    ("hostile", "message"),
+    [
+        (("../escaped.py", tarfile.REGTYPE, b"x", ""), "'../escaped.py' would be written outside"),
+        (("pkg/../../escaped.py", tarfile.REGTYPE, b"x", ""), "would be written outside"),
+        (("/tmp/escaped.py", tarfile.REGTYPE, b"x", ""), "'/tmp/escaped.py' would be written"),
+        (("out", tarfile.SYMTYPE, None, "../../escaped"), "symbolic link to '../../escaped'"),
+        (("etc", tarfile.SYMTYPE, None, "/etc"), "symbolic link to '/etc'"),
+        (("hard", tarfile.LNKTYPE, None, "/etc/passwd"), "hard link to '/etc/passwd'"),
+        (("tty", tarfile.CHRTYPE, None, ""), "'tty' is a device file"),
+        (("disk", tarfile.BLKTYPE, None, ""), "'disk' is a device file"),
+        (("pipe", tarfile.FIFOTYPE, None, ""), "'pipe' is a FIFO"),
+    ],
+)
+def test_unpack_on_python_3_11_2_refuses_hostile_members(
+    tmp_path: Path, hostile: tuple[str, bytes, bytes | None, str], message: str
+) -> None:
+    data = archive(GOOD, hostile)
+    with pytest.raises(UnsafeArchive, match=re.escape(message)):
+        unpack(data, tmp_path / "unpacked" / "evil")
+    # Nothing written: neither the folder, nor its scratch copy, nor anything outside.
+    assert list((tmp_path / "unpacked").iterdir()) == []
+    assert not (tmp_path / "escaped.py").exists()
+
+
+@pytest.mark.usefixtures("tarfile_of_python_3_11_2")
+def test_unpack_refuses_archives_over_the_size_or_member_limits(tmp_path: Path) -> None:
+    many = archive(*[(f"f{i}.py", tarfile.REGTYPE, b"", "") for i in range(11)])
+    with (
+        tarfile.open(fileobj=io.BytesIO(many), mode="r:gz") as tar,
+        pytest.raises(UnsafeArchive, match="more than 10 members"),
+    ):
+        checked_members(tar, max_members=10)
+    with (
+        tarfile.open(fileobj=io.BytesIO(archive(GOOD, GOOD)), mode="r:gz") as tar,
+        pytest.raises(UnsafeArchive, match="unpacks to more than"),
+    ):
+        checked_members(tar, max_bytes=10)
 
 
 def test_a_workspace_over_the_limit_names_its_biggest_files(tmp_path: Path) -> None:
