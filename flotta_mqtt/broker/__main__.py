@@ -59,7 +59,7 @@ def identities(args: argparse.Namespace) -> None:
         dashboards=args.dashboard,
         bridges=bridges,
     )
-    made = generate_identities(spec, args.out)
+    made = generate_identities(spec, args.out, rotate=args.rotate)
     print(f"{len(made.credentials)} identities: {', '.join(made.credentials)}")
     print(f"broker: password_file {made.password_file}, acl_file {made.acl_file}")
     print(f"nodes: usernames and passwords in {made.credentials_file} (mode 0600)")
@@ -123,6 +123,9 @@ def parser() -> argparse.ArgumentParser:
         "--bridge", action="append", default=[], metavar="SITE=NODE,NODE", help="site bridge"
     )
     ids.add_argument("--out", type=Path, required=True)
+    ids.add_argument(
+        "--rotate", action="append", default=[], metavar="NODE", help="draw NODE a new password"
+    )
     ids.set_defaults(handler=identities)
 
     certs = commands.add_parser("tls", help="a CA, the broker's certificate, client ones")

@@ -193,21 +193,32 @@ class Identities:
         )
 
 
-def generate_identities(spec: IdentitySpec, out_dir: Path) -> Identities:
+def generate_identities(
+    spec: IdentitySpec, out_dir: Path, rotate: Iterable[str] = ()
+) -> Identities:
     """Write a password file, an ACL and a credentials file (0600) for these nodes.
 
-    Each run draws new passwords. The password and ACL files are made readable by the
-    broker only (see `broker_readable`); the credentials file by its owner only.
+    A node already in `out_dir`'s credentials file keeps its password, so adding a node
+    changes no other node's configuration; new nodes, and those named in `rotate`, get a
+    new one drawn. Nodes no longer in the spec are dropped. The password and ACL files are
+    made readable by the broker only (see `broker_readable`); the credentials file by its
+    owner only.
     """
     nodes = spec.nodes()
     roles = dict(nodes)
     out_dir.mkdir(parents=True, exist_ok=True)
+    credentials_file = out_dir / CREDENTIALS_FILE
+    kept = load_credentials(credentials_file) if credentials_file.exists() else {}
+    for name in set(rotate):
+        if name not in roles:
+            raise ValueError(f"cannot rotate {name!r}: it is not a node of this deployment")
+        kept.pop(name, None)
     credentials = {
         name: Credential(
             name,
             role,
             name,
-            secrets.token_urlsafe(24),
+            kept[name].password if name in kept else secrets.token_urlsafe(24),
             {node: roles[node] for node in spec.bridges.get(name, [])},
         )
         for name, role in nodes
@@ -217,7 +228,6 @@ def generate_identities(spec: IdentitySpec, out_dir: Path) -> Identities:
     acl_file = out_dir / ACL_FILE
     acl_file.write_text(render_acl(spec))
     broker_readable(password_file, acl_file)
-    credentials_file = out_dir / CREDENTIALS_FILE
     document: dict[str, dict[str, object]] = {
         name: {"role": c.role.value, "username": c.username, "password": c.password}
         for name, c in credentials.items()

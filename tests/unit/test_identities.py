@@ -228,8 +228,31 @@ def test_generated_files_keep_their_secrets(tmp_path: Path) -> None:
     assert load_credentials(made.credentials_file) == made.credentials
 
 
-def test_each_run_draws_new_passwords(tmp_path: Path) -> None:
+def test_adding_a_node_keeps_every_other_password(tmp_path: Path) -> None:
     first = generate_identities(SPEC, tmp_path)
-    second = generate_identities(SPEC, tmp_path)
-    assert all(first.credentials[n].password != second.credentials[n].password for n in EXPECTED)
-    assert stat.S_IMODE(second.credentials_file.stat().st_mode) == 0o600
+    grown = IdentitySpec(
+        scheduler="scheduler",
+        workers=["node-1", "node-2", "node-3"],
+        workbenches=["alice"],
+        dashboards=["dash"],
+    )
+    second = generate_identities(grown, tmp_path)
+    assert set(second.credentials) == {*EXPECTED, "node-3"}
+    for name in EXPECTED:
+        assert second.credentials[name].password == first.credentials[name].password, name
+    new = second.credentials["node-3"].password
+    assert len(new) >= 24 and new not in {c.password for c in first.credentials.values()}
+    assert load_credentials(second.credentials_file) == second.credentials
+    hashed = dict(line.split(":", 1) for line in second.password_file.read_text().splitlines())
+    assert set(hashed) == {*EXPECTED, "node-3"}
+    for path in (second.credentials_file, second.password_file, second.acl_file):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+    # Rotating one node draws it a new password and leaves the others alone; a node left
+    # out of the spec is dropped.
+    third = generate_identities(SPEC, tmp_path, rotate=["node-1"])
+    assert set(third.credentials) == set(EXPECTED)
+    assert third.credentials["node-1"].password != first.credentials["node-1"].password
+    assert third.credentials["node-2"].password == first.credentials["node-2"].password
+    with pytest.raises(ValueError, match="not a node"):
+        generate_identities(SPEC, tmp_path, rotate=["node-9"])
