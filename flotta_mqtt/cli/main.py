@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flotta_mqtt.client.client import ArtifactFailed, Client
+from flotta_mqtt.client.client import ArtifactFailed, Client, NoSuchArtifact
 from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import Artifact, Tasks, Workflow
 from flotta_mqtt.nodes import SchedulerNode
@@ -310,7 +310,10 @@ def status(
 ) -> None:
     """Show an artifact's current status (from its retained status topic)."""
     with open_client(broker, username, password, ca_file, None) as client:
-        current = client.handle(artifact_id).fetch_status(timeout)
+        try:
+            current = client.lookup(artifact_id, timeout).status()
+        except (NoSuchArtifact, TimeoutError) as exc:
+            raise fail(str(exc)) from None
     if current is None:
         raise fail(f"no status for artifact {artifact_id}")
     if output == "json":
@@ -388,8 +391,8 @@ def download(
     """Write an artifact's result to DEST as a JSON document."""
     with open_client(broker, username, password, ca_file, storage) as client:
         try:
-            path = client.handle(artifact_id).download(dest, timeout)
-        except (ArtifactFailed, PermissionError, TimeoutError) as exc:
+            path = client.lookup(artifact_id).download(dest, timeout)
+        except (ArtifactFailed, NoSuchArtifact, PermissionError, TimeoutError) as exc:
             raise fail(str(exc)) from None
     console.print(f"wrote {path}")
 
@@ -405,7 +408,10 @@ def cancel(
     """Cancel an artifact: its running jobs are stopped and its locks freed."""
     with open_client(broker, username, password, ca_file, None) as client:
         client.cancel(artifact_id)
-        final = client.handle(artifact_id).wait(timeout=30)
+        try:
+            final = client.handle(artifact_id).wait(timeout=30)
+        except NoSuchArtifact as exc:
+            raise fail(str(exc)) from None
     console.print(f"artifact {artifact_id}: {final.state}")
 
 

@@ -42,6 +42,7 @@ from flotta_mqtt.cli.views import (
     summary_line,
     watch_view,
 )
+from flotta_mqtt.client.client import NoSuchArtifact
 from flotta_mqtt.model import ARTIFACT_FINAL, ArtifactState
 from flotta_mqtt.model.workflow import log_name, task_of
 from flotta_mqtt.protocol import ArtifactStatus
@@ -255,7 +256,10 @@ def logs(
     Workflow tasks capture their output in the resource store; any job's error comes from
     the artifact's status."""
     with open_client(broker, username, password, ca_file, storage) as client:
-        current = client.handle(artifact_id).fetch_status()
+        try:
+            current = client.lookup(artifact_id).status()
+        except (NoSuchArtifact, TimeoutError) as exc:
+            raise fail(str(exc)) from None
         store_settings = client.storage
     if current is None or not current.jobs:
         raise fail(f"no job listing for artifact {artifact_id}")

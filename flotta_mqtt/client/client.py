@@ -20,6 +20,7 @@ from flotta_mqtt.protocol import (
     ProtocolError,
     RemoteError,
     RequestRejected,
+    StatusRequest,
     decode,
     topics,
 )
@@ -46,6 +47,14 @@ class ArtifactFailed(RuntimeError):
             f"{self.remote.type}: {self.remote.message}\n"
             f"--- remote traceback ---\n{self.remote.traceback}"
         )
+
+
+class NoSuchArtifact(LookupError):
+    """The scheduler never saw this artifact id: nothing will ever be reported about it."""
+
+    def __init__(self, rejection: RequestRejected) -> None:
+        self.artifact_id = rejection.artifact_id
+        super().__init__(rejection.error)
 
 
 class Client:
@@ -104,6 +113,23 @@ class Client:
         """A handle on an artifact submitted before, by anyone."""
         self.bus.subscribe(topics.status(artifact_id))
         return ArtifactHandle(self, artifact_id)
+
+    def lookup(self, artifact_id: str, timeout: float = 5.0) -> ArtifactHandle:
+        """A handle on an artifact the scheduler knows, with its status at hand.
+
+        Asks the scheduler, which answers with the status or, for an id it never saw,
+        a rejection: NoSuchArtifact then, TimeoutError if nothing answers in `timeout` s.
+        """
+        handle = self.handle(artifact_id)
+        self.bus.publish(topics.ask(self.client_id), StatusRequest(artifact_id=artifact_id))
+
+        def answered() -> bool:
+            return self.status_of(artifact_id) is not None or handle.refused() is not None
+
+        if not self.wait_for(answered, timeout):
+            raise TimeoutError(f"no status of artifact {artifact_id} in {timeout} s")
+        handle.check()
+        return handle
 
     def cancel(self, artifact_id: str, reason: str = "cancelled by the workbench") -> None:
         self.bus.publish(
@@ -262,9 +288,7 @@ class ArtifactHandle:
                     step = min(step, max(0.0, deadline - time.monotonic()))
                 self.client.wait_for(self._settled, timeout=step)
                 status = self.client.status_of(self.artifact_id)
-                rejected = self.client.rejection_of(self.artifact_id)
-                if rejected is not None:
-                    raise ValueError(f"the scheduler rejected the request: {rejected.error}")
+                self.check()
                 if bar is not None and status is not None:
                     bar.update(status)
                 if status is not None and status.state in ARTIFACT_FINAL:
@@ -280,12 +304,23 @@ class ArtifactHandle:
             if bar is not None:
                 bar.close()
 
+    def refused(self) -> RequestRejected | None:
+        """The scheduler's rejection of a request about this artifact, if one came."""
+        return self.client.rejection_of(self.artifact_id)
+
+    def check(self) -> None:
+        """Raise what a rejection recorded says: NoSuchArtifact, or ValueError."""
+        rejected = self.refused()
+        if rejected is None:
+            return
+        if rejected.reason == "unknown_artifact":
+            raise NoSuchArtifact(rejected)
+        raise ValueError(f"the scheduler rejected the request: {rejected.error}")
+
     def _settled(self) -> bool:
         """Whether waiting can stop: a final status, or a rejection of the submission."""
         status = self.client.status_of(self.artifact_id)
-        return self.client.rejection_of(self.artifact_id) is not None or (
-            status is not None and status.state in ARTIFACT_FINAL
-        )
+        return self.refused() is not None or (status is not None and status.state in ARTIFACT_FINAL)
 
     def result(self, timeout: float | None = None) -> Any:
         """The final product, loaded; raises ArtifactFailed with the remote error on failure.

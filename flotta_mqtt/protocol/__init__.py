@@ -32,6 +32,7 @@ from flotta_mqtt.protocol.messages import (
     RemoteError,
     RequestRejected,
     Resource,
+    StatusRequest,
     WorkerControl,
     WorkerEvent,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "RemoteError",
     "RequestRejected",
     "Resource",
+    "StatusRequest",
     "WorkerControl",
     "WorkerEvent",
     "decode",

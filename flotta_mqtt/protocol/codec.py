@@ -19,6 +19,7 @@ from flotta_mqtt.protocol.messages import (
     LocksReleased,
     NodePresence,
     RequestRejected,
+    StatusRequest,
     WorkerControl,
     WorkerEvents,
     WorkerJobs,
@@ -34,6 +35,7 @@ MAX_MESSAGE_BYTES = 256 * 1024
 PAYLOADS: dict[Channel, TypeAdapter[Any]] = {
     Channel.SUBMIT: TypeAdapter(Artifact),
     Channel.CANCEL: TypeAdapter(CancelArtifact),
+    Channel.ASK: TypeAdapter(StatusRequest),
     Channel.REPLY: TypeAdapter(RequestRejected),
     Channel.STATUS: TypeAdapter(ArtifactStatus),
     Channel.LOCKS: TypeAdapter(LocksReleased),

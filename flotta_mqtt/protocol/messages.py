@@ -61,15 +61,27 @@ class CancelArtifact(Message):
     reason: str = "cancelled by the workbench"
 
 
+class StatusRequest(Message):
+    """Ask for an artifact's status: the scheduler re-announces it, or rejects the request
+    as naming no artifact it knows (the retained topic alone cannot say "no such id")."""
+
+    artifact_id: SafeId
+
+
 # --- scheduler → workbench / everyone ------------------------------------------------
 
 
+RejectReason = Literal["invalid", "unknown_artifact"]
+
+
 class RequestRejected(Message):
-    """Why a request could not even be read (malformed, oversize, unknown topic)."""
+    """Why a request could not be handled: `invalid` (malformed, oversize, an internal
+    error), or `unknown_artifact` (it names an artifact the scheduler never saw)."""
 
     topic: str
     error: str
     artifact_id: SafeId | None = None
+    reason: RejectReason = "invalid"
 
 
 class JobSummary(Message):
@@ -288,6 +300,7 @@ __all__ = [
     "RemoteError",
     "RequestRejected",
     "Resource",
+    "StatusRequest",
     "WorkerControl",
     "WorkerEvent",
 ]

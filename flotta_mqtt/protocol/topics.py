@@ -3,6 +3,7 @@
 Layout (ROOT carries the protocol version, so two versions can share a broker):
   {ROOT}/requests/{client}/submit   workbench → scheduler: an Artifact
   {ROOT}/requests/{client}/cancel   workbench → scheduler: CancelArtifact
+  {ROOT}/requests/{client}/status   workbench → scheduler: StatusRequest
   {ROOT}/replies/{client}           scheduler → workbench: RequestRejected
   {ROOT}/artifacts/{id}/status      scheduler → all: ArtifactStatus (retained)
   {ROOT}/artifacts/{id}/locks       scheduler → all: LocksReleased
@@ -30,6 +31,7 @@ class Channel(StrEnum):
 
     SUBMIT = "submit"
     CANCEL = "cancel"
+    ASK = "ask"  # a StatusRequest
     REPLY = "reply"
     STATUS = "status"
     LOCKS = "locks"
@@ -45,6 +47,10 @@ def submit(client: str) -> str:
 
 def cancel(client: str) -> str:
     return f"{ROOT}/requests/{client}/cancel"
+
+
+def ask(client: str) -> str:
+    return f"{ROOT}/requests/{client}/status"
 
 
 def reply(client: str) -> str:
@@ -107,6 +113,7 @@ _TWO_LEVELS = {
 _THREE_LEVELS = {
     ("requests", "submit"): Channel.SUBMIT,
     ("requests", "cancel"): Channel.CANCEL,
+    ("requests", "status"): Channel.ASK,
     ("artifacts", "status"): Channel.STATUS,
     ("artifacts", "locks"): Channel.LOCKS,
     ("workers", "jobs"): Channel.JOBS,

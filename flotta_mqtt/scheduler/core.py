@@ -36,10 +36,12 @@ from flotta_mqtt.protocol import (
     ProtocolError,
     RemoteError,
     RequestRejected,
+    StatusRequest,
     decode,
     topics,
     unbatch,
 )
+from flotta_mqtt.protocol.messages import RejectReason
 from flotta_mqtt.protocol.topics import Address, Channel
 from flotta_mqtt.scheduler.announcements import Announcements
 from flotta_mqtt.scheduler.binding import Refused, bind_artifact, relocate_task
@@ -200,21 +202,25 @@ class SchedulerCore:
                 log.exception("scheduler: error handling %s", event.topic)
                 self._reject(event.topic, f"internal error: {exc}", ids.get("artifact_id"))
 
-    def _reject(self, topic: str, error: str, artifact_id: str | None) -> None:
+    def _reject(
+        self, topic: str, error: str, artifact_id: str | None, reason: RejectReason = "invalid"
+    ) -> None:
         """Answer a request that could not be handled, naming its artifact if it did."""
         try:
             address = topics.parse(topic)
         except topics.TopicError:
             return
-        if address.channel in (Channel.SUBMIT, Channel.CANCEL):
-            message = RequestRejected(topic=topic, error=error, artifact_id=artifact_id)
+        if address.channel in (Channel.SUBMIT, Channel.CANCEL, Channel.ASK):
+            message = RequestRejected(
+                topic=topic, error=error, artifact_id=artifact_id, reason=reason
+            )
             self.flow.decision.publish.append((topics.reply(address.name), message, False))
 
     def _route(self, address: Address, message: Any) -> None:
         if address.channel is Channel.SUBMIT:
             self._submit(message, client=address.name)
-        elif address.channel is Channel.CANCEL:
-            self._cancel(message)
+        elif address.channel in (Channel.CANCEL, Channel.ASK):
+            self._about(address, message)
         elif address.channel is Channel.PRESENCE:
             self._presence(address.name, message)
         elif address.channel is Channel.EVENTS:
@@ -251,12 +257,21 @@ class SchedulerCore:
             if record.state is ArtifactState.SUBMITTED:
                 self._try_bind(record)
 
-    def _cancel(self, request: CancelArtifact) -> None:
-        record = self.artifacts.get(request.artifact_id)
-        if record is None:
-            self.announcements.changed(request.artifact_id)  # answer with its (final) status
+    def _about(self, address: Address, request: CancelArtifact | StatusRequest) -> None:
+        """A cancellation or a status request: answered with the artifact's status (after
+        cancelling it if it runs), or at once with a rejection if it was never submitted."""
+        artifact_id = request.artifact_id
+        if artifact_id not in self._known:
+            topic = topics.cancel(address.name)
+            if isinstance(request, StatusRequest):
+                topic = topics.ask(address.name)
+            error = f"no such artifact ID {artifact_id}"
+            self._reject(topic, error, artifact_id, "unknown_artifact")
             return
-        self.flow.cancel(record, request.reason)
+        record = self.artifacts.get(artifact_id)
+        if record is not None and isinstance(request, CancelArtifact):
+            self.flow.cancel(record, request.reason)
+        self.announcements.changed(artifact_id)
 
     def _presence(self, node: str, presence: NodePresence) -> None:
         if presence.node != node:

@@ -14,7 +14,7 @@ from flotta_mqtt.protocol.topics import Channel
 
 _SAFE_ID: TypeAdapter[str] = TypeAdapter(SafeId)
 # The field naming the artifact, per request channel.
-_NAMED_BY = {Channel.SUBMIT: "id", Channel.CANCEL: "artifact_id"}
+_NAMED_BY = {Channel.SUBMIT: "id", Channel.CANCEL: "artifact_id", Channel.ASK: "artifact_id"}
 
 
 def message_ids(message: Any) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def message_ids(message: Any) -> dict[str, Any]:
 
 def named_artifact(topic: str, payload: bytes) -> str | None:
     """The artifact a request that failed to decode names, read leniently, if any: a
-    submission's `id`, a cancellation's `artifact_id`."""
+    submission's `id`, a cancellation's or status request's `artifact_id`."""
     try:
         channel = topics.parse(topic).channel
         data = json.loads(payload)

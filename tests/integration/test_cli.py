@@ -261,7 +261,7 @@ def test_submit_wait_status_download_and_workers(running: Running, tmp_path: Pat
 def test_status_of_an_unknown_artifact_is_an_error(running: Running) -> None:
     result = invoke("status", "never-submitted", "--broker", running.broker_url)
     assert result.exit_code == 2
-    assert "no status for artifact never-submitted" in flat(result.output)
+    assert "no such artifact ID never-submitted" in flat(result.output)
 
 
 def test_submit_wait_reports_a_failed_artifact(running: Running, tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ from flotta_mqtt.protocol import (
     RemoteError,
     RequestRejected,
     Resource,
+    StatusRequest,
     decode,
     encode,
     encode_batches,
@@ -159,9 +160,16 @@ job_readies = st.builds(
 MESSAGES: dict[type[BaseModel], tuple[Callable[[str], str], st.SearchStrategy[Any]]] = {
     Artifact: (topics.submit, artifacts()),
     CancelArtifact: (topics.cancel, st.builds(CancelArtifact, artifact_id=safe_ids, reason=texts)),
+    StatusRequest: (topics.ask, st.builds(StatusRequest, artifact_id=safe_ids)),
     RequestRejected: (
         topics.reply,
-        st.builds(RequestRejected, topic=texts, error=texts, artifact_id=st.none() | safe_ids),
+        st.builds(
+            RequestRejected,
+            topic=texts,
+            error=texts,
+            artifact_id=st.none() | safe_ids,
+            reason=st.sampled_from(["invalid", "unknown_artifact"]),
+        ),
     ),
     ArtifactStatus: (
         topics.status,
@@ -245,6 +253,7 @@ MESSAGES[EventBatch] = (
 BUILDERS: dict[Channel, Callable[[str], str]] = {
     Channel.SUBMIT: topics.submit,
     Channel.CANCEL: topics.cancel,
+    Channel.ASK: topics.ask,
     Channel.REPLY: topics.reply,
     Channel.STATUS: topics.status,
     Channel.LOCKS: topics.locks,
@@ -341,6 +350,7 @@ def test_parse_rejects_foreign_and_malformed_topics(topic: str) -> None:
 VALID = {
     Channel.SUBMIT: Artifact(id="art-1", project="p", steps=[Parallel(Operation(name="count"))]),
     Channel.CANCEL: CancelArtifact(artifact_id="art-1"),
+    Channel.ASK: StatusRequest(artifact_id="art-1"),
     Channel.REPLY: RequestRejected(topic="t", error="bad"),
     Channel.STATUS: ArtifactStatus(
         artifact_id="art-1", project="p", state=ArtifactState.RUNNING, seq=1, total=2, updated_at=1
