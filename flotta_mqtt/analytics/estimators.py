@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flotta_mqtt.analytics import masking
 from flotta_mqtt.analytics.filters import select, values
 from flotta_mqtt.analytics.registry import JobContext, OperationDef
+from flotta_mqtt.model import JobRole
 from flotta_mqtt.model.query import Filter
 
 # --- the split every estimator follows --------------------------------------------------
@@ -46,6 +47,11 @@ class Estimator(OperationDef):
 
     def aggregate(self, params: Any, ctx: JobContext) -> Any:
         return self.finalize(params, functools.reduce(self.merge, ctx.inputs, self.empty(params)))
+
+    def iterable(self, role: JobRole) -> bool:
+        """Only the start ignores its inputs: the other parts merge the states of one round,
+        and a previous round's product is a finalised result, not such a state."""
+        return role is JobRole.INITIALIZE
 
 
 class Maskable(Estimator):

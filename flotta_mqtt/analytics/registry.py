@@ -129,6 +129,11 @@ class OperationDef:
     def aggregate(self, params: Any, ctx: JobContext) -> Any:
         raise OperationError(f"{self.name} cannot aggregate on the initiator")
 
+    def iterable(self, role: JobRole) -> bool:
+        """Whether this role's part accepts the previous round's product among its inputs
+        (what round r + 1 of an `Iterate` consumes); checked at submission."""
+        return True
+
 
 _REGISTRY: dict[str, OperationDef] = {}
 REGISTRY: Mapping[str, OperationDef] = MappingProxyType(_REGISTRY)

@@ -92,6 +92,25 @@ def check_operations(graph: JobGraph, nodes: Mapping[str, NodePresence]) -> None
             )
         if job.operation.name in analytics.REGISTRY:
             analytics.lookup(job.operation)  # validates the parameters
+    _check_rounds(graph)
+
+
+def _check_rounds(graph: JobGraph) -> None:
+    """Refuse an Iterate whose round r + 1 would feed round r's product to an operation
+    part that cannot take it (an estimator's: it would fail with a TypeError at run time)."""
+    for before, after in graph.locks:
+        job = graph.jobs[after]
+        if job.iteration != graph.jobs[before].iteration + 1:
+            continue  # not a round's product handed to the next round
+        definition = analytics.REGISTRY.get(job.operation.name)
+        if definition is not None and not definition.iterable(job.role):
+            raise analytics.OperationError(
+                f"operation {job.operation.name!r} cannot be iterated: in round "
+                f"{job.iteration + 1} of step {job.step}, its {job.role} part would receive "
+                f"round {job.iteration}'s result, but it only merges the states of one round; "
+                "run it once (outside the Iterate), or iterate an operation that refines "
+                "its previous round's result, such as a model"
+            )
 
 
 def relocate_task(
