@@ -1,11 +1,14 @@
 """`python -m flotta_mqtt.broker {start,identities,tls,bridge}`: run and equip a broker.
 
-`python -m flotta_mqtt.broker [PORT] [DIR]` is `start`: a development broker until Ctrl-C.
+`python -m flotta_mqtt.broker [PORT] [DIR]` is `start`: a broker until Ctrl-C, anonymous on
+loopback for development; `--identities` makes it require passwords, `--tls` adds
+certificates, and both are needed to listen on any address other than loopback.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import signal
 import sys
 import threading
@@ -28,7 +31,16 @@ COMMANDS = ("start", "identities", "tls", "bridge")
 
 
 def start(args: argparse.Namespace) -> None:
+    exposed = [bind for bind in (args.bind, args.websockets_bind) if not _loopback(bind)]
+    if exposed and (args.identities is None or args.tls is None):
+        raise ValueError(
+            f"listening on {', '.join(exposed)} (not loopback) needs --identities DIR "
+            "(passwords) and --tls DIR (certificates): see broker/README.md"
+        )
     settings: dict[str, object] = {"bind_address": args.bind}
+    if args.websockets is not None:
+        settings["websockets_port"] = args.websockets
+        settings["websockets_bind_address"] = args.websockets_bind
     if args.identities is not None:
         settings["password_file"] = args.identities / PASSWORD_FILE
         settings["acl_file"] = args.identities / ACL_FILE
@@ -42,9 +54,17 @@ def start(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     data = args.dir.resolve()
     broker = LocalBroker(port=args.port, data_dir=data, **settings).start()
-    print(f"mosquitto on {broker.url}, data in {data}, log in {broker.log_path}; Ctrl-C to stop")
+    listening = broker.url + (f" and {broker.ws_url}" if broker.ws_url else "")
+    print(f"mosquitto on {listening}, data in {data}, log in {broker.log_path}; Ctrl-C to stop")
     stop.wait()
     broker.stop()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, treat it as exposed
 
 
 def identities(args: argparse.Namespace) -> None:
@@ -109,6 +129,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("port", nargs="?", type=int, default=1883)
     run.add_argument("dir", nargs="?", type=Path, default=Path("broker-data"))
     run.add_argument("--bind", default="127.0.0.1", help="address to listen on")
+    run.add_argument("--websockets", type=int, metavar="PORT", help="also MQTT over WebSockets")
+    run.add_argument("--websockets-bind", default="127.0.0.1", help="its address")
     run.add_argument("--identities", type=Path, help="directory made by `identities`")
     run.add_argument("--tls", type=Path, help="directory made by `tls`: a TLS listener")
     run.add_argument("--bridge", type=Path, action="append", default=[], help="bridge file")

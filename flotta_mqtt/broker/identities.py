@@ -281,14 +281,15 @@ def broker_readable(*paths: Path) -> None:
     they are handed to that user (later 2.0 releases also warn about any other owner).
     Run as another user, the broker runs as that user too, who owns them already.
     """
-    owner = _broker_user() if os.geteuid() == 0 else None
+    owner = broker_user() if os.geteuid() == 0 else None
     for path in paths:
         if owner is not None:
             os.chown(path, *owner)
         path.chmod(0o600)
 
 
-def _broker_user() -> tuple[int, int] | None:
+def broker_user() -> tuple[int, int] | None:
+    """The uid and gid of the user a root-started mosquitto drops to, if it exists."""
     try:
         entry = pwd.getpwnam(BROKER_USER)
     except KeyError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from flotta_mqtt.broker.identities import write_private
+from flotta_mqtt.broker.identities import broker_user, write_private
 
 # Traps of mosquitto 2.0 that the rendered config avoids (costs in bench/README.md):
 # - Nagle's algorithm delays every QoS 1 hop: set_tcp_nodelay.
@@ -62,8 +63,9 @@ class MosquittoSettings:
     # A second listener speaking MQTT over WebSockets, for browsers (the dashboard); with TLS
     # settings it uses the same certificate (wss://). mosquitto 2.0.11 needs the TCP
     # listener beside it: alone, it exits with "Unable to start any listening sockets".
+    # It listens on loopback unless told otherwise, whatever the TCP listener binds.
     websockets_port: int | None = None
-    websockets_bind_address: str | None = None  # default: bind_address
+    websockets_bind_address: str = "127.0.0.1"
 
     @property
     def tls(self) -> bool:
@@ -81,9 +83,14 @@ def render_config(settings: MosquittoSettings) -> str:
     text += f"\nlistener {settings.port} {settings.bind_address}\n"
     text += _render_tls(settings)
     if settings.websockets_port is not None:
+        if settings.websockets_port == settings.port:
+            raise ValueError(
+                f"the WebSockets listener needs a port of its own: {settings.port} is the "
+                "MQTT listener's"
+            )
         # Listener options follow their `listener` line; the rest stays global
         # (per_listener_settings false), so identities and the ACL apply here too.
-        bind = settings.websockets_bind_address or settings.bind_address
+        bind = settings.websockets_bind_address
         text += f"listener {settings.websockets_port} {bind}\nprotocol websockets\n"
         text += _render_tls(settings)
     if settings.password_file is None:
@@ -117,6 +124,24 @@ def _render_tls(settings: MosquittoSettings) -> str:
     if settings.use_identity_as_username:
         text += "use_identity_as_username true\n"
     return text
+
+
+def open_to_broker(folder: Path) -> None:
+    """Let the broker write its persistence in `folder`, and no other user.
+
+    Started as root, mosquitto drops to user `mosquitto` (to `nobody` where there is no
+    such user) before it saves anything: the folder is handed to that user, 0700, or opened
+    to all when only `nobody` remains. Run as another user, the broker runs as that user,
+    who owns the folder already.
+    """
+    if os.geteuid() != 0:
+        return
+    owner = broker_user()
+    if owner is None:
+        folder.chmod(0o777)
+        return
+    os.chown(folder, *owner)
+    folder.chmod(0o700)
 
 
 def free_port() -> int:
@@ -162,14 +187,13 @@ class LocalBroker:
         self._owns_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="flotta-broker-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # mosquitto started as root drops to user `mosquitto`: it must reach its files.
-        self.data_dir.chmod(0o777)
+        open_to_broker(self.data_dir)
         self.settings = MosquittoSettings(
             port=port or free_port(),
             data_dir=self.data_dir,
             **settings,  # type: ignore[arg-type]
         )
-        if self.settings.websockets_port == 0:  # 0: any free port
+        while self.settings.websockets_port in (0, self.settings.port):  # 0: any free port
             self.settings.websockets_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.data_dir / "mosquitto.log"
@@ -193,7 +217,7 @@ class LocalBroker:
         if self.settings.websockets_port is None:
             return None
         scheme = "wss" if self.settings.tls else "ws"
-        host = self.settings.websockets_bind_address or self.host
+        host = self.settings.websockets_bind_address
         return f"{scheme}://{host}:{self.settings.websockets_port}"
 
     def start(self, timeout: float = 10.0) -> LocalBroker:
@@ -208,7 +232,7 @@ class LocalBroker:
         try:
             wait_for_port(self.host, self.port, timeout)
             if self.settings.websockets_port is not None:
-                host = self.settings.websockets_bind_address or self.host
+                host = self.settings.websockets_bind_address
                 wait_for_port(host, self.settings.websockets_port, timeout)
         except TimeoutError:
             self.stop()

@@ -81,9 +81,7 @@ def test_the_websockets_listener_is_rendered_after_the_tcp_one(tmp_path: Path) -
 
 def test_the_shipped_websockets_example_is_the_rendered_one() -> None:
     rendered = render_config(
-        MosquittoSettings(
-            port=1883, data_dir=Path("/var/lib/flotta-mqtt/broker"), websockets_port=9001
-        )
+        MosquittoSettings(port=1883, data_dir=Path("/var/lib/mosquitto"), websockets_port=9001)
     )
     assert (REPO / "broker" / "mosquitto-websockets.conf").read_text() == rendered
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from flotta_mqtt.broker import MosquittoSettings, render_config
 from flotta_mqtt.protocol import MAX_MESSAGE_BYTES
 
@@ -83,3 +85,19 @@ def test_persistence_can_be_turned_off_and_extra_lines_come_last(tmp_path: Path)
     assert "persistence false" in config
     assert "listener 1884 0.0.0.0" in config
     assert config[-2:] == ["log_type all", "sys_interval 1"]
+
+
+def test_the_websockets_listener_stays_on_loopback_unless_told(tmp_path: Path) -> None:
+    exposed = MosquittoSettings(
+        port=8883, data_dir=tmp_path, bind_address="0.0.0.0", websockets_port=9001
+    )
+    config = lines(exposed)
+    assert "listener 8883 0.0.0.0" in config
+    assert config[config.index("listener 9001 127.0.0.1") + 1] == "protocol websockets"
+    exposed.websockets_bind_address = "192.0.2.7"
+    assert "listener 9001 192.0.2.7" in lines(exposed)
+
+
+def test_the_websockets_listener_never_takes_the_mqtt_listeners_port(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="port of its own: 1883"):
+        render_config(MosquittoSettings(port=1883, data_dir=tmp_path, websockets_port=1883))
