@@ -4,4 +4,7 @@
 # Usage: bash broker/bridge.sh --name SITE --remote HOST:PORT [--credentials FILE]
 #        [--ca-file CA] [--out FILE]
 set -euo pipefail
-exec python3 -m flotta_mqtt.broker bridge "$@"
+# The environment broker/install.sh made, if there is one.
+python="$(dirname "$0")/../.venv/bin/python"
+[ -x "$python" ] || python=python3
+exec "$python" -m flotta_mqtt.broker bridge "$@"

@@ -4,4 +4,7 @@
 # Usage: bash broker/identities.sh --out DIR [--scheduler NAME] [--worker NAME]...
 #        [--workbench NAME]... [--dashboard NAME]... [--bridge SITE=NODE,NODE]...
 set -euo pipefail
-exec python3 -m flotta_mqtt.broker identities "$@"
+# The environment broker/install.sh made, if there is one.
+python="$(dirname "$0")/../.venv/bin/python"
+[ -x "$python" ] || python=python3
+exec "$python" -m flotta_mqtt.broker identities "$@"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Install what flotta_mqtt needs from Debian and PyPI, then the package itself.
+# Install what flotta_mqtt needs from Debian and PyPI, then the package itself, into the
+# virtual environment .venv at the repo root (made if missing; run `.venv/bin/python`, or
+# `source .venv/bin/activate` first).
 # Usage: bash broker/install.sh [EXTRAS]   e.g. `bash broker/install.sh test`
-# Debian: mosquitto (the broker); with the test extra also the tools the fault tests use
-# to cut and degrade links between network namespaces (iproute2, nftables) and openssl,
-# and podman (with runc, and busybox-static for a tiny local image) serving the Docker API
+# Debian: mosquitto (the broker) and python3-venv; with the test extra also the tools the
+# fault tests use to cut and degrade links between network namespaces (iproute2, nftables),
+# openssl, and podman (with runc, and busybox-static for a tiny local image) serving the Docker API
 # to the docker executor's tests and running Pod specs for the kube executor's; chromium,
 # in which the dashboard's end-to-end test runs, and graphviz, which draws DAG pictures;
 # with the bench extra, redis-server for the Celery peer of the benchmarks.
@@ -11,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="${1:-}"
-packages=(mosquitto mosquitto-clients)
+packages=(mosquitto mosquitto-clients python3-venv)
 if [[ ",$extras," == *",test,"* ]]; then
     packages+=(iproute2 nftables openssl podman runc busybox-static chromium graphviz)
 fi
@@ -30,4 +32,9 @@ if (( ${#missing[@]} )); then
     DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
+# Always a virtual environment: Debian 12's Python refuses `pip install` outside one (PEP
+# 668), and one way to install everywhere is one way to test. It sees the system's site
+# packages, so what the system (or Debian's python3-* packages) has is not fetched again.
+[ -x .venv/bin/python ] || python3 -m venv --system-site-packages .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
+echo "flotta_mqtt installed in $(pwd)/.venv: run .venv/bin/python, or source .venv/bin/activate"

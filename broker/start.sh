@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Start a development mosquitto on PORT (default 1883) with the project's settings
-# (TCP_NODELAY, no per-client queue count limit, persistence), data under DIR.
+# Start mosquitto on PORT (default 1883) with the project's settings (TCP_NODELAY, no
+# per-client queue count limit, persistence), data under DIR: anonymous on loopback for
+# development; with --identities passwords are required, with --tls certificates, and
+# any address other than loopback needs both.
 # Usage: bash broker/start.sh [PORT] [DIR] [--bind ADDR] [--identities DIR] [--tls DIR]
-#        [--bridge FILE]...   (see broker/README.md)
+#        [--websockets PORT [--websockets-bind ADDR]] [--bridge FILE]...
+#        (see README.md, "A broker for a deployment", and broker/README.md)
 set -euo pipefail
-exec python3 -m flotta_mqtt.broker start "${1:-1883}" "${2:-./broker-data}" "${@:3}"
+# The environment broker/install.sh made, if there is one.
+python="$(dirname "$0")/../.venv/bin/python"
+[ -x "$python" ] || python=python3
+exec "$python" -m flotta_mqtt.broker start "${1:-1883}" "${2:-./broker-data}" "${@:3}"

@@ -3,4 +3,7 @@
 # and optional client certificates, with openssl. ca.key stays where it is made.
 # Usage: bash broker/tls.sh --out DIR [--name HOST]... [--client NODE]...
 set -euo pipefail
-exec python3 -m flotta_mqtt.broker tls "$@"
+# The environment broker/install.sh made, if there is one.
+python="$(dirname "$0")/../.venv/bin/python"
+[ -x "$python" ] || python=python3
+exec "$python" -m flotta_mqtt.broker tls "$@"

@@ -30,6 +30,6 @@ def test_shipped_configs_persist_where_debians_broker_user_may_write(name: str) 
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
-    command = "bash broker/install.sh test && python3 -m pytest"
+    command = "bash broker/install.sh test && .venv/bin/python -m pytest"
     assert command in (ROOT / "README.md").read_text()
     assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == command
