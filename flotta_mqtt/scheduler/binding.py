@@ -11,7 +11,9 @@ from flotta_mqtt.model import (
     Artifact,
     BindingError,
     Iterate,
+    Job,
     JobGraph,
+    JobRole,
     NodeRef,
     Parallel,
     SchedulerContext,
@@ -21,7 +23,7 @@ from flotta_mqtt.model import (
     bind,
     candidates,
 )
-from flotta_mqtt.protocol import NodePresence
+from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, JobReady, NodePresence, Resource
 from flotta_mqtt.scheduler.gc_pause import gc_paused
 from flotta_mqtt.workflows.executors import check_task
 
@@ -67,7 +69,54 @@ def bind_artifact(
         if not holders and any(_needs_data(step) for step in artifact.steps):
             return Refused("NoWorkers", f"no worker holds data for project {artifact.project}")
         return Refused(type(exc).__name__, str(exc))
+    too_large = oversize_job(artifact, graph)
+    if too_large is not None:
+        return Refused("MessageTooLarge", too_large)
     return Bound(context, graph)
+
+
+def oversize_job(artifact: Artifact, graph: JobGraph) -> str | None:
+    """Why a job's JobReady would be over MAX_MESSAGE_BYTES, if one's would: it could never
+    be dispatched, and its artifact would wait for it forever.
+
+    A job's message is at least its encoding without inputs plus, per input, the shortest
+    Resource naming a product of this artifact: only what is sure to fail is refused. Jobs
+    of one step share their operation, so its size is measured once, on its first job.
+    """
+    shortest = Resource(url=f"artifacts/{artifact.id}/jobs/0~1~product", sha256="0" * 64, size=0)
+    per_input = len(shortest.model_dump_json()) + 1
+    measured: dict[tuple[str, JobRole], int] = {}
+    for job in graph.jobs:
+        key = (job.step, job.role)
+        fixed = measured.get(key) if job.kind != "tasks" else None  # tasks differ per job
+        if fixed is None:
+            fixed = measured[key] = len(_job_ready(artifact, job).model_dump_json().encode())
+        inputs = graph.graph.in_degree(job.id)
+        if fixed + per_input * inputs > MAX_MESSAGE_BYTES:
+            consumed = f" and its {inputs} inputs" if inputs else ""
+            return (
+                f"job {job.id} (step {job.step}) cannot be sent to its worker: its parameters"
+                f"{consumed} make a message over the broker's {MAX_MESSAGE_BYTES}-byte limit; "
+                "put large data in the resource store, or collect fewer products into one job"
+            )
+    return None
+
+
+def _job_ready(artifact: Artifact, job: Job) -> JobReady:
+    """A job's message without its inputs, as the scheduler would send its first attempt."""
+    return JobReady.model_construct(
+        artifact_id=artifact.id,
+        job_id=job.id,
+        attempt=1,
+        project=artifact.project,
+        seed=artifact.seed,
+        step=job.step,
+        kind=job.kind,
+        role=job.role,
+        iteration=job.iteration,
+        operation=job.operation,
+        inputs=[],
+    )
 
 
 def check_operations(graph: JobGraph, nodes: Mapping[str, NodePresence]) -> None:

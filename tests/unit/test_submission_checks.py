@@ -11,7 +11,10 @@ import pytest
 
 from flotta_mqtt import Artifact, Client, Collect, Finalize, Iterate, Operation, Parallel
 from flotta_mqtt.model import ArtifactState
+from flotta_mqtt.model.query import IsIn
 from flotta_mqtt.nodes import SchedulerNode
+from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, NodePresence, ProtocolError, encode
+from flotta_mqtt.scheduler.binding import Refused, bind_artifact
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.memory import fresh_memory_broker
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
@@ -68,3 +71,47 @@ def test_one_round_of_an_estimator_still_runs(client: Client) -> None:
         project="demo", steps=[Iterate(1, [Parallel(count, Collect()), Finalize(count)])]
     )
     assert client.submit(artifact).result(timeout=TIMEOUT) == len(ROWS)
+
+
+def padded(size: int) -> Artifact:
+    """A one-step count of exactly `size` bytes as submitted, padded in its filter."""
+
+    def count(pad: str) -> Artifact:
+        where = IsIn(column="x", values=[pad]).model_dump()
+        steps = [Parallel(Operation(name="count", params={"where": where}))]
+        return Artifact(id="padded", project="demo", seed=1, steps=steps)
+
+    return count("x" * (size - len(encode(count("")))))
+
+
+def test_an_artifact_whose_first_job_would_be_too_large_is_refused_naming_the_limit(
+    client: Client,
+) -> None:
+    # It fits in a submission, but its job's message (the same operation with the job's
+    # own fields) does not: nothing could ever be dispatched.
+    artifact = padded(MAX_MESSAGE_BYTES)
+    assert len(encode(artifact)) == MAX_MESSAGE_BYTES
+    status = client.submit(artifact).wait(timeout=TIMEOUT)
+    assert status.state is ArtifactState.FAILED
+    assert status.error is not None and status.error.type == "MessageTooLarge"
+    assert f"{MAX_MESSAGE_BYTES}-byte limit" in status.error.message
+
+
+def test_an_artifact_itself_too_large_is_refused_by_the_client(client: Client) -> None:
+    with pytest.raises(ProtocolError, match=f"{MAX_MESSAGE_BYTES}-byte limit"):
+        client.submit(padded(MAX_MESSAGE_BYTES + 1))
+
+
+def test_a_job_collecting_too_many_products_is_refused_naming_its_inputs() -> None:
+    holders = {
+        f"w{i}": NodePresence(
+            node=f"w{i}", online=True, projects=["demo"], operations=["count"], since=1.0
+        )
+        for i in range(2000)
+    }
+    count = Operation(name="count")
+    artifact = Artifact(project="demo", steps=[Parallel(count, Collect()), Finalize(count)])
+    outcome = bind_artifact(artifact, holders, "initiator")
+    assert isinstance(outcome, Refused) and outcome.kind == "MessageTooLarge"
+    assert "job 2000 (step 1)" in outcome.message and "its 2000 inputs" in outcome.message
+    assert f"{MAX_MESSAGE_BYTES}-byte limit" in outcome.message
