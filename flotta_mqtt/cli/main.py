@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,24 +13,39 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flotta_mqtt.cli.errors import TIMED_OUT, Command, fail, set_debug
+from flotta_mqtt.cli.serving import serve
+from flotta_mqtt.cli.settings import broker_options, node_config
 from flotta_mqtt.client.client import ArtifactFailed, Client, NoSuchArtifact
 from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import Artifact, Tasks, Workflow
 from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.protocol import ArtifactStatus
 from flotta_mqtt.scheduler.config import SchedulerConfig
-from flotta_mqtt.transport.paho_speedups import enable_paho_speedups
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings, load_yaml
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 from flotta_mqtt.workflows.executors import check_task
 
-app = typer.Typer(
+app = Command(
     help="flotta_mqtt: distributed jobs over MQTT. Run a scheduler, edge workers, and submit "
     "artifacts from a workbench. Every option can also be set with its FLOTTA_* variable.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 console = Console()
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug", envvar="FLOTTA_DEBUG", help="show the traceback of an error, not one line"
+        ),
+    ] = False,
+) -> None:
+    set_debug(debug)
+
 
 BrokerOpt = Annotated[
     str | None,
@@ -56,7 +68,14 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", envvar="FLOTTA_CONFIG", help="YAML file of node settings"),
 ]
-TimeoutOpt = Annotated[float | None, typer.Option(help="seconds to wait at most")]
+TimeoutOpt = Annotated[
+    float | None, typer.Option(envvar="FLOTTA_TIMEOUT", help="seconds to wait at most")
+]
+OutputOpt = Annotated[str, typer.Option(envvar="FLOTTA_OUTPUT", help="table or json")]
+BrokerTimeoutOpt = Annotated[
+    float,
+    typer.Option(envvar="FLOTTA_BROKER_TIMEOUT", help="seconds to wait for the broker"),
+]
 LogOpt = Annotated[str, typer.Option("--log-level", envvar="FLOTTA_LOG_LEVEL")]
 LogFormatOpt = Annotated[
     str,
@@ -68,66 +87,10 @@ LogFormatOpt = Annotated[
 ]
 
 
-def _broker(
-    url: str | None,
-    username: str | None,
-    password: str | None,
-    ca: Path | None,
-    base: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    settings = dict(base or {})
-    for key, value in (
-        ("url", url),
-        ("username", username),
-        ("password", password),
-        ("ca_file", str(ca) if ca else None),
-    ):
-        if value is not None:
-            settings[key] = value
-    return settings
-
-
-def fail(message: str) -> typer.Exit:
-    """Print `message` as an error; return the exit (code 2) for the command to raise."""
-    # Messages quote user input and remote errors ("[type=...]", "[1, 2]"): not rich markup.
-    console.print(f"[red]error:[/red] {escape(message)}")
-    return typer.Exit(code=2)
-
-
-def _node_config(
-    model: type[SchedulerConfig] | type[WorkerConfig], path: Path | None, overrides: dict[str, Any]
-) -> Any:
-    data = load_yaml(path) if path else {}
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            data[key] = {**data.get(key, {}), **value}
-        elif value is not None:
-            data[key] = value
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise fail(f"invalid settings:\n{exc}") from None
-
-
 def _logging(level: str, fmt: str) -> None:
     if fmt not in ("text", "json"):
         raise fail(f"--log-format takes text or json, not {fmt!r}")
     configure_logging(level.upper(), "json" if fmt == "json" else "text")
-
-
-def serve(node: SchedulerNode | WorkerAgent, what: str) -> None:
-    """Run a node until SIGTERM or SIGINT."""
-    # A node's process is ours alone: it opts in to the speed-ups of paho that a library
-    # importing flotta_mqtt never gets unasked (FLOTTA_PAHO_SPEEDUPS=0 keeps paho as it is).
-    if os.environ.get("FLOTTA_PAHO_SPEEDUPS", "1") != "0":
-        enable_paho_speedups()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    node.start(wait=None)
-    console.print(f"{what} running; Ctrl-C to stop")
-    stop.wait()
-    node.stop()
 
 
 @app.command()
@@ -150,18 +113,19 @@ def scheduler(
 ) -> None:
     """Run a scheduler node: binds submitted artifacts into jobs and dispatches them."""
     _logging(log_level, log_format)
-    settings = _node_config(
+    settings = node_config(
         SchedulerConfig,
         config,
         {
             "name": name,
             "database": database,
             "allow_download": allow_download,
-            "broker": _broker(broker, username, password, ca_file),
+            "metrics_port": metrics_port,
+            "broker": broker_options(broker, username, password, ca_file),
             "storage": {"url": storage} if storage else {},
         },
     )
-    serve(SchedulerNode(settings), f"scheduler {settings.name}")
+    serve(lambda: SchedulerNode(settings), f"scheduler {settings.name}", console)
 
 
 @app.command()
@@ -170,7 +134,10 @@ def worker(
     name: Annotated[str | None, typer.Option(envvar="FLOTTA_NAME")] = None,
     data: Annotated[
         list[str] | None,
-        typer.Option(help="PROJECT=FILE.csv, repeatable: local data this worker holds"),
+        typer.Option(
+            envvar="FLOTTA_DATA",
+            help="PROJECT=FILE.csv, repeatable: local data this worker holds",
+        ),
     ] = None,
     max_jobs: Annotated[int | None, typer.Option(envvar="FLOTTA_MAX_JOBS")] = None,
     state_dir: Annotated[
@@ -182,12 +149,14 @@ def worker(
         ),
     ] = None,
     plugin: Annotated[
-        list[str] | None, typer.Option(help="module registering operations, repeatable")
+        list[str] | None,
+        typer.Option(envvar="FLOTTA_PLUGINS", help="module registering operations, repeatable"),
     ] = None,
     executor: Annotated[
         list[str] | None,
         typer.Option(
-            help="workflow task executor this worker runs (shell, docker, kube, api, python)"
+            envvar="FLOTTA_EXECUTORS",
+            help="workflow task executor this worker runs (shell, docker, kube, api, python)",
         ),
     ] = None,
     allow_code: Annotated[
@@ -213,7 +182,7 @@ def worker(
         if not sep or not project or not file:
             raise fail(f"--data takes PROJECT=FILE, got {item!r}")
         datasets.setdefault(project, []).append(file)
-    settings = _node_config(
+    settings = node_config(
         WorkerConfig,
         config,
         {
@@ -224,13 +193,11 @@ def worker(
             "executors": executor or None,
             "allow_code": allow_code,
             "datasets": datasets or None,
-            "broker": _broker(broker, username, password, ca_file),
+            "broker": broker_options(broker, username, password, ca_file),
             "storage": {"url": storage} if storage else {},
         },
     )
-    if settings.state_dir is None:
-        settings = settings.model_copy(update={"state_dir": Path("flotta-state") / settings.name})
-    serve(WorkerAgent(settings), f"worker {settings.name}")
+    serve(lambda: WorkerAgent(settings), f"worker {settings.name}", console)
 
 
 def open_client(
@@ -241,7 +208,7 @@ def open_client(
     storage: str | None,
 ) -> Client:
     """A workbench client connected with the command's broker and storage options."""
-    settings = BrokerSettings.model_validate(_broker(broker, username, password, ca))
+    settings = BrokerSettings.model_validate(broker_options(broker, username, password, ca))
     store = StorageSettings(url=storage) if storage else None
     return Client(settings, storage=store)
 
@@ -277,7 +244,9 @@ def validate(file: Path) -> None:
 @app.command()
 def submit(
     file: Path,
-    wait: Annotated[bool, typer.Option(help="wait for the result and print it")] = False,
+    wait: Annotated[
+        bool, typer.Option(envvar="FLOTTA_WAIT", help="wait for the result and print it")
+    ] = False,
     timeout: TimeoutOpt = None,
     broker: BrokerOpt = None,
     username: UserOpt = None,
@@ -301,8 +270,8 @@ def submit(
 @app.command()
 def status(
     artifact_id: str,
-    output: Annotated[str, typer.Option(help="table or json")] = "table",
-    timeout: Annotated[float, typer.Option(help="seconds to wait for the broker")] = 5.0,
+    output: OutputOpt = "table",
+    timeout: BrokerTimeoutOpt = 5.0,
     broker: BrokerOpt = None,
     username: UserOpt = None,
     password: PasswordOpt = None,
@@ -312,8 +281,10 @@ def status(
     with open_client(broker, username, password, ca_file, None) as client:
         try:
             current = client.lookup(artifact_id, timeout).status()
-        except (NoSuchArtifact, TimeoutError) as exc:
+        except NoSuchArtifact as exc:
             raise fail(str(exc)) from None
+        except TimeoutError as exc:
+            raise fail(str(exc), TIMED_OUT) from None
     if current is None:
         raise fail(f"no status for artifact {artifact_id}")
     if output == "json":
@@ -392,8 +363,10 @@ def download(
     with open_client(broker, username, password, ca_file, storage) as client:
         try:
             path = client.lookup(artifact_id).download(dest, timeout)
-        except (ArtifactFailed, NoSuchArtifact, PermissionError, TimeoutError) as exc:
+        except (ArtifactFailed, NoSuchArtifact, PermissionError) as exc:
             raise fail(str(exc)) from None
+        except TimeoutError as exc:
+            raise fail(str(exc), TIMED_OUT) from None
     console.print(f"wrote {path}")
 
 
@@ -417,8 +390,12 @@ def cancel(
 
 @app.command()
 def demo(
-    rows: Annotated[int, typer.Option(help="rows of data per worker (roughly)")] = 1000,
-    seed: Annotated[int, typer.Option(help="seed of the generated data")] = 42,
+    rows: Annotated[
+        int, typer.Option(envvar="FLOTTA_DEMO_ROWS", help="rows of data per worker (roughly)")
+    ] = 1000,
+    seed: Annotated[
+        int, typer.Option(envvar="FLOTTA_DEMO_SEED", help="seed of the generated data")
+    ] = 42,
 ) -> None:
     """Run the count example on a local mosquitto: a scheduler and three workers, each
     holding its own CSV; count the rows with x > 0.5 across them and check the answer."""

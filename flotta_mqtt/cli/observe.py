@@ -21,15 +21,17 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from flotta_mqtt.cli.errors import TIMED_OUT, fail
 from flotta_mqtt.cli.main import (
     BrokerOpt,
+    BrokerTimeoutOpt,
     CaOpt,
+    OutputOpt,
     PasswordOpt,
     StorageOpt,
     UserOpt,
     app,
     console,
-    fail,
     open_client,
 )
 from flotta_mqtt.cli.views import (
@@ -55,7 +57,8 @@ from flotta_mqtt.transport.store import ResourceStore
 def watch(
     artifact_id: str,
     timeout: Annotated[
-        float | None, typer.Option(help="give up after this many seconds (exit code 3)")
+        float | None,
+        typer.Option(envvar="FLOTTA_TIMEOUT", help="give up after this many seconds (exit code 3)"),
     ] = None,
     broker: BrokerOpt = None,
     username: UserOpt = None,
@@ -116,19 +119,29 @@ def graph(
     format: Annotated[
         str | None,
         typer.Option(
-            "--format", "-f", help="svg, png, dot or mermaid [default: from --output, else svg]"
+            "--format",
+            "-f",
+            envvar="FLOTTA_GRAPH_FORMAT",
+            help="svg, png, dot or mermaid [default: from --output, else svg]",
         ),
     ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="file to write ('-': standard output) [default: ID.svg]"
+            "--output",
+            "-o",
+            envvar="FLOTTA_GRAPH_OUTPUT",
+            help="file to write ('-': standard output) [default: ID.svg]",
         ),
     ] = None,
     engine: Annotated[
-        str, typer.Option(help="svg/png layout: auto (Graphviz if installed), graphviz, python")
+        str,
+        typer.Option(
+            envvar="FLOTTA_GRAPH_ENGINE",
+            help="svg/png layout: auto (Graphviz if installed), graphviz, python",
+        ),
     ] = "auto",
-    timeout: Annotated[float, typer.Option(help="seconds to wait for the broker")] = 5.0,
+    timeout: BrokerTimeoutOpt = 5.0,
     broker: BrokerOpt = None,
     username: UserOpt = None,
     password: PasswordOpt = None,
@@ -187,9 +200,13 @@ def running_jobs(statuses: dict[str, ArtifactStatus]) -> Counter[str]:
 
 @app.command()
 def workers(
-    output: Annotated[str, typer.Option(help="table or json")] = "table",
+    output: OutputOpt = "table",
     jobs: Annotated[
-        bool, typer.Option(help="count each node's running jobs (reads every retained status)")
+        bool,
+        typer.Option(
+            envvar="FLOTTA_WORKERS_JOBS",
+            help="count each node's running jobs (reads every retained status)",
+        ),
     ] = True,
     broker: BrokerOpt = None,
     username: UserOpt = None,
@@ -243,7 +260,8 @@ def logs(
         ),
     ] = None,
     attempt: Annotated[
-        int | None, typer.Option(help="the attempt to show [default: the latest]")
+        int | None,
+        typer.Option(envvar="FLOTTA_ATTEMPT", help="the attempt to show [default: the latest]"),
     ] = None,
     broker: BrokerOpt = None,
     username: UserOpt = None,
@@ -258,8 +276,10 @@ def logs(
     with open_client(broker, username, password, ca_file, storage) as client:
         try:
             current = client.lookup(artifact_id).status()
-        except (NoSuchArtifact, TimeoutError) as exc:
+        except NoSuchArtifact as exc:
             raise fail(str(exc)) from None
+        except TimeoutError as exc:
+            raise fail(str(exc), TIMED_OUT) from None
         store_settings = client.storage
     if current is None or not current.jobs:
         raise fail(f"no job listing for artifact {artifact_id}")

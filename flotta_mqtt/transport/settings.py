@@ -11,6 +11,27 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 DAY = 24 * 3600
 SCHEMES = ("mqtt", "mqtts", "memory")  # memory://NAME: the in-memory broker of this process
+ACCEPTED = "mqtt://host:port, mqtts://host:port or memory://name"
+
+
+def _url_problem(url: str) -> str | None:
+    """What makes `url` no broker URL, or None when it is one."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES or not url.startswith(f"{parts.scheme}://"):
+        return "has no known scheme"
+    if not parts.hostname:
+        return "names no host"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "has more than a host and a port"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "has a port that is not a number from 1 to 65535"
+    if port is not None and parts.scheme == "memory":
+        return "has a port, which memory://name takes none of"
+    return None
 
 
 class BrokerSettings(BaseModel):
@@ -57,12 +78,11 @@ class BrokerSettings(BaseModel):
 
     @field_validator("url")
     @classmethod
-    def _known_scheme(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in SCHEMES or not parts.netloc:
-            raise ValueError(
-                f"broker URL {url!r}: expected mqtt://host:port, mqtts:// or memory://"
-            )
+    def _known_form(cls, url: str) -> str:
+        """Refuse what is not one of ACCEPTED: a URL never falls back to a default host."""
+        problem = _url_problem(url)
+        if problem is not None:
+            raise ValueError(f"broker URL {url!r} {problem}; expected {ACCEPTED}")
         return url
 
     @model_validator(mode="after")

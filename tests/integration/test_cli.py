@@ -307,7 +307,8 @@ def test_worker_options_reach_its_config(monkeypatch: pytest.MonkeyPatch, tmp_pa
     import flotta_mqtt.cli.main as cli
 
     started: list[WorkerConfig] = []
-    monkeypatch.setattr(cli, "_serve", lambda node, what: started.append(node.config))
+    monkeypatch.setattr(cli, "WorkerAgent", started.append)
+    monkeypatch.setattr(cli, "serve", lambda make, what, console: make())
     data = tmp_path / "d.csv"
     data.write_text("x\n1\n")
     result = invoke(
@@ -335,3 +336,34 @@ def test_worker_options_reach_its_config(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert config.state_dir == tmp_path / "state"
     assert config.plugins == ["tests.plugins.test_ops"]
     assert "p" in config.datasets
+
+
+def test_node_options_read_their_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The FLOTTA_* variables of the node commands land in their settings, paths absolute."""
+    import flotta_mqtt.cli.main as cli
+
+    started: list[WorkerConfig | SchedulerConfig] = []
+    monkeypatch.setattr(cli, "WorkerAgent", started.append)
+    monkeypatch.setattr(cli, "SchedulerNode", started.append)
+    monkeypatch.setattr(cli, "serve", lambda make, what, console: make())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.csv").write_text("x\n1\n")
+    env = {
+        "FLOTTA_NAME": "w7",
+        "FLOTTA_DATA": "p=d.csv",
+        "FLOTTA_EXECUTORS": "shell api",
+        "FLOTTA_PLUGINS": PLUGIN,
+        "FLOTTA_STORAGE": "file://./store",
+        "FLOTTA_METRICS_PORT": "9123",
+        "FLOTTA_DATABASE": "s.db",
+    }
+    for command in ("worker", "scheduler"):
+        result = CliRunner().invoke(app, [command], env=env, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    worker, scheduler = started
+    assert isinstance(worker, WorkerConfig) and isinstance(scheduler, SchedulerConfig)
+    assert worker.executors == ["shell", "api"] and worker.plugins == [PLUGIN]
+    assert worker.datasets["p"].paths == [tmp_path / "d.csv"]
+    assert worker.state_dir == tmp_path / "flotta-state" / "w7"
+    assert worker.storage.url == scheduler.storage.url == (tmp_path / "store").as_uri()
+    assert scheduler.metrics_port == 9123 and scheduler.database == tmp_path / "s.db"

@@ -1,0 +1,58 @@
+"""How a node command runs until it is told to stop: SIGTERM or SIGINT.
+
+The signal handlers do nothing in Python: the interpreter's C handler writes each
+signal's number to a pipe (`signal.set_wakeup_fd`) and the main thread reads it. So no
+signal runs code inside a lock the main thread holds (an Event set from a handler could
+deadlock against the wait it interrupted). The first signal stops the node cleanly (its
+journal and database are closed as on any stop); a second one while it stops exits at
+once with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as shells report
+a process killed by it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from rich.console import Console
+
+from flotta_mqtt.transport.paho_speedups import enable_paho_speedups
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Node(Protocol):
+    def start(self, wait: float | None = ...) -> object: ...
+
+    def stop(self) -> None: ...
+
+
+def _exit_on_second_signal(signals: int) -> None:
+    """Wait for a signal while the node stops; exit at once when one comes."""
+    os._exit(128 + os.read(signals, 1)[0])
+
+
+def serve(make: Callable[[], Node], what: str, console: Console) -> None:
+    """Make a node and run it until SIGTERM or SIGINT, then stop it; a second signal
+    forces the exit."""
+    # A node's process is ours alone: it opts in to the speed-ups of paho that a library
+    # importing flotta_mqtt never gets unasked (FLOTTA_PAHO_SPEEDUPS=0 keeps paho as it is).
+    if os.environ.get("FLOTTA_PAHO_SPEEDUPS", "1") != "0":
+        enable_paho_speedups()
+    signals, wakeup = os.pipe()
+    os.set_blocking(wakeup, False)
+    signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
+    for number in STOP_SIGNALS:
+        signal.signal(number, lambda *_: None)  # the wakeup byte is all that is needed
+    node = make()
+    node.start(wait=None)
+    console.print(f"{what} running; Ctrl-C to stop")
+    os.read(signals, 1)
+    console.print(f"{what} stopping")
+    threading.Thread(
+        target=_exit_on_second_signal, args=(signals,), name="second-signal", daemon=True
+    ).start()
+    node.stop()

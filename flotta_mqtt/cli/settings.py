@@ -1,0 +1,77 @@
+"""A node command's settings: its config file, then its flags, then its paths made absolute.
+
+Paths are resolved once, at start, against the directory the command was started in:
+parts of a node run elsewhere (the python executor's call processes have a working
+directory of their own), so a relative path would name another place there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from flotta_mqtt.analytics import DatasetSpec
+from flotta_mqtt.cli.errors import describe, fail
+from flotta_mqtt.scheduler.config import SchedulerConfig
+from flotta_mqtt.transport.settings import StorageSettings, load_yaml
+from flotta_mqtt.worker.config import WorkerConfig
+
+Config = TypeVar("Config", SchedulerConfig, WorkerConfig)
+FILE = "file://"
+
+
+def broker_options(
+    url: str | None,
+    username: str | None,
+    password: str | None,
+    ca: Path | None,
+) -> dict[str, Any]:
+    """The broker settings the command's flags give (those not given are left out)."""
+    given = {"url": url, "username": username, "password": password, "ca_file": ca}
+    return {key: str(value) for key, value in given.items() if value is not None}
+
+
+def node_config(model: type[Config], path: Path | None, overrides: dict[str, Any]) -> Config:
+    """The settings of `path` (YAML), overridden by the flags given, paths made absolute."""
+    try:
+        data = load_yaml(path) if path else {}
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **value}
+        elif value is not None:
+            data[key] = value
+    try:
+        config = model.model_validate(data)
+    except ValidationError as exc:
+        raise fail(f"invalid settings: {describe(exc)}") from None
+    return absolute(config)
+
+
+def absolute_storage(storage: StorageSettings) -> StorageSettings:
+    """`storage` with a relative file:// URL (`file://./flotta-store`) made absolute."""
+    if not storage.url.startswith(FILE) or storage.url[len(FILE) :].startswith("/"):
+        return storage
+    folder = Path(storage.url[len(FILE) :]).absolute()
+    return storage.model_copy(update={"url": folder.as_uri()})
+
+
+def absolute(config: Config) -> Config:
+    """`config` with every path in it absolute (see the module's docstring)."""
+    update: dict[str, Any] = {"storage": absolute_storage(config.storage)}
+    if isinstance(config, SchedulerConfig):
+        update["database"] = config.database.absolute()
+    else:
+        state = config.state_dir or Path("flotta-state") / config.name
+        update["state_dir"] = state.absolute()
+        update["datasets"] = {
+            project: _absolute_paths(spec) for project, spec in config.datasets.items()
+        }
+    return config.model_copy(update=update)
+
+
+def _absolute_paths(spec: DatasetSpec) -> DatasetSpec:
+    return spec.model_copy(update={"paths": [path.absolute() for path in spec.paths]})
