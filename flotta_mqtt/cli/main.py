@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +16,7 @@ from flotta_mqtt.cli.errors import TIMED_OUT, Command, fail, set_debug
 from flotta_mqtt.cli.serving import serve
 from flotta_mqtt.cli.settings import broker_options, node_config
 from flotta_mqtt.client.client import ArtifactFailed, Client, NoSuchArtifact
+from flotta_mqtt.client.times import clock
 from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import Artifact, Tasks, Workflow
 from flotta_mqtt.nodes import SchedulerNode
@@ -323,11 +323,7 @@ def _jobs_table(current: ArtifactStatus) -> Table:
     ):
         table.add_column(column)
     for job in current.jobs or []:
-        started = (
-            datetime.fromtimestamp(job.started_at).strftime("%H:%M:%S.%f")[:-3]
-            if job.started_at
-            else ""
-        )
+        started = clock(job.started_at, millis=True)
         duration = (
             f"{job.finished_at - job.started_at:.3f} s"
             if job.started_at and job.finished_at

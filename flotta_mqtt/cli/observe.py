@@ -36,15 +36,14 @@ from flotta_mqtt.cli.main import (
 )
 from flotta_mqtt.cli.views import (
     ACTIVE,
-    ago,
     capabilities_text,
-    clock,
     datasets_text,
     state_counts,
     summary_line,
     watch_view,
 )
 from flotta_mqtt.client.client import NoSuchArtifact
+from flotta_mqtt.client.times import ago, clock
 from flotta_mqtt.model import ARTIFACT_FINAL, ArtifactState
 from flotta_mqtt.model.workflow import log_name, task_of
 from flotta_mqtt.protocol import ArtifactStatus

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from datetime import datetime
 
 from rich.console import Group, RenderableType
 from rich.markup import escape
@@ -14,6 +13,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from flotta_mqtt.client.times import clock
 from flotta_mqtt.model import ARTIFACT_FINAL, ArtifactState, JobState
 from flotta_mqtt.protocol import ArtifactStatus, JobSummary, NodePresence
 
@@ -34,18 +34,6 @@ ARTIFACT_STYLE = {
     ArtifactState.FAILED: "bold red",
     ArtifactState.CANCELLED: "grey50",
 }
-
-
-def clock(seconds: float | None) -> str:
-    return datetime.fromtimestamp(seconds).strftime("%H:%M:%S") if seconds else ""
-
-
-def ago(seconds: float) -> str:
-    elapsed = max(0.0, time.time() - seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if elapsed >= size:
-            return f"{elapsed / size:.0f} {unit} ago"
-    return f"{elapsed:.0f} s ago"
 
 
 def step_key(step: str) -> tuple[int, ...]:
