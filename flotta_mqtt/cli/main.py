@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flotta_mqtt.cli.errors import TIMED_OUT, Command, fail, set_debug
+from flotta_mqtt.cli.errors import TIMED_OUT, Command, debugging, fail, set_debug
 from flotta_mqtt.cli.serving import serve
 from flotta_mqtt.cli.settings import broker_options, node_config
 from flotta_mqtt.client.client import ArtifactFailed, Client, NoSuchArtifact
@@ -45,6 +46,10 @@ def _options(
     ] = False,
 ) -> None:
     set_debug(debug)
+    if not debugging():
+        # A workbench command's warnings (a refused connection, say) would come before its
+        # one-line error; node commands install their own handler (--log-level).
+        logging.getLogger().addHandler(logging.NullHandler())
 
 
 BrokerOpt = Annotated[

@@ -8,10 +8,12 @@ resolved where the command was started; every option has its FLOTTA_* variable.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from typer.core import TyperGroup, TyperOption
 
 from flotta_mqtt import configure, functions
 from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.broker.identities import IdentitySpec, generate_identities
 from flotta_mqtt.cli.errors import BROKER, INVALID
 from flotta_mqtt.cli.main import app
 from flotta_mqtt.client.client import Client
@@ -326,3 +329,23 @@ def test_a_cli_worker_with_relative_paths_runs_distributed_calls(
         sys.modules.pop("relative_calls", None)
         process.send_signal(signal.SIGTERM)
         stopped(process)
+
+
+def test_a_wrong_broker_password_is_one_line() -> None:
+    # Not under tmp_path: mosquitto runs as its own user, who cannot enter pytest's folders.
+    data_dir = Path(tempfile.mkdtemp(prefix="flotta-cli-broker-"))
+    try:
+        spec = IdentitySpec(scheduler=None, workbenches=["alice"])
+        identities = generate_identities(spec, data_dir / "identities")
+        with LocalBroker(
+            data_dir=data_dir,
+            password_file=identities.password_file,
+            acl_file=identities.acl_file,
+        ) as secured:
+            returncode, _, err = run(
+                "workers", "--broker", secured.url, "--username", "alice", "--password", "wrong"
+            )
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    assert returncode == BROKER
+    assert err.count("\n") == 1 and "refused alice" in err, err
