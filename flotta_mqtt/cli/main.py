@@ -113,6 +113,13 @@ def scheduler(
         int | None,
         typer.Option(envvar="FLOTTA_METRICS_PORT", help="serve Prometheus metrics on this port"),
     ] = None,
+    initiator_password: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLOTTA_INITIATOR_PASSWORD",
+            help="password of the embedded initiator's own identity, NAME.initiator",
+        ),
+    ] = None,
     log_level: LogOpt = "INFO",
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -129,6 +136,7 @@ def scheduler(
             "broker": broker_options(broker, username, password, ca_file),
             "storage": {"url": storage} if storage else {},
         },
+        initiator_password,
     )
     serve(lambda: SchedulerNode(settings), f"scheduler {settings.name}", console)
 

@@ -33,8 +33,16 @@ def broker_options(
     return {key: str(value) for key, value in given.items() if value is not None}
 
 
-def node_config(model: type[Config], path: Path | None, overrides: dict[str, Any]) -> Config:
-    """The settings of `path` (YAML), overridden by the flags given, paths made absolute."""
+def node_config(
+    model: type[Config],
+    path: Path | None,
+    overrides: dict[str, Any],
+    initiator_password: str | None = None,
+) -> Config:
+    """The settings of `path` (YAML), overridden by the flags given, paths made absolute.
+
+    With `initiator_password`, a scheduler's embedded initiator connects as its own
+    identity (NAME.initiator) with that password, elsewhere as the scheduler does."""
     try:
         data = load_yaml(path) if path else {}
     except ValueError as exc:
@@ -44,6 +52,10 @@ def node_config(model: type[Config], path: Path | None, overrides: dict[str, Any
             data[key] = {**data.get(key, {}), **value}
         elif value is not None:
             data[key] = value
+    if initiator_password is not None:
+        name = data.get("name", SchedulerConfig.model_fields["name"].default)
+        identity = {"username": f"{name}.initiator", "password": initiator_password}
+        data["initiator_broker"] = {**data.get("broker", {}), **identity}
     try:
         config = model.model_validate(data)
     except ValidationError as exc:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flotta_mqtt.model import SafeId
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
@@ -55,3 +56,17 @@ class SchedulerConfig(BaseModel):
     @property
     def initiator(self) -> str:
         return f"{self.name}.initiator"
+
+    @model_validator(mode="after")
+    def _initiator_identity(self) -> Self:
+        """The initiator never borrows the scheduler's identity: a broker naming sessions
+        by user (use_username_as_clientid) would make the two take one session from each
+        other for ever."""
+        borrowed = self.initiator_broker is None and self.broker.username is not None
+        if self.run_initiator and borrowed:
+            raise ValueError(
+                f"the embedded initiator needs its own broker identity ({self.initiator}): "
+                "give initiator_broker (or the CLI's --initiator-password), "
+                "or run_initiator: false"
+            )
+        return self

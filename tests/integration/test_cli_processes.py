@@ -349,3 +349,45 @@ def test_a_wrong_broker_password_is_one_line() -> None:
         shutil.rmtree(data_dir, ignore_errors=True)
     assert returncode == BROKER
     assert err.count("\n") == 1 and "refused alice" in err, err
+
+
+# --- identities ----------------------------------------------------------------------------
+
+
+def test_the_embedded_initiator_never_borrows_the_schedulers_identity(tmp_path: Path) -> None:
+    """With broker identities, the scheduler refuses to start its initiator under its own
+    name (the two would take one session from each other); given the initiator's
+    password, the initiator connects as itself."""
+    data_dir = Path(tempfile.mkdtemp(prefix="flotta-cli-broker-"))
+    try:
+        spec = IdentitySpec(scheduler="scheduler", workbenches=["alice"])
+        identities = generate_identities(spec, data_dir / "identities")
+        with LocalBroker(
+            data_dir=data_dir,
+            password_file=identities.password_file,
+            acl_file=identities.acl_file,
+        ) as secured:
+            own = identities.credentials["scheduler"].password
+            args = ["scheduler", "--broker", secured.url, "--username", "scheduler"]
+            args += ["--password", own, "--database", str(tmp_path / "s.db")]
+            args += ["--storage", (tmp_path / "store").as_uri()]
+            borrowing = cli(*args)
+            assert stopped(borrowing) == INVALID
+            err = borrowing.communicate()[1]
+            assert err.count("\n") == 1 and "its own broker identity" in err, err
+
+            initiator = identities.credentials["scheduler.initiator"].password
+            process = cli(*args, FLOTTA_INITIATOR_PASSWORD=initiator)
+            try:
+                with Client(identities.broker_settings("alice", secured.url)) as alice:
+                    wait_for(
+                        lambda: any(p.online and p.initiator for p in alice.workers()),
+                        timeout=TIMEOUT,
+                        message="the initiator never came online as itself",
+                    )
+            finally:
+                process.send_signal(signal.SIGTERM)
+                assert stopped(process) == 0
+            assert "disconnected" not in process.communicate()[1]
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
