@@ -38,10 +38,12 @@ class Bound:
 
 @dataclass(frozen=True)
 class Refused:
-    """Why an artifact cannot be bound to the workers known now."""
+    """Why an artifact cannot be bound to the workers known now; `final` when no worker
+    coming online could change that (its failure need not wait for their presence)."""
 
     kind: str
     message: str
+    final: bool = False
 
 
 def node_ref(node: NodePresence) -> NodeRef:
@@ -71,7 +73,10 @@ def bind_artifact(
         return Refused(type(exc).__name__, str(exc))
     too_large = oversize_job(artifact, graph)
     if too_large is not None:
-        return Refused("MessageTooLarge", too_large)
+        return Refused("MessageTooLarge", too_large, final=True)
+    uniterable = uniterable_job(graph)
+    if uniterable is not None:
+        return Refused("OperationError", uniterable, final=True)
     return Bound(context, graph)
 
 
@@ -141,25 +146,25 @@ def check_operations(graph: JobGraph, nodes: Mapping[str, NodePresence]) -> None
             )
         if job.operation.name in analytics.REGISTRY:
             analytics.lookup(job.operation)  # validates the parameters
-    _check_rounds(graph)
 
 
-def _check_rounds(graph: JobGraph) -> None:
-    """Refuse an Iterate whose round r + 1 would feed round r's product to an operation
-    part that cannot take it (an estimator's: it would fail with a TypeError at run time)."""
+def uniterable_job(graph: JobGraph) -> str | None:
+    """Why an Iterate's round r + 1 cannot take round r's product, if a job's operation
+    part cannot (an estimator's would fail with a TypeError at run time)."""
     for before, after in graph.locks:
         job = graph.jobs[after]
         if job.iteration != graph.jobs[before].iteration + 1:
             continue  # not a round's product handed to the next round
         definition = analytics.REGISTRY.get(job.operation.name)
         if definition is not None and not definition.iterable(job.role):
-            raise analytics.OperationError(
+            return (
                 f"operation {job.operation.name!r} cannot be iterated: in round "
                 f"{job.iteration + 1} of step {job.step}, its {job.role} part would receive "
                 f"round {job.iteration}'s result, but it only merges the states of one round; "
                 "run it once (outside the Iterate), or iterate an operation that refines "
                 "its previous round's result, such as a model"
             )
+    return None
 
 
 def relocate_task(

@@ -246,7 +246,7 @@ class SchedulerCore:
         outcome = bind_artifact(record.artifact, self.nodes, self.initiator)
         if not isinstance(outcome, Refused):
             self.flow.run(record, outcome)
-        elif not self.policies.deadlines.awaiting_workers(
+        elif outcome.final or not self.policies.deadlines.awaiting_workers(
             self._started_at, self.flow.clock.monotonic
         ):
             self.flow.fail(record, outcome.kind, outcome.message)

@@ -30,7 +30,10 @@ def client(tmp_path: Path) -> Iterator[Client]:
     broker = BrokerSettings(url=f"memory://{fresh_memory_broker('checks').name}")
     storage = StorageSettings(url=(tmp_path / "store").as_uri())
     config = SchedulerConfig(
-        broker=broker, storage=storage, database=tmp_path / "scheduler.db", worker_grace=2.0
+        broker=broker,
+        storage=storage,
+        database=tmp_path / "scheduler.db",
+        worker_grace=60.0,  # longer than TIMEOUT: a refusal must not wait for it
     )
     node = SchedulerNode(config).start(wait=TIMEOUT)
     data = tmp_path / "w0.csv"
