@@ -104,6 +104,8 @@ class Client:
 
     def submit(self, artifact: Artifact) -> ArtifactHandle:
         """Submit an artifact and return at once with a handle to follow it."""
+        with self._changed:  # e.g. "no such artifact" from a lookup before it existed
+            self._rejections[:] = [r for r in self._rejections if r.artifact_id != artifact.id]
         handle = self.handle(artifact.id)
         handle._artifact = artifact
         self.bus.publish(topics.submit(self.client_id), artifact)

@@ -65,3 +65,11 @@ def test_looking_up_a_known_id_gives_its_status(client: Client) -> None:
     client.submit(artifact).wait(timeout=TIMEOUT)
     status = client.lookup(artifact.id, timeout=TIMEOUT).status()
     assert status is not None and status.artifact_id == artifact.id
+
+
+def test_an_id_looked_up_before_it_existed_can_be_submitted(client: Client) -> None:
+    artifact = Artifact(project="nobody", steps=[Parallel(operation=Operation(name="count"))])
+    with pytest.raises(NoSuchArtifact):
+        client.lookup(artifact.id, timeout=TIMEOUT)
+    status = client.submit(artifact).wait(timeout=TIMEOUT)
+    assert status.artifact_id == artifact.id
