@@ -95,6 +95,7 @@ class UpdateJob:
     finished_at: float | None = None
     product: Resource | None = None
     error: RemoteError | None = None
+    exit_code: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -202,6 +202,7 @@ class JobFlow:
                 started_at=event.started_at,
                 finished_at=event.finished_at,
                 product=event.product,
+                exit_code=event.exit_code,
             )
         )
         assert record.locks is not None and record.graph is not None
@@ -258,6 +259,7 @@ class JobFlow:
                 ref.attempt,
                 finished_at=finished_at,
                 error=error,
+                exit_code=exit_code,
             )
         )
         if job.kind != "tasks":

@@ -48,6 +48,7 @@ class JobRow:
     finished_at: float | None
     product: Resource | None
     error: RemoteError | None
+    exit_code: int | None = None
 
 
 @dataclass
@@ -183,6 +184,7 @@ def restore(row: ArtifactRow, jobs: list[JobRow]) -> ArtifactRecord:
             started_at=j.started_at,
             finished_at=j.finished_at,
             size=j.product.size if j.product else None,
+            exit_code=j.exit_code,
             error=f"{j.error.type}: {j.error.message}"[:300] if j.error else None,
         )
     return record

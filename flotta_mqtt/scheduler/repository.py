@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     product TEXT,
     error TEXT,
+    exit_code INTEGER,
     PRIMARY KEY (artifact_id, job_id)
 ) WITHOUT ROWID;
 -- The DAG as bound; which locks are released follows from the states of the jobs.
@@ -75,6 +76,9 @@ class Repository:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "exit_code" not in columns:  # a database made before jobs kept their exit code
+            self._db.execute("ALTER TABLE jobs ADD COLUMN exit_code INTEGER")
 
     def close(self) -> None:
         self._db.close()
@@ -98,6 +102,7 @@ class Repository:
                         finished_at=write.finished_at,
                         product=write.product,
                         error=write.error,
+                        exit_code=write.exit_code,
                     )
                 case UpdateArtifact():
                     self.update_artifact(
@@ -203,11 +208,13 @@ class Repository:
         finished_at: float | None = None,
         product: Resource | None = None,
         error: RemoteError | None = None,
+        exit_code: int | None = None,
     ) -> None:
         self._db.execute(
             "UPDATE jobs SET state = ?, attempt = ?, started_at = COALESCE(?, started_at), "
             "finished_at = COALESCE(?, finished_at), product = COALESCE(?, product), "
-            "error = COALESCE(?, error) WHERE artifact_id = ? AND job_id = ?",
+            "error = COALESCE(?, error), exit_code = COALESCE(?, exit_code) "
+            "WHERE artifact_id = ? AND job_id = ?",
             (
                 state,
                 attempt,
@@ -215,6 +222,7 @@ class Repository:
                 finished_at,
                 _json(product),
                 _json(error),
+                exit_code,
                 artifact_id,
                 job_id,
             ),
@@ -235,23 +243,23 @@ class Repository:
 
     def jobs(self, artifact_id: str) -> list[JobRow]:
         rows = self._db.execute(
-            "SELECT job_id, worker, state, attempt, started_at, finished_at, product, error "
-            "FROM jobs "
-            "WHERE artifact_id = ? ORDER BY job_id",
+            "SELECT job_id, worker, state, attempt, started_at, finished_at, product, error, "
+            "exit_code FROM jobs WHERE artifact_id = ? ORDER BY job_id",
             (artifact_id,),
         ).fetchall()
         return [
             JobRow(
-                job_id=job_id,
-                worker=worker,
-                state=JobState(state),
-                attempt=attempt,
-                started_at=started_at,
-                finished_at=finished_at,
-                product=None if product is None else Resource.model_validate_json(product),
-                error=None if error is None else RemoteError.model_validate_json(error),
+                job_id=row[0],
+                worker=row[1],
+                state=JobState(row[2]),
+                attempt=row[3],
+                started_at=row[4],
+                finished_at=row[5],
+                product=None if row[6] is None else Resource.model_validate_json(row[6]),
+                error=None if row[7] is None else RemoteError.model_validate_json(row[7]),
+                exit_code=row[8],
             )
-            for job_id, worker, state, attempt, started_at, finished_at, product, error in rows
+            for row in rows
         ]
 
     # --- nodes ---------------------------------------------------------------------------

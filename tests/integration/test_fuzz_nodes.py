@@ -56,7 +56,7 @@ from flotta_mqtt.protocol import (
     topics,
 )
 from flotta_mqtt.scheduler.config import SchedulerConfig
-from flotta_mqtt.transport import bus as bus_module
+from flotta_mqtt.transport import base as transport_base
 from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
@@ -544,7 +544,7 @@ def test_messages_at_and_over_the_size_limit(fleet: Fleet, monkeypatch: pytest.M
         for size in (MAX_MESSAGE_BYTES, *over)
     ]
     # Bus refuses to publish past the limit; a hostile client would not: lift it here.
-    monkeypatch.setattr(bus_module, "MAX_MESSAGE_BYTES", 2 * MAX_MESSAGE_BYTES)
+    monkeypatch.setattr(transport_base, "MAX_MESSAGE_BYTES", 2 * MAX_MESSAGE_BYTES)
     send(fleet, batch)
     for topic, payload in batch:
         if len(payload) > MAX_MESSAGE_BYTES:

@@ -195,16 +195,18 @@ def test_the_cli_nodes_opt_in_unless_told_not_to(setting: str) -> None:
         """
         import os, signal
         from paho.mqtt.properties import Properties
-        from flotta_mqtt.cli import main
+        from rich.console import Console
+        from flotta_mqtt.cli import serving
         before = Properties.__init__
 
         class Node:
             def start(self, wait):
                 signal.raise_signal(signal.SIGTERM)
+                return self
             def stop(self):
                 pass
 
-        main.serve(Node(), "test node")
+        serving.serve(Node, "test node", Console(stderr=True))
         print("patched" if Properties.__init__ is not before else "untouched")
         """
     )
