@@ -3,7 +3,7 @@
 The public surface for workbenches: build an Artifact from steps, submit it with a Client.
 """
 
-from flotta_mqtt.client.client import ArtifactFailed, ArtifactHandle, Client
+from flotta_mqtt.client.client import ArtifactFailed, ArtifactHandle, Client, NoSuchArtifact
 from flotta_mqtt.functions import (
     CallFailed,
     CallHandle,
@@ -60,6 +60,7 @@ __all__ = [
     "IsIn",
     "Iterate",
     "JobState",
+    "NoSuchArtifact",
     "Not",
     "NotConfigured",
     "Operation",
