@@ -30,11 +30,11 @@ from flotta_mqtt.protocol import (
 )
 from flotta_mqtt.transport import Will, open_bus
 from flotta_mqtt.transport.store import ResourceStore
-from flotta_mqtt.worker.attempts import STARTED_AFTER, Attempt, Attempts
+from flotta_mqtt.worker.attempts import STARTED_AFTER, Attempt, Attempts, Work
 from flotta_mqtt.worker.config import WorkerConfig
 from flotta_mqtt.worker.jobs import Jobs
 from flotta_mqtt.worker.journal import Final, Journal
-from flotta_mqtt.worker.runners import BATCH_WINDOW, Done, Reports, Runners, Work
+from flotta_mqtt.worker.runners import BATCH_WINDOW, Done, Reports, Runners
 from flotta_mqtt.workflows.executors import Site, TaskRunner
 
 __all__ = ["WorkerAgent", "WorkerConfig"]
@@ -276,12 +276,12 @@ class WorkerAgent:
         now = time.monotonic()
         for report in self._reports.take():
             if isinstance(report, Done):
-                final = self._attempts.finished(report.job, report.final, now)
+                final = self._attempts.finished(report.work, report.final, now)
                 if final is not None:
                     finals.append(final)
             else:
                 self._unstarted -= 1
-                self._attempts.started(report.job, report.at, report.clock)
+                self._attempts.started(report.work, report.at, report.clock)
         events += finals
         return finals
 

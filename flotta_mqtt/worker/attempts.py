@@ -22,6 +22,14 @@ MAX_BACKOFF = 16  # a result unacknowledged for long is re-sent every 16 resend 
 STARTED_AFTER = 0.05
 
 
+@dataclass(frozen=True)
+class Work:
+    """A job for a runner, and the signal that stops it."""
+
+    job: JobReady
+    cancelled: threading.Event
+
+
 @dataclass
 class Attempt:
     """One attempt of one job: its runner sees only `job` and `cancelled`."""
@@ -86,17 +94,23 @@ class Attempts:
         if self._by_job.get(key) is attempt:
             del self._by_job[key]
 
-    def started(self, ref: JobRef, at: float, clock: float) -> None:
+    def of(self, work: Work) -> Attempt | None:
+        """The attempt a runner's work belongs to, unless it was forgotten since: a job
+        taken again after being dropped has a new attempt, not this one."""
+        attempt = self.get(work.job.ref)
+        return attempt if attempt is not None and attempt.cancelled is work.cancelled else None
+
+    def started(self, work: Work, at: float, clock: float) -> None:
         """Its runner started it at `at` (wall clock), `clock` (monotonic)."""
-        attempt = self.get(ref)
+        attempt = self.of(work)
         if attempt is not None and not attempt.done:
             attempt.started_at = at
             self._starting.append((clock + STARTED_AFTER, attempt))
 
-    def finished(self, ref: JobRef, final: Final | None, now: float) -> Final | None:
+    def finished(self, work: Work, final: Final | None, now: float) -> Final | None:
         """Its runner is through: the result to publish, unless nobody wants it any more
         (cancelled, replaced, or the run broke)."""
-        attempt = self.get(ref)
+        attempt = self.of(work)
         if attempt is None:
             return None
         attempt.done = True

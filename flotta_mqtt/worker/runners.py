@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flotta_mqtt.logs import log_context
-from flotta_mqtt.protocol import JobReady, JobRef
-from flotta_mqtt.worker.attempts import STARTED_AFTER
+from flotta_mqtt.protocol import JobReady
+from flotta_mqtt.worker.attempts import STARTED_AFTER, Work
 from flotta_mqtt.worker.journal import Final
 
 log = logging.getLogger(__name__)
@@ -27,28 +27,21 @@ BATCH_WINDOW = 0.01
 
 
 @dataclass(frozen=True)
-class Work:
-    """A job for a runner, and the signal that stops it."""
-
-    job: JobReady
-    cancelled: threading.Event
-
-
-@dataclass(frozen=True)
 class Started:
     """A runner took a job at `at` (wall clock), `clock` (monotonic), and runs it unless
-    it is cancelled."""
+    it is cancelled. `work` is what the runner was given: it tells this attempt from a
+    later one of the same job and attempt number (taken again after it was dropped)."""
 
-    job: JobRef
+    work: Work
     at: float
     clock: float
 
 
 @dataclass(frozen=True)
 class Done:
-    """A runner is through with a job: its result, or None if it was cancelled or broke."""
+    """A runner is through with `work`: its result, or None if it was cancelled or broke."""
 
-    job: JobRef
+    work: Work
     final: Final | None
 
 
@@ -147,7 +140,7 @@ class Runners:
             job = work.job
             started = time.time()
             # The agent waits for it no longer than it would to announce the job.
-            self._reports.put(Started(job.ref, started, time.monotonic()), within=STARTED_AFTER)
+            self._reports.put(Started(work, started, time.monotonic()), within=STARTED_AFTER)
             final: Final | None = None
             try:
                 if not work.cancelled.is_set():
@@ -162,4 +155,4 @@ class Runners:
                 # The result of a job with others queued behind it may wait for theirs:
                 # they leave together, in one message.
                 within = BATCH_WINDOW if self.backlog() else 0.0
-                self._reports.put(Done(job.ref, final), within=within)
+                self._reports.put(Done(work, final), within=within)

@@ -22,8 +22,9 @@ from flotta_mqtt.protocol import (
     Resource,
 )
 from flotta_mqtt.transport.store import sha256_hex
+from flotta_mqtt.worker.attempts import Work
 from flotta_mqtt.worker.journal import Final
-from flotta_mqtt.worker.runners import Done, Reports, Runners, Started, Work
+from flotta_mqtt.worker.runners import Done, Reports, Runners, Started
 from flotta_mqtt.workflows.executors import Executor, Site, TaskResult, TaskRun, register_executor
 
 
@@ -187,7 +188,7 @@ def test_a_runner_outlives_an_error_outside_any_job() -> None:
         assert reports, "no report"
         done += [r for r in reports if isinstance(r, Done)]
         assert all(isinstance(r, Started | Done) for r in reports)
-    assert [(d.job.job_id, d.final is None) for d in done] == [(0, True), (1, False)]
+    assert [(d.work.job.job_id, d.final is None) for d in done] == [(0, True), (1, False)]
     assert runners.alive()
     runners.stop()
 
