@@ -144,11 +144,6 @@ class MemoryBroker:
         """Settings for a node of this broker (`fields` as BrokerSettings takes them)."""
         return BrokerSettings.model_validate({**fields, "url": self.url})
 
-    def retained(self) -> dict[str, bytes]:
-        """The retained messages by topic, as a late subscriber would get them."""
-        with self.changed:
-            return dict(self._retained)
-
     def close(self) -> None:
         """Drop every connection, session and retained message, and free the name (the
         buses' delivery threads end with their connections): a test fixture's last step."""

@@ -13,7 +13,7 @@ from flotta_mqtt.model import ArtifactState, Sequential
 from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.memory import fresh_memory_broker
-from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+from flotta_mqtt.transport.settings import StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 TIMEOUT = 20.0
@@ -25,8 +25,7 @@ class Cluster:
     """A scheduler node and two data workers sharing a store in `folder`."""
 
     def __init__(self, folder: Path) -> None:
-        broker = fresh_memory_broker("nodes")
-        self.broker = BrokerSettings(url=f"memory://{broker.name}")
+        self.broker = fresh_memory_broker("nodes").broker_settings()
         self.storage = StorageSettings(url=(folder / "store").as_uri())
         config = SchedulerConfig(
             broker=self.broker,

@@ -23,7 +23,6 @@ from flotta_mqtt.protocol import (
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.scheduler.service import Scheduler
 from flotta_mqtt.transport.memory import MemoryBus, fresh_memory_broker
-from flotta_mqtt.transport.settings import BrokerSettings
 
 TIMEOUT = 10.0
 WORKERS = ("w0", "w1")
@@ -33,7 +32,7 @@ class Site:
     """A scheduler on a fresh memory:// broker, stand-in workers and a workbench."""
 
     def __init__(self, folder: Path) -> None:
-        self.settings = BrokerSettings(url=f"memory://{fresh_memory_broker('sched').name}")
+        self.settings = fresh_memory_broker("sched").broker_settings()
         self.config = SchedulerConfig(
             database=folder / "scheduler.db", broker=self.settings, run_initiator=False
         )

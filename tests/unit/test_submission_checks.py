@@ -17,7 +17,7 @@ from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, NodePresence, ProtocolError,
 from flotta_mqtt.scheduler.binding import Refused, bind_artifact
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.memory import fresh_memory_broker
-from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+from flotta_mqtt.transport.settings import StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 TIMEOUT = 20.0
@@ -27,7 +27,7 @@ ROWS = [i / 10 for i in range(10)]
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[Client]:
     """A workbench beside a scheduler and one worker holding project `demo`."""
-    broker = BrokerSettings(url=f"memory://{fresh_memory_broker('checks').name}")
+    broker = fresh_memory_broker("checks").broker_settings()
     storage = StorageSettings(url=(tmp_path / "store").as_uri())
     config = SchedulerConfig(
         broker=broker,

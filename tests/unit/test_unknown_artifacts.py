@@ -15,7 +15,7 @@ from flotta_mqtt.client.client import NoSuchArtifact
 from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.memory import fresh_memory_broker
-from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+from flotta_mqtt.transport.settings import StorageSettings
 
 TIMEOUT = 20.0
 FAST = 2.0  # seconds an answer about an unknown id may take
@@ -23,7 +23,7 @@ FAST = 2.0  # seconds an answer about an unknown id may take
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[Client]:
-    broker = BrokerSettings(url=f"memory://{fresh_memory_broker('unknown').name}")
+    broker = fresh_memory_broker("unknown").broker_settings()
     storage = StorageSettings(url=(tmp_path / "store").as_uri())
     config = SchedulerConfig(
         broker=broker, storage=storage, database=tmp_path / "scheduler.db", worker_grace=0.1
