@@ -34,7 +34,6 @@ from flotta_mqtt.protocol import (
     JobStarted,
     NodePresence,
     ProtocolError,
-    RemoteError,
     RequestRejected,
     StatusRequest,
     decode,
@@ -44,11 +43,10 @@ from flotta_mqtt.protocol import (
 from flotta_mqtt.protocol.messages import RejectReason
 from flotta_mqtt.protocol.topics import Address, Channel
 from flotta_mqtt.scheduler.announcements import Announcements
-from flotta_mqtt.scheduler.binding import Refused, bind_artifact, relocate_task
+from flotta_mqtt.scheduler.binding import Refused, bind_artifact
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.scheduler.deadlines import DeadlinePolicy
 from flotta_mqtt.scheduler.effects import (
-    AssignJob,
     Clock,
     Connected,
     Decision,
@@ -64,6 +62,7 @@ from flotta_mqtt.scheduler.metrics import Gauges, SchedulerMetrics
 from flotta_mqtt.scheduler.records import ArtifactRecord
 from flotta_mqtt.scheduler.resends import ResendPolicy
 from flotta_mqtt.scheduler.retries import RetryPolicy
+from flotta_mqtt.scheduler.running import check_running
 
 log = logging.getLogger(__name__)
 
@@ -392,57 +391,4 @@ class SchedulerCore:
                 if clock.monotonic >= due:
                     del retry_at[job_id]
                     self.flow.dispatch(record, job_id)
-            self._check_running(record, clock.monotonic)
-
-    def _check_running(self, record: ArtifactRecord, now: float) -> None:
-        """Stop attempts over their timeout; move jobs that hold no data off a lost node.
-
-        The policy per step type: a worker's data job waits for its worker (until the
-        artifact's deadline), since only that worker holds the data; an initiator job is
-        run again; a workflow task moves to another worker able to run it.
-        """
-        assert record.graph is not None
-        deadlines, retries, attempts = (
-            self.policies.deadlines,
-            self.policies.retries,
-            record.attempts,
-        )
-        # A job nobody announced as started can only be lost with an offline node.
-        offline = any(not node.online for node in self.nodes.values())
-        for job_id in list(attempts.dispatched_at if offline else attempts.started_at):
-            job = record.graph.jobs[job_id]
-            worker = record.worker(job_id)
-            status = record.jobs[job_id]
-            started = attempts.started_at.get(job_id)
-            over = deadlines.over_timeout(job, started, now)
-            if over is not None:
-                self.flow.stop_attempt(record, job_id)
-                ref = JobRef(artifact_id=record.id, job_id=job_id, attempt=status.attempt)
-                error = RemoteError(type="TimeoutError", message=over)
-                self.flow.failed(record, ref, error, self.flow.clock.wall)
-                continue
-            if not job.relocatable:
-                continue
-            node = self.nodes.get(worker)
-            silent = deadlines.silent(started, attempts.last_seen.get(job_id), now)
-            if not ((node is not None and not node.online) or silent):
-                continue
-            lost = attempts.lost[job_id] = attempts.lost.get(job_id, 0) + 1
-            if retries.lost_too_often(lost):
-                message = f"job {job_id} lost its node {worker} {lost} times"
-                self.flow.fail(record, "WorkerLost", message, job_id)
-                return
-            self.flow.stop_attempt(record, job_id)
-            if job.kind == "tasks":
-                moved_to = relocate_task(record.graph, job_id, self.nodes, away_from=worker)
-                if moved_to is not None:
-                    record.assigned[job_id] = moved_to
-                    self.flow.decision.writes.append(AssignJob(record.id, job_id, moved_to))
-            log.warning(
-                "job %s/%s lost with %s: retrying on %s",
-                record.id,
-                job_id,
-                worker,
-                record.worker(job_id),
-            )
-            self.flow.retry(record, job_id, status.requeue(status.attempt))
+            check_running(record, clock.monotonic, self.flow, self.policies, self.nodes)
