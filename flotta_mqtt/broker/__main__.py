@@ -26,6 +26,7 @@ from flotta_mqtt.broker.identities import (
 )
 from flotta_mqtt.broker.local import LocalBroker
 from flotta_mqtt.broker.tls import generate_tls
+from flotta_mqtt.transport.settings import load_registry
 
 COMMANDS = ("start", "identities", "tls", "bridge")
 
@@ -72,13 +73,19 @@ def identities(args: argparse.Namespace) -> None:
     for entry in args.bridge:
         name, _, nodes = entry.partition("=")
         bridges[name] = [node for node in nodes.split(",") if node]
-    spec = IdentitySpec(
-        scheduler=args.scheduler,
-        workers=args.worker,
-        workbenches=args.workbench,
-        dashboards=args.dashboard,
-        bridges=bridges,
-    )
+    if args.registry is not None:
+        flags = args.worker or args.workbench or args.dashboard or args.bridge
+        if flags or args.scheduler != "scheduler":
+            raise ValueError("--registry names every node: leave out the node flags")
+        spec = IdentitySpec.of(load_registry(args.registry))
+    else:
+        spec = IdentitySpec(
+            scheduler=args.scheduler,
+            workers=args.worker,
+            workbenches=args.workbench,
+            dashboards=args.dashboard,
+            bridges=bridges,
+        )
     made = generate_identities(spec, args.out, rotate=args.rotate)
     print(f"{len(made.credentials)} identities: {', '.join(made.credentials)}")
     print(f"broker: password_file {made.password_file}, acl_file {made.acl_file}")
@@ -137,6 +144,7 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=start)
 
     ids = commands.add_parser("identities", help="password file, ACL and credentials")
+    ids.add_argument("--registry", type=Path, help="the operator's node registry (YAML)")
     ids.add_argument("--scheduler", default="scheduler")
     ids.add_argument("--worker", action="append", default=[])
     ids.add_argument("--workbench", action="append", default=[])

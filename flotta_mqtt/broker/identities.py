@@ -23,6 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
+from flotta_mqtt.model import Registry
 from flotta_mqtt.transport.settings import BrokerSettings
 
 Access = Literal["read", "write"]
@@ -66,6 +67,17 @@ class IdentitySpec:
     workbenches: list[str] = field(default_factory=list)
     dashboards: list[str] = field(default_factory=list)
     bridges: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, registry: Registry) -> IdentitySpec:
+        """The identities of the nodes an operator's registry names."""
+        return cls(
+            scheduler=registry.scheduler,
+            workers=list(registry.workers),
+            workbenches=list(registry.workbenches),
+            dashboards=list(registry.dashboards),
+            bridges={name: list(nodes) for name, nodes in registry.bridges.items()},
+        )
 
     def nodes(self) -> list[tuple[str, Role]]:
         """Every identity to create, in file order; raises ValueError on a bad or repeated name."""

@@ -113,6 +113,20 @@ def scheduler(
         int | None,
         typer.Option(envvar="FLOTTA_METRICS_PORT", help="serve Prometheus metrics on this port"),
     ] = None,
+    registry: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FLOTTA_REGISTRY",
+            help="the operator's node registry (YAML): who holds which project, who may do what",
+        ),
+    ] = None,
+    default_deadline: Annotated[
+        float | None,
+        typer.Option(
+            envvar="FLOTTA_DEFAULT_DEADLINE",
+            help="seconds an artifact giving no deadline may take [default: 7 days]",
+        ),
+    ] = None,
     initiator_password: Annotated[
         str | None,
         typer.Option(
@@ -133,6 +147,8 @@ def scheduler(
             "database": database,
             "allow_download": allow_download,
             "metrics_port": metrics_port,
+            "registry": registry,
+            "default_deadline": default_deadline,
             "broker": broker_options(broker, username, password, ca_file),
             "storage": {"url": storage} if storage else {},
         },

@@ -76,6 +76,7 @@ def absolute(config: Config) -> Config:
     update: dict[str, Any] = {"storage": absolute_storage(config.storage)}
     if isinstance(config, SchedulerConfig):
         update["database"] = config.database.absolute()
+        update["registry"] = config.registry.absolute() if config.registry else None
     else:
         state = config.state_dir or Path("flotta-state") / config.name
         update["state_dir"] = state.absolute()

@@ -135,6 +135,8 @@ def build_status(
         results=results,
         jobs=jobs,
         locks=locks,
+        holders=[node.id for node in record.context.workers] if record.context else [],
+        missing=record.context.missing if record.context else [],
         updated_at=wall,
     )
 

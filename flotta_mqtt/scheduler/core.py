@@ -21,6 +21,7 @@ from flotta_mqtt.model import (
     ArtifactState,
     IllegalTransition,
     JobState,
+    Registry,
     StaleAttempt,
 )
 from flotta_mqtt.protocol import (
@@ -58,6 +59,7 @@ from flotta_mqtt.scheduler.effects import (
 )
 from flotta_mqtt.scheduler.intake import message_ids, named_artifact
 from flotta_mqtt.scheduler.jobs import JobFlow
+from flotta_mqtt.scheduler.membership import Waiting, admit, members, waiting_on
 from flotta_mqtt.scheduler.metrics import Gauges, SchedulerMetrics
 from flotta_mqtt.scheduler.records import ArtifactRecord
 from flotta_mqtt.scheduler.resends import ResendPolicy
@@ -81,7 +83,7 @@ class Policies:
             RetryPolicy(
                 config.retry_backoff, config.retry_backoff_max, config.max_lost_attempts, rng
             ),
-            DeadlinePolicy(config.heartbeat_grace, config.worker_grace),
+            DeadlinePolicy(config.heartbeat_grace, config.worker_grace, config.default_deadline),
             ResendPolicy(config.resend_interval),
         )
 
@@ -95,9 +97,14 @@ class SchedulerCore:
     """
 
     def __init__(
-        self, config: SchedulerConfig, metrics: SchedulerMetrics, policies: Policies
+        self,
+        config: SchedulerConfig,
+        metrics: SchedulerMetrics,
+        policies: Policies,
+        registry: Registry | None = None,
     ) -> None:
         self.initiator = config.initiator
+        self.registry = registry  # None: nodes are who they say they are (development)
         self.policies = policies
         self.announcements = Announcements()
         self.flow = JobFlow(self.announcements, metrics, policies.retries)
@@ -120,7 +127,11 @@ class SchedulerCore:
         decision = Decision()
         self.flow.begin(decision, clock)
         self._started_at = clock.monotonic
-        self.nodes = {node.node: node.model_copy(update={"online": False}) for node in nodes}
+        self.nodes = {}
+        for node in nodes:
+            admitted = admit(node, self.registry, self.initiator)
+            if admitted is not None:
+                self.nodes[node.node] = admitted.model_copy(update={"online": False})
         self._known = known
         now = clock.monotonic
         for record in unfinished:
@@ -242,7 +253,12 @@ class SchedulerCore:
         self._try_bind(record)
 
     def _try_bind(self, record: ArtifactRecord) -> None:
-        outcome = bind_artifact(record.artifact, self.nodes, self.initiator)
+        taking_part = members(record.artifact, self.registry, self.nodes)
+        if isinstance(taking_part, Waiting):
+            if taking_part.final:
+                self.flow.fail(record, "QuorumUnreachable", taking_part.message)
+            return  # a holder coming online, or the deadline, settles it
+        outcome = bind_artifact(record.artifact, self.nodes, self.initiator, taking_part)
         if not isinstance(outcome, Refused):
             self.flow.run(record, outcome)
         elif outcome.final or not self.policies.deadlines.awaiting_workers(
@@ -276,6 +292,11 @@ class SchedulerCore:
         if presence.node != node:
             log.error("scheduler: presence on %s names %s: ignored", node, presence.node)
             return
+        admitted = admit(presence, self.registry, self.initiator)
+        if admitted is None:
+            log.warning("scheduler: presence of %s, which is not registered: ignored", node)
+            return
+        presence = admitted
         known = self.nodes.get(node)
         came_online = presence.online and not (known is not None and known.online)
         self.nodes[node] = presence
@@ -378,13 +399,14 @@ class SchedulerCore:
         )
         self._bind_waiting()
         for record in list(self.artifacts.values()):
-            if record.graph is None or record.state is not ArtifactState.RUNNING:
-                continue
             overdue = self.policies.deadlines.overdue(
                 record.artifact, record.submitted_at, clock.wall
             )
             if overdue is not None:
-                self.flow.fail(record, "DeadlineExceeded", overdue)
+                waiting = waiting_on(record, self.registry, self.nodes)
+                self.flow.fail(record, "DeadlineExceeded", f"{overdue}: {waiting}")
+                continue
+            if record.graph is None or record.state is not ArtifactState.RUNNING:
                 continue
             retry_at = record.attempts.retry_at
             for job_id, due in list(retry_at.items()):

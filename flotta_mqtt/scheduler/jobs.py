@@ -62,6 +62,7 @@ class JobFlow:
     def run(self, record: ArtifactRecord, bound: Bound) -> None:
         """Start a bound artifact: record its DAG and make its first jobs ready."""
         self.decision.writes.append(BindArtifact(record.id, bound.context, bound.graph))
+        record.context = bound.context
         record.bound(bound.graph, completed=[])
         self.transition(record, ArtifactState.RUNNING)
         for job_id in record.locks.ready() if record.locks else []:

@@ -35,6 +35,7 @@ from flotta_mqtt.scheduler.metrics import Gauges, MetricsServer, SchedulerMetric
 from flotta_mqtt.scheduler.records import ArtifactRecord, restore
 from flotta_mqtt.scheduler.repository import Repository
 from flotta_mqtt.transport import open_bus
+from flotta_mqtt.transport.settings import load_registry
 from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ class Scheduler:
         self.config = config
         self.repository = Repository(config.database)
         self.metrics = SchedulerMetrics()
-        self.core = SchedulerCore(config, self.metrics, Policies.of(config, random.Random()))
+        registry = load_registry(config.registry) if config.registry else None
+        policies = Policies.of(config, random.Random())
+        self.core = SchedulerCore(config, self.metrics, policies, registry)
         self.metrics_server: MetricsServer | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._out: list[Outgoing] = []

@@ -30,6 +30,7 @@ from flotta_mqtt.model import (
     JobState,
     Operation,
     Parallel,
+    Registry,
     Sequential,
 )
 from flotta_mqtt.protocol import (
@@ -105,6 +106,7 @@ class Harness:
 
     config: SchedulerConfig
     seed: int = 0
+    registry: Registry | None = None
     now: float = 1000.0
     wall: float = 1.7e9
     repository: Repository = field(init=False)
@@ -118,7 +120,7 @@ class Harness:
     def __post_init__(self) -> None:
         self.repository = Repository(":memory:")
         policies = Policies.of(self.config, random.Random(self.seed))
-        self.core = SchedulerCore(self.config, SchedulerMetrics(), policies)
+        self.core = SchedulerCore(self.config, SchedulerMetrics(), policies, self.registry)
         self.core.restore([], set(), [], self.clock())
 
     def clock(self) -> Clock:
