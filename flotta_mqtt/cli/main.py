@@ -16,6 +16,7 @@ from rich.table import Table
 from flotta_mqtt.cli.errors import TIMED_OUT, Command, debugging, fail, set_debug
 from flotta_mqtt.cli.serving import serve
 from flotta_mqtt.cli.settings import broker_options, node_config
+from flotta_mqtt.cli.views import holders_text
 from flotta_mqtt.client.client import ArtifactFailed, Client, NoSuchArtifact
 from flotta_mqtt.client.times import clock
 from flotta_mqtt.logs import configure_logging
@@ -331,6 +332,8 @@ def status(
         escape(f"{current.error.type}: {current.error.message}") if current.error else "",
     )
     console.print(table)
+    if current.holders or current.missing:
+        console.print(holders_text(current), highlight=False)
     if current.jobs:
         console.print(_jobs_table(current))
 
