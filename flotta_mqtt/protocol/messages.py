@@ -71,7 +71,9 @@ class StatusRequest(Message):
 # --- scheduler → workbench / everyone ------------------------------------------------
 
 
-RejectReason = Literal["invalid", "unknown_artifact"]
+# invalid: the request itself is wrong; unknown_artifact: no such artifact (or not the
+# requester's to see); quota: over a limit the reason names.
+RejectReason = Literal["invalid", "unknown_artifact", "quota"]
 
 
 class RequestRejected(Message):

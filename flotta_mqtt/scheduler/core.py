@@ -59,8 +59,9 @@ from flotta_mqtt.scheduler.effects import (
 )
 from flotta_mqtt.scheduler.intake import message_ids, named_artifact
 from flotta_mqtt.scheduler.jobs import JobFlow
-from flotta_mqtt.scheduler.membership import Waiting, admit, members, waiting_on
+from flotta_mqtt.scheduler.membership import Waiting, admit, expected_holders, members, waiting_on
 from flotta_mqtt.scheduler.metrics import Gauges, SchedulerMetrics
+from flotta_mqtt.scheduler.quotas import Quotas
 from flotta_mqtt.scheduler.records import ArtifactRecord
 from flotta_mqtt.scheduler.resends import ResendPolicy
 from flotta_mqtt.scheduler.retries import RetryPolicy
@@ -107,10 +108,13 @@ class SchedulerCore:
         self.registry = registry  # None: nodes are who they say they are (development)
         self.policies = policies
         self.announcements = Announcements()
-        self.flow = JobFlow(self.announcements, metrics, policies.retries)
+        self.quotas = Quotas(
+            config.max_jobs_per_artifact, config.max_artifacts_in_flight, config.max_jobs_in_flight
+        )
+        self.flow = JobFlow(self.announcements, metrics, policies.retries, self.quotas)
         self.artifacts: dict[str, ArtifactRecord] = {}  # unfinished, in memory
         self.nodes: dict[str, NodePresence] = {}
-        self._known: set[str] = set()  # every artifact id ever stored
+        self._known: dict[str, str] = {}  # every artifact id ever stored → its owner
         self._started_at = 0.0
 
     # --- entry points -------------------------------------------------------------------
@@ -118,7 +122,7 @@ class SchedulerCore:
     def restore(
         self,
         nodes: Iterable[NodePresence],
-        known: set[str],
+        known: dict[str, str],
         unfinished: Iterable[ArtifactRecord],
         clock: Clock,
     ) -> Decision:
@@ -136,6 +140,8 @@ class SchedulerCore:
         now = clock.monotonic
         for record in unfinished:
             self.artifacts[record.id] = record
+            holders = len(record.context.workers) if record.context else 1
+            self.quotas.take(record.client, record.artifact, holders)
             self.announcements.changed(record.id)
             for job_id, status in enumerate(record.jobs):
                 if status.state is JobState.READY:
@@ -239,13 +245,24 @@ class SchedulerCore:
             log.error("scheduler: unexpected %s message", address.channel)
 
     def _submit(self, artifact: Artifact, client: str) -> None:
-        if artifact.id in self._known:
+        owner = self._known.get(artifact.id)
+        if owner == client:
             # A re-sent submission: answer with the current status, change nothing.
             self.announcements.changed(artifact.id)
             return
+        if owner is not None:
+            error = f"artifact ID {artifact.id} is taken: submit it under another ID"
+            self._reject(topics.submit(client), error, artifact.id)
+            return
+        holders = len(expected_holders(artifact.project, self.registry, self.nodes))
+        refusal = self.quotas.refusal(client, artifact, holders)
+        if refusal is not None:
+            self._reject(topics.submit(client), refusal, artifact.id, "quota")
+            return
+        self.quotas.take(client, artifact, holders)
         wall = self.flow.clock.wall
         self.flow.decision.writes.append(InsertArtifact(artifact, client, wall))
-        self._known.add(artifact.id)
+        self._known[artifact.id] = client
         record = ArtifactRecord(artifact, client, ArtifactState.SUBMITTED, 0, submitted_at=wall)
         self.artifacts[artifact.id] = record
         self.flow.metrics.artifact(ArtifactState.SUBMITTED)
@@ -276,7 +293,9 @@ class SchedulerCore:
         """A cancellation or a status request: answered with the artifact's status (after
         cancelling it if it runs), or at once with a rejection if it was never submitted."""
         artifact_id = request.artifact_id
-        if artifact_id not in self._known:
+        owner = self._known.get(artifact_id)
+        if owner is None or not self._may_act(address.name, owner):
+            # Another owner's artifact is not this requester's to know of.
             topic = topics.cancel(address.name)
             if isinstance(request, StatusRequest):
                 topic = topics.ask(address.name)
@@ -287,6 +306,12 @@ class SchedulerCore:
         if record is not None and isinstance(request, CancelArtifact):
             self.flow.cancel(record, request.reason)
         self.announcements.changed(artifact_id)
+
+    def _may_act(self, client: str, owner: str) -> bool:
+        """Whether `client` may see or cancel `owner`'s artifact: its owner or an admin
+        (anyone, without a registry)."""
+        registry = self.registry
+        return registry is None or client == owner or registry.is_admin(client)
 
     def _presence(self, node: str, presence: NodePresence) -> None:
         if presence.node != node:

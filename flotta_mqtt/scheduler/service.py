@@ -132,7 +132,7 @@ class Scheduler:
             assert row is not None
             unfinished.append(restore(row, repository.jobs(artifact_id)))
         decision = self.core.restore(
-            repository.nodes(), repository.artifact_ids(), unfinished, self._clock()
+            repository.nodes(), repository.owners(), unfinished, self._clock()
         )
         commit(self.repository, decision)
         self._out += decision.publish
@@ -201,7 +201,7 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler: could not build the status of %s", record.id)
                 continue
-            self._out.append((topics.status(record.id), status, True))
+            self._out.append((topics.status(record.client, record.id), status, True))
 
     def _publish(self) -> None:
         """Publish what was decided: the jobs made ready first, batched per worker."""
