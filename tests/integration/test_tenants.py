@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import MessageRecorder
+from helpers import MessageRecorder, wait_for
 
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.broker.identities import Identities, IdentitySpec, generate_identities
@@ -33,9 +33,11 @@ from flotta_mqtt.model import (
     Operation,
     Parallel,
     Registry,
+    Task,
+    Tasks,
 )
 from flotta_mqtt.nodes import SchedulerNode
-from flotta_mqtt.protocol import ArtifactStatus, decode, topics
+from flotta_mqtt.protocol import ArtifactStatus, NodePresence, decode, topics
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import StorageSettings
@@ -48,7 +50,12 @@ REGISTRY = Registry.model_validate(
     {
         "scheduler": "scheduler",
         # node-2 never comes online: artifacts of `idle` wait for it, in flight.
-        "workers": {"node-1": {"projects": ["demo"]}, "node-2": {"projects": ["idle"]}},
+        # node-3 holds nothing and may run nothing but analytics of no project.
+        "workers": {
+            "node-1": {"projects": ["demo"]},
+            "node-2": {"projects": ["idle"]},
+            "node-3": {},
+        },
         "workbenches": {
             "alice": {"tenant": "oncology"},
             "carol": {"tenant": "oncology"},
@@ -251,3 +258,38 @@ def test_a_flood_past_its_quota_is_refused_and_others_go_on(folder: Path) -> Non
             TIMEOUT,
         )
         assert alice.submit(count()).result(timeout=TIMEOUT) == 12
+
+
+def test_a_forged_presence_gets_a_worker_nothing_the_registry_does_not_grant(
+    folder: Path,
+) -> None:
+    """A registered worker with no data and no code rights claims every project and
+    executor: the count covers the real holder alone, and no task (with its secret
+    header) nor any code reaches it."""
+    intruder = MessageRecorder()
+    with start_site(folder) as site:
+        settings = site.identities.broker_settings("node-3", site.broker.url)
+        bus = Bus("node-3", settings, intruder, [topics.worker_inbox("node-3")])
+        bus.start(wait=TIMEOUT)
+        try:
+            claim = NodePresence(
+                node="node-3",
+                online=True,
+                projects=["demo", "idle"],
+                operations=["count"],
+                executors=["api", "shell", "python"],
+                labels={"allow_code": "yes"},
+                since=time.time(),
+            )
+            bus.publish(topics.presence("node-3"), claim, retain=True)
+            with site.client("alice") as alice:
+                wait_for(lambda: any(p.node == "node-3" for p in alice.workers()), timeout=TIMEOUT)
+                assert alice.submit(count()).result(timeout=TIMEOUT) == 12  # node-1's alone
+                secret = {"url": "http://127.0.0.1:9/", "headers": {"Authorization": "s3cr3t"}}
+                task = Task(name="call", executor="api", params=secret)
+                handle = alice.submit(Artifact(project="demo", steps=[Tasks(tasks=[task])]))
+                status = handle.wait(timeout=TIMEOUT)
+                assert status.state is ArtifactState.FAILED  # no registered worker runs api
+        finally:
+            bus.stop()
+    assert intruder.messages == []  # never a job, never a header
