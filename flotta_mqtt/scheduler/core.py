@@ -59,7 +59,14 @@ from flotta_mqtt.scheduler.effects import (
 )
 from flotta_mqtt.scheduler.intake import message_ids, named_artifact
 from flotta_mqtt.scheduler.jobs import JobFlow
-from flotta_mqtt.scheduler.membership import Waiting, admit, expected_holders, members, waiting_on
+from flotta_mqtt.scheduler.membership import (
+    Waiting,
+    admit,
+    expected_holders,
+    members,
+    serving,
+    waiting_on,
+)
 from flotta_mqtt.scheduler.metrics import Gauges, SchedulerMetrics
 from flotta_mqtt.scheduler.quotas import Quotas
 from flotta_mqtt.scheduler.records import ArtifactRecord
@@ -181,20 +188,8 @@ class SchedulerCore:
         return self.announcements.acks_due
 
     def snapshot(self) -> Gauges:
-        """The present, for metrics: unfinished artifacts and their jobs by state, jobs
-        waiting out a retry backoff, jobs dispatched to or running on each worker."""
-        gauges = Gauges()
-        for record in self.artifacts.values():
-            gauges.artifacts[str(record.state)] += 1
-            for state, n in record.counts.items():
-                gauges.jobs[str(state)] += n
-            gauges.retry_pending += len(record.attempts.retry_at)
-            if record.graph is None:
-                continue
-            for job_id in record.attempts.dispatched_at:
-                if record.jobs[job_id].state in (JobState.DISPATCHED, JobState.RUNNING):
-                    gauges.queue_depth[record.worker(job_id)] += 1
-        return gauges
+        """The present, for metrics (see Gauges.of)."""
+        return Gauges.of(self.artifacts.values())
 
     # --- messages -------------------------------------------------------------------------
 
@@ -254,7 +249,7 @@ class SchedulerCore:
             error = f"artifact ID {artifact.id} is taken: submit it under another ID"
             self._reject(topics.submit(client), error, artifact.id)
             return
-        holders = len(expected_holders(artifact.project, self.registry, self.nodes))
+        holders = len(expected_holders(artifact, client, self.registry, self.nodes))
         refusal = self.quotas.refusal(client, artifact, holders)
         if refusal is not None:
             self._reject(topics.submit(client), refusal, artifact.id, "quota")
@@ -270,12 +265,13 @@ class SchedulerCore:
         self._try_bind(record)
 
     def _try_bind(self, record: ArtifactRecord) -> None:
-        taking_part = members(record.artifact, self.registry, self.nodes)
+        nodes = serving(record.client, self.registry, self.nodes)
+        taking_part = members(record.artifact, record.client, self.registry, nodes)
         if isinstance(taking_part, Waiting):
             if taking_part.final:
                 self.flow.fail(record, "QuorumUnreachable", taking_part.message)
             return  # a holder coming online, or the deadline, settles it
-        outcome = bind_artifact(record.artifact, self.nodes, self.initiator, taking_part)
+        outcome = bind_artifact(record.artifact, nodes, self.initiator, taking_part)
         if not isinstance(outcome, Refused):
             self.flow.run(record, outcome)
         elif outcome.final or not self.policies.deadlines.awaiting_workers(
@@ -438,4 +434,6 @@ class SchedulerCore:
                 if clock.monotonic >= due:
                     del retry_at[job_id]
                     self.flow.dispatch(record, job_id)
-            check_running(record, clock.monotonic, self.flow, self.policies, self.nodes)
+            check_running(
+                record, clock.monotonic, self.flow, self.policies, self.nodes, self.registry
+            )
