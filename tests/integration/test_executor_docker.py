@@ -21,7 +21,14 @@ from pydantic import ValidationError
 from flotta_mqtt.model import Task
 from flotta_mqtt.protocol import JobReady
 from flotta_mqtt.transport.store import ResourceStore
-from flotta_mqtt.workflows.executors import EXECUTORS, TaskError, TaskResult, TaskRun, TaskRunner
+from flotta_mqtt.workflows.executors import (
+    EXECUTORS,
+    SitePolicy,
+    TaskError,
+    TaskResult,
+    TaskRun,
+    TaskRunner,
+)
 from flotta_mqtt.workflows.executors.docker import (
     INSTALL_HINT,
     DockerExecutor,
@@ -41,7 +48,9 @@ def run_task(
     cancelled: threading.Event | None = None,
     inputs: list[str] | None = None,
     outputs: list[str] | None = None,
+    policy: SitePolicy | None = None,
 ) -> TaskResult:
+    """Run a docker task on a site whose policy (by default) allows the test image only."""
     task = Task(
         name="t",
         executor="docker",
@@ -51,7 +60,14 @@ def run_task(
         inputs=inputs or [],
         outputs=outputs or [],
     )
-    run = TaskRun(task, workdir, task.env, cancelled or threading.Event(), "a1b2c3d4e5f6-0-1")
+    run = TaskRun(
+        task,
+        workdir,
+        task.env,
+        cancelled or threading.Event(),
+        "a1b2c3d4e5f6-0-1",
+        policy=policy or SitePolicy(images=[podman.image]),
+    )
     return DockerExecutor(docker_host=podman.docker_host).run(run)
 
 
@@ -181,7 +197,12 @@ def test_cancel_kills_the_container(podman: Podman, tmp_path: Path) -> None:  # 
 
 def test_a_missing_image_is_reported_without_pulling(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
     with pytest.raises(RuntimeError, match="not on the Docker host"):
-        run_task(podman, tmp_path, {"image": "localhost/absent:1", "pull": "never", "shell": ":"})
+        run_task(
+            podman,
+            tmp_path,
+            {"image": "localhost/absent:1", "pull": "never", "shell": ":"},
+            policy=SitePolicy(images=["localhost/*"]),
+        )
 
 
 def test_the_task_runner_moves_job_files_around_a_container(
@@ -191,7 +212,7 @@ def test_the_task_runner_moves_job_files_around_a_container(
     """Job files from the store into the container and back, logs stored, via TaskRunner."""
     store = ResourceStore(str(tmp_path / "store"))
     store.put(store.job_file_url("art1", "numbers.txt"), b"1\n2\n3\n")
-    runner = TaskRunner(store, [])
+    runner = TaskRunner(store, [], SitePolicy(images=[podman.image]))
     runner.executors["docker"] = DockerExecutor(docker_host=podman.docker_host)
 
     def job(shell: str) -> JobReady:

@@ -10,6 +10,7 @@ that the generated pod spec runs — is shown by `podman kube play` on the same 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -27,7 +28,7 @@ from podman_fixtures import Podman, podman  # noqa: F401  (the fixture)
 from pydantic import ValidationError
 
 from flotta_mqtt.model import Task
-from flotta_mqtt.workflows.executors import EXECUTORS, TaskResult, TaskRun
+from flotta_mqtt.workflows.executors import EXECUTORS, SitePolicy, TaskResult, TaskRun
 from flotta_mqtt.workflows.executors.kube import (
     INSTALL_HINT,
     KubeExecutor,
@@ -36,6 +37,7 @@ from flotta_mqtt.workflows.executors.kube import (
     job_manifest,
     job_name,
 )
+from flotta_mqtt.workflows.executors.policy import KubeSite
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +53,11 @@ def make_run(
     inputs: list[str] | None = None,
     outputs: list[str] | None = None,
     cancelled: threading.Event | None = None,
+    site: KubeSite | None = None,
+    secrets: dict[str, str] | None = None,
 ) -> TaskRun:
+    """A kube task's run on a site that allows busybox and the test image, with `site`'s
+    kube settings (`execute` points them at the emulator)."""
     task = Task(
         name="count-words",
         executor="kube",
@@ -61,7 +67,9 @@ def make_run(
         inputs=inputs or [],
         outputs=outputs or [],
     )
-    return TaskRun(task, workdir, task.env, cancelled or threading.Event(), LABEL)
+    policy = SitePolicy(images=["busybox:*", "localhost/*"], kube=site or KubeSite())
+    run = TaskRun(task, workdir, task.env, cancelled or threading.Event(), LABEL, policy=policy)
+    return dataclasses.replace(run, secrets=secrets or {})
 
 
 # ---------------------------------------------------------------- the manifest, pure
@@ -110,12 +118,11 @@ def test_job_manifest_shell_account_resources_namespace(tmp_path: Path) -> None:
         tmp_path,
         {
             "shell": "echo $A | wc -c",
-            "namespace": "jobs",
-            "service_account": "runner",
             "resources": resources,
             "image_pull_policy": "Never",
             "workdir_mount": "/data",
         },
+        site=KubeSite(namespace="jobs", service_account="runner"),
     )
     job = job_manifest(run, name="explicit")
     assert job["metadata"] == {**job["metadata"], "name": "explicit", "namespace": "jobs"}
@@ -171,10 +178,9 @@ def test_inputs_too_large_for_a_configmap_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_shared_volume_is_mounted_at_the_runs_own_folder(tmp_path: Path) -> None:
-    params = {"shell": ":", "volume_claim": "jobfiles", "volume_path": str(tmp_path)}
-    pod = job_manifest(make_run(tmp_path, params, inputs=["in.txt"]), name="j2")["spec"][
-        "template"
-    ]["spec"]
+    site = KubeSite(volume_claim="jobfiles", volume_path=tmp_path)
+    run = make_run(tmp_path, {"shell": ":"}, inputs=["in.txt"], site=site)
+    pod = job_manifest(run, name="j2")["spec"]["template"]["spec"]
     assert pod["volumes"] == [{"name": "work", "persistentVolumeClaim": {"claimName": "jobfiles"}}]
     assert pod["containers"][0]["volumeMounts"] == [
         {"name": "work", "mountPath": "/work", "subPath": "j2"}
@@ -185,7 +191,7 @@ def test_params_are_checked() -> None:
     with pytest.raises(ValidationError, match="at most one of"):
         KubeParams.model_validate({"image": "x", "command": ["true"], "shell": "true"})
     with pytest.raises(ValidationError, match="go together"):
-        KubeParams.model_validate({"image": "x", "volume_claim": "pvc"})
+        KubeSite(volume_claim="pvc")
     with pytest.raises(ValidationError, match="extra"):
         KubeParams.model_validate({"image": "x", "stdin": "no stdin for pods"})
 
@@ -360,8 +366,10 @@ def execute(
 
     thread = threading.Thread(target=player, daemon=True)
     thread.start()
+    kube = run.policy.kube.model_copy(update={"host": cluster.url})
+    run = dataclasses.replace(run, policy=run.policy.model_copy(update={"kube": kube}))
     try:
-        return KubeExecutor(host=cluster.url).run(run)
+        return KubeExecutor().run(run)
     finally:
         thread.join(10)
         assert not player_error, player_error
@@ -412,7 +420,7 @@ def test_a_job_that_succeeds(cluster: Cluster, tmp_path: Path) -> None:
 
 
 def test_a_job_that_fails_reports_the_pods_exit_code(cluster: Cluster, tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"command": ["false"], "namespace": "jobs", **FAST})
+    run = make_run(tmp_path, {"command": ["false"], **FAST}, site=KubeSite(namespace="jobs"))
 
     def play(job: dict[str, Any]) -> None:
         cluster.run_pod(job, 3, b"something went wrong\n")
@@ -526,9 +534,14 @@ def test_inputs_travel_in_a_configmap_deleted_afterwards(cluster: Cluster, tmp_p
 
 
 def test_outputs_need_a_shared_volume(cluster: Cluster, tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"shell": "echo x > out.txt"}, outputs=["out.txt"])
+    run = make_run(
+        tmp_path,
+        {"shell": "echo x > out.txt"},
+        outputs=["out.txt"],
+        site=KubeSite(host=cluster.url),
+    )
     with pytest.raises(ValueError, match="volume_claim"):
-        KubeExecutor(host=cluster.url).run(run)
+        KubeExecutor().run(run)
     assert cluster.requests() == [], "refused before anything was created"
 
 
@@ -537,13 +550,9 @@ def test_a_shared_volume_carries_inputs_and_outputs(cluster: Cluster, tmp_path: 
     workdir.mkdir()
     shared.mkdir()
     (workdir / "in.txt").write_text("a b c d\n")
-    params = {
-        "shell": "wc -w < in.txt > out/n.txt",
-        "volume_claim": "jobfiles",
-        "volume_path": str(shared),
-        **FAST,
-    }
-    run = make_run(workdir, params, inputs=["in.txt"], outputs=["out/n.txt"])
+    params = {"shell": "wc -w < in.txt > out/n.txt", **FAST}
+    site = KubeSite(volume_claim="jobfiles", volume_path=shared)
+    run = make_run(workdir, params, inputs=["in.txt"], outputs=["out/n.txt"], site=site)
 
     def play(job: dict[str, Any]) -> None:
         # The pod's view: the PVC's subPath, i.e. the run's own folder on the shared volume.
@@ -592,13 +601,13 @@ def test_a_kubeconfig_file_points_at_the_server(cluster: Cluster, tmp_path: Path
             }
         )
     )
-    run = make_run(tmp_path, {"shell": ":", **FAST})
+    run = make_run(tmp_path, {"shell": ":", **FAST}, site=KubeSite(kubeconfig=kubeconfig))
     thread = threading.Thread(
         target=lambda: cluster.set_job_status(cluster.wait_for_job(), {"succeeded": 1}),
         daemon=True,
     )
     thread.start()
-    result = KubeExecutor(kubeconfig=str(kubeconfig)).run(run)
+    result = KubeExecutor().run(run)
     thread.join(10)
     assert result.exit_code == 0
     assert sent_the_token(cluster)
@@ -675,11 +684,10 @@ def test_the_pod_spec_runs_in_podman_with_a_shared_volume(
         {
             "image": podman.image,
             "command": ["sh", "-c", "mkdir -p out && tr a-z A-Z < in.txt > out/up.txt && ls"],
-            "volume_claim": "jobfiles",
-            "volume_path": str(shared),
         },
         inputs=["in.txt"],
         outputs=["out/up.txt"],
+        site=KubeSite(volume_claim="jobfiles", volume_path=shared),
     )
     name = job_name(run.label, nonce="play-2")
     job = job_manifest(run, name)
