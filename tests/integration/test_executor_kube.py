@@ -10,12 +10,14 @@ that the generated pod spec runs — is shown by `podman kube play` on the same 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import logging
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,22 @@ from typing import Any
 import kmock
 import pytest
 import yaml
+from helpers import task_job
 from kubernetes import client as kube
 from podman_fixtures import Podman, podman  # noqa: F401  (the fixture)
 from pydantic import ValidationError
 
 from flotta_mqtt.model import Task
-from flotta_mqtt.workflows.executors import EXECUTORS, SitePolicy, TaskResult, TaskRun
+from flotta_mqtt.transport.store import ResourceStore
+from flotta_mqtt.workflows.executors import (
+    EXECUTORS,
+    PolicyError,
+    SitePolicy,
+    TaskError,
+    TaskResult,
+    TaskRun,
+    TaskRunner,
+)
 from flotta_mqtt.workflows.executors.kube import (
     INSTALL_HINT,
     KubeExecutor,
@@ -38,6 +50,7 @@ from flotta_mqtt.workflows.executors.kube import (
     job_name,
 )
 from flotta_mqtt.workflows.executors.policy import KubeSite
+from flotta_mqtt.workflows.executors.runner import read_output
 
 pytestmark = pytest.mark.integration
 
@@ -236,7 +249,7 @@ class Cluster:
 
     async def _serve(self) -> None:
         async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
-            for resource in ("v1/pods", "v1/configmaps", "batch/v1/jobs"):
+            for resource in ("v1/pods", "v1/configmaps", "v1/secrets", "batch/v1/jobs"):
                 emulator.resources[resource] = {}
             emulator[kmock.method.GET, kmock.subresource("log")] << (
                 lambda request: self.logs.get(request.name, b"")
@@ -618,6 +631,83 @@ def sent_the_token(cluster: Cluster) -> bool:
     assert cluster.emulator is not None
     posts = [request for request in list(cluster.emulator) if request.method.value == "POST"]
     return bool(posts) and posts[0].headers.get("Authorization") == "Bearer t0ken"
+
+
+# ---------------------------------------------------------------- the site's policy
+
+
+def test_secrets_travel_in_a_secret_of_the_run_deleted_with_its_job(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    value = f"s-{uuid.uuid4().hex}"
+    run = make_run(tmp_path, {"shell": "echo $TOKEN", **FAST}, secrets={"TOKEN": value})
+
+    def play(job: dict[str, Any]) -> None:
+        [secret] = cluster.created("secrets")
+        assert secret["metadata"]["name"] == job["metadata"]["name"]
+        assert secret["data"] == {"TOKEN": base64.b64encode(value.encode()).decode()}
+        cluster.run_pod(job, 0, b"")
+        cluster.set_job_status(job, {"succeeded": 1})
+
+    assert execute(cluster, run, play).exit_code == 0
+    [job] = cluster.created("jobs")
+    name = job["metadata"]["name"]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [
+        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": "TOKEN"}}}
+    ]
+    assert value not in json.dumps(job), "the Job names the Secret, never the value"
+    calls = cluster.requests()
+    assert calls.index(("POST", "secrets", "default", None, None, {})) < calls.index(
+        ("POST", "jobs", "default", None, None, {})
+    )
+    assert ("DELETE", "secrets", "default", name, None, {"propagationPolicy": "Background"}) in (
+        calls
+    )
+
+
+def test_an_image_the_site_does_not_allow_creates_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"image": "attacker.example/miner:1", "shell": ":"})
+    with pytest.raises(PolicyError, match=r"image 'attacker\.example/miner:1' is not allowed"):
+        execute(cluster, run)
+    assert cluster.requests() == []
+
+
+def test_a_task_choosing_where_it_runs_is_refused_before_anything_is_created(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    runner = TaskRunner(ResourceStore(str(tmp_path / "store")), ["kube"])
+    for setting, value in [("namespace", "kube-system"), ("kubeconfig", "/root/.kube/config")]:
+        task = Task(
+            name="k", executor="kube", params={"image": "busybox:1.36", setting: value, **FAST}
+        )
+        with pytest.raises(ValueError, match=rf"{setting}: where kube tasks run is the site's"):
+            runner.run(task_job(task), "node-1", threading.Event())
+    assert cluster.requests() == []
+
+
+def test_a_link_left_on_the_shared_volume_is_copied_back_as_a_link(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The worker reads the shared volume: a link the pod leaves there names the worker's
+    own files. It comes back as a link, which the outputs refuse."""
+    workdir, shared, host = tmp_path / "work", tmp_path / "shared", tmp_path / "host"
+    for folder in (workdir, shared, host):
+        folder.mkdir()
+    (host / "secret.txt").write_text("the worker's own file")
+    site = KubeSite(volume_claim="jobfiles", volume_path=shared)
+    run = make_run(workdir, {"shell": ":", **FAST}, outputs=["out.txt"], site=site)
+
+    def play(job: dict[str, Any]) -> None:
+        [mount] = job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        (shared / mount["subPath"] / "out.txt").symlink_to(host / "secret.txt")
+        cluster.run_pod(job, 0, b"")
+        cluster.set_job_status(job, {"succeeded": 1})
+
+    assert execute(cluster, run, play).exit_code == 0
+    assert (workdir / "out.txt").is_symlink()
+    with pytest.raises(TaskError, match=r"output out.txt is, or is inside, a symbolic link"):
+        read_output(run.task.name, workdir, "out.txt")
 
 
 # ---------------------------------------------------------------- the pod spec, for real

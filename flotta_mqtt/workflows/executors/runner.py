@@ -130,30 +130,30 @@ def task_env(task: Task) -> dict[str, str]:
 def read_output(task: str, workdir: Path, path: str) -> bytes:
     """The output `path` of a task: a regular file inside `workdir`, never through a link.
 
-    Each folder on the way is opened with O_NOFOLLOW relative to the one before, so no
-    symbolic link a task (or its container) leaves, to a host file or a host folder, is
-    followed out of its folder; a link fails the task. TaskError says what is wrong.
+    Each part of the path is opened with O_NOFOLLOW relative to the folder before it, so
+    no symbolic link a task (or its container) leaves, to a host file or a host folder,
+    is followed out of its folder: a link fails the task. TaskError says what is wrong.
     """
     parts = path.split("/")
-    folder = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for index, part in enumerate(parts):
             last = index == len(parts) - 1
             flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_NONBLOCK if last else os.O_DIRECTORY)
             try:
-                opened = os.open(part, flags, dir_fd=folder)
+                opened = os.open(part, flags, dir_fd=fd)
             except OSError as exc:
-                raise _output_error(task, path, folder, part, exc) from None
-            os.close(folder)
-            folder = opened
-        with os.fdopen(folder, "rb") as file:
-            folder = -1  # closed with the file
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                raise TaskError(f"task {task}: its output {path} is not a regular file", 0)
+                raise _output_error(task, path, fd, part, exc) from None
+            os.close(fd)
+            fd = opened
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TaskError(f"task {task}: its output {path} is not a regular file", 0)
+        with os.fdopen(fd, "rb") as file:
+            fd = -1  # closed with the file
             return file.read()
     finally:
-        if folder >= 0:
-            os.close(folder)
+        if fd >= 0:
+            os.close(fd)
 
 
 def _output_error(task: str, path: str, folder: int, part: str, exc: OSError) -> TaskError:
