@@ -35,6 +35,7 @@ from flotta_mqtt.workflows.executors.base import (
     TaskRun,
     register_executor,
 )
+from flotta_mqtt.workflows.executors.policy import SitePolicy
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ class PythonExecutor(Executor):
         deadline = None if params.timeout is None else started + params.timeout
         logs = self._logs()
         try:
-            folder = self._workspace(params.workspace)
+            folder = self._workspace(params.workspace, run.policy)
             request = {
                 "name": params.name,
                 "function": params.function.model_dump() if params.function else None,
@@ -396,8 +397,8 @@ class PythonExecutor(Executor):
 
     # --- workspaces and functions -------------------------------------------------------------
 
-    def _workspace(self, archive: Resource) -> Path:
-        """The unpacked folder of a workspace, fetched and unpacked on first use only."""
+    def _workspace(self, archive: Resource, policy: SitePolicy) -> Path:
+        """A workspace's folder, fetched and unpacked (within the site's limits) once."""
         assert self._folder is not None and self._store is not None
         target = self._folder / "workspaces" / archive.sha256
         if target.is_dir():
@@ -406,7 +407,8 @@ class PythonExecutor(Executor):
             lock = self._unpacking.setdefault(archive.sha256, threading.Lock())
         with lock:
             if not target.is_dir():
-                workspaces.unpack(self._store.get(archive), target)
+                limits = policy.max_workspace_bytes, policy.max_workspace_members
+                workspaces.unpack(self._store.get(archive), target, *limits)
         return target
 
     def _report(self, sha: str, folder: Path) -> str:
