@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flotta_mqtt.protocol import JobReady, Resource, topics
-from flotta_mqtt.scheduler.announcements import build_status, restamp
+from flotta_mqtt.scheduler.announcements import build_status
 from flotta_mqtt.scheduler.config import BURST, TICK, SchedulerConfig
 from flotta_mqtt.scheduler.core import Policies, SchedulerCore
 from flotta_mqtt.scheduler.effects import (
@@ -239,18 +239,17 @@ class Scheduler:
 
 
 def commit(repository: Repository, decision: Decision) -> None:
-    """Write what the core decided, and re-stamp the stored statuses it asked to announce
-    (adding them to the decision's statuses), in one transaction; none when there is
-    nothing to write."""
-    if not decision.writes and not decision.stored:
-        return
-    with repository.transaction():
-        repository.apply(decision.writes)
-        for artifact_id in decision.stored:
-            row = repository.artifact(artifact_id)
-            if row is None:
-                continue
-            record = restore(row, repository.jobs(artifact_id) if row.context else [])
-            wall = time.time()
-            repository.apply([restamp(record, wall)])
-            decision.statuses.append((record, wall))
+    """Write what the core decided in one transaction (none when there is nothing to
+    write), and add the stored statuses it asked to announce again to its statuses.
+
+    A finished artifact's status is announced again as stored, with its seq unchanged: a
+    reader that has it already ignores it, and asking about an artifact writes nothing."""
+    if decision.writes:
+        with repository.transaction():
+            repository.apply(decision.writes)
+    for artifact_id in decision.stored:
+        row = repository.artifact(artifact_id)
+        if row is None:
+            continue
+        record = restore(row, repository.jobs(artifact_id) if row.context else [])
+        decision.statuses.append((record, time.time()))
