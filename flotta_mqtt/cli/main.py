@@ -120,6 +120,18 @@ def scheduler(
             help="password of the embedded initiator's own identity, NAME.initiator",
         ),
     ] = None,
+    admin: Annotated[
+        list[str] | None,
+        typer.Option(envvar="FLOTTA_ADMINS", help="client id that may prune, repeatable"),
+    ] = None,
+    prune_older_than: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLOTTA_PRUNE_OLDER_THAN",
+            help="prune artifacts finished longer ago than this (90s, 15m, 12h, 7d), "
+            "at start and periodically",
+        ),
+    ] = None,
     log_level: LogOpt = "INFO",
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -133,6 +145,8 @@ def scheduler(
             "database": database,
             "allow_download": allow_download,
             "metrics_port": metrics_port,
+            "admins": admin or None,
+            "prune_older_than": prune_older_than,
             "broker": broker_options(broker, username, password, ca_file),
             "storage": {"url": storage} if storage else {},
         },
@@ -413,7 +427,7 @@ def demo(
     raise typer.Exit(code=run_demo(rows=rows, seed=seed, console=console))
 
 
-from flotta_mqtt.cli import observe  # noqa: E402, F401  (registers watch, graph, dashboard, …)
+from flotta_mqtt.cli import observe, prune  # noqa: E402, F401  (registers watch, graph, prune, …)
 
 if __name__ == "__main__":
     app()

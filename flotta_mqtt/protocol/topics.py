@@ -4,7 +4,8 @@ Layout (ROOT carries the protocol version, so two versions can share a broker):
   {ROOT}/requests/{client}/submit   workbench → scheduler: an Artifact
   {ROOT}/requests/{client}/cancel   workbench → scheduler: CancelArtifact
   {ROOT}/requests/{client}/status   workbench → scheduler: StatusRequest
-  {ROOT}/replies/{client}           scheduler → workbench: RequestRejected
+  {ROOT}/requests/{client}/prune    workbench → scheduler: PruneRequest (administrators)
+  {ROOT}/replies/{client}           scheduler → workbench: RequestRejected, PruneReport
   {ROOT}/artifacts/{id}/status      scheduler → all: ArtifactStatus (retained)
   {ROOT}/artifacts/{id}/locks       scheduler → all: LocksReleased
   {ROOT}/workers/{worker}/jobs      scheduler → one worker: JobReady, or a JobBatch of them
@@ -32,6 +33,7 @@ class Channel(StrEnum):
     SUBMIT = "submit"
     CANCEL = "cancel"
     ASK = "ask"  # a StatusRequest
+    PRUNE = "prune"
     REPLY = "reply"
     STATUS = "status"
     LOCKS = "locks"
@@ -51,6 +53,10 @@ def cancel(client: str) -> str:
 
 def ask(client: str) -> str:
     return f"{ROOT}/requests/{client}/status"
+
+
+def prune(client: str) -> str:
+    return f"{ROOT}/requests/{client}/prune"
 
 
 def reply(client: str) -> str:
@@ -114,6 +120,7 @@ _THREE_LEVELS = {
     ("requests", "submit"): Channel.SUBMIT,
     ("requests", "cancel"): Channel.CANCEL,
     ("requests", "status"): Channel.ASK,
+    ("requests", "prune"): Channel.PRUNE,
     ("artifacts", "status"): Channel.STATUS,
     ("artifacts", "locks"): Channel.LOCKS,
     ("workers", "jobs"): Channel.JOBS,

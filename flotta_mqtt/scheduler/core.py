@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from flotta_mqtt.protocol import (
     JobStarted,
     NodePresence,
     ProtocolError,
+    PruneRequest,
     RequestRejected,
     StatusRequest,
     decode,
@@ -61,6 +62,7 @@ from flotta_mqtt.scheduler.jobs import JobFlow
 from flotta_mqtt.scheduler.metrics import Gauges, SchedulerMetrics
 from flotta_mqtt.scheduler.records import ArtifactRecord
 from flotta_mqtt.scheduler.resends import ResendPolicy
+from flotta_mqtt.scheduler.retention import Retention
 from flotta_mqtt.scheduler.retries import RetryPolicy
 from flotta_mqtt.scheduler.running import check_running
 
@@ -101,6 +103,7 @@ class SchedulerCore:
         self.policies = policies
         self.announcements = Announcements()
         self.flow = JobFlow(self.announcements, metrics, policies.retries)
+        self.retention = Retention(config)
         self.artifacts: dict[str, ArtifactRecord] = {}  # unfinished, in memory
         self.nodes: dict[str, NodePresence] = {}
         self._known: set[str] = set()  # every artifact id ever stored
@@ -112,16 +115,19 @@ class SchedulerCore:
         self,
         nodes: Iterable[NodePresence],
         known: set[str],
+        finished: Mapping[str, float],
         unfinished: Iterable[ArtifactRecord],
         clock: Clock,
     ) -> Decision:
         """Take up what the repository holds (after a start, a crash or a restart):
-        ready jobs are dispatched, dispatched and running ones asked about again."""
+        ready jobs are dispatched, dispatched and running ones asked about again; the
+        final artifacts, with when they finished, wait for their prune."""
         decision = Decision()
         self.flow.begin(decision, clock)
         self._started_at = clock.monotonic
         self.nodes = {node.node: node.model_copy(update={"online": False}) for node in nodes}
         self._known = known
+        self.retention.restore(finished, clock.monotonic)
         now = clock.monotonic
         for record in unfinished:
             self.artifacts[record.id] = record
@@ -138,7 +144,7 @@ class SchedulerCore:
                         record.attempts.started_at[job_id] = now
                         record.attempts.last_seen[job_id] = now
                     decision.publish.append(self.flow.job_ready(record, job_id))
-        self.announcements.collect(self.artifacts, self._known, clock, decision)
+        self._collect(clock, decision)
         return self.flow.end()
 
     def handle(self, events: Sequence[Event], clock: Clock) -> Decision:
@@ -152,8 +158,14 @@ class SchedulerCore:
                 self._resend(self.policies.resends.to_resend(self.artifacts.values(), 0.0))
             elif isinstance(event, Tick):
                 self._tick(clock)
-        self.announcements.collect(self.artifacts, self._known, clock, decision)
+        self.retention.prune(self._known, clock, decision)
+        self._collect(clock, decision)
         return self.flow.end()
+
+    def _collect(self, clock: Clock, decision: Decision) -> None:
+        """The burst's announcements; the artifacts they end leave for the retention's care."""
+        self.announcements.collect(self.artifacts, self._known, clock, decision)
+        self.retention.ended(decision.statuses)
 
     def next_status_due(self) -> float | None:
         """When a folded status falls due (monotonic), if one waits."""
@@ -162,6 +174,10 @@ class SchedulerCore:
     def next_ack_due(self) -> float | None:
         """When pending acknowledgements fall due (monotonic), if any wait."""
         return self.announcements.acks_due
+
+    def next_prune_due(self) -> float | None:
+        """When pruning is due (monotonic; at once while a prune is under way), if ever."""
+        return self.retention.due
 
     def snapshot(self) -> Gauges:
         """The present, for metrics: unfinished artifacts and their jobs by state, jobs
@@ -209,7 +225,7 @@ class SchedulerCore:
             address = topics.parse(topic)
         except topics.TopicError:
             return
-        if address.channel in (Channel.SUBMIT, Channel.CANCEL, Channel.ASK):
+        if address.channel in (Channel.SUBMIT, Channel.CANCEL, Channel.ASK, Channel.PRUNE):
             message = RequestRejected(
                 topic=topic, error=error, artifact_id=artifact_id, reason=reason
             )
@@ -220,6 +236,8 @@ class SchedulerCore:
             self._submit(message, client=address.name)
         elif address.channel in (Channel.CANCEL, Channel.ASK):
             self._about(address, message)
+        elif address.channel is Channel.PRUNE:
+            self._prune(address.name, message)
         elif address.channel is Channel.PRESENCE:
             self._presence(address.name, message)
         elif address.channel is Channel.EVENTS:
@@ -272,6 +290,14 @@ class SchedulerCore:
             self.flow.cancel(record, request.reason)
         self.announcements.changed(artifact_id)
 
+    def _prune(self, client: str, request: PruneRequest) -> None:
+        """An administrator's prune is under way from this burst on; anyone else's is refused."""
+        if not self.retention.allowed(client):
+            error = f"{client} may not prune: only the scheduler's admins may"
+            self._reject(topics.prune(client), error, None, "forbidden")
+            return
+        self.retention.request(client, request.older_than, self.flow.clock.wall)
+
     def _presence(self, node: str, presence: NodePresence) -> None:
         if presence.node != node:
             log.error("scheduler: presence on %s names %s: ignored", node, presence.node)
@@ -308,8 +334,8 @@ class SchedulerCore:
             if sent is not None and record.jobs[ref.job_id].attempt == ref.attempt:
                 resends.answered(worker, sent)
         if record is None or record.graph is None:
-            if final and ref.artifact_id in self._known:
-                # The artifact is over: stop the worker re-sending.
+            if final and record is None:
+                # The artifact is over, or pruned (or never was): stop the worker re-sending.
                 self.announcements.acknowledge(worker, ref)
             return
         if ref.job_id >= len(record.jobs):

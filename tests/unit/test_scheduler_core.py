@@ -119,7 +119,7 @@ class Harness:
         self.repository = Repository(":memory:")
         policies = Policies.of(self.config, random.Random(self.seed))
         self.core = SchedulerCore(self.config, SchedulerMetrics(), policies)
-        self.core.restore([], set(), [], self.clock())
+        self.core.restore([], set(), {}, [], self.clock())
 
     def clock(self) -> Clock:
         return Clock(self.now, self.wall, self.now)
