@@ -10,7 +10,7 @@ from pydantic import BeforeValidator
 
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_DURATION = 36500 * 86400.0  # a hundred years: any longer is a typo, not a retention
-_DURATION = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)([smhd]?)")
+_DURATION = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,9})?)([smhd]?)")
 
 
 def parse_duration(text: str) -> float:
