@@ -207,12 +207,12 @@ class Repository:
 
     def delete_artifact(self, artifact_id: str) -> None:
         """Remove a pruned artifact's rows from every table that holds any."""
-        for table, column in (
-            ("locks", "artifact_id"),
-            ("jobs", "artifact_id"),
-            ("artifacts", "id"),
+        for delete in (
+            "DELETE FROM locks WHERE artifact_id = ?",
+            "DELETE FROM jobs WHERE artifact_id = ?",
+            "DELETE FROM artifacts WHERE id = ?",
         ):
-            self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (artifact_id,))
+            self._db.execute(delete, (artifact_id,))
 
     def artifact(self, artifact_id: str) -> ArtifactRow | None:
         row = self._db.execute(
