@@ -106,7 +106,7 @@ class SchedulerCore:
         self.retention = Retention(config)
         self.artifacts: dict[str, ArtifactRecord] = {}  # unfinished, in memory
         self.nodes: dict[str, NodePresence] = {}
-        self._known: set[str] = set()  # every artifact id ever stored
+        self._known: set[str] = set()  # every artifact id stored (and not pruned since)
         self._started_at = 0.0
 
     # --- entry points -------------------------------------------------------------------

@@ -3,12 +3,14 @@
 A prune removes each artifact finished before its cutoff, whole: the core forgets the id
 (it is then unknown like any other), the repository deletes its rows (`DeleteArtifact`),
 and after the commit the service deletes its store objects and clears its retained
-status (`Decision.pruned`). Unfinished artifacts are never candidates, however old.
+status (`Decision.pruned`). Unfinished artifacts are never candidates, however old. A
+pruned id is forgotten: a submission of it, however late, is a new artifact.
 
 Prunes run a batch per burst, so a large backlog never holds the scheduler thread (the
 store deletes are on it) for long; a requester is answered once its prune is through.
 With `prune_older_than` set, a prune runs at start and then every PERIOD seconds, or
-every tenth of the retention if that is shorter: nothing outlives it by more than that.
+every tenth of the retention if that is shorter: nothing outlives the retention by
+more than one period.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 
 from flotta_mqtt.model import ARTIFACT_FINAL
 from flotta_mqtt.protocol import PruneReport, topics
@@ -76,6 +79,7 @@ class Retention:
                 self.finished[record.id] = wall
 
     def request(self, client: str, older_than: float, wall: float) -> None:
+        """An administrator's prune, of what finished `older_than` seconds before `wall`."""
         self._prunes.append(Prune(older_than, wall - older_than, client))
 
     @property
@@ -90,7 +94,9 @@ class Retention:
         budget = BATCH
         while self._prunes and budget > 0:
             prune = self._prunes[0]
-            chosen = [i for i, at in self.finished.items() if at < prune.cutoff]
+            # Oldest first (restored so, and noted as they end): the due ones lead.
+            due = (i for i, at in self.finished.items() if at < prune.cutoff)
+            chosen = list(islice(due, budget + 1))
             batch = chosen[:budget]
             for artifact_id in batch:
                 del self.finished[artifact_id]
