@@ -2,9 +2,11 @@
 
 One thread does all the work, the bus's network work included (an unthreaded bus): it
 reads what has arrived, takes it (up to BURST messages, never waiting for more), has the
-core decide, writes the decisions in one transaction, commits, and only then publishes
-(the jobs made ready first, then the statuses built from what was committed) and lets
-the broker forget what it delivered. A wake with nothing to write opens no transaction.
+core decide, writes the decisions in one transaction, commits, and only then deletes what
+the database no longer names (a pruned artifact's store objects and retained status) and
+publishes (the jobs made ready first, then the statuses built from what was committed)
+and lets the broker forget what it delivered. A wake with nothing to write opens no
+transaction.
 """
 
 from __future__ import annotations
@@ -132,7 +134,11 @@ class Scheduler:
             assert row is not None
             unfinished.append(restore(row, repository.jobs(artifact_id)))
         decision = self.core.restore(
-            repository.nodes(), repository.owners(), unfinished, self._clock()
+            repository.nodes(),
+            repository.owners(),
+            repository.finished_artifacts(),
+            unfinished,
+            self._clock(),
         )
         commit(self.repository, decision)
         self._out += decision.publish
@@ -142,10 +148,9 @@ class Scheduler:
         next_tick = time.monotonic() + TICK
         while not self._stopping.is_set():
             burst: list[tuple[str, Any]] = []
-            status_due = self.core.next_status_due()
-            ack_due = self.core.next_ack_due()
-            wake = next_tick if status_due is None else min(next_tick, status_due)
-            wake = wake if ack_due is None else min(wake, ack_due)
+            core = self.core
+            dues = (core.next_status_due(), core.next_ack_due(), core.next_prune_due())
+            wake = min([next_tick, *(due for due in dues if due is not None)])
             if self._inbox.empty():  # read the socket, waiting until then at most
                 self.bus.pump(max(0.0, wake - time.monotonic()))
             try:
@@ -180,6 +185,7 @@ class Scheduler:
             log.exception("scheduler: a burst of %d messages failed", received)
             self._out.clear()
             return
+        self._discard(decision.pruned)
         self._out += decision.publish
         self._publish()
         self.bus.acknowledge()  # what the burst handled is committed: the broker may forget it
@@ -224,18 +230,37 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler: could not publish on %s", topic)
 
+    @property
+    def store(self) -> ResourceStore:
+        """The resource store, opened when first needed."""
+        if self._store is None:
+            self._store = ResourceStore(self.config.storage.url, self.config.storage.options)
+        return self._store
+
     def _results_manifest(self, artifact_id: str, results: list[Resource]) -> Resource | None:
         """Store the list of an artifact's results; the status carries where it is."""
         try:
-            if self._store is None:
-                self._store = ResourceStore(self.config.storage.url, self.config.storage.options)
             data = json.dumps([r.model_dump(mode="json") for r in results]).encode()
-            return self._store.put(
-                self._store.results_url(artifact_id), data, media_type=RESULTS_MANIFEST
+            return self.store.put(
+                self.store.results_url(artifact_id), data, media_type=RESULTS_MANIFEST
             )
         except Exception:
             log.exception("scheduler: could not store the results of %s", artifact_id)
             return None
+
+    def _discard(self, pruned: list[tuple[str, str]]) -> None:
+        """Delete what pruned artifacts left outside the database (their rows are gone,
+        committed): their store objects, and their retained status (an empty retained
+        message clears it), before the prune's report goes out."""
+        for owner, artifact_id in pruned:
+            try:
+                self.store.delete_tree(self.store.artifact_url(artifact_id))
+            except Exception:
+                log.exception("scheduler: the store objects of pruned %s remain", artifact_id)
+            try:
+                self.bus.publish_raw(topics.status(owner, artifact_id), b"", retain=True)
+            except Exception:
+                log.exception("scheduler: the retained status of pruned %s remains", artifact_id)
 
 
 def commit(repository: Repository, decision: Decision) -> None:

@@ -127,6 +127,12 @@ class ResourceStore:
             raise ValueError(f"attempt must be >= 0, got {attempt}")
         return f"{self.root}/artifacts/{artifact_id}/jobs/{job_id}~{attempt}~{name}"
 
+    def artifact_url(self, artifact_id: str) -> str:
+        """The folder of everything stored for one artifact: products, results, job
+        files, logs (what pruning it deletes)."""
+        _check_segment("artifact_id", artifact_id)
+        return f"{self.root}/artifacts/{artifact_id}"
+
     def results_url(self, artifact_id: str) -> str:
         """Where the scheduler lists an artifact's results when they are many."""
         _check_segment("artifact_id", artifact_id)
@@ -206,6 +212,15 @@ class ResourceStore:
         fs, path = self._fs_for(url)
         with contextlib.suppress(FileNotFoundError):
             fs.rm_file(path)
+
+    def delete_tree(self, url: str) -> None:
+        """Remove the folder `url` and every object under it (and no sibling whose name
+        it begins); deleting what is already gone is not an error."""
+        fs, path = self._fs_for(url)
+        folder = path.rstrip("/") + "/"
+        fs.invalidate_cache(path)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(folder, recursive=True)
 
 
 def _inline_bytes(url: str) -> bytes:

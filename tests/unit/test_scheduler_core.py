@@ -121,7 +121,7 @@ class Harness:
         self.repository = Repository(":memory:")
         policies = Policies.of(self.config, random.Random(self.seed))
         self.core = SchedulerCore(self.config, SchedulerMetrics(), policies, self.registry)
-        self.core.restore([], {}, [], self.clock())
+        self.core.restore([], {}, {}, [], self.clock())
 
     def clock(self) -> Clock:
         return Clock(self.now, self.wall, self.now)
