@@ -377,10 +377,12 @@ def test_with_identities_nobody_prunes_in_an_admins_name(tmp_path: Path) -> None
                     # The scheduler reads alice's requests in order: had the forged one
                     # arrived, it would have pruned the artifact before refusing her own.
                     assert alice.lookup(artifact.id, timeout=TIMEOUT).status() is not None
-                    assert artifact.id in ops.statuses(TIMEOUT)
+                    # (Only alice reads her artifacts' topics: the ACL follows owners.)
+                    assert artifact.id in alice.statuses(TIMEOUT)
                     report = ops.prune(0, timeout=TIMEOUT)
                     assert (report.pruned, report.artifact_ids) == (1, [artifact.id])
-                    assert artifact.id not in ops.statuses(TIMEOUT)
+                    alice.forget(artifact.id)
+                    assert artifact.id not in alice.statuses(TIMEOUT)
             finally:
                 node.stop()
     finally:
