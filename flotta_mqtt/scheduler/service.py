@@ -225,7 +225,7 @@ class Scheduler:
         """Store the list of an artifact's results; the status carries where it is."""
         try:
             if self._store is None:
-                self._store = ResourceStore(self.config.storage.url, self.config.storage.options)
+                self._store = ResourceStore.of(self.config.storage)
             data = json.dumps([r.model_dump(mode="json") for r in results]).encode()
             return self._store.put(
                 self._store.results_url(artifact_id), data, media_type=RESULTS_MANIFEST

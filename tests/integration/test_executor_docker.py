@@ -7,6 +7,7 @@ socket explicitly, so `DOCKER_HOST` stays untouched for other tests.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from podman_fixtures import Podman, podman  # noqa: F401  (the fixture)
 from pydantic import ValidationError
 
 from flotta_mqtt.model import Task
-from flotta_mqtt.protocol import JobReady
+from flotta_mqtt.protocol import JobReady, Resource
 from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.workflows.executors import EXECUTORS, TaskError, TaskResult, TaskRun, TaskRunner
 from flotta_mqtt.workflows.executors.docker import (
@@ -190,7 +191,11 @@ def test_the_task_runner_moves_job_files_around_a_container(
 ) -> None:
     """Job files from the store into the container and back, logs stored, via TaskRunner."""
     store = ResourceStore(str(tmp_path / "store"))
-    store.put(store.job_file_url("art1", "numbers.txt"), b"1\n2\n3\n")
+    numbers = store.put(store.job_file_url("art1", "9", 1, "numbers.txt"), b"1\n2\n3\n")
+    outputs = {"numbers.txt": numbers.model_dump(mode="json")}  # as a task before it stored
+    made = store.put_product(
+        "art1", "9", 1, json.dumps({"task": "make", "outputs": outputs}).encode()
+    )
     runner = TaskRunner(store, [])
     runner.executors["docker"] = DockerExecutor(docker_host=podman.docker_host)
 
@@ -202,12 +207,12 @@ def test_the_task_runner_moves_job_files_around_a_container(
             inputs=["numbers.txt"],
             outputs=["total.txt"],
         )
-        return task_job(task)
+        return task_job(task, inputs=[made])
 
     summing = "s=0; while read n; do s=$((s+n)); done < numbers.txt; echo $s > total.txt; echo ok"
     product = runner.run(job(summing), "node-1", threading.Event())
     assert product["exit_code"] == 0
-    assert store.get_bytes(store.job_file_url("art1", "total.txt")) == b"6\n"
+    assert store.get(Resource.model_validate(product["outputs"]["total.txt"])) == b"6\n"
     assert store.get_bytes(store.log_url("art1", "sum", 1, "stdout")) == b"ok\n"
 
     with pytest.raises(TaskError, match="exited with status 7") as failed:
