@@ -525,10 +525,10 @@ def test_main_script_functions_large_arguments_platform_and_timeout(cluster: Clu
     def checksum(data: bytes) -> int:
         return sum(data) % 251
 
-    blob = bytes(range(256)) * 1024  # 256 KiB: a job file, not inline
+    blob = bytes(range(256)) * 1024  # 256 KiB: a stored file, not inline
     handle = distributed(checksum)(blob)
     assert handle.unwrap(TIMEOUT) == sum(blob) % 251
-    assert list((cluster.store / "artifacts" / str(handle.artifact_id) / "files/calls").iterdir())
+    assert list((cluster.store / "artifacts" / str(handle.artifact_id) / "calls").iterdir())
     assert list((cluster.store / "functions").glob("*.pkl"))
 
     on_gpu = distributed(platform="gpu=yes")(checksum)

@@ -514,8 +514,10 @@ def test_the_diamond_passes_its_job_files_through_s3(
         p.removeprefix(f"{root}/artifacts/{artifact_id}/files/")
         for p in raw.find(f"{root}/artifacts/{artifact_id}/files")
     )
-    assert files == ["n/count", "numbers.txt", "sum"]
-    assert raw.cat_file(f"{root}/artifacts/{artifact_id}/files/sum") == b"55\n"
+    jobs = by_name(status)  # each attempt's outputs in a folder of its own
+    outputs = (("a", "numbers.txt"), ("b", "sum"), ("c", "n/count"))
+    assert files == sorted(f"{jobs[task].id}~1/{path}" for task, path in outputs)
+    assert raw.cat_file(f"{root}/artifacts/{artifact_id}/files/{jobs['b'].id}~1/sum") == b"55\n"
     logs = raw.cat_file(f"{root}/artifacts/{artifact_id}/logs/d/attempt-1.stdout")
     assert logs == f"{D_SAYS}\n".encode()
     assert not (tmp_path / "store").exists(), "nothing went to local storage"
