@@ -16,6 +16,7 @@ from rich.table import Table
 from flotta_mqtt.cli.errors import TIMED_OUT, Command, debugging, fail, set_debug
 from flotta_mqtt.cli.serving import serve
 from flotta_mqtt.cli.settings import broker_options, node_config
+from flotta_mqtt.cli.views import holders_text
 from flotta_mqtt.client.client import ArtifactFailed, Client, NoSuchArtifact
 from flotta_mqtt.client.times import clock
 from flotta_mqtt.logs import configure_logging
@@ -113,6 +114,20 @@ def scheduler(
         int | None,
         typer.Option(envvar="FLOTTA_METRICS_PORT", help="serve Prometheus metrics on this port"),
     ] = None,
+    registry: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FLOTTA_REGISTRY",
+            help="the operator's node registry (YAML): who holds which project, who may do what",
+        ),
+    ] = None,
+    default_deadline: Annotated[
+        float | None,
+        typer.Option(
+            envvar="FLOTTA_DEFAULT_DEADLINE",
+            help="seconds an artifact giving no deadline may take [default: 7 days]",
+        ),
+    ] = None,
     initiator_password: Annotated[
         str | None,
         typer.Option(
@@ -133,6 +148,8 @@ def scheduler(
             "database": database,
             "allow_download": allow_download,
             "metrics_port": metrics_port,
+            "registry": registry,
+            "default_deadline": default_deadline,
             "broker": broker_options(broker, username, password, ca_file),
             "storage": {"url": storage} if storage else {},
         },
@@ -315,6 +332,8 @@ def status(
         escape(f"{current.error.type}: {current.error.message}") if current.error else "",
     )
     console.print(table)
+    if current.holders or current.missing:
+        console.print(holders_text(current), highlight=False)
     if current.jobs:
         console.print(_jobs_table(current))
 

@@ -73,6 +73,8 @@ def watch_view(status: ArtifactStatus, started: float) -> Group:
         state_counts(status.counts),
     )
     parts: list[RenderableType] = [head, progress]
+    if status.holders or status.missing:
+        parts.append(Text(holders_text(status), style="grey62"))
     if status.error is not None:
         where = f" (job {status.failed_job})" if status.failed_job is not None else ""
         parts.append(
@@ -136,6 +138,12 @@ def workers_table(jobs: list[JobSummary]) -> Table:
             state_counts(counts),
         )
     return table
+
+
+def holders_text(status: ArtifactStatus) -> str:
+    """Who takes part in an artifact, and who was left out (a quorum)."""
+    text = f"holders: {', '.join(status.holders) or 'none'}"
+    return text + (f"; missing: {', '.join(status.missing)}" if status.missing else "")
 
 
 def summary_line(status: ArtifactStatus) -> str:

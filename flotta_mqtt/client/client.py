@@ -112,8 +112,9 @@ class Client:
         return handle
 
     def handle(self, artifact_id: str) -> ArtifactHandle:
-        """A handle on an artifact submitted before, by anyone."""
-        self.bus.subscribe(topics.status(artifact_id))
+        """A handle on an artifact submitted before, by this workbench or (where the
+        broker's ACL lets it read theirs) another."""
+        self.bus.subscribe(topics.status("+", artifact_id))
         return ArtifactHandle(self, artifact_id)
 
     def lookup(self, artifact_id: str, timeout: float = 5.0) -> ArtifactHandle:

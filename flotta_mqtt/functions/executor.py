@@ -35,6 +35,7 @@ from flotta_mqtt.workflows.executors.base import (
     TaskRun,
     register_executor,
 )
+from flotta_mqtt.workflows.executors.policy import SitePolicy
 
 log = logging.getLogger(__name__)
 
@@ -252,16 +253,13 @@ class PythonExecutor(Executor):
         deadline = None if params.timeout is None else started + params.timeout
         logs = self._logs()
         try:
-            folder = self._workspace(params.workspace)
+            folder = self._workspace(params.workspace, run.policy)
             request = {
                 "name": params.name,
                 "function": params.function.model_dump() if params.function else None,
-                "pickled": self._fetch(params.pickled) if params.pickled else None,
-                "pickled_sha256": params.pickled.sha256 if params.pickled else None,
+                "pickled": self._get(params.pickled) if params.pickled else None,
                 "call": params.call,
-                "call_path": self._fetch(params.call_file, run.workdir)
-                if params.call_file
-                else None,
+                "call_path": self._get(params.call_file, run.workdir) if params.call_file else None,
                 "result": str(run.workdir / params.result_file),
                 "cwd": str(run.workdir),
                 "stdout": str(logs[0]),
@@ -398,8 +396,8 @@ class PythonExecutor(Executor):
 
     # --- workspaces and functions -------------------------------------------------------------
 
-    def _workspace(self, archive: Resource) -> Path:
-        """The unpacked folder of a workspace, fetched and unpacked on first use only."""
+    def _workspace(self, archive: Resource, policy: SitePolicy) -> Path:
+        """A workspace's folder, fetched and unpacked (within the site's limits) once."""
         assert self._folder is not None and self._store is not None
         target = self._folder / "workspaces" / archive.sha256
         if target.is_dir():
@@ -408,7 +406,8 @@ class PythonExecutor(Executor):
             lock = self._unpacking.setdefault(archive.sha256, threading.Lock())
         with lock:
             if not target.is_dir():
-                workspaces.unpack(self._store.get(archive), target)
+                limits = policy.max_workspace_bytes, policy.max_workspace_members
+                workspaces.unpack(self._store.get(archive), target, *limits)
         return target
 
     def _report(self, sha: str, folder: Path) -> str:
@@ -424,7 +423,7 @@ class PythonExecutor(Executor):
             self._reports[sha] = report
         return report
 
-    def _fetch(self, resource: Resource, folder: Path | None = None) -> str:
+    def _get(self, resource: Resource, folder: Path | None = None) -> str:
         """Pickled bytes, verified, kept by sha256 in `folder` (default: the worker's functions)."""
         assert self._folder is not None and self._store is not None
         target = (folder or self._folder / "functions") / f"{resource.sha256}.pkl"

@@ -71,7 +71,9 @@ class StatusRequest(Message):
 # --- scheduler → workbench / everyone ------------------------------------------------
 
 
-RejectReason = Literal["invalid", "unknown_artifact"]
+# invalid: the request itself is wrong; unknown_artifact: no such artifact (or not the
+# requester's to see); quota: over a limit the reason names.
+RejectReason = Literal["invalid", "unknown_artifact", "quota"]
 
 
 class RequestRejected(Message):
@@ -122,6 +124,9 @@ class ArtifactStatus(Message):
     jobs: list[JobSummary] | None = None  # every job, when there are few enough to list
     # The DAG's locks (before, after), sent with `jobs` so a viewer can draw the graph.
     locks: list[tuple[JobId, JobId]] | None = None
+    # The project's holders taking part, and those expected but left out (a quorum).
+    holders: list[SafeId] = Field(default_factory=list)
+    missing: list[SafeId] = Field(default_factory=list)
     updated_at: Timestamp
 
 

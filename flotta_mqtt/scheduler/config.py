@@ -45,6 +45,16 @@ class SchedulerConfig(BaseModel):
     # A scheduler just started waits this long for workers' retained presence before
     # failing an artifact whose project nobody seems to hold.
     worker_grace: float = Field(default=5.0, ge=0)
+    # The operator's node registry (YAML): who holds which project's data and what each
+    # node may do. Without one, nodes are believed as they announce themselves.
+    registry: Path | None = None
+    # Seconds an artifact that gives no deadline may take (a holder that never answers
+    # fails it then, named); None: such artifacts may wait for ever.
+    default_deadline: float | None = Field(default=7 * 24 * 3600.0, gt=0)
+    # Quotas, checked at submission (a refused one is answered with the limit named).
+    max_jobs_per_artifact: int = Field(default=1_000_000, ge=1)
+    max_artifacts_in_flight: int = Field(default=10_000, ge=1)  # per workbench identity
+    max_jobs_in_flight: int = Field(default=2_000_000, ge=1)  # per workbench identity
     run_initiator: bool = True  # run the initiator's jobs in this node (see flotta_mqtt.nodes)
     # The initiator's own broker identity (it reads its job topic like any worker); by
     # default the scheduler's settings under the initiator's name.

@@ -21,6 +21,7 @@ from flotta_mqtt.model import (
     ArtifactState,
     IllegalTransition,
     JobState,
+    Registry,
     StaleAttempt,
 )
 from flotta_mqtt.protocol import (
@@ -58,7 +59,16 @@ from flotta_mqtt.scheduler.effects import (
 )
 from flotta_mqtt.scheduler.intake import message_ids, named_artifact
 from flotta_mqtt.scheduler.jobs import JobFlow
+from flotta_mqtt.scheduler.membership import (
+    Waiting,
+    admit,
+    expected_holders,
+    members,
+    serving,
+    waiting_on,
+)
 from flotta_mqtt.scheduler.metrics import Gauges, SchedulerMetrics
+from flotta_mqtt.scheduler.quotas import Quotas
 from flotta_mqtt.scheduler.records import ArtifactRecord
 from flotta_mqtt.scheduler.resends import ResendPolicy
 from flotta_mqtt.scheduler.retries import RetryPolicy
@@ -81,7 +91,7 @@ class Policies:
             RetryPolicy(
                 config.retry_backoff, config.retry_backoff_max, config.max_lost_attempts, rng
             ),
-            DeadlinePolicy(config.heartbeat_grace, config.worker_grace),
+            DeadlinePolicy(config.heartbeat_grace, config.worker_grace, config.default_deadline),
             ResendPolicy(config.resend_interval),
         )
 
@@ -95,15 +105,23 @@ class SchedulerCore:
     """
 
     def __init__(
-        self, config: SchedulerConfig, metrics: SchedulerMetrics, policies: Policies
+        self,
+        config: SchedulerConfig,
+        metrics: SchedulerMetrics,
+        policies: Policies,
+        registry: Registry | None = None,
     ) -> None:
         self.initiator = config.initiator
+        self.registry = registry  # None: nodes are who they say they are (development)
         self.policies = policies
         self.announcements = Announcements()
-        self.flow = JobFlow(self.announcements, metrics, policies.retries)
+        self.quotas = Quotas(
+            config.max_jobs_per_artifact, config.max_artifacts_in_flight, config.max_jobs_in_flight
+        )
+        self.flow = JobFlow(self.announcements, metrics, policies.retries, self.quotas)
         self.artifacts: dict[str, ArtifactRecord] = {}  # unfinished, in memory
         self.nodes: dict[str, NodePresence] = {}
-        self._known: set[str] = set()  # every artifact id ever stored
+        self._known: dict[str, str] = {}  # every artifact id ever stored → its owner
         self._started_at = 0.0
 
     # --- entry points -------------------------------------------------------------------
@@ -111,7 +129,7 @@ class SchedulerCore:
     def restore(
         self,
         nodes: Iterable[NodePresence],
-        known: set[str],
+        known: dict[str, str],
         unfinished: Iterable[ArtifactRecord],
         clock: Clock,
     ) -> Decision:
@@ -120,11 +138,17 @@ class SchedulerCore:
         decision = Decision()
         self.flow.begin(decision, clock)
         self._started_at = clock.monotonic
-        self.nodes = {node.node: node.model_copy(update={"online": False}) for node in nodes}
+        self.nodes = {}
+        for node in nodes:
+            admitted = admit(node, self.registry, self.initiator)
+            if admitted is not None:
+                self.nodes[node.node] = admitted.model_copy(update={"online": False})
         self._known = known
         now = clock.monotonic
         for record in unfinished:
             self.artifacts[record.id] = record
+            holders = len(record.context.workers) if record.context else 1
+            self.quotas.take(record.client, record.artifact, holders)
             self.announcements.changed(record.id)
             for job_id, status in enumerate(record.jobs):
                 if status.state is JobState.READY:
@@ -164,20 +188,8 @@ class SchedulerCore:
         return self.announcements.acks_due
 
     def snapshot(self) -> Gauges:
-        """The present, for metrics: unfinished artifacts and their jobs by state, jobs
-        waiting out a retry backoff, jobs dispatched to or running on each worker."""
-        gauges = Gauges()
-        for record in self.artifacts.values():
-            gauges.artifacts[str(record.state)] += 1
-            for state, n in record.counts.items():
-                gauges.jobs[str(state)] += n
-            gauges.retry_pending += len(record.attempts.retry_at)
-            if record.graph is None:
-                continue
-            for job_id in record.attempts.dispatched_at:
-                if record.jobs[job_id].state in (JobState.DISPATCHED, JobState.RUNNING):
-                    gauges.queue_depth[record.worker(job_id)] += 1
-        return gauges
+        """The present, for metrics (see Gauges.of)."""
+        return Gauges.of(self.artifacts.values())
 
     # --- messages -------------------------------------------------------------------------
 
@@ -228,13 +240,24 @@ class SchedulerCore:
             log.error("scheduler: unexpected %s message", address.channel)
 
     def _submit(self, artifact: Artifact, client: str) -> None:
-        if artifact.id in self._known:
+        owner = self._known.get(artifact.id)
+        if owner == client:
             # A re-sent submission: answer with the current status, change nothing.
             self.announcements.changed(artifact.id)
             return
+        if owner is not None:
+            error = f"artifact ID {artifact.id} is taken: submit it under another ID"
+            self._reject(topics.submit(client), error, artifact.id)
+            return
+        holders = len(expected_holders(artifact, client, self.registry, self.nodes))
+        refusal = self.quotas.refusal(client, artifact, holders)
+        if refusal is not None:
+            self._reject(topics.submit(client), refusal, artifact.id, "quota")
+            return
+        self.quotas.take(client, artifact, holders)
         wall = self.flow.clock.wall
         self.flow.decision.writes.append(InsertArtifact(artifact, client, wall))
-        self._known.add(artifact.id)
+        self._known[artifact.id] = client
         record = ArtifactRecord(artifact, client, ArtifactState.SUBMITTED, 0, submitted_at=wall)
         self.artifacts[artifact.id] = record
         self.flow.metrics.artifact(ArtifactState.SUBMITTED)
@@ -242,7 +265,13 @@ class SchedulerCore:
         self._try_bind(record)
 
     def _try_bind(self, record: ArtifactRecord) -> None:
-        outcome = bind_artifact(record.artifact, self.nodes, self.initiator)
+        nodes = serving(record.client, self.registry, self.nodes)
+        taking_part = members(record.artifact, record.client, self.registry, nodes)
+        if isinstance(taking_part, Waiting):
+            if taking_part.final:
+                self.flow.fail(record, "QuorumUnreachable", taking_part.message)
+            return  # a holder coming online, or the deadline, settles it
+        outcome = bind_artifact(record.artifact, nodes, self.initiator, taking_part)
         if not isinstance(outcome, Refused):
             self.flow.run(record, outcome)
         elif outcome.final or not self.policies.deadlines.awaiting_workers(
@@ -260,7 +289,9 @@ class SchedulerCore:
         """A cancellation or a status request: answered with the artifact's status (after
         cancelling it if it runs), or at once with a rejection if it was never submitted."""
         artifact_id = request.artifact_id
-        if artifact_id not in self._known:
+        owner = self._known.get(artifact_id)
+        if owner is None or not self._may_act(address.name, owner):
+            # Another owner's artifact is not this requester's to know of.
             topic = topics.cancel(address.name)
             if isinstance(request, StatusRequest):
                 topic = topics.ask(address.name)
@@ -272,10 +303,21 @@ class SchedulerCore:
             self.flow.cancel(record, request.reason)
         self.announcements.changed(artifact_id)
 
+    def _may_act(self, client: str, owner: str) -> bool:
+        """Whether `client` may see or cancel `owner`'s artifact: its owner or an admin
+        (anyone, without a registry)."""
+        registry = self.registry
+        return registry is None or client == owner or registry.is_admin(client)
+
     def _presence(self, node: str, presence: NodePresence) -> None:
         if presence.node != node:
             log.error("scheduler: presence on %s names %s: ignored", node, presence.node)
             return
+        admitted = admit(presence, self.registry, self.initiator)
+        if admitted is None:
+            log.warning("scheduler: presence of %s, which is not registered: ignored", node)
+            return
+        presence = admitted
         known = self.nodes.get(node)
         came_online = presence.online and not (known is not None and known.online)
         self.nodes[node] = presence
@@ -378,17 +420,20 @@ class SchedulerCore:
         )
         self._bind_waiting()
         for record in list(self.artifacts.values()):
-            if record.graph is None or record.state is not ArtifactState.RUNNING:
-                continue
             overdue = self.policies.deadlines.overdue(
                 record.artifact, record.submitted_at, clock.wall
             )
             if overdue is not None:
-                self.flow.fail(record, "DeadlineExceeded", overdue)
+                waiting = waiting_on(record, self.registry, self.nodes)
+                self.flow.fail(record, "DeadlineExceeded", f"{overdue}: {waiting}")
+                continue
+            if record.graph is None or record.state is not ArtifactState.RUNNING:
                 continue
             retry_at = record.attempts.retry_at
             for job_id, due in list(retry_at.items()):
                 if clock.monotonic >= due:
                     del retry_at[job_id]
                     self.flow.dispatch(record, job_id)
-            check_running(record, clock.monotonic, self.flow, self.policies, self.nodes)
+            check_running(
+                record, clock.monotonic, self.flow, self.policies, self.nodes, self.registry
+            )

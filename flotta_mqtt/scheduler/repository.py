@@ -127,9 +127,10 @@ class Repository:
 
     # --- artifacts ---------------------------------------------------------------------
 
-    def artifact_ids(self) -> set[str]:
-        """Every artifact ever submitted: the core answers re-sent requests from it."""
-        return {row[0] for row in self._db.execute("SELECT id FROM artifacts")}
+    def owners(self) -> dict[str, str]:
+        """Every artifact ever submitted, and who submitted it: the core answers re-sent
+        requests, and requests only from their owners, from it."""
+        return dict(self._db.execute("SELECT id, client FROM artifacts").fetchall())
 
     def insert_artifact(self, artifact: Artifact, client: str, now: float) -> None:
         self._db.execute(

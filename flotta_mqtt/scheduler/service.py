@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flotta_mqtt.protocol import JobReady, Resource, topics
-from flotta_mqtt.scheduler.announcements import build_status, restamp
+from flotta_mqtt.scheduler.announcements import build_status
 from flotta_mqtt.scheduler.config import BURST, TICK, SchedulerConfig
 from flotta_mqtt.scheduler.core import Policies, SchedulerCore
 from flotta_mqtt.scheduler.effects import (
@@ -35,6 +35,7 @@ from flotta_mqtt.scheduler.metrics import Gauges, MetricsServer, SchedulerMetric
 from flotta_mqtt.scheduler.records import ArtifactRecord, restore
 from flotta_mqtt.scheduler.repository import Repository
 from flotta_mqtt.transport import open_bus
+from flotta_mqtt.transport.settings import load_registry
 from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ class Scheduler:
         self.config = config
         self.repository = Repository(config.database)
         self.metrics = SchedulerMetrics()
-        self.core = SchedulerCore(config, self.metrics, Policies.of(config, random.Random()))
+        registry = load_registry(config.registry) if config.registry else None
+        policies = Policies.of(config, random.Random())
+        self.core = SchedulerCore(config, self.metrics, policies, registry)
         self.metrics_server: MetricsServer | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._out: list[Outgoing] = []
@@ -129,7 +132,7 @@ class Scheduler:
             assert row is not None
             unfinished.append(restore(row, repository.jobs(artifact_id)))
         decision = self.core.restore(
-            repository.nodes(), repository.artifact_ids(), unfinished, self._clock()
+            repository.nodes(), repository.owners(), unfinished, self._clock()
         )
         commit(self.repository, decision)
         self._out += decision.publish
@@ -198,7 +201,7 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler: could not build the status of %s", record.id)
                 continue
-            self._out.append((topics.status(record.id), status, True))
+            self._out.append((topics.status(record.client, record.id), status, True))
 
     def _publish(self) -> None:
         """Publish what was decided: the jobs made ready first, batched per worker."""
@@ -236,18 +239,17 @@ class Scheduler:
 
 
 def commit(repository: Repository, decision: Decision) -> None:
-    """Write what the core decided, and re-stamp the stored statuses it asked to announce
-    (adding them to the decision's statuses), in one transaction; none when there is
-    nothing to write."""
-    if not decision.writes and not decision.stored:
-        return
-    with repository.transaction():
-        repository.apply(decision.writes)
-        for artifact_id in decision.stored:
-            row = repository.artifact(artifact_id)
-            if row is None:
-                continue
-            record = restore(row, repository.jobs(artifact_id) if row.context else [])
-            wall = time.time()
-            repository.apply([restamp(record, wall)])
-            decision.statuses.append((record, wall))
+    """Write what the core decided in one transaction (none when there is nothing to
+    write), and add the stored statuses it asked to announce again to its statuses.
+
+    A finished artifact's status is announced again as stored, with its seq unchanged: a
+    reader that has it already ignores it, and asking about an artifact writes nothing."""
+    if decision.writes:
+        with repository.transaction():
+            repository.apply(decision.writes)
+    for artifact_id in decision.stored:
+        row = repository.artifact(artifact_id)
+        if row is None:
+            continue
+        record = restore(row, repository.jobs(artifact_id) if row.context else [])
+        decision.statuses.append((record, time.time()))

@@ -7,7 +7,17 @@ from typing import Any, Self
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from flotta_mqtt.model import Registry
+from flotta_mqtt.model.errors import describe
 
 DAY = 24 * 3600
 SCHEMES = ("mqtt", "mqtts", "memory")  # memory://NAME: the in-memory broker of this process
@@ -133,3 +143,11 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
     return data
+
+
+def load_registry(path: Path) -> Registry:
+    """Read the operator's node registry, with a clear error naming what is wrong in it."""
+    try:
+        return Registry.model_validate(load_yaml(path))
+    except ValidationError as exc:
+        raise ValueError(f"registry {path} is invalid: {describe(exc, 'registry')}") from None

@@ -46,7 +46,7 @@ from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import sha256_hex
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
-from flotta_mqtt.workflows.executors import TaskRun
+from flotta_mqtt.workflows.executors import SitePolicy, TaskRun
 
 pytestmark = pytest.mark.integration
 
@@ -663,3 +663,38 @@ def test_call_processes_and_the_zygote_dying_between_calls_are_replaced(
     executor._zygote.process.wait()
     second = mod.pid().unwrap(TIMEOUT)
     assert second != first
+
+
+def test_a_workspace_over_the_sites_limits_is_refused_naming_them(cluster: Cluster) -> None:
+    """A few KiB of archive that unpack to far more (zeros compress well): the worker
+    refuses it before writing anything, naming its limit; then the same for members."""
+    cluster.scheduler()
+    cluster.worker("small", policy=SitePolicy(max_workspace_bytes=64 * 1024))
+    cluster.wait_online("small")
+    cluster.configure()
+    cluster.workspace.mkdir()
+    (cluster.workspace / "zeros.bin").write_bytes(bytes(4 * 1024 * 1024))
+    mod = cluster.module(
+        """
+        from flotta_mqtt import distributed
+
+        @distributed
+        def hello():
+            return "ran"
+        """
+    )
+    with pytest.raises(CallFailed, match=r"more than 65,536 bytes.*max_workspace_bytes") as big:
+        mod.hello().unwrap(TIMEOUT)
+    assert big.value.error_type == "UnsafeArchive"
+    [archive] = cluster.archives()
+    assert archive.stat().st_size < 64 * 1024, "a bomb: small packed, large unpacked"
+    unpacked = cluster.folder / "small.state" / "python" / "workspaces"
+    assert not unpacked.exists() or list(unpacked.iterdir()) == []
+
+    cluster.running.pop().stop()  # the same workspace on a site allowing fewer members
+    cluster.worker("few", policy=SitePolicy(max_workspace_members=2))
+    cluster.wait_online("few")
+    with pytest.raises(CallFailed, match=r"more than 2 members.*max_workspace_members"):
+        mod.hello().unwrap(TIMEOUT)
+    unpacked = cluster.folder / "few.state" / "python" / "workspaces"
+    assert not unpacked.exists() or list(unpacked.iterdir()) == []

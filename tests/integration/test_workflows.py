@@ -38,6 +38,7 @@ from flotta_mqtt.scheduler.config import LISTED_JOBS, SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.workflows.executors import SitePolicy
 
 pytestmark = pytest.mark.integration
 
@@ -106,8 +107,9 @@ class Flotta:
     def database(self) -> Path:
         return self.folder / "scheduler.db"
 
-    def start(self, workers: dict[str, list[str]]) -> Client:
-        """A scheduler, workers by name → executors, and a client that has seen them online."""
+    def start(self, workers: dict[str, list[str]], policy: SitePolicy | None = None) -> Client:
+        """A scheduler, workers by name → executors (under `policy`, else the default one),
+        and a client that has seen them online."""
         self.scheduler_node = SchedulerNode(
             SchedulerConfig(
                 broker=self.broker,
@@ -120,7 +122,11 @@ class Flotta:
         self.running.append(self.scheduler_node)
         for name, executors in workers.items():
             config = WorkerConfig(
-                name=name, broker=self.broker, storage=self.storage, executors=executors
+                name=name,
+                broker=self.broker,
+                storage=self.storage,
+                executors=executors,
+                policy=policy or SitePolicy(),
             )
             self.running.append(WorkerAgent(config).start(wait=TIMEOUT))
         client = self.client = Client(self.broker, storage=self.storage, resend_interval=1.0)

@@ -168,11 +168,11 @@ MESSAGES: dict[type[BaseModel], tuple[Callable[[str], str], st.SearchStrategy[An
             topic=texts,
             error=texts,
             artifact_id=st.none() | safe_ids,
-            reason=st.sampled_from(["invalid", "unknown_artifact"]),
+            reason=st.sampled_from(["invalid", "unknown_artifact", "quota"]),
         ),
     ),
     ArtifactStatus: (
-        topics.status,
+        lambda artifact_id: topics.status("owner", artifact_id),
         st.builds(
             ArtifactStatus,
             artifact_id=safe_ids,
@@ -188,7 +188,7 @@ MESSAGES: dict[type[BaseModel], tuple[Callable[[str], str], st.SearchStrategy[An
         ),
     ),
     LocksReleased: (
-        topics.locks,
+        lambda artifact_id: topics.locks("owner", artifact_id),
         st.builds(LocksReleased, artifact_id=safe_ids, locks=st.lists(st.tuples(job_ids, job_ids))),
     ),
     JobReady: (topics.jobs, job_readies),
@@ -255,8 +255,8 @@ BUILDERS: dict[Channel, Callable[[str], str]] = {
     Channel.CANCEL: topics.cancel,
     Channel.ASK: topics.ask,
     Channel.REPLY: topics.reply,
-    Channel.STATUS: topics.status,
-    Channel.LOCKS: topics.locks,
+    Channel.STATUS: lambda artifact_id: topics.status("owner", artifact_id),
+    Channel.LOCKS: lambda artifact_id: topics.locks("owner", artifact_id),
     Channel.JOBS: topics.jobs,
     Channel.CONTROL: topics.control,
     Channel.EVENTS: topics.events,
@@ -292,8 +292,8 @@ def test_builders_spell_the_documented_layout() -> None:
     assert topics.submit("c") == f"{root}/requests/c/submit"
     assert topics.cancel("c") == f"{root}/requests/c/cancel"
     assert topics.reply("c") == f"{root}/replies/c"
-    assert topics.status("a") == f"{root}/artifacts/a/status"
-    assert topics.locks("a") == f"{root}/artifacts/a/locks"
+    assert topics.status("o", "a") == f"{root}/artifacts/o/a/status"
+    assert topics.locks("o", "a") == f"{root}/artifacts/o/a/locks"
     assert topics.jobs("w") == f"{root}/workers/w/jobs"
     assert topics.control("w") == f"{root}/workers/w/control"
     assert topics.events("w") == f"{root}/events/w"
@@ -306,7 +306,8 @@ def test_builders_spell_the_documented_layout() -> None:
         (topics.ALL_REQUESTS, [topics.submit("c"), topics.cancel("c")]),
         (topics.ALL_EVENTS, [topics.events("w")]),
         (topics.ALL_PRESENCE, [topics.presence("n")]),
-        (topics.ALL_STATUS, [topics.status("a")]),
+        (topics.ALL_STATUS, [topics.status("o", "a")]),
+        (topics.status("+", "a"), [topics.status("o", "a"), topics.status("p", "a")]),
         (topics.worker_inbox("w"), [topics.jobs("w"), topics.control("w")]),
     ],
 )
@@ -334,6 +335,9 @@ def test_subscription_filters_match_their_topics(filter_: str, matches: list[str
         "flotta/v1/requests/c/other",
         "flotta/v1/requests//submit",
         "flotta/v1/artifacts/a/jobs",
+        "flotta/v1/artifacts/a/status",
+        "flotta/v1/artifacts//a/status",
+        "flotta/v1/artifacts/o/a/jobs",
         "flotta/v1/workers/w/status",
         "flotta/v1/workers/w/jobs/more",
         "flotta/v1/workers/w",

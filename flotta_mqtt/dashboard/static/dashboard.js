@@ -60,7 +60,7 @@
     const presencePrefix = root + "/presence/";
     client.on("connect", () => {
       setConnection("connected");
-      client.subscribe([root + "/artifacts/+/status", root + "/presence/+"], { qos: 1 });
+      client.subscribe([root + "/artifacts/+/+/status", root + "/presence/+"], { qos: 1 });
     });
     client.on("reconnect", () => setConnection("connecting"));
     client.on("offline", () => setConnection("offline"));
