@@ -274,13 +274,15 @@ class ResourceStore:
         if self._real is not None:
             return _read_local(path, url, limit, self._real)
         try:
-            if limit == 1:  # S3 refuses a range of an empty object: ask its size first
-                self._fs.invalidate_cache(path)
-                if self._fs.info(path)["size"] == 0:
-                    return b""
             data: bytes = self._fs.cat_file(path, start=0, end=limit)
         except FileNotFoundError as exc:
             raise ResourceNotFound(url) from exc
+        except OSError as exc:
+            # S3 answers a range of an empty object with 416, which s3fs raises as EINVAL.
+            self._fs.invalidate_cache(path)
+            if exc.errno != errno.EINVAL or self._fs.info(path)["size"] != 0:
+                raise
+            return b""
         return data
 
 
