@@ -386,8 +386,10 @@ class ArtifactHandle:
                 "its scheduler does not allow downloading them (allow_download is off), or "
                 "could not store their list (see its log)"
             )
-        store = ResourceStore(self.client.storage.url, self.client.storage.options)
-        products = [json.loads(store.get(r)) for r in store.results(status.results)]
+        store = ResourceStore.of(self.client.storage)
+        folder = store.artifact_root(self.artifact_id)
+        results = store.results(status.results, self.artifact_id)
+        products = [json.loads(store.get(r, folder)) for r in results]
         return products[0] if len(products) == 1 else products
 
     def download(self, path: Path | str, timeout: float | None = None) -> Path:

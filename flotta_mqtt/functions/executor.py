@@ -201,7 +201,7 @@ class PythonExecutor(Executor):
         node, broker, storage = site.node, site.broker, site.storage
         self.allow_code = site.allow_code
         self.node = node
-        self._store = ResourceStore(storage.url, storage.options)
+        self._store = ResourceStore.of(storage)
         if site.state_dir is not None:
             self._folder = Path(site.state_dir) / "python"
         else:
@@ -257,10 +257,9 @@ class PythonExecutor(Executor):
             request = {
                 "name": params.name,
                 "function": params.function.model_dump() if params.function else None,
-                "pickled": str(self._pickled(params.pickled)) if params.pickled else None,
-                "pickled_sha256": params.pickled.sha256 if params.pickled else None,
+                "pickled": self._get(params.pickled) if params.pickled else None,
                 "call": params.call,
-                "call_path": str(run.workdir / params.call_file) if params.call_file else None,
+                "call_path": self._get(params.call_file, run.workdir) if params.call_file else None,
                 "result": str(run.workdir / params.result_file),
                 "cwd": str(run.workdir),
                 "stdout": str(logs[0]),
@@ -424,16 +423,16 @@ class PythonExecutor(Executor):
             self._reports[sha] = report
         return report
 
-    def _pickled(self, resource: Resource) -> Path:
-        """A function pickled by value, kept by its hash."""
+    def _get(self, resource: Resource, folder: Path | None = None) -> str:
+        """Pickled bytes, verified, kept by sha256 in `folder` (default: the worker's functions)."""
         assert self._folder is not None and self._store is not None
-        target = self._folder / "functions" / f"{resource.sha256}.pkl"
+        target = (folder or self._folder / "functions") / f"{resource.sha256}.pkl"
         if not target.exists():
             target.parent.mkdir(exist_ok=True)
             scratch = target.with_suffix(f".{uuid.uuid4().hex}")
             scratch.write_bytes(self._store.get(resource))
             os.replace(scratch, target)
-        return target
+        return str(target)
 
 
 def _acquire(

@@ -161,6 +161,19 @@ def task_graph(tasks: list[Task]) -> nx.DiGraph:
     )
     if unknown:
         raise ValueError(f"tasks depend on tasks that do not exist: {', '.join(unknown)}")
+    # A task's input comes with the sha256 its producer announced: a dependency's.
+    outputs = {task.name: set(task.outputs) for task in tasks}
+    unsourced = sorted(
+        f"{task.name} reads {path}"
+        for task in tasks
+        for path in task.inputs
+        if sum(path in outputs[dep] for dep in task.depends) != 1
+    )
+    if unsourced:
+        raise ValueError(
+            "each job file a task reads must be output by exactly one task it depends on: "
+            + ", ".join(unsourced)
+        )
     bound = sorted(task.name for task in tasks if task.replica is not None)
     if bound:
         raise ValueError(

@@ -234,7 +234,7 @@ class Scheduler:
     def store(self) -> ResourceStore:
         """The resource store, opened when first needed."""
         if self._store is None:
-            self._store = ResourceStore(self.config.storage.url, self.config.storage.options)
+            self._store = ResourceStore.of(self.config.storage)
         return self._store
 
     def _results_manifest(self, artifact_id: str, results: list[Resource]) -> Resource | None:
@@ -254,7 +254,7 @@ class Scheduler:
         message clears it), before the prune's report goes out."""
         for owner, artifact_id in pruned:
             try:
-                self.store.delete_tree(self.store.artifact_url(artifact_id))
+                self.store.delete_tree(self.store.artifact_root(artifact_id))
             except Exception:
                 log.exception("scheduler: the store objects of pruned %s remain", artifact_id)
             try:

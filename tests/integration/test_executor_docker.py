@@ -7,6 +7,7 @@ socket explicitly, so `DOCKER_HOST` stays untouched for other tests.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ from podman_fixtures import Podman, podman  # noqa: F401  (the fixture)
 from pydantic import ValidationError
 
 from flotta_mqtt.model import Task
-from flotta_mqtt.protocol import JobReady
+from flotta_mqtt.protocol import JobReady, Resource
 from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.workflows.executors import (
     EXECUTORS,
@@ -214,7 +215,11 @@ def test_the_task_runner_moves_job_files_around_a_container(
 ) -> None:
     """Job files from the store into the container and back, logs stored, via TaskRunner."""
     store = ResourceStore(str(tmp_path / "store"))
-    store.put(store.job_file_url("art1", "numbers.txt"), b"1\n2\n3\n")
+    numbers = store.put(store.job_file_url("art1", "9", 1, "numbers.txt"), b"1\n2\n3\n")
+    outputs = {"numbers.txt": numbers.model_dump(mode="json")}  # as a task before it stored
+    made = store.put_product(
+        "art1", "9", 1, json.dumps({"task": "make", "outputs": outputs}).encode()
+    )
     runner = TaskRunner(store, [], SitePolicy(images=[podman.image]))
     runner.executors["docker"] = DockerExecutor(docker_host=podman.docker_host)
 
@@ -226,12 +231,12 @@ def test_the_task_runner_moves_job_files_around_a_container(
             inputs=["numbers.txt"],
             outputs=["total.txt"],
         )
-        return task_job(task)
+        return task_job(task, inputs=[made])
 
     summing = "s=0; while read n; do s=$((s+n)); done < numbers.txt; echo $s > total.txt; echo ok"
     product = runner.run(job(summing), "node-1", threading.Event())
     assert product["exit_code"] == 0
-    assert store.get_bytes(store.job_file_url("art1", "total.txt")) == b"6\n"
+    assert store.get(Resource.model_validate(product["outputs"]["total.txt"])) == b"6\n"
     assert store.get_bytes(store.log_url("art1", "sum", 1, "stdout")) == b"ok\n"
 
     with pytest.raises(TaskError, match="exited with status 7") as failed:
@@ -338,7 +343,7 @@ def test_a_container_gets_its_secrets_and_never_the_workers_environment(
         outputs=["token.txt"],
     )
     runner.run(task_job(task), "node-1", threading.Event())
-    assert store.get_bytes(store.job_file_url("art1", "token.txt")) == value.encode()
+    assert store.get_bytes(store.job_file_url("art1", "0", 1, "token.txt")) == value.encode()
     printed = store.get_bytes(store.log_url("art1", "uses", 1, "stdout"))
     assert b"TOKEN=***\n" in printed and value.encode() not in printed
     assert password.encode() not in printed and b"FLOTTA_" not in printed
@@ -371,6 +376,6 @@ def test_a_containers_link_to_a_host_file_is_never_collected(
             TaskError, match=rf"output {output} is, or is inside, a symbolic link \({link}\)"
         ):
             runner.run(task_job(task), "node-1", threading.Event())
-        assert not store.exists(store.job_file_url("art1", output))
+        assert not store.exists(store.job_file_url("art1", "0", 1, output))
     stored = b"".join(p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file())
     assert known.encode() not in stored

@@ -135,8 +135,10 @@ def test_a_secret_reaches_its_task_by_name_and_never_the_bus_a_status_or_a_log(
     assert jobs["uses"].state is JobState.COMPLETED, jobs["uses"].error
     # The task got the values (it wrote them into its own outputs, which are its business).
     store = ResourceStore(flotta.storage.url)
-    assert store.get_bytes(store.job_file_url(status.artifact_id, "db.txt")) == db_password.encode()
-    assert store.get_bytes(store.job_file_url(status.artifact_id, "token.txt")) == token.encode()
+    uses = jobs["uses"]
+    for path, value in (("db.txt", db_password), ("token.txt", token)):
+        url = store.job_file_url(status.artifact_id, str(uses.id), uses.attempt, path)
+        assert store.get_bytes(url) == value.encode()
     # What it printed is masked in its logs; the failing task's error too.
     assert log(flotta, status, "uses", "stdout") == b"db=***\n"
     assert log(flotta, status, "uses", "stderr") == b"token=***\n"
@@ -212,9 +214,10 @@ def test_an_output_linking_to_the_workers_files_is_never_collected(
         assert f"its output {path} is, or is inside, a symbolic link ({link})" in job.error
     assert known.encode() not in stored(flotta)
     store = ResourceStore(flotta.storage.url)
-    for path in ("out.txt", "d/secret.txt"):
+    for name, path in (("file-link", "out.txt"), ("dir-link", "d/secret.txt")):
+        job = jobs[name]
         with pytest.raises(ResourceNotFound):
-            store.get_bytes(store.job_file_url(status.artifact_id, path))
+            store.get_bytes(store.job_file_url(status.artifact_id, str(job.id), job.attempt, path))
 
 
 def test_a_worker_refuses_a_shell_job_sent_straight_to_it(flotta: Flotta) -> None:  # noqa: F811

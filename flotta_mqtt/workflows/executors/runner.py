@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ from typing import Any
 
 from flotta_mqtt.model import Task
 from flotta_mqtt.model.workflow import log_name
-from flotta_mqtt.protocol import JobReady
+from flotta_mqtt.protocol import JobReady, Resource
 from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.workflows.executors.base import (
     Executor,
@@ -71,13 +72,12 @@ class TaskRunner:
             raise TaskError(f"worker {node} does not run the {task.executor} executor", None)
         check_task(task)  # a task from anywhere: its params' errors in one line
         secrets = self.policy.secret_values(task.name, task.secrets)
+        folder = self.store.artifact_root(job.artifact_id)
         with self._folders.take() as workdir:
-            for path in task.inputs:
+            for path, resource in self._inputs(job, task, folder).items():
                 target = workdir / path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(
-                    self.store.get_bytes(self.store.job_file_url(job.artifact_id, path))
-                )
+                target.write_bytes(self.store.get(resource, folder))
             label = f"{job.artifact_id[:12]}-{job.job_id}-{job.attempt}"
             run = TaskRun(task, workdir, task_env(task), cancelled, label, secrets, self.policy)
             result = executor.run(run)
@@ -106,10 +106,40 @@ class TaskRunner:
                 )
             outputs = {}
             for path in task.outputs:
-                url = self.store.job_file_url(job.artifact_id, path)
+                url = self.store.job_file_url(job.artifact_id, str(job.job_id), job.attempt, path)
                 produced = read_output(task.name, workdir, path)
                 outputs[path] = self.store.put(url, produced).model_dump(mode="json")
         return {"task": task.name, "exit_code": 0, "logs": logs, "outputs": outputs}
+
+    def _inputs(self, job: JobReady, task: Task, folder: str) -> dict[str, Resource]:
+        """The job files a task reads, as the tasks it depends on announced them.
+
+        Each is found in the `outputs` of exactly one product the job consumes (read and
+        verified like any resource), so its sha256 came over the bus: a file replaced in
+        the store fails the task instead of feeding it.
+        """
+        if not task.inputs:
+            return {}
+        offered: dict[str, list[tuple[str, Resource]]] = {}
+        for product in job.inputs:
+            stored = json.loads(self.store.get(product, folder))
+            for path, resource in stored.get("outputs", {}).items():
+                offered.setdefault(path, []).append(
+                    (stored.get("task", "?"), Resource.model_validate(resource))
+                )
+        found = {}
+        for path in task.inputs:
+            producers = offered.get(path, [])
+            if len(producers) != 1:
+                names = ", ".join(name for name, _ in producers)
+                which = (
+                    f"several tasks it depends on output ({names})"
+                    if producers
+                    else "no task it depends on outputs"
+                )
+                raise TaskError(f"task {task.name} reads job file {path}, which {which}", None)
+            found[path] = producers[0][1]
+        return found
 
 
 def task_env(task: Task) -> dict[str, str]:
