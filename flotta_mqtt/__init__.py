@@ -33,6 +33,7 @@ from flotta_mqtt.model import (
     Parallel,
     RoundRobin,
     SchedulerContext,
+    SecureAggregation,
     Sequential,
     bind,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "RemoteError",
     "RoundRobin",
     "SchedulerContext",
+    "SecureAggregation",
     "Sequential",
     "StorageSettings",
     "as_completed",

@@ -22,6 +22,7 @@ from flotta_mqtt.analytics.registry import (
     register,
     run,
 )
+from flotta_mqtt.analytics.secagg import rounds as _secagg  # noqa: F401
 
 __all__ = [
     "DEFAULT_MIN_GROUP_SIZE",

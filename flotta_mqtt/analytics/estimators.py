@@ -69,19 +69,17 @@ class Maskable(Estimator):
     def initialize(self, params: Any, ctx: JobContext) -> Any:
         if not params.masked:
             return super().initialize(params, ctx)
-        return masking.start(ctx.job, self._size(params))
+        return masking.start(ctx, self._size(params))
 
     def local(self, params: Any, ctx: JobContext) -> Any:
         if not params.masked:
             return super().local(params, ctx)
-        running = ctx.inputs[0] if len(ctx.inputs) == 1 else None
-        return masking.add(running, self.to_ints(self.measure(params, ctx)), ctx.node)
+        return masking.add(ctx, self.to_ints(self.measure(params, ctx)))
 
     def aggregate(self, params: Any, ctx: JobContext) -> Any:
         if not params.masked:
             return super().aggregate(params, ctx)
-        running = ctx.inputs[0] if len(ctx.inputs) == 1 else None
-        ints = masking.remove(running, ctx.job, self._size(params), ctx.node)
+        ints = masking.remove(ctx, self._size(params))
         return self.finalize(params, self.from_ints(ints))
 
 

@@ -1,58 +1,43 @@
-"""Masked sequential aggregation: no worker learns the running total it is handed.
+"""Masked sequential aggregation: no worker learns the running total it is handed, and
+nobody else sees it at all.
 
 In a `Sequential` step the initialize job starts the running value at a random mask, each
 worker adds its contribution modulo 2**BITS, and the aggregate job takes the mask off.
+Every hop seals the running value to the next (an ephemeral X25519 key against the key the
+next worker advertised in the step's first round, then AES-256-GCM), the last worker to the
+initiator: the store, the statuses and the logs hold ciphertexts only, and the mask never
+leaves the initiator's memory.
+
 What it protects: each worker is handed a uniformly random number, whatever the workers
-before it contributed. What it does not: the initiator learns the total (the result); a
-worker's two neighbours, colluding, learn its contribution; who takes part, in which order,
-is visible to all.
+before it contributed; a reader of the store or the bus learns nothing of any value. What
+it does not: the initiator learns the total (the result); a worker's two neighbours,
+colluding, learn its contribution; who takes part, in which order, is visible to all.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
+import json
 from typing import Any
 
-from flotta_mqtt.analytics.registry import OperationError
-from flotta_mqtt.protocol import JobReady
+from pydantic import ValidationError
+
+from flotta_mqtt.analytics.registry import JobContext, OperationError
+from flotta_mqtt.analytics.secagg.crypto import (
+    VAULT,
+    SealError,
+    agree,
+    new_private_key,
+    public_key,
+    seal,
+    unseal,
+)
+from flotta_mqtt.analytics.secagg.site import SiteSecrets, round_id
+from flotta_mqtt.model.errors import describe
+from flotta_mqtt.protocol.secagg import MaskedRunning, Sealed, SecAggKeys
 
 BITS = 2176
 MODULUS = 1 << BITS
 SCALE_BITS = 1074  # 2**-1074 is float64's smallest step
-
-
-class MaskVault:
-    """The initiator's secret: masks derived per (artifact, step, round), never stored.
-
-    Both initiator jobs of a step run on the same initiator node, which derives the masks
-    from a key drawn when its process starts and kept only in its memory: a mask never
-    travels, and the artifact's seed (which workers see) plays no part. If that process
-    restarts between the step's first and last jobs, the last fails with a clear error and
-    the artifact must be submitted again.
-    """
-
-    def __init__(self) -> None:
-        self._key = secrets.token_bytes(32)
-        self.id = secrets.token_hex(8)  # tells a running value from another process's
-
-    def masks(self, job: JobReady, count: int) -> list[int]:
-        """`count` independent uniform masks for this job's step (HKDF-Expand, RFC 5869)."""
-        size = BITS // 8
-        result = []
-        for index in range(count):
-            info = f"{job.artifact_id}/{job.step}/{job.iteration}/{index}".encode()
-            stream, block, counter = b"", b"", 1
-            while len(stream) < size:
-                block = hmac.digest(self._key, block + info + bytes([counter]), hashlib.sha256)
-                stream += block
-                counter += 1
-            result.append(int.from_bytes(stream[:size], "big"))
-        return result
-
-
-VAULT = MaskVault()
 
 
 def fixed(value: float) -> int:
@@ -73,37 +58,108 @@ def unfixed(value: int) -> float:
         raise OperationError("the masked sum is beyond the range of a float") from None
 
 
-def start(job: JobReady, count: int) -> dict[str, Any]:
-    """The initialize job's product: the running value set to the step's masks."""
-    return {"vault": VAULT.id, "masked": [format(m, "x") for m in VAULT.masks(job, count)]}
+def _masks(ctx: JobContext, count: int) -> list[int]:
+    """The step's `count` masks, derived again by the aggregate job on the same node."""
+    round_ = round_id(ctx.job)
+    size = BITS // 8
+    return [
+        int.from_bytes(VAULT.secret("sequential mask", round_, ctx.node, str(i), size=size), "big")
+        for i in range(count)
+    ]
 
 
-def _values(running: Any, node: str, count: int) -> list[int]:
-    if not (isinstance(running, dict) and isinstance(running.get("masked"), list)):
+def _inputs(ctx: JobContext) -> tuple[MaskedRunning | None, SecAggKeys | None]:
+    """The running value handed to this job, and the keys of its next hop, if any."""
+    running: MaskedRunning | None = None
+    keys: SecAggKeys | None = None
+    try:
+        for product in ctx.inputs:
+            kind = product.get("type") if isinstance(product, dict) else None
+            if kind == "masked_running" and running is None:
+                running = MaskedRunning.model_validate(product)
+            elif kind == "secagg_keys" and keys is None:
+                keys = SecAggKeys.model_validate(product)
+            else:
+                raise OperationError(
+                    f"{ctx.node}: masked aggregation runs in a Sequential step, whose jobs are "
+                    "handed one sealed running value and their next hop's keys; this job "
+                    "received something else"
+                )
+    except ValidationError as exc:
+        raise OperationError(f"{ctx.node}: {describe(exc, 'input')}") from None
+    for message in (running, keys):
+        if message is not None and message.round != round_id(ctx.job):
+            raise OperationError(f"{ctx.node}: an input of another step or round")
+    return running, keys
+
+
+def _seal(values: list[int], round_: str, to: str, reply: str) -> dict[str, Any]:
+    ephemeral = new_private_key()
+    key = agree(ephemeral, to, "running value", round_, to)
+    plain = json.dumps([format(v, "x") for v in values]).encode()
+    nonce, ciphertext = seal(key, plain, f"{round_}|{to}")
+    return MaskedRunning(
+        round=round_,
+        ephemeral_key=public_key(ephemeral),
+        reply_key=reply,
+        sealed=Sealed(nonce=nonce, ciphertext=ciphertext),
+    ).model_dump()
+
+
+def _open(running: MaskedRunning | None, ctx: JobContext, count: int) -> list[int]:
+    if running is None:
         raise OperationError(
-            f"{node}: masked aggregation runs in a Sequential step, whose first job hands "
+            f"{ctx.node}: masked aggregation runs in a Sequential step, whose first job hands "
             "each worker a masked running value; this job received none"
         )
-    values = [int(v, 16) for v in running["masked"]]
-    if len(values) != count:
-        raise OperationError(f"{node}: the masked running value holds {len(values)} numbers")
+    mine = SiteSecrets.of(running.round, ctx.node)
+    key = agree(mine.cipher, running.ephemeral_key, "running value", running.round, mine.cipher_key)
+    try:
+        plain = unseal(
+            key,
+            running.sealed.nonce,
+            running.sealed.ciphertext,
+            f"{running.round}|{mine.cipher_key}",
+        )
+    except SealError:
+        raise OperationError(
+            f"{ctx.node}: the running value handed to it does not open with its keys: the node "
+            "restarted since the step began (its keys live only in its memory); submit the "
+            "artifact again"
+        ) from None
+    values = [int(v, 16) for v in json.loads(plain)]
+    if len(values) != count or any(not 0 <= v < MODULUS for v in values):
+        raise OperationError(f"{ctx.node}: the masked running value holds {len(values)} numbers")
     return values
 
 
-def add(running: Any, contribution: list[int], node: str) -> dict[str, Any]:
-    """A worker's part: its contribution added to the running value it was handed."""
-    values = _values(running, node, len(contribution))
-    total = [(a + b) % MODULUS for a, b in zip(values, contribution, strict=True)]
-    return {"vault": running["vault"], "masked": [format(v, "x") for v in total]}
-
-
-def remove(running: Any, job: JobReady, count: int, node: str) -> list[int]:
-    """The aggregate's part: the masks taken off, as signed integers."""
-    values = _values(running, node, count)
-    if running.get("vault") != VAULT.id:
+def start(ctx: JobContext, count: int) -> dict[str, Any]:
+    """The initialize job's product: the running value set to the step's masks, sealed to
+    the first worker."""
+    _, keys = _inputs(ctx)
+    if keys is None:
         raise OperationError(
-            f"{node}: the masks of this step were drawn by an initiator process that has "
-            "since restarted; submit the artifact again"
+            f"{ctx.node}: a masked Sequential starts once its first worker advertised its keys; "
+            "this job received none"
         )
-    plain = [(v - m) % MODULUS for v, m in zip(values, VAULT.masks(job, count), strict=True)]
+    reply = SiteSecrets.of(keys.round, ctx.node).cipher_key
+    return _seal(_masks(ctx, count), keys.round, keys.cipher_key, reply)
+
+
+def add(ctx: JobContext, contribution: list[int]) -> dict[str, Any]:
+    """A worker's part: its contribution added to the running value it was handed, sealed
+    to the next worker (or, from the last, to the initiator)."""
+    running, keys = _inputs(ctx)
+    values = _open(running, ctx, len(contribution))
+    assert running is not None
+    total = [(a + b) % MODULUS for a, b in zip(values, contribution, strict=True)]
+    to = keys.cipher_key if keys is not None else running.reply_key
+    return _seal(total, running.round, to, running.reply_key)
+
+
+def remove(ctx: JobContext, count: int) -> list[int]:
+    """The aggregate's part: the masks taken off, as signed integers."""
+    running, _ = _inputs(ctx)
+    values = _open(running, ctx, count)
+    plain = [(v - m) % MODULUS for v, m in zip(values, _masks(ctx, count), strict=True)]
     return [v - MODULUS if v >= MODULUS // 2 else v for v in plain]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import networkx as nx
 
@@ -19,6 +20,8 @@ from flotta_mqtt.model.steps import (
     Iterate,
     JobRole,
     Parallel,
+    SecureAggregation,
+    SecureRound,
     Sequential,
     Step,
     Tasks,
@@ -43,6 +46,9 @@ class Job:
     on_initiator: bool
     timeout: float | None = None  # seconds an attempt may run
     retries: int = 0  # attempts after a failure
+    # Seconds after its dispatch by which a round of a secure aggregation must be done,
+    # or its site drops out of the round (None: the job is waited for, as any other).
+    dropout: float | None = None
 
     @property
     def relocatable(self) -> bool:
@@ -121,9 +127,9 @@ def job_count(steps: Iterable[Step], workers: int) -> int:
         if isinstance(step, Iterate):
             total += step.rounds * job_count(step.steps, workers)
         elif isinstance(step, Parallel):
-            total += workers
+            total += workers if step.secure is None else 4 * workers + 1
         elif isinstance(step, Sequential):
-            total += workers + 2
+            total += (2 * workers if step.masked else workers) + 2
         elif isinstance(step, Tasks):
             total += sum(task.replicas for task in step.tasks)
         else:
@@ -177,18 +183,70 @@ class _Binder:
         if isinstance(step, Finalize):
             job = self._initiator_job(step, path, JobRole.AGGREGATE, iteration)
             return [job], [job]
+        if isinstance(step, Parallel) and step.secure is not None:
+            return self._secure(step, step.secure, path, iteration)
         if isinstance(step, Parallel):
             jobs = self._worker_jobs(step, path, iteration)
             return jobs, jobs
         if isinstance(step, Tasks):
             return self._tasks(step, path, iteration)
-        # Sequential: initiator → worker 1 → … → worker N → initiator.
+        # Sequential: initiator → worker 1 → … → worker N → initiator. Masked, each hop
+        # also consumes the keys its next hop advertised, to seal the running value to it.
+        keys = self._round(step, SecureRound.KEYS, {}, path, iteration) if step.masked else []
         first = self._initiator_job(step, path, JobRole.INITIALIZE, iteration)
         workers = self._worker_jobs(step, path, iteration)
         last = self._initiator_job(step, path, JobRole.AGGREGATE, iteration)
         chain = [first, *workers, last]
         self.locks += list(itertools.pairwise(chain))
+        # The initiator's first job seals to worker 1, worker i to worker i + 1; the last
+        # worker seals to the initiator, whose key travels along the chain.
+        self.locks += [(keys[i], chain[i]) for i in range(len(keys))]
         return [first], [last]
+
+    def _secure(
+        self, step: Parallel, secure: SecureAggregation, path: str, iteration: int
+    ) -> tuple[list[int], list[int]]:
+        """A secure Parallel: four rounds of one job per worker, then the initiator's
+        unmasking. Keys and shares go ahead at once; the step's entries are the masked
+        inputs, which consume what the previous step hands on."""
+        threshold = {"threshold": secure.threshold}
+        inner = {"operation": step.operation.model_dump(mode="json"), **threshold}
+        rounds: list[list[int]] = []
+        for name, params in (
+            (SecureRound.KEYS, {}),
+            (SecureRound.SHARE, threshold),
+            (SecureRound.MASK, inner),
+            (SecureRound.REVEAL, threshold),
+        ):
+            jobs = self._round(step, name, params, path, iteration, secure.dropout)
+            self.locks += [
+                (before, job) for earlier in rounds for before in earlier for job in jobs
+            ]
+            rounds.append(jobs)
+        operation = Operation(name=SecureRound.UNMASK, params=inner)
+        unmask = self._new_job(
+            self.context.initiator.id, step, path, JobRole.AGGREGATE, iteration, operation
+        )
+        self.locks += [(before, unmask) for jobs in rounds for before in jobs]
+        return rounds[2], [unmask]
+
+    def _round(
+        self,
+        step: Parallel | Sequential,
+        name: SecureRound,
+        params: dict[str, Any],
+        path: str,
+        iteration: int,
+        dropout: float | None = None,
+    ) -> list[int]:
+        """One job per worker running a round `name` of a secure aggregation."""
+        if not self.context.workers:
+            raise BindingError(f"step {path} ({step.kind}) needs workers, but the context has none")
+        operation = Operation(name=name, params=params)
+        return [
+            self._new_job(w.id, step, path, JobRole.LOCAL, iteration, operation, dropout)
+            for w in self.context.workers
+        ]
 
     def _iterate(self, step: Iterate, path: str) -> tuple[list[int], list[int]]:
         first: list[int] = []
@@ -263,7 +321,14 @@ class _Binder:
         return self._new_job(self.context.initiator.id, step, path, role, iteration)
 
     def _new_job(
-        self, worker: str, step: OperationStep, path: str, role: JobRole, iteration: int
+        self,
+        worker: str,
+        step: OperationStep,
+        path: str,
+        role: JobRole,
+        iteration: int,
+        operation: Operation | None = None,
+        dropout: float | None = None,
     ) -> int:
         job = Job(
             id=len(self.jobs),
@@ -272,10 +337,11 @@ class _Binder:
             kind=step.kind,
             role=role,
             iteration=iteration,
-            operation=step.operation,
+            operation=operation or step.operation,
             on_initiator=worker == self.context.initiator.id,
             timeout=step.timeout,
             retries=step.retries,
+            dropout=dropout,
         )
         self.jobs.append(job)
         return job.id

@@ -21,6 +21,16 @@ class JobRole(StrEnum):
     AGGREGATE = "aggregate"  # on the initiator: combine the products it consumes
 
 
+class SecureRound(StrEnum):
+    """The operation each round of a secure aggregation runs (analytics/secagg)."""
+
+    KEYS = "secagg.keys"  # a site advertises its public keys
+    SHARE = "secagg.share"  # it deals shares of its seeds, sealed to each site
+    MASK = "secagg.mask"  # it sends its masked input
+    REVEAL = "secagg.reveal"  # it reveals the shares that unmask the survivors' sum
+    UNMASK = "secagg.unmask"  # the initiator unmasks the sum
+
+
 class _Step(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -55,10 +65,29 @@ class Initialize(_OperationStep):
     kind: Literal["initialize"] = "initialize"
 
 
+class SecureAggregation(BaseModel):
+    """Sum the workers' products so that the initiator learns the sum, never a site's part.
+
+    A secure `Parallel` binds as rounds of jobs (analytics/secagg): each site advertises
+    keys, deals seed shares to the others, sends its masked input, then reveals what
+    unmasks the sum; the initiator's last job unmasks it. A site that does not finish a
+    round within `dropout` seconds of its dispatch drops out, and the round goes on
+    without it; with fewer than `threshold` sites left the round fails.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # How many sites must take part to the end: a count (>= 2), or a fraction (> 1/2) of
+    # the sites that advertised keys. None: a strict majority of them (and at least 2).
+    threshold: Annotated[int, Field(ge=2)] | Annotated[float, Field(gt=0.5, le=1)] | None = None
+    dropout: float = Field(default=30.0, gt=0, le=86_400)
+
+
 class Parallel(_OperationStep):
-    """One job per worker, each on its own local data."""
+    """One job per worker, each on its own local data; `secure` sums them securely."""
 
     kind: Literal["parallel"] = "parallel"
+    secure: SecureAggregation | None = None
 
 
 class Sequential(_OperationStep):
@@ -69,6 +98,12 @@ class Sequential(_OperationStep):
     """
 
     kind: Literal["sequential"] = "sequential"
+
+    @property
+    def masked(self) -> bool:
+        """Whether the operation runs masked (its `masked` parameter): the running value
+        then travels sealed from hop to hop, so binding adds a round of advertised keys."""
+        return self.operation.params.get("masked") is True
 
 
 class Finalize(_OperationStep):
@@ -139,7 +174,9 @@ def exit_arity(step: Step) -> Arity:
         needed = {dep for task in step.tasks for dep in task.depends}
         leaves = [task for task in step.tasks if task.name not in needed]
         return Arity.ONE if sum(task.replicas for task in leaves) == 1 else Arity.MANY
-    return Arity.MANY if isinstance(step, Parallel) else Arity.ONE
+    if isinstance(step, Parallel) and step.secure is None:
+        return Arity.MANY
+    return Arity.ONE  # a secure Parallel ends with the initiator's unmasking job
 
 
 def check_steps(steps: list[Step], prefix: str = "") -> None:

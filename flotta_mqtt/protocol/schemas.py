@@ -15,6 +15,7 @@ from pydantic import TypeAdapter
 
 from flotta_mqtt.model import Workflow
 from flotta_mqtt.protocol.codec import PAYLOADS
+from flotta_mqtt.protocol.secagg import SecAggProduct
 from flotta_mqtt.protocol.topics import PROTOCOL_VERSION
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "schemas"
@@ -22,17 +23,26 @@ DEFAULT_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 # Files users write, beside the messages nodes exchange.
 DOCUMENTS: dict[str, TypeAdapter[Any]] = {"workflow": TypeAdapter(Workflow)}
+# Job products with a protocol of their own: stored, named on the bus by a Resource.
+PRODUCTS: dict[str, TypeAdapter[Any]] = {"secagg": TypeAdapter(SecAggProduct)}
 
 
 def render() -> dict[str, str]:
     """File name → JSON text of each channel's message schema and each user document's."""
-    named = [
-        (str(channel), adapter, f"Payload of the {channel} topics; see protocol/topics.py")
-        for channel, adapter in PAYLOADS.items()
-    ] + [
-        (name, adapter, f"A {name} file (YAML or JSON), as `flotta-mqtt submit` reads it")
-        for name, adapter in DOCUMENTS.items()
-    ]
+    named = (
+        [
+            (str(channel), adapter, f"Payload of the {channel} topics; see protocol/topics.py")
+            for channel, adapter in PAYLOADS.items()
+        ]
+        + [
+            (name, adapter, f"A {name} file (YAML or JSON), as `flotta-mqtt submit` reads it")
+            for name, adapter in DOCUMENTS.items()
+        ]
+        + [
+            (name, adapter, f"A {name} job product, stored; see protocol/{name}.py")
+            for name, adapter in PRODUCTS.items()
+        ]
+    )
     files = {}
     for name, adapter, comment in named:
         schema = adapter.json_schema()

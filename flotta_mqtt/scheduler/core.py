@@ -39,6 +39,7 @@ from flotta_mqtt.scheduler.announcements import Announcements
 from flotta_mqtt.scheduler.binding import Refused, bind_artifact
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.scheduler.deadlines import DeadlinePolicy
+from flotta_mqtt.scheduler.dropouts import check_dropouts
 from flotta_mqtt.scheduler.effects import (
     Clock,
     Connected,
@@ -381,3 +382,5 @@ class SchedulerCore:
             check_running(
                 record, clock.monotonic, self.flow, self.policies, self.nodes, self.registry
             )
+            if record.state is ArtifactState.RUNNING:
+                check_dropouts(record, clock.monotonic, self.flow)

@@ -157,7 +157,10 @@ class JobFlow:
             role=job.role,
             iteration=job.iteration,
             operation=job.operation,
-            inputs=[record.products[p] for p in record.graph.consumes(job_id)],
+            # Every job it consumes is final: completed, or dropped out with no product.
+            inputs=[
+                record.products[p] for p in record.graph.consumes(job_id) if p in record.products
+            ],
         )
         return topics.jobs(record.worker(job_id)), message, False
 
@@ -281,6 +284,47 @@ class JobFlow:
                 record.set_job(descendant, record.jobs[descendant].cancel())
                 self.decision.writes.append(UpdateJob(record.id, descendant, JobState.CANCELLED, 0))
         self.announcements.changed(record.id)
+        self.settle(record)
+
+    def drop(self, record: ArtifactRecord, job_id: int, why: str) -> None:
+        """A site silent past its round's dropout leaves a secure aggregation: its job and
+        its own later rounds end (cancelled, with `why`), and their locks are released,
+        so the jobs consuming them go on with the other sites' products."""
+        assert record.graph is not None and record.locks is not None
+        graph = record.graph
+        worker = record.worker(job_id)
+        dropped, error = [job_id], RemoteError(type="DroppedOut", message=why)
+        for job in dropped:  # grows as the site's later rounds are found
+            dropped += [
+                after
+                for after in graph.unlocks(job)
+                if record.worker(after) == worker
+                and graph.jobs[after].dropout is not None
+                and after not in dropped
+            ]
+        for job in dropped:
+            status = record.jobs[job]
+            if status.final:
+                continue
+            if status.state in (JobState.DISPATCHED, JobState.RUNNING):
+                self.stop_attempt(record, job)
+            record.set_job(job, status.cancel())
+            record.attempts.forget(job)
+            record.attempts.retry_at.pop(job, None)
+            record.note(job, finished_at=self.clock.wall, error=f"DroppedOut: {why}"[:300])
+            self.decision.writes.append(
+                UpdateJob(record.id, job, JobState.CANCELLED, status.attempt, error=error)
+            )
+        log.warning(
+            "artifact %s: %s dropped out of step %s", record.id, worker, graph.jobs[job_id].step
+        )
+        unlocked = [after for job in dropped for after in record.locks.release(job)]
+        self.announcements.released(
+            record.id, [(job, after) for job in dropped for after in graph.unlocks(job)]
+        )
+        self.announcements.changed(record.id)
+        for after in sorted(set(unlocked)):
+            self.make_ready(record, after)
         self.settle(record)
 
     def retry(self, record: ArtifactRecord, job_id: int, requeued: JobStatus) -> None:

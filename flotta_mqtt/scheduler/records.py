@@ -174,7 +174,10 @@ def restore(row: ArtifactRow, jobs: list[JobRow]) -> ArtifactRecord:
         return record
     record.set_jobs([JobStatus(j.state, j.attempt) for j in jobs])
     record.products = {j.job_id: j.product for j in jobs if j.product is not None}
-    completed = [j.job_id for j in jobs if j.state is JobState.COMPLETED]
+    # A cancelled job of a running artifact dropped out of a secure aggregation (or is a
+    # failed task's descendant, whose successors are cancelled too): its locks are released.
+    released = (JobState.COMPLETED, JobState.CANCELLED)
+    completed = [j.job_id for j in jobs if j.state in released]
     with gc_paused():
         graph = bind(row.artifact, row.context)
         record.bound(graph, completed)

@@ -38,6 +38,8 @@ HIDDEN_BEHIND = {
     # bus: analytics results, models and every other product are JSON.
     "pickle": ("functions/calls.py",),
     "cloudpickle": ("functions/calls.py", "functions/handles.py", "functions/_child.py"),
+    # Secure aggregation's primitives, in one module that says which it uses and why.
+    "cryptography": ("analytics/secagg/crypto.py",),
     "dill": (),
     "joblib": (),
     "marshal": (),
