@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from helpers import wait_for
+from helpers import MessageRecorder, decoded, wait_for
+from leaks import store_objects, unmasked
 
 from flotta_mqtt import (
     Artifact,
@@ -38,10 +39,11 @@ from flotta_mqtt import (
     Query,
     Sequential,
 )
-from flotta_mqtt.analytics import masking
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.nodes import SchedulerNode
+from flotta_mqtt.protocol import ArtifactStatus
 from flotta_mqtt.scheduler.config import SchedulerConfig
+from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
@@ -293,17 +295,50 @@ def test_masked_sequential_count_sum_mean_equal_unmasked_and_hide_partial_sums(
             assert all(close(got[c], expected[c]) for c in got)
         else:
             assert got == expected if name == "count" else close(got, expected)
-        if name == "sum":
-            # Jobs: 0 initialize (initiator) → 1 w0 → 2 w1 → 3 w2 → 4 aggregate.
-            start = nodes.product(masked.artifact_id, 0)  # what w0 is handed
-            handed = nodes.product(masked.artifact_id, 1)  # what w1 is handed
-            assert set(handed) == {"vault", "masked"}  # nothing else travels
-            share = nodes.shares["stats"]["w0"].to_pydict()
-            w0_sum = math.fsum(y for x, y in zip(share["x"], share["y"], strict=True) if x > 0.5)
-            received, mask = int(handed["masked"][0], 16), int(start["masked"][0], 16)
-            assert received != masking.fixed(w0_sum) and mask != 0
-            # Only with the initiator's mask does w1's number turn into w0's sum.
-            assert close(masking.unfixed((received - mask) % masking.MODULUS), w0_sum)
+
+
+def test_masked_sequential_leaves_no_contribution_in_the_store_statuses_or_messages(
+    nodes: Nodes,
+) -> None:
+    """The attack: whoever reads the store (or the statuses, which name every product)
+    subtracts what one worker was handed from what it handed on, and has its sum; the
+    initialize job's product was the mask itself. Every object and message is searched."""
+    spy = MessageRecorder()
+    bus = Bus("spy", nodes.scheduler.config.broker, spy, ["flotta/#"], clean=True)
+    bus.start(wait=TIMEOUT)
+    try:
+        q = Query()
+        params = {"column": "y", "masked": True, **q[q["x"] > 0.5].params()}
+        artifact = Artifact(
+            project="stats", steps=[Sequential(Operation(name="sum", params=params))]
+        )
+        handle = nodes.client.submit(artifact)
+        got = handle.result(timeout=TIMEOUT)
+        spy.wait_for(
+            lambda messages: any(
+                isinstance(m, ArtifactStatus)
+                and m.artifact_id == artifact.id
+                and m.state is ArtifactState.COMPLETED
+                for _, m in decoded(messages)
+            ),
+            timeout=TIMEOUT,
+        )
+    finally:
+        bus.stop()
+    sums = {}
+    for worker in WORKERS:
+        share = nodes.shares["stats"][worker].to_pydict()
+        sums[worker] = math.fsum(y for x, y in zip(share["x"], share["y"], strict=True) if x > 0.5)
+    assert close(got, math.fsum(sums.values()))
+    objects = store_objects(nodes.folder / "store", artifact.id)
+    assert len(objects) > len(WORKERS)  # the start and what every worker handed on
+    # Nor the running totals handed on (the last one is the result, which is released).
+    running = {
+        f"{WORKERS[0]}..{w}": math.fsum(list(sums.values())[: i + 2])
+        for i, w in enumerate(WORKERS[1:-1])
+    }
+    leaks = unmasked([*objects.values(), *spy.payloads], {**sums, **running})
+    assert leaks == [], leaks
 
 
 # --- errors name the worker and the column --------------------------------------------------------
