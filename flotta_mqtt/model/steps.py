@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from flotta_mqtt.model.distribution import Arity, Distribution
 from flotta_mqtt.model.errors import BindingError
@@ -65,6 +65,21 @@ class Initialize(_OperationStep):
     kind: Literal["initialize"] = "initialize"
 
 
+def _count_or_fraction(value: object) -> object:
+    """1 would read as a fraction (all sites): a count below 2 is refused, not guessed at."""
+    if isinstance(value, int) and not isinstance(value, bool) and value < 2:
+        raise ValueError("a threshold is a count of at least 2 sites, or a fraction in (0.5, 1]")
+    return value
+
+
+# How many sites must take part to the end of a secure aggregation: a count (>= 2), or a
+# fraction (> 1/2) of the sites that advertised keys.
+Threshold = Annotated[
+    Annotated[int, Field(ge=2)] | Annotated[float, Field(gt=0.5, le=1)],
+    BeforeValidator(_count_or_fraction),
+]
+
+
 class SecureAggregation(BaseModel):
     """Sum the workers' products so that the initiator learns the sum, never a site's part.
 
@@ -77,9 +92,7 @@ class SecureAggregation(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # How many sites must take part to the end: a count (>= 2), or a fraction (> 1/2) of
-    # the sites that advertised keys. None: a strict majority of them (and at least 2).
-    threshold: Annotated[int, Field(ge=2)] | Annotated[float, Field(gt=0.5, le=1)] | None = None
+    threshold: Threshold | None = None  # None: a strict majority (and at least 2)
     dropout: float = Field(default=30.0, gt=0, le=86_400)
 
 

@@ -23,8 +23,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from dag_runner import INITIATOR, run_artifact
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from leaks import unmasked
 from test_query import TableDataset
 
 from flotta_mqtt import analytics as operations
@@ -40,7 +42,9 @@ from flotta_mqtt.analytics import (
     models,
     quantiles,
 )
-from flotta_mqtt.model import Operation
+from flotta_mqtt.analytics.secagg import site
+from flotta_mqtt.analytics.secagg.crypto import Vault
+from flotta_mqtt.model import Artifact, Operation, Sequential
 from flotta_mqtt.model.query import Query
 from flotta_mqtt.protocol import JobReady
 
@@ -266,7 +270,14 @@ def test_fixed_point_is_exact(values: list[float]) -> None:
         assert masking.unfixed(total) == float(exact)  # the exact sum, rounded once
 
 
-def test_masked_sequential_equals_unmasked_and_hides_the_running_total() -> None:
+def sequential(name: str, datasets: list[Any], **params: Any) -> tuple[Any, dict[int, bytes]]:
+    """A Sequential step bound and run as the engine would: its result and its products."""
+    steps = [Sequential(Operation(name=name, params=params))]
+    artifact = Artifact(id="a1", project="p", steps=steps)  # as `job` names it
+    return run_artifact(artifact, {d.node: d for d in datasets})
+
+
+def test_masked_sequential_equals_unmasked_and_hands_on_nothing_readable() -> None:
     rng = random.Random(5)
     splits = [
         [{"v": rng.uniform(-5, 50), "k": "a", "j": 0} for _ in range(n)] for n in (13, 40, 27)
@@ -278,30 +289,39 @@ def test_masked_sequential_equals_unmasked_and_hides_the_running_total() -> None
         ("mean", {"columns": ["v", "j"]}),
     ]:
         plain = federated(name, datasets, True, **params)
-        masked = federated(name, datasets, True, masked=True, **params)
+        masked, products = sequential(name, datasets, masked=True, **params)
         assert same(masked, plain) and same(plain, federated(name, datasets, **params)), name
+        # Keys, then sealed running values: no worker's part, nor a running total, shows.
+        handed = [json.loads(products[job]) for job in sorted(products)[:-1]]
+        assert {p["type"] for p in handed} == {"secagg_keys", "masked_running"}
+        sums = {
+            d.node: math.fsum(r["v"] for r in rows)
+            for d, rows in zip(datasets, splits, strict=True)
+        }
+        sums["w0..w1"] = sums["w0"] + sums["w1"]
+        counts = {f"{d.node} rows": len(rows) for d, rows in zip(datasets, splits, strict=True)}
+        assert unmasked(list(products.values())[:-1], {**sums, **counts}) == []
 
-    # What w1 is handed: w0's product, whose number is not w0's sum, nor anything near it.
-    operation = Operation(name="sum", params={"column": "v", "masked": True})
-    start = part(operation, "initialize", [])
-    handed = part(operation, "local", [start], datasets[0], "w0")
-    true_partial = masking.fixed(math.fsum(r["v"] for r in splits[0]))
-    received = int(handed["masked"][0], 16)
-    assert received != true_partial and int(start["masked"][0], 16) != 0
-    assert (received - int(start["masked"][0], 16)) % masking.MODULUS == true_partial
-    assert set(handed) == {"vault", "masked"}  # nothing else travels
 
-
-def test_masked_aggregation_refuses_what_it_cannot_protect() -> None:
+def test_masked_aggregation_refuses_what_it_cannot_protect(monkeypatch: pytest.MonkeyPatch) -> None:
     data = dataset([{"v": 1.0, "k": "a", "j": 0}] * 6, "w0")
     operation = Operation(name="count", params={"masked": True})
     # In a Parallel step the worker is handed no masked running value.
     with pytest.raises(OperationError, match="masked aggregation runs in a Sequential step"):
         part(operation, "local", [], data, "w0")
-    # A running value whose masks another initiator process drew cannot be unmasked here.
-    running = part(operation, "local", [part(operation, "initialize", [])], data, "w0")
+    # Nor does an initialize job start with no first worker's keys to seal to.
+    with pytest.raises(OperationError, match="advertised its keys"):
+        part(operation, "initialize", [])
+    # A running value sealed to the keys of an initiator process since restarted (its
+    # secrets lived only in its memory) does not open.
+    _, products = sequential("count", [data], masked=True)
+    last_hop = json.loads(products[sorted(products)[-2]])
+    fresh = Vault()
+    monkeypatch.setattr(site, "VAULT", fresh)
+    monkeypatch.setattr(masking, "VAULT", fresh)
+    ctx = JobContext(job=job(operation, "aggregate"), node=INITIATOR, inputs=[last_hop], data=None)
     with pytest.raises(OperationError, match="restarted"):
-        part(operation, "aggregate", [{**running, "vault": "another"}])
+        operations.run(ctx)
 
 
 # --- minimum group size ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -47,7 +47,7 @@ from flotta_mqtt.analytics.secagg.site import (
 )
 from flotta_mqtt.model import Operation
 from flotta_mqtt.model.errors import describe
-from flotta_mqtt.model.steps import SecureRound
+from flotta_mqtt.model.steps import SecureRound, Threshold
 from flotta_mqtt.protocol.secagg import (
     FieldElement,
     Sealed,
@@ -66,7 +66,7 @@ SECRET_BYTES = 32
 class RoundParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    threshold: Annotated[int, Field(ge=2)] | Annotated[float, Field(gt=0.5, le=1)] | None = None
+    threshold: Threshold | None = None
 
 
 class SummedParams(RoundParams):
