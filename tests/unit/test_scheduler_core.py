@@ -149,7 +149,8 @@ class Harness:
 
     def check(self, decision: Decision) -> None:
         """No job completes twice; a job is dispatched only once all its predecessors
-        completed; attempts never exceed what the step allows."""
+        completed (or dropped out of a secure aggregation); attempts never exceed what the
+        step allows."""
         for write in decision.writes:
             if isinstance(write, BindArtifact):
                 self.graphs[write.artifact_id] = write.graph
@@ -159,6 +160,8 @@ class Harness:
             if write.state is JobState.COMPLETED:
                 assert key not in self.completed, f"{key} completed twice"
                 self.completed.add(key)
+            elif write.error is not None and write.error.type == "DroppedOut":
+                self.completed.add(key)  # its locks are released: see dropouts.py
             elif write.state is JobState.DISPATCHED:
                 graph = self.graphs[write.artifact_id]
                 for before in graph.graph.predecessors(write.job_id):
