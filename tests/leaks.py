@@ -9,6 +9,7 @@ contribution in plain, and in the exact fixed point that masking uses.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -19,6 +20,8 @@ from typing import Any
 from flotta_mqtt.analytics import masking
 
 HEX = re.compile(r"^[0-9a-f]+$")
+# A small product travels inline, in its Resource's URL: read it as the product it is.
+INLINE = re.compile(rb"data:[\w/.+-]*;base64,([A-Za-z0-9+/=]+)")
 
 
 def numbers_in(value: Any) -> Iterator[int | float]:
@@ -53,12 +56,21 @@ def store_objects(root: Path, artifact_id: str) -> dict[str, bytes]:
     }
 
 
+def with_inline(documents: Iterable[bytes]) -> list[bytes]:
+    """The documents, and every product inlined in them as a `data:` URL, decoded."""
+    found = []
+    for data in documents:
+        found.append(data)
+        found += [base64.b64decode(match) for match in INLINE.findall(data)]
+    return found
+
+
 def unmasked(documents: Iterable[bytes], contributions: dict[str, float | int]) -> list[str]:
     """What gives a contribution away: a number equal to one, or two numbers whose
     difference in the masking ring is one. Empty when nothing does."""
     found: list[str] = []
     numbers: list[int | float] = []
-    for data in documents:
+    for data in with_inline(documents):
         text = data.decode(errors="replace")
         for site, value in contributions.items():
             if isinstance(value, float) and repr(value) in text:

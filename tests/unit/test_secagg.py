@@ -241,6 +241,10 @@ def test_no_product_gives_a_site_away(round_: str | None) -> None:
     assert unmasked(graph_products, {**sums, **counts}) == []
     for data in graph_products:  # and every one is a message of the protocol
         assert PRODUCT.validate_json(data).type.startswith("secagg_")
+    # The control: the same search finds every site in a plain Parallel's products.
+    _, exposed = run_artifact(plain(operation), datasets)
+    found = unmasked(list(exposed.values()), {**sums, **counts})
+    assert all(any(f.startswith(f"{site}'s") for f in found) for site in SITES), found
 
 
 def test_with_fewer_sites_than_the_threshold_the_round_fails_unmasking_no_one() -> None:
