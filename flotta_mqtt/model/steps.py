@@ -5,7 +5,15 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from flotta_mqtt.model.distribution import Arity, Distribution
 from flotta_mqtt.model.errors import BindingError
@@ -101,6 +109,14 @@ class Parallel(_OperationStep):
 
     kind: Literal["parallel"] = "parallel"
     secure: SecureAggregation | None = None
+
+    @model_serializer(mode="wrap")
+    def _unset_secure_unsaid(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """A plain Parallel is written as it was before `secure`: not a byte longer."""
+        data = handler(self)
+        if self.secure is None and isinstance(data, dict):
+            data.pop("secure", None)
+        return data
 
 
 class Sequential(_OperationStep):
