@@ -27,6 +27,7 @@ from flotta_mqtt.model import (
     BindingError,
     Collect,
     Finalize,
+    Iterate,
     Job,
     NodeRef,
     Operation,
@@ -226,6 +227,26 @@ def test_federated_averaging_of_a_linear_model_equals_the_plain_one() -> None:
         theta = [got["model"]["intercept"], *got["model"]["coef"]]
         oracle = [expected["model"]["intercept"], *expected["model"]["coef"]]
         assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(theta, oracle, strict=True))
+
+
+def test_federated_averaging_rounds_of_a_logistic_model_run_secure_in_an_iterate() -> None:
+    """Each round's masked inputs consume the model the previous round's Finalize made;
+    the secure rounds train the same model as the plain ones."""
+    datasets, _ = site_data()
+    for data in datasets.values():
+        values = data.table.column("v").to_pylist()
+        data.table = data.table.append_column("y", pa.array([int(v > 20) for v in values]))
+    params = {"features": ["x", "v"], "label": "y", "test_fraction": 0.0, "local_steps": 2}
+    operation = Operation(name="logistic_regression", params=params)
+    models = []
+    for secure_step in (None, SecureAggregation()):
+        rounds = Iterate(
+            3, [Parallel(operation, Collect(), secure=secure_step), Finalize(operation)]
+        )
+        got, _ = run_artifact(Artifact(project="p", steps=[rounds]), datasets)
+        assert got["round"] == 2
+        models.append([got["model"]["intercept"], *got["model"]["coef"]])
+    assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(*models, strict=True))
 
 
 @pytest.mark.parametrize("round_", [None, *ROUNDS])
