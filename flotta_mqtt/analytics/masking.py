@@ -68,8 +68,12 @@ def _masks(ctx: JobContext, count: int) -> list[int]:
     ]
 
 
-def _inputs(ctx: JobContext) -> tuple[MaskedRunning | None, SecAggKeys | None]:
-    """The running value handed to this job, and the keys of its next hop, if any."""
+def _inputs(
+    ctx: JobContext, others: bool = False
+) -> tuple[MaskedRunning | None, SecAggKeys | None]:
+    """The running value handed to this job, and the keys of its next hop, if any; any
+    other input is an error, unless `others` (the start of an Iterate's later round is
+    also handed the round before's result, which it ignores)."""
     running: MaskedRunning | None = None
     keys: SecAggKeys | None = None
     try:
@@ -79,7 +83,7 @@ def _inputs(ctx: JobContext) -> tuple[MaskedRunning | None, SecAggKeys | None]:
                 running = MaskedRunning.model_validate(product)
             elif kind == "secagg_keys" and keys is None:
                 keys = SecAggKeys.model_validate(product)
-            else:
+            elif not others:
                 raise OperationError(
                     f"{ctx.node}: masked aggregation runs in a Sequential step, whose jobs are "
                     "handed one sealed running value and their next hop's keys; this job "
@@ -136,7 +140,7 @@ def _open(running: MaskedRunning | None, ctx: JobContext, count: int) -> list[in
 def start(ctx: JobContext, count: int) -> dict[str, Any]:
     """The initialize job's product: the running value set to the step's masks, sealed to
     the first worker."""
-    _, keys = _inputs(ctx)
+    _, keys = _inputs(ctx, others=True)
     if keys is None:
         raise OperationError(
             f"{ctx.node}: a masked Sequential starts once its first worker advertised its keys; "
