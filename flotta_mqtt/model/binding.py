@@ -209,7 +209,7 @@ class _Binder:
         """A secure Parallel: four rounds of one job per worker, then the initiator's
         unmasking. Keys and shares go ahead at once; the step's entries are the masked
         inputs, which consume what the previous step hands on."""
-        threshold = {"threshold": secure.threshold}
+        threshold = {"threshold": secure.threshold, "neighbours": secure.neighbours}
         inner = {"operation": step.operation.model_dump(mode="json"), **threshold}
         rounds: list[list[int]] = []
         for name, params in (

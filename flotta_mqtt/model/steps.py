@@ -100,7 +100,11 @@ class SecureAggregation(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    threshold: Threshold | None = None  # None: a strict majority (and at least 2)
+    # Of a site's neighbourhood (itself and its neighbours); None: a strict majority of it.
+    threshold: Threshold | None = None
+    # Sites each site shares with and masks against (SecAgg+'s sparse graph, rounded down
+    # to an even number); None: every other site (SecAgg).
+    neighbours: int | None = Field(default=None, ge=2, le=100_000)
     dropout: float = Field(default=30.0, gt=0, le=86_400)
 
 

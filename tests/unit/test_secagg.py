@@ -22,6 +22,7 @@ from test_query import TableDataset
 from flotta_mqtt import analytics as operations
 from flotta_mqtt.analytics import OperationError, masking
 from flotta_mqtt.analytics.secagg import crypto, shamir
+from flotta_mqtt.analytics.secagg import site as secagg_site
 from flotta_mqtt.model import (
     Artifact,
     BindingError,
@@ -155,10 +156,13 @@ def test_fixed_point_range_is_every_float_and_a_sum_beyond_a_float_is_an_error()
 # --- whole rounds, as the engine runs them ---------------------------------------------------
 
 
-def site_data(seed: int = 3) -> tuple[dict[str, TableDataset], dict[str, list[float]]]:
+def site_data(
+    seed: int = 3, sites: int = len(SITES)
+) -> tuple[dict[str, TableDataset], dict[str, list[float]]]:
     rng = random.Random(seed)
     datasets, values = {}, {}
-    for site, rows in zip(SITES, (12, 30, 21, 17), strict=True):
+    for i in range(sites):
+        site, rows = f"w{i}", rng.randint(10, 40)
         values[site] = [rng.uniform(-5, 50) for _ in range(rows)]
         x = [rng.gauss(0, 1) for _ in range(rows)]
         table = pa.table({"v": values[site], "x": x})
@@ -229,6 +233,35 @@ def test_federated_averaging_of_a_linear_model_equals_the_plain_one() -> None:
         assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(theta, oracle, strict=True))
 
 
+@SETTINGS
+@given(st.integers(1, 30), st.integers(2, 40), st.text(min_size=5, max_size=20))
+def test_secagg_plus_neighbourhoods_are_symmetric_regular_and_agreed(
+    n: int, neighbours: int, round_: str
+) -> None:
+    sites = [f"s{i}" for i in range(n)]
+    circles = secagg_site.neighbourhoods(round_, sites, neighbours)
+    assert circles == secagg_site.neighbourhoods(round_, list(reversed(sites)), neighbours)
+    size = min(n, 2 * (neighbours // 2) + 1)
+    for me, circle in circles.items():
+        assert me in circle and len(circle) == size == len(set(circle))
+        assert all(me in circles[other] for other in circle)  # u ~ v exactly when v ~ u
+    assert secagg_site.neighbourhoods(round_, sites, None) == {s: sorted(sites) for s in sites}
+
+
+@pytest.mark.parametrize("round_", [None, "share", "mask", "reveal"])
+def test_secagg_plus_sums_over_sparse_neighbourhoods_with_a_dropout(round_: str | None) -> None:
+    """Seven sites, each sharing with and masking against two others only."""
+    datasets, _ = site_data(sites=7)
+    operation = Operation(name="sum", params={"column": "v"})
+    got, products = run_artifact(secure(operation, neighbours=2), datasets, dropping("w3", round_))
+    covered = set(datasets) - ({"w3"} if round_ in ("share", "mask") else set())
+    assert got == math.fsum(site_sum(datasets[site]) for site in covered)
+    dealt = [PRODUCT.validate_json(p) for p in products.values() if b"secagg_shares" in p]
+    assert dealt and all(len(d.sealed) == 3 for d in dealt)  # itself and two neighbours
+    with pytest.raises(OperationError, match=r"needs 4 sites .* a neighbourhood holds 3"):
+        run_artifact(secure(operation, neighbours=2, threshold=4), datasets)
+
+
 def test_federated_averaging_rounds_of_a_logistic_model_run_secure_in_an_iterate() -> None:
     """Each round's masked inputs consume the model the previous round's Finalize made;
     the secure rounds train the same model as the plain ones."""
@@ -271,10 +304,14 @@ def test_no_product_gives_a_site_away(round_: str | None) -> None:
 def test_with_fewer_sites_than_the_threshold_the_round_fails_unmasking_no_one() -> None:
     datasets, _ = site_data()
     operation = Operation(name="sum", params={"column": "v"})
-    with pytest.raises(OperationError, match=r"2 sites sent masked inputs \(w0, w3\), fewer"):
+    with pytest.raises(
+        OperationError, match=r"2 sites of its neighbourhood sent masked inputs \(w0, w3\), fewer"
+    ):
         run_artifact(secure(operation), datasets, silent(("w1", "w2"), "mask"))
     # The same at the sites: with two silent before dealing, nobody sends a masked input.
-    with pytest.raises(OperationError, match=r"2 sites dealt shares .* it stops here"):
+    with pytest.raises(
+        OperationError, match=r"2 sites of its neighbourhood dealt shares .* it stops here"
+    ):
         run_artifact(secure(operation), datasets, silent(("w1", "w2"), "share"))
     with pytest.raises(OperationError, match="a threshold of 2 of 4 sites is not a majority"):
         run_artifact(secure(operation, threshold=2), datasets)
@@ -316,13 +353,11 @@ def test_a_lying_scheduler_gets_at_most_one_of_a_sites_two_secrets() -> None:
 
 
 def test_a_site_restarted_mid_round_cannot_take_part(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flotta_mqtt.analytics.secagg import site
-
     datasets, _ = site_data()
     artifact = secure(Operation(name="count"))
     _, products = run_artifact(artifact, datasets)
     graph = bind(artifact, context())
-    monkeypatch.setattr(site, "VAULT", crypto.Vault())  # its memory is gone
+    monkeypatch.setattr(secagg_site, "VAULT", crypto.Vault())  # its memory is gone
     job = next(j for j in graph if (j.worker, j.operation.name) == ("w0", "secagg.share"))
     ctx = operations.JobContext(
         job=job_ready(artifact, job),

@@ -5,18 +5,22 @@ each consumes the products of every earlier round, so it sees who is still in:
 
 1. keys    every site advertises two X25519 public keys (U1: the sites that did).
 2. share   each site deals Shamir shares of its self-mask seed b and of its mask key s,
-           `threshold` of them needed, one sealed to each site of U1 (U2: dealers).
-3. mask    each site of U2 sends y = x + PRG(b) + Σ ±PRG(s_uv) over the other sites v of
+           `threshold` of them needed, one sealed to each site of its neighbourhood in U1
+           (U2: dealers).
+3. mask    each site of U2 sends y = x + PRG(b) + Σ ±PRG(s_uv) over its neighbours v in
            U2, the pairwise masks cancelling in the sum (U3: the sites that did).
 4. reveal  each site of U3 opens the shares dealt to it and reveals, for each dealer, the
            share of b if the dealer is in U3, else the share of s (U4: revealers).
 5. unmask  the initiator adds up y over U3, takes off each PRG(b) and, for each dealer that
-           dropped out before its masked input, its pairwise masks with U3.
+           dropped out before its masked input, its pairwise masks with its neighbours in U3.
+
+A neighbourhood is every site (SecAgg, Bonawitz et al. 2017) or, with `neighbours`, a
+site and its neighbours in SecAgg+'s sparse graph (Bell et al. 2020; site.neighbourhoods).
 
 The sum covers exactly the sites of U3: those whose masked input was in before the round
 closed, including any that dropped out later. Every site refuses to go on, and the
-initiator to unmask, with fewer than `threshold` sites in, and the threshold must be a
-majority of U1: no one can then be handed both shares of one site.
+initiator to unmask, with fewer than `threshold` sites of a neighbourhood in, and the
+threshold must be a majority of one: no one can then be handed both shares of one site.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from flotta_mqtt.analytics.secagg import shamir, summable
 from flotta_mqtt.analytics.secagg.crypto import SealError, expand, public_key, seal, unseal
 from flotta_mqtt.analytics.secagg.site import (
     SiteSecrets,
+    neighbourhoods,
     pair_seed,
     round_id,
     sealing_key,
@@ -67,6 +72,7 @@ class RoundParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     threshold: Threshold | None = None
+    neighbours: int | None = Field(default=None, ge=2)
 
 
 class SummedParams(RoundParams):
@@ -102,15 +108,17 @@ class Round:
 
     id: str
     node: str
+    params: RoundParams
     keys: dict[str, SecAggKeys] = field(default_factory=dict)
     shares: dict[str, SecAggShares] = field(default_factory=dict)
     masked: dict[str, SecAggMasked] = field(default_factory=dict)
     reveals: dict[str, SecAggReveal] = field(default_factory=dict)
     others: list[Any] = field(default_factory=list)  # inputs of the summed operation
+    _circles: dict[str, list[str]] | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def of(cls, ctx: JobContext) -> Round:
-        found = cls(round_id(ctx.job), ctx.node)
+    def of(cls, ctx: JobContext, params: RoundParams) -> Round:
+        found = cls(round_id(ctx.job), ctx.node, params)
         for product in ctx.inputs:
             kind = product.get("type") if isinstance(product, dict) else None
             if not (isinstance(kind, str) and kind.startswith("secagg_")):
@@ -143,9 +151,17 @@ class Round:
             "secagg_reveal": self.reveals,
         }
 
-    def threshold(self, params: RoundParams) -> int:
-        """The round's threshold over the sites that advertised keys: a strict majority."""
-        sites, asked = len(self.keys), params.threshold
+    def circle(self, site: str) -> list[str]:
+        """`site` and its neighbours among the sites that advertised keys."""
+        if self._circles is None:
+            self._circles = neighbourhoods(self.id, list(self.keys), self.params.neighbours)
+        return self._circles[site]
+
+    def threshold(self) -> int:
+        """How many of a neighbourhood (all sites, in SecAgg) must be in: a majority of it."""
+        # Every neighbourhood is as large: the graph is regular.
+        sites = len(self.circle(min(self.keys))) if self.keys else 0
+        asked = self.params.threshold
         if asked is None:
             asked = sites // 2 + 1
         elif isinstance(asked, float):
@@ -153,8 +169,9 @@ class Round:
         threshold = max(2, asked)
         if threshold > sites:
             raise OperationError(
-                f"secure aggregation needs {threshold} sites (its threshold), but only "
-                f"{sites} advertised keys: {', '.join(sorted(self.keys)) or 'none'}"
+                f"secure aggregation needs {threshold} sites (its threshold), but a "
+                f"neighbourhood holds {sites} of the sites that advertised keys: "
+                f"{', '.join(sorted(self.keys)) or 'none'}"
             )
         if 2 * threshold <= sites:
             raise OperationError(
@@ -213,10 +230,11 @@ class Deal(OperationDef):
     Params = RoundParams
 
     def local(self, params: RoundParams, ctx: JobContext) -> dict[str, Any]:
-        found = Round.of(ctx)
+        found = Round.of(ctx, params)
         mine = found.mine()
-        threshold = found.threshold(params)
-        points = {site: x for x, site in enumerate(sorted(found.keys), start=1)}
+        threshold = found.threshold()
+        every = {site: x for x, site in enumerate(sorted(found.keys), start=1)}
+        points = {site: every[site] for site in found.circle(ctx.node)}
         size = (threshold - 1) * shamir.COEFFICIENT_BYTES
         self_mask = shamir.split(
             int.from_bytes(mine.self_seed, "big"),
@@ -249,9 +267,12 @@ class Mask(OperationDef):
     Params = SummedParams
 
     def local(self, params: SummedParams, ctx: JobContext) -> dict[str, Any]:
-        found = Round.of(ctx)
+        found = Round.of(ctx, params)
         mine = found.mine()
-        found.enough(found.shares, found.threshold(params), "dealt shares")
+        dealt = {
+            site: found.shares[site] for site in found.circle(ctx.node) if site in found.shares
+        }
+        found.enough(dealt, found.threshold(), "of its neighbourhood dealt shares")
         definition, inner = lookup(params.operation)
         own = JobContext(ctx.job, ctx.node, found.others, ctx.data, ctx.cancelled)
         values = summable.summand(definition, inner, own)
@@ -260,7 +281,7 @@ class Mask(OperationDef):
             raise OperationError(f"{ctx.node}: {len(values)} numbers to sum, not {count}")
         masked = [value % masking.MODULUS for value in values]
         _add(masked, expand(mine.self_seed, count, masking.BITS))
-        for site in found.shares:
+        for site in dealt:
             if site != ctx.node:
                 seed = pair_seed(mine.mask, found.keys[site].mask_key, found.id, ctx.node, site)
                 _add(masked, expand(seed, count, masking.BITS), sign(ctx.node, site))
@@ -274,12 +295,16 @@ class Reveal(OperationDef):
     Params = RoundParams
 
     def local(self, params: RoundParams, ctx: JobContext) -> dict[str, Any]:
-        found = Round.of(ctx)
+        found = Round.of(ctx, params)
         mine = found.mine()
-        found.enough(found.masked, found.threshold(params), "sent masked inputs")
+        circle = found.circle(ctx.node)
+        masked = {site: found.masked[site] for site in circle if site in found.masked}
+        found.enough(masked, found.threshold(), "of its neighbourhood sent masked inputs")
         self_masks: dict[str, Share] = {}
         mask_keys: dict[str, Share] = {}
         for dealer, shares in found.shares.items():
+            if dealer not in circle:
+                continue
             box = shares.sealed.get(ctx.node)
             if box is None:
                 raise OperationError(f"{ctx.node}: {dealer} dealt it no share")
@@ -308,8 +333,8 @@ class Unmask(OperationDef):
     Params = SummedParams
 
     def aggregate(self, params: SummedParams, ctx: JobContext) -> Any:
-        found = Round.of(ctx)
-        threshold = found.threshold(params)
+        found = Round.of(ctx, params)
+        threshold = found.threshold()
         found.enough(found.masked, threshold, "sent masked inputs")
         found.enough(found.reveals, threshold, "revealed their shares")
         definition, inner = lookup(params.operation)
@@ -326,7 +351,7 @@ class Unmask(OperationDef):
             key = self._secret(found, dropped, threshold, lambda r: r.mask_keys)
             if public_key(key) != found.keys[dropped].mask_key:
                 raise OperationError(f"the shares revealed for {dropped} do not give its mask key")
-            for site in found.masked:
+            for site in set(found.masked) & set(found.circle(dropped)):
                 seed = pair_seed(key, found.keys[site].mask_key, found.id, dropped, site)
                 _add(total, expand(seed, count, masking.BITS), -sign(site, dropped))
         half = masking.MODULUS // 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import dataclass
 
 from flotta_mqtt.analytics.secagg.crypto import VAULT, agree, public_key
@@ -63,3 +65,23 @@ def pair_seed(private: bytes, peer: str, round_: str, a: str, b: str) -> bytes:
 def sign(site: str, other: str) -> int:
     """Whether `site` adds (+1) or subtracts (-1) the mask it shares with `other`."""
     return 1 if site < other else -1
+
+
+def neighbourhoods(round_: str, sites: list[str], neighbours: int | None) -> dict[str, list[str]]:
+    """Each site's neighbourhood, itself included: SecAgg+'s communication graph.
+
+    None (or as many neighbours as there are other sites): everyone, as in SecAgg. Else a
+    Harary graph: the sites on a ring shuffled by the round (so every node draws the same
+    one), each joined to the `neighbours // 2` nearest on either side. It is symmetric,
+    as pairwise masks need: u is v's neighbour exactly when v is u's.
+    """
+    ring = sorted(sites)
+    reach = (neighbours or len(ring)) // 2
+    if 2 * reach + 1 >= len(ring):
+        return {site: ring for site in ring}
+    random.Random(hashlib.sha256(round_.encode()).digest()).shuffle(ring)
+    n = len(ring)
+    return {
+        site: sorted(ring[(i + d) % n] for d in range(-reach, reach + 1))
+        for i, site in enumerate(ring)
+    }
