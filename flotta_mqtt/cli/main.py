@@ -304,9 +304,13 @@ def submit(
         console.print(f"submitted artifact {artifact.id}")
         if wait:
             try:
-                console.print_json(json.dumps(handle.result(timeout)))
+                result = handle.result(timeout)
             except ArtifactFailed as exc:
                 raise fail(str(exc)) from None
+            finished = handle.status()
+            if finished is not None and (finished.holders or finished.missing):
+                console.print(holders_text(finished), highlight=False)
+            console.print_json(json.dumps(result))
 
 
 @app.command()
