@@ -72,8 +72,9 @@ class StatusRequest(Message):
 
 
 # invalid: the request itself is wrong; unknown_artifact: no such artifact (or not the
-# requester's to see); quota: over a limit the reason names.
-RejectReason = Literal["invalid", "unknown_artifact", "quota"]
+# requester's to see); quota: over a limit the reason names; unavailable: the scheduler
+# could not record it now (its database refused the write): send it again later.
+RejectReason = Literal["invalid", "unknown_artifact", "quota", "unavailable"]
 
 
 class RequestRejected(Message):
