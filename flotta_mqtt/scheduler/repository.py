@@ -98,6 +98,13 @@ class Repository:
         with sqlite.transaction(self._db, "BEGIN IMMEDIATE"):
             yield
 
+    def probe(self) -> None:
+        """Commit a write that changes nothing (the header's user_version, set to what it
+        is, is written again): it fails as any commit would while writes are refused."""
+        with self.transaction():
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            self._db.execute(f"PRAGMA user_version = {int(version)}")
+
     def apply(self, writes: list[Write]) -> None:
         """Write what the core decided, in its order (inside the caller's transaction)."""
         for write in writes:

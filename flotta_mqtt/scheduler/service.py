@@ -280,10 +280,11 @@ class Scheduler:
         if clock.monotonic < self._retry_at:
             return
         try:
+            self.repository.probe()
             self._resume(self._new_core(), self.core.nodes)
         except Exception as exc:
             if not sqlite.is_refusal(exc):
-                raise
+                log.exception("scheduler: could not take up from its database again")
             self._stall([], exc)
             return
         held, self._held = self._held, []
@@ -291,12 +292,8 @@ class Scheduler:
             "scheduler: its database takes writes again; handling %d held messages", len(held)
         )
         self.fault = None
-        self._publish()
+        self.bus.withhold(False)
         self._carry_out(held, clock, len(held))  # stalls again if the database refuses it
-        if self.fault is None:
-            self.bus.withhold(False)
-            if self._inbox.empty():
-                self.bus.acknowledge()
 
     def _clock(self) -> Clock:
         now = time.monotonic()

@@ -263,7 +263,7 @@ class WorkerAgent:
         self._unwritten = []
         if self._fault is not None:
             log.warning(
-                "worker %s: the journal takes writes again; %d jobs waiting start now",
+                "worker %s: the journal takes writes again; starting the %d jobs that waited",
                 self.name,
                 len(self._deferred),
             )
