@@ -1,8 +1,8 @@
 """`python -m flotta_mqtt.broker {start,identities,tls,bridge}`: run and equip a broker.
 
-`python -m flotta_mqtt.broker [PORT] [DIR]` is `start`: a broker until Ctrl-C, anonymous on
-loopback for development; `--identities` makes it require passwords, `--tls` adds
-certificates, and both are needed to listen on any address other than loopback.
+`python -m flotta_mqtt.broker [PORT] [DIR]` is `start`: a broker until Ctrl-C that requires
+passwords (`--identities`) unless `--anonymous` asks for a development broker; `--tls` adds
+certificates, and both identities and TLS are needed to listen beyond loopback.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ COMMANDS = ("start", "identities", "tls", "bridge")
 
 def start(args: argparse.Namespace) -> None:
     exposed = [bind for bind in (args.bind, args.websockets_bind) if not _loopback(bind)]
+    if args.identities is None and not args.anonymous:
+        raise ValueError(
+            "a broker without --identities DIR (passwords) lets any local process act as "
+            "any node: give --identities DIR, or --anonymous for a development broker"
+        )
     if exposed and (args.identities is None or args.tls is None):
         raise ValueError(
             f"listening on {', '.join(exposed)} (not loopback) needs --identities DIR "
@@ -139,6 +144,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--websockets", type=int, metavar="PORT", help="also MQTT over WebSockets")
     run.add_argument("--websockets-bind", default="127.0.0.1", help="its address")
     run.add_argument("--identities", type=Path, help="directory made by `identities`")
+    run.add_argument(
+        "--anonymous", action="store_true", help="no passwords: development, loopback only"
+    )
     run.add_argument("--tls", type=Path, help="directory made by `tls`: a TLS listener")
     run.add_argument("--bridge", type=Path, action="append", default=[], help="bridge file")
     run.set_defaults(handler=start)

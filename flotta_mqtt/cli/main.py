@@ -16,13 +16,11 @@ from rich.table import Table
 from flotta_mqtt.cli.errors import TIMED_OUT, Command, debugging, fail, set_debug
 from flotta_mqtt.cli.serving import serve
 from flotta_mqtt.cli.settings import broker_options, node_config
-from flotta_mqtt.cli.views import holders_text
+from flotta_mqtt.cli.views import holders_text, jobs_table
 from flotta_mqtt.client.client import ArtifactFailed, Client, NoSuchArtifact
-from flotta_mqtt.client.times import clock
 from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import Artifact, Tasks, Workflow
 from flotta_mqtt.nodes import SchedulerNode
-from flotta_mqtt.protocol import ArtifactStatus
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings, load_yaml
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
@@ -135,6 +133,18 @@ def scheduler(
             help="password of the embedded initiator's own identity, NAME.initiator",
         ),
     ] = None,
+    admin: Annotated[
+        list[str] | None,
+        typer.Option(envvar="FLOTTA_ADMINS", help="client id that may prune, repeatable"),
+    ] = None,
+    prune_older_than: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLOTTA_PRUNE_OLDER_THAN",
+            help="prune artifacts finished longer ago than this (90s, 15m, 12h, 7d), "
+            "at start and periodically",
+        ),
+    ] = None,
     log_level: LogOpt = "INFO",
     log_format: LogFormatOpt = "text",
 ) -> None:
@@ -150,6 +160,8 @@ def scheduler(
             "metrics_port": metrics_port,
             "registry": registry,
             "default_deadline": default_deadline,
+            "admins": admin or None,
+            "prune_older_than": prune_older_than,
             "broker": broker_options(broker, username, password, ca_file),
             "storage": {"url": storage} if storage else {},
         },
@@ -335,45 +347,7 @@ def status(
     if current.holders or current.missing:
         console.print(holders_text(current), highlight=False)
     if current.jobs:
-        console.print(_jobs_table(current))
-
-
-def _jobs_table(current: ArtifactStatus) -> Table:
-    """One row per job: where it ran, how it went, how long it took."""
-    table = Table(title="jobs")
-    for column in (
-        "job",
-        "step",
-        "worker",
-        "state",
-        "attempt",
-        "started",
-        "duration",
-        "size",
-        "exit",
-        "error",
-    ):
-        table.add_column(column)
-    for job in current.jobs or []:
-        started = clock(job.started_at, millis=True)
-        duration = (
-            f"{job.finished_at - job.started_at:.3f} s"
-            if job.started_at and job.finished_at
-            else ""
-        )
-        table.add_row(
-            escape(job.name or str(job.id)),
-            job.step,
-            escape(job.worker),
-            job.state,
-            str(job.attempt),
-            started,
-            duration,
-            "" if job.size is None else str(job.size),
-            "" if job.exit_code is None else str(job.exit_code),
-            escape(job.error or ""),
-        )
-    return table
+        console.print(jobs_table(current))
 
 
 @app.command()
@@ -432,7 +406,7 @@ def demo(
     raise typer.Exit(code=run_demo(rows=rows, seed=seed, console=console))
 
 
-from flotta_mqtt.cli import observe  # noqa: E402, F401  (registers watch, graph, dashboard, …)
+from flotta_mqtt.cli import observe, prune  # noqa: E402, F401  (registers watch, graph, prune, …)
 
 if __name__ == "__main__":
     app()

@@ -83,6 +83,7 @@ def absolute(config: Config) -> Config:
         update["datasets"] = {
             project: _absolute_paths(spec) for project, spec in config.datasets.items()
         }
+        update["policy"] = config.policy.absolute()
     return config.model_copy(update=update)
 
 

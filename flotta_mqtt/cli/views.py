@@ -187,3 +187,41 @@ def capabilities_text(node: NodePresence) -> str:
     if node.operations:
         parts.append(f"{len(node.operations)} operations")
     return "\n".join(parts)
+
+
+def jobs_table(current: ArtifactStatus) -> Table:
+    """One row per job: where it ran, how it went, how long it took."""
+    table = Table(title="jobs")
+    for column in (
+        "job",
+        "step",
+        "worker",
+        "state",
+        "attempt",
+        "started",
+        "duration",
+        "size",
+        "exit",
+        "error",
+    ):
+        table.add_column(column)
+    for job in current.jobs or []:
+        started = clock(job.started_at, millis=True)
+        duration = (
+            f"{job.finished_at - job.started_at:.3f} s"
+            if job.started_at and job.finished_at
+            else ""
+        )
+        table.add_row(
+            escape(job.name or str(job.id)),
+            job.step,
+            escape(job.worker),
+            job.state,
+            str(job.attempt),
+            started,
+            duration,
+            "" if job.size is None else str(job.size),
+            "" if job.exit_code is None else str(job.exit_code),
+            escape(job.error or ""),
+        )
+    return table

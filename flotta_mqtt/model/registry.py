@@ -25,6 +25,7 @@ class WorkerEntry(BaseModel):
     projects: list[SafeId] = Field(default_factory=list)
     executors: list[str] = Field(default_factory=list)  # workflow task executors
     allow_code: bool = False  # may run `@distributed` functions and the python executor
+    tenants: list[SafeId] | None = None  # whose artifacts it takes part in; None: everyone's
 
 
 class WorkbenchEntry(BaseModel):
@@ -65,9 +66,18 @@ class Registry(BaseModel):
             raise ValueError(f"named more than once: {', '.join(repeated)}")
         return self
 
-    def holders(self, project: str) -> list[str]:
-        """The workers registered as holding a project's data, by name."""
-        return sorted(name for name, entry in self.workers.items() if project in entry.projects)
+    def holders(self, project: str, tenant: str) -> list[str]:
+        """The workers registered as holding a project's data for a tenant, by name."""
+        return sorted(
+            name
+            for name, entry in self.workers.items()
+            if project in entry.projects and self.serves(name, tenant)
+        )
+
+    def serves(self, worker: str, tenant: str) -> bool:
+        """Whether a registered worker takes part in a tenant's artifacts."""
+        entry = self.workers.get(worker)
+        return entry is not None and (entry.tenants is None or tenant in entry.tenants)
 
     def executors(self, worker: str) -> set[str]:
         """What a registered worker may run (the code executor only if it may run code)."""

@@ -4,7 +4,8 @@ Layout (ROOT carries the protocol version, so two versions can share a broker):
   {ROOT}/requests/{client}/submit   workbench → scheduler: an Artifact
   {ROOT}/requests/{client}/cancel   workbench → scheduler: CancelArtifact
   {ROOT}/requests/{client}/status   workbench → scheduler: StatusRequest
-  {ROOT}/replies/{client}           scheduler → workbench: RequestRejected
+  {ROOT}/requests/{client}/prune    workbench → scheduler: PruneRequest (administrators)
+  {ROOT}/replies/{client}           scheduler → workbench: RequestRejected, PruneReport
   {ROOT}/artifacts/{owner}/{id}/status  scheduler → its owner (and viewers): ArtifactStatus
                                     (retained)
   {ROOT}/artifacts/{owner}/{id}/locks   scheduler → its owner (and viewers): LocksReleased
@@ -35,6 +36,7 @@ class Channel(StrEnum):
     SUBMIT = "submit"
     CANCEL = "cancel"
     ASK = "ask"  # a StatusRequest
+    PRUNE = "prune"
     REPLY = "reply"
     STATUS = "status"
     LOCKS = "locks"
@@ -54,6 +56,10 @@ def cancel(client: str) -> str:
 
 def ask(client: str) -> str:
     return f"{ROOT}/requests/{client}/status"
+
+
+def prune(client: str) -> str:
+    return f"{ROOT}/requests/{client}/prune"
 
 
 def reply(client: str) -> str:
@@ -118,6 +124,7 @@ _THREE_LEVELS = {
     ("requests", "submit"): Channel.SUBMIT,
     ("requests", "cancel"): Channel.CANCEL,
     ("requests", "status"): Channel.ASK,
+    ("requests", "prune"): Channel.PRUNE,
     ("workers", "jobs"): Channel.JOBS,
     ("workers", "control"): Channel.CONTROL,
 }

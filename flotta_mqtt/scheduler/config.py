@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flotta_mqtt.model import SafeId
+from flotta_mqtt.model.durations import MAX_DURATION, Duration
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
 BURST = 500  # the most messages handled in one transaction
@@ -62,6 +63,12 @@ class SchedulerConfig(BaseModel):
     initiator_plugins: list[str] = Field(default_factory=list)
     # Serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port); None: off.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # Client ids that may prune (requests/{client}/prune): the topic names the sender
+    # only where broker identities make every client write under its own name.
+    admins: list[SafeId] = Field(default_factory=list)
+    # Prune artifacts finished longer ago than this (seconds, or `7d`), at start and then
+    # periodically (see scheduler/retention.py); None: keep them until a prune request.
+    prune_older_than: Annotated[Duration, Field(gt=0, le=MAX_DURATION)] | None = None
 
     @property
     def initiator(self) -> str:

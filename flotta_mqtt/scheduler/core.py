@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,22 +19,14 @@ from flotta_mqtt.logs import log_context
 from flotta_mqtt.model import (
     Artifact,
     ArtifactState,
-    IllegalTransition,
     JobState,
     Registry,
-    StaleAttempt,
 )
 from flotta_mqtt.protocol import (
     CancelArtifact,
-    JobAccepted,
-    JobFailed,
-    JobFinished,
-    JobHeartbeat,
-    JobProgress,
-    JobRef,
-    JobStarted,
     NodePresence,
     ProtocolError,
+    PruneRequest,
     StatusRequest,
     decode,
     topics,
@@ -56,13 +48,22 @@ from flotta_mqtt.scheduler.effects import (
     SaveNode,
     Tick,
 )
+from flotta_mqtt.scheduler.events import WorkerEvents
 from flotta_mqtt.scheduler.intake import message_ids, named_artifact, rejection
 from flotta_mqtt.scheduler.jobs import JobFlow
-from flotta_mqtt.scheduler.membership import Waiting, admit, expected_holders, members, waiting_on
+from flotta_mqtt.scheduler.membership import (
+    Waiting,
+    admit,
+    expected_holders,
+    members,
+    serving,
+    waiting_on,
+)
 from flotta_mqtt.scheduler.metrics import Gauges, SchedulerMetrics
 from flotta_mqtt.scheduler.quotas import Quotas
 from flotta_mqtt.scheduler.records import ArtifactRecord
 from flotta_mqtt.scheduler.resends import ResendPolicy
+from flotta_mqtt.scheduler.retention import Retention
 from flotta_mqtt.scheduler.retries import RetryPolicy
 from flotta_mqtt.scheduler.running import check_running
 
@@ -112,8 +113,11 @@ class SchedulerCore:
         )
         self.flow = JobFlow(self.announcements, metrics, policies.retries, self.quotas)
         self.artifacts: dict[str, ArtifactRecord] = {}  # unfinished, in memory
+        self.events = WorkerEvents(self.artifacts, self.flow, self.announcements, policies.resends)
+        self.retention = Retention(config, registry)
         self.nodes: dict[str, NodePresence] = {}
-        self._known: dict[str, str] = {}  # every artifact id ever stored → its owner
+        # Every artifact id stored (and not pruned since) → its owner.
+        self._known: dict[str, str] = {}
         self._started_at = 0.0
 
     # --- entry points -------------------------------------------------------------------
@@ -122,11 +126,13 @@ class SchedulerCore:
         self,
         nodes: Iterable[NodePresence],
         known: dict[str, str],
+        finished: Mapping[str, float],
         unfinished: Iterable[ArtifactRecord],
         clock: Clock,
     ) -> Decision:
         """Take up what the repository holds (after a start, a crash or a restart):
-        ready jobs are dispatched, dispatched and running ones asked about again."""
+        ready jobs are dispatched, dispatched and running ones asked about again; the
+        final artifacts, with when they finished, wait for their prune."""
         decision = Decision()
         self.flow.begin(decision, clock)
         self._started_at = clock.monotonic
@@ -136,6 +142,7 @@ class SchedulerCore:
             if admitted is not None:
                 self.nodes[node.node] = admitted.model_copy(update={"online": False})
         self._known = known
+        self.retention.restore(finished, clock.monotonic)
         now = clock.monotonic
         for record in unfinished:
             self.artifacts[record.id] = record
@@ -154,7 +161,7 @@ class SchedulerCore:
                         record.attempts.started_at[job_id] = now
                         record.attempts.last_seen[job_id] = now
                     decision.publish.append(self.flow.job_ready(record, job_id))
-        self.announcements.collect(self.artifacts, self._known, clock, decision)
+        self._collect(clock, decision)
         return self.flow.end()
 
     def handle(self, events: Sequence[Event], clock: Clock) -> Decision:
@@ -168,8 +175,14 @@ class SchedulerCore:
                 self._resend(self.policies.resends.to_resend(self.artifacts.values(), 0.0))
             elif isinstance(event, Tick):
                 self._tick(clock)
-        self.announcements.collect(self.artifacts, self._known, clock, decision)
+        self.retention.prune(self._known, clock, decision)
+        self._collect(clock, decision)
         return self.flow.end()
+
+    def _collect(self, clock: Clock, decision: Decision) -> None:
+        """The burst's announcements; the artifacts they end leave for the retention's care."""
+        self.announcements.collect(self.artifacts, self._known, clock, decision)
+        self.retention.ended(decision.statuses)
 
     def next_status_due(self) -> float | None:
         """When a folded status falls due (monotonic), if one waits."""
@@ -179,21 +192,13 @@ class SchedulerCore:
         """When pending acknowledgements fall due (monotonic), if any wait."""
         return self.announcements.acks_due
 
+    def next_prune_due(self) -> float | None:
+        """When pruning is due (monotonic; at once while a prune is under way), if ever."""
+        return self.retention.due
+
     def snapshot(self) -> Gauges:
-        """The present, for metrics: unfinished artifacts and their jobs by state, jobs
-        waiting out a retry backoff, jobs dispatched to or running on each worker."""
-        gauges = Gauges()
-        for record in self.artifacts.values():
-            gauges.artifacts[str(record.state)] += 1
-            for state, n in record.counts.items():
-                gauges.jobs[str(state)] += n
-            gauges.retry_pending += len(record.attempts.retry_at)
-            if record.graph is None:
-                continue
-            for job_id in record.attempts.dispatched_at:
-                if record.jobs[job_id].state in (JobState.DISPATCHED, JobState.RUNNING):
-                    gauges.queue_depth[record.worker(job_id)] += 1
-        return gauges
+        """The present, for metrics (see Gauges.of)."""
+        return Gauges.of(self.artifacts.values())
 
     # --- messages -------------------------------------------------------------------------
 
@@ -230,10 +235,12 @@ class SchedulerCore:
             self._submit(message, client=address.name)
         elif address.channel in (Channel.CANCEL, Channel.ASK):
             self._about(address, message)
+        elif address.channel is Channel.PRUNE:
+            self._prune(address.name, message)
         elif address.channel is Channel.PRESENCE:
             self._presence(address.name, message)
         elif address.channel is Channel.EVENTS:
-            self._event(address.name, message)
+            self.events.handle(address.name, message)
         else:
             log.error("scheduler: unexpected %s message", address.channel)
 
@@ -247,7 +254,7 @@ class SchedulerCore:
             error = f"artifact ID {artifact.id} is taken: submit it under another ID"
             self._reject(topics.submit(client), error, artifact.id)
             return
-        holders = len(expected_holders(artifact.project, self.registry, self.nodes))
+        holders = len(expected_holders(artifact, client, self.registry, self.nodes))
         refusal = self.quotas.refusal(client, artifact, holders)
         if refusal is not None:
             self._reject(topics.submit(client), refusal, artifact.id, "quota")
@@ -263,12 +270,13 @@ class SchedulerCore:
         self._try_bind(record)
 
     def _try_bind(self, record: ArtifactRecord) -> None:
-        taking_part = members(record.artifact, self.registry, self.nodes)
+        nodes = serving(record.client, self.registry, self.nodes)
+        taking_part = members(record.artifact, record.client, self.registry, nodes)
         if isinstance(taking_part, Waiting):
             if taking_part.final:
                 self.flow.fail(record, "QuorumUnreachable", taking_part.message)
             return  # a holder coming online, or the deadline, settles it
-        outcome = bind_artifact(record.artifact, self.nodes, self.initiator, taking_part)
+        outcome = bind_artifact(record.artifact, nodes, self.initiator, taking_part)
         if not isinstance(outcome, Refused):
             self.flow.run(record, outcome)
         elif outcome.final or not self.policies.deadlines.awaiting_workers(
@@ -306,6 +314,14 @@ class SchedulerCore:
         registry = self.registry
         return registry is None or client == owner or registry.is_admin(client)
 
+    def _prune(self, client: str, request: PruneRequest) -> None:
+        """An administrator's prune is under way from this burst on; anyone else's is refused."""
+        if not self.retention.allowed(client):
+            error = f"{client} may not prune: only the scheduler's admins may"
+            self._reject(topics.prune(client), error, None, "forbidden")
+            return
+        self.retention.request(client, request.older_than, self.flow.clock.wall)
+
     def _presence(self, node: str, presence: NodePresence) -> None:
         if presence.node != node:
             log.error("scheduler: presence on %s names %s: ignored", node, presence.node)
@@ -333,82 +349,6 @@ class SchedulerCore:
         for record, job_id in due:
             self.flow.resend(record, job_id)
 
-    def _event(self, worker: str, event: Any) -> None:
-        resends = self.policies.resends
-        if isinstance(event, JobHeartbeat):
-            self._heartbeat(worker, event)
-            return
-        resends.heard(worker, self.flow.arrived)
-        ref: JobRef = event.job
-        final = isinstance(event, JobFinished | JobFailed)
-        record = self.artifacts.get(ref.artifact_id)
-        if record is not None and ref.job_id < len(record.jobs):
-            sent = record.attempts.dispatched_at.get(ref.job_id)
-            if sent is not None and record.jobs[ref.job_id].attempt == ref.attempt:
-                resends.answered(worker, sent)
-        if record is None or record.graph is None:
-            if final and ref.artifact_id in self._known:
-                # The artifact is over: stop the worker re-sending.
-                self.announcements.acknowledge(worker, ref)
-            return
-        if ref.job_id >= len(record.jobs):
-            log.error(
-                "scheduler: %s reported job %s of %s, which has no such job",
-                worker,
-                ref.job_id,
-                ref.artifact_id,
-            )
-            return
-        owner = record.worker(ref.job_id)
-        if worker != owner:
-            log.error(
-                "scheduler: %s reported on job %s/%s, which was given to %s: ignored",
-                worker,
-                ref.artifact_id,
-                ref.job_id,
-                owner,
-            )
-            return
-        if final:
-            self.announcements.acknowledge(worker, ref)
-        try:
-            self._job_event(record, event)
-        except (StaleAttempt, IllegalTransition) as exc:
-            # A duplicate or a late event of an abandoned attempt: it changes nothing.
-            log.debug("scheduler: ignored %s from %s: %s", event.event, worker, exc)
-
-    def _job_event(self, record: ArtifactRecord, event: Any) -> None:
-        ref: JobRef = event.job
-        status = record.jobs[ref.job_id]
-        if isinstance(event, JobAccepted):
-            if status.attempt == ref.attempt:
-                record.attempts.accepted.add(ref.job_id)
-        elif isinstance(event, JobStarted):
-            self.flow.started(record, ref, event.at)
-        elif isinstance(event, JobFinished):
-            self.flow.finished(record, event)
-        elif isinstance(event, JobFailed):
-            if status.attempt != ref.attempt or status.final:
-                return  # a late or repeated failure report: already handled
-            if status.state is JobState.DISPATCHED and event.started_at is not None:
-                ran_for = event.finished_at - event.started_at
-                self.flow.started_unannounced(record, ref.job_id, ran_for)
-            self.flow.failed(record, ref, event.error, event.finished_at, event.exit_code)
-        elif isinstance(event, JobProgress):
-            log.info("job %s/%s: %s", ref.artifact_id, ref.job_id, event.message)
-
-    def _heartbeat(self, worker: str, beat: JobHeartbeat) -> None:
-        self.policies.resends.heard(worker, self.flow.arrived)
-        now = self.flow.clock.monotonic
-        for ref in beat.jobs:
-            record = self.artifacts.get(ref.artifact_id)
-            if record is None or record.graph is None or ref.job_id >= len(record.jobs):
-                continue
-            if record.worker(ref.job_id) != worker:
-                continue
-            if record.jobs[ref.job_id].attempt == ref.attempt:
-                record.attempts.last_seen[ref.job_id] = now
-
     # --- timers ---------------------------------------------------------------------------
 
     def _tick(self, clock: Clock) -> None:
@@ -431,4 +371,6 @@ class SchedulerCore:
                 if clock.monotonic >= due:
                     del retry_at[job_id]
                     self.flow.dispatch(record, job_id)
-            check_running(record, clock.monotonic, self.flow, self.policies, self.nodes)
+            check_running(
+                record, clock.monotonic, self.flow, self.policies, self.nodes, self.registry
+            )

@@ -56,7 +56,7 @@ def rejection(
         address = topics.parse(topic)
     except topics.TopicError:
         return None
-    if address.channel not in _NAMED_BY:
+    if address.channel not in _REQUESTS:
         return None
     message = RequestRejected(topic=topic, error=error, artifact_id=artifact_id, reason=reason)
     return topics.reply(address.name), message, False
@@ -74,16 +74,19 @@ def refusals(events: list[Event], error: str) -> tuple[list[Outgoing], list[Even
             rest.append(event)
             continue
         artifact_id = named_artifact(event.topic, event.payload)
-        what = f"the {kind} of {artifact_id or 'an artifact'} was not recorded"
+        what = f"the {kind}{f' of {artifact_id}' if artifact_id else ''} was not recorded"
         answer = rejection(event.topic, f"{what}: {error}", artifact_id, "unavailable")
         if answer is not None:
             answers.append(answer)
     return answers, rest
 
 
+# The channels of requests, answered if they cannot be handled; those that write.
+_REQUESTS = (Channel.SUBMIT, Channel.CANCEL, Channel.ASK, Channel.PRUNE)
 _RECORDED: dict[Channel | None, str] = {
     Channel.SUBMIT: "submission",
     Channel.CANCEL: "cancellation",
+    Channel.PRUNE: "prune request",
 }
 
 

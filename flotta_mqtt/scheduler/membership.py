@@ -57,12 +57,29 @@ def admit(presence: NodePresence, registry: Registry | None, initiator: str) -> 
     )
 
 
+def serving(
+    client: str, registry: Registry | None, nodes: Mapping[str, NodePresence]
+) -> dict[str, NodePresence]:
+    """The nodes that take part in `client`'s artifacts: those the registry lets serve its
+    tenant (and the initiator); every node without a registry."""
+    if registry is None:
+        return dict(nodes)
+    tenant = registry.tenant(client)
+    return {
+        name: node
+        for name, node in nodes.items()
+        if node.initiator or registry.serves(name, tenant)
+    }
+
+
 def expected_holders(
-    project: str, registry: Registry | None, nodes: Mapping[str, NodePresence]
+    artifact: Artifact, client: str, registry: Registry | None, nodes: Mapping[str, NodePresence]
 ) -> list[str]:
-    """Who should hold a project's data: the registry's holders, else those heard from."""
+    """Who should hold an artifact's data: the holders the registry names for its owner's
+    tenant, else those heard from."""
     if registry is not None:
-        return registry.holders(project)
+        return registry.holders(artifact.project, registry.tenant(client))
+    project = artifact.project
     return sorted(n.node for n in nodes.values() if not n.initiator and project in n.projects)
 
 
@@ -74,10 +91,10 @@ def quorum_size(quorum: int | float, expected: int) -> int:
 
 
 def members(
-    artifact: Artifact, registry: Registry | None, nodes: Mapping[str, NodePresence]
+    artifact: Artifact, client: str, registry: Registry | None, nodes: Mapping[str, NodePresence]
 ) -> Members | Waiting:
-    """Who an artifact binds to now, or why it must wait for more holders."""
-    expected = expected_holders(artifact.project, registry, nodes)
+    """Who `client`'s artifact binds to now, or why it must wait for more holders."""
+    expected = expected_holders(artifact, client, registry, nodes)
     if artifact.quorum is None:
         return Members(expected, [])
     online = [name for name in expected if _online(nodes, name)]
@@ -102,7 +119,7 @@ def waiting_on(
 ) -> str:
     """Who an unfinished artifact still waits on, for the reason it fails at its deadline."""
     if record.context is None or record.graph is None:
-        taking_part = members(record.artifact, registry, nodes)
+        taking_part = members(record.artifact, record.client, registry, nodes)
         return taking_part.message if isinstance(taking_part, Waiting) else "not yet bound"
     unfinished = {
         record.worker(job_id)

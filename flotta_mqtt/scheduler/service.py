@@ -2,15 +2,18 @@
 
 One thread does all the work, the bus's network work included (an unthreaded bus): it
 reads what has arrived, takes it (up to BURST messages, never waiting for more), has the
-core decide, writes the decisions in one transaction, commits, and only then publishes
-(the jobs made ready first, then the statuses built from what was committed) and lets
-the broker forget what it delivered. A wake with nothing to write opens no transaction.
+core decide, writes the decisions in one transaction, commits, and only then deletes what
+the database no longer names (a pruned artifact's store objects and retained status) and
+publishes (the jobs made ready first, then the statuses built from what was committed)
+and lets the broker forget what it delivered. A wake with nothing to write opens no
+transaction.
 
 A commit the database refuses (its disk full or read-only, the file deleted) publishes
 nothing of the burst. The core has run ahead of the database, so it is set aside: until
 a fresh core restored from the database commits, the scheduler acknowledges nothing more
-to the broker, holds what arrives to handle it then, and refuses each submission and
-cancellation at once, saying it could not be recorded. It tries every STORE_RETRY s.
+to the broker, holds what arrives to handle it then, and refuses each submission,
+cancellation and prune at once, saying it could not be recorded. It tries every
+STORE_RETRY s.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 from flotta_mqtt import sqlite
 from flotta_mqtt.protocol import JobReady, NodePresence, Resource, topics
-from flotta_mqtt.scheduler.announcements import build_status, restamp
+from flotta_mqtt.scheduler.announcements import build_status
 from flotta_mqtt.scheduler.config import BURST, TICK, SchedulerConfig
 from flotta_mqtt.scheduler.core import Policies, SchedulerCore
 from flotta_mqtt.scheduler.effects import (
@@ -169,7 +172,13 @@ class Scheduler:
             row = repository.artifact(artifact_id)
             assert row is not None
             unfinished.append(restore(row, repository.jobs(artifact_id)))
-        decision = core.restore(repository.nodes(), repository.owners(), unfinished, self._clock())
+        decision = core.restore(
+            repository.nodes(),
+            repository.owners(),
+            repository.finished_artifacts(),
+            unfinished,
+            self._clock(),
+        )
         if nodes is not None:
             core.nodes = dict(nodes)
         commit(self.repository, decision)
@@ -212,10 +221,9 @@ class Scheduler:
 
     def _wake_at(self, next_tick: float) -> float:
         """When the core is due to look again (monotonic), whatever arrives meanwhile."""
-        status_due = self.core.next_status_due()
-        ack_due = self.core.next_ack_due()
-        wake = next_tick if status_due is None else min(next_tick, status_due)
-        return wake if ack_due is None else min(wake, ack_due)
+        core = self.core
+        dues = (core.next_status_due(), core.next_ack_due(), core.next_prune_due())
+        return min([next_tick, *(due for due in dues if due is not None)])
 
     def _carry_out(self, events: list[Event], clock: Clock, received: int) -> None:
         """Have the core decide on a burst, then write, commit and publish what it did."""
@@ -229,6 +237,7 @@ class Scheduler:
                 log.exception("scheduler: a burst of %d messages failed", received)
                 self._out.clear()
             return
+        self._discard(decision.pruned)
         self._out += decision.publish
         self._publish()
         if self._inbox.empty():  # all received is committed: the broker may forget it
@@ -332,33 +341,51 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler: could not publish on %s", topic)
 
+    @property
+    def store(self) -> ResourceStore:
+        """The resource store, opened when first needed."""
+        if self._store is None:
+            self._store = ResourceStore.of(self.config.storage)
+        return self._store
+
     def _results_manifest(self, artifact_id: str, results: list[Resource]) -> Resource | None:
         """Store the list of an artifact's results; the status carries where it is."""
         try:
-            if self._store is None:
-                self._store = ResourceStore(self.config.storage.url, self.config.storage.options)
             data = json.dumps([r.model_dump(mode="json") for r in results]).encode()
-            return self._store.put(
-                self._store.results_url(artifact_id), data, media_type=RESULTS_MANIFEST
+            return self.store.put(
+                self.store.results_url(artifact_id), data, media_type=RESULTS_MANIFEST
             )
         except Exception:
             log.exception("scheduler: could not store the results of %s", artifact_id)
             return None
 
+    def _discard(self, pruned: list[tuple[str, str]]) -> None:
+        """Delete what pruned artifacts left outside the database (their rows are gone,
+        committed): their store objects, and their retained status (an empty retained
+        message clears it), before the prune's report goes out."""
+        for owner, artifact_id in pruned:
+            try:
+                self.store.delete_tree(self.store.artifact_root(artifact_id))
+            except Exception:
+                log.exception("scheduler: the store objects of pruned %s remain", artifact_id)
+            try:
+                self.bus.publish_raw(topics.status(owner, artifact_id), b"", retain=True)
+            except Exception:
+                log.exception("scheduler: the retained status of pruned %s remains", artifact_id)
+
 
 def commit(repository: Repository, decision: Decision) -> None:
-    """Write what the core decided, and re-stamp the stored statuses it asked to announce
-    (adding them to the decision's statuses), in one transaction; none when there is
-    nothing to write."""
-    if not decision.writes and not decision.stored:
-        return
-    with repository.transaction():
-        repository.apply(decision.writes)
-        for artifact_id in decision.stored:
-            row = repository.artifact(artifact_id)
-            if row is None:
-                continue
-            record = restore(row, repository.jobs(artifact_id) if row.context else [])
-            wall = time.time()
-            repository.apply([restamp(record, wall)])
-            decision.statuses.append((record, wall))
+    """Write what the core decided in one transaction (none when there is nothing to
+    write), and add the stored statuses it asked to announce again to its statuses.
+
+    A finished artifact's status is announced again as stored, with its seq unchanged: a
+    reader that has it already ignores it, and asking about an artifact writes nothing."""
+    if decision.writes:
+        with repository.transaction():
+            repository.apply(decision.writes)
+    for artifact_id in decision.stored:
+        row = repository.artifact(artifact_id)
+        if row is None:
+            continue
+        record = restore(row, repository.jobs(artifact_id) if row.context else [])
+        decision.statuses.append((record, time.time()))

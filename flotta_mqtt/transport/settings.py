@@ -22,6 +22,9 @@ from flotta_mqtt.model.errors import describe
 DAY = 24 * 3600
 SCHEMES = ("mqtt", "mqtts", "memory")  # memory://NAME: the in-memory broker of this process
 ACCEPTED = "mqtt://host:port, mqtts://host:port or memory://name"
+# The most bytes one read of the store may hold: a Resource declaring more is refused
+# before anything is opened (StorageSettings.max_read_bytes).
+MAX_READ_BYTES = 256 * 1024 * 1024
 
 
 def _url_problem(url: str) -> str | None:
@@ -116,12 +119,17 @@ class BrokerSettings(BaseModel):
 
 
 class StorageSettings(BaseModel):
-    """The shared resource store: file:// (default) or s3:// with its options."""
+    """The shared resource store: file:// (default) or s3:// with its options.
+
+    A node opens only URLs under `url`, and reads at most `max_read_bytes` of one resource
+    (products, job files, workspaces, call arguments and outcomes).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     url: str = "file://./flotta-store"
     options: dict[str, Any] = Field(default_factory=dict)
+    max_read_bytes: int = Field(default=MAX_READ_BYTES, ge=1)
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

@@ -88,9 +88,15 @@ class Attempts:
         self._by_job[(held.job.artifact_id, held.job.job_id)] = attempt
         return attempt
 
+    def drop(self, attempt: Attempt) -> None:
+        """Forget a cancelled attempt: a re-send of it is new."""
+        key = (attempt.job.artifact_id, attempt.job.job_id)
+        if self._by_job.get(key) is attempt:
+            del self._by_job[key]
+
     def of(self, work: Work) -> Attempt | None:
         """The attempt a runner's work belongs to, unless it was forgotten since: a job
-        taken again after being forgotten has a new attempt, not this one."""
+        taken again after being dropped or acknowledged has a new attempt, not this one."""
         attempt = self.get(work.job.ref)
         return attempt if attempt is not None and attempt.cancelled is work.cancelled else None
 
@@ -101,14 +107,19 @@ class Attempts:
             attempt.started_at = at
             self._starting.append((clock + STARTED_AFTER, attempt))
 
-    def finished(self, work: Work, final: Final | None, now: float) -> Final | None:
-        """Its runner is through: the result to publish, unless nobody wants it any more
-        (cancelled, replaced, or the run broke)."""
+    def finished(self, work: Work, final: Final | None, now: float) -> Final | JobRef | None:
+        """Its runner is through: the result to publish; or, for an attempt the scheduler
+        cancelled, its ref: it is forgotten here, and the agent forgets it in the journal
+        (nothing will ever acknowledge it, and a restart must not run it again); or None
+        when nobody wants a result any more (replaced, or the run broke)."""
         attempt = self.of(work)
         if attempt is None:
             return None
         attempt.done = True
-        if final is None or attempt.cancelled.is_set():
+        if attempt.cancelled.is_set():
+            self.drop(attempt)
+            return attempt.job.ref
+        if final is None:
             return None
         attempt.final = final
         attempt.first_sent = attempt.sent_at = now

@@ -38,7 +38,8 @@ _FINAL: TypeAdapter[Final] = TypeAdapter(Final)
 @dataclass
 class Changes:
     """What one look of the agent changes: jobs taken, results the scheduler recorded
-    (forgotten), results published (kept until then), written in that order."""
+    and attempts it cancelled (forgotten), results published (kept until then), written
+    in that order."""
 
     hold: list[JobReady] = field(default_factory=list)
     forget: list[JobRef] = field(default_factory=list)
@@ -107,7 +108,8 @@ class Journal:
             )
 
     def forget(self, refs: list[JobRef]) -> None:
-        """The scheduler has recorded these results: nothing about them is needed any more."""
+        """The scheduler has recorded these results, or cancelled these attempts: nothing
+        about them is needed any more."""
         with self._lock:
             self._db.executemany(
                 "DELETE FROM jobs WHERE artifact_id = ? AND job_id = ? AND attempt = ?",

@@ -203,3 +203,21 @@ def test_a_fractional_quorum_asks_for_at_least_one_and_at_most_all(
 def test_a_registry_names_each_node_once() -> None:
     with pytest.raises(ValidationError, match="named more than once: a"):
         Registry(workers={"a": WorkerEntry()}, workbenches={"a": {}})  # type: ignore[dict-item]
+
+
+def test_a_worker_serving_some_tenants_takes_no_part_in_another_tenants_artifacts() -> None:
+    registry = Registry(
+        scheduler="sched",
+        workers={
+            "a": WorkerEntry(projects=[PROJECT], tenants=["oncology"]),
+            "b": WorkerEntry(projects=[PROJECT]),
+            "coder": WorkerEntry(executors=["shell"], tenants=["oncology"]),
+        },
+        workbenches={"alice": {"tenant": "oncology"}, "bob": {"tenant": "cardiology"}},  # type: ignore[dict-item]
+    )
+    harness = started(Harness(scheduler_config(), registry=registry), "a", "b")
+    harness.send((topics.submit("alice"), count_artifact("onc")))
+    harness.send((topics.submit("bob"), count_artifact("card")))
+    assert dispatched_to(harness, "onc") == {"a", "b"}
+    assert dispatched_to(harness, "card") == {"b"}
+    assert status(harness, "card").holders == ["b"]

@@ -67,6 +67,12 @@
     client.on("close", () => setConnection("offline"));
     client.on("error", (err) => setConnection("error", String(err && err.message || err)));
     client.on("message", (topic, payload) => {
+      if (payload.length === 0 && topic.startsWith(statusPrefix)) {
+        // An emptied retained status: the scheduler pruned the artifact.
+        model.statuses.delete(topic.slice(statusPrefix.length, -"/status".length));
+        schedule();
+        return;
+      }
       let message;
       try {
         message = JSON.parse(new TextDecoder().decode(payload));
