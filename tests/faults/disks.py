@@ -1,5 +1,5 @@
 """A small disk for the storage fault tests: a tmpfs of its own (root only), filled to the
-last byte and freed again, unmounted at the end whatever happened.
+last byte and freed again, or made read-only, unmounted at the end whatever happened.
 
 A filler file takes every free page, so any write needing a new one fails as on a full
 disk (ENOSPC, which SQLite reports as "database or disk is full"); removing it gives the
@@ -63,3 +63,8 @@ class SmallDisk:
 
     def free(self) -> None:
         self._filler.unlink()
+
+    def read_only(self) -> None:
+        """Remount it read-only (refused while a file on it is open for writing)."""
+        command = ["mount", "-o", "remount,ro", str(self.path)]
+        subprocess.run(command, check=True, capture_output=True)

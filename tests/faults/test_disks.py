@@ -4,7 +4,8 @@ then freed. Real mosquitto, real SQLite, nothing patched.
 
 What must hold: no acknowledged job or result is lost, nothing runs twice, the node
 says what is wrong while it is wrong (a worker in its presence, the scheduler in its
-answers to submissions) and takes up again by itself once there is room.
+answers to submissions) and takes up again by itself once there is room. A node whose
+store cannot be opened at all (a read-only disk) refuses to start, saying why.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from cluster import (
 from disks import SmallDisk
 
 from flotta_mqtt.broker import LocalBroker
+from flotta_mqtt.cli.errors import INVALID
 from flotta_mqtt.model import ArtifactState, JobState
 from flotta_mqtt.protocol import JobAccepted, NodePresence, topics
+from flotta_mqtt.scheduler.repository import Repository
+from flotta_mqtt.worker.journal import Journal
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -173,3 +177,28 @@ def test_a_scheduler_whose_database_disk_fills_refuses_submissions_and_loses_no_
     assert ran(cluster, running.artifact_id) == expected, "a job ran again"
     log = (cluster.folder / "scheduler.log").read_text()
     assert log.count("refused a write") == 1 and "takes writes again" in log
+
+
+def test_nodes_whose_stores_are_on_a_read_only_disk_refuse_to_start(
+    small_disk: SmallDisk, cluster: Cluster
+) -> None:
+    """A scheduler database and a worker journal made, then their disk remounted
+    read-only: each node refuses to start, in one line naming its store and what to check,
+    with exit code 2."""
+    cluster.database = small_disk.path / "scheduler.db"
+    Repository(cluster.database).close()
+    Journal(small_disk.path / "w0.state").close()
+    small_disk.read_only()
+    cluster.scheduler()
+    cluster.worker("w0", state_dir=small_disk.path / "w0.state")
+    for name, store in [("scheduler", "scheduler database"), ("w0", "worker journal")]:
+        assert cluster.processes[name].wait(timeout=TIMEOUT) == INVALID, cluster.logs()
+        errors = [
+            line
+            for line in (cluster.folder / f"{name}.log").read_text().splitlines()
+            if line.startswith("error:")
+        ]
+        assert len(errors) == 1, cluster.logs()
+        assert f"cannot open the {store}" in errors[0], errors
+        assert "unable to open database file" in errors[0], errors
+        assert "writable" in errors[0], errors
