@@ -3,7 +3,9 @@ and committed.
 
 A store is checked when it is opened, before anything is written to it: a file that is
 not SQLite, fails `PRAGMA quick_check`, or holds tables of another schema is refused
-with StoreError, one line naming the file, what is wrong and how to recover.
+with StoreError, one line naming the file, what is wrong and how to recover. Once open,
+a write the store refuses (a disk full or read-only, the file moved: `is_refusal`) is
+told apart from a bug, so the node can pause and try again instead of dropping work.
 """
 
 from __future__ import annotations
@@ -118,9 +120,9 @@ def _check(db: sqlite3.Connection, schema: str, store: str, recovery: str) -> No
     try:
         problems = [row[0] for row in db.execute("PRAGMA quick_check")]
         tables = {name for (name,) in db.execute(_TABLES)}
-    except sqlite3.OperationalError:
-        raise
-    except sqlite3.DatabaseError as exc:  # not a database; malformed
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.OperationalError):  # cannot open: said by the caller
+            raise
         raise StoreError(f"the {store} is damaged ({exc}): {recovery}") from exc
     if problems != ["ok"]:
         lines = "\n".join(problems).splitlines()
