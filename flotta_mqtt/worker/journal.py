@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import TypeAdapter
@@ -25,8 +24,26 @@ CREATE TABLE IF NOT EXISTS jobs (
 ) WITHOUT ROWID;
 """
 
+# Losing the journal costs re-runs, never results: the scheduler sends a worker coming
+# online again every job it gave it and has no result of.
+RECOVERY = (
+    "move it aside and start the worker again with a new one: the scheduler sends it again "
+    "the jobs it gave it, and those that ran are run again"
+)
+
 Final = JobFinished | JobFailed
 _FINAL: TypeAdapter[Final] = TypeAdapter(Final)
+
+
+@dataclass
+class Changes:
+    """What one look of the agent changes: jobs taken, results the scheduler recorded
+    and attempts it cancelled (forgotten), results published (kept until then), written
+    in that order."""
+
+    hold: list[JobReady] = field(default_factory=list)
+    forget: list[JobRef] = field(default_factory=list)
+    finish: list[Final] = field(default_factory=list)
 
 
 @dataclass
@@ -45,14 +62,11 @@ class Journal:
 
     def __init__(self, directory: Path | None) -> None:
         if directory is None:
-            path = ":memory:"
+            self.path = ":memory:"
         else:
             directory.mkdir(parents=True, exist_ok=True)
-            path = str(directory / "journal.db")
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+            self.path = str(directory / "journal.db")
+        self._db = sqlite.open_store(self.path, SCHEMA, "worker journal", RECOVERY)
         self._lock = threading.RLock()  # taken by a transaction and by the writes in it
 
     def close(self) -> None:
@@ -64,6 +78,17 @@ class Journal:
         """Make the writes inside one transaction: the agent commits once per burst."""
         with self._lock, sqlite.transaction(self._db):
             yield
+
+    def write(self, changes: list[Changes]) -> None:
+        """Write `changes` in their order, in one transaction: all of them or none."""
+        with self.transaction():
+            for change in changes:
+                for job in change.hold:
+                    self.hold(job)
+                if change.forget:
+                    self.forget(change.forget)
+                for final in change.finish:
+                    self.finish(final)
 
     def hold(self, job: JobReady) -> None:
         """Remember a new attempt of a job (replacing an older attempt of it)."""
