@@ -4,18 +4,46 @@ workflow task through its executors; either way a product in the store and a res
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import traceback
 
 from flotta_mqtt import analytics as operations
-from flotta_mqtt.protocol import JobFailed, JobFinished, JobReady, RemoteError
+from flotta_mqtt.protocol import JobFailed, JobFinished, JobReady, JobRef, RemoteError
 from flotta_mqtt.transport.store import ResourceStore
-from flotta_mqtt.worker.journal import Final
+from flotta_mqtt.worker.journal import Final, Journal
 from flotta_mqtt.workflows.executors import TaskError, TaskRunner
+
+log = logging.getLogger(__name__)
 
 # json.dumps(product, allow_nan=False) builds an encoder per call; one is enough.
 _PRODUCT_JSON = json.JSONEncoder(allow_nan=False)
+
+
+class Ledger(operations.Budget):
+    """A job's spending, recorded in the worker's journal before its product leaves."""
+
+    def __init__(self, journal: Journal, node: str, job: JobRef) -> None:
+        self.journal = journal
+        self.node = node
+        self.job = job
+
+    def spend(
+        self, project: str, epsilon: float, delta: float, policy: operations.PrivacyPolicy
+    ) -> None:
+        if not self.journal.durable:
+            raise operations.PrivacyRefused(
+                f"worker {self.node} keeps no journal on disk (state_dir), so no privacy "
+                "ledger that outlives a restart: it answers no noised query"
+            )
+        left = self.journal.spend(self.job, project, epsilon, delta, (policy.epsilon, policy.delta))
+        if left is not None:
+            raise operations.BudgetExceeded(
+                f"worker {self.node}: project {project}: this job asks epsilon {epsilon:g} and "
+                f"delta {delta:g}, but the site's privacy budget has {left[0]:g} and "
+                f"{left[1]:g} left (of {policy.epsilon:g} and {policy.delta:g})"
+            )
 
 
 class Jobs:
@@ -27,11 +55,13 @@ class Jobs:
         store: ResourceStore,
         tasks: TaskRunner,
         datasets: dict[str, operations.FileDataset],
+        journal: Journal,
     ) -> None:
         self.node = node
         self.store = store
         self.tasks = tasks
         self.datasets = datasets
+        self.journal = journal
 
     def run(self, job: JobReady, cancelled: threading.Event, started: float) -> Final:
         """Run `job`; a failure of the job is its result (JobFailed), never raised."""
@@ -40,24 +70,14 @@ class Jobs:
             if job.kind == "tasks":
                 product = self.tasks.run(job, self.node, cancelled)
                 exit_code = product["exit_code"]
+                data = _PRODUCT_JSON.encode(product).encode()
             else:
-                inputs = [json.loads(self.store.get(resource)) for resource in job.inputs]
-                context = operations.JobContext(
-                    job=job,
-                    node=self.node,
-                    inputs=inputs,
-                    data=self.datasets.get(job.project),
-                    cancelled=cancelled,
-                )
-                product = operations.run(context)
-            data = _PRODUCT_JSON.encode(product).encode()
+                data = self._operation(job, cancelled)
             resource = self.store.put_product(job.artifact_id, str(job.job_id), job.attempt, data)
         except Exception as exc:
             return JobFailed(
                 job=job.ref,
-                error=RemoteError(
-                    type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc()
-                ),
+                error=self._error(job, exc),
                 started_at=started,
                 finished_at=time.time(),
                 exit_code=exc.exit_code if isinstance(exc, TaskError) else None,
@@ -68,4 +88,46 @@ class Jobs:
             started_at=started,
             finished_at=time.time(),
             exit_code=exit_code,
+        )
+
+    def _operation(self, job: JobReady, cancelled: threading.Event) -> bytes:
+        """An operation's product; an attempt that paid for a noised product and runs
+        again (after a restart) releases the same bytes, not a second draw."""
+        again = self.journal.released(job.ref)
+        if again is not None:
+            return again
+        inputs = [json.loads(self.store.get(resource)) for resource in job.inputs]
+        ledger = Ledger(self.journal, self.node, job.ref)
+        context = operations.JobContext(
+            job=job,
+            node=self.node,
+            inputs=inputs,
+            data=self.datasets.get(job.project),
+            budget=ledger,
+            cancelled=cancelled,
+        )
+        data = _PRODUCT_JSON.encode(operations.run(context)).encode()
+        self.journal.keep(job.ref, data)
+        return data
+
+    def _error(self, job: JobReady, exc: Exception) -> RemoteError:
+        """What a failure tells the others. An operation's own errors are worded to carry
+        no value of the data; any other exception (numpy's, scikit-learn's) might quote
+        one, so only its type leaves, and the site's log keeps where it was raised."""
+        if job.kind == "tasks" or isinstance(exc, operations.OperationError):
+            return RemoteError(
+                type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc()
+            )
+        where = "".join(traceback.format_tb(exc.__traceback__))
+        log.error(
+            "worker %s: %s raised %s at\n%s",
+            self.node,
+            job.operation.name,
+            type(exc).__name__,
+            where,
+        )
+        return RemoteError(
+            type=type(exc).__name__,
+            message=f"worker {self.node}: {job.operation.name} failed with "
+            f"{type(exc).__name__} (where: in the worker's log)",
         )
