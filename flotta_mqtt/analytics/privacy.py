@@ -66,34 +66,42 @@ class Noise:
         change them by: `l1` in sum (Laplace), `l2` in Euclidean norm (Gaussian)."""
         if not values:
             return []
-        domain = dp.vector_domain(dp.atom_domain(T="i64"))
-        measurement = self._measurement(domain, "i64", l1, l2)
+        measurement = self._measurement(True, l1, l2)
         return [int(v) for v in measurement([int(v) for v in values])]
 
     def floats(self, values: list[float], l1: float, l2: float) -> list[float]:
         if not values:
             return []
-        domain = dp.vector_domain(dp.atom_domain(T=float, nan=False))
-        measurement = self._measurement(domain, "f64", l1, l2)
+        measurement = self._measurement(False, l1, l2)
         return [float(v) for v in measurement([float(v) for v in values])]
 
-    def _measurement(self, domain: Any, atom: str, l1: float, l2: float) -> Any:
-        """OpenDP's measurement at the smallest scale that keeps to (epsilon, delta)."""
+    def scale(self, l1: float, l2: float, integers: bool = False) -> float:
+        """The noise's scale: the smallest whose privacy map OpenDP proves within
+        (epsilon, delta). Laplace: l1 / epsilon; Gaussian: its standard deviation."""
+        make, d_in, d_out = self._family(integers, l1, l2)
+        return float(dp.binary_search_param(make, d_in=d_in, d_out=d_out))
+
+    def _family(self, integers: bool, l1: float, l2: float) -> tuple[Any, Any, Any]:
+        """OpenDP's measurement as a function of its scale, its input and output distances."""
+        atom = "i64" if integers else "f64"
+        domain = dp.vector_domain(dp.atom_domain(T=atom, nan=None if integers else False))
         if self.delta == 0:
             metric = dp.l1_distance(T=atom)
-            d_in: float | int = int(l1) if atom == "i64" else float(l1)
 
             def laplace(scale: float) -> Any:
                 return dp.m.make_laplace(domain, metric, scale=scale)
 
-            return laplace(dp.binary_search_param(laplace, d_in=d_in, d_out=self.epsilon))
+            return laplace, int(l1) if atom == "i64" else float(l1), self.epsilon
 
         def gaussian(scale: float) -> Any:
             measure = dp.m.make_gaussian(domain, dp.l2_distance(T=float), scale=scale)
             return dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(measure), self.delta)
 
-        d_out = (self.epsilon, self.delta)
-        return gaussian(dp.binary_search_param(gaussian, d_in=float(l2), d_out=d_out))
+        return gaussian, float(l2), (self.epsilon, self.delta)
+
+    def _measurement(self, integers: bool, l1: float, l2: float) -> Any:
+        make, d_in, d_out = self._family(integers, l1, l2)
+        return make(dp.binary_search_param(make, d_in=d_in, d_out=d_out))
 
 
 def requested(params: Any) -> Noise | None:
