@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -16,6 +18,8 @@ from flotta_mqtt.analytics.policy import PrivacyPolicy
 from flotta_mqtt.model import JobRole, Operation
 from flotta_mqtt.model.errors import describe
 from flotta_mqtt.protocol import JobReady
+
+log = logging.getLogger(__name__)
 
 
 class OperationError(Exception):
@@ -32,6 +36,10 @@ class ColumnTypeError(OperationError):
 
 class TooFewRows(OperationError):
     """A worker refuses to release an aggregate of fewer rows than its project allows."""
+
+
+class OperationFailed(OperationError):
+    """A built-in operation broke on the data; its own message stays in the site's log."""
 
 
 class PrivacyRefused(OperationError):
@@ -208,4 +216,18 @@ def run(ctx: JobContext) -> Any:
         JobRole.LOCAL: definition.local,
         JobRole.AGGREGATE: definition.aggregate,
     }[ctx.job.role]
-    return part(params, ctx)
+    try:
+        return part(params, ctx)
+    except OperationError:
+        raise  # worded to carry no value of the data
+    except Exception as exc:
+        if not type(definition).__module__.startswith("flotta_mqtt."):
+            raise  # a plugin: the site's own code, which words its own errors
+        # numpy's, pyarrow's or scikit-learn's message may quote a value of the data: the
+        # log keeps where it was raised, and its type.
+        where = "".join(traceback.format_tb(exc.__traceback__))
+        log.error("worker %s: %s raised %s at\n%s", ctx.node, definition.name, type(exc), where)
+        raise OperationFailed(
+            f"worker {ctx.node}: {definition.name} failed with {type(exc).__name__} "
+            "(the message is in the worker's log)"
+        ) from None

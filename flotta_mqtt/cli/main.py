@@ -171,7 +171,9 @@ def worker(
     ] = None,
     exact: Annotated[
         list[str] | None,
-        typer.Option(help="PROJECT answered exactly, without differential privacy, repeatable"),
+        typer.Option(
+            envvar="FLOTTA_EXACT", help="PROJECT answered exactly, not noised, repeatable"
+        ),
     ] = None,
     max_jobs: Annotated[int | None, typer.Option(envvar="FLOTTA_MAX_JOBS")] = None,
     state_dir: Annotated[

@@ -4,7 +4,6 @@ workflow task through its executors; either way a product in the store and a res
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 import traceback
@@ -14,8 +13,6 @@ from flotta_mqtt.protocol import JobFailed, JobFinished, JobReady, JobRef, Remot
 from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.worker.journal import Final, Journal
 from flotta_mqtt.workflows.executors import TaskError, TaskRunner
-
-log = logging.getLogger(__name__)
 
 # json.dumps(product, allow_nan=False) builds an encoder per call; one is enough.
 _PRODUCT_JSON = json.JSONEncoder(allow_nan=False)
@@ -77,7 +74,9 @@ class Jobs:
         except Exception as exc:
             return JobFailed(
                 job=job.ref,
-                error=self._error(job, exc),
+                error=RemoteError(
+                    type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc()
+                ),
                 started_at=started,
                 finished_at=time.time(),
                 exit_code=exc.exit_code if isinstance(exc, TaskError) else None,
@@ -109,25 +108,3 @@ class Jobs:
         data = _PRODUCT_JSON.encode(operations.run(context)).encode()
         self.journal.keep(job.ref, data)
         return data
-
-    def _error(self, job: JobReady, exc: Exception) -> RemoteError:
-        """What a failure tells the others. An operation's own errors are worded to carry
-        no value of the data; any other exception (numpy's, scikit-learn's) might quote
-        one, so only its type leaves, and the site's log keeps where it was raised."""
-        if job.kind == "tasks" or isinstance(exc, operations.OperationError):
-            return RemoteError(
-                type=type(exc).__name__, message=str(exc), traceback=traceback.format_exc()
-            )
-        where = "".join(traceback.format_tb(exc.__traceback__))
-        log.error(
-            "worker %s: %s raised %s at\n%s",
-            self.node,
-            job.operation.name,
-            type(exc).__name__,
-            where,
-        )
-        return RemoteError(
-            type=type(exc).__name__,
-            message=f"worker {self.node}: {job.operation.name} failed with "
-            f"{type(exc).__name__} (where: in the worker's log)",
-        )
