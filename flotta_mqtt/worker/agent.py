@@ -97,7 +97,7 @@ class WorkerAgent:
             threaded=False,  # pumped by the agent thread: no hand-over per message
         )
         self._reports = Reports(self.bus.wake)
-        jobs = Jobs(self.name, self.store, self.tasks, self._datasets)
+        jobs = Jobs(self.name, self.store, self.tasks, self._datasets, self.journal)
         self._runners = Runners(self.name, config.max_jobs, jobs.run, self._reports)
         self._thread = threading.Thread(target=self._serve, name=f"worker-{self.name}", daemon=True)
 

@@ -147,7 +147,7 @@ class Cluster:
         text += f"state_dir: {state_dir or self.folder / f'{name}.state'}\n"
         config.write_text(text)
         args = ["worker", "--name", name, "--config", str(config)]
-        args += ["--data", f"{PROJECT}={self.data[name]}"]
+        args += ["--data", f"{PROJECT}={self.data[name]}", "--exact", PROJECT]
         for plugin in PLUGINS:
             args += ["--plugin", plugin]
         self._start(name, args, url or self.broker_url, netns)
