@@ -25,6 +25,7 @@ threshold must be a majority of one: no one can then be handed both shares of on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -274,7 +275,7 @@ class Mask(OperationDef):
         }
         found.enough(dealt, found.threshold(), "of its neighbourhood dealt shares")
         definition, inner = lookup(params.operation)
-        own = JobContext(ctx.job, ctx.node, found.others, ctx.data, ctx.cancelled)
+        own = dataclasses.replace(ctx, inputs=found.others)  # its data, budget, cancel
         values = summable.summand(definition, inner, own)
         count = summable.size(definition, inner)
         if len(values) != count:

@@ -41,7 +41,8 @@ def size(definition: OperationDef, params: Any) -> int:
 def summand(definition: OperationDef, params: Any, ctx: JobContext) -> list[int]:
     """This site's part of the sum, as signed integers."""
     if isinstance(definition, Maskable):
-        return definition.to_ints(definition.measure(params, ctx))
+        # What the site's policy lets leave it: exact, or noised and paid for.
+        return definition.to_ints(definition.own(params, ctx))
     if not params.train:
         raise OperationError(
             f"{definition.name} with train=false releases metrics only, which secure "
