@@ -8,6 +8,7 @@ input came in, which are exactly the sites that did not drop out before it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -96,7 +97,9 @@ class Cluster:
 
     def site_sum(self, site: str) -> float:
         """A site's sum exactly as its worker measures it (the same code, the same file)."""
-        spec = operations.DatasetSpec.model_validate([self.data[site]])
+        spec = operations.DatasetSpec.model_validate(
+            {"paths": [self.data[site]], "privacy": {"exact": True}}
+        )
         data = operations.FileDataset(PROJECT, site, spec)
         definition, params = operations.lookup(SUM)
         ready = JobReady(
@@ -123,8 +126,11 @@ def cluster(broker: LocalBroker, tmp_path: Path) -> Iterator[Cluster]:
     try:
         running.start("scheduler", ["scheduler", "--config", str(config)])
         for site in SITES:
-            data = f"{PROJECT}={running.data[site]}"
-            running.start(site, ["worker", "--name", site, "--data", data])
+            # The site answers exactly (its policy's choice); the sum is what is checked.
+            dataset = {"paths": [str(running.data[site])], "privacy": {"exact": True}}
+            worker = tmp_path / f"{site}.yaml"
+            worker.write_text(json.dumps({"datasets": {PROJECT: dataset}}))  # JSON is YAML
+            running.start(site, ["worker", "--config", str(worker), "--name", site])
         yield running
     finally:
         running.close()

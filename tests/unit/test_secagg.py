@@ -20,7 +20,7 @@ from pydantic import TypeAdapter
 from test_query import TableDataset
 
 from flotta_mqtt import analytics as operations
-from flotta_mqtt.analytics import OperationError, masking
+from flotta_mqtt.analytics import OperationError, PrivacyPolicy, PrivacyRefused, masking
 from flotta_mqtt.analytics.secagg import crypto, shamir
 from flotta_mqtt.analytics.secagg import site as secagg_site
 from flotta_mqtt.model import (
@@ -46,6 +46,9 @@ PRODUCT: TypeAdapter[Any] = TypeAdapter(SecAggProduct)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SITES = ("w0", "w1", "w2", "w3")
 NOOP = Operation(name="noop")
+# These sites answer exactly: what is checked is the sum, not the site's privacy policy
+# (a noised answer, where a site asks for one, is summed the same way).
+EXACT = PrivacyPolicy(exact=True)
 ROUNDS = ("keys", "share", "mask", "reveal")  # each site's jobs, round by round
 
 # --- Shamir over 2**521 - 1 ---------------------------------------------------------------
@@ -167,6 +170,7 @@ def site_data(
         x = [rng.gauss(0, 1) for _ in range(rows)]
         table = pa.table({"v": values[site], "x": x})
         datasets[site] = TableDataset(table, node=site, batch_rows=5)
+        datasets[site].privacy = EXACT
     return datasets, values
 
 
@@ -317,6 +321,15 @@ def test_with_fewer_sites_than_the_threshold_the_round_fails_unmasking_no_one() 
         run_artifact(secure(operation, threshold=2), datasets)
     with pytest.raises(OperationError, match="needs 5 sites"):
         run_artifact(secure(operation, threshold=5), datasets)
+
+
+def test_a_site_whose_policy_gives_no_exact_answer_is_not_bypassed() -> None:
+    """Its masked input is its own answer as its policy allows: refused here, as a plain
+    sum would be (with epsilon, a noised one, paid for from its budget, is summed)."""
+    datasets, _ = site_data()
+    datasets["w1"].privacy = PrivacyPolicy()  # the default: noised answers only
+    with pytest.raises(PrivacyRefused, match="worker w1: project p gives no exact sum"):
+        run_artifact(secure(Operation(name="sum", params={"column": "v"})), datasets)
 
 
 def test_a_lying_scheduler_gets_at_most_one_of_a_sites_two_secrets() -> None:
