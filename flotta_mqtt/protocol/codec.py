@@ -19,6 +19,7 @@ from flotta_mqtt.protocol.messages import (
     LocksReleased,
     NodePresence,
     RequestRejected,
+    SessionMessage,
     StatusRequest,
     WorkerControl,
     WorkerEvents,
@@ -43,6 +44,7 @@ PAYLOADS: dict[Channel, TypeAdapter[Any]] = {
     Channel.CONTROL: TypeAdapter(WorkerControl),
     Channel.EVENTS: TypeAdapter(WorkerEvents),
     Channel.PRESENCE: TypeAdapter(NodePresence),
+    Channel.SESSION: TypeAdapter(SessionMessage),
 }
 
 
