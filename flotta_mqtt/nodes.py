@@ -43,6 +43,7 @@ class SchedulerNode:
     def start(self, wait: float | None = 10.0) -> SchedulerNode:
         """Raises IdentityInUse, having started nothing, if another process holds the
         scheduler's identity or its initiator's."""
+        self.scheduler.bus.check()
         if self.initiator is not None:
             self.initiator.bus.check()
         self.scheduler.start(wait=wait)

@@ -149,8 +149,9 @@ class Claim:
     # --- before connecting --------------------------------------------------------------
 
     def check(self) -> None:
-        """Raise IdentityInUse if another live process holds the identity now."""
-        if not self.active:
+        """Raise IdentityInUse if another live process holds the identity now (checked
+        once until the next connection: a second check before it finds the same)."""
+        if not self.active or self._fresh:
             return
         reached, holder = self._holder_now()
         if holder is not None:
