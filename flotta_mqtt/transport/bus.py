@@ -155,7 +155,7 @@ class Bus(Pumping, Publisher):
         else:
             self._started = True
             self.wake()  # the pumping thread connects
-        self._claim.keep(self._claim_again, self.connected)
+        self._claim.keep(lambda: self._publish_claim(self._claim.message), self.connected)
         if wait is not None:
             if not self._first_connack.wait(wait):
                 self.stop()
@@ -181,8 +181,8 @@ class Bus(Pumping, Publisher):
         if not self._stopped:
             for topic, message, retain in goodbye or []:
                 self.publish(topic, message, retain=retain, timeout=2.0)
-            if self._claim.active:
-                self.publish_raw(self._claim.topic, b"", retain=True, timeout=2.0)
+            if self._claim.active:  # QoS 0 as every claim: waiting would pump, and acknowledge
+                self._publish_claim(b"")
         # paho drops what is still queued when its loop stops: without this, a workbench
         # that submits and closes at once (`flotta-mqtt submit`) could lose the submission.
         if self.connected.is_set() and not self.flush(timeout=2.0):
@@ -269,11 +269,15 @@ class Bus(Pumping, Publisher):
             return self._window.take(timeout)
         return self._pump_until(lambda: self._window.take(0), timeout)
 
+    @property
+    def unacknowledged(self) -> int:
+        return self._window.unacknowledged
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every publish so far is acknowledged by the broker."""
         if self.threaded or self._pumped_elsewhere():
             return self._window.settled(timeout)
-        return self._pump_until(lambda: not self._window.unacknowledged, timeout)
+        return self._pump_until(lambda: not self.unacknowledged, timeout)
 
     # --- paho callbacks (network thread) ---------------------------------------------
 
@@ -308,7 +312,7 @@ class Bus(Pumping, Publisher):
         self._reconnect_delay = 0.0  # a later loss retries after the shortest delay again
         self._claim.began()
         if self._claim.active:
-            self._claim_again()
+            self._publish_claim(self._claim.message)
         if self.subscriptions:
             options = SubscribeOptions(qos=1)
             with self._lock:
@@ -344,13 +348,14 @@ class Bus(Pumping, Publisher):
     def _connect_failed(self, _: Any, __: Any) -> None:
         self._claim.unreachable()
 
-    def _claim_again(self) -> None:
-        """Publish the claim (QoS 0, retained, expiring): at each CONNACK, every keepalive."""
+    def _publish_claim(self, payload: bytes) -> None:
+        """Claim the identity (QoS 0, retained, expiring) at each CONNACK and every keepalive;
+        clear the claim (an empty `payload`) on stopping."""
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         properties.MessageExpiryInterval = self._claim.expiry
         with self._io:
             self._client.publish(
-                self._claim.topic, self._claim.message, qos=0, retain=True, properties=properties
+                self._claim.topic, payload, qos=0, retain=True, properties=properties
             )
             if not self.threaded and self._client.want_write():
                 self.wake()
