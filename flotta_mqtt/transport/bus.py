@@ -181,7 +181,7 @@ class Bus(Pumping, Publisher):
         if not self._stopped:
             for topic, message, retain in goodbye or []:
                 self.publish(topic, message, retain=retain, timeout=2.0)
-            if self._claim.active:  # QoS 0 as every claim: waiting would pump, and acknowledge
+            if self._claim.claiming:  # QoS 0 as every claim: waiting would pump, and acknowledge
                 self._publish_claim(b"")
         # paho drops what is still queued when its loop stops: without this, a workbench
         # that submits and closes at once (`flotta-mqtt submit`) could lose the submission.
@@ -311,7 +311,7 @@ class Bus(Pumping, Publisher):
         self._refusal = None
         self._reconnect_delay = 0.0  # a later loss retries after the shortest delay again
         self._claim.began()
-        if self._claim.active:
+        if self._claim.claiming:
             self._publish_claim(self._claim.message)
         if self.subscriptions:
             options = SubscribeOptions(qos=1)

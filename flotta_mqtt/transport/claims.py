@@ -24,7 +24,10 @@ identity takes the session over, the first reconnects and takes it back, and so 
   accepted at once.
 
 The claim applies to a bus whose client id is a safe topic level and is its username, or
-that has no username: under another username the broker may use another client id.
+that has no username: under another username the broker may use another client id. A
+bus claims only while its probe can read: a broker whose identities predate claims (no
+probe identity, no right on sessions/) would drop a connection publishing a claim, so
+there the check is skipped, with a warning, and nothing is claimed.
 """
 
 from __future__ import annotations
@@ -102,11 +105,12 @@ class Claim:
     ) -> None:
         username = settings.username
         self.watching = probe_with is not None
-        self.active = (
+        self.eligible = (
             self.watching
             and SAFE_ID.fullmatch(client_id) is not None
             and username in (None, client_id)
         )
+        self.claiming = False  # eligible, and the last probe could read: see the docstring
         self.client_id = client_id
         self.topic = topics.session(client_id)
         self.keepalive = settings.keepalive
@@ -118,7 +122,7 @@ class Claim:
         self._probe_settings = settings.model_copy(update=probing)
         self._on_failure = on_failure
         self._node_will = None if will is None else (will.topic, encode(will.message), will.retain)
-        self.message = self._claim_message() if self.active else b""
+        self.message = self._claim_message() if self.eligible else b""
         self._fresh = False  # check() found the identity free: the next connection goes
         self._warned = False
         self._began: float | None = None  # when the present session began (monotonic)
@@ -141,17 +145,17 @@ class Claim:
     @property
     def last_will(self) -> tuple[str, bytes, bool] | None:
         """(topic, payload, retain) to connect with: the node's own will, or else, when
-        claiming, the empty retained message that clears the claim."""
+        eligible, the empty retained message that clears the claim."""
         if self._node_will is not None:
             return self._node_will
-        return (self.topic, b"", True) if self.active else None
+        return (self.topic, b"", True) if self.eligible else None
 
     # --- before connecting --------------------------------------------------------------
 
     def check(self) -> None:
         """Raise IdentityInUse if another live process holds the identity now (checked
         once until the next connection: a second check before it finds the same)."""
-        if not self.active or self._fresh:
+        if not self.eligible or self._fresh:
             return
         reached, holder = self._holder_now()
         if holder is not None:
@@ -164,7 +168,7 @@ class Claim:
         the identity (the claim gives up)."""
         if self.failure is not None:
             return False
-        if not self.active or self._fresh:
+        if not self.eligible or self._fresh:
             self._fresh = False
             return True
         reached, holder = self._holder_now()
@@ -174,9 +178,11 @@ class Claim:
 
     def _holder_now(self) -> tuple[bool, SessionClaim | None]:
         """Whether the broker answered the probe, and the other live process it says
-        holds the identity (None when it could not tell: warned once, then allowed)."""
+        holds the identity (None when it could not tell: warned once, then allowed, and
+        nothing claimed)."""
         read = self._probe()
         if isinstance(read, _Unread):
+            self.claiming = False
             if read.reached and not self._warned:
                 self._warned = True
                 log.warning(
@@ -185,7 +191,9 @@ class Claim:
                     read.reason,
                 )
             return read.reached, None
-        return True, self._holder(read)
+        holder = self._holder(read)
+        self.claiming = holder is None
+        return True, holder
 
     def _holder(self, read: _Reading) -> SessionClaim | None:
         """The other live process holding the identity: not when there is no claim, when
@@ -264,13 +272,13 @@ class Claim:
 
         def refresh() -> None:
             while not self._released.wait(self.keepalive):
-                if connected.is_set():
+                if self.claiming and connected.is_set():
                     try:
                         publish()
                     except Exception:  # claimed again at the next CONNACK
                         log.exception("%s: the claim was not refreshed", self.client_id)
 
-        if self.active:
+        if self.eligible:
             name = f"claim-{self.client_id}"
             threading.Thread(target=refresh, name=name, daemon=True).start()
 

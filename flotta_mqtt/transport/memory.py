@@ -101,7 +101,7 @@ class MemoryBus(Publisher):
             self._broker.connect(
                 connection, will=self._will, clean=self._clean, keep=keep, outbox=self._outbox
             )
-            if self._claim.active:
+            if self._claim.claiming:
                 claim = Message(self._claim.topic, self._claim.message, retain=True)
                 self._broker.publish(self.client_id, claim)
         if self.threaded:
@@ -120,7 +120,7 @@ class MemoryBus(Publisher):
         if not self._stopped:
             for topic, message, retain in goodbye or []:
                 self.publish(topic, message, retain=retain, timeout=2.0)
-            if self._claim.active:
+            if self._claim.claiming:
                 self.publish_raw(self._claim.topic, b"", retain=True, timeout=2.0)
         self._go_away(send_will=False)
 

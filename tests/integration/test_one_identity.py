@@ -31,6 +31,7 @@ from flotta_mqtt.cli.demo import count_artifact
 from flotta_mqtt.cli.errors import BROKER
 from flotta_mqtt.client.client import Client
 from flotta_mqtt.nodes import SchedulerNode
+from flotta_mqtt.protocol import topics
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport import IdentityInUse
 from flotta_mqtt.transport.bus import Bus
@@ -298,18 +299,27 @@ def test_a_worker_whose_session_a_plain_client_steals_stops_rather_than_fight(
         thief.loop_stop()
 
 
-def test_a_broker_without_probe_identities_still_lets_nodes_connect(
+def test_identities_generated_before_claims_still_let_nodes_connect(
     deployment: Deployment, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Identities generated before probes existed: the check is skipped, with a warning."""
-    passwords = deployment.identities.password_file
-    kept = [line for line in passwords.read_text().splitlines() if ".probe:" not in line]
-    passwords.write_text("\n".join(kept) + "\n")
+    """No probe identity, no right on sessions/: the check is skipped with a warning, and
+    the claim the broker refuses (QoS 0) costs the node nothing."""
+    passwords, acl = deployment.identities.password_file, deployment.identities.acl_file
+    users = [line for line in passwords.read_text().splitlines() if ".probe:" not in line]
+    passwords.write_text("\n".join(users) + "\n")
+    blocks = acl.read_text().split("\n\n")
+    old = [block for block in blocks if ".probe" not in block and "/sessions/" not in block]
+    old += [b.replace("\ntopic write flotta/+/sessions/w1", "") for b in blocks if "user w1\n" in b]
+    acl.write_text("\n\n".join(old) + "\n")
+    assert "sessions" not in acl.read_text() and "user w1\n" in acl.read_text()
     deployment.broker.restart()
     with caplog.at_level(logging.WARNING):
         bus = Bus("w1", deployment.settings("w1"), lambda topic, payload: None, []).start()
     try:
-        assert bus.connected.is_set()
+        for n in range(3):  # acknowledged, on the one connection the broker ever accepted
+            bus.publish_raw(topics.events("w1"), b"%d" % n)
+            assert bus.flush(timeout=5)
+        assert deployment.connections("w1") == 1 and bus.connected.is_set()
         assert "w1: cannot check that no other process uses this identity" in caplog.text
         assert "the broker refused its probe" in caplog.text
     finally:
