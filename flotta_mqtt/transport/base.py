@@ -97,6 +97,9 @@ class Transport(Protocol):
 
     Messages reach `on_message(topic, payload)` on the thread that drives the connection:
     the transport's own thread, or with `threaded=False` the node's thread inside `pump()`.
+    One process per identity: `check()` and every connection refuse (IdentityInUse) while
+    another live process holds the client id, and a session taken over is not taken back
+    (transport/claims.py).
     """
 
     client_id: str
