@@ -24,8 +24,10 @@ identity takes the session over, the first reconnects and takes it back, and so 
   accepted at once.
 
 The claim applies to a bus whose client id is a safe topic level and is its username, or
-that has no username: under another username the broker may use another client id. A
-bus claims only while its probe can read: a broker whose identities predate claims (no
+that has no username: under another username the broker may use another client id. Not
+to one with a client certificate, which may be its identity (`use_identity_as_username`):
+its probe, with no certificate of its own, would connect as the node itself. A bus
+claims only while its probe can read: a broker whose identities predate claims (no
 probe identity, no right on sessions/) would drop a connection publishing a claim, so
 there the check is skipped, with a warning, and nothing is claimed.
 """
@@ -109,6 +111,7 @@ class Claim:
             self.watching
             and SAFE_ID.fullmatch(client_id) is not None
             and username in (None, client_id)
+            and settings.cert_file is None
         )
         self.claiming = False  # eligible, and the last probe could read: see the docstring
         self.client_id = client_id

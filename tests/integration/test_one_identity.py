@@ -21,8 +21,10 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from helpers import wait_for
+from helpers import MessageRecorder, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from test_cli_processes import STOPPED_WITHIN, TIMEOUT, cli, stopped
 
 from flotta_mqtt.broker import LocalBroker
@@ -31,7 +33,7 @@ from flotta_mqtt.cli.demo import count_artifact
 from flotta_mqtt.cli.errors import BROKER
 from flotta_mqtt.client.client import Client
 from flotta_mqtt.nodes import SchedulerNode
-from flotta_mqtt.protocol import topics
+from flotta_mqtt.protocol import SessionClaim, encode, topics
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport import IdentityInUse
 from flotta_mqtt.transport.bus import Bus
@@ -263,6 +265,49 @@ def test_a_hung_worker_holds_its_identity_until_the_broker_drops_it(
             second.send_signal(signal.SIGTERM)
             assert stopped(second) == 0
             scheduler.stop()
+
+
+def test_a_claim_is_refreshed_while_held_and_expires_when_left_behind(
+    broker: LocalBroker,
+) -> None:
+    """A claim the broker kept while its process went (the broker crashed between) expires
+    after 2 keepalives; one whose process is there is refreshed every keepalive."""
+    settings = BrokerSettings(url=broker.url, keepalive=2)
+    seen = MessageRecorder()
+    Bus("watcher", settings, seen, [topics.session("w1")], claim=False).start()
+    holder = Bus("w1", settings, lambda topic, payload: None, []).start()
+
+    def claims(messages: list[tuple[str, bytes]]) -> int:
+        return sum(b'"type":"claim"' in payload for _, payload in messages)
+
+    seen.wait_for(lambda m: claims(m) >= 3, timeout=15)  # held 4 s: as long as it lives
+    with pytest.raises(IdentityInUse):
+        Bus("w1", settings, lambda topic, payload: None, []).check()
+    holder.stop()
+
+    left = SessionClaim(client="w1", session="f" * 32, host="gone", pid=1, since=1.0, keepalive=2)
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.MessageExpiryInterval = 3
+    crashed = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="crashed", protocol=mqtt.MQTTv5)
+    crashed.connect("127.0.0.1", broker.port)
+    crashed.loop_start()
+    sent = crashed.publish(
+        topics.session("w1"), encode(left), qos=1, retain=True, properties=properties
+    )
+    sent.wait_for_publish(timeout=5)
+    crashed.disconnect()
+    crashed.loop_stop()
+    with pytest.raises(IdentityInUse, match="process 1 on gone holds it"):
+        Bus("w1", settings, lambda topic, payload: None, []).check()
+
+    def free() -> bool:
+        try:
+            Bus("w1", settings, lambda topic, payload: None, []).check()
+        except IdentityInUse:
+            return False
+        return True
+
+    wait_for(free, timeout=10, interval=0.5, message="the claim left behind never expired")
 
 
 # --- a session taken over anyway ------------------------------------------------------------

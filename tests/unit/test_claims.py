@@ -53,6 +53,9 @@ def test_a_bus_claims_the_client_id_that_is_its_username_or_has_none(
     assert claim.eligible is claims
     assert (claim.last_will == (topics.session(client_id), b"", True)) is claims
     assert not Claim(client_id, settings, None, None, None).eligible  # a probe's own bus
+    # A client certificate may be the identity: a probe would connect as the node itself.
+    certified = settings.model_copy(update={"cert_file": "node.crt", "key_file": "node.key"})
+    assert not Claim(client_id, certified, None, MemoryBus, None).eligible
 
 
 def test_a_node_with_a_will_keeps_it_and_its_claim_names_it() -> None:
