@@ -85,7 +85,7 @@ def _scale_main(jobs: int, database: str, conn: Connection) -> None:
             encode(build_status(record, wall, config.allow_download, manifest))
         return ready
 
-    core.restore([], set(), [], clock())
+    core.restore([], {}, {}, [], clock())
     now = time.time()
     presence = [
         NodePresence(

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
 from flotta_mqtt.model import JobRole, Operation, Task
-from flotta_mqtt.protocol import JobReady, decode, unbatch
+from flotta_mqtt.protocol import JobReady, Resource, decode, unbatch
 
 Messages = list[tuple[str, bytes]]
 
@@ -107,9 +107,11 @@ def job_ready(
     project: str = "p",
     kind: str = "steps",
     operation: Operation | None = None,
+    inputs: Sequence[Resource] = (),
 ) -> JobReady:
     """A JobReady as a scheduler would send it (a `noop` step's job unless told otherwise)."""
     return JobReady(
+        inputs=list(inputs),
         artifact_id=artifact_id,
         job_id=job_id,
         attempt=attempt,
@@ -123,7 +125,12 @@ def job_ready(
     )
 
 
-def task_job(task: Task, artifact_id: str = "art1", project: str = "p") -> JobReady:
-    """The JobReady a scheduler would send for a workflow task: job 0, attempt 1."""
+def task_job(
+    task: Task, artifact_id: str = "art1", project: str = "p", inputs: Sequence[Resource] = ()
+) -> JobReady:
+    """The JobReady a scheduler would send for a workflow task: job 0, attempt 1, consuming
+    the products `inputs` of the tasks it depends on."""
     operation = Operation(name="task", params=task.model_dump(mode="json"))
-    return job_ready(artifact_id=artifact_id, project=project, kind="tasks", operation=operation)
+    return job_ready(
+        artifact_id=artifact_id, project=project, kind="tasks", operation=operation, inputs=inputs
+    )

@@ -1,8 +1,8 @@
 """`python -m flotta_mqtt.broker {start,identities,tls,bridge}`: run and equip a broker.
 
-`python -m flotta_mqtt.broker [PORT] [DIR]` is `start`: a broker until Ctrl-C, anonymous on
-loopback for development; `--identities` makes it require passwords, `--tls` adds
-certificates, and both are needed to listen on any address other than loopback.
+`python -m flotta_mqtt.broker [PORT] [DIR]` is `start`: a broker until Ctrl-C that requires
+passwords (`--identities`) unless `--anonymous` asks for a development broker; `--tls` adds
+certificates, and both identities and TLS are needed to listen beyond loopback.
 """
 
 from __future__ import annotations
@@ -26,12 +26,18 @@ from flotta_mqtt.broker.identities import (
 )
 from flotta_mqtt.broker.local import LocalBroker
 from flotta_mqtt.broker.tls import generate_tls
+from flotta_mqtt.transport.settings import load_registry
 
 COMMANDS = ("start", "identities", "tls", "bridge")
 
 
 def start(args: argparse.Namespace) -> None:
     exposed = [bind for bind in (args.bind, args.websockets_bind) if not _loopback(bind)]
+    if args.identities is None and not args.anonymous:
+        raise ValueError(
+            "a broker without --identities DIR (passwords) lets any local process act as "
+            "any node: give --identities DIR, or --anonymous for a development broker"
+        )
     if exposed and (args.identities is None or args.tls is None):
         raise ValueError(
             f"listening on {', '.join(exposed)} (not loopback) needs --identities DIR "
@@ -72,13 +78,19 @@ def identities(args: argparse.Namespace) -> None:
     for entry in args.bridge:
         name, _, nodes = entry.partition("=")
         bridges[name] = [node for node in nodes.split(",") if node]
-    spec = IdentitySpec(
-        scheduler=args.scheduler,
-        workers=args.worker,
-        workbenches=args.workbench,
-        dashboards=args.dashboard,
-        bridges=bridges,
-    )
+    if args.registry is not None:
+        flags = args.worker or args.workbench or args.dashboard or args.bridge
+        if flags or args.scheduler != "scheduler":
+            raise ValueError("--registry names every node: leave out the node flags")
+        spec = IdentitySpec.of(load_registry(args.registry))
+    else:
+        spec = IdentitySpec(
+            scheduler=args.scheduler,
+            workers=args.worker,
+            workbenches=args.workbench,
+            dashboards=args.dashboard,
+            bridges=bridges,
+        )
     made = generate_identities(spec, args.out, rotate=args.rotate)
     print(f"{len(made.credentials)} identities: {', '.join(made.credentials)}")
     print(f"broker: password_file {made.password_file}, acl_file {made.acl_file}")
@@ -132,11 +144,15 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--websockets", type=int, metavar="PORT", help="also MQTT over WebSockets")
     run.add_argument("--websockets-bind", default="127.0.0.1", help="its address")
     run.add_argument("--identities", type=Path, help="directory made by `identities`")
+    run.add_argument(
+        "--anonymous", action="store_true", help="no passwords: development, loopback only"
+    )
     run.add_argument("--tls", type=Path, help="directory made by `tls`: a TLS listener")
     run.add_argument("--bridge", type=Path, action="append", default=[], help="bridge file")
     run.set_defaults(handler=start)
 
     ids = commands.add_parser("identities", help="password file, ACL and credentials")
+    ids.add_argument("--registry", type=Path, help="the operator's node registry (YAML)")
     ids.add_argument("--scheduler", default="scheduler")
     ids.add_argument("--worker", action="append", default=[])
     ids.add_argument("--workbench", action="append", default=[])

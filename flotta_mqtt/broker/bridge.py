@@ -41,7 +41,7 @@ SITE_TOPICS: tuple[BridgeTopic, ...] = (
     BridgeTopic(f"{V}/presence/+", "both"),  # its nodes' presence, and everyone else's
     BridgeTopic(f"{V}/workers/+/+", "in"),  # jobs and control for workers
     BridgeTopic(f"{V}/replies/+", "in"),  # rejections for workbenches
-    BridgeTopic(f"{V}/artifacts/+/+", "in"),  # statuses and lock releases (retained)
+    BridgeTopic(f"{V}/artifacts/#", "in"),  # statuses and lock releases (retained)
 )
 
 
@@ -61,14 +61,13 @@ def site_topics(nodes: Mapping[str, Role]) -> list[BridgeTopic]:
         elif role is Role.WORKBENCH:
             out += [BridgeTopic(f"{V}/requests/{name}/+", "out")]
             into += [BridgeTopic(f"{V}/replies/{name}", "in")]
+            into += [BridgeTopic(f"{V}/artifacts/{name}/#", "in")]
         elif role is not Role.DASHBOARD:
             raise ValueError(f"{name} ({role.value}) does not sit behind a site bridge")
+    if Role.DASHBOARD in nodes.values():  # central's ACL delivers what it may watch
+        into += [BridgeTopic(f"{V}/artifacts/#", "in")]
     if any(role in (Role.WORKBENCH, Role.DASHBOARD) for role in nodes.values()):
-        into += [
-            BridgeTopic(f"{V}/artifacts/+/status", "in"),
-            BridgeTopic(f"{V}/artifacts/+/locks", "in"),
-            BridgeTopic(f"{V}/presence/+", "in"),
-        ]
+        into += [BridgeTopic(f"{V}/presence/+", "in")]
     return out + into
 
 

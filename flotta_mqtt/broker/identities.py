@@ -29,6 +29,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
+from flotta_mqtt.model import Registry
 from flotta_mqtt.transport.claims import probe_username
 from flotta_mqtt.transport.settings import BrokerSettings
 
@@ -78,6 +79,21 @@ class IdentitySpec:
     workbenches: list[str] = field(default_factory=list)
     dashboards: list[str] = field(default_factory=list)
     bridges: dict[str, list[str]] = field(default_factory=dict)
+    # With a registry, who may watch whose artifacts follows its tenants and admins;
+    # without one, a dashboard watches every artifact.
+    registry: Registry | None = None
+
+    @classmethod
+    def of(cls, registry: Registry) -> IdentitySpec:
+        """The identities of the nodes an operator's registry names."""
+        return cls(
+            scheduler=registry.scheduler,
+            workers=list(registry.workers),
+            workbenches=list(registry.workbenches),
+            dashboards=list(registry.dashboards),
+            bridges={name: list(nodes) for name, nodes in registry.bridges.items()},
+            registry=registry,
+        )
 
     def nodes(self) -> list[tuple[str, Role]]:
         """Every identity to create, in file order; raises ValueError on a bad or repeated name."""
@@ -137,23 +153,27 @@ def rights(role: Role, name: str, spec: IdentitySpec | None = None) -> list[Righ
             Right("write", f"{v}/replies/+"),
             Right("write", f"{v}/sessions/{name}"),
         ]
+    registry = spec.registry if spec is not None else None
     if role is Role.WORKBENCH:
-        # It writes its own reply topic too: the SDK syncs on a marker sent to itself.
+        # It reads its own artifacts' topics (all of them if it administers), and writes its
+        # own reply topic too: the SDK syncs on a marker sent to itself.
+        admin = registry is not None and registry.is_admin(name)
         return [
             Right("read", f"{v}/replies/{name}"),
-            Right("read", f"{v}/artifacts/+/status"),
-            Right("read", f"{v}/artifacts/+/locks"),
+            Right("read", f"{v}/artifacts/#" if admin else f"{v}/artifacts/{name}/#"),
             Right("read", f"{v}/presence/+"),
             Right("write", f"{v}/requests/{name}/+"),
             Right("write", f"{v}/replies/{name}"),
             Right("write", f"{v}/sessions/{name}"),
         ]
     if role is Role.DASHBOARD:
-        return [
-            Right("read", f"{v}/artifacts/+/status"),
-            Right("read", f"{v}/artifacts/+/locks"),
-            Right("read", f"{v}/presence/+"),
-        ]
+        if registry is None:
+            return [Right("read", f"{v}/artifacts/#"), Right("read", f"{v}/presence/+")]
+        entry = registry.dashboards.get(name)
+        tenants = entry.tenants if entry is not None else []
+        owners = sorted({m for tenant in tenants for m in registry.members(tenant)})
+        watched = [Right("read", f"{v}/artifacts/{owner}/#") for owner in owners]
+        return [*watched, Right("read", f"{v}/presence/+")]
     if role is Role.BRIDGE:
         if spec is None:
             raise ValueError("a bridge's rights are those of its nodes: pass the spec")

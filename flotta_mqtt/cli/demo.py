@@ -60,13 +60,16 @@ def run_demo(rows: int, seed: int, console: Console) -> int:
     files = write_data(folder, rows, seed)
     storage = f"file://{folder}/store"
     command = [sys.executable, "-m", "flotta_mqtt.cli"]
+    # The registry names the three holders: the count binds to all of them, however fast
+    # each starts (without one, it would bind to those heard from at submission).
+    registry = folder / "registry.yaml"
+    registry.write_text(
+        "workers:\n" + "".join(f"  {name}: {{projects: [demo]}}\n" for name in files)
+    )
     with LocalBroker() as broker:
         common = ["--broker", broker.url, "--storage", storage, "--log-level", "WARNING"]
-        nodes = [
-            subprocess.Popen(
-                [*command, "scheduler", "--database", str(folder / "scheduler.db"), *common]
-            )
-        ]
+        database = ["--database", str(folder / "scheduler.db"), "--registry", str(registry)]
+        nodes = [subprocess.Popen([*command, "scheduler", *database, *common])]
         nodes += [
             subprocess.Popen(
                 [

@@ -16,12 +16,11 @@ from rich.table import Table
 from flotta_mqtt.cli.errors import TIMED_OUT, Command, debugging, fail, set_debug
 from flotta_mqtt.cli.serving import serve
 from flotta_mqtt.cli.settings import broker_options, node_config
+from flotta_mqtt.cli.views import holders_text, jobs_table
 from flotta_mqtt.client.client import ArtifactFailed, Client, NoSuchArtifact
-from flotta_mqtt.client.times import clock
 from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import Artifact, Tasks, Workflow
 from flotta_mqtt.nodes import SchedulerNode
-from flotta_mqtt.protocol import ArtifactStatus
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings, load_yaml
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
@@ -113,11 +112,37 @@ def scheduler(
         int | None,
         typer.Option(envvar="FLOTTA_METRICS_PORT", help="serve Prometheus metrics on this port"),
     ] = None,
+    registry: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FLOTTA_REGISTRY",
+            help="the operator's node registry (YAML): who holds which project, who may do what",
+        ),
+    ] = None,
+    default_deadline: Annotated[
+        float | None,
+        typer.Option(
+            envvar="FLOTTA_DEFAULT_DEADLINE",
+            help="seconds an artifact giving no deadline may take [default: 7 days]",
+        ),
+    ] = None,
     initiator_password: Annotated[
         str | None,
         typer.Option(
             envvar="FLOTTA_INITIATOR_PASSWORD",
             help="password of the embedded initiator's own identity, NAME.initiator",
+        ),
+    ] = None,
+    admin: Annotated[
+        list[str] | None,
+        typer.Option(envvar="FLOTTA_ADMINS", help="client id that may prune, repeatable"),
+    ] = None,
+    prune_older_than: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLOTTA_PRUNE_OLDER_THAN",
+            help="prune artifacts finished longer ago than this (90s, 15m, 12h, 7d), "
+            "at start and periodically",
         ),
     ] = None,
     log_level: LogOpt = "INFO",
@@ -133,6 +158,10 @@ def scheduler(
             "database": database,
             "allow_download": allow_download,
             "metrics_port": metrics_port,
+            "registry": registry,
+            "default_deadline": default_deadline,
+            "admins": admin or None,
+            "prune_older_than": prune_older_than,
             "broker": broker_options(broker, username, password, ca_file),
             "storage": {"url": storage} if storage else {},
         },
@@ -275,9 +304,13 @@ def submit(
         console.print(f"submitted artifact {artifact.id}")
         if wait:
             try:
-                console.print_json(json.dumps(handle.result(timeout)))
+                result = handle.result(timeout)
             except ArtifactFailed as exc:
                 raise fail(str(exc)) from None
+            finished = handle.status()
+            if finished is not None and (finished.holders or finished.missing):
+                console.print(holders_text(finished), highlight=False)
+            console.print_json(json.dumps(result))
 
 
 @app.command()
@@ -315,46 +348,10 @@ def status(
         escape(f"{current.error.type}: {current.error.message}") if current.error else "",
     )
     console.print(table)
+    if current.holders or current.missing:
+        console.print(holders_text(current), highlight=False)
     if current.jobs:
-        console.print(_jobs_table(current))
-
-
-def _jobs_table(current: ArtifactStatus) -> Table:
-    """One row per job: where it ran, how it went, how long it took."""
-    table = Table(title="jobs")
-    for column in (
-        "job",
-        "step",
-        "worker",
-        "state",
-        "attempt",
-        "started",
-        "duration",
-        "size",
-        "exit",
-        "error",
-    ):
-        table.add_column(column)
-    for job in current.jobs or []:
-        started = clock(job.started_at, millis=True)
-        duration = (
-            f"{job.finished_at - job.started_at:.3f} s"
-            if job.started_at and job.finished_at
-            else ""
-        )
-        table.add_row(
-            escape(job.name or str(job.id)),
-            job.step,
-            escape(job.worker),
-            job.state,
-            str(job.attempt),
-            started,
-            duration,
-            "" if job.size is None else str(job.size),
-            "" if job.exit_code is None else str(job.exit_code),
-            escape(job.error or ""),
-        )
-    return table
+        console.print(jobs_table(current))
 
 
 @app.command()
@@ -413,7 +410,7 @@ def demo(
     raise typer.Exit(code=run_demo(rows=rows, seed=seed, console=console))
 
 
-from flotta_mqtt.cli import observe  # noqa: E402, F401  (registers watch, graph, dashboard, …)
+from flotta_mqtt.cli import observe, prune  # noqa: E402, F401  (registers watch, graph, prune, …)
 
 if __name__ == "__main__":
     app()

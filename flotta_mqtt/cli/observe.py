@@ -293,7 +293,7 @@ def logs(
         if task is None:
             raise fail(f"artifact {artifact_id} has no tasks and no failed jobs")
         raise fail(f"artifact {artifact_id} has no task {task!r} (nor a job of that id)")
-    store = ResourceStore(store_settings.url, store_settings.options)
+    store = ResourceStore.of(store_settings)
     for job in chosen:
         which = attempt or max(job.attempt, 1)
         label = job.name or f"job {job.id} (step {job.step} on {job.worker})"

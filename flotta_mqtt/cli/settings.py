@@ -76,12 +76,14 @@ def absolute(config: Config) -> Config:
     update: dict[str, Any] = {"storage": absolute_storage(config.storage)}
     if isinstance(config, SchedulerConfig):
         update["database"] = config.database.absolute()
+        update["registry"] = config.registry.absolute() if config.registry else None
     else:
         state = config.state_dir or Path("flotta-state") / config.name
         update["state_dir"] = state.absolute()
         update["datasets"] = {
             project: _absolute_paths(spec) for project, spec in config.datasets.items()
         }
+        update["policy"] = config.policy.absolute()
     return config.model_copy(update=update)
 
 

@@ -73,6 +73,8 @@ def watch_view(status: ArtifactStatus, started: float) -> Group:
         state_counts(status.counts),
     )
     parts: list[RenderableType] = [head, progress]
+    if status.holders or status.missing:
+        parts.append(Text(holders_text(status), style="grey62"))
     if status.error is not None:
         where = f" (job {status.failed_job})" if status.failed_job is not None else ""
         parts.append(
@@ -138,6 +140,12 @@ def workers_table(jobs: list[JobSummary]) -> Table:
     return table
 
 
+def holders_text(status: ArtifactStatus) -> str:
+    """Who takes part in an artifact, and who was left out (a quorum)."""
+    text = f"holders: {', '.join(status.holders) or 'none'}"
+    return text + (f"; missing: {', '.join(status.missing)}" if status.missing else "")
+
+
 def summary_line(status: ArtifactStatus) -> str:
     done = status.counts.get(JobState.COMPLETED, 0)
     line = f"{clock(status.updated_at)} {status.state} {done}/{status.total} completed"
@@ -179,3 +187,41 @@ def capabilities_text(node: NodePresence) -> str:
     if node.operations:
         parts.append(f"{len(node.operations)} operations")
     return "\n".join(parts)
+
+
+def jobs_table(current: ArtifactStatus) -> Table:
+    """One row per job: where it ran, how it went, how long it took."""
+    table = Table(title="jobs")
+    for column in (
+        "job",
+        "step",
+        "worker",
+        "state",
+        "attempt",
+        "started",
+        "duration",
+        "size",
+        "exit",
+        "error",
+    ):
+        table.add_column(column)
+    for job in current.jobs or []:
+        started = clock(job.started_at, millis=True)
+        duration = (
+            f"{job.finished_at - job.started_at:.3f} s"
+            if job.started_at and job.finished_at
+            else ""
+        )
+        table.add_row(
+            escape(job.name or str(job.id)),
+            job.step,
+            escape(job.worker),
+            job.state,
+            str(job.attempt),
+            started,
+            duration,
+            "" if job.size is None else str(job.size),
+            "" if job.exit_code is None else str(job.exit_code),
+            escape(job.error or ""),
+        )
+    return table

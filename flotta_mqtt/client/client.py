@@ -18,6 +18,8 @@ from flotta_mqtt.protocol import (
     CancelArtifact,
     NodePresence,
     ProtocolError,
+    PruneReport,
+    PruneRequest,
     RemoteError,
     RequestRejected,
     StatusRequest,
@@ -78,6 +80,9 @@ class Client:
         self._changed = threading.Condition()
         self._statuses: dict[str, ArtifactStatus] = {}
         self._rejections: list[RequestRejected] = []
+        self._prunes: list[PruneReport | RequestRejected] = []  # answers to prune requests
+        self._pruning = threading.Lock()  # one prune request at a time
+        self._prune_topic = topics.prune(self.client_id)
         self._presence: dict[str, NodePresence] = {}
         self._barriers: dict[str, threading.Event] = {}
         self.bus = open_bus(
@@ -113,8 +118,9 @@ class Client:
         return handle
 
     def handle(self, artifact_id: str) -> ArtifactHandle:
-        """A handle on an artifact submitted before, by anyone."""
-        self.bus.subscribe(topics.status(artifact_id))
+        """A handle on an artifact submitted before, by this workbench or (where the
+        broker's ACL lets it read theirs) another."""
+        self.bus.subscribe(topics.status("+", artifact_id))
         return ArtifactHandle(self, artifact_id)
 
     def lookup(self, artifact_id: str, timeout: float = 5.0) -> ArtifactHandle:
@@ -138,6 +144,28 @@ class Client:
         self.bus.publish(
             topics.cancel(self.client_id), CancelArtifact(artifact_id=artifact_id, reason=reason)
         )
+
+    def prune(self, older_than: float, timeout: float = 10.0) -> PruneReport:
+        """Have the scheduler remove every artifact finished more than `older_than` seconds
+        ago (database rows, store objects, retained status); what it removed.
+
+        PermissionError if this client is not one of the scheduler's admins; TimeoutError
+        if no answer came in `timeout` s (a large prune goes on meanwhile).
+        """
+        request = PruneRequest(older_than=older_than)
+        with self._pruning:
+            with self._changed:
+                self._prunes.clear()  # a late answer to an earlier request is not this one's
+            self.bus.publish(self._prune_topic, request)
+            if not self.wait_for(lambda: bool(self._prunes), timeout):
+                raise TimeoutError(f"no answer to the prune request in {timeout} s")
+            with self._changed:
+                answer = self._prunes.pop(0)
+        if isinstance(answer, PruneReport):
+            return answer
+        if answer.reason == "forbidden":
+            raise PermissionError(answer.error)
+        raise ValueError(f"the scheduler rejected the prune request: {answer.error}")
 
     def workers(self, timeout: float = 5.0) -> list[NodePresence]:
         """The nodes whose retained presence the broker holds, online or not."""
@@ -204,6 +232,9 @@ class Client:
     # --- incoming (network thread: record and notify only) ---------------------------------
 
     def _message(self, topic: str, payload: bytes) -> None:
+        if not payload:  # an emptied retained message: the status of a pruned artifact
+            self._cleared(topic)
+            return
         try:
             address, message = decode(topic, payload)
         except ProtocolError as exc:
@@ -217,12 +248,16 @@ class Client:
             elif address.channel is Channel.PRESENCE:
                 self._presence[message.node] = message
             elif address.channel is Channel.REPLY:
-                barrier = self._barriers.get(message.error) if message.topic == "sync" else None
+                barrier = None
+                if isinstance(message, RequestRejected) and message.topic == "sync":
+                    barrier = self._barriers.get(message.error)
                 if barrier is not None:
                     barrier.set()
+                elif isinstance(message, PruneReport) or message.topic == self._prune_topic:
+                    self._prunes.append(message)
                 elif message.artifact_id is not None:
                     self._rejections.append(message)
-                else:  # this workbench's requests all name their artifact: not one of ours
+                else:  # its other requests all name their artifact: not one of ours
                     log.error(
                         "workbench %s: the scheduler rejected a request naming no "
                         "artifact on %s: %s",
@@ -230,6 +265,19 @@ class Client:
                         message.topic,
                         message.error,
                     )
+            self._changed.notify_all()
+
+    def _cleared(self, topic: str) -> None:
+        """Forget the status of an artifact whose retained status was cleared."""
+        try:
+            address = topics.parse(topic)
+        except topics.TopicError:
+            address = None
+        if address is None or address.channel is not Channel.STATUS:
+            log.error("workbench %s: an empty message on %s", self.client_id, topic)
+            return
+        with self._changed:
+            self._statuses.pop(address.name, None)
             self._changed.notify_all()
 
 
@@ -343,8 +391,10 @@ class ArtifactHandle:
                 "its scheduler does not allow downloading them (allow_download is off), or "
                 "could not store their list (see its log)"
             )
-        store = ResourceStore(self.client.storage.url, self.client.storage.options)
-        products = [json.loads(store.get(r)) for r in store.results(status.results)]
+        store = ResourceStore.of(self.client.storage)
+        folder = store.artifact_root(self.artifact_id)
+        results = store.results(status.results, self.artifact_id)
+        products = [json.loads(store.get(r, folder)) for r in results]
         return products[0] if len(products) == 1 else products
 
     def download(self, path: Path | str, timeout: float | None = None) -> Path:

@@ -172,7 +172,7 @@ def run_call(request: dict[str, Any], functions: dict[str, Callable[..., Any]], 
 
 def _function(request: dict[str, Any], functions: dict[str, Callable[..., Any]]) -> Any:
     """The function to call: imported from the workspace, or unpickled by value (cached)."""
-    key = request.get("pickled_sha256") or request["name"]
+    key = request.get("pickled") or request["name"]  # a pickled function's file: its sha256
     if key in functions:
         return functions[key]
     if request.get("pickled"):

@@ -99,13 +99,10 @@ def make_batch(taken: list[QueuedCall], uploads: Uploads) -> Batch:
         name = f"{index:03d}-{_task_label(function.name)}"[:64]
         handle.artifact_id, handle.task = artifact_id, name
         encoded = base64.b64encode(item.payload).decode()
-        inputs = []
         call_file = None
         if len(encoded) > calls.INLINE_LIMIT:
-            call_file = f"calls/{name}"
-            url = store.job_file_url(artifact_id, call_file)
-            store.put(url, item.payload, media_type="application/octet-stream")
-            inputs.append(call_file)
+            url = f"{store.artifact_root(artifact_id)}/calls/{name}"
+            call_file = store.put(url, item.payload, media_type="application/octet-stream")
         params = calls.CallParams(
             name=function.name,
             workspace=archive,
@@ -122,7 +119,6 @@ def make_batch(taken: list[QueuedCall], uploads: Uploads) -> Batch:
                 name=name,
                 executor="python",
                 params=params.model_dump(mode="json", exclude_none=True),
-                inputs=inputs,
                 outputs=[calls.result_file(name)],
                 timeout=function.timeout,
                 retries=function.retries,

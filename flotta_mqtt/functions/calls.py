@@ -1,8 +1,10 @@
 """What a call is on the wire: the task parameters, the pickled arguments, the sealed outcome.
 
 Small pickled arguments travel inline in the task's parameters (base64), larger ones as a
-job file; the outcome is a job file written by the worker, sealed with its own sha256.
-Both sides must trust each other, as with any pickle-based RPC (see `dumps`).
+stored file named with its sha256 in the parameters; the outcome is a job file written by
+the worker, announced with its sha256 in the call's product. Both sides must trust each
+other, as with any pickle-based RPC (see `dumps`), and each unpickles only bytes it has
+verified against a sha256 that came over the bus: never what someone put in the store.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class CallParams(BaseModel):
     function: FunctionRef | None = None  # imported by the worker...
     pickled: Resource | None = None  # ...or pickled by value (defined in `__main__`)
     call: str | None = None  # base64 of the pickled (args, kwargs)...
-    call_file: str | None = None  # ...or the job file holding them
+    call_file: Resource | None = None  # ...or the stored file holding them
     result_file: str  # the job file the outcome is written to
     threads: int = Field(default=1, ge=1, le=1024)  # calls of this function at once per worker
     timeout: float | None = Field(default=None, gt=0)

@@ -35,6 +35,7 @@ from flotta_mqtt.workflows.executors.base import (
     TaskRun,
     register_executor,
 )
+from flotta_mqtt.workflows.executors.policy import SitePolicy
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class PythonExecutor(Executor):
         node, broker, storage = site.node, site.broker, site.storage
         self.allow_code = site.allow_code
         self.node = node
-        self._store = ResourceStore(storage.url, storage.options)
+        self._store = ResourceStore.of(storage)
         if site.state_dir is not None:
             self._folder = Path(site.state_dir) / "python"
         else:
@@ -252,14 +253,13 @@ class PythonExecutor(Executor):
         deadline = None if params.timeout is None else started + params.timeout
         logs = self._logs()
         try:
-            folder = self._workspace(params.workspace)
+            folder = self._workspace(params.workspace, run.policy)
             request = {
                 "name": params.name,
                 "function": params.function.model_dump() if params.function else None,
-                "pickled": str(self._pickled(params.pickled)) if params.pickled else None,
-                "pickled_sha256": params.pickled.sha256 if params.pickled else None,
+                "pickled": self._get(params.pickled) if params.pickled else None,
                 "call": params.call,
-                "call_path": str(run.workdir / params.call_file) if params.call_file else None,
+                "call_path": self._get(params.call_file, run.workdir) if params.call_file else None,
                 "result": str(run.workdir / params.result_file),
                 "cwd": str(run.workdir),
                 "stdout": str(logs[0]),
@@ -396,8 +396,8 @@ class PythonExecutor(Executor):
 
     # --- workspaces and functions -------------------------------------------------------------
 
-    def _workspace(self, archive: Resource) -> Path:
-        """The unpacked folder of a workspace, fetched and unpacked on first use only."""
+    def _workspace(self, archive: Resource, policy: SitePolicy) -> Path:
+        """A workspace's folder, fetched and unpacked (within the site's limits) once."""
         assert self._folder is not None and self._store is not None
         target = self._folder / "workspaces" / archive.sha256
         if target.is_dir():
@@ -406,7 +406,8 @@ class PythonExecutor(Executor):
             lock = self._unpacking.setdefault(archive.sha256, threading.Lock())
         with lock:
             if not target.is_dir():
-                workspaces.unpack(self._store.get(archive), target)
+                limits = policy.max_workspace_bytes, policy.max_workspace_members
+                workspaces.unpack(self._store.get(archive), target, *limits)
         return target
 
     def _report(self, sha: str, folder: Path) -> str:
@@ -422,16 +423,16 @@ class PythonExecutor(Executor):
             self._reports[sha] = report
         return report
 
-    def _pickled(self, resource: Resource) -> Path:
-        """A function pickled by value, kept by its hash."""
+    def _get(self, resource: Resource, folder: Path | None = None) -> str:
+        """Pickled bytes, verified, kept by sha256 in `folder` (default: the worker's functions)."""
         assert self._folder is not None and self._store is not None
-        target = self._folder / "functions" / f"{resource.sha256}.pkl"
+        target = (folder or self._folder / "functions") / f"{resource.sha256}.pkl"
         if not target.exists():
             target.parent.mkdir(exist_ok=True)
             scratch = target.with_suffix(f".{uuid.uuid4().hex}")
             scratch.write_bytes(self._store.get(resource))
             os.replace(scratch, target)
-        return target
+        return str(target)
 
 
 def _acquire(

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from flotta_mqtt.functions import calls
 from flotta_mqtt.protocol.messages import JobSummary, Resource
-from flotta_mqtt.transport.store import IntegrityError
 
 if TYPE_CHECKING:
     from flotta_mqtt.functions.session import Session
@@ -128,7 +127,7 @@ class CallHandle(Generic[T]):
         store = self._session.store
         logs = product.get("logs", {})
         stdout, stderr = (
-            store.get(Resource.model_validate(logs[name])).decode(errors="replace")
+            store.get(Resource.model_validate(logs[name]), self._folder()).decode(errors="replace")
             if name in logs
             else ""
             for name in ("stdout", "stderr")
@@ -179,8 +178,14 @@ class CallHandle(Generic[T]):
         summary = self._summary
         if self._failure is not None or summary is None or summary.product is None:
             return None
-        product: dict[str, Any] = json.loads(self._session.store.get(summary.product))
+        store = self._session.store
+        product: dict[str, Any] = json.loads(store.get(summary.product, self._folder()))
         return product
+
+    def _folder(self) -> str:
+        """Where everything of the call's artifact is stored: no read of it goes elsewhere."""
+        assert self.artifact_id is not None  # set when its batch was made
+        return self._session.store.artifact_root(self.artifact_id)
 
     def _load(self) -> tuple[bool, Any]:
         if self._failure is not None:
@@ -190,13 +195,7 @@ class CallHandle(Generic[T]):
             if product is None:
                 raise ValueError("its status lists no product (is the scheduler older?)")
             resource = Resource.model_validate(product["outputs"][calls.result_file(self.task)])
-            try:
-                data = self._session.store.get(resource)
-            except IntegrityError:
-                # Another attempt of this same call replaced the file after this one was
-                # recorded; its own seal still proves it a complete outcome of the call.
-                data = self._session.store.get_bytes(resource.url)
-            outcome = calls.unseal(data)
+            outcome = calls.unseal(self._session.store.get(resource, self._folder()))
         except Exception as exc:
             return True, CallFailed(f"the outcome of {self.function} could not be read: {exc}")
         worker = outcome.worker or (self._summary.worker if self._summary else "")

@@ -32,9 +32,10 @@ FORMAT = 1
 # A workspace is code, not data: past this the caller most likely forgot an ignore rule,
 # and every worker would download it. Raise it with `configure(max_workspace_bytes=...)`.
 MAX_BYTES = 256 * 1024 * 1024
-# What a worker unpacks of one archive at most: a bound on its disk, whoever sent it.
-MAX_UNPACKED_BYTES = 4 * 1024 * 1024 * 1024
-MAX_MEMBERS = 100_000
+# Room for each member's headers (a long name's pax header, say) and padding in the tar
+# stream, beyond its data: what a worker decompresses is bounded by the data limit plus
+# this much per member allowed.
+HEADER_ROOM = 8 * 1024
 _MTIME = 0  # every entry's modification time: the epoch, so the bytes depend on content only
 
 
@@ -177,22 +178,29 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def unpack(data: bytes, target: Path) -> Path:
+def unpack(data: bytes, target: Path, max_bytes: int, max_members: int) -> Path:
     """Unpack an archive into `target`, atomically: the folder appears complete or not at all.
 
     Concurrent unpackers of the same hash (threads, or workers sharing a state folder)
     each unpack beside it and rename; the first rename wins and the others discard their
     copy. Every member is checked before anything is written (see `checked_members`),
     whoever made the archive, and written here member by member: the same on every Python
-    this project supports, with or without tarfile's `filter=` (3.11.4+).
+    this project supports, with or without tarfile's `filter=` (3.11.4+). The limits are
+    the worker's: at most `max_members` members and `max_bytes` of data, as the headers
+    declare them before anything is written, and as decompressed throughout (`_Capped`).
     """
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = target.parent / f".{target.name}.{uuid.uuid4().hex}"
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            members = checked_members(tar)
+        stream = _Capped(
+            gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb"),
+            max_bytes + max_members * HEADER_ROOM,
+            _too_large(max_bytes),
+        )
+        with stream, tarfile.open(fileobj=stream, mode="r:") as tar:
+            members = checked_members(tar, max_bytes, max_members)
             scratch.mkdir()
             for info, parts in members:
                 _extract(tar, info, scratch.joinpath(*parts))
@@ -207,7 +215,7 @@ def unpack(data: bytes, target: Path) -> Path:
 
 
 def checked_members(
-    tar: tarfile.TarFile, max_bytes: int = MAX_UNPACKED_BYTES, max_members: int = MAX_MEMBERS
+    tar: tarfile.TarFile, max_bytes: int, max_members: int
 ) -> list[tuple[tarfile.TarInfo, tuple[str, ...]]]:
     """The archive's members with their relative path parts; UnsafeArchive on the first bad one.
 
@@ -219,7 +227,10 @@ def checked_members(
     total = 0
     for info in tar:
         if len(members) >= max_members:
-            raise UnsafeArchive(f"the workspace archive holds more than {max_members} members")
+            raise UnsafeArchive(
+                f"the workspace archive holds more than {max_members:,} members, "
+                "the worker's limit (policy.max_workspace_members)"
+            )
         name = info.name
         path = PurePosixPath(name)
         if path.is_absolute() or ".." in path.parts:
@@ -235,11 +246,59 @@ def checked_members(
             raise UnsafeArchive(f"the workspace archive's member {name!r} is a file without a name")
         total += info.size
         if total > max_bytes:
-            raise UnsafeArchive(
-                f"the workspace archive unpacks to more than {max_bytes // 2**20} MiB"
-            )
+            raise UnsafeArchive(_too_large(max_bytes))
         members.append((info, path.parts))
     return members
+
+
+def _too_large(max_bytes: int) -> str:
+    return (
+        f"the workspace archive unpacks to more than {max_bytes:,} bytes, "
+        "the worker's limit (policy.max_workspace_bytes)"
+    )
+
+
+class _Capped(io.RawIOBase):
+    """A decompressing stream that refuses to be read or sought past `limit` bytes.
+
+    Member sizes are checked from the headers, but a header is itself read whole (a pax
+    header of gigabytes of zeros compresses to a few megabytes): this bounds what the
+    worker decompresses at all, whatever the archive says.
+    """
+
+    def __init__(self, stream: gzip.GzipFile, limit: int, message: str) -> None:
+        super().__init__()
+        self._stream = stream
+        self._limit = limit
+        self._message = message
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("only absolute seeks (tarfile makes no others)")
+        if offset > self._limit:
+            raise UnsafeArchive(self._message)
+        return self._stream.seek(offset)
+
+    def read(self, size: int | None = -1) -> bytes:
+        room = self._limit - self._stream.tell()
+        wanted = room + 1 if size is None or size < 0 else min(size, room + 1)
+        data = self._stream.read(wanted)
+        if len(data) > room:
+            raise UnsafeArchive(self._message)
+        return data
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
 
 
 def _extract(tar: tarfile.TarFile, info: tarfile.TarInfo, destination: Path) -> None:

@@ -9,6 +9,13 @@ from flotta_mqtt.model.ids import SafeId
 from flotta_mqtt.model.locks import LockTable
 from flotta_mqtt.model.operation import Operation
 from flotta_mqtt.model.query import AllOf, AnyOf, Compare, Filter, Not
+from flotta_mqtt.model.registry import (
+    CODE_EXECUTOR,
+    DashboardEntry,
+    Registry,
+    WorkbenchEntry,
+    WorkerEntry,
+)
 from flotta_mqtt.model.states import (
     ARTIFACT_FINAL,
     JOB_FINAL,
@@ -33,6 +40,7 @@ from flotta_mqtt.model.workflow import Task, Workflow, candidates, task_graph
 
 __all__ = [
     "ARTIFACT_FINAL",
+    "CODE_EXECUTOR",
     "JOB_FINAL",
     "AllOf",
     "AnyOf",
@@ -41,6 +49,7 @@ __all__ = [
     "BindingError",
     "Collect",
     "Compare",
+    "DashboardEntry",
     "Distribute",
     "Distribution",
     "Filter",
@@ -59,6 +68,7 @@ __all__ = [
     "Operation",
     "Pairwise",
     "Parallel",
+    "Registry",
     "RoundRobin",
     "SafeId",
     "SchedulerContext",
@@ -67,6 +77,8 @@ __all__ = [
     "Step",
     "Task",
     "Tasks",
+    "WorkbenchEntry",
+    "WorkerEntry",
     "Workflow",
     "bind",
     "candidates",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,6 +32,9 @@ class Artifact(BaseModel):
     seed: int = Field(default_factory=lambda: secrets.randbits(32), ge=0, lt=2**63)
     # Seconds after submission by which the artifact must be done, or it fails.
     deadline: float | None = Field(default=None, gt=0)
+    # Proceed with this many of the project's holders (an int), or this fraction of them
+    # (a float in (0, 1]), the first that are online; None: all of them, nothing less.
+    quorum: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = None
 
     @model_validator(mode="after")
     def _distributions_fit(self) -> Artifact:

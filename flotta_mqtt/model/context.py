@@ -30,6 +30,8 @@ class SchedulerContext(BaseModel):
     initiator: NodeRef
     workers: list[NodeRef]  # the nodes holding the project's data
     pool: list[NodeRef] = Field(default_factory=list)  # every worker, for workflow tasks
+    # Holders of the project's data the artifact was not bound to (a quorum was enough).
+    missing: list[SafeId] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique_workers(self) -> SchedulerContext:

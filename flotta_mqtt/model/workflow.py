@@ -51,13 +51,18 @@ def _relative(path: str) -> str:
 
 # A job file: a relative path inside the artifact's shared job-file storage.
 JobFile = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_relative)]
+# A secret a worker's site defines, by name; a task that names it gets it as the
+# environment variable of that name (see the site policy, workflows/executors/policy.py).
+SecretName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+MAX_SECRETS = 64
 
 
 class Task(BaseModel):
     """One task of a workflow: what to run, with which executor, after which tasks.
 
     With `replicas` N > 1 it runs N times, as independent jobs name[0] to name[N-1] (an
-    array job), each told its index in FLOTTA_REPLICA.
+    array job), each told its index in FLOTTA_REPLICA. `secrets` names secrets of the
+    worker's site: the task carries their names only, never their values.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -67,6 +72,7 @@ class Task(BaseModel):
     executor: ExecutorName = "shell"
     params: dict[str, FiniteJson] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
+    secrets: list[SecretName] = Field(default_factory=list, max_length=MAX_SECRETS)
     inputs: list[JobFile] = Field(default_factory=list)  # job files fetched before it runs
     outputs: list[JobFile] = Field(default_factory=list)  # job files stored after it ran
     timeout: float | None = Field(default=None, gt=0)
@@ -96,6 +102,12 @@ class Task(BaseModel):
                 f"task {self.name}: replica {self.replica} of {self.replicas} must be named "
                 f"{match.group(1)}[{self.replica}], with an index below replicas"
             )
+        clashes = sorted(set(self.secrets) & set(self.env))
+        if clashes:
+            raise ValueError(
+                f"task {self.name}: {', '.join(clashes)} named both in `env` and in `secrets`; "
+                "a secret reaches the task as the variable of its name"
+            )
         if self.replicas > 1 and self.outputs:
             raise ValueError(
                 f"task {self.name}: its {self.replicas} replicas would each store the same "
@@ -105,7 +117,8 @@ class Task(BaseModel):
 
     @model_serializer(mode="wrap")
     def _lean(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """A plain task dumps as it did before replicas: no `replicas: 1`, no `replica`.
+        """A plain task dumps as it did before replicas and secrets: no `replicas: 1`, no
+        `replica`, no empty `secrets`.
 
         Submissions and jobs carry every task, under a message size limit.
         """
@@ -114,6 +127,8 @@ class Task(BaseModel):
             del data["replica"]
         if data.get("replicas") == 1:
             del data["replicas"]
+        if data.get("secrets") == []:
+            del data["secrets"]
         return data
 
 
@@ -146,6 +161,19 @@ def task_graph(tasks: list[Task]) -> nx.DiGraph:
     )
     if unknown:
         raise ValueError(f"tasks depend on tasks that do not exist: {', '.join(unknown)}")
+    # A task's input comes with the sha256 its producer announced: a dependency's.
+    outputs = {task.name: set(task.outputs) for task in tasks}
+    unsourced = sorted(
+        f"{task.name} reads {path}"
+        for task in tasks
+        for path in task.inputs
+        if sum(path in outputs[dep] for dep in task.depends) != 1
+    )
+    if unsourced:
+        raise ValueError(
+            "each job file a task reads must be output by exactly one task it depends on: "
+            + ", ".join(unsourced)
+        )
     bound = sorted(task.name for task in tasks if task.replica is not None)
     if bound:
         raise ValueError(

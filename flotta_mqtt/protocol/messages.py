@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from flotta_mqtt.model import Artifact, ArtifactState, JobRole, JobState, Operation, SafeId
+from flotta_mqtt.model.durations import MAX_DURATION
 from flotta_mqtt.model.operation import FiniteJson
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -68,20 +69,45 @@ class StatusRequest(Message):
     artifact_id: SafeId
 
 
+class PruneRequest(Message):
+    """Remove every artifact finished more than `older_than` seconds ago: its database
+    rows, its store objects and its retained status. Only administrators may ask."""
+
+    older_than: Annotated[float, Field(ge=0, le=MAX_DURATION, allow_inf_nan=False)]
+
+
 # --- scheduler → workbench / everyone ------------------------------------------------
 
 
-RejectReason = Literal["invalid", "unknown_artifact"]
+# invalid: the request itself is wrong; unknown_artifact: no such artifact (or not the
+# requester's to see); quota: over a limit the reason names; forbidden: not the
+# requester's to ask (e.g. a prune by a non-administrator).
+RejectReason = Literal["invalid", "unknown_artifact", "quota", "forbidden"]
 
 
 class RequestRejected(Message):
     """Why a request could not be handled: `invalid` (malformed, oversize, an internal
-    error), or `unknown_artifact` (it names an artifact the scheduler never saw)."""
+    error), `unknown_artifact` (it names an artifact the scheduler never saw), or
+    `forbidden` (its sender may not ask for it)."""
 
     topic: str
     error: str
     artifact_id: SafeId | None = None
     reason: RejectReason = "invalid"
+
+
+PRUNED_LISTED = 100  # the most artifact ids a PruneReport lists
+
+
+class PruneReport(Message):
+    """What a PruneRequest removed: how many artifacts, and the first ids of them."""
+
+    older_than: Annotated[float, Field(ge=0, le=MAX_DURATION, allow_inf_nan=False)]
+    pruned: Annotated[int, Field(ge=0)]
+    artifact_ids: Annotated[list[SafeId], Field(max_length=PRUNED_LISTED)]
+
+
+Reply = RequestRejected | PruneReport  # what a workbench's reply topic carries
 
 
 class JobSummary(Message):
@@ -122,6 +148,9 @@ class ArtifactStatus(Message):
     jobs: list[JobSummary] | None = None  # every job, when there are few enough to list
     # The DAG's locks (before, after), sent with `jobs` so a viewer can draw the graph.
     locks: list[tuple[JobId, JobId]] | None = None
+    # The project's holders taking part, and those expected but left out (a quorum).
+    holders: list[SafeId] = Field(default_factory=list)
+    missing: list[SafeId] = Field(default_factory=list)
     updated_at: Timestamp
 
 
@@ -331,7 +360,10 @@ __all__ = [
     "LocksReleased",
     "Message",
     "NodePresence",
+    "PruneReport",
+    "PruneRequest",
     "RemoteError",
+    "Reply",
     "RequestRejected",
     "Resource",
     "SessionClaim",

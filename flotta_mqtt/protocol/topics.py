@@ -4,9 +4,11 @@ Layout (ROOT carries the protocol version, so two versions can share a broker):
   {ROOT}/requests/{client}/submit   workbench → scheduler: an Artifact
   {ROOT}/requests/{client}/cancel   workbench → scheduler: CancelArtifact
   {ROOT}/requests/{client}/status   workbench → scheduler: StatusRequest
-  {ROOT}/replies/{client}           scheduler → workbench: RequestRejected
-  {ROOT}/artifacts/{id}/status      scheduler → all: ArtifactStatus (retained)
-  {ROOT}/artifacts/{id}/locks       scheduler → all: LocksReleased
+  {ROOT}/requests/{client}/prune    workbench → scheduler: PruneRequest (administrators)
+  {ROOT}/replies/{client}           scheduler → workbench: RequestRejected, PruneReport
+  {ROOT}/artifacts/{owner}/{id}/status  scheduler → its owner (and viewers): ArtifactStatus
+                                    (retained)
+  {ROOT}/artifacts/{owner}/{id}/locks   scheduler → its owner (and viewers): LocksReleased
   {ROOT}/workers/{worker}/jobs      scheduler → one worker: JobReady, or a JobBatch of them
   {ROOT}/workers/{worker}/control   scheduler → one worker: EventAck, CancelJob
   {ROOT}/events/{worker}            one worker → scheduler: job started/…/failed, or an
@@ -16,7 +18,9 @@ Layout (ROOT carries the protocol version, so two versions can share a broker):
                                     (retained while connected), SessionProbe
 
 A worker's broker identity reads only `workers/{itself}/#` and writes only
-`events/{itself}` and `presence/{itself}`, so the topic names the sender. A node's
+`events/{itself}` and `presence/{itself}`, so the topic names the sender. An artifact's
+topics name the workbench that submitted it (its owner): a workbench's ACL reads only its
+own, and a reader that does not know the owner subscribes with `+` in its place. A node's
 `sessions/{itself}` is read only by its own probe identity (transport/claims.py).
 """
 
@@ -35,6 +39,7 @@ class Channel(StrEnum):
     SUBMIT = "submit"
     CANCEL = "cancel"
     ASK = "ask"  # a StatusRequest
+    PRUNE = "prune"
     REPLY = "reply"
     STATUS = "status"
     LOCKS = "locks"
@@ -57,16 +62,21 @@ def ask(client: str) -> str:
     return f"{ROOT}/requests/{client}/status"
 
 
+def prune(client: str) -> str:
+    return f"{ROOT}/requests/{client}/prune"
+
+
 def reply(client: str) -> str:
     return f"{ROOT}/replies/{client}"
 
 
-def status(artifact_id: str) -> str:
-    return f"{ROOT}/artifacts/{artifact_id}/status"
+def status(owner: str, artifact_id: str) -> str:
+    """An artifact's status topic; `owner` may be `+` to follow it without knowing it."""
+    return f"{ROOT}/artifacts/{owner}/{artifact_id}/status"
 
 
-def locks(artifact_id: str) -> str:
-    return f"{ROOT}/artifacts/{artifact_id}/locks"
+def locks(owner: str, artifact_id: str) -> str:
+    return f"{ROOT}/artifacts/{owner}/{artifact_id}/locks"
 
 
 def jobs(worker: str) -> str:
@@ -94,7 +104,7 @@ def session(client: str) -> str:
 ALL_REQUESTS = f"{ROOT}/requests/+/+"
 ALL_EVENTS = f"{ROOT}/events/+"
 ALL_PRESENCE = f"{ROOT}/presence/+"
-ALL_STATUS = f"{ROOT}/artifacts/+/status"
+ALL_STATUS = f"{ROOT}/artifacts/+/+/status"
 
 
 def worker_inbox(worker: str) -> str:
@@ -124,11 +134,11 @@ _THREE_LEVELS = {
     ("requests", "submit"): Channel.SUBMIT,
     ("requests", "cancel"): Channel.CANCEL,
     ("requests", "status"): Channel.ASK,
-    ("artifacts", "status"): Channel.STATUS,
-    ("artifacts", "locks"): Channel.LOCKS,
+    ("requests", "prune"): Channel.PRUNE,
     ("workers", "jobs"): Channel.JOBS,
     ("workers", "control"): Channel.CONTROL,
 }
+_FOUR_LEVELS = {("artifacts", "status"): Channel.STATUS, ("artifacts", "locks"): Channel.LOCKS}
 
 
 def parse(topic: str) -> Address:
@@ -141,4 +151,6 @@ def parse(topic: str) -> Address:
         return Address(_TWO_LEVELS[(levels[0],)], levels[1])
     if len(levels) == 3 and (levels[0], levels[2]) in _THREE_LEVELS and levels[1]:
         return Address(_THREE_LEVELS[(levels[0], levels[2])], levels[1])
+    if len(levels) == 4 and (levels[0], levels[3]) in _FOUR_LEVELS and levels[1] and levels[2]:
+        return Address(_FOUR_LEVELS[(levels[0], levels[3])], levels[2])
     raise TopicError(f"topic {topic!r} is not a topic of protocol v{PROTOCOL_VERSION}")

@@ -93,7 +93,7 @@ class Announcements:
             released = self._released.pop(artifact_id, None)
             if released:
                 message = LocksReleased(artifact_id=artifact_id, locks=released)
-                decision.publish.append((topics.locks(artifact_id), message, False))
+                decision.publish.append((topics.locks(record.client, artifact_id), message, False))
             decision.writes.append(restamp(record, clock.wall))
             decision.statuses.append((record, clock.wall))
             if record.state in ARTIFACT_FINAL:
@@ -121,6 +121,8 @@ def build_status(
             stored = manifest(record.id, results)
             results = [stored] if stored is not None else []
     jobs = summaries(record)
+    if jobs is not None and not allow_download:  # no product leaves by the job list either
+        jobs = [j if j.product is None else j.model_copy(update={"product": None}) for j in jobs]
     # Small artifacts carry their DAG's locks beside the job list, for drawing it.
     locks = listed_locks(record) if jobs is not None else None
     return ArtifactStatus(
@@ -135,6 +137,8 @@ def build_status(
         results=results,
         jobs=jobs,
         locks=locks,
+        holders=[node.id for node in record.context.workers] if record.context else [],
+        missing=record.context.missing if record.context else [],
         updated_at=wall,
     )
 

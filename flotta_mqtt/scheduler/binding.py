@@ -25,6 +25,7 @@ from flotta_mqtt.model import (
 )
 from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, JobReady, NodePresence, Resource
 from flotta_mqtt.scheduler.gc_pause import gc_paused
+from flotta_mqtt.scheduler.membership import Members
 from flotta_mqtt.workflows.executors import check_task
 
 
@@ -51,17 +52,18 @@ def node_ref(node: NodePresence) -> NodeRef:
 
 
 def bind_artifact(
-    artifact: Artifact, nodes: Mapping[str, NodePresence], initiator: str
+    artifact: Artifact, nodes: Mapping[str, NodePresence], initiator: str, members: Members
 ) -> Bound | Refused:
-    """Bind to the workers holding the project's data; workflow tasks to any worker
+    """Bind to the members' holders of the project's data; workflow tasks to any worker
     offering their executor, online ones first."""
     workers = [node for node in nodes.values() if not node.initiator]
-    holders = sorted((n for n in workers if artifact.project in n.projects), key=lambda n: n.node)
+    holders = [node_ref(nodes[h]) if h in nodes else NodeRef(id=h) for h in members.holders]
     pool = sorted((n for n in workers if n.executors), key=lambda n: (not n.online, n.node))
     context = SchedulerContext(
         initiator=NodeRef(id=initiator),
-        workers=[node_ref(n) for n in holders],
+        workers=holders,
         pool=[node_ref(n) for n in pool],
+        missing=members.missing,
     )
     try:
         with gc_paused():

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flotta_mqtt.model import SafeId
+from flotta_mqtt.model.durations import MAX_DURATION, Duration
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
 BURST = 500  # the most messages handled in one transaction
@@ -45,6 +46,16 @@ class SchedulerConfig(BaseModel):
     # A scheduler just started waits this long for workers' retained presence before
     # failing an artifact whose project nobody seems to hold.
     worker_grace: float = Field(default=5.0, ge=0)
+    # The operator's node registry (YAML): who holds which project's data and what each
+    # node may do. Without one, nodes are believed as they announce themselves.
+    registry: Path | None = None
+    # Seconds an artifact that gives no deadline may take (a holder that never answers
+    # fails it then, named); None: such artifacts may wait for ever.
+    default_deadline: float | None = Field(default=7 * 24 * 3600.0, gt=0)
+    # Quotas, checked at submission (a refused one is answered with the limit named).
+    max_jobs_per_artifact: int = Field(default=1_000_000, ge=1)
+    max_artifacts_in_flight: int = Field(default=10_000, ge=1)  # per workbench identity
+    max_jobs_in_flight: int = Field(default=2_000_000, ge=1)  # per workbench identity
     run_initiator: bool = True  # run the initiator's jobs in this node (see flotta_mqtt.nodes)
     # The initiator's own broker identity (it reads its job topic like any worker); by
     # default the scheduler's settings under the initiator's name.
@@ -52,6 +63,12 @@ class SchedulerConfig(BaseModel):
     initiator_plugins: list[str] = Field(default_factory=list)
     # Serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port); None: off.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # Client ids that may prune (requests/{client}/prune): the topic names the sender
+    # only where broker identities make every client write under its own name.
+    admins: list[SafeId] = Field(default_factory=list)
+    # Prune artifacts finished longer ago than this (seconds, or `7d`), at start and then
+    # periodically (see scheduler/retention.py); None: keep them until a prune request.
+    prune_older_than: Annotated[Duration, Field(gt=0, le=MAX_DURATION)] | None = None
 
     @property
     def initiator(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,21 +19,14 @@ from flotta_mqtt.logs import log_context
 from flotta_mqtt.model import (
     Artifact,
     ArtifactState,
-    IllegalTransition,
     JobState,
-    StaleAttempt,
+    Registry,
 )
 from flotta_mqtt.protocol import (
     CancelArtifact,
-    JobAccepted,
-    JobFailed,
-    JobFinished,
-    JobHeartbeat,
-    JobProgress,
-    JobRef,
-    JobStarted,
     NodePresence,
     ProtocolError,
+    PruneRequest,
     RequestRejected,
     StatusRequest,
     decode,
@@ -56,11 +49,22 @@ from flotta_mqtt.scheduler.effects import (
     SaveNode,
     Tick,
 )
+from flotta_mqtt.scheduler.events import WorkerEvents
 from flotta_mqtt.scheduler.intake import message_ids, named_artifact
 from flotta_mqtt.scheduler.jobs import JobFlow
+from flotta_mqtt.scheduler.membership import (
+    Waiting,
+    admit,
+    expected_holders,
+    members,
+    serving,
+    waiting_on,
+)
 from flotta_mqtt.scheduler.metrics import Gauges, SchedulerMetrics
+from flotta_mqtt.scheduler.quotas import Quotas
 from flotta_mqtt.scheduler.records import ArtifactRecord
 from flotta_mqtt.scheduler.resends import ResendPolicy
+from flotta_mqtt.scheduler.retention import Retention
 from flotta_mqtt.scheduler.retries import RetryPolicy
 from flotta_mqtt.scheduler.running import check_running
 
@@ -81,7 +85,7 @@ class Policies:
             RetryPolicy(
                 config.retry_backoff, config.retry_backoff_max, config.max_lost_attempts, rng
             ),
-            DeadlinePolicy(config.heartbeat_grace, config.worker_grace),
+            DeadlinePolicy(config.heartbeat_grace, config.worker_grace, config.default_deadline),
             ResendPolicy(config.resend_interval),
         )
 
@@ -95,15 +99,26 @@ class SchedulerCore:
     """
 
     def __init__(
-        self, config: SchedulerConfig, metrics: SchedulerMetrics, policies: Policies
+        self,
+        config: SchedulerConfig,
+        metrics: SchedulerMetrics,
+        policies: Policies,
+        registry: Registry | None = None,
     ) -> None:
         self.initiator = config.initiator
+        self.registry = registry  # None: nodes are who they say they are (development)
         self.policies = policies
         self.announcements = Announcements()
-        self.flow = JobFlow(self.announcements, metrics, policies.retries)
+        self.quotas = Quotas(
+            config.max_jobs_per_artifact, config.max_artifacts_in_flight, config.max_jobs_in_flight
+        )
+        self.flow = JobFlow(self.announcements, metrics, policies.retries, self.quotas)
         self.artifacts: dict[str, ArtifactRecord] = {}  # unfinished, in memory
+        self.events = WorkerEvents(self.artifacts, self.flow, self.announcements, policies.resends)
+        self.retention = Retention(config, registry)
         self.nodes: dict[str, NodePresence] = {}
-        self._known: set[str] = set()  # every artifact id ever stored
+        # Every artifact id stored (and not pruned since) → its owner.
+        self._known: dict[str, str] = {}
         self._started_at = 0.0
 
     # --- entry points -------------------------------------------------------------------
@@ -111,20 +126,29 @@ class SchedulerCore:
     def restore(
         self,
         nodes: Iterable[NodePresence],
-        known: set[str],
+        known: dict[str, str],
+        finished: Mapping[str, float],
         unfinished: Iterable[ArtifactRecord],
         clock: Clock,
     ) -> Decision:
         """Take up what the repository holds (after a start, a crash or a restart):
-        ready jobs are dispatched, dispatched and running ones asked about again."""
+        ready jobs are dispatched, dispatched and running ones asked about again; the
+        final artifacts, with when they finished, wait for their prune."""
         decision = Decision()
         self.flow.begin(decision, clock)
         self._started_at = clock.monotonic
-        self.nodes = {node.node: node.model_copy(update={"online": False}) for node in nodes}
+        self.nodes = {}
+        for node in nodes:
+            admitted = admit(node, self.registry, self.initiator)
+            if admitted is not None:
+                self.nodes[node.node] = admitted.model_copy(update={"online": False})
         self._known = known
+        self.retention.restore(finished, clock.monotonic)
         now = clock.monotonic
         for record in unfinished:
             self.artifacts[record.id] = record
+            holders = len(record.context.workers) if record.context else 1
+            self.quotas.take(record.client, record.artifact, holders)
             self.announcements.changed(record.id)
             for job_id, status in enumerate(record.jobs):
                 if status.state is JobState.READY:
@@ -138,7 +162,7 @@ class SchedulerCore:
                         record.attempts.started_at[job_id] = now
                         record.attempts.last_seen[job_id] = now
                     decision.publish.append(self.flow.job_ready(record, job_id))
-        self.announcements.collect(self.artifacts, self._known, clock, decision)
+        self._collect(clock, decision)
         return self.flow.end()
 
     def handle(self, events: Sequence[Event], clock: Clock) -> Decision:
@@ -152,8 +176,14 @@ class SchedulerCore:
                 self._resend(self.policies.resends.to_resend(self.artifacts.values(), 0.0))
             elif isinstance(event, Tick):
                 self._tick(clock)
-        self.announcements.collect(self.artifacts, self._known, clock, decision)
+        self.retention.prune(self._known, clock, decision)
+        self._collect(clock, decision)
         return self.flow.end()
+
+    def _collect(self, clock: Clock, decision: Decision) -> None:
+        """The burst's announcements; the artifacts they end leave for the retention's care."""
+        self.announcements.collect(self.artifacts, self._known, clock, decision)
+        self.retention.ended(decision.statuses)
 
     def next_status_due(self) -> float | None:
         """When a folded status falls due (monotonic), if one waits."""
@@ -163,21 +193,13 @@ class SchedulerCore:
         """When pending acknowledgements fall due (monotonic), if any wait."""
         return self.announcements.acks_due
 
+    def next_prune_due(self) -> float | None:
+        """When pruning is due (monotonic; at once while a prune is under way), if ever."""
+        return self.retention.due
+
     def snapshot(self) -> Gauges:
-        """The present, for metrics: unfinished artifacts and their jobs by state, jobs
-        waiting out a retry backoff, jobs dispatched to or running on each worker."""
-        gauges = Gauges()
-        for record in self.artifacts.values():
-            gauges.artifacts[str(record.state)] += 1
-            for state, n in record.counts.items():
-                gauges.jobs[str(state)] += n
-            gauges.retry_pending += len(record.attempts.retry_at)
-            if record.graph is None:
-                continue
-            for job_id in record.attempts.dispatched_at:
-                if record.jobs[job_id].state in (JobState.DISPATCHED, JobState.RUNNING):
-                    gauges.queue_depth[record.worker(job_id)] += 1
-        return gauges
+        """The present, for metrics (see Gauges.of)."""
+        return Gauges.of(self.artifacts.values())
 
     # --- messages -------------------------------------------------------------------------
 
@@ -209,7 +231,7 @@ class SchedulerCore:
             address = topics.parse(topic)
         except topics.TopicError:
             return
-        if address.channel in (Channel.SUBMIT, Channel.CANCEL, Channel.ASK):
+        if address.channel in (Channel.SUBMIT, Channel.CANCEL, Channel.ASK, Channel.PRUNE):
             message = RequestRejected(
                 topic=topic, error=error, artifact_id=artifact_id, reason=reason
             )
@@ -220,21 +242,34 @@ class SchedulerCore:
             self._submit(message, client=address.name)
         elif address.channel in (Channel.CANCEL, Channel.ASK):
             self._about(address, message)
+        elif address.channel is Channel.PRUNE:
+            self._prune(address.name, message)
         elif address.channel is Channel.PRESENCE:
             self._presence(address.name, message)
         elif address.channel is Channel.EVENTS:
-            self._event(address.name, message)
+            self.events.handle(address.name, message)
         else:
             log.error("scheduler: unexpected %s message", address.channel)
 
     def _submit(self, artifact: Artifact, client: str) -> None:
-        if artifact.id in self._known:
+        owner = self._known.get(artifact.id)
+        if owner == client:
             # A re-sent submission: answer with the current status, change nothing.
             self.announcements.changed(artifact.id)
             return
+        if owner is not None:
+            error = f"artifact ID {artifact.id} is taken: submit it under another ID"
+            self._reject(topics.submit(client), error, artifact.id)
+            return
+        holders = len(expected_holders(artifact, client, self.registry, self.nodes))
+        refusal = self.quotas.refusal(client, artifact, holders)
+        if refusal is not None:
+            self._reject(topics.submit(client), refusal, artifact.id, "quota")
+            return
+        self.quotas.take(client, artifact, holders)
         wall = self.flow.clock.wall
         self.flow.decision.writes.append(InsertArtifact(artifact, client, wall))
-        self._known.add(artifact.id)
+        self._known[artifact.id] = client
         record = ArtifactRecord(artifact, client, ArtifactState.SUBMITTED, 0, submitted_at=wall)
         self.artifacts[artifact.id] = record
         self.flow.metrics.artifact(ArtifactState.SUBMITTED)
@@ -242,7 +277,13 @@ class SchedulerCore:
         self._try_bind(record)
 
     def _try_bind(self, record: ArtifactRecord) -> None:
-        outcome = bind_artifact(record.artifact, self.nodes, self.initiator)
+        nodes = serving(record.client, self.registry, self.nodes)
+        taking_part = members(record.artifact, record.client, self.registry, nodes)
+        if isinstance(taking_part, Waiting):
+            if taking_part.final:
+                self.flow.fail(record, "QuorumUnreachable", taking_part.message)
+            return  # a holder coming online, or the deadline, settles it
+        outcome = bind_artifact(record.artifact, nodes, self.initiator, taking_part)
         if not isinstance(outcome, Refused):
             self.flow.run(record, outcome)
         elif outcome.final or not self.policies.deadlines.awaiting_workers(
@@ -260,7 +301,9 @@ class SchedulerCore:
         """A cancellation or a status request: answered with the artifact's status (after
         cancelling it if it runs), or at once with a rejection if it was never submitted."""
         artifact_id = request.artifact_id
-        if artifact_id not in self._known:
+        owner = self._known.get(artifact_id)
+        if owner is None or not self._may_act(address.name, owner):
+            # Another owner's artifact is not this requester's to know of.
             topic = topics.cancel(address.name)
             if isinstance(request, StatusRequest):
                 topic = topics.ask(address.name)
@@ -272,10 +315,29 @@ class SchedulerCore:
             self.flow.cancel(record, request.reason)
         self.announcements.changed(artifact_id)
 
+    def _may_act(self, client: str, owner: str) -> bool:
+        """Whether `client` may see or cancel `owner`'s artifact: its owner or an admin
+        (anyone, without a registry)."""
+        registry = self.registry
+        return registry is None or client == owner or registry.is_admin(client)
+
+    def _prune(self, client: str, request: PruneRequest) -> None:
+        """An administrator's prune is under way from this burst on; anyone else's is refused."""
+        if not self.retention.allowed(client):
+            error = f"{client} may not prune: only the scheduler's admins may"
+            self._reject(topics.prune(client), error, None, "forbidden")
+            return
+        self.retention.request(client, request.older_than, self.flow.clock.wall)
+
     def _presence(self, node: str, presence: NodePresence) -> None:
         if presence.node != node:
             log.error("scheduler: presence on %s names %s: ignored", node, presence.node)
             return
+        admitted = admit(presence, self.registry, self.initiator)
+        if admitted is None:
+            log.warning("scheduler: presence of %s, which is not registered: ignored", node)
+            return
+        presence = admitted
         known = self.nodes.get(node)
         came_online = presence.online and not (known is not None and known.online)
         self.nodes[node] = presence
@@ -294,82 +356,6 @@ class SchedulerCore:
         for record, job_id in due:
             self.flow.resend(record, job_id)
 
-    def _event(self, worker: str, event: Any) -> None:
-        resends = self.policies.resends
-        if isinstance(event, JobHeartbeat):
-            self._heartbeat(worker, event)
-            return
-        resends.heard(worker, self.flow.arrived)
-        ref: JobRef = event.job
-        final = isinstance(event, JobFinished | JobFailed)
-        record = self.artifacts.get(ref.artifact_id)
-        if record is not None and ref.job_id < len(record.jobs):
-            sent = record.attempts.dispatched_at.get(ref.job_id)
-            if sent is not None and record.jobs[ref.job_id].attempt == ref.attempt:
-                resends.answered(worker, sent)
-        if record is None or record.graph is None:
-            if final and ref.artifact_id in self._known:
-                # The artifact is over: stop the worker re-sending.
-                self.announcements.acknowledge(worker, ref)
-            return
-        if ref.job_id >= len(record.jobs):
-            log.error(
-                "scheduler: %s reported job %s of %s, which has no such job",
-                worker,
-                ref.job_id,
-                ref.artifact_id,
-            )
-            return
-        owner = record.worker(ref.job_id)
-        if worker != owner:
-            log.error(
-                "scheduler: %s reported on job %s/%s, which was given to %s: ignored",
-                worker,
-                ref.artifact_id,
-                ref.job_id,
-                owner,
-            )
-            return
-        if final:
-            self.announcements.acknowledge(worker, ref)
-        try:
-            self._job_event(record, event)
-        except (StaleAttempt, IllegalTransition) as exc:
-            # A duplicate or a late event of an abandoned attempt: it changes nothing.
-            log.debug("scheduler: ignored %s from %s: %s", event.event, worker, exc)
-
-    def _job_event(self, record: ArtifactRecord, event: Any) -> None:
-        ref: JobRef = event.job
-        status = record.jobs[ref.job_id]
-        if isinstance(event, JobAccepted):
-            if status.attempt == ref.attempt:
-                record.attempts.accepted.add(ref.job_id)
-        elif isinstance(event, JobStarted):
-            self.flow.started(record, ref, event.at)
-        elif isinstance(event, JobFinished):
-            self.flow.finished(record, event)
-        elif isinstance(event, JobFailed):
-            if status.attempt != ref.attempt or status.final:
-                return  # a late or repeated failure report: already handled
-            if status.state is JobState.DISPATCHED and event.started_at is not None:
-                ran_for = event.finished_at - event.started_at
-                self.flow.started_unannounced(record, ref.job_id, ran_for)
-            self.flow.failed(record, ref, event.error, event.finished_at, event.exit_code)
-        elif isinstance(event, JobProgress):
-            log.info("job %s/%s: %s", ref.artifact_id, ref.job_id, event.message)
-
-    def _heartbeat(self, worker: str, beat: JobHeartbeat) -> None:
-        self.policies.resends.heard(worker, self.flow.arrived)
-        now = self.flow.clock.monotonic
-        for ref in beat.jobs:
-            record = self.artifacts.get(ref.artifact_id)
-            if record is None or record.graph is None or ref.job_id >= len(record.jobs):
-                continue
-            if record.worker(ref.job_id) != worker:
-                continue
-            if record.jobs[ref.job_id].attempt == ref.attempt:
-                record.attempts.last_seen[ref.job_id] = now
-
     # --- timers ---------------------------------------------------------------------------
 
     def _tick(self, clock: Clock) -> None:
@@ -378,17 +364,20 @@ class SchedulerCore:
         )
         self._bind_waiting()
         for record in list(self.artifacts.values()):
-            if record.graph is None or record.state is not ArtifactState.RUNNING:
-                continue
             overdue = self.policies.deadlines.overdue(
                 record.artifact, record.submitted_at, clock.wall
             )
             if overdue is not None:
-                self.flow.fail(record, "DeadlineExceeded", overdue)
+                waiting = waiting_on(record, self.registry, self.nodes)
+                self.flow.fail(record, "DeadlineExceeded", f"{overdue}: {waiting}")
+                continue
+            if record.graph is None or record.state is not ArtifactState.RUNNING:
                 continue
             retry_at = record.attempts.retry_at
             for job_id, due in list(retry_at.items()):
                 if clock.monotonic >= due:
                     del retry_at[job_id]
                     self.flow.dispatch(record, job_id)
-            check_running(record, clock.monotonic, self.flow, self.policies, self.nodes)
+            check_running(
+                record, clock.monotonic, self.flow, self.policies, self.nodes, self.registry
+            )

@@ -12,10 +12,11 @@ from flotta_mqtt.model import Artifact, Job
 class DeadlinePolicy:
     heartbeat_grace: float
     worker_grace: float
+    default_deadline: float | None = None  # for artifacts that give none
 
     def overdue(self, artifact: Artifact, submitted_at: float, wall: float) -> str | None:
         """Why an artifact is over its deadline (wall clock), or None while it is not."""
-        deadline = artifact.deadline
+        deadline = artifact.deadline or self.default_deadline
         if deadline is not None and wall > submitted_at + deadline:
             return f"artifact not done within its deadline of {deadline} s"
         return None

@@ -119,16 +119,31 @@ class SaveNode:
     presence: NodePresence
 
 
+@dataclass(frozen=True, slots=True)
+class DeleteArtifact:
+    """A pruned artifact: its rows in every table go."""
+
+    artifact_id: str
+
+
 Write = (
-    InsertArtifact | UpdateArtifact | BindArtifact | UpdateJob | AssignJob | CancelJobs | SaveNode
+    InsertArtifact
+    | UpdateArtifact
+    | BindArtifact
+    | UpdateJob
+    | AssignJob
+    | CancelJobs
+    | SaveNode
+    | DeleteArtifact
 )
 
 
 @dataclass
 class Decision:
     """What the core decided in one burst, for the service to carry out in this order:
-    write `writes` and re-announce `stored` in one transaction, commit, publish `publish`
-    (JobReady first), then build and publish the statuses of `statuses`."""
+    write `writes` and re-announce `stored` in one transaction, commit, delete what the
+    database no longer names of the `pruned` artifacts (store objects, retained status),
+    publish `publish` (JobReady first), then build and publish the statuses of `statuses`."""
 
     publish: list[Outgoing] = field(default_factory=list)
     writes: list[Write] = field(default_factory=list)
@@ -136,3 +151,5 @@ class Decision:
     stored: list[str] = field(default_factory=list)
     # Statuses recorded in this burst (their seq is in `writes`), with their wall clock.
     statuses: list[tuple[ArtifactRecord, float]] = field(default_factory=list)
+    # Artifacts pruned in this burst (their rows deleted by `writes`).
+    pruned: list[tuple[str, str]] = field(default_factory=list)  # (owner, artifact id)

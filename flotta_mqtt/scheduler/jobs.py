@@ -8,7 +8,7 @@ import logging
 
 import networkx as nx
 
-from flotta_mqtt.model import JOB_FINAL, ArtifactState, JobState, JobStatus
+from flotta_mqtt.model import ARTIFACT_FINAL, JOB_FINAL, ArtifactState, JobState, JobStatus
 from flotta_mqtt.protocol import (
     CancelJob,
     JobFinished,
@@ -28,6 +28,7 @@ from flotta_mqtt.scheduler.effects import (
     UpdateJob,
 )
 from flotta_mqtt.scheduler.metrics import SchedulerMetrics
+from flotta_mqtt.scheduler.quotas import Quotas
 from flotta_mqtt.scheduler.records import ArtifactRecord
 from flotta_mqtt.scheduler.retries import RetryPolicy
 
@@ -38,9 +39,14 @@ class JobFlow:
     """The transitions of artifacts and jobs, writing into the burst's decision."""
 
     def __init__(
-        self, announcements: Announcements, metrics: SchedulerMetrics, retries: RetryPolicy
+        self,
+        announcements: Announcements,
+        metrics: SchedulerMetrics,
+        retries: RetryPolicy,
+        quotas: Quotas,
     ) -> None:
         self.announcements = announcements
+        self.quotas = quotas
         self.metrics = metrics
         self.retries = retries
         self.decision = Decision()
@@ -62,6 +68,7 @@ class JobFlow:
     def run(self, record: ArtifactRecord, bound: Bound) -> None:
         """Start a bound artifact: record its DAG and make its first jobs ready."""
         self.decision.writes.append(BindArtifact(record.id, bound.context, bound.graph))
+        record.context = bound.context
         record.bound(bound.graph, completed=[])
         self.transition(record, ArtifactState.RUNNING)
         for job_id in record.locks.ready() if record.locks else []:
@@ -69,6 +76,8 @@ class JobFlow:
 
     def transition(self, record: ArtifactRecord, state: ArtifactState) -> None:
         record.state = state
+        if state in ARTIFACT_FINAL:
+            self.quotas.release(record.id)
         self.metrics.artifact(state)
         self.announcements.changed(record.id)
 

@@ -15,11 +15,12 @@ import logging
 import math
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from flotta_mqtt.model import ArtifactState, JobState
+from flotta_mqtt.scheduler.records import ArtifactRecord
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,23 @@ class Gauges:
     artifacts: Counter[str] = field(default_factory=Counter)  # state → unfinished artifacts
     jobs: Counter[str] = field(default_factory=Counter)  # state → jobs of unfinished artifacts
     retry_pending: int = 0  # jobs waiting out a retry backoff
+
+    @classmethod
+    def of(cls, artifacts: Iterable[ArtifactRecord]) -> Gauges:
+        """Unfinished artifacts and their jobs by state, jobs waiting out a retry backoff,
+        jobs dispatched to or running on each worker."""
+        gauges = cls()
+        for record in artifacts:
+            gauges.artifacts[str(record.state)] += 1
+            for state, n in record.counts.items():
+                gauges.jobs[str(state)] += n
+            gauges.retry_pending += len(record.attempts.retry_at)
+            if record.graph is None:
+                continue
+            for job_id in record.attempts.dispatched_at:
+                if record.jobs[job_id].state in (JobState.DISPATCHED, JobState.RUNNING):
+                    gauges.queue_depth[record.worker(job_id)] += 1
+        return gauges
 
 
 class SchedulerMetrics:

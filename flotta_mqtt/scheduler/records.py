@@ -105,6 +105,7 @@ class ArtifactRecord:
     state: ArtifactState
     seq: int
     submitted_at: float = 0.0  # wall clock, for the artifact's deadline
+    context: SchedulerContext | None = None  # who it was bound to, once bound
     graph: JobGraph | None = None
     locks: LockTable | None = None
     jobs: list[JobStatus] = field(default_factory=list)
@@ -167,6 +168,7 @@ def restore(row: ArtifactRow, jobs: list[JobRow]) -> ArtifactRecord:
         submitted_at=row.submitted_at,
         error=row.error,
         failed_job=row.failed_job,
+        context=row.context,
     )
     if row.context is None:
         return record

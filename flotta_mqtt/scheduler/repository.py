@@ -12,12 +12,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flotta_mqtt import sqlite
-from flotta_mqtt.model import Artifact, ArtifactState, JobGraph, JobState, SchedulerContext
+from flotta_mqtt.model import (
+    ARTIFACT_FINAL,
+    Artifact,
+    ArtifactState,
+    JobGraph,
+    JobState,
+    SchedulerContext,
+)
 from flotta_mqtt.protocol import NodePresence, RemoteError, Resource
 from flotta_mqtt.scheduler.effects import (
     AssignJob,
     BindArtifact,
     CancelJobs,
+    DeleteArtifact,
     InsertArtifact,
     SaveNode,
     UpdateArtifact,
@@ -38,7 +46,8 @@ CREATE TABLE IF NOT EXISTS artifacts (
     error TEXT,
     failed_job INTEGER,
     submitted_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    finished_at REAL
 );
 CREATE TABLE IF NOT EXISTS jobs (
     artifact_id TEXT NOT NULL,
@@ -65,6 +74,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     presence TEXT NOT NULL
 );
 """
+_UNFINISHED = (ArtifactState.SUBMITTED, ArtifactState.RUNNING)  # every other state is final
 
 
 class Repository:
@@ -79,6 +89,14 @@ class Repository:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "exit_code" not in columns:  # a database made before jobs kept their exit code
             self._db.execute("ALTER TABLE jobs ADD COLUMN exit_code INTEGER")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(artifacts)")}
+        if "finished_at" not in columns:  # made before artifacts kept when they finished
+            with sqlite.transaction(self._db, "BEGIN IMMEDIATE"):
+                self._db.execute("ALTER TABLE artifacts ADD COLUMN finished_at REAL")
+                self._db.execute(  # its last change is the best guess there is
+                    "UPDATE artifacts SET finished_at = updated_at WHERE state NOT IN (?, ?)",
+                    _UNFINISHED,
+                )
 
     def close(self) -> None:
         self._db.close()
@@ -124,12 +142,15 @@ class Repository:
                     self.cancel_jobs(write.artifact_id)
                 case SaveNode():
                     self.save_node(write.presence)
+                case DeleteArtifact():
+                    self.delete_artifact(write.artifact_id)
 
     # --- artifacts ---------------------------------------------------------------------
 
-    def artifact_ids(self) -> set[str]:
-        """Every artifact ever submitted: the core answers re-sent requests from it."""
-        return {row[0] for row in self._db.execute("SELECT id FROM artifacts")}
+    def owners(self) -> dict[str, str]:
+        """Every artifact ever submitted, and who submitted it: the core answers re-sent
+        requests, and requests only from their owners, from it."""
+        return dict(self._db.execute("SELECT id, client FROM artifacts").fetchall())
 
     def insert_artifact(self, artifact: Artifact, client: str, now: float) -> None:
         self._db.execute(
@@ -147,10 +168,13 @@ class Repository:
         error: RemoteError | None = None,
         failed_job: int | None = None,
     ) -> None:
+        """Record its state; a final one's first time is when it finished (re-announcing
+        it later changes only `updated_at`)."""
+        finished = now if state in ARTIFACT_FINAL else None
         self._db.execute(
-            "UPDATE artifacts SET state = ?, seq = ?, error = ?, failed_job = ?, updated_at = ? "
-            "WHERE id = ?",
-            (state, seq, _json(error), failed_job, now, artifact_id),
+            "UPDATE artifacts SET state = ?, seq = ?, error = ?, failed_job = ?, updated_at = ?, "
+            "finished_at = COALESCE(finished_at, ?) WHERE id = ?",
+            (state, seq, _json(error), failed_job, now, finished, artifact_id),
         )
 
     def bind_artifact(self, artifact_id: str, context: SchedulerContext, graph: JobGraph) -> None:
@@ -170,10 +194,26 @@ class Repository:
 
     def unfinished_artifacts(self) -> list[str]:
         rows = self._db.execute(
-            "SELECT id FROM artifacts WHERE state IN (?, ?) ORDER BY submitted_at",
-            (ArtifactState.SUBMITTED, ArtifactState.RUNNING),
+            "SELECT id FROM artifacts WHERE state IN (?, ?) ORDER BY submitted_at", _UNFINISHED
         ).fetchall()
         return [row[0] for row in rows]
+
+    def finished_artifacts(self) -> dict[str, float]:
+        """When each final artifact finished (wall clock), oldest first: what may be pruned."""
+        rows = self._db.execute(
+            "SELECT id, finished_at FROM artifacts WHERE state NOT IN (?, ?) ORDER BY finished_at",
+            _UNFINISHED,
+        )
+        return dict(rows.fetchall())
+
+    def delete_artifact(self, artifact_id: str) -> None:
+        """Remove a pruned artifact's rows from every table that holds any."""
+        for delete in (
+            "DELETE FROM locks WHERE artifact_id = ?",
+            "DELETE FROM jobs WHERE artifact_id = ?",
+            "DELETE FROM artifacts WHERE id = ?",
+        ):
+            self._db.execute(delete, (artifact_id,))
 
     def artifact(self, artifact_id: str) -> ArtifactRow | None:
         row = self._db.execute(

@@ -6,10 +6,12 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from flotta_mqtt.model import Registry
 from flotta_mqtt.protocol import JobRef, NodePresence, RemoteError
 from flotta_mqtt.scheduler.binding import relocate_task
 from flotta_mqtt.scheduler.effects import AssignJob
 from flotta_mqtt.scheduler.jobs import JobFlow
+from flotta_mqtt.scheduler.membership import serving
 from flotta_mqtt.scheduler.records import ArtifactRecord
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ def check_running(
     flow: JobFlow,
     policies: Policies,
     nodes: Mapping[str, NodePresence],
+    registry: Registry | None,
 ) -> None:
     """Stop attempts over their timeout; move jobs that hold no data off a lost node.
 
@@ -64,7 +67,8 @@ def check_running(
             return
         flow.stop_attempt(record, job_id)
         if job.kind == "tasks":
-            moved_to = relocate_task(record.graph, job_id, nodes, away_from=worker)
+            able = serving(record.client, registry, nodes)  # never outside its tenant's
+            moved_to = relocate_task(record.graph, job_id, able, away_from=worker)
             if moved_to is not None:
                 record.assigned[job_id] = moved_to
                 flow.decision.writes.append(AssignJob(record.id, job_id, moved_to))

@@ -2,9 +2,11 @@
 
 One thread does all the work, the bus's network work included (an unthreaded bus): it
 reads what has arrived, takes it (up to BURST messages, never waiting for more), has the
-core decide, writes the decisions in one transaction, commits, and only then publishes
-(the jobs made ready first, then the statuses built from what was committed) and lets
-the broker forget what it delivered. A wake with nothing to write opens no transaction.
+core decide, writes the decisions in one transaction, commits, and only then deletes what
+the database no longer names (a pruned artifact's store objects and retained status) and
+publishes (the jobs made ready first, then the statuses built from what was committed)
+and lets the broker forget what it delivered. A wake with nothing to write opens no
+transaction.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flotta_mqtt.protocol import JobReady, Resource, topics
-from flotta_mqtt.scheduler.announcements import build_status, restamp
+from flotta_mqtt.scheduler.announcements import build_status
 from flotta_mqtt.scheduler.config import BURST, TICK, SchedulerConfig
 from flotta_mqtt.scheduler.core import Policies, SchedulerCore
 from flotta_mqtt.scheduler.effects import (
@@ -35,6 +37,7 @@ from flotta_mqtt.scheduler.metrics import Gauges, MetricsServer, SchedulerMetric
 from flotta_mqtt.scheduler.records import ArtifactRecord, restore
 from flotta_mqtt.scheduler.repository import Repository
 from flotta_mqtt.transport import FailureHandler, open_bus
+from flotta_mqtt.transport.settings import load_registry
 from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,9 @@ class Scheduler:
         self.config = config
         self.repository = Repository(config.database)
         self.metrics = SchedulerMetrics()
-        self.core = SchedulerCore(config, self.metrics, Policies.of(config, random.Random()))
+        registry = load_registry(config.registry) if config.registry else None
+        policies = Policies.of(config, random.Random())
+        self.core = SchedulerCore(config, self.metrics, policies, registry)
         self.metrics_server: MetricsServer | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._out: list[Outgoing] = []
@@ -137,7 +142,11 @@ class Scheduler:
             assert row is not None
             unfinished.append(restore(row, repository.jobs(artifact_id)))
         decision = self.core.restore(
-            repository.nodes(), repository.artifact_ids(), unfinished, self._clock()
+            repository.nodes(),
+            repository.owners(),
+            repository.finished_artifacts(),
+            unfinished,
+            self._clock(),
         )
         commit(self.repository, decision)
         self._out += decision.publish
@@ -147,10 +156,9 @@ class Scheduler:
         next_tick = time.monotonic() + TICK
         while not self._stopping.is_set():
             burst: list[tuple[str, Any]] = []
-            status_due = self.core.next_status_due()
-            ack_due = self.core.next_ack_due()
-            wake = next_tick if status_due is None else min(next_tick, status_due)
-            wake = wake if ack_due is None else min(wake, ack_due)
+            core = self.core
+            dues = (core.next_status_due(), core.next_ack_due(), core.next_prune_due())
+            wake = min([next_tick, *(due for due in dues if due is not None)])
             if self._inbox.empty():  # read the socket, waiting until then at most
                 self.bus.pump(max(0.0, wake - time.monotonic()))
             try:
@@ -185,6 +193,7 @@ class Scheduler:
             log.exception("scheduler: a burst of %d messages failed", received)
             self._out.clear()
             return
+        self._discard(decision.pruned)
         self._out += decision.publish
         self._publish()
         self.bus.acknowledge()  # what the burst handled is committed: the broker may forget it
@@ -206,7 +215,7 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler: could not build the status of %s", record.id)
                 continue
-            self._out.append((topics.status(record.id), status, True))
+            self._out.append((topics.status(record.client, record.id), status, True))
 
     def _publish(self) -> None:
         """Publish what was decided: the jobs made ready first, batched per worker."""
@@ -229,33 +238,51 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler: could not publish on %s", topic)
 
+    @property
+    def store(self) -> ResourceStore:
+        """The resource store, opened when first needed."""
+        if self._store is None:
+            self._store = ResourceStore.of(self.config.storage)
+        return self._store
+
     def _results_manifest(self, artifact_id: str, results: list[Resource]) -> Resource | None:
         """Store the list of an artifact's results; the status carries where it is."""
         try:
-            if self._store is None:
-                self._store = ResourceStore(self.config.storage.url, self.config.storage.options)
             data = json.dumps([r.model_dump(mode="json") for r in results]).encode()
-            return self._store.put(
-                self._store.results_url(artifact_id), data, media_type=RESULTS_MANIFEST
+            return self.store.put(
+                self.store.results_url(artifact_id), data, media_type=RESULTS_MANIFEST
             )
         except Exception:
             log.exception("scheduler: could not store the results of %s", artifact_id)
             return None
 
+    def _discard(self, pruned: list[tuple[str, str]]) -> None:
+        """Delete what pruned artifacts left outside the database (their rows are gone,
+        committed): their store objects, and their retained status (an empty retained
+        message clears it), before the prune's report goes out."""
+        for owner, artifact_id in pruned:
+            try:
+                self.store.delete_tree(self.store.artifact_root(artifact_id))
+            except Exception:
+                log.exception("scheduler: the store objects of pruned %s remain", artifact_id)
+            try:
+                self.bus.publish_raw(topics.status(owner, artifact_id), b"", retain=True)
+            except Exception:
+                log.exception("scheduler: the retained status of pruned %s remains", artifact_id)
+
 
 def commit(repository: Repository, decision: Decision) -> None:
-    """Write what the core decided, and re-stamp the stored statuses it asked to announce
-    (adding them to the decision's statuses), in one transaction; none when there is
-    nothing to write."""
-    if not decision.writes and not decision.stored:
-        return
-    with repository.transaction():
-        repository.apply(decision.writes)
-        for artifact_id in decision.stored:
-            row = repository.artifact(artifact_id)
-            if row is None:
-                continue
-            record = restore(row, repository.jobs(artifact_id) if row.context else [])
-            wall = time.time()
-            repository.apply([restamp(record, wall)])
-            decision.statuses.append((record, wall))
+    """Write what the core decided in one transaction (none when there is nothing to
+    write), and add the stored statuses it asked to announce again to its statuses.
+
+    A finished artifact's status is announced again as stored, with its seq unchanged: a
+    reader that has it already ignores it, and asking about an artifact writes nothing."""
+    if decision.writes:
+        with repository.transaction():
+            repository.apply(decision.writes)
+    for artifact_id in decision.stored:
+        row = repository.artifact(artifact_id)
+        if row is None:
+            continue
+        record = restore(row, repository.jobs(artifact_id) if row.context else [])
+        decision.statuses.append((record, time.time()))

@@ -7,11 +7,24 @@ from typing import Any, Self
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from flotta_mqtt.model import Registry
+from flotta_mqtt.model.errors import describe
 
 DAY = 24 * 3600
 SCHEMES = ("mqtt", "mqtts", "memory")  # memory://NAME: the in-memory broker of this process
 ACCEPTED = "mqtt://host:port, mqtts://host:port or memory://name"
+# The most bytes one read of the store may hold: a Resource declaring more is refused
+# before anything is opened (StorageSettings.max_read_bytes).
+MAX_READ_BYTES = 256 * 1024 * 1024
 
 
 def _url_problem(url: str) -> str | None:
@@ -106,12 +119,17 @@ class BrokerSettings(BaseModel):
 
 
 class StorageSettings(BaseModel):
-    """The shared resource store: file:// (default) or s3:// with its options."""
+    """The shared resource store: file:// (default) or s3:// with its options.
+
+    A node opens only URLs under `url`, and reads at most `max_read_bytes` of one resource
+    (products, job files, workspaces, call arguments and outcomes).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     url: str = "file://./flotta-store"
     options: dict[str, Any] = Field(default_factory=dict)
+    max_read_bytes: int = Field(default=MAX_READ_BYTES, ge=1)
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -125,3 +143,11 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
     return data
+
+
+def load_registry(path: Path) -> Registry:
+    """Read the operator's node registry, with a clear error naming what is wrong in it."""
+    try:
+        return Registry.model_validate(load_yaml(path))
+    except ValidationError as exc:
+        raise ValueError(f"registry {path} is invalid: {describe(exc, 'registry')}") from None

@@ -1,8 +1,11 @@
 """Resource store: put/get of job products by URL with sha256, the only code importing fsspec.
 
 Messages on the bus stay small: a job's product goes to a local directory or an object
-store, and only its URL, sha256 and size travel. Every reader verifies the hash, so a
-corrupted or replaced object is detected instead of silently consumed.
+store, and only its URL, sha256 and size travel. A URL names a place chosen by another
+node, so a read first checks it: only keys under this store's root (or a narrower prefix
+the reader knows, such as its artifact's folder) are opened, a declared size over the
+cap is refused unopened, no more than the declared size + 1 byte is read, and bytes that
+do not hash to the promised sha256 are an error, never used.
 """
 
 from __future__ import annotations
@@ -10,10 +13,13 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
+from collections.abc import Iterable
 from typing import Any
 
 import fsspec
@@ -21,11 +27,13 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
 from flotta_mqtt.protocol.messages import Resource
+from flotta_mqtt.transport.settings import MAX_READ_BYTES, StorageSettings
 
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-# What may follow a local root for a URL to map to a path as it is: segments that are not
-# empty, do not start with a dot (so no `.` or `..`), and no trailing slash.
-_PLAIN_TAIL = re.compile(r"(?:/[A-Za-z0-9_-][A-Za-z0-9._~-]*)+")
+# A segment of a key under a root, as this store writes them: no `/`, `%`, `?`, `#`, `:`,
+# `*` or space, so fsspec finds the object the URL spells (no escapes, queries, globs or
+# chained protocols); `.` and `..` are refused apart.
+_KEY_SEGMENT = re.compile(r"[A-Za-z0-9._~-]{1,255}")
 
 
 # Products up to this size travel inline, as data: URLs (RFC 2397) in the messages that
@@ -43,22 +51,45 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class IntegrityError(Exception):
-    """The bytes read do not hash to what the Resource promised."""
+class ResourceError(Exception):
+    """A resource that cannot be used; the message names its URL and what is wrong."""
 
-    def __init__(self, url: str, expected: str, actual: str) -> None:
-        super().__init__(f"sha256 mismatch for {url}: expected {expected}, got {actual}")
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(message)
         self.url = url
-        self.expected = expected
-        self.actual = actual
 
 
-class ResourceNotFound(Exception):
+class IntegrityError(ResourceError):
+    """The bytes read are not the ones the Resource promised (their sha256 or size)."""
+
+
+class ResourceNotFound(ResourceError):
     """Nothing is stored at the URL (never written, deleted, or wrong location)."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(f"resource not found: {url}")
-        self.url = url
+        super().__init__(url, f"resource not found: {url}")
+
+
+class ResourceRefused(ResourceError):
+    """A resource refused before anything is read: a URL outside the allowed roots, a
+    declared size over the cap, or something other than a regular file."""
+
+
+def under(url: str, roots: Iterable[str]) -> bool:
+    """Whether `url` names a key under one of `roots` (URLs without a trailing slash).
+
+    The root, a slash, then segments of letters, digits and `._~-`, none of them `.` or
+    `..`: nothing else, so no other scheme, host, bucket or folder, and no escape, query or
+    glob that fsspec would read as something other than the key it spells. The one check
+    of every URL this store opens; a narrower root (an artifact's folder, a tenant's
+    prefix) is just another root.
+    """
+    for root in roots:
+        if url.startswith(root) and url[len(root) : len(root) + 1] == "/":
+            segments = url[len(root) + 1 :].split("/")
+            if all(_KEY_SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments):
+                return True
+    return False
 
 
 def _normalise_options(protocol: str, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -78,39 +109,50 @@ def _check_segment(kind: str, value: str) -> None:
 
 
 class ResourceStore:
-    """Put and get resources under one root URL (local directory or s3 bucket/prefix)."""
+    """Put and get resources under one root URL (local directory or s3 bucket/prefix).
 
-    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
-        self._options = _normalise_options(get_protocol(root), storage_options)
-        fs, path = fsspec.url_to_fs(root, **self._options)
-        protocol = fs.protocol
-        self._protocols: tuple[str, ...] = (protocol,) if isinstance(protocol, str) else protocol
+    Every URL it opens is under that root; `max_read` bounds what one read may hold.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict[str, Any] | None = None,
+        max_read: int = MAX_READ_BYTES,
+    ) -> None:
+        options = _normalise_options(get_protocol(root), storage_options)
+        fs, path = fsspec.url_to_fs(root, **options)
+        self._fs: Any = fs
+        self._path = str(path).rstrip("/")
+        self.root: str = fs.unstrip_protocol(self._path).rstrip("/")
+        self.max_read = max_read
+        # A local root as the kernel resolves it: what an opened file must lie under.
+        self._real: str | None = None
         if isinstance(fs, LocalFileSystem):
-            fs.makedirs(path, exist_ok=True)
-        self.root: str = fs.unstrip_protocol(path).rstrip("/")
-        # A local root's filesystem and path, for the URLs under it (see _fs_for).
-        self._local: tuple[Any, str] | None = None
-        if isinstance(fs, LocalFileSystem):
-            self._local = (fs, str(path).rstrip("/"))
+            fs.makedirs(self._path, exist_ok=True)
+            self._real = os.path.realpath(self._path)
         self._folders: set[str] = set()  # local folders known to exist (writes skip makedirs)
 
-    def _fs_for(self, url: str) -> tuple[Any, str]:
-        """The filesystem for any URL; this store's credentials go only to its own protocol.
+    @classmethod
+    def of(cls, settings: StorageSettings) -> ResourceStore:
+        """The store a node's settings name, with their read cap."""
+        return cls(settings.url, settings.options, settings.max_read_bytes)
 
-        A plain URL under a local root (every product, log and job file this store
-        writes) maps to a path directly: fsspec's parsing of each URL cost about an eighth
-        of a worker's CPU per no-op job.
+    def _path_of(self, url: str, roots: Iterable[str] | None = None) -> str:
+        """The backend path of a URL under `roots` (this store's root by default).
+
+        A string operation, not fsspec's parsing of each URL (which cost about an eighth
+        of a worker's CPU per no-op job); ResourceRefused for any URL elsewhere.
         """
-        if (
-            self._local is not None
-            and url.startswith(self.root)
-            and _PLAIN_TAIL.fullmatch(url, len(self.root)) is not None
-        ):
-            fs, base = self._local
-            return fs, base + url[len(self.root) :]
-        options = self._options if get_protocol(url) in self._protocols else {}
-        fs, path = fsspec.url_to_fs(url, **options)
-        return fs, str(path)
+        allowed = (self.root,) if roots is None else tuple(roots)
+        if not (under(url, allowed) and under(url, (self.root,))):
+            raise ResourceRefused(url, f"refused {url}: not a key under {' or '.join(allowed)}")
+        return self._path + url[len(self.root) :]
+
+    def artifact_root(self, artifact_id: str) -> str:
+        """The folder of everything an artifact's jobs store: what reads for it stay under."""
+        _check_segment("artifact_id", artifact_id)
+        return f"{self.root}/artifacts/{artifact_id}"
 
     def product_url(
         self, artifact_id: str, job_id: str, attempt: int, name: str = "product"
@@ -120,45 +162,48 @@ class ResourceStore:
         Products sit side by side in their artifact's folder (`~` cannot occur in the
         parts): a folder per job cost two mkdir calls per job, several times the write.
         """
-        _check_segment("artifact_id", artifact_id)
         _check_segment("job_id", job_id)
         _check_segment("name", name)
         if attempt < 0:
             raise ValueError(f"attempt must be >= 0, got {attempt}")
-        return f"{self.root}/artifacts/{artifact_id}/jobs/{job_id}~{attempt}~{name}"
+        return f"{self.artifact_root(artifact_id)}/jobs/{job_id}~{attempt}~{name}"
 
     def results_url(self, artifact_id: str) -> str:
         """Where the scheduler lists an artifact's results when they are many."""
-        _check_segment("artifact_id", artifact_id)
-        return f"{self.root}/artifacts/{artifact_id}/results.json"
+        return f"{self.artifact_root(artifact_id)}/results.json"
 
-    def results(self, resources: list[Resource]) -> list[Resource]:
+    def results(self, resources: list[Resource], artifact_id: str) -> list[Resource]:
         """An artifact's results as its status gives them, with a manifest expanded."""
         if len(resources) == 1 and resources[0].media_type == RESULTS_MANIFEST:
-            return [Resource.model_validate(r) for r in json.loads(self.get(resources[0]))]
+            listed = json.loads(self.get(resources[0], self.artifact_root(artifact_id)))
+            return [Resource.model_validate(r) for r in listed]
         return resources
 
-    def job_file_url(self, artifact_id: str, path: str) -> str:
-        """Where a workflow's shared job file lives: one folder per artifact, any worker."""
-        _check_segment("artifact_id", artifact_id)
+    def job_file_url(self, artifact_id: str, job_id: str, attempt: int, path: str) -> str:
+        """Where one attempt of a workflow task stores a job file it outputs.
+
+        Per attempt, as products are: a late attempt never replaces the file a finished
+        one announced with its sha256.
+        """
+        _check_segment("job_id", job_id)
         for segment in path.split("/"):
             _check_segment("job file path segment", segment)
-        return f"{self.root}/artifacts/{artifact_id}/files/{path}"
+        return f"{self.artifact_root(artifact_id)}/files/{job_id}~{attempt}/{path}"
 
     def log_url(self, artifact_id: str, task: str, attempt: int, stream: str) -> str:
         """Where a task's captured stdout or stderr of one attempt is kept."""
-        for kind, value in (("artifact_id", artifact_id), ("task", task), ("stream", stream)):
+        for kind, value in (("task", task), ("stream", stream)):
             _check_segment(kind, value)
-        return f"{self.root}/artifacts/{artifact_id}/logs/{task}/attempt-{attempt}.{stream}"
+        return f"{self.artifact_root(artifact_id)}/logs/{task}/attempt-{attempt}.{stream}"
 
     def put(self, url: str, data: bytes, media_type: str = "application/json") -> Resource:
         """Write `data` at `url` so readers see either nothing, old bytes or all new bytes."""
-        fs, path = self._fs_for(url)
-        if isinstance(fs, LocalFileSystem):
+        path = self._path_of(url)
+        if self._real is not None:
             _write_local_atomically(path, data, self._folders)
         else:
             # A single object PUT is atomic on object stores: no partial object is visible.
-            fs.pipe_file(path, data)
+            self._fs.pipe_file(path, data)
         return Resource(url=url, sha256=sha256_hex(data), size=len(data), media_type=media_type)
 
     def put_product(
@@ -175,37 +220,109 @@ class ResourceStore:
             return Resource(url=url, sha256=sha256_hex(data), size=len(data), media_type=media_type)
         return self.put(self.product_url(artifact_id, job_id, attempt), data, media_type)
 
-    def get(self, resource: Resource) -> bytes:
-        """Read a resource and verify its sha256; bytes that fail the check are never returned."""
-        data = self.get_bytes(resource.url)
+    def get(self, resource: Resource, *roots: str) -> bytes:
+        """The bytes of a resource, checked: the only way a node reads what another wrote.
+
+        Its URL must be a data: URL or a key under `roots` (this store's root if none are
+        given); a declared size over `max_read` is refused unopened; at most the declared
+        size + 1 byte is read; the bytes must hash to the declared sha256. Anything else
+        raises a ResourceError naming the URL, and no byte of it is returned.
+        """
+        url, size = resource.url, resource.size
+        if size > self.max_read:
+            raise ResourceRefused(
+                url,
+                f"refused {url}: its declared size, {size} bytes, is over the read cap of "
+                f"{self.max_read} bytes (storage max_read_bytes)",
+            )
+        if url.startswith("data:"):
+            data = _inline_bytes(url)
+        else:
+            data = self._read(self._path_of(url, roots or None), url, size + 1)
+        if len(data) > size:
+            raise IntegrityError(url, f"{url} holds more than its declared {size} bytes")
         actual = sha256_hex(data)
         if actual != resource.sha256:
-            raise IntegrityError(resource.url, resource.sha256, actual)
+            raise IntegrityError(
+                url, f"sha256 mismatch for {url}: expected {resource.sha256}, got {actual}"
+            )
         return data
 
     def get_bytes(self, url: str) -> bytes:
-        """Read raw bytes without verification (callers that hold a Resource use `get`)."""
-        if url.startswith("data:"):
-            return _inline_bytes(url)
-        fs, path = self._fs_for(url)
-        try:
-            data: bytes = fs.cat_file(path)
-        except FileNotFoundError as exc:
-            raise ResourceNotFound(url) from exc
+        """Read up to `max_read` bytes under this store's root, unverified: only to show
+        (a failed attempt's logs, which no message hashed), never to parse or run."""
+        data = self._read(self._path_of(url), url, self.max_read + 1)
+        if len(data) > self.max_read:
+            raise ResourceRefused(url, f"refused {url}: over the read cap of {self.max_read} bytes")
         return data
 
     def exists(self, url: str) -> bool:
         """Whether something is stored at `url`, as the backend sees it now."""
-        fs, path = self._fs_for(url)
+        path = self._path_of(url)
         # Other nodes write behind this process's back; a cached listing could be stale.
-        fs.invalidate_cache(path)
-        return bool(fs.exists(path))
+        self._fs.invalidate_cache(path)
+        return bool(self._fs.exists(path))
 
     def delete(self, url: str) -> None:
         """Remove the object at `url`; deleting what is already gone is not an error."""
-        fs, path = self._fs_for(url)
+        path = self._path_of(url)
         with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(path)
+            self._fs.rm_file(path)
+
+    def delete_tree(self, url: str) -> None:
+        """Remove the folder `url` and every object under it (and no sibling whose name
+        it begins); deleting what is already gone is not an error."""
+        path = self._path_of(url)
+        self._fs.invalidate_cache(path)
+        with contextlib.suppress(FileNotFoundError):
+            self._fs.rm(path.rstrip("/") + "/", recursive=True)
+
+    def _read(self, path: str, url: str, limit: int) -> bytes:
+        """At most `limit` bytes from the start of the object at `path`."""
+        if self._real is not None:
+            return _read_local(path, url, limit, self._real)
+        try:
+            data: bytes = self._fs.cat_file(path, start=0, end=limit)
+        except FileNotFoundError as exc:
+            raise ResourceNotFound(url) from exc
+        except OSError as exc:
+            # S3 answers a range of an empty object with 416, which s3fs raises as EINVAL.
+            self._fs.invalidate_cache(path)
+            if exc.errno != errno.EINVAL or self._fs.info(path)["size"] != 0:
+                raise
+            return b""
+        return data
+
+
+def _read_local(path: str, url: str, limit: int, real_root: str) -> bytes:
+    """At most `limit` bytes of a regular file that really lies under `real_root`.
+
+    Not a link (O_NOFOLLOW), not a device or a FIFO (which could be endless or block), and
+    the file opened, not just its name, resolves under the root (no linked folder).
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ResourceNotFound(url) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ResourceRefused(url, f"refused {url}: a symbolic link") from None
+        raise
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ResourceRefused(url, f"refused {url}: not a regular file")
+        if not _opened_path(fd, path).startswith(real_root + "/"):
+            raise ResourceRefused(url, f"refused {url}: it resolves outside the store")
+        return file.read(limit)
+
+
+def _opened_path(fd: int, path: str) -> str:
+    """Where the open file `fd` really is (Linux's /proc), else `path` resolved."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
 
 
 def _inline_bytes(url: str) -> bytes:

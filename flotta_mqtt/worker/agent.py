@@ -59,12 +59,12 @@ class WorkerAgent:
         operations.load_plugins(config.plugins)
         self.config = config
         self.name = config.name
-        self.store = ResourceStore(config.storage.url, config.storage.options)
+        self.store = ResourceStore.of(config.storage)
         self.journal = Journal(config.state_dir)
         runnable = [e for e in config.executors if e != "python" or config.allow_code]
         if len(runnable) < len(config.executors):
             log.warning("worker %s: the python executor needs allow_code: true", self.name)
-        self.tasks = TaskRunner(self.store, runnable)
+        self.tasks = TaskRunner(self.store, runnable, config.policy)
         self._datasets = {
             project: operations.FileDataset(project, config.name, spec)
             for project, spec in config.datasets.items()
@@ -181,9 +181,9 @@ class WorkerAgent:
         produced, journal the results among them, acknowledge what arrived."""
         events: list[WorkerEvent] = []
         taken: list[Attempt] = []
-        acknowledged: list[JobRef] = []
+        forgotten: list[JobRef] = []  # results acknowledged, attempts cancelled
         if self._arrived:
-            self._take_arrived(events, taken, acknowledged)
+            self._take_arrived(events, taken, forgotten)
         if taken:  # a quick job's result goes out before the journal is written
             self._reports.linger(LINGER)
         now = time.monotonic()
@@ -195,7 +195,7 @@ class WorkerAgent:
                 self.bus.publish(topics.presence(self.name), online, retain=True)
             except Exception:  # said again on the next connection
                 log.exception("worker %s: presence not published", self.name)
-        finals = self._take_reports(events)
+        finals = self._take_reports(events, forgotten)
         announce_at = self._attempts.announce_at()
         if announce_at is not None and announce_at <= now:
             events += self._attempts.announcements(now)
@@ -212,24 +212,23 @@ class WorkerAgent:
                 self.bus.publish_many(topics.events(self.name), events)
             except Exception:  # re-sent on reconnect, or when they look lost
                 log.exception("worker %s: %d events not published", self.name, len(events))
-        if taken or acknowledged or finals:
-            self._journal(taken, acknowledged, finals)
+        if taken or forgotten or finals:
+            self._journal(taken, forgotten, finals)
         # What arrived is journaled: the broker may forget it.
         self.bus.acknowledge()
 
-    def _journal(
-        self, taken: list[Attempt], acknowledged: list[JobRef], finals: list[Final]
-    ) -> None:
+    def _journal(self, taken: list[Attempt], forgotten: list[JobRef], finals: list[Final]) -> None:
         """Write a look's changes in one transaction: new jobs, results the scheduler has
-        recorded (forgotten), results sent (kept until then). Written after the events
-        went out, the commit is off a quick job's way; the broker is acknowledged only
-        after it, so a crash before it gets the jobs delivered again."""
+        recorded and attempts it cancelled (forgotten), results sent (kept until then).
+        Written after the events went out, the commit is off a quick job's way; the
+        broker is acknowledged only after it, so a crash before it gets the jobs
+        delivered again."""
         try:
             with self.journal.transaction():
                 for attempt in taken:
                     self.journal.hold(attempt.job)
-                if acknowledged:
-                    self.journal.forget(acknowledged)
+                if forgotten:
+                    self.journal.forget(forgotten)
                 for final in finals:
                     self.journal.finish(final)
         except Exception:  # the scheduler re-sends jobs it hears nothing about
@@ -277,14 +276,17 @@ class WorkerAgent:
                     "worker %s: unexpected %s on %s", self.name, type(message).__name__, topic
                 )
 
-    def _take_reports(self, events: list[WorkerEvent]) -> list[Final]:
-        """What the runners said: starts noted, results added to `events` and returned."""
+    def _take_reports(self, events: list[WorkerEvent], forgotten: list[JobRef]) -> list[Final]:
+        """What the runners said: starts noted, results added to `events` and returned,
+        cancelled attempts they are through with added to `forgotten`."""
         finals: list[Final] = []
         now = time.monotonic()
         for report in self._reports.take():
             if isinstance(report, Done):
                 final = self._attempts.finished(report.work, report.final, now)
-                if final is not None:
+                if isinstance(final, JobRef):
+                    forgotten.append(final)
+                elif final is not None:
                     finals.append(final)
             else:
                 self._unstarted -= 1

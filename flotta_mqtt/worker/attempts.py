@@ -89,7 +89,8 @@ class Attempts:
         return attempt
 
     def drop(self, attempt: Attempt) -> None:
-        """Forget an attempt never taken (its journal write failed): a re-send is new."""
+        """Forget an attempt never taken (its journal write failed), or cancelled: a
+        re-send of it is new."""
         key = (attempt.job.artifact_id, attempt.job.job_id)
         if self._by_job.get(key) is attempt:
             del self._by_job[key]
@@ -107,14 +108,19 @@ class Attempts:
             attempt.started_at = at
             self._starting.append((clock + STARTED_AFTER, attempt))
 
-    def finished(self, work: Work, final: Final | None, now: float) -> Final | None:
-        """Its runner is through: the result to publish, unless nobody wants it any more
-        (cancelled, replaced, or the run broke)."""
+    def finished(self, work: Work, final: Final | None, now: float) -> Final | JobRef | None:
+        """Its runner is through: the result to publish; or, for an attempt the scheduler
+        cancelled, its ref: it is forgotten here, and the agent forgets it in the journal
+        (nothing will ever acknowledge it, and a restart must not run it again); or None
+        when nobody wants a result any more (replaced, or the run broke)."""
         attempt = self.of(work)
         if attempt is None:
             return None
         attempt.done = True
-        if final is None or attempt.cancelled.is_set():
+        if attempt.cancelled.is_set():
+            self.drop(attempt)
+            return attempt.job.ref
+        if final is None:
             return None
         attempt.final = final
         attempt.first_sent = attempt.sent_at = now

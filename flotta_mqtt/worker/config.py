@@ -1,4 +1,4 @@
-"""A worker's settings: its name, broker, store, datasets, executors and limits."""
+"""A worker's settings: its name, broker, store, datasets, executors, site policy and limits."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flotta_mqtt import analytics as operations
 from flotta_mqtt.model import SafeId
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+from flotta_mqtt.workflows.executors.policy import SitePolicy
 
 
 class WorkerConfig(BaseModel):
@@ -36,4 +37,7 @@ class WorkerConfig(BaseModel):
     # `python` executor). Off by default: without it the worker neither offers nor runs
     # that executor, even when `executors` names it.
     allow_code: bool = False
+    # What the tasks those executors run may do here: images, networks, host mounts, kube
+    # settings, secrets, their environment. Its defaults allow none of it.
+    policy: SitePolicy = Field(default_factory=SitePolicy)
     initiator: bool = False  # the scheduler's own runner: holds no data

@@ -41,7 +41,8 @@ class Jobs:
                 product = self.tasks.run(job, self.node, cancelled)
                 exit_code = product["exit_code"]
             else:
-                inputs = [json.loads(self.store.get(resource)) for resource in job.inputs]
+                folder = self.store.artifact_root(job.artifact_id)
+                inputs = [json.loads(self.store.get(r, folder)) for r in job.inputs]
                 context = operations.JobContext(
                     job=job,
                     node=self.node,

@@ -83,7 +83,8 @@ class Journal:
             )
 
     def forget(self, refs: list[JobRef]) -> None:
-        """The scheduler has recorded these results: nothing about them is needed any more."""
+        """The scheduler has recorded these results, or cancelled these attempts: nothing
+        about them is needed any more."""
         with self._lock:
             self._db.executemany(
                 "DELETE FROM jobs WHERE artifact_id = ? AND job_id = ? AND attempt = ?",

@@ -49,7 +49,8 @@ def folder() -> Iterator[Path]:
 def test_a_broker_on_another_address_than_loopback_needs_passwords_and_tls(
     folder: Path, exposing: list[str]
 ) -> None:
-    args = ["start", str(free_port()), str(folder / "data"), "--websockets", "0", *exposing]
+    args = ["start", str(free_port()), str(folder / "data"), "--anonymous", "--websockets", "0"]
+    args += exposing
     result = broker_cli(*args)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
@@ -57,6 +58,21 @@ def test_a_broker_on_another_address_than_loopback_needs_passwords_and_tls(
         "--tls DIR (certificates): see broker/README.md"
     ]
     assert not (folder / "data").exists()
+
+
+def test_a_broker_without_identities_refuses_to_start_unless_told_anonymous(
+    folder: Path,
+) -> None:
+    result = broker_cli("start", str(free_port()), str(folder / "data"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "error: a broker without --identities DIR (passwords) lets any local process act as "
+        "any node: give --identities DIR, or --anonymous for a development broker"
+    ]
+    assert not (folder / "data").exists()
+    exposed = ["start", str(free_port()), str(folder / "data"), "--anonymous"]
+    result = broker_cli(*exposed, "--bind", "0.0.0.0")
+    assert result.returncode != 0 and "needs --identities DIR" in result.stderr
 
 
 def test_a_deployment_broker_requires_passwords_and_persists_as_the_broker_user(

@@ -224,13 +224,13 @@ def test_a_workbench_submits_and_reads_its_status_and_replies(connect: Connect) 
     scheduler_inbox = MessageRecorder()
     scheduler = connect("scheduler", scheduler_inbox, [topics.ALL_REQUESTS])
     alice = MessageRecorder()
-    workbench = connect("alice", alice, [topics.reply("alice"), topics.status("a1")])
+    workbench = connect("alice", alice, [topics.reply("alice"), topics.status("alice", "a1")])
 
     workbench.publish_raw(topics.submit("alice"), b"artifact a1")
     scheduler_inbox.wait(1)
     assert scheduler_inbox.messages == [(topics.submit("alice"), b"artifact a1")]
 
-    scheduler.publish_raw(topics.status("a1"), b"a1 running", retain=True)
+    scheduler.publish_raw(topics.status("alice", "a1"), b"a1 running", retain=True)
     publish_settled(scheduler, topics.reply("alice"), b"rejected something")
     workbench.publish_raw(topics.reply("alice"), b"sync marker")  # as the SDK's Client.sync does
     alice.wait_for(lambda msgs: b"sync marker" in [p for _, p in msgs])
@@ -246,15 +246,15 @@ def test_a_workbench_cannot_submit_as_another_or_forge_statuses(connect: Connect
     connect("node-1", node_1, [EVERYTHING])
 
     denied(connect, "alice", topics.submit("bob"), b"as bob")
-    denied(connect, "alice", topics.status("a1"), b"forged status")
+    denied(connect, "alice", topics.status("alice", "a1"), b"forged status")
     denied(connect, "alice", topics.jobs("node-1"), b"forged job")
     connect("alice").publish_raw(topics.submit("alice"), b"marker request")
-    scheduler.publish_raw(topics.status("a1"), b"marker status")
+    scheduler.publish_raw(topics.status("alice", "a1"), b"marker status")
     scheduler.publish_raw(topics.jobs("node-1"), b"marker job")
 
     inbox.wait(1)
     assert inbox.messages == [(topics.submit("alice"), b"marker request")]
-    assert watcher.wait(1) == [(topics.status("a1"), b"marker status")]
+    assert watcher.wait(1) == [(topics.status("alice", "a1"), b"marker status")]
     assert node_1.wait(1) == [(topics.jobs("node-1"), b"marker job")]
 
 
@@ -265,8 +265,8 @@ def test_a_dashboard_reads_status_and_presence_but_cannot_submit(connect: Connec
     scheduler = connect("scheduler", scheduler_inbox, [topics.ALL_REQUESTS])
     node_1 = connect("node-1")
 
-    scheduler.publish_raw(topics.status("a1"), b"a1 done", retain=True)
-    scheduler.publish_raw(topics.locks("a1"), b"a1 locks")
+    scheduler.publish_raw(topics.status("alice", "a1"), b"a1 done", retain=True)
+    scheduler.publish_raw(topics.locks("alice", "a1"), b"a1 locks")
     node_1.publish_raw(topics.presence("node-1"), b"node-1 online", retain=True)
     dash.wait(3)
     assert sorted(dash.payloads) == [b"a1 done", b"a1 locks", b"node-1 online"]
@@ -279,7 +279,7 @@ def test_a_dashboard_reads_status_and_presence_but_cannot_submit(connect: Connec
     # Each identity has one session (use_username_as_clientid): the second "dash" connection
     # in denied() took the first one's place, which then reconnected and got the retained
     # messages again. A retained marker reaches it either way.
-    scheduler.publish_raw(topics.status("a1"), b"marker status", retain=True)
+    scheduler.publish_raw(topics.status("alice", "a1"), b"marker status", retain=True)
     dash.wait_for(lambda msgs: any(payload == b"marker status" for _, payload in msgs))
     assert b"dashboard presence" not in dash.payloads  # its own presence never came back
 

@@ -222,7 +222,8 @@ def test_submit_wait_status_download_and_workers(running: Running, tmp_path: Pat
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert lines[0] == "submitted artifact cli-count-1"
-    assert json.loads("\n".join(lines[1:])) == running.expected
+    assert lines[1] == f"holders: {', '.join(sorted(WORKERS))}"  # every holder took part
+    assert json.loads("\n".join(lines[2:])) == running.expected
 
     result = invoke("status", "cli-count-1", "--output", "json", *broker)
     assert result.exit_code == 0, result.output

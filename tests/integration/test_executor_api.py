@@ -518,7 +518,9 @@ def test_an_api_task_runs_inside_a_workflow(
         assert store.get_bytes(store.log_url(artifact_id, "show", 1, "stdout")) == b"HELLO API\n"
         answer = json.loads(store.get_bytes(store.log_url(artifact_id, "call", 1, "stdout")))
         assert answer == {"status": "succeeded", "result": {"bytes": 10}}
-        assert store.get_bytes(store.job_file_url(artifact_id, "out.txt")) == b"HELLO API\n"
+        call = status.jobs[1]
+        out = store.job_file_url(artifact_id, str(call.id), call.attempt, "out.txt")
+        assert store.get_bytes(out) == b"HELLO API\n"
         assert service.files["in"] == b"hello api\n"
     finally:
         worker.stop()

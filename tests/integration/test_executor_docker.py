@@ -7,8 +7,10 @@ socket explicitly, so `DOCKER_HOST` stays untouched for other tests.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +21,24 @@ from podman_fixtures import Podman, podman  # noqa: F401  (the fixture)
 from pydantic import ValidationError
 
 from flotta_mqtt.model import Task
-from flotta_mqtt.protocol import JobReady
+from flotta_mqtt.protocol import JobReady, Resource
 from flotta_mqtt.transport.store import ResourceStore
-from flotta_mqtt.workflows.executors import EXECUTORS, TaskError, TaskResult, TaskRun, TaskRunner
+from flotta_mqtt.workflows.executors import (
+    EXECUTORS,
+    PolicyError,
+    SitePolicy,
+    TaskError,
+    TaskResult,
+    TaskRun,
+    TaskRunner,
+)
 from flotta_mqtt.workflows.executors.docker import (
     INSTALL_HINT,
     DockerExecutor,
     DockerParams,
     container_name,
 )
+from flotta_mqtt.workflows.executors.policy import HostMount
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +52,9 @@ def run_task(
     cancelled: threading.Event | None = None,
     inputs: list[str] | None = None,
     outputs: list[str] | None = None,
+    policy: SitePolicy | None = None,
 ) -> TaskResult:
+    """Run a docker task on a site whose policy (by default) allows the test image only."""
     task = Task(
         name="t",
         executor="docker",
@@ -51,7 +64,14 @@ def run_task(
         inputs=inputs or [],
         outputs=outputs or [],
     )
-    run = TaskRun(task, workdir, task.env, cancelled or threading.Event(), "a1b2c3d4e5f6-0-1")
+    run = TaskRun(
+        task,
+        workdir,
+        task.env,
+        cancelled or threading.Event(),
+        "a1b2c3d4e5f6-0-1",
+        policy=policy or SitePolicy(images=[podman.image]),
+    )
     return DockerExecutor(docker_host=podman.docker_host).run(run)
 
 
@@ -181,7 +201,12 @@ def test_cancel_kills_the_container(podman: Podman, tmp_path: Path) -> None:  # 
 
 def test_a_missing_image_is_reported_without_pulling(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
     with pytest.raises(RuntimeError, match="not on the Docker host"):
-        run_task(podman, tmp_path, {"image": "localhost/absent:1", "pull": "never", "shell": ":"})
+        run_task(
+            podman,
+            tmp_path,
+            {"image": "localhost/absent:1", "pull": "never", "shell": ":"},
+            policy=SitePolicy(images=["localhost/*"]),
+        )
 
 
 def test_the_task_runner_moves_job_files_around_a_container(
@@ -190,8 +215,12 @@ def test_the_task_runner_moves_job_files_around_a_container(
 ) -> None:
     """Job files from the store into the container and back, logs stored, via TaskRunner."""
     store = ResourceStore(str(tmp_path / "store"))
-    store.put(store.job_file_url("art1", "numbers.txt"), b"1\n2\n3\n")
-    runner = TaskRunner(store, [])
+    numbers = store.put(store.job_file_url("art1", "9", 1, "numbers.txt"), b"1\n2\n3\n")
+    outputs = {"numbers.txt": numbers.model_dump(mode="json")}  # as a task before it stored
+    made = store.put_product(
+        "art1", "9", 1, json.dumps({"task": "make", "outputs": outputs}).encode()
+    )
+    runner = TaskRunner(store, [], SitePolicy(images=[podman.image]))
     runner.executors["docker"] = DockerExecutor(docker_host=podman.docker_host)
 
     def job(shell: str) -> JobReady:
@@ -202,12 +231,12 @@ def test_the_task_runner_moves_job_files_around_a_container(
             inputs=["numbers.txt"],
             outputs=["total.txt"],
         )
-        return task_job(task)
+        return task_job(task, inputs=[made])
 
     summing = "s=0; while read n; do s=$((s+n)); done < numbers.txt; echo $s > total.txt; echo ok"
     product = runner.run(job(summing), "node-1", threading.Event())
     assert product["exit_code"] == 0
-    assert store.get_bytes(store.job_file_url("art1", "total.txt")) == b"6\n"
+    assert store.get(Resource.model_validate(product["outputs"]["total.txt"])) == b"6\n"
     assert store.get_bytes(store.log_url("art1", "sum", 1, "stdout")) == b"ok\n"
 
     with pytest.raises(TaskError, match="exited with status 7") as failed:
@@ -229,3 +258,124 @@ def test_a_clear_error_without_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RuntimeError, match=r"flotta_mqtt\[docker\]") as error:
         DockerExecutor()
     assert str(error.value) == INSTALL_HINT
+
+
+# --- the site's policy ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"image": "localhost/absent:1"}, "image 'localhost/absent:1' is not allowed"),
+        ({"network": "host"}, "network 'host' is not allowed on this site"),
+        ({"mounts": [{"source": "/etc", "target": "/host-etc"}]}, "/etc is not under a folder"),
+        ({"mounts": [{"source": "/", "target": "/host"}]}, "host path / is not under a folder"),
+    ],
+)
+def test_the_site_refuses_a_container_it_did_not_allow_before_anything_runs(
+    podman: Podman,  # noqa: F811
+    tmp_path: Path,
+    params: dict[str, Any],
+    reason: str,
+) -> None:
+    with pytest.raises(PolicyError, match=reason):
+        run_task(podman, tmp_path, {"shell": "cat /host-etc/hostname", **params})
+    assert leftover_containers(podman) == []
+    client = docker.DockerClient(base_url=podman.docker_host)
+    try:
+        assert [tag for image in client.images.list() for tag in image.tags] == [podman.image]
+    finally:
+        client.close()
+
+
+def test_an_allowed_host_folder_is_mounted_read_only_unless_the_site_says_writable(
+    podman: Podman,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    data, work = tmp_path / "data", tmp_path / "work"
+    data.mkdir()
+    work.mkdir()
+    (data / "in.txt").write_text("site data\n")
+    mount = {"source": str(data), "target": "/data"}
+    write = "cat /data/in.txt; echo changed > /data/in.txt"
+    read_only = SitePolicy(images=[podman.image], mounts=[HostMount(path=data)])
+    result = run_task(podman, work, {"shell": write, "mounts": [mount]}, policy=read_only)
+    assert result.stdout == b"site data\n"
+    assert result.exit_code != 0 and b"Read-only file system" in result.stderr
+    with pytest.raises(PolicyError, match="may be mounted read-only only"):
+        run_task(
+            podman,
+            tmp_path,
+            {"shell": write, "mounts": [{**mount, "writable": True}]},
+            policy=read_only,
+        )
+    assert (data / "in.txt").read_text() == "site data\n"
+    writable = SitePolicy(images=[podman.image], mounts=[HostMount(path=data, writable=True)])
+    result = run_task(
+        podman,
+        work,
+        {"shell": write, "mounts": [{**mount, "writable": True}]},
+        policy=writable,
+    )
+    assert result.exit_code == 0, result.stderr
+    assert (data / "in.txt").read_text() == "changed\n"
+
+
+def test_a_container_gets_its_secrets_and_never_the_workers_environment(
+    podman: Podman,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    value, password = f"s-{uuid.uuid4().hex}", uuid.uuid4().hex
+    monkeypatch.setenv("SITE_TOKEN", value)
+    monkeypatch.setenv("FLOTTA_PASSWORD", password)
+    store = ResourceStore(str(tmp_path / "store"))
+    policy = SitePolicy.model_validate(
+        {"images": [podman.image], "secrets": {"TOKEN": {"env": "SITE_TOKEN"}}}
+    )
+    runner = TaskRunner(store, [], policy)
+    runner.executors["docker"] = DockerExecutor(docker_host=podman.docker_host)
+    task = Task(
+        name="uses",
+        executor="docker",
+        params={"image": podman.image, "shell": 'env; printf %s "$TOKEN" > token.txt'},
+        secrets=["TOKEN"],
+        outputs=["token.txt"],
+    )
+    runner.run(task_job(task), "node-1", threading.Event())
+    assert store.get_bytes(store.job_file_url("art1", "0", 1, "token.txt")) == value.encode()
+    printed = store.get_bytes(store.log_url("art1", "uses", 1, "stdout"))
+    assert b"TOKEN=***\n" in printed and value.encode() not in printed
+    assert password.encode() not in printed and b"FLOTTA_" not in printed
+
+
+def test_a_containers_link_to_a_host_file_is_never_collected(
+    podman: Podman,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Inside the container the link dangles; read on the worker, it would name the
+    worker's own file: the runner refuses it rather than copy the host file out."""
+    host = tmp_path / "host"
+    host.mkdir()
+    known = f"the worker's own file {uuid.uuid4().hex}"
+    (host / "secret.txt").write_text(known)
+    store = ResourceStore(str(tmp_path / "store"))
+    runner = TaskRunner(store, [], SitePolicy(images=[podman.image]))
+    runner.executors["docker"] = DockerExecutor(docker_host=podman.docker_host)
+    for name, shell, output, link in [
+        ("file-link", f"ln -s {host}/secret.txt out.txt", "out.txt", "out.txt"),
+        ("dir-link", f"ln -s {host} d", "d/secret.txt", "d"),
+    ]:
+        task = Task(
+            name=name,
+            executor="docker",
+            params={"image": podman.image, "shell": shell},
+            outputs=[output],
+        )
+        with pytest.raises(
+            TaskError, match=rf"output {output} is, or is inside, a symbolic link \({link}\)"
+        ):
+            runner.run(task_job(task), "node-1", threading.Event())
+        assert not store.exists(store.job_file_url("art1", "0", 1, output))
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file())
+    assert known.encode() not in stored

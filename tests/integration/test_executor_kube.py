@@ -10,11 +10,14 @@ that the generated pod spec runs — is shown by `podman kube play` on the same 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import json
 import logging
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +25,22 @@ from typing import Any
 import kmock
 import pytest
 import yaml
+from helpers import task_job
 from kubernetes import client as kube
 from podman_fixtures import Podman, podman  # noqa: F401  (the fixture)
 from pydantic import ValidationError
 
 from flotta_mqtt.model import Task
-from flotta_mqtt.workflows.executors import EXECUTORS, TaskResult, TaskRun
+from flotta_mqtt.transport.store import ResourceStore
+from flotta_mqtt.workflows.executors import (
+    EXECUTORS,
+    PolicyError,
+    SitePolicy,
+    TaskError,
+    TaskResult,
+    TaskRun,
+    TaskRunner,
+)
 from flotta_mqtt.workflows.executors.kube import (
     INSTALL_HINT,
     KubeExecutor,
@@ -36,6 +49,8 @@ from flotta_mqtt.workflows.executors.kube import (
     job_manifest,
     job_name,
 )
+from flotta_mqtt.workflows.executors.policy import KubeSite
+from flotta_mqtt.workflows.executors.runner import read_output
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +66,11 @@ def make_run(
     inputs: list[str] | None = None,
     outputs: list[str] | None = None,
     cancelled: threading.Event | None = None,
+    site: KubeSite | None = None,
+    secrets: dict[str, str] | None = None,
 ) -> TaskRun:
+    """A kube task's run on a site that allows busybox and the test image, with `site`'s
+    kube settings (`execute` points them at the emulator)."""
     task = Task(
         name="count-words",
         executor="kube",
@@ -61,7 +80,9 @@ def make_run(
         inputs=inputs or [],
         outputs=outputs or [],
     )
-    return TaskRun(task, workdir, task.env, cancelled or threading.Event(), LABEL)
+    policy = SitePolicy(images=["busybox:*", "localhost/*"], kube=site or KubeSite())
+    run = TaskRun(task, workdir, task.env, cancelled or threading.Event(), LABEL, policy=policy)
+    return dataclasses.replace(run, secrets=secrets or {})
 
 
 # ---------------------------------------------------------------- the manifest, pure
@@ -110,12 +131,11 @@ def test_job_manifest_shell_account_resources_namespace(tmp_path: Path) -> None:
         tmp_path,
         {
             "shell": "echo $A | wc -c",
-            "namespace": "jobs",
-            "service_account": "runner",
             "resources": resources,
             "image_pull_policy": "Never",
             "workdir_mount": "/data",
         },
+        site=KubeSite(namespace="jobs", service_account="runner"),
     )
     job = job_manifest(run, name="explicit")
     assert job["metadata"] == {**job["metadata"], "name": "explicit", "namespace": "jobs"}
@@ -171,10 +191,9 @@ def test_inputs_too_large_for_a_configmap_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_shared_volume_is_mounted_at_the_runs_own_folder(tmp_path: Path) -> None:
-    params = {"shell": ":", "volume_claim": "jobfiles", "volume_path": str(tmp_path)}
-    pod = job_manifest(make_run(tmp_path, params, inputs=["in.txt"]), name="j2")["spec"][
-        "template"
-    ]["spec"]
+    site = KubeSite(volume_claim="jobfiles", volume_path=tmp_path)
+    run = make_run(tmp_path, {"shell": ":"}, inputs=["in.txt"], site=site)
+    pod = job_manifest(run, name="j2")["spec"]["template"]["spec"]
     assert pod["volumes"] == [{"name": "work", "persistentVolumeClaim": {"claimName": "jobfiles"}}]
     assert pod["containers"][0]["volumeMounts"] == [
         {"name": "work", "mountPath": "/work", "subPath": "j2"}
@@ -185,7 +204,7 @@ def test_params_are_checked() -> None:
     with pytest.raises(ValidationError, match="at most one of"):
         KubeParams.model_validate({"image": "x", "command": ["true"], "shell": "true"})
     with pytest.raises(ValidationError, match="go together"):
-        KubeParams.model_validate({"image": "x", "volume_claim": "pvc"})
+        KubeSite(volume_claim="pvc")
     with pytest.raises(ValidationError, match="extra"):
         KubeParams.model_validate({"image": "x", "stdin": "no stdin for pods"})
 
@@ -230,7 +249,7 @@ class Cluster:
 
     async def _serve(self) -> None:
         async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
-            for resource in ("v1/pods", "v1/configmaps", "batch/v1/jobs"):
+            for resource in ("v1/pods", "v1/configmaps", "v1/secrets", "batch/v1/jobs"):
                 emulator.resources[resource] = {}
             emulator[kmock.method.GET, kmock.subresource("log")] << (
                 lambda request: self.logs.get(request.name, b"")
@@ -360,8 +379,10 @@ def execute(
 
     thread = threading.Thread(target=player, daemon=True)
     thread.start()
+    kube = run.policy.kube.model_copy(update={"host": cluster.url})
+    run = dataclasses.replace(run, policy=run.policy.model_copy(update={"kube": kube}))
     try:
-        return KubeExecutor(host=cluster.url).run(run)
+        return KubeExecutor().run(run)
     finally:
         thread.join(10)
         assert not player_error, player_error
@@ -412,7 +433,7 @@ def test_a_job_that_succeeds(cluster: Cluster, tmp_path: Path) -> None:
 
 
 def test_a_job_that_fails_reports_the_pods_exit_code(cluster: Cluster, tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"command": ["false"], "namespace": "jobs", **FAST})
+    run = make_run(tmp_path, {"command": ["false"], **FAST}, site=KubeSite(namespace="jobs"))
 
     def play(job: dict[str, Any]) -> None:
         cluster.run_pod(job, 3, b"something went wrong\n")
@@ -526,9 +547,14 @@ def test_inputs_travel_in_a_configmap_deleted_afterwards(cluster: Cluster, tmp_p
 
 
 def test_outputs_need_a_shared_volume(cluster: Cluster, tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"shell": "echo x > out.txt"}, outputs=["out.txt"])
+    run = make_run(
+        tmp_path,
+        {"shell": "echo x > out.txt"},
+        outputs=["out.txt"],
+        site=KubeSite(host=cluster.url),
+    )
     with pytest.raises(ValueError, match="volume_claim"):
-        KubeExecutor(host=cluster.url).run(run)
+        KubeExecutor().run(run)
     assert cluster.requests() == [], "refused before anything was created"
 
 
@@ -537,13 +563,9 @@ def test_a_shared_volume_carries_inputs_and_outputs(cluster: Cluster, tmp_path: 
     workdir.mkdir()
     shared.mkdir()
     (workdir / "in.txt").write_text("a b c d\n")
-    params = {
-        "shell": "wc -w < in.txt > out/n.txt",
-        "volume_claim": "jobfiles",
-        "volume_path": str(shared),
-        **FAST,
-    }
-    run = make_run(workdir, params, inputs=["in.txt"], outputs=["out/n.txt"])
+    params = {"shell": "wc -w < in.txt > out/n.txt", **FAST}
+    site = KubeSite(volume_claim="jobfiles", volume_path=shared)
+    run = make_run(workdir, params, inputs=["in.txt"], outputs=["out/n.txt"], site=site)
 
     def play(job: dict[str, Any]) -> None:
         # The pod's view: the PVC's subPath, i.e. the run's own folder on the shared volume.
@@ -592,13 +614,13 @@ def test_a_kubeconfig_file_points_at_the_server(cluster: Cluster, tmp_path: Path
             }
         )
     )
-    run = make_run(tmp_path, {"shell": ":", **FAST})
+    run = make_run(tmp_path, {"shell": ":", **FAST}, site=KubeSite(kubeconfig=kubeconfig))
     thread = threading.Thread(
         target=lambda: cluster.set_job_status(cluster.wait_for_job(), {"succeeded": 1}),
         daemon=True,
     )
     thread.start()
-    result = KubeExecutor(kubeconfig=str(kubeconfig)).run(run)
+    result = KubeExecutor().run(run)
     thread.join(10)
     assert result.exit_code == 0
     assert sent_the_token(cluster)
@@ -609,6 +631,83 @@ def sent_the_token(cluster: Cluster) -> bool:
     assert cluster.emulator is not None
     posts = [request for request in list(cluster.emulator) if request.method.value == "POST"]
     return bool(posts) and posts[0].headers.get("Authorization") == "Bearer t0ken"
+
+
+# ---------------------------------------------------------------- the site's policy
+
+
+def test_secrets_travel_in_a_secret_of_the_run_deleted_with_its_job(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    value = f"s-{uuid.uuid4().hex}"
+    run = make_run(tmp_path, {"shell": "echo $TOKEN", **FAST}, secrets={"TOKEN": value})
+
+    def play(job: dict[str, Any]) -> None:
+        [secret] = cluster.created("secrets")
+        assert secret["metadata"]["name"] == job["metadata"]["name"]
+        assert secret["data"] == {"TOKEN": base64.b64encode(value.encode()).decode()}
+        cluster.run_pod(job, 0, b"")
+        cluster.set_job_status(job, {"succeeded": 1})
+
+    assert execute(cluster, run, play).exit_code == 0
+    [job] = cluster.created("jobs")
+    name = job["metadata"]["name"]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [
+        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": "TOKEN"}}}
+    ]
+    assert value not in json.dumps(job), "the Job names the Secret, never the value"
+    calls = cluster.requests()
+    assert calls.index(("POST", "secrets", "default", None, None, {})) < calls.index(
+        ("POST", "jobs", "default", None, None, {})
+    )
+    assert ("DELETE", "secrets", "default", name, None, {"propagationPolicy": "Background"}) in (
+        calls
+    )
+
+
+def test_an_image_the_site_does_not_allow_creates_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"image": "attacker.example/miner:1", "shell": ":"})
+    with pytest.raises(PolicyError, match=r"image 'attacker\.example/miner:1' is not allowed"):
+        execute(cluster, run)
+    assert cluster.requests() == []
+
+
+def test_a_task_choosing_where_it_runs_is_refused_before_anything_is_created(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    runner = TaskRunner(ResourceStore(str(tmp_path / "store")), ["kube"])
+    for setting, value in [("namespace", "kube-system"), ("kubeconfig", "/root/.kube/config")]:
+        task = Task(
+            name="k", executor="kube", params={"image": "busybox:1.36", setting: value, **FAST}
+        )
+        with pytest.raises(ValueError, match=rf"{setting}: where kube tasks run is the site's"):
+            runner.run(task_job(task), "node-1", threading.Event())
+    assert cluster.requests() == []
+
+
+def test_a_link_left_on_the_shared_volume_is_copied_back_as_a_link(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The worker reads the shared volume: a link the pod leaves there names the worker's
+    own files. It comes back as a link, which the outputs refuse."""
+    workdir, shared, host = tmp_path / "work", tmp_path / "shared", tmp_path / "host"
+    for folder in (workdir, shared, host):
+        folder.mkdir()
+    (host / "secret.txt").write_text("the worker's own file")
+    site = KubeSite(volume_claim="jobfiles", volume_path=shared)
+    run = make_run(workdir, {"shell": ":", **FAST}, outputs=["out.txt"], site=site)
+
+    def play(job: dict[str, Any]) -> None:
+        [mount] = job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        (shared / mount["subPath"] / "out.txt").symlink_to(host / "secret.txt")
+        cluster.run_pod(job, 0, b"")
+        cluster.set_job_status(job, {"succeeded": 1})
+
+    assert execute(cluster, run, play).exit_code == 0
+    assert (workdir / "out.txt").is_symlink()
+    with pytest.raises(TaskError, match=r"output out.txt is, or is inside, a symbolic link"):
+        read_output(run.task.name, workdir, "out.txt")
 
 
 # ---------------------------------------------------------------- the pod spec, for real
@@ -675,11 +774,10 @@ def test_the_pod_spec_runs_in_podman_with_a_shared_volume(
         {
             "image": podman.image,
             "command": ["sh", "-c", "mkdir -p out && tr a-z A-Z < in.txt > out/up.txt && ls"],
-            "volume_claim": "jobfiles",
-            "volume_path": str(shared),
         },
         inputs=["in.txt"],
         outputs=["out/up.txt"],
+        site=KubeSite(volume_claim="jobfiles", volume_path=shared),
     )
     name = job_name(run.label, nonce="play-2")
     job = job_manifest(run, name)

@@ -6,7 +6,9 @@ the tests prove it from the PIDs the task itself writes down.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -17,8 +19,15 @@ from helpers import task_job, wait_for
 from pydantic import ValidationError
 
 from flotta_mqtt.model import Task
-from flotta_mqtt.transport.store import ResourceStore
-from flotta_mqtt.workflows.executors import EXECUTORS, TaskResult, TaskRun, make_executor
+from flotta_mqtt.protocol import Resource
+from flotta_mqtt.transport.store import IntegrityError, ResourceStore
+from flotta_mqtt.workflows.executors import (
+    EXECUTORS,
+    TaskError,
+    TaskResult,
+    TaskRun,
+    make_executor,
+)
 from flotta_mqtt.workflows.executors.runner import TaskRunner
 
 # Starts a child that would outlive the task, writes both PIDs, then waits for the child.
@@ -201,3 +210,32 @@ def test_every_task_starts_in_an_empty_folder_of_its_own(tmp_path: Path) -> None
     finally:
         runner.close()
     assert not Path(after).exists()  # closing removes the folders kept for later
+
+
+def test_a_job_file_replaced_in_the_store_fails_its_reader_before_it_runs(tmp_path: Path) -> None:
+    """A task's inputs are checked against the sha256s in its dependency's product."""
+    store = ResourceStore(str(tmp_path / "store"))
+    runner = TaskRunner(store, ["shell"])
+    ran = tmp_path / "ran"
+    make = Task(name="make", params={"shell": "echo 1 > n.txt"}, outputs=["n.txt"])
+    use = Task(name="use", depends=["make"], params={"shell": f"cat n.txt; touch {ran}"})
+    try:
+        product = runner.run(task_job(make), "w", threading.Event())
+        made = store.put_product("art1", "0", 1, json.dumps(product).encode())
+        reading = use.model_copy(update={"inputs": ["n.txt"]})
+        assert (
+            runner.run(task_job(reading, inputs=[made]), "w", threading.Event())["exit_code"] == 0
+        )
+        assert ran.exists()
+        ran.unlink()
+
+        stored = Resource.model_validate(product["outputs"]["n.txt"])
+        Path(stored.url.removeprefix("file://")).write_text("2\n")  # what someone puts there
+        with pytest.raises(IntegrityError, match=re.escape(f"sha256 mismatch for {stored.url}")):
+            runner.run(task_job(reading, inputs=[made]), "w", threading.Event())
+        unknown = use.model_copy(update={"inputs": ["other.txt"]})
+        with pytest.raises(TaskError, match=r"other\.txt, which no task it depends on outputs"):
+            runner.run(task_job(unknown, inputs=[made]), "w", threading.Event())
+        assert not ran.exists()
+    finally:
+        runner.close()

@@ -9,6 +9,8 @@ they settle from retained statuses, so nothing here sleeps to synchronise.
 from __future__ import annotations
 
 import importlib
+import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -34,6 +36,7 @@ from flotta_mqtt import (
 )
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.client.client import Client
+from flotta_mqtt.functions import calls
 from flotta_mqtt.functions.executor import PythonExecutor
 from flotta_mqtt.model import Task
 from flotta_mqtt.nodes import SchedulerNode
@@ -41,8 +44,9 @@ from flotta_mqtt.protocol import JobFailed, topics
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+from flotta_mqtt.transport.store import sha256_hex
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
-from flotta_mqtt.workflows.executors import TaskRun
+from flotta_mqtt.workflows.executors import SitePolicy, TaskRun
 
 pytestmark = pytest.mark.integration
 
@@ -356,6 +360,103 @@ def _call_params(cluster: Cluster, mod: ModuleType, witness: Path) -> dict[str, 
     ).model_dump(mode="json", exclude_none=True)
 
 
+class _Planted:
+    """Unpickling it makes the folder `marker`: the proof that planted bytes ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return os.mkdir, (self.marker,)
+
+
+def planted(marker: Path) -> bytes:
+    return pickle.dumps(_Planted(marker))
+
+
+def refused_because(replaced: Path, original: bytes, planted: bytes) -> str:
+    """What a reader says of `replaced` once `planted` took the place of `original`."""
+    if len(planted) > len(original):
+        return f"{replaced.as_uri()} holds more than its declared {len(original)} bytes"
+    return f"sha256 mismatch for {replaced.as_uri()}: expected {sha256_hex(original)}"
+
+
+def test_a_result_overwritten_in_the_store_is_refused_unread(cluster: Cluster) -> None:
+    """Someone who may write to the store replaces a finished call's outcome with a
+    well-formed one (sealed, as a worker writes it) whose value runs code when unpickled."""
+    cluster.start("w0")
+    mod = cluster.module(
+        """
+        from flotta_mqtt import distributed
+
+        @distributed
+        def double(x):
+            return 2 * x
+        """
+    )
+    handle = mod.double(21)
+    wait_for(handle.done, timeout=TIMEOUT, message="the call never finished")
+    [result] = cluster.store.glob(f"artifacts/{handle.artifact_id}/files/**/results/*")
+    marker = cluster.folder / "planted-code-ran"
+    original = result.read_bytes()
+    forged = calls.seal(calls.Outcome(kind="value", value=planted(marker), worker="w0"))
+    result.write_bytes(forged)
+
+    with pytest.raises(CallFailed) as failed:
+        handle.unwrap(TIMEOUT)
+    assert refused_because(result, original, forged) in str(failed.value)
+    assert not marker.exists()
+
+
+def test_call_arguments_swapped_in_the_store_fail_the_call_unread(cluster: Cluster) -> None:
+    """The arguments of a call too large to ride in its task wait in the store for a busy
+    worker; someone replaces them with a pickle that runs code when loaded."""
+    cluster.scheduler()
+    cluster.worker("w0", max_jobs=1)
+    cluster.wait_online("w0")
+    cluster.configure()
+    started, gate = cluster.folder / "started", cluster.folder / "gate"
+    mod = cluster.module(
+        """
+        import time
+        from pathlib import Path
+        from flotta_mqtt import distributed
+
+        @distributed
+        def hold(started, gate):
+            Path(started).touch()
+            while not Path(gate).exists():
+                time.sleep(0.01)
+
+        @distributed
+        def size(data):
+            return len(data)
+        """
+    )
+    holding = mod.hold(str(started), str(gate))
+    wait_for(started.exists, timeout=TIMEOUT, message="the first call never started")
+    big = mod.size(b"x" * (calls.INLINE_LIMIT + 1))  # its arguments go to the store
+
+    def argument_files() -> list[Path]:
+        if big.artifact_id is None:
+            return []
+        return list(cluster.store.glob(f"artifacts/{big.artifact_id}/**/calls/*"))
+
+    wait_for(argument_files, timeout=TIMEOUT, message="the arguments were never stored")
+    [arguments] = argument_files()
+    marker = cluster.folder / "planted-code-ran"
+    original, forged = arguments.read_bytes(), planted(marker)
+    arguments.write_bytes(forged)
+    gate.touch()  # w0 may take the second call now
+
+    assert holding.unwrap(TIMEOUT) is None
+    with pytest.raises(CallFailed) as failed:
+        big.unwrap(TIMEOUT)
+    assert failed.value.error_type == "IntegrityError"
+    assert refused_because(arguments, original, forged) in str(failed.value)
+    assert not marker.exists()
+
+
 def test_a_call_on_a_killed_worker_completes_on_another(cluster: Cluster) -> None:
     workers = {w.name: w for w in cluster.start("w0", "w1")}
     marks = cluster.folder / "marks"
@@ -424,10 +525,10 @@ def test_main_script_functions_large_arguments_platform_and_timeout(cluster: Clu
     def checksum(data: bytes) -> int:
         return sum(data) % 251
 
-    blob = bytes(range(256)) * 1024  # 256 KiB: a job file, not inline
+    blob = bytes(range(256)) * 1024  # 256 KiB: a stored file, not inline
     handle = distributed(checksum)(blob)
     assert handle.unwrap(TIMEOUT) == sum(blob) % 251
-    assert list((cluster.store / "artifacts" / str(handle.artifact_id) / "files/calls").iterdir())
+    assert list((cluster.store / "artifacts" / str(handle.artifact_id) / "calls").iterdir())
     assert list((cluster.store / "functions").glob("*.pkl"))
 
     on_gpu = distributed(platform="gpu=yes")(checksum)
@@ -562,3 +663,38 @@ def test_call_processes_and_the_zygote_dying_between_calls_are_replaced(
     executor._zygote.process.wait()
     second = mod.pid().unwrap(TIMEOUT)
     assert second != first
+
+
+def test_a_workspace_over_the_sites_limits_is_refused_naming_them(cluster: Cluster) -> None:
+    """A few KiB of archive that unpack to far more (zeros compress well): the worker
+    refuses it before writing anything, naming its limit; then the same for members."""
+    cluster.scheduler()
+    cluster.worker("small", policy=SitePolicy(max_workspace_bytes=64 * 1024))
+    cluster.wait_online("small")
+    cluster.configure()
+    cluster.workspace.mkdir()
+    (cluster.workspace / "zeros.bin").write_bytes(bytes(4 * 1024 * 1024))
+    mod = cluster.module(
+        """
+        from flotta_mqtt import distributed
+
+        @distributed
+        def hello():
+            return "ran"
+        """
+    )
+    with pytest.raises(CallFailed, match=r"more than 65,536 bytes.*max_workspace_bytes") as big:
+        mod.hello().unwrap(TIMEOUT)
+    assert big.value.error_type == "UnsafeArchive"
+    [archive] = cluster.archives()
+    assert archive.stat().st_size < 64 * 1024, "a bomb: small packed, large unpacked"
+    unpacked = cluster.folder / "small.state" / "python" / "workspaces"
+    assert not unpacked.exists() or list(unpacked.iterdir()) == []
+
+    cluster.running.pop().stop()  # the same workspace on a site allowing fewer members
+    cluster.worker("few", policy=SitePolicy(max_workspace_members=2))
+    cluster.wait_online("few")
+    with pytest.raises(CallFailed, match=r"more than 2 members.*max_workspace_members"):
+        mod.hello().unwrap(TIMEOUT)
+    unpacked = cluster.folder / "few.state" / "python" / "workspaces"
+    assert not unpacked.exists() or list(unpacked.iterdir()) == []

@@ -16,6 +16,8 @@ import io
 import itertools
 import json
 import logging
+import select
+import socket
 import sqlite3
 import statistics
 import time
@@ -55,6 +57,7 @@ from flotta_mqtt.protocol import (
     JobRef,
     JobStarted,
     RemoteError,
+    Resource,
     topics,
 )
 from flotta_mqtt.scheduler.config import TICK, SchedulerConfig
@@ -679,7 +682,7 @@ def test_a_tampered_product_fails_its_consumer_with_the_sha256_mismatch(
     url = store.product_url(artifact.id, "0", 1)
     original = store.get_bytes(url)
     assert json.loads(original) == 1
-    store.put(url, b"1000")  # someone rewrites job 0's product in the store
+    store.put(url, b"9")  # someone rewrites job 0's product in the store
     flag.touch()
 
     failed = failure(handle)
@@ -687,13 +690,55 @@ def test_a_tampered_product_fails_its_consumer_with_the_sha256_mismatch(
     assert failed.status.failed_job == 2
     assert failed.remote.type == "IntegrityError"
     assert failed.remote.message == (
-        f"sha256 mismatch for {url}: expected {sha256_hex(original)}, got {sha256_hex(b'1000')}"
+        f"sha256 mismatch for {url}: expected {sha256_hex(original)}, got {sha256_hex(b'9')}"
     )
     assert job_rows(nodes.database, artifact.id) == [
         (0, JobState.COMPLETED, 1),
         (1, JobState.COMPLETED, 1),
         (2, JobState.FAILED, 1),
     ]
+
+
+@pytest.mark.parametrize("place", ["http", "file", "device"])
+def test_a_product_url_outside_the_store_is_refused_without_opening_it(
+    nodes: Nodes, place: str
+) -> None:
+    """A worker (any client holding its identity) reports a product anywhere it likes; the
+    initiator consuming it refuses the URL, so no request, local file or device is read."""
+    _, _, client = nodes.start("w0", "w1")
+    ledger, flag = nodes.path("ledger"), nodes.path("go")
+    artifact = Artifact(
+        project=PROJECT,
+        steps=[Parallel(linger(ledger=ledger, flag=flag), Collect()), Finalize(operation("slow"))],
+    )
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        url, data = {
+            "http": (f"http://127.0.0.1:{listening.getsockname()[1]}/x", b"1"),
+            "file": ("file:///etc/passwd", Path("/etc/passwd").read_bytes()),
+            "device": ("/dev/zero", bytes(10)),
+        }[place]
+        # Its true size and sha256: nothing but the URL check stands in the way.
+        forged = Resource(url=url, sha256=sha256_hex(data), size=len(data))
+        handle = client.submit(artifact)
+        noted(ledger, 2, "the jobs on w0 and w1 never started")
+        forger = nodes.observer([], MessageRecorder())
+        now = time.time()
+        ref = JobRef(artifact_id=artifact.id, job_id=0, attempt=1)  # job 0 is w0's
+        forger.publish(
+            topics.events("w0"),
+            JobFinished(job=ref, product=forged, started_at=now, finished_at=now),
+        )
+        wait_status(handle, lambda s: s.counts.get(JobState.COMPLETED, 0) == 1, "took it")
+        flag.touch()
+
+        failed = failure(handle)
+        assert select.select([listening], [], [], 0)[0] == [], "a connection came in"
+    assert failed.status.failed_job == 2  # the initiator's job, consuming the forged product
+    assert failed.remote.type == "ResourceRefused"
+    assert failed.remote.message == (
+        f"refused {url}: not a key under {ResourceStore(nodes.storage.url).root}"
+        f"/artifacts/{artifact.id}"
+    )
 
 
 # --- 7: heartbeats ---------------------------------------------------------------------------

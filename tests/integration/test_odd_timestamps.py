@@ -45,7 +45,7 @@ def test_far_future_timestamps_are_shown(broker: LocalBroker) -> None:
     )
     presence = NodePresence(node="w0", online=True, projects=["demo"], since=FAR)
     with Client(broker.url) as client:
-        client.bus.publish_raw(topics.status("odd-clock"), encode(status), retain=True)
+        client.bus.publish_raw(topics.status("someone", "odd-clock"), encode(status), retain=True)
         client.bus.publish_raw(topics.presence("w0"), encode(presence), retain=True)
         assert client.handle("odd-clock").next_status(timeout=TIMEOUT) is not None
         assert [p.node for p in client.workers()] == ["w0"]

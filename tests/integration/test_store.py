@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import select
 import shutil
+import socket
 import threading
 import time
 import urllib.error
@@ -23,11 +25,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moto.server import ThreadedMotoServer
 
+from flotta_mqtt.transport.settings import MAX_READ_BYTES
 from flotta_mqtt.transport.store import (
     INLINE_BYTES,
     IntegrityError,
     Resource,
     ResourceNotFound,
+    ResourceRefused,
     ResourceStore,
     sha256_hex,
 )
@@ -80,6 +84,7 @@ class Backend:
     store: ResourceStore
     raw_write: Callable[[str, bytes], None]
     list_dir: Callable[[str], list[str]]
+    options: dict[str, Any]  # the store's storage options
 
 
 def _local_backend(tmp_path: Path) -> Backend:
@@ -93,7 +98,7 @@ def _local_backend(tmp_path: Path) -> Backend:
     def list_dir(url: str) -> list[str]:
         return sorted(os.listdir(local_path(url)))
 
-    return Backend(ResourceStore((tmp_path / "store").as_uri()), raw_write, list_dir)
+    return Backend(ResourceStore((tmp_path / "store").as_uri()), raw_write, list_dir, {})
 
 
 def _s3_backend(endpoint: str) -> Backend:
@@ -108,7 +113,7 @@ def _s3_backend(endpoint: str) -> Backend:
     def list_dir(url: str) -> list[str]:
         return sorted(os.path.basename(p) for p in raw.ls(url, detail=False))
 
-    return Backend(ResourceStore(f"s3://{bucket}/root", options), raw_write, list_dir)
+    return Backend(ResourceStore(f"s3://{bucket}/root", options), raw_write, list_dir, options)
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -287,11 +292,114 @@ def test_a_folder_removed_behind_the_store_is_made_again(tmp_path: Path) -> None
     assert store.get(resource) == stored(b"second")
 
 
-def test_s3_store_reads_file_url_without_its_options(tmp_path: Path, s3_endpoint: str) -> None:
-    local = ResourceStore((tmp_path / "local").as_uri())
-    resource = local.put_product("a", "j", 1, stored(b"made on a worker"))
-    s3 = _s3_backend(s3_endpoint).store
-    assert s3.get(resource) == stored(b"made on a worker")
+# --- attacks: what a hostile worker or store writer can make a reader open ------------------
+
+
+def forged(url: str, data: bytes) -> Resource:
+    """A Resource naming `url` with the true size and sha256 of `data`: only the URL check
+    (or the cap) stands between the reader and those bytes."""
+    return Resource(url=url, sha256=sha256_hex(data), size=len(data))
+
+
+def test_urls_outside_the_store_are_refused_without_opening(
+    backend: Backend, s3_endpoint: str
+) -> None:
+    store = backend.store
+    other = _s3_backend(s3_endpoint).store  # another bucket, holding what the URL names
+    elsewhere = other.put(f"{other.root}/artifacts/a/jobs/x", stored(b"other bucket"))
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        attempts = [
+            forged("file:///etc/passwd", Path("/etc/passwd").read_bytes()),
+            forged(f"http://127.0.0.1:{listening.getsockname()[1]}/x", b"1"),
+            forged("/dev/zero", bytes(10)),
+            forged("../../x", b"x"),
+            forged(f"{store.root}/../x", b"x"),
+            forged(f"{store.root}/artifacts/../../x", b"x"),
+            forged(f"{store.root}/a//b", b"x"),
+            forged(f"{store.root}/a%2F..%2F..%2Fx", b"x"),
+            forged(f"{store.root}/a?b", b"x"),
+            forged(f"{store.root}-sibling/a", b"x"),
+            forged(f"{store.root}::file:///etc/passwd", b"x"),
+            elsewhere,
+        ]
+        for resource in attempts:
+            with pytest.raises(ResourceRefused) as refused:
+                store.get(resource)
+            assert str(refused.value) == f"refused {resource.url}: not a key under {store.root}"
+        assert select.select([listening], [], [], 0)[0] == [], "a connection came in"
+
+
+def test_a_read_for_an_artifact_stays_in_its_folder(backend: Backend) -> None:
+    store = backend.store
+    theirs = store.put_product("theirs", "0", 1, stored(b"another artifact's product"))
+    with pytest.raises(ResourceRefused) as refused:
+        store.get(theirs, store.artifact_root("mine"))
+    assert str(refused.value).endswith(f"not a key under {store.root}/artifacts/mine")
+    assert store.get(theirs, store.artifact_root("theirs")) == stored(b"another artifact's product")
+
+
+def test_a_declared_size_over_the_cap_is_refused_before_opening(backend: Backend) -> None:
+    store = backend.store
+    # Nothing is stored there: opening it would raise ResourceNotFound.
+    huge = Resource(url=store.product_url("a", "j", 1), sha256="0" * 64, size=2**30)
+    with pytest.raises(ResourceRefused) as refused:
+        store.get(huge)
+    assert str(refused.value) == (
+        f"refused {huge.url}: its declared size, {2**30} bytes, is over the read cap of "
+        f"{MAX_READ_BYTES} bytes (storage max_read_bytes)"
+    )
+    small = ResourceStore(store.root, backend.options, max_read=100)
+    exact = small.put_product("a", "j", 2, b"y" * 100)
+    assert small.get(exact) == b"y" * 100
+    with pytest.raises(ResourceRefused, match="over the read cap of 100 bytes"):
+        small.get(small.put_product("a", "j", 3, b"y" * 101))
+
+
+def test_more_bytes_than_declared_stop_the_read_and_fail(backend: Backend) -> None:
+    store = backend.store
+    resource = store.put_product("a", "j", 1, stored(b"declared"))
+    backend.raw_write(resource.url, stored(b"declared") + b"and far more" * 10_000)
+    with pytest.raises(IntegrityError) as failed:
+        store.get(resource)
+    assert str(failed.value) == f"{resource.url} holds more than its declared {resource.size} bytes"
+    empty = store.put(store.product_url("a", "empty", 1), b"")
+    assert store.get(empty) == store.get_bytes(empty.url) == b""
+    backend.raw_write(empty.url, b"!")
+    with pytest.raises(IntegrityError, match="more than its declared 0 bytes"):
+        store.get(empty)
+
+
+def test_a_local_read_stops_at_the_declared_size(tmp_path: Path) -> None:
+    """A 1 TiB sparse file declared as 10 bytes: the read takes 11 and fails at once."""
+    store = ResourceStore(str(tmp_path / "store"))
+    resource = store.put(store.product_url("a", "j", 1), bytes(10))
+    with open(tmp_path / "store/artifacts/a/jobs/j~1~product", "r+b") as file:
+        file.truncate(2**40)
+    with pytest.raises(IntegrityError, match="holds more than its declared 10 bytes"):
+        store.get(resource)
+
+
+def test_links_devices_and_fifos_inside_a_local_store_are_refused(tmp_path: Path) -> None:
+    """What someone with write access to a local store could plant under a product's name."""
+    store = ResourceStore(str(tmp_path / "store"))
+    folder = tmp_path / "store/artifacts/a"
+    folder.mkdir(parents=True)
+    passwd = Path("/etc/passwd").read_bytes()
+    (folder / "link").symlink_to("/etc/passwd")
+    (folder / "linked").symlink_to("/etc")
+    (folder / "zero").symlink_to("/dev/zero")
+    os.mkfifo(folder / "fifo")  # an open would block for ever, a read never end
+    cases = {
+        "link": ("a symbolic link", passwd),
+        "linked/passwd": ("it resolves outside the store", passwd),
+        "zero": ("a symbolic link", bytes(10)),
+        "fifo": ("not a regular file", b""),
+    }
+    for name, (reason, data) in cases.items():
+        url = f"{store.root}/artifacts/a/{name}"
+        with pytest.raises(ResourceRefused) as refused:
+            store.get(forged(url, data))
+        assert str(refused.value) == f"refused {url}: {reason}"
 
 
 def test_storage_options_are_not_mutated(s3_endpoint: str) -> None:

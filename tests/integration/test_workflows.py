@@ -38,6 +38,7 @@ from flotta_mqtt.scheduler.config import LISTED_JOBS, SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
+from flotta_mqtt.workflows.executors import SitePolicy
 
 pytestmark = pytest.mark.integration
 
@@ -106,8 +107,9 @@ class Flotta:
     def database(self) -> Path:
         return self.folder / "scheduler.db"
 
-    def start(self, workers: dict[str, list[str]]) -> Client:
-        """A scheduler, workers by name → executors, and a client that has seen them online."""
+    def start(self, workers: dict[str, list[str]], policy: SitePolicy | None = None) -> Client:
+        """A scheduler, workers by name → executors (under `policy`, else the default one),
+        and a client that has seen them online."""
         self.scheduler_node = SchedulerNode(
             SchedulerConfig(
                 broker=self.broker,
@@ -120,7 +122,11 @@ class Flotta:
         self.running.append(self.scheduler_node)
         for name, executors in workers.items():
             config = WorkerConfig(
-                name=name, broker=self.broker, storage=self.storage, executors=executors
+                name=name,
+                broker=self.broker,
+                storage=self.storage,
+                executors=executors,
+                policy=policy or SitePolicy(),
             )
             self.running.append(WorkerAgent(config).start(wait=TIMEOUT))
         client = self.client = Client(self.broker, storage=self.storage, resend_interval=1.0)
@@ -246,7 +252,8 @@ def test_the_diamond_runs_on_two_workers_with_b_and_c_at_once(flotta: Flotta) ->
     artifact_id = status.artifact_id
     assert store.get_bytes(store.log_url(artifact_id, "d", 1, "stdout")) == f"{D_SAYS}\n".encode()
     assert store.get_bytes(store.log_url(artifact_id, "d", 1, "stderr")) == b"done\n"
-    assert store.get_bytes(store.job_file_url(artifact_id, "n/count")).strip() == b"10"
+    count = store.job_file_url(artifact_id, str(c.id), c.attempt, "n/count")
+    assert store.get_bytes(count).strip() == b"10"
     # `flotta-mqtt logs ID TASK` prints a task's stdout (and stderr) from the store.
     result = flotta.cli("logs", artifact_id, "d")
     assert result.exit_code == 0, result.output
@@ -513,8 +520,10 @@ def test_the_diamond_passes_its_job_files_through_s3(
         p.removeprefix(f"{root}/artifacts/{artifact_id}/files/")
         for p in raw.find(f"{root}/artifacts/{artifact_id}/files")
     )
-    assert files == ["n/count", "numbers.txt", "sum"]
-    assert raw.cat_file(f"{root}/artifacts/{artifact_id}/files/sum") == b"55\n"
+    jobs = by_name(status)  # each attempt's outputs in a folder of its own
+    outputs = (("a", "numbers.txt"), ("b", "sum"), ("c", "n/count"))
+    assert files == sorted(f"{jobs[task].id}~1/{path}" for task, path in outputs)
+    assert raw.cat_file(f"{root}/artifacts/{artifact_id}/files/{jobs['b'].id}~1/sum") == b"55\n"
     logs = raw.cat_file(f"{root}/artifacts/{artifact_id}/logs/d/attempt-1.stdout")
     assert logs == f"{D_SAYS}\n".encode()
     assert not (tmp_path / "store").exists(), "nothing went to local storage"
@@ -606,7 +615,7 @@ def test_more_results_than_a_status_can_carry_come_as_a_manifest(flotta: Flotta)
     [manifest] = status.results
     assert manifest.media_type == RESULTS_MANIFEST
     store = ResourceStore(flotta.storage.url)
-    assert len(store.results(status.results)) == width
+    assert len(store.results(status.results, status.artifact_id)) == width
     assert flotta.client is not None
     products = flotta.client.handle(status.artifact_id).result(timeout=TIMEOUT)
     assert len(products) == width

@@ -47,6 +47,8 @@ from flotta_mqtt.protocol import (
     LocksReleased,
     NodePresence,
     ProtocolError,
+    PruneReport,
+    PruneRequest,
     RemoteError,
     RequestRejected,
     Resource,
@@ -171,11 +173,24 @@ MESSAGES: dict[type[BaseModel], tuple[Callable[[str], str], st.SearchStrategy[An
             topic=texts,
             error=texts,
             artifact_id=st.none() | safe_ids,
-            reason=st.sampled_from(["invalid", "unknown_artifact"]),
+            reason=st.sampled_from(["invalid", "unknown_artifact", "quota", "forbidden"]),
+        ),
+    ),
+    PruneRequest: (
+        topics.prune,
+        st.builds(PruneRequest, older_than=st.floats(min_value=0, max_value=1e9)),
+    ),
+    PruneReport: (
+        topics.reply,
+        st.builds(
+            PruneReport,
+            older_than=st.floats(min_value=0, max_value=1e9),
+            pruned=st.integers(min_value=0, max_value=2**31),
+            artifact_ids=st.lists(safe_ids, max_size=5),
         ),
     ),
     ArtifactStatus: (
-        topics.status,
+        lambda artifact_id: topics.status("owner", artifact_id),
         st.builds(
             ArtifactStatus,
             artifact_id=safe_ids,
@@ -191,7 +206,7 @@ MESSAGES: dict[type[BaseModel], tuple[Callable[[str], str], st.SearchStrategy[An
         ),
     ),
     LocksReleased: (
-        topics.locks,
+        lambda artifact_id: topics.locks("owner", artifact_id),
         st.builds(LocksReleased, artifact_id=safe_ids, locks=st.lists(st.tuples(job_ids, job_ids))),
     ),
     JobReady: (topics.jobs, job_readies),
@@ -272,9 +287,10 @@ BUILDERS: dict[Channel, Callable[[str], str]] = {
     Channel.SUBMIT: topics.submit,
     Channel.CANCEL: topics.cancel,
     Channel.ASK: topics.ask,
+    Channel.PRUNE: topics.prune,
     Channel.REPLY: topics.reply,
-    Channel.STATUS: topics.status,
-    Channel.LOCKS: topics.locks,
+    Channel.STATUS: lambda artifact_id: topics.status("owner", artifact_id),
+    Channel.LOCKS: lambda artifact_id: topics.locks("owner", artifact_id),
     Channel.JOBS: topics.jobs,
     Channel.CONTROL: topics.control,
     Channel.EVENTS: topics.events,
@@ -310,9 +326,10 @@ def test_builders_spell_the_documented_layout() -> None:
     assert root == topics.ROOT
     assert topics.submit("c") == f"{root}/requests/c/submit"
     assert topics.cancel("c") == f"{root}/requests/c/cancel"
+    assert topics.prune("c") == f"{root}/requests/c/prune"
     assert topics.reply("c") == f"{root}/replies/c"
-    assert topics.status("a") == f"{root}/artifacts/a/status"
-    assert topics.locks("a") == f"{root}/artifacts/a/locks"
+    assert topics.status("o", "a") == f"{root}/artifacts/o/a/status"
+    assert topics.locks("o", "a") == f"{root}/artifacts/o/a/locks"
     assert topics.jobs("w") == f"{root}/workers/w/jobs"
     assert topics.control("w") == f"{root}/workers/w/control"
     assert topics.events("w") == f"{root}/events/w"
@@ -323,10 +340,11 @@ def test_builders_spell_the_documented_layout() -> None:
 @pytest.mark.parametrize(
     ("filter_", "matches"),
     [
-        (topics.ALL_REQUESTS, [topics.submit("c"), topics.cancel("c")]),
+        (topics.ALL_REQUESTS, [topics.submit("c"), topics.cancel("c"), topics.prune("c")]),
         (topics.ALL_EVENTS, [topics.events("w")]),
         (topics.ALL_PRESENCE, [topics.presence("n")]),
-        (topics.ALL_STATUS, [topics.status("a")]),
+        (topics.ALL_STATUS, [topics.status("o", "a")]),
+        (topics.status("+", "a"), [topics.status("o", "a"), topics.status("p", "a")]),
         (topics.worker_inbox("w"), [topics.jobs("w"), topics.control("w")]),
     ],
 )
@@ -354,6 +372,9 @@ def test_subscription_filters_match_their_topics(filter_: str, matches: list[str
         "flotta/v1/requests/c/other",
         "flotta/v1/requests//submit",
         "flotta/v1/artifacts/a/jobs",
+        "flotta/v1/artifacts/a/status",
+        "flotta/v1/artifacts//a/status",
+        "flotta/v1/artifacts/o/a/jobs",
         "flotta/v1/workers/w/status",
         "flotta/v1/workers/w/jobs/more",
         "flotta/v1/workers/w",
@@ -371,6 +392,7 @@ VALID = {
     Channel.SUBMIT: Artifact(id="art-1", project="p", steps=[Parallel(Operation(name="count"))]),
     Channel.CANCEL: CancelArtifact(artifact_id="art-1"),
     Channel.ASK: StatusRequest(artifact_id="art-1"),
+    Channel.PRUNE: PruneRequest(older_than=86400),
     Channel.REPLY: RequestRejected(topic="t", error="bad"),
     Channel.STATUS: ArtifactStatus(
         artifact_id="art-1", project="p", state=ArtifactState.RUNNING, seq=1, total=2, updated_at=1
@@ -449,6 +471,9 @@ def test_decode_rejects_an_extra_field_and_names_it(channel: Channel) -> None:
         (Channel.SUBMIT, ["steps"], [], "steps"),
         (Channel.SUBMIT, ["version"], 2, "version"),
         (Channel.LOCKS, ["locks"], [[1]], "locks"),
+        (Channel.PRUNE, ["older_than"], -1, "older_than"),
+        (Channel.PRUNE, ["older_than"], 1e12, "older_than"),
+        (Channel.PRUNE, ["older_than"], "7d", "older_than"),
     ],
 )
 def test_decode_rejects_a_wrong_type_and_names_the_field(
@@ -531,7 +556,8 @@ def payload_models() -> set[type[BaseModel]]:
     models: set[type[BaseModel]] = set()
     for adapter in PAYLOADS.values():
         schema = adapter.json_schema()
-        refs = [option["$ref"] for option in schema.get("oneOf", [])] or [schema["title"]]
+        options = schema.get("oneOf", []) + schema.get("anyOf", [])  # discriminated or not
+        refs = [option["$ref"] for option in options] or [schema["title"]]
         models.update(getattr(messages, ref.rsplit("/", 1)[-1]) for ref in refs)
     return models
 

@@ -30,6 +30,7 @@ from flotta_mqtt.model import (
     JobState,
     Operation,
     Parallel,
+    Registry,
     Sequential,
 )
 from flotta_mqtt.protocol import (
@@ -105,6 +106,7 @@ class Harness:
 
     config: SchedulerConfig
     seed: int = 0
+    registry: Registry | None = None
     now: float = 1000.0
     wall: float = 1.7e9
     repository: Repository = field(init=False)
@@ -118,8 +120,8 @@ class Harness:
     def __post_init__(self) -> None:
         self.repository = Repository(":memory:")
         policies = Policies.of(self.config, random.Random(self.seed))
-        self.core = SchedulerCore(self.config, SchedulerMetrics(), policies)
-        self.core.restore([], set(), [], self.clock())
+        self.core = SchedulerCore(self.config, SchedulerMetrics(), policies, self.registry)
+        self.core.restore([], {}, {}, [], self.clock())
 
     def clock(self) -> Clock:
         return Clock(self.now, self.wall, self.now)
@@ -383,10 +385,12 @@ def test_a_resubmission_and_a_late_result_of_a_finished_artifact_are_answered() 
     drive(harness, 1, seed=3, failure=0.0, noise=0.0)
     row = harness.repository.artifact("a00000")
     assert row is not None and row.state is ArtifactState.COMPLETED
-    # Out of memory: its stored status is announced again, with the next seq.
+    # Out of memory: its stored status is announced again as stored, and nothing written.
     decision = harness.send((topics.submit("wb"), row.artifact))
-    assert decision.stored == ["a00000"]
-    assert [(record.id, record.seq) for record, _ in decision.statuses] == [("a00000", row.seq + 1)]
+    assert decision.stored == ["a00000"] and decision.writes == []
+    assert [(record.id, record.seq) for record, _ in decision.statuses] == [("a00000", row.seq)]
+    again = harness.repository.artifact("a00000")
+    assert again is not None and again.seq == row.seq
     ref = JobRef(artifact_id="a00000", job_id=0, attempt=1)
     late = JobFinished(job=ref, product=product(ref), started_at=1.0, finished_at=2.0)
     assert_changes_nothing(harness.send((topics.events("w0"), late)))

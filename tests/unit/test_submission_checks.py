@@ -16,6 +16,7 @@ from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, NodePresence, ProtocolError, encode
 from flotta_mqtt.scheduler.binding import Refused, bind_artifact
 from flotta_mqtt.scheduler.config import SchedulerConfig
+from flotta_mqtt.scheduler.membership import Members
 from flotta_mqtt.transport.memory import fresh_memory_broker
 from flotta_mqtt.transport.settings import StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
@@ -114,7 +115,7 @@ def test_a_job_collecting_too_many_products_is_refused_naming_its_inputs() -> No
     }
     count = Operation(name="count")
     artifact = Artifact(project="demo", steps=[Parallel(count, Collect()), Finalize(count)])
-    outcome = bind_artifact(artifact, holders, "initiator")
+    outcome = bind_artifact(artifact, holders, "initiator", Members(sorted(holders), []))
     assert isinstance(outcome, Refused) and outcome.kind == "MessageTooLarge"
     assert "job 2000 (step 1)" in outcome.message and "its 2000 inputs" in outcome.message
     assert f"{MAX_MESSAGE_BYTES}-byte limit" in outcome.message

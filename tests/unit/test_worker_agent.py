@@ -103,6 +103,24 @@ def test_cancel_stops_a_running_job_and_its_result_is_dropped(station: Station) 
     assert results(station.events.messages, 0) == []
 
 
+def test_a_cancelled_job_is_forgotten_and_never_run_again(station: Station) -> None:
+    """Nothing will ever acknowledge a cancelled attempt: the journal forgets it once its
+    runner is through, so a restarted worker does not run it again."""
+    first = station.worker()
+    job = gated(0, gate="forgotten")
+    station.send(job)
+    GATES.wait_for(lambda: ("forgotten", 1) in GATES.running, "the job never started")
+    station.cancel(job.ref)
+    GATES.wait_for(lambda: ("forgotten", 1) in GATES.cancelled, "the cancel never reached it")
+    wait_for(lambda: not first.journal.held(), TIMEOUT, "the cancelled job stayed journaled")
+    station.workers.remove(first)
+    first.stop()
+    station.worker()  # one runner: a job resumed from the journal would run before the marker
+    station.send(job_ready(1))
+    station.wait_results(1)
+    assert GATES.runs.count(("forgotten", 1)) == 1
+
+
 def test_a_long_job_is_announced_once(station: Station) -> None:
     station.worker()
     job = gated(0, gate="long")

@@ -441,3 +441,29 @@ def test_a_replica_is_told_its_index_in_its_env() -> None:
     graph = bound([shell("t", env={"K": "v"}, replicas=3)], context(node("w0", "shell")))
     envs = [task_env(Task.model_validate(job.operation.params)) for job in graph.jobs]
     assert envs == [{"K": "v", "FLOTTA_REPLICA": str(i), "FLOTTA_REPLICAS": "3"} for i in range(3)]
+
+
+def test_each_input_comes_from_exactly_one_task_it_depends_on() -> None:
+    """Its sha256 travels in that task's product: a file from anywhere else has none."""
+    make = {"name": "make", "outputs": ["x.txt"]}
+    again = {"name": "again", "outputs": ["x.txt"]}
+    cases = [
+        [make, {"name": "use", "inputs": ["x.txt"]}],  # staged by nobody it waits for
+        [
+            make,
+            {"name": "mid", "depends": ["make"]},
+            {"name": "use", "depends": ["mid"], "inputs": ["x.txt"]},
+        ],
+        [make, again, {"name": "use", "depends": ["make", "again"], "inputs": ["x.txt"]}],
+    ]
+    for tasks in cases:
+        with pytest.raises(ValidationError) as caught:
+            Workflow.model_validate({"tasks": tasks})
+        assert (
+            "each job file a task reads must be output by exactly one task it depends on: "
+            "use reads x.txt"
+        ) in str(caught.value)
+    fine = Workflow.model_validate(
+        {"tasks": [make, {"name": "use", "depends": ["make"], "inputs": ["x.txt"]}]}
+    )
+    assert [task.name for task in fine.tasks] == ["make", "use"]

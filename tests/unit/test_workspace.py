@@ -7,6 +7,7 @@ patterns and paths.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -29,12 +30,14 @@ from flotta_mqtt.functions.workspace import (
     MANIFEST,
     UnsafeArchive,
     WorkspaceTooLarge,
-    checked_members,
     missing_requirements,
     pack,
     read_manifest,
     unpack,
 )
+from flotta_mqtt.workflows.executors.policy import MAX_WORKSPACE_BYTES, MAX_WORKSPACE_MEMBERS
+
+LIMITS = (MAX_WORKSPACE_BYTES, MAX_WORKSPACE_MEMBERS)  # a worker's defaults
 
 
 def write(root: Path, files: dict[str, str]) -> Path:
@@ -127,11 +130,11 @@ def test_the_manifest_lists_files_requirements_and_python(tmp_path: Path) -> Non
 def test_unpack_restores_the_files_once_and_refuses_escapes(tmp_path: Path) -> None:
     root = write(tmp_path / "ws", {"pkg/__init__.py": "", "pkg/mod.py": "V = 3\n"})
     packed = pack(root)
-    target = unpack(packed.data, tmp_path / "unpacked" / packed.sha256)
+    target = unpack(packed.data, tmp_path / "unpacked" / packed.sha256, *LIMITS)
     assert (target / "pkg" / "mod.py").read_text() == "V = 3\n"
     assert read_manifest(target)["files"][1]["path"] == "pkg/mod.py"
     (target / "pkg" / "mod.py").write_text("changed")
-    assert unpack(packed.data, target) == target  # already there: left alone
+    assert unpack(packed.data, target, *LIMITS) == target  # already there: left alone
     assert (target / "pkg" / "mod.py").read_text() == "changed"
     assert [p.name for p in target.parent.iterdir()] == [packed.sha256]  # no scratch left
 
@@ -141,7 +144,7 @@ def test_unpack_restores_the_files_once_and_refuses_escapes(tmp_path: Path) -> N
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(UnsafeArchive, match="outside its folder"):
-        unpack(evil.getvalue(), tmp_path / "unpacked" / "evil")
+        unpack(evil.getvalue(), tmp_path / "unpacked" / "evil", *LIMITS)
     assert not (tmp_path / "unpacked" / "escaped.py").exists()
 
 
@@ -192,7 +195,7 @@ def test_unpack_on_python_3_11_2_restores_a_workspace(tmp_path: Path) -> None:
     (root / "run.sh").write_text("#!/bin/sh\n")
     (root / "run.sh").chmod(0o700)
     packed = pack(root)
-    target = unpack(packed.data, tmp_path / "unpacked" / packed.sha256)
+    target = unpack(packed.data, tmp_path / "unpacked" / packed.sha256, *LIMITS)
     assert (target / "pkg" / "mod.py").read_text() == "V = 3\n"
     assert read_manifest(target)["files"][0]["path"] == "pkg/__init__.py"
     assert (target / "run.sh").stat().st_mode & 0o777 == 0o755
@@ -219,25 +222,95 @@ def test_unpack_on_python_3_11_2_refuses_hostile_members(
 ) -> None:
     data = archive(GOOD, hostile)
     with pytest.raises(UnsafeArchive, match=re.escape(message)):
-        unpack(data, tmp_path / "unpacked" / "evil")
+        unpack(data, tmp_path / "unpacked" / "evil", *LIMITS)
     # Nothing written: neither the folder, nor its scratch copy, nor anything outside.
     assert list((tmp_path / "unpacked").iterdir()) == []
     assert not (tmp_path / "escaped.py").exists()
 
 
+def bomb(size: int) -> bytes:
+    """A tar.gz holding one file of `size` zero bytes: a few KiB that unpack to `size`."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz:
+        info = tarfile.TarInfo("zeros.bin")
+        info.size = size
+        gz.write(info.tobuf(format=tarfile.PAX_FORMAT))
+        chunk = bytes(1024 * 1024)
+        for start in range(0, size, len(chunk)):
+            gz.write(chunk[: size - start])
+        gz.write(bytes(-size % 512 + 1024))  # padding, then the end-of-archive blocks
+    return buffer.getvalue()
+
+
+def nothing_unpacked(folder: Path) -> bool:
+    """Neither the target nor its scratch copy: the folder holding them is empty."""
+    return list(folder.iterdir()) == []
+
+
 @pytest.mark.usefixtures("tarfile_of_python_3_11_2")
-def test_unpack_refuses_archives_over_the_size_or_member_limits(tmp_path: Path) -> None:
+def test_a_bomb_over_the_size_limit_is_refused_naming_it_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    data = bomb(64 * 1024 * 1024)
+    assert len(data) < 200_000, "a bomb: small compressed, large unpacked"
+    (tmp_path / "unpacked").mkdir()
+    with pytest.raises(UnsafeArchive, match=r"more than 1,048,576 bytes.*max_workspace_bytes"):
+        unpack(data, tmp_path / "unpacked" / "bomb", 1024 * 1024, 100)
+    assert nothing_unpacked(tmp_path / "unpacked")
+    # Within the limit, the same archive unpacks.
+    target = unpack(bomb(1000), tmp_path / "unpacked" / "small", 1000, 100)
+    assert (target / "zeros.bin").read_bytes() == bytes(1000)
+
+
+@pytest.mark.usefixtures("tarfile_of_python_3_11_2")
+def test_too_many_members_are_refused_naming_the_limit(tmp_path: Path) -> None:
     many = archive(*[(f"f{i}.py", tarfile.REGTYPE, b"", "") for i in range(11)])
-    with (
-        tarfile.open(fileobj=io.BytesIO(many), mode="r:gz") as tar,
-        pytest.raises(UnsafeArchive, match="more than 10 members"),
-    ):
-        checked_members(tar, max_members=10)
-    with (
-        tarfile.open(fileobj=io.BytesIO(archive(GOOD, GOOD)), mode="r:gz") as tar,
-        pytest.raises(UnsafeArchive, match="unpacks to more than"),
-    ):
-        checked_members(tar, max_bytes=10)
+    (tmp_path / "unpacked").mkdir()
+    with pytest.raises(UnsafeArchive, match=r"more than 10 members.*max_workspace_members"):
+        unpack(many, tmp_path / "unpacked" / "many", MAX_WORKSPACE_BYTES, 10)
+    assert nothing_unpacked(tmp_path / "unpacked")
+    assert (unpack(many, tmp_path / "unpacked" / "ok", MAX_WORKSPACE_BYTES, 11) / "f10.py").exists()
+
+
+def test_a_header_bomb_is_stopped_while_decompressing(tmp_path: Path) -> None:
+    """A pax header is read whole, whatever its size: the decompressed stream's own bound
+    stops it, though no member's declared size is over the limit."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz:
+        size = 32 * 1024 * 1024
+        pax = tarfile.TarInfo("././@PaxHeader")
+        pax.type, pax.size = tarfile.XHDTYPE, size
+        gz.write(pax.tobuf(format=tarfile.USTAR_FORMAT))
+        chunk = bytes(1024 * 1024)
+        for _ in range(size // len(chunk)):
+            gz.write(chunk)
+    (tmp_path / "unpacked").mkdir()
+    with pytest.raises(UnsafeArchive, match="max_workspace_bytes"):
+        unpack(buffer.getvalue(), tmp_path / "unpacked" / "bomb", 1024 * 1024, 10)
+    assert nothing_unpacked(tmp_path / "unpacked")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=3000), max_size=8),
+    max_bytes=st.integers(min_value=1, max_value=12_000),
+    max_members=st.integers(min_value=1, max_value=8),
+)
+def test_an_archive_unpacks_exactly_when_it_is_within_both_limits(
+    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], max_bytes: int, max_members: int
+) -> None:
+    data = archive(*[(f"m{i}", tarfile.REGTYPE, b"x" * size, "") for i, size in enumerate(sizes)])
+    folder = tmp_path_factory.mktemp("unpacked")
+    within = sum(sizes) <= max_bytes and len(sizes) <= max_members
+    try:
+        target = unpack(data, folder / "ws", max_bytes, max_members)
+    except UnsafeArchive as refused:
+        assert not within, refused
+        assert "max_workspace_" in str(refused)
+        assert nothing_unpacked(folder)
+    else:
+        assert within
+        assert [(target / f"m{i}").stat().st_size for i in range(len(sizes))] == sizes
 
 
 def test_a_workspace_over_the_limit_names_its_biggest_files(tmp_path: Path) -> None:

@@ -60,13 +60,19 @@
     const presencePrefix = root + "/presence/";
     client.on("connect", () => {
       setConnection("connected");
-      client.subscribe([root + "/artifacts/+/status", root + "/presence/+"], { qos: 1 });
+      client.subscribe([root + "/artifacts/+/+/status", root + "/presence/+"], { qos: 1 });
     });
     client.on("reconnect", () => setConnection("connecting"));
     client.on("offline", () => setConnection("offline"));
     client.on("close", () => setConnection("offline"));
     client.on("error", (err) => setConnection("error", String(err && err.message || err)));
     client.on("message", (topic, payload) => {
+      if (payload.length === 0 && topic.startsWith(statusPrefix)) {
+        // An emptied retained status: the scheduler pruned the artifact.
+        model.statuses.delete(topic.slice(statusPrefix.length, -"/status".length));
+        schedule();
+        return;
+      }
       let message;
       try {
         message = JSON.parse(new TextDecoder().decode(payload));

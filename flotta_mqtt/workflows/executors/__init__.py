@@ -15,12 +15,15 @@ from flotta_mqtt.workflows.executors.base import (
     make_executor,
     register_executor,
 )
+from flotta_mqtt.workflows.executors.policy import PolicyError, SitePolicy
 from flotta_mqtt.workflows.executors.runner import TaskRunner
 
 __all__ = [
     "EXECUTORS",
     "Executor",
+    "PolicyError",
     "Site",
+    "SitePolicy",
     "TaskError",
     "TaskResult",
     "TaskRun",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from flotta_mqtt.model import Task
 from flotta_mqtt.model.errors import describe
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+from flotta_mqtt.workflows.executors.policy import SitePolicy
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,16 @@ class Site:
 
 @dataclass
 class TaskRun:
-    """What a task is given: its definition, a private working folder, a stop signal."""
+    """What a task is given: its definition, a private working folder, a stop signal, the
+    values of the secrets it names, and the policy of the site it runs on."""
 
     task: Task
     workdir: Path  # holds the task's input job files; its outputs are collected from here
     env: dict[str, str]
     cancelled: threading.Event
     label: str  # artifact/task/attempt, for names of containers or Kubernetes jobs
+    secrets: dict[str, str] = field(default_factory=dict)  # name → value, never logged
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
 
 @dataclass

@@ -11,11 +11,13 @@ import re
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flotta_mqtt.workflows.executors.base import Executor, TaskResult, TaskRun, register_executor
+from flotta_mqtt.workflows.executors.policy import SitePolicy
 
 INSTALL_HINT = "the docker executor needs the docker SDK: pip install 'flotta_mqtt[docker]'"
 
@@ -24,12 +26,22 @@ INSTALL_HINT = "the docker executor needs the docker SDK: pip install 'flotta_mq
 KILLED = 137
 
 
+class HostPathMount(BaseModel):
+    """A host path bind-mounted into the container, if the site's policy.mounts allow it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(pattern=r"^/")  # on the worker's host
+    target: str = Field(pattern=r"^/.")  # in the container
+    writable: bool = False
+
+
 class DockerParams(BaseModel):
     """A container to run: `image`, and at most one of `command` (argv) or `shell`.
 
     `command` is the whole argv and replaces the image's entrypoint; `shell` runs as
     `sh -c SHELL` (the image needs a `sh`); with neither, the image's own entrypoint and
-    command run.
+    command run. The image, `network` and `mounts` must be allowed by the site's policy.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -40,6 +52,7 @@ class DockerParams(BaseModel):
     stdin: str | None = None
     workdir_mount: str = Field(default="/work", pattern=r"^/.")
     network: str = "none"  # a Docker network mode: none, bridge, host, or a network's name
+    mounts: list[HostPathMount] = Field(default_factory=list)
     user: str | None = None  # `uid[:gid]` or a user name known to the image
     pull: Literal["missing", "never", "always"] = "missing"
 
@@ -47,7 +60,21 @@ class DockerParams(BaseModel):
     def _one_form(self) -> DockerParams:
         if self.command is not None and self.shell is not None:
             raise ValueError("give at most one of `command` (argv list) or `shell` (a string)")
+        targets = [self.workdir_mount, *(mount.target for mount in self.mounts)]
+        if len(set(targets)) < len(targets):
+            raise ValueError("each mount needs a target of its own, apart from `workdir_mount`")
         return self
+
+
+def check_container(task: str, params: DockerParams, policy: SitePolicy) -> dict[str, Path]:
+    """PolicyError for a container the site does not allow; else each mount's target and
+    the real host path it shows."""
+    policy.check_image(task, params.image)
+    policy.check_network(task, params.network)
+    return {
+        mount.target: policy.host_mount(task, mount.source, mount.writable)
+        for mount in params.mounts
+    }
 
 
 def container_name(label: str) -> str:
@@ -75,9 +102,11 @@ class DockerExecutor(Executor):
 
     The contract is the shell executor's: the task's working folder (its input job files; its
     outputs are collected from it afterwards) is bind-mounted read-write at `workdir_mount`
-    and is the container's working directory; ENV comes from the task; STDIN is fed through
-    the attach stream; STDOUT and STDERR are kept apart; the status is the container's exit
-    status. A timeout or a cancellation kills the container.
+    and is the container's working directory; ENV is the image's, with the task's env and
+    secrets added; STDIN is fed through the attach stream; STDOUT and STDERR are kept apart;
+    the status is the container's exit status. A timeout or a cancellation kills the
+    container. An image, network or mount the site's policy does not allow fails the task
+    before anything is pulled or created.
 
     The container is created without auto-removal and removed by the executor afterwards:
     through podman's API, `--rm` (AutoRemove) can report status 0 for a container that
@@ -97,13 +126,14 @@ class DockerExecutor(Executor):
 
     def run(self, run: TaskRun) -> TaskResult:
         params = DockerParams.model_validate(run.task.params)
+        mounts = check_container(run.task.name, params, run.policy)
         client = self._connect()
         container: Any = None
         stdin: Any = None
         stopped = threading.Event()
         try:
             self._ensure_image(client, params)
-            container = self._create(client, params, run)
+            container = self._create(client, params, run, mounts)
             if run.cancelled.is_set():  # cancelled before it started: nothing ran
                 return TaskResult(KILLED, b"", b"cancelled before the container started\n")
             if params.stdin is not None:
@@ -148,12 +178,21 @@ class DockerExecutor(Executor):
                 ) from None
             client.images.pull(params.image)
 
-    def _create(self, client: Any, params: DockerParams, run: TaskRun) -> Any:
+    def _create(
+        self, client: Any, params: DockerParams, run: TaskRun, mounts: dict[str, Path]
+    ) -> Any:
+        writable = {mount.target for mount in params.mounts if mount.writable}
         options: dict[str, Any] = {
             "name": container_name(run.label),
-            "environment": dict(run.env),
+            "environment": {**run.env, **run.secrets},
             "working_dir": params.workdir_mount,
             "volumes": {str(run.workdir): {"bind": params.workdir_mount, "mode": "rw"}},
+            "mounts": [
+                self._docker.types.Mount(
+                    target, str(source), type="bind", read_only=target not in writable
+                )
+                for target, source in mounts.items()
+            ],
             "network_mode": params.network,
             "labels": {"flotta-mqtt.task": run.task.name, "flotta-mqtt.run": run.label},
             "detach": True,

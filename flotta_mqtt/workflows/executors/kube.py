@@ -15,12 +15,12 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flotta_mqtt.workflows.executors.base import Executor, TaskResult, TaskRun, register_executor
+from flotta_mqtt.workflows.executors.policy import KubeSite
 
 log = logging.getLogger(__name__)
 
@@ -34,32 +34,38 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "flotta-mqtt"}
 
 
 class KubeParams(BaseModel):
-    """A Job to run: `image`, at most one of `command` (argv) or `shell`, and where."""
+    """A Job to run: `image` and at most one of `command` (argv) or `shell`.
+
+    Where it runs (cluster, namespace, service account, shared volume) is the site's to say
+    (policy.kube): a task naming any of it is refused, by name.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(min_length=1)
     command: list[str] | None = Field(default=None, min_length=1)  # replaces the entrypoint
     shell: str | None = None  # runs as `sh -c SHELL`
-    namespace: str = "default"
-    service_account: str | None = None
     resources: dict[str, dict[str, str | int | float]] | None = None  # requests / limits
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     workdir_mount: str = Field(default="/work", pattern=r"^/.")
-    volume_claim: str | None = None  # a PVC shared with the worker (see the module's doc)
-    volume_path: str | None = None  # where the worker mounts that volume
     poll_interval: float = Field(default=1.0, gt=0, le=60)
-    # Where the API server is: the executor's own settings unless given here.
-    host: str | None = None  # an API server URL, no credentials (emulators, proxies)
-    kubeconfig: str | None = None  # a kubeconfig file (default: $KUBECONFIG, ~/.kube/config)
-    context: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_site_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            taken = [key for key in KubeSite.model_fields if key in data]
+            if taken:
+                raise ValueError(
+                    f"{', '.join(taken)}: where kube tasks run is the site's to set "
+                    "(policy.kube in the worker's config), not a task's"
+                )
+        return data
 
     @model_validator(mode="after")
-    def _consistent(self) -> KubeParams:
+    def _one_form(self) -> KubeParams:
         if self.command is not None and self.shell is not None:
             raise ValueError("give at most one of `command` (argv list) or `shell` (a string)")
-        if (self.volume_claim is None) != (self.volume_path is None):
-            raise ValueError("`volume_claim` and `volume_path` go together (a shared volume)")
         return self
 
 
@@ -80,15 +86,26 @@ def _input_key(index: int) -> str:
 
 
 def job_manifest(run: TaskRun, name: str | None = None) -> dict[str, Any]:
-    """The `batch/v1` Job running the task: pure, from the task's definition only."""
+    """The `batch/v1` Job running the task: pure, from the task and the site's settings.
+
+    Secrets come from the run's own Secret (`secret_manifest`), never written in the Job.
+    """
     params = KubeParams.model_validate(run.task.params)
+    site = run.policy.kube
     name = name or job_name(run.label)
     labels = {**MANAGED_BY, "flotta-mqtt/task": _label_value(run.task.name)}
+    env: list[dict[str, Any]] = [
+        {"name": key, "value": value} for key, value in sorted(run.env.items())
+    ]
+    env += [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+        for key in sorted(run.secrets)
+    ]
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": params.image,
         "workingDir": params.workdir_mount,
-        "env": [{"name": key, "value": value} for key, value in sorted(run.env.items())],
+        "env": env,
     }
     if params.command is not None:
         container["command"] = list(params.command)
@@ -100,8 +117,8 @@ def job_manifest(run: TaskRun, name: str | None = None) -> dict[str, Any]:
         container["imagePullPolicy"] = params.image_pull_policy
     mount: dict[str, Any] = {"name": "work", "mountPath": params.workdir_mount}
     volume: dict[str, Any] = {"name": "work"}
-    if params.volume_claim is not None:
-        volume["persistentVolumeClaim"] = {"claimName": params.volume_claim}
+    if site.volume_claim is not None:
+        volume["persistentVolumeClaim"] = {"claimName": site.volume_claim}
         mount["subPath"] = name  # the worker's folder for this run on the shared volume
     elif run.task.inputs:
         items = [{"key": _input_key(i), "path": path} for i, path in enumerate(run.task.inputs)]
@@ -115,8 +132,8 @@ def job_manifest(run: TaskRun, name: str | None = None) -> dict[str, Any]:
         "containers": [container],
         "volumes": [volume],
     }
-    if params.service_account is not None:
-        pod_spec["serviceAccountName"] = params.service_account
+    if site.service_account is not None:
+        pod_spec["serviceAccountName"] = site.service_account
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,  # retries are the workflow's, not the cluster's
         "ttlSecondsAfterFinished": 3600,  # in case the worker dies before deleting it
@@ -129,7 +146,7 @@ def job_manifest(run: TaskRun, name: str | None = None) -> dict[str, Any]:
         "kind": "Job",
         "metadata": {
             "name": name,
-            "namespace": params.namespace,
+            "namespace": site.namespace,
             "labels": labels,
             "annotations": {"flotta-mqtt/run": run.label},
         },
@@ -139,7 +156,6 @@ def job_manifest(run: TaskRun, name: str | None = None) -> dict[str, Any]:
 
 def configmap_manifest(run: TaskRun, name: str) -> dict[str, Any]:
     """The ConfigMap carrying the task's input job files, read from its working folder."""
-    params = KubeParams.model_validate(run.task.params)
     data: dict[str, str] = {}
     binary: dict[str, str] = {}
     total = 0
@@ -153,21 +169,36 @@ def configmap_manifest(run: TaskRun, name: str) -> dict[str, Any]:
     if total > CONFIGMAP_LIMIT:
         raise ValueError(
             f"task {run.task.name}: its inputs ({total} bytes) are too large for a ConfigMap; "
-            "give the kube task a shared volume (`volume_claim` and `volume_path`)"
+            "the site needs a shared volume (policy.kube.volume_claim and volume_path)"
         )
-    manifest: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": name,
-            "namespace": params.namespace,
-            "labels": {**MANAGED_BY, "flotta-mqtt/task": _label_value(run.task.name)},
-        },
-        "data": data,
-    }
+    manifest = _object("ConfigMap", run, name)
+    manifest["data"] = data
     if binary:
         manifest["binaryData"] = binary
     return manifest
+
+
+def secret_manifest(run: TaskRun, name: str) -> dict[str, Any]:
+    """The Secret holding the values of the secrets the task names, for this run only."""
+    manifest = _object("Secret", run, name)
+    manifest["type"] = "Opaque"
+    manifest["data"] = {
+        key: base64.b64encode(value.encode()).decode() for key, value in run.secrets.items()
+    }
+    return manifest
+
+
+def _object(kind: str, run: TaskRun, name: str) -> dict[str, Any]:
+    """A `v1` object of the run, in the site's namespace, labelled as ours."""
+    return {
+        "apiVersion": "v1",
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": run.policy.kube.namespace,
+            "labels": {**MANAGED_BY, "flotta-mqtt/task": _label_value(run.task.name)},
+        },
+    }
 
 
 def _import_kubernetes() -> Any:
@@ -181,9 +212,11 @@ def _import_kubernetes() -> Any:
 class KubeExecutor(Executor):
     """Runs each task as a Kubernetes Job.
 
-    Where the API server is: `host` (a URL, no credentials), else a kubeconfig (`kubeconfig`,
-    else `$KUBECONFIG`, else `~/.kube/config`), else the in-cluster service account when
-    the worker runs in a pod. A task's params may override them.
+    Where Jobs run is the site's (policy.kube, KubeSite): the API server is its `host` (a
+    URL, no credentials), else a kubeconfig (`kubeconfig`, else `$KUBECONFIG`, else
+    `~/.kube/config`), else the in-cluster service account when the worker runs in a pod;
+    its `namespace` and `service_account` are the Job's. A task can set none of them, and
+    runs only an image the site's policy allows.
 
     It uses the official `kubernetes` client (the `kube` extra), imported only when the
     executor is made. Per task it creates a `batch/v1` Job (one pod, never restarted, no
@@ -198,10 +231,13 @@ class KubeExecutor(Executor):
     - by default the task's input job files travel in a ConfigMap made for the task (at most
       ~1 MiB in all) mounted read-only at `workdir_mount` (the pod's working directory), and
       the task may declare no outputs: nothing comes back from the pod but its log;
-    - with `volume_claim` (a PersistentVolumeClaim of a volume the worker also mounts, at
-      `volume_path`, e.g. NFS), the worker copies the inputs into a folder of its own on that
-      volume, the pod mounts that folder (subPath) read-write at `workdir_mount`, and the
-      worker copies the folder back after the Job, so declared outputs are collected.
+    - with the site's `volume_claim` (a PersistentVolumeClaim of a volume the worker also
+      mounts, at `volume_path`, e.g. NFS), the worker copies the inputs into a folder of its
+      own on that volume, the pod mounts that folder (subPath) read-write at `workdir_mount`,
+      and the worker copies the folder back after the Job (links as links, never followed),
+      so declared outputs are collected.
+
+    The secrets a task names travel in a Secret made for the run, deleted with its Job.
 
     Kubernetes merges a container's STDOUT and STDERR in one log: it is returned as STDOUT;
     STDERR carries only the executor's notes (why a Job failed). Pods have no STDIN here.
@@ -209,59 +245,59 @@ class KubeExecutor(Executor):
 
     name = "kube"
 
-    def __init__(
-        self, host: str | None = None, kubeconfig: str | None = None, context: str | None = None
-    ) -> None:
+    def __init__(self) -> None:
         self._kube = _import_kubernetes()  # fail when the worker starts, not at its first task
-        self.host = host
-        self.kubeconfig = kubeconfig
-        self.context = context
 
-    def _api_client(self, params: KubeParams) -> Any:
+    def _api_client(self, site: KubeSite) -> Any:
         client, config = self._kube.client, self._kube.config
-        host = params.host or self.host
-        if host:
+        if site.host:
             configuration = client.Configuration()
-            configuration.host = host
+            configuration.host = site.host
             return client.ApiClient(configuration)
-        kubeconfig = params.kubeconfig or self.kubeconfig
-        context = params.context or self.context
         in_cluster = "KUBERNETES_SERVICE_HOST" in os.environ
-        if kubeconfig is None and "KUBECONFIG" not in os.environ and in_cluster:
+        if site.kubeconfig is None and "KUBECONFIG" not in os.environ and in_cluster:
             configuration = client.Configuration()
             config.load_incluster_config(client_configuration=configuration)
             return client.ApiClient(configuration)
+        kubeconfig = site.kubeconfig or os.environ.get("KUBECONFIG")
         return config.new_client_from_config(
-            config_file=kubeconfig or os.environ.get("KUBECONFIG"),
-            context=context,
+            config_file=str(kubeconfig) if kubeconfig else None,
+            context=site.context,
             persist_config=False,
         )
 
     def run(self, run: TaskRun) -> TaskResult:
         params = KubeParams.model_validate(run.task.params)
-        if run.task.outputs and params.volume_claim is None:
+        site = run.policy.kube
+        run.policy.check_image(run.task.name, params.image)
+        if run.task.outputs and site.volume_claim is None:
             raise ValueError(
                 f"task {run.task.name} declares outputs, but a kube task's files come back "
-                "only through a shared volume: give it `volume_claim` and `volume_path`"
+                "only through a shared volume, which this site has not set up "
+                "(policy.kube.volume_claim and volume_path)"
             )
         name = job_name(run.label, nonce=str(time.time_ns()))
-        api_client = self._api_client(params)
+        namespace = site.namespace
+        api_client = self._api_client(site)
         batch = self._kube.client.BatchV1Api(api_client)
         core = self._kube.client.CoreV1Api(api_client)
-        shared = Path(params.volume_path) / name if params.volume_path is not None else None
-        made_configmap = made_job = False
+        shared = site.volume_path / name if site.volume_path is not None else None
+        made_configmap = made_secret = made_job = False
         try:
             if shared is not None:
                 shutil.copytree(run.workdir, shared)
                 shared.chmod(0o777)  # the pod may run as any user
             elif run.task.inputs:
-                core.create_namespaced_config_map(params.namespace, configmap_manifest(run, name))
+                core.create_namespaced_config_map(namespace, configmap_manifest(run, name))
                 made_configmap = True
-            batch.create_namespaced_job(params.namespace, job_manifest(run, name))
+            if run.secrets:
+                core.create_namespaced_secret(namespace, secret_manifest(run, name))
+                made_secret = True
+            batch.create_namespaced_job(namespace, job_manifest(run, name))
             made_job = True
-            outcome = _watch(batch, params, name, run)
-            pod = _job_pod(core, params.namespace, name)
-            stdout = _pod_log(core, params.namespace, pod) if pod is not None else b""
+            outcome = _watch(batch, params, namespace, name, run)
+            pod = _job_pod(core, namespace, name)
+            stdout = _pod_log(core, namespace, pod) if pod is not None else b""
             exit_code = _exit_code(pod)
             notes: list[str] = []
             timed_out = outcome.reason == "DeadlineExceeded"
@@ -275,14 +311,18 @@ class KubeExecutor(Executor):
             if exit_code is None:
                 exit_code = {"succeeded": 0, "failed": 1}.get(outcome.state, KILLED)
             if shared is not None and outcome.state == "succeeded":
-                shutil.copytree(shared, run.workdir, dirs_exist_ok=True)
+                # A link the pod left (to /etc/passwd, say) would name the worker's own
+                # file: it is copied as a link, which the outputs then refuse.
+                shutil.copytree(shared, run.workdir, symlinks=True, dirs_exist_ok=True)
             stderr = "".join(f"{note}\n" for note in notes).encode()
             return TaskResult(exit_code, stdout, stderr, timed_out)
         finally:
             if made_job:
-                self._delete(batch.delete_namespaced_job, name, params.namespace)
+                self._delete(batch.delete_namespaced_job, name, namespace)
             if made_configmap:
-                self._delete(core.delete_namespaced_config_map, name, params.namespace)
+                self._delete(core.delete_namespaced_config_map, name, namespace)
+            if made_secret:
+                self._delete(core.delete_namespaced_secret, name, namespace)
             if shared is not None:
                 shutil.rmtree(shared, ignore_errors=True)
             api_client.close()
@@ -309,11 +349,11 @@ def _read(call: Any, *args: Any, **kwargs: Any) -> Any:
     return json.loads(response.data)
 
 
-def _watch(batch: Any, params: KubeParams, name: str, run: TaskRun) -> _Outcome:
+def _watch(batch: Any, params: KubeParams, namespace: str, name: str, run: TaskRun) -> _Outcome:
     """Poll the Job's status until it ends, the task's timeout passes, or it is cancelled."""
     deadline = None if run.task.timeout is None else time.monotonic() + run.task.timeout
     while True:
-        job = _read(batch.read_namespaced_job_status, name, params.namespace)
+        job = _read(batch.read_namespaced_job_status, name, namespace)
         outcome = _job_outcome(job.get("status") or {})
         if outcome is not None:
             return outcome

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -14,15 +17,17 @@ from typing import Any
 
 from flotta_mqtt.model import Task
 from flotta_mqtt.model.workflow import log_name
-from flotta_mqtt.protocol import JobReady
+from flotta_mqtt.protocol import JobReady, Resource
 from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.workflows.executors.base import (
     Executor,
     Site,
     TaskError,
     TaskRun,
+    check_task,
     make_executor,
 )
+from flotta_mqtt.workflows.executors.policy import SitePolicy, mask
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +36,15 @@ class TaskRunner:
     """The executors a worker's config allows, and the job-file plumbing around them.
 
     It sets up and closes its executors (`setup`, `close`), so a node knows none of them.
+    Every run is given the site's `policy` (secure defaults when none is given).
     """
 
-    def __init__(self, store: ResourceStore, executors: list[str]) -> None:
+    def __init__(
+        self, store: ResourceStore, executors: list[str], policy: SitePolicy | None = None
+    ) -> None:
         self.store = store
         self.executors: dict[str, Executor] = {name: make_executor(name) for name in executors}
+        self.policy = policy or SitePolicy()
         self._folders = _Folders()
 
     def setup(self, site: Site) -> None:
@@ -53,28 +62,35 @@ class TaskRunner:
     def run(self, job: JobReady, node: str, cancelled: threading.Event) -> dict[str, Any]:
         """Run the task; its product lists its exit code, logs and output job files.
 
-        Raises TaskError (with the exit code) when the task fails or times out.
+        Raises TaskError (with the exit code) when the task fails or times out, and
+        PolicyError when it asks for what the site does not allow. Secret values are
+        masked in the logs and the error.
         """
         task = Task.model_validate(job.operation.params)
         executor = self.executors.get(task.executor)
         if executor is None:
             raise TaskError(f"worker {node} does not run the {task.executor} executor", None)
+        check_task(task)  # a task from anywhere: its params' errors in one line
+        secrets = self.policy.secret_values(task.name, task.secrets)
+        folder = self.store.artifact_root(job.artifact_id)
         with self._folders.take() as workdir:
-            for path in task.inputs:
+            for path, resource in self._inputs(job, task, folder).items():
                 target = workdir / path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(
-                    self.store.get_bytes(self.store.job_file_url(job.artifact_id, path))
-                )
+                target.write_bytes(self.store.get(resource, folder))
             label = f"{job.artifact_id[:12]}-{job.job_id}-{job.attempt}"
-            result = executor.run(TaskRun(task, workdir, task_env(task), cancelled, label))
+            run = TaskRun(task, workdir, task_env(task), cancelled, label, secrets, self.policy)
+            result = executor.run(run)
+            stdout, stderr = (
+                mask(data, secrets.values()) for data in (result.stdout, result.stderr)
+            )
             logs = {
                 stream: self.store.put(
                     self.store.log_url(job.artifact_id, log_name(task.name), job.attempt, stream),
                     data,
                     media_type="text/plain",
                 ).model_dump(mode="json")
-                for stream, data in (("stdout", result.stdout), ("stderr", result.stderr))
+                for stream, data in (("stdout", stdout), ("stderr", stderr))
                 if data  # an empty stream costs a write and shows nothing: `logs` prints ""
             }
             if result.timed_out:
@@ -83,19 +99,47 @@ class TaskRunner:
                     result.exit_code,
                 )
             if result.exit_code != 0:
-                tail = result.stderr.decode(errors="replace")[-500:]
+                tail = stderr.decode(errors="replace")[-500:]
                 raise TaskError(
                     f"task {task.name} exited with status {result.exit_code}: {tail}",
                     result.exit_code,
                 )
             outputs = {}
             for path in task.outputs:
-                produced = workdir / path
-                if not produced.is_file():
-                    raise TaskError(f"task {task.name} did not produce its output {path}", 0)
-                url = self.store.job_file_url(job.artifact_id, path)
-                outputs[path] = self.store.put(url, produced.read_bytes()).model_dump(mode="json")
+                url = self.store.job_file_url(job.artifact_id, str(job.job_id), job.attempt, path)
+                produced = read_output(task.name, workdir, path)
+                outputs[path] = self.store.put(url, produced).model_dump(mode="json")
         return {"task": task.name, "exit_code": 0, "logs": logs, "outputs": outputs}
+
+    def _inputs(self, job: JobReady, task: Task, folder: str) -> dict[str, Resource]:
+        """The job files a task reads, as the tasks it depends on announced them.
+
+        Each is found in the `outputs` of exactly one product the job consumes (read and
+        verified like any resource), so its sha256 came over the bus: a file replaced in
+        the store fails the task instead of feeding it.
+        """
+        if not task.inputs:
+            return {}
+        offered: dict[str, list[tuple[str, Resource]]] = {}
+        for product in job.inputs:
+            stored = json.loads(self.store.get(product, folder))
+            for path, resource in stored.get("outputs", {}).items():
+                offered.setdefault(path, []).append(
+                    (stored.get("task", "?"), Resource.model_validate(resource))
+                )
+        found = {}
+        for path in task.inputs:
+            producers = offered.get(path, [])
+            if len(producers) != 1:
+                names = ", ".join(name for name, _ in producers)
+                which = (
+                    f"several tasks it depends on output ({names})"
+                    if producers
+                    else "no task it depends on outputs"
+                )
+                raise TaskError(f"task {task.name} reads job file {path}, which {which}", None)
+            found[path] = producers[0][1]
+        return found
 
 
 def task_env(task: Task) -> dict[str, str]:
@@ -111,6 +155,48 @@ def task_env(task: Task) -> dict[str, str]:
         "FLOTTA_REPLICA": str(task.replica),
         "FLOTTA_REPLICAS": str(task.replicas),
     }
+
+
+def read_output(task: str, workdir: Path, path: str) -> bytes:
+    """The output `path` of a task: a regular file inside `workdir`, never through a link.
+
+    Each part of the path is opened with O_NOFOLLOW relative to the folder before it, so
+    no symbolic link a task (or its container) leaves, to a host file or a host folder,
+    is followed out of its folder: a link fails the task. TaskError says what is wrong.
+    """
+    parts = path.split("/")
+    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_NONBLOCK if last else os.O_DIRECTORY)
+            try:
+                opened = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:
+                raise _output_error(task, path, fd, part, exc) from None
+            os.close(fd)
+            fd = opened
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TaskError(f"task {task}: its output {path} is not a regular file", 0)
+        with os.fdopen(fd, "rb") as file:
+            fd = -1  # closed with the file
+            return file.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _output_error(task: str, path: str, folder: int, part: str, exc: OSError) -> TaskError:
+    with contextlib.suppress(OSError):
+        if stat.S_ISLNK(os.stat(part, dir_fd=folder, follow_symlinks=False).st_mode):
+            return TaskError(
+                f"task {task}: its output {path} is, or is inside, a symbolic link ({part}); "
+                "outputs are regular files in the task's folder, and links are not followed",
+                0,
+            )
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return TaskError(f"task {task} did not produce its output {path}", 0)
+    return TaskError(f"task {task}: its output {path} cannot be read: {exc.strerror}", 0)
 
 
 class _Folders:

@@ -1,4 +1,8 @@
-"""The shell executor: a subprocess in its own process group, killed whole on timeout."""
+"""The shell executor: a subprocess in its own process group, killed whole on timeout.
+
+Its environment is the site's clean one (SitePolicy.host_env) with the task's env and
+secrets: none of the worker's own variables, which hold the worker's credentials.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ class ShellExecutor(Executor):
         process = subprocess.Popen(
             argv,
             cwd=run.workdir,
-            env={**os.environ, **run.env},
+            env=run.policy.host_env(run.workdir, {**run.env, **run.secrets}),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
