@@ -92,6 +92,7 @@ class Bus(Pumping, Publisher):
         clean: bool = False,
         threaded: bool = True,
         claim: bool = True,
+        once: bool = False,
     ) -> None:
         self.client_id = client_id
         self.settings = settings
@@ -114,6 +115,8 @@ class Bus(Pumping, Publisher):
         self._lock = threading.Lock()  # guards the subscriptions
         self.connected = threading.Event()
         self._first_connack = threading.Event()
+        self._once = once  # a probe's: one connection attempt, start() fails at once after it
+        self._unreached = False
         self._refusal: str | None = None
         self._connect_subscription: int | None = None  # mid of the SUBSCRIBE sent on CONNACK
         self._session_present = False
@@ -157,7 +160,7 @@ class Bus(Pumping, Publisher):
             self.wake()  # the pumping thread connects
         self._claim.keep(lambda: self._publish_claim(self._claim.message), self.connected)
         if wait is not None:
-            if not self._first_connack.wait(wait):
+            if not self._first_connack.wait(wait) or self._unreached:
                 self.stop()
                 raise BusError(f"no answer from the broker at {self.settings.url} in {wait} s")
             if self._claim.failure is not None:
@@ -347,6 +350,10 @@ class Bus(Pumping, Publisher):
 
     def _connect_failed(self, _: Any, __: Any) -> None:
         self._claim.unreachable()
+        if self._once:  # no retrying: paho's loop ends, start() raises
+            self._unreached = True
+            self._first_connack.set()
+            self._client.disconnect()
 
     def _publish_claim(self, payload: bytes) -> None:
         """Claim the identity (QoS 0, retained, expiring) at each CONNACK and every keepalive;

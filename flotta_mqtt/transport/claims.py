@@ -241,6 +241,7 @@ class Claim:
             wanted,
             clean=True,
             claim=False,
+            once=True,  # an unreachable broker is known at once, not after PROBE_TIMEOUT
         )
         try:
             probe.start(wait=PROBE_TIMEOUT)

@@ -59,6 +59,7 @@ class MemoryBus(Publisher):
         clean: bool = False,
         threaded: bool = True,
         claim: bool = True,
+        once: bool = False,  # connecting here never fails: nothing to try again
     ) -> None:
         self.client_id = client_id
         self.settings = settings

@@ -37,7 +37,7 @@ from flotta_mqtt.protocol import SessionClaim, encode, topics
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport import IdentityInUse
 from flotta_mqtt.transport.bus import Bus
-from flotta_mqtt.transport.claims import FIGHT_LIMIT
+from flotta_mqtt.transport.claims import FIGHT_LIMIT, PROBE_TIMEOUT
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 
 pytestmark = pytest.mark.integration
@@ -308,6 +308,25 @@ def test_a_claim_is_refreshed_while_held_and_expires_when_left_behind(
         return True
 
     wait_for(free, timeout=10, interval=0.5, message="the claim left behind never expired")
+
+
+def test_a_node_started_before_its_broker_is_not_held_up_by_its_probe(
+    broker: LocalBroker,
+) -> None:
+    """Its probe learns at once that nothing answers (not after PROBE_TIMEOUT), and the
+    node connects as soon as the broker is up."""
+    settings = BrokerSettings(url=broker.url)
+    broker.stop()
+    bus = Bus("w1", settings, lambda topic, payload: None, [])
+    started = time.monotonic()
+    bus.check()  # nothing to check against yet: no error
+    assert time.monotonic() - started < PROBE_TIMEOUT / 2
+    bus.start(wait=None)
+    try:
+        broker.start()
+        wait_for(bus.connected.is_set, timeout=TIMEOUT, message="never connected")
+    finally:
+        bus.stop()
 
 
 # --- a session taken over anyway ------------------------------------------------------------
