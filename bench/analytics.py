@@ -87,7 +87,12 @@ def run(size_mb: int = 1024) -> None:
             ).start()
             start = time.perf_counter()
             worker = WorkerAgent(
-                WorkerConfig(name="w0", broker=settings, storage=storage, datasets={"big": [path]})
+                WorkerConfig(
+                    name="w0",
+                    broker=settings,
+                    storage=storage,
+                    datasets={"big": {"paths": [path], "privacy": {"exact": True}}},
+                )
             ).start()
             started = time.perf_counter() - start
             try:

@@ -28,6 +28,7 @@ from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 WORKERS = ("node-1", "node-2", "node-3")
 SIZES = (1200, 2100, 3300)
+EXACT = {"exact": True, "release_extremes": True, "labels": {"label": [0, 1]}}
 
 
 @contextlib.contextmanager
@@ -53,7 +54,11 @@ def local_cluster(
                     path = folder / f"{name}.csv"
                     pacsv.write_csv(table, path)
                 worker = WorkerConfig(
-                    name=name, broker=settings, storage=storage, datasets={project: [path]}
+                    name=name,
+                    broker=settings,
+                    storage=storage,
+                    # The examples show exact federated results: these sites allow them.
+                    datasets={project: {"paths": [path], "privacy": EXACT}},
                 )
                 nodes.append(WorkerAgent(worker).start())
             with Client(settings, storage=storage) as client:

@@ -7,14 +7,18 @@ from flotta_mqtt.analytics import groups as _groups  # noqa: F401
 from flotta_mqtt.analytics import linear as _linear  # noqa: F401
 from flotta_mqtt.analytics import statistics as _statistics  # noqa: F401
 from flotta_mqtt.analytics.datasets import DatasetSpec, FileDataset
+from flotta_mqtt.analytics.policy import PrivacyPolicy
 from flotta_mqtt.analytics.registry import (
     DEFAULT_MIN_GROUP_SIZE,
     REGISTRY,
+    Budget,
+    BudgetExceeded,
     ColumnTypeError,
     Dataset,
     JobContext,
     OperationDef,
     OperationError,
+    PrivacyRefused,
     TooFewRows,
     UnknownColumn,
     load_plugins,
@@ -26,6 +30,8 @@ from flotta_mqtt.analytics.registry import (
 __all__ = [
     "DEFAULT_MIN_GROUP_SIZE",
     "REGISTRY",
+    "Budget",
+    "BudgetExceeded",
     "ColumnTypeError",
     "Dataset",
     "DatasetSpec",
@@ -33,6 +39,8 @@ __all__ = [
     "JobContext",
     "OperationDef",
     "OperationError",
+    "PrivacyPolicy",
+    "PrivacyRefused",
     "TooFewRows",
     "UnknownColumn",
     "load_plugins",

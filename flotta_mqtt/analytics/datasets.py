@@ -16,6 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flotta_mqtt.analytics.policy import PrivacyPolicy
 from flotta_mqtt.analytics.registry import (
     DEFAULT_MIN_GROUP_SIZE,
     Dataset,
@@ -32,8 +33,9 @@ class DatasetSpec(BaseModel):
     """One project's data on a worker (`datasets: {project: ...}` in its config).
 
     Either a list of files, or a mapping with `paths`, `min_group_size` (the fewest rows
-    an aggregate may cover; default 5) and `types` (column → arrow type name, e.g.
-    `{"code": "string"}` for a CSV column of digits that must stay text).
+    an exact aggregate may cover; default 5), `types` (column → arrow type name, e.g.
+    `{"code": "string"}` for a CSV column of digits that must stay text) and `privacy`
+    (the site's policy: differential privacy only, from epsilon 1, unless it says otherwise).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -41,6 +43,7 @@ class DatasetSpec(BaseModel):
     paths: list[Path] = Field(min_length=1)
     min_group_size: int = Field(default=DEFAULT_MIN_GROUP_SIZE, ge=1)
     types: dict[str, str] = Field(default_factory=dict)
+    privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy)
 
     @model_validator(mode="before")
     @classmethod
@@ -109,7 +112,7 @@ class FileDataset(Dataset):
     """A project's CSV and/or Parquet files on one worker, chosen by file suffix."""
 
     def __init__(self, project: str, node: str, spec: DatasetSpec) -> None:
-        super().__init__(project, node, spec.min_group_size)
+        super().__init__(project, node, spec.min_group_size, spec.privacy)
         missing = [str(p) for p in spec.paths if not p.is_file()]
         if missing:
             raise OperationError(f"worker {node}: data files not found: {', '.join(missing)}")
@@ -158,9 +161,12 @@ class FileDataset(Dataset):
         try:
             yield from self._read_file(path, target)
         except pa.ArrowException as exc:
+            # Arrow's message may quote a value of the file: only its kind leaves the site.
             raise OperationError(
-                f"worker {self.node}: cannot read {path.name} of project {self.project}: {exc}"
-            ) from exc
+                f"worker {self.node}: cannot read {path.name} of project {self.project} "
+                f"({type(exc).__name__}): a value does not fit its column's type, or the "
+                "file is damaged; set the column's type in the dataset's `types`"
+            ) from None
 
     def _read_file(self, path: Path, target: pa.Schema) -> Iterator[pa.RecordBatch]:
         if _kind(path) == "csv":

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flotta_mqtt.analytics import masking
+from flotta_mqtt.analytics import masking, privacy
 from flotta_mqtt.analytics.filters import select, values
-from flotta_mqtt.analytics.registry import JobContext, OperationDef
+from flotta_mqtt.analytics.registry import JobContext, OperationDef, PrivacyRefused
 from flotta_mqtt.model import JobRole
 from flotta_mqtt.model.query import Filter
 
@@ -25,13 +25,39 @@ from flotta_mqtt.model.query import Filter
 
 
 class Estimator(OperationDef):
-    """A statistic as four pure parts: empty, measure (local data), merge and finalize."""
+    """A statistic as four pure parts: empty, measure (local data), merge and finalize.
+
+    What leaves a worker is `own`: the exact measure where the site's policy allows it,
+    or, when the params give an epsilon, `noised`, paid for from the site's budget.
+    """
 
     def empty(self, params: Any) -> Any:
         raise NotImplementedError
 
     def measure(self, params: Any, ctx: JobContext) -> Any:
         raise NotImplementedError
+
+    def noised(self, params: Any, ctx: JobContext, noise: privacy.Noise) -> Any:
+        """The worker's state with differentially private noise in it."""
+        raise PrivacyRefused(
+            f"{self.name} has no differentially private form: it runs only where the site "
+            "answers exactly, without epsilon"
+        )
+
+    def exact(self, params: Any, ctx: JobContext) -> None:
+        """Refuse an exact answer the site's policy does not allow."""
+        privacy.require_exact(ctx.dataset(), self.name)
+
+    def own(self, params: Any, ctx: JobContext) -> Any:
+        noise = privacy.requested(params)
+        if noise is None:
+            self.exact(params, ctx)
+            return self.measure(params, ctx)
+        data = ctx.dataset()
+        # Paid for once computed (a job that fails costs nothing), before it can leave.
+        state = self.noised(params, ctx, noise)
+        ctx.budget.spend(data.project, noise.epsilon, noise.delta, data.privacy)
+        return state
 
     def merge(self, a: Any, b: Any) -> Any:
         raise NotImplementedError
@@ -43,7 +69,7 @@ class Estimator(OperationDef):
         return self.empty(params)
 
     def local(self, params: Any, ctx: JobContext) -> Any:
-        return functools.reduce(self.merge, ctx.inputs, self.measure(params, ctx))
+        return functools.reduce(self.merge, ctx.inputs, self.own(params, ctx))
 
     def aggregate(self, params: Any, ctx: JobContext) -> Any:
         return self.finalize(params, functools.reduce(self.merge, ctx.inputs, self.empty(params)))
@@ -75,7 +101,7 @@ class Maskable(Estimator):
         if not params.masked:
             return super().local(params, ctx)
         running = ctx.inputs[0] if len(ctx.inputs) == 1 else None
-        return masking.add(running, self.to_ints(self.measure(params, ctx)), ctx.node)
+        return masking.add(running, self.to_ints(self.own(params, ctx)), ctx.node)
 
     def aggregate(self, params: Any, ctx: JobContext) -> Any:
         if not params.masked:
@@ -88,8 +114,9 @@ class Maskable(Estimator):
 # --- parameters -------------------------------------------------------------------------
 
 
-class Rows(BaseModel):
-    """Which rows: a filter from a Query (`Query.params()` fills `where` and `columns`)."""
+class Rows(privacy.Private):
+    """Which rows: a filter from a Query (`Query.params()` fills `where` and `columns`),
+    and the noise asked for (`epsilon`, `delta`, `bounds`: see privacy)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -146,14 +173,17 @@ class ColumnStatistic(Estimator):
     def result(self, params: Any, state: Any) -> Any:
         return state
 
-    def cells(self, params: Any, column: str, state: Any, n: int) -> list[tuple[int, str]]:
-        """The row counts this state discloses, each with what it counts."""
-        return [(n, f"column {column}")]
+    def cells(self, params: Any, state: Any, n: int) -> list[int]:
+        """The row counts this state discloses."""
+        return [n]
 
     def empty(self, params: Columns) -> list[Any]:
         return [self.start(params) for _ in params.targets()]
 
-    def measure(self, params: Columns, ctx: JobContext) -> list[Any]:
+    def states(
+        self, params: Columns, ctx: JobContext, limits: list[tuple[float, float]] | None = None
+    ) -> tuple[list[Any], list[int]]:
+        """Each column's state and count of values, the values clipped to `limits`."""
         data = ctx.dataset()
         targets = params.targets()
         states = self.empty(params)
@@ -161,15 +191,21 @@ class ColumnStatistic(Estimator):
         for batch in select(data, targets, params.where, numbers=targets):
             for i, column in enumerate(targets):
                 numbers = values(batch, column)
+                if limits is not None:
+                    numbers = privacy.clip(numbers, limits[i])
                 counts[i] += len(numbers)
                 states[i] = self.update(params, states[i], numbers)
-        for column, state, n in zip(targets, states, counts, strict=True):
-            for rows, what in self.cells(params, column, state, n):
-                data.release(rows, what)
+        return states, counts
+
+    def measure(self, params: Columns, ctx: JobContext) -> list[Any]:
+        states, counts = self.states(params, ctx)
+        for state, n in zip(states, counts, strict=True):
+            for rows in self.cells(params, state, n):
+                ctx.dataset().release(rows)
         return states
 
     def merge(self, a: list[Any], b: list[Any]) -> list[Any]:
         return [self.combine(x, y) for x, y in zip(a, b, strict=True)]
 
     def finalize(self, params: Columns, state: list[Any]) -> Any:
-        return params.shaped([self.result(params, s) for s in state])
+        return privacy.released(params.shaped([self.result(params, s) for s in state]), params)

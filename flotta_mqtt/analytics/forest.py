@@ -20,7 +20,13 @@ from flotta_mqtt.analytics.models import (
     regressor_state,
     train_rows,
 )
-from flotta_mqtt.analytics.registry import Dataset, JobContext, OperationError, register
+from flotta_mqtt.analytics.registry import (
+    Dataset,
+    JobContext,
+    OperationError,
+    PrivacyRefused,
+    register,
+)
 
 
 class ForestParams(ModelParams):
@@ -90,6 +96,24 @@ def _in_memory(
     return x[~test], y[~test], x[test], y[test]
 
 
+def declared_labels(data: Dataset, label: str, y: np.ndarray) -> list[Any]:
+    """The label's values from the site's schema (`privacy.labels`), sorted; every value
+    of `y` must be among them (the error names none of the data's)."""
+    labels = data.privacy.labels.get(label)
+    if labels is None:
+        raise PrivacyRefused(
+            f"worker {data.node}: a classifier names its classes, so project {data.project} "
+            f"must declare the values of column {label} (privacy.labels in its dataset spec)"
+        )
+    classes = sorted(labels)
+    if not set(np.unique(y).tolist()) <= set(classes):
+        raise OperationError(
+            f"worker {data.node}: column {label} of project {data.project} holds a value "
+            "outside its declared labels"
+        )
+    return classes
+
+
 @register
 class RandomForest(Model):
     """Each worker grows `trees` trees (scikit-learn, the `ml` extra); the merge keeps all.
@@ -121,6 +145,7 @@ class RandomForest(Model):
             "bootstrap": False,
             "random_state": (ctx.job.seed ^ zlib.crc32(ctx.node.encode())) & 0xFFFFFFFF,
         }
+        classes = declared_labels(data, params.label, y) if classifier else []
         forest = (RandomForestClassifier if classifier else RandomForestRegressor)(**options)
         forest.fit(x, y)
         model: dict[str, Any] = {
@@ -129,7 +154,9 @@ class RandomForest(Model):
             "trees": [_tree_json(e.tree_, classifier) for e in forest.estimators_],
         }
         if classifier:
-            model["classes"] = forest.classes_.tolist()
+            # The declared classes, whichever are present: the list discloses nothing.
+            present = {"classes": forest.classes_.tolist(), "trees": model["trees"]}
+            model.update(classes=classes, trees=_align(present, classes))
         return model, len(y)
 
     def score(self, params: ForestParams, ctx: JobContext, model: Any) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Each is an estimator (see `estimators`) whose state maps every group to its sums, so
 states merge exactly. Missing values are left out; a worker refuses to release a group of
-1 to min_group_size - 1 rows.
+1 to min_group_size - 1 rows, or, noised, releases only the groups whose noisy count
+passes a threshold (see privacy.threshold_counts).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from datetime import date
 from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
+from flotta_mqtt.analytics import privacy
 from flotta_mqtt.analytics.estimators import Estimator, Rows
 from flotta_mqtt.analytics.filters import present, select
 from flotta_mqtt.analytics.registry import JobContext, register
@@ -66,7 +69,10 @@ class GroupStatistic(Estimator):
     def empty(self, params: GroupParams) -> dict[str, list[float]]:
         return {}
 
-    def measure(self, params: Any, ctx: JobContext) -> dict[str, list[float]]:
+    def states(
+        self, params: Any, ctx: JobContext, limits: tuple[float, float] | None = None
+    ) -> dict[str, list[float]]:
+        """Each group's sums, the column's values clipped to `limits` if given."""
         data = ctx.dataset()
         column = getattr(params, "column", None)
         numbers = [column] if column is not None else []
@@ -74,6 +80,11 @@ class GroupStatistic(Estimator):
         for batch in select(data, [*params.by, *numbers], params.where, numbers=numbers):
             if column is not None:
                 batch = batch.filter(present(batch.column(column)))
+                if limits is not None:
+                    clipped = pc.min_element_wise(
+                        pc.max_element_wise(batch[column], limits[0]), limits[1]
+                    )
+                    batch = batch.set_column(batch.schema.get_field_index(column), column, clipped)
             grouped = pa.Table.from_batches([batch]).group_by(params.by)
             table = grouped.aggregate(self.aggregates(params))
             sums = table.select(table.column_names[-len(self.aggregates(params)) :])
@@ -81,10 +92,21 @@ class GroupStatistic(Estimator):
             for key, row in zip(keys, sums.to_pylist(), strict=True):
                 name = json.dumps([_json_value(key[b]) for b in params.by])
                 states[name] = _add(states.get(name), list(row.values()))
-        for name, state in states.items():
-            group = ", ".join(f"{b}={v}" for b, v in zip(params.by, json.loads(name), strict=True))
-            data.release(int(state[0]), f"group {group}")
         return states
+
+    def measure(self, params: Any, ctx: JobContext) -> dict[str, list[float]]:
+        states = self.states(params, ctx)
+        for state in states.values():
+            ctx.dataset().release(int(state[0]))
+        return states
+
+    def counted(
+        self, states: dict[str, list[float]], ctx: JobContext, noise: privacy.Noise
+    ) -> dict[str, int]:
+        """The groups' noised counts, only those whose noisy count passes the threshold:
+        no refusal, so nothing to search; a group of one row shows with probability delta."""
+        counts = {name: int(state[0]) for name, state in states.items()}
+        return privacy.threshold_counts(counts, noise, ctx.dataset().min_group_size)
 
     def merge(self, a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, list[float]]:
         merged = dict(a)
@@ -92,12 +114,13 @@ class GroupStatistic(Estimator):
             merged[name] = _add(merged.get(name), state)
         return merged
 
-    def finalize(self, params: Any, state: dict[str, list[float]]) -> list[dict[str, Any]]:
+    def finalize(self, params: Any, state: dict[str, list[float]]) -> Any:
         groups = [(json.loads(name), sums) for name, sums in state.items()]
-        return [
+        rows = [
             {**dict(zip(params.by, key, strict=True)), **self.row(params, sums)}
             for key, sums in sorted(groups, key=lambda group: _order(group[0]))
         ]
+        return privacy.released(rows, params, "laplace_threshold")
 
 
 @register
@@ -113,6 +136,12 @@ class GroupCount(GroupStatistic):
     def row(self, params: GroupParams, state: list[float]) -> dict[str, Any]:
         return {"count": int(state[0])}
 
+    def noised(
+        self, params: GroupParams, ctx: JobContext, noise: privacy.Noise
+    ) -> dict[str, list[float]]:
+        counts = self.counted(self.states(params, ctx), ctx, noise)
+        return {name: [n] for name, n in counts.items()}
+
 
 @register
 class GroupMean(GroupStatistic):
@@ -125,4 +154,17 @@ class GroupMean(GroupStatistic):
         return [(params.column, "count"), (params.column, "sum")]
 
     def row(self, params: GroupMeanParams, state: list[float]) -> dict[str, Any]:
-        return {"count": int(state[0]), "mean": state[1] / state[0]}
+        return {"count": int(state[0]), "mean": state[1] / state[0] if state[0] > 0 else None}
+
+    def noised(
+        self, params: GroupMeanParams, ctx: JobContext, noise: privacy.Noise
+    ) -> dict[str, list[float]]:
+        """Half the epsilon for the thresholded counts (with all of delta), half for Laplace
+        noise on the kept groups' clipped sums: a row is in one group's sum."""
+        limits = privacy.bounds(params, ctx.dataset(), params.column)
+        states = self.states(params, ctx, limits)
+        counts = self.counted(states, ctx, privacy.Noise(noise.epsilon / 2, noise.delta))
+        names = sorted(counts)
+        s = privacy.sensitivity(limits)
+        sums = privacy.Noise(noise.epsilon / 2, 0.0).floats([states[n][1] for n in names], s, s)
+        return {name: [counts[name], total] for name, total in zip(names, sums, strict=True)}

@@ -22,9 +22,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from flotta_mqtt.analytics import privacy
 from flotta_mqtt.analytics.estimators import Rows
 from flotta_mqtt.analytics.filters import select_numbered
-from flotta_mqtt.analytics.registry import Dataset, JobContext, OperationDef, OperationError
+from flotta_mqtt.analytics.registry import (
+    Dataset,
+    JobContext,
+    OperationDef,
+    OperationError,
+    PrivacyRefused,
+)
 from flotta_mqtt.analytics.statistics import chan, moments
 
 # --- parameters ---------------------------------------------------------------------------
@@ -169,10 +176,14 @@ class Model(OperationDef):
         raise NotImplementedError
 
     def local(self, params: ModelParams, ctx: JobContext) -> dict[str, Any]:
+        # A model and its metrics are exact: only where the site answers exactly.
+        if params.epsilon is not None:
+            raise PrivacyRefused(f"{self.name} has no differentially private form")
+        privacy.require_exact(ctx.dataset(), self.name)
         received = ctx.inputs[0]["model"] if ctx.inputs else None
         metrics = None if received is None else self.score(params, ctx, received)
         if metrics is not None:
-            ctx.dataset().release(metrics["n"], "the test split")
+            ctx.dataset().release(metrics["n"])
         if not params.train:
             if received is None:
                 raise OperationError(f"{ctx.node}: train=false scores a model, but none came in")
@@ -198,4 +209,4 @@ class Model(OperationDef):
 def train_rows(data: Dataset, n: int) -> None:
     if n == 0:
         raise OperationError(f"worker {data.node}: no training rows pass the filter")
-    data.release(n, "the training split")
+    data.release(n)

@@ -1,7 +1,9 @@
 """A mergeable quantile sketch with a worst-case rank-error bound (`error_bound`).
 
 Workers' sketches merge in any order or grouping; like min and max, a sketch carries
-some of the data's own values to the initiator.
+some of the data's own values to the initiator. So that it cannot carry a whole column,
+k is at most MAX_K and a worker shrinks its sketch to k <= n / SHARE before it leaves:
+about n / 8 of its n values (at most k per level).
 """
 
 from __future__ import annotations
@@ -13,6 +15,20 @@ from typing import Any
 import numpy as np
 
 DEFAULT_K = 2048
+MAX_K = 4096
+SHARE = 16  # a worker's sketch has k <= n / SHARE
+
+
+def site_k(n: int, k: int) -> int:
+    """The k a worker's sketch of n values leaves with."""
+    return max(1, min(k, n // SHARE))
+
+
+def shrink(sketch: dict[str, Any]) -> dict[str, Any]:
+    """A worker's sketch compacted to `site_k`, as it may leave the worker."""
+    k = site_k(sketch["n"], sketch["k"])
+    levels = [np.asarray(items, dtype=np.float64) for items in sketch["levels"]]
+    return {"k": k, "n": sketch["n"], "levels": _compact(k, sketch["n"], levels)}
 
 
 def empty(k: int) -> dict[str, Any]:

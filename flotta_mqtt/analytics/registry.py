@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -12,9 +14,12 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from flotta_mqtt.analytics.policy import PrivacyPolicy
 from flotta_mqtt.model import JobRole, Operation
 from flotta_mqtt.model.errors import describe
 from flotta_mqtt.protocol import JobReady
+
+log = logging.getLogger(__name__)
 
 
 class OperationError(Exception):
@@ -33,6 +38,26 @@ class TooFewRows(OperationError):
     """A worker refuses to release an aggregate of fewer rows than its project allows."""
 
 
+class OperationFailed(OperationError):
+    """A built-in operation broke on the data; its own message stays in the site's log."""
+
+
+class PrivacyRefused(OperationError):
+    """The site's policy does not allow what a job asks (an exact answer, a release)."""
+
+
+class BudgetExceeded(PrivacyRefused):
+    """A job would spend more of a dataset's privacy budget than is left."""
+
+
+class Budget:
+    """Where a site records the privacy it spends: its worker's journal keeps the ledger."""
+
+    def spend(self, project: str, epsilon: float, delta: float, policy: PrivacyPolicy) -> None:
+        """Record this job's spend (once, however often it runs) or raise BudgetExceeded."""
+        raise PrivacyRefused("this node keeps no privacy ledger, so it answers no noised query")
+
+
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -49,11 +74,16 @@ class Dataset:
     """
 
     def __init__(
-        self, project: str, node: str, min_group_size: int = DEFAULT_MIN_GROUP_SIZE
+        self,
+        project: str,
+        node: str,
+        min_group_size: int = DEFAULT_MIN_GROUP_SIZE,
+        privacy: PrivacyPolicy | None = None,
     ) -> None:
         self.project = project
         self.node = node
         self.min_group_size = min_group_size
+        self.privacy = privacy if privacy is not None else PrivacyPolicy()
 
     def schema(self) -> pa.Schema:
         """Column names and types, known without reading the data."""
@@ -67,12 +97,16 @@ class Dataset:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        """The schema a worker announces in its presence: never any of the data."""
-        return {
+        """The schema and policy a worker announces in its presence: never any of the data
+        (the row count is an exact count, so only where the site answers exactly)."""
+        described: dict[str, Any] = {
             "columns": [{"name": f.name, "type": str(f.type)} for f in self.schema()],
-            "rows": self.count_rows(),
             "min_group_size": self.min_group_size,
+            "privacy": self.privacy.describe(),
         }
+        if self.privacy.exact:
+            described["rows"] = self.count_rows()
+        return described
 
     def require(self, columns: set[str]) -> None:
         """Fail with a clear error naming the node and column when one is missing."""
@@ -84,13 +118,16 @@ class Dataset:
                 f"{', '.join(missing)} (columns: {', '.join(names)})"
             )
 
-    def release(self, rows: int, what: str) -> None:
-        """Refuse an aggregate of 1 to min_group_size - 1 rows; `what` names the group."""
+    def release(self, rows: int) -> None:
+        """Refuse an exact aggregate of 1 to min_group_size - 1 rows.
+
+        The message is the same whatever the group: naming it (`site=rare`) or its size
+        would put values of the data in the error.
+        """
         if 0 < rows < self.min_group_size:
-            # The message names the group but not its size: that would be the disclosure.
             raise TooFewRows(
-                f"worker {self.node}: {what} has fewer than {self.min_group_size} rows, the "
-                f"minimum group size of project {self.project}; the worker releases no aggregate"
+                f"worker {self.node}: project {self.project}: a group is below the site's "
+                "minimum size; the worker releases no aggregate"
             )
 
 
@@ -102,6 +139,7 @@ class JobContext:
     node: str
     inputs: list[Any]  # the products of the jobs it consumes, in job order
     data: Dataset | None  # the node's data for the project; None on the initiator
+    budget: Budget = field(default_factory=Budget)  # where noised answers are paid for
     # Set when the scheduler cancels this attempt: a long operation should check it.
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -178,4 +216,18 @@ def run(ctx: JobContext) -> Any:
         JobRole.LOCAL: definition.local,
         JobRole.AGGREGATE: definition.aggregate,
     }[ctx.job.role]
-    return part(params, ctx)
+    try:
+        return part(params, ctx)
+    except OperationError:
+        raise  # worded to carry no value of the data
+    except Exception as exc:
+        if not type(definition).__module__.startswith("flotta_mqtt."):
+            raise  # a plugin: the site's own code, which words its own errors
+        # numpy's, pyarrow's or scikit-learn's message may quote a value of the data: the
+        # log keeps where it was raised, and its type.
+        where = "".join(traceback.format_tb(exc.__traceback__))
+        log.error("worker %s: %s raised %s at\n%s", ctx.node, definition.name, type(exc), where)
+        raise OperationFailed(
+            f"worker {ctx.node}: {definition.name} failed with {type(exc).__name__} "
+            "(the message is in the worker's log)"
+        ) from None

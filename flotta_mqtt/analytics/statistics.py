@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from flotta_mqtt.analytics import masking, quantiles
+from flotta_mqtt.analytics import masking, privacy, quantiles
 from flotta_mqtt.analytics.estimators import (
     Columns,
     ColumnStatistic,
@@ -49,7 +49,7 @@ class HistogramParams(Columns):
 
 class QuantileParams(Columns):
     q: float | list[float]  # one quantile (one value) or several (a list), each in [0, 1]
-    k: int = Field(default=quantiles.DEFAULT_K, ge=16, le=1 << 16)  # accuracy: see quantiles
+    k: int = Field(default=quantiles.DEFAULT_K, ge=16, le=quantiles.MAX_K)  # see quantiles
 
     @field_validator("q")
     @classmethod
@@ -72,27 +72,35 @@ class Count(Maskable):
     def empty(self, params: CountParams) -> list[int]:
         return [0] * max(1, len(params.targets()))
 
-    def measure(self, params: CountParams, ctx: JobContext) -> list[int]:
+    def counts(self, params: CountParams, ctx: JobContext) -> list[int]:
         data = ctx.dataset()
         targets = params.targets()
         if not targets and params.where is None:
-            counts = [data.count_rows()]
-        else:
-            counts = self.empty(params)
-            for batch in select(data, targets, params.where):
-                for i, column in enumerate(targets):
-                    counts[i] += pc.sum(present(batch.column(column))).as_py() or 0
-                if not targets:
-                    counts[0] += batch.num_rows
-        for n, column in zip(counts, targets or ["rows passing the filter"], strict=True):
-            data.release(n, f"column {column}" if targets else column)
+            return [data.count_rows()]
+        counts = self.empty(params)
+        for batch in select(data, targets, params.where):
+            for i, column in enumerate(targets):
+                counts[i] += pc.sum(present(batch.column(column))).as_py() or 0
+            if not targets:
+                counts[0] += batch.num_rows
         return counts
+
+    def measure(self, params: CountParams, ctx: JobContext) -> list[int]:
+        counts = self.counts(params, ctx)
+        for n in counts:
+            ctx.dataset().release(n)
+        return counts
+
+    def noised(self, params: CountParams, ctx: JobContext, noise: privacy.Noise) -> list[int]:
+        # A row changes each of the k counts by one at most.
+        counts = self.counts(params, ctx)
+        return noise.ints(counts, l1=len(counts), l2=math.sqrt(len(counts)))
 
     def merge(self, a: list[int], b: list[int]) -> list[int]:
         return [x + y for x, y in zip(a, b, strict=True)]
 
     def finalize(self, params: CountParams, state: list[int]) -> Any:
-        return params.shaped(state) if params.targets() else state[0]
+        return privacy.released(params.shaped(state) if params.targets() else state[0], params)
 
     def to_ints(self, state: list[int]) -> list[int]:
         return state
@@ -114,6 +122,17 @@ class Sum(ColumnStatistic, Maskable):
 
     def combine(self, a: float, b: float) -> float:
         return a + b
+
+    def noised(self, params: Any, ctx: JobContext, noise: privacy.Noise) -> list[float]:
+        """Each column's sum of values clipped to its bounds, noised with its share."""
+        data, targets = ctx.dataset(), params.targets()
+        limits = [privacy.bounds(params, data, column) for column in targets]
+        sums, _ = self.states(params, ctx, limits)
+        share = noise.split(len(targets))
+        return [
+            share.floats([total], l1=privacy.sensitivity(b), l2=privacy.sensitivity(b))[0]
+            for total, b in zip(sums, limits, strict=True)
+        ]
 
     def to_ints(self, state: list[float]) -> list[int]:
         return [masking.fixed(s) for s in state]
@@ -137,7 +156,19 @@ class Mean(ColumnStatistic, Maskable):
         return [a[0] + b[0], a[1] + b[1]]
 
     def result(self, params: Any, state: list[float]) -> float | None:
-        return state[0] / state[1] if state[1] else None
+        return state[0] / state[1] if state[1] > 0 else None  # a noised count may be < 1
+
+    def noised(self, params: Any, ctx: JobContext, noise: privacy.Noise) -> list[list[float]]:
+        """Each column's clipped sum and its count, each noised with its share."""
+        data, targets = ctx.dataset(), params.targets()
+        limits = [privacy.bounds(params, data, column) for column in targets]
+        states, _ = self.states(params, ctx, limits)
+        share = noise.split(2 * len(targets))
+        noised = []
+        for (total, n), b in zip(states, limits, strict=True):
+            s = privacy.sensitivity(b)
+            noised.append([share.floats([total], s, s)[0], share.ints([int(n)], 1, 1)[0]])
+        return noised
 
     def to_ints(self, state: list[list[float]]) -> list[int]:
         return [v for total, n in state for v in (masking.fixed(total), int(n))]
@@ -200,9 +231,15 @@ class Std(Variance):
 
 
 class Extremes(ColumnStatistic):
-    """min and max share one state: [smallest, largest] (null while no value is seen)."""
+    """min and max share one state: [smallest, largest] (null while no value is seen).
+
+    They are records of the data: released only where the site's policy says so.
+    """
 
     pick: ClassVar[int]
+
+    def exact(self, params: Any, ctx: JobContext) -> None:
+        privacy.require_extremes(ctx.dataset(), self.name)
 
     def start(self, params: Any) -> list[float | None]:
         return [None, None]
@@ -256,16 +293,14 @@ class Histogram(ColumnStatistic):
     def combine(self, a: list[int], b: list[int]) -> list[int]:
         return [x + y for x, y in zip(a, b, strict=True)]
 
-    def cells(
-        self, params: HistogramParams, column: str, state: list[int], n: int
-    ) -> list[tuple[int, str]]:
-        e = params.edges
-        bins = [f"[{a}, {b})" for a, b in itertools.pairwise(e)]
-        bins[-1] = bins[-1][:-1] + "]"  # the last bin holds its right edge
-        names = [f"below {e[0]}", *bins, f"above {e[-1]}"]
-        return [
-            (rows, f"column {column} bin {name}") for rows, name in zip(state, names, strict=True)
-        ]
+    def cells(self, params: HistogramParams, state: list[int], n: int) -> list[int]:
+        return state
+
+    def noised(self, params: HistogramParams, ctx: JobContext, noise: privacy.Noise) -> Any:
+        # A row falls in one bin of each column: it changes a column's bins by one in all.
+        states, _ = self.states(params, ctx)
+        share = noise.split(len(states))
+        return [share.ints(bins, l1=1, l2=1) for bins in states]
 
     def result(self, params: HistogramParams, state: list[int]) -> dict[str, Any]:
         return {"edges": params.edges, "counts": state[1:-1], "below": state[0], "above": state[-1]}
@@ -273,10 +308,20 @@ class Histogram(ColumnStatistic):
 
 @register
 class Quantile(ColumnStatistic):
-    """Approximate quantiles from a mergeable sketch; error bound in quantiles.py."""
+    """Approximate quantiles from a mergeable sketch; error bound in quantiles.py.
+
+    A sketch holds values of the data: released only where the site's policy says so,
+    and shrunk on each worker so that it holds a small part of the worker's values.
+    """
 
     name: ClassVar[str] = "quantile"
     Params = QuantileParams
+
+    def exact(self, params: Any, ctx: JobContext) -> None:
+        privacy.require_extremes(ctx.dataset(), self.name)
+
+    def measure(self, params: Any, ctx: JobContext) -> list[dict[str, Any]]:
+        return [quantiles.shrink(sketch) for sketch in super().measure(params, ctx)]
 
     def start(self, params: QuantileParams) -> dict[str, Any]:
         return quantiles.empty(params.k)

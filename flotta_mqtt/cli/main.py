@@ -181,6 +181,12 @@ def worker(
             help="PROJECT=FILE.csv, repeatable: local data this worker holds",
         ),
     ] = None,
+    exact: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="FLOTTA_EXACT", help="PROJECT answered exactly, not noised, repeatable"
+        ),
+    ] = None,
     max_jobs: Annotated[int | None, typer.Option(envvar="FLOTTA_MAX_JOBS")] = None,
     state_dir: Annotated[
         Path | None,
@@ -224,6 +230,7 @@ def worker(
         if not sep or not project or not file:
             raise fail(f"--data takes PROJECT=FILE, got {item!r}")
         datasets.setdefault(project, []).append(file)
+    specs = {p: {"paths": f, "privacy": {"exact": p in (exact or [])}} for p, f in datasets.items()}
     settings = node_config(
         WorkerConfig,
         config,
@@ -234,7 +241,7 @@ def worker(
             "plugins": plugin or None,
             "executors": executor or None,
             "allow_code": allow_code,
-            "datasets": datasets or None,
+            "datasets": specs or None,
             "broker": broker_options(broker, username, password, ca_file),
             "storage": {"url": storage} if storage else {},
         },

@@ -274,7 +274,7 @@ class Client:
         except topics.TopicError:
             address = None
         if address is None or address.channel is not Channel.STATUS:
-            log.error("workbench %s: an empty message on %s", self.client_id, topic)
+            log.error("workbench %s rejected a message: empty, on %s", self.client_id, topic)
             return
         with self._changed:
             self._statuses.pop(address.name, None)

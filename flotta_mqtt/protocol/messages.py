@@ -81,14 +81,16 @@ class PruneRequest(Message):
 
 # invalid: the request itself is wrong; unknown_artifact: no such artifact (or not the
 # requester's to see); quota: over a limit the reason names; forbidden: not the
-# requester's to ask (e.g. a prune by a non-administrator).
-RejectReason = Literal["invalid", "unknown_artifact", "quota", "forbidden"]
+# requester's to ask (e.g. a prune by a non-administrator); unavailable: the scheduler
+# could not record it now (its database refused the write): send it again later.
+RejectReason = Literal["invalid", "unknown_artifact", "quota", "forbidden", "unavailable"]
 
 
 class RequestRejected(Message):
     """Why a request could not be handled: `invalid` (malformed, oversize, an internal
-    error), `unknown_artifact` (it names an artifact the scheduler never saw), or
-    `forbidden` (its sender may not ask for it)."""
+    error), `unknown_artifact` (it names an artifact the scheduler never saw),
+    `forbidden` (its sender may not ask for it), `quota`, or `unavailable` (it could not
+    be recorded now: send it again later)."""
 
     topic: str
     error: str

@@ -27,7 +27,6 @@ from flotta_mqtt.protocol import (
     NodePresence,
     ProtocolError,
     PruneRequest,
-    RequestRejected,
     StatusRequest,
     decode,
     topics,
@@ -50,7 +49,7 @@ from flotta_mqtt.scheduler.effects import (
     Tick,
 )
 from flotta_mqtt.scheduler.events import WorkerEvents
-from flotta_mqtt.scheduler.intake import message_ids, named_artifact
+from flotta_mqtt.scheduler.intake import message_ids, named_artifact, rejection
 from flotta_mqtt.scheduler.jobs import JobFlow
 from flotta_mqtt.scheduler.membership import (
     Waiting,
@@ -227,15 +226,9 @@ class SchedulerCore:
         self, topic: str, error: str, artifact_id: str | None, reason: RejectReason = "invalid"
     ) -> None:
         """Answer a request that could not be handled, naming its artifact if it did."""
-        try:
-            address = topics.parse(topic)
-        except topics.TopicError:
-            return
-        if address.channel in (Channel.SUBMIT, Channel.CANCEL, Channel.ASK, Channel.PRUNE):
-            message = RequestRejected(
-                topic=topic, error=error, artifact_id=artifact_id, reason=reason
-            )
-            self.flow.decision.publish.append((topics.reply(address.name), message, False))
+        answer = rejection(topic, error, artifact_id, reason)
+        if answer is not None:
+            self.flow.decision.publish.append(answer)
 
     def _route(self, address: Address, message: Any) -> None:
         if address.channel is Channel.SUBMIT:

@@ -77,34 +77,43 @@ CREATE TABLE IF NOT EXISTS nodes (
 _UNFINISHED = (ArtifactState.SUBMITTED, ArtifactState.RUNNING)  # every other state is final
 
 
+# What the scheduler loses with its database: every artifact it held.
+RECOVERY = (
+    "move it aside (`sqlite3 FILE .recover` may save its rows) and start the scheduler "
+    "again with a new one: the artifacts it held are forgotten, their last statuses stay "
+    "retained on the broker"
+)
+
+
 class Repository:
-    """SQLite in WAL mode, written by the scheduler thread alone, one transaction per burst."""
+    """SQLite in WAL mode, written by the scheduler thread alone, one transaction per burst.
+
+    `new` says it held nothing when opened. Each transaction first checks that the file
+    is still where it was opened: one deleted or replaced meanwhile would lose at the
+    scheduler's stop all that is written to it from then on, so it is a refused write.
+    """
 
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "exit_code" not in columns:  # a database made before jobs kept their exit code
-            self._db.execute("ALTER TABLE jobs ADD COLUMN exit_code INTEGER")
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(artifacts)")}
-        if "finished_at" not in columns:  # made before artifacts kept when they finished
-            with sqlite.transaction(self._db, "BEGIN IMMEDIATE"):
-                self._db.execute("ALTER TABLE artifacts ADD COLUMN finished_at REAL")
-                self._db.execute(  # its last change is the best guess there is
-                    "UPDATE artifacts SET finished_at = updated_at WHERE state NOT IN (?, ?)",
-                    _UNFINISHED,
-                )
+        self._db = sqlite.open_store(self.path, SCHEMA, "scheduler database", RECOVERY, _migrate)
+        self.new = sqlite.is_new(self._db)
+        self._file = sqlite.file_of(self.path)
 
     def close(self) -> None:
         self._db.close()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
+        sqlite.check_in_place(self.path, self._file)
         with sqlite.transaction(self._db, "BEGIN IMMEDIATE"):
             yield
+
+    def probe(self) -> None:
+        """Commit a write that changes nothing (the header's user_version, set to what it
+        is, is written again): it fails as any commit would while writes are refused."""
+        with self.transaction():
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            self._db.execute(f"PRAGMA user_version = {int(version)}")
 
     def apply(self, writes: list[Write]) -> None:
         """Write what the core decided, in its order (inside the caller's transaction)."""
@@ -314,6 +323,21 @@ class Repository:
     def nodes(self) -> list[NodePresence]:
         rows = self._db.execute("SELECT presence FROM nodes ORDER BY name").fetchall()
         return [NodePresence.model_validate_json(row[0]) for row in rows]
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database of an earlier version up to SCHEMA."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "exit_code" not in columns:  # a database made before jobs kept their exit code
+        db.execute("ALTER TABLE jobs ADD COLUMN exit_code INTEGER")
+    columns = {row[1] for row in db.execute("PRAGMA table_info(artifacts)")}
+    if "finished_at" not in columns:  # made before artifacts kept when they finished
+        with sqlite.transaction(db, "BEGIN IMMEDIATE"):
+            db.execute("ALTER TABLE artifacts ADD COLUMN finished_at REAL")
+            db.execute(  # its last change is the best guess there is
+                "UPDATE artifacts SET finished_at = updated_at WHERE state NOT IN (?, ?)",
+                _UNFINISHED,
+            )
 
 
 def _json(value: Resource | RemoteError | None) -> str | None:

@@ -7,12 +7,20 @@ the database no longer names (a pruned artifact's store objects and retained sta
 publishes (the jobs made ready first, then the statuses built from what was committed)
 and lets the broker forget what it delivered. A wake with nothing to write opens no
 transaction.
+
+A commit the database refuses (its disk full or read-only, the file deleted) publishes
+nothing of the burst. The core has run ahead of the database, so it is set aside: until
+a fresh core restored from the database commits, the scheduler acknowledges nothing more
+to the broker, holds what arrives to handle it then, and refuses each submission,
+cancellation and prune at once, saying it could not be recorded. It tries every
+STORE_RETRY s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import random
 import threading
@@ -20,7 +28,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flotta_mqtt.protocol import JobReady, Resource, topics
+from flotta_mqtt import sqlite
+from flotta_mqtt.protocol import JobReady, NodePresence, Resource, topics
 from flotta_mqtt.scheduler.announcements import build_status
 from flotta_mqtt.scheduler.config import BURST, TICK, SchedulerConfig
 from flotta_mqtt.scheduler.core import Policies, SchedulerCore
@@ -33,6 +42,7 @@ from flotta_mqtt.scheduler.effects import (
     Received,
     Tick,
 )
+from flotta_mqtt.scheduler.intake import refusals
 from flotta_mqtt.scheduler.metrics import Gauges, MetricsServer, SchedulerMetrics
 from flotta_mqtt.scheduler.records import ArtifactRecord, restore
 from flotta_mqtt.scheduler.repository import Repository
@@ -43,6 +53,7 @@ from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
 log = logging.getLogger(__name__)
 
 SNAPSHOT_TIMEOUT = 2.0  # seconds a metrics scrape waits for the scheduler thread
+STORE_RETRY = 1.0  # seconds between attempts to commit to a database that refused a commit
 
 
 class Scheduler:
@@ -56,9 +67,14 @@ class Scheduler:
         self.config = config
         self.repository = Repository(config.database)
         self.metrics = SchedulerMetrics()
-        registry = load_registry(config.registry) if config.registry else None
-        policies = Policies.of(config, random.Random())
-        self.core = SchedulerCore(config, self.metrics, policies, registry)
+        self._registry = load_registry(config.registry) if config.registry else None
+        self._policies = Policies.of(config, random.Random())
+        self.core = self._new_core()
+        # While the database refuses commits: why, what waits to be handled, when to retry.
+        self.fault: str | None = None
+        self._held: list[Event] = []
+        self._retry_at = 0.0
+        self._new_database = self.repository.new  # checked against the broker's session
         self.metrics_server: MetricsServer | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._out: list[Outgoing] = []
@@ -74,7 +90,7 @@ class Scheduler:
                 ("message", Received(topic, payload, time.monotonic()))
             ),
             subscriptions=[topics.ALL_REQUESTS, topics.ALL_EVENTS, topics.ALL_PRESENCE],
-            on_connect=lambda session: self._inbox.put(("connected", Connected())),
+            on_connect=self._on_connect,
             on_failure=on_failure,
             threaded=False,  # driven by the scheduler thread: see the module's docstring
         )
@@ -83,7 +99,12 @@ class Scheduler:
         """Raises IdentityInUse, having changed nothing, if another process is this
         scheduler (its database may be that process's too)."""
         self.bus.check()
-        self._resume()
+        try:
+            self._resume(self.core)
+        except Exception as exc:  # a full disk at start: served once it has room
+            if not sqlite.is_refusal(exc):
+                raise
+            self._stall([], exc)
         self._thread.start()
         self.bus.start(wait=wait)
         if self.config.metrics_port is not None:
@@ -133,22 +154,43 @@ class Scheduler:
 
     # --- the scheduler thread --------------------------------------------------------------
 
-    def _resume(self) -> None:
-        """Take up every unfinished artifact the repository holds."""
+    def _new_core(self) -> SchedulerCore:
+        return SchedulerCore(self.config, self.metrics, self._policies, self._registry)
+
+    def _on_connect(self, session_present: bool) -> None:
+        if self._new_database and session_present:
+            log.error(
+                "scheduler: its database %s is new, but the broker kept this scheduler's "
+                "session: if the database it ran with was deleted or moved, the artifacts "
+                "recorded there are forgotten here (their last statuses stay retained on "
+                "the broker); stop it and put that database back to keep them",
+                self.repository.path,
+            )
+        self._new_database = False  # said once, at the first connection
+        self._inbox.put(("connected", Connected()))
+
+    def _resume(self, core: SchedulerCore, nodes: dict[str, NodePresence] | None = None) -> None:
+        """Have `core` take up every unfinished artifact the repository holds, and commit
+        what it decided; it serves from then on. `nodes`: the nodes as the bus said they
+        are (a core restored while the scheduler runs: their presences, retained, are not
+        sent again); without them, offline until their presences come."""
         repository = self.repository
         unfinished: list[ArtifactRecord] = []
         for artifact_id in repository.unfinished_artifacts():
             row = repository.artifact(artifact_id)
             assert row is not None
             unfinished.append(restore(row, repository.jobs(artifact_id)))
-        decision = self.core.restore(
+        decision = core.restore(
             repository.nodes(),
             repository.owners(),
             repository.finished_artifacts(),
             unfinished,
             self._clock(),
         )
+        if nodes is not None:
+            core.nodes = dict(nodes)
         commit(self.repository, decision)
+        self.core = core
         self._out += decision.publish
         self._announce(decision)
 
@@ -156,9 +198,7 @@ class Scheduler:
         next_tick = time.monotonic() + TICK
         while not self._stopping.is_set():
             burst: list[tuple[str, Any]] = []
-            core = self.core
-            dues = (core.next_status_due(), core.next_ack_due(), core.next_prune_due())
-            wake = min([next_tick, *(due for due in dues if due is not None)])
+            wake = self._retry_at if self.fault is not None else self._wake_at(next_tick)
             if self._inbox.empty():  # read the socket, waiting until then at most
                 self.bus.pump(max(0.0, wake - time.monotonic()))
             try:
@@ -179,27 +219,98 @@ class Scheduler:
                 elif kind != "stop":
                     events.append(item)
             clock = self._clock()
+            if self.fault is not None:
+                self._wait_for_store(events, clock)
+                continue
             if clock.monotonic >= next_tick:
                 events.append(Tick())
                 next_tick = clock.monotonic + TICK
             self._carry_out(events, clock, len(burst))
+
+    def _wake_at(self, next_tick: float) -> float:
+        """When the core is due to look again (monotonic), whatever arrives meanwhile."""
+        core = self.core
+        dues = (core.next_status_due(), core.next_ack_due(), core.next_prune_due())
+        return min([next_tick, *(due for due in dues if due is not None)])
 
     def _carry_out(self, events: list[Event], clock: Clock, received: int) -> None:
         """Have the core decide on a burst, then write, commit and publish what it did."""
         try:
             decision = self.core.handle(events, clock)
             commit(self.repository, decision)
-        except Exception:
-            log.exception("scheduler: a burst of %d messages failed", received)
-            self._out.clear()
+        except Exception as exc:
+            if sqlite.is_refusal(exc):
+                self._stall(events, exc)
+            else:
+                log.exception("scheduler: a burst of %d messages failed", received)
+                self._out.clear()
             return
         self._discard(decision.pruned)
         self._out += decision.publish
         self._publish()
-        self.bus.acknowledge()  # what the burst handled is committed: the broker may forget it
+        if self._inbox.empty():  # all received is committed: the broker may forget it
+            self.bus.acknowledge()
         # The statuses are built once the jobs the burst made ready are on their way.
         self._announce(decision)
         self._publish()
+
+    # --- a database refusing commits -------------------------------------------------------
+
+    def _stall(self, events: list[Event], exc: Exception) -> None:
+        """The database refused a commit: nothing of it goes out, nothing more is
+        acknowledged to the broker, and `events` wait for a core restored from it."""
+        self._out.clear()
+        if self.fault is None:
+            self.fault = " ".join(str(exc).split())
+            self.bus.withhold(True)
+            hint = "free space on its disk or make it writable"
+            if isinstance(exc, sqlite.StoreMoved):
+                hint = (
+                    "what is written now would be lost at the stop: copy the open file and "
+                    f"its -wal back (`ls -l /proc/{os.getpid()}/fd` shows them), then restart"
+                )
+            log.error(
+                "scheduler: its database %s refused a write (%s): acknowledging nothing to "
+                "the broker and refusing submissions and cancellations until it takes "
+                "writes again (tried every %s s); %s",
+                self.repository.path,
+                self.fault,
+                STORE_RETRY,
+                hint,
+            )
+        self._retry_at = time.monotonic() + STORE_RETRY
+        self._hold(events)
+
+    def _hold(self, events: list[Event]) -> None:
+        """Refuse at once the requests among `events` that would be recorded; keep the
+        rest (worker events, presence, status requests) to handle once it can be."""
+        error = f"the scheduler's database refused the write ({self.fault}); send it again later"
+        answers, rest = refusals(events, error)
+        self._held += rest
+        self._out += answers
+        self._publish()
+
+    def _wait_for_store(self, events: list[Event], clock: Clock) -> None:
+        """While the database refuses commits: hold what arrived; when it is time, try
+        again with a fresh core restored from the database, then the held events."""
+        self._hold(events)
+        if clock.monotonic < self._retry_at:
+            return
+        try:
+            self.repository.probe()
+            self._resume(self._new_core(), self.core.nodes)
+        except Exception as exc:
+            if not sqlite.is_refusal(exc):
+                log.exception("scheduler: could not take up from its database again")
+            self._stall([], exc)
+            return
+        held, self._held = self._held, []
+        log.warning(
+            "scheduler: its database takes writes again; handling %d held messages", len(held)
+        )
+        self.fault = None
+        self.bus.withhold(False)
+        self._carry_out(held, clock, len(held))  # stalls again if the database refuses it
 
     def _clock(self) -> Clock:
         now = time.monotonic()

@@ -5,6 +5,11 @@ journal. New jobs are queued for a pool of `max_jobs` runner threads (`runners.p
 journaled, then acknowledged to the broker; the runners answer with reports through a
 queue. The agent publishes their results, then journals them, and re-sends them until
 the scheduler acknowledges them; a restart resumes from the journal.
+
+A journal that refuses a write (its disk full or read-only) never stops the agent: it
+keeps what is not written in memory, acknowledges nothing more to the broker (which
+keeps the jobs), starts no new job, says so in its presence (the `fault` label), and
+writes it all as soon as the journal takes writes again, every JOURNAL_RETRY seconds.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.worker.attempts import STARTED_AFTER, Attempt, Attempts, Work
 from flotta_mqtt.worker.config import WorkerConfig
 from flotta_mqtt.worker.jobs import Jobs
-from flotta_mqtt.worker.journal import Final, Journal
+from flotta_mqtt.worker.journal import Changes, Final, Journal
 from flotta_mqtt.worker.runners import BATCH_WINDOW, Done, Reports, Runners
 from flotta_mqtt.workflows.executors import Site, TaskRunner
 
@@ -46,6 +51,7 @@ STOP_TIMEOUT = 30.0  # how long stop() waits for the agent thread to say goodbye
 # before it reads the bus again: a quick job's result then leaves at once, with no
 # wake-up through the bus, and the journal is written after it has gone.
 LINGER = 0.002
+JOURNAL_RETRY = 1.0  # seconds between attempts to write to a journal that refused a write
 
 
 class WorkerAgent:
@@ -73,6 +79,13 @@ class WorkerAgent:
         self._attempts = Attempts()
         self._arrived: list[tuple[str, bytes]] = []  # read by the pump, handled after it
         self._connected = False  # a new connection: results re-sent, presence said
+        self._presence_due = False  # the presence changed (a fault came or went): say it
+        # Changes not written yet (the journal refused them), in order; and while it
+        # refuses, the fault it reported, when to try again, the jobs not started.
+        self._unwritten: list[Changes] = []
+        self._fault: str | None = None
+        self._retry_at = 0.0
+        self._deferred: list[Attempt] = []
         self._unstarted = 0  # jobs queued for the runners that no runner has taken yet
         self._resend_at = self._beat_at = 0.0  # the agent's timers (monotonic)
         self._stopping = threading.Event()
@@ -89,7 +102,7 @@ class WorkerAgent:
             threaded=False,  # pumped by the agent thread: no hand-over per message
         )
         self._reports = Reports(self.bus.wake)
-        jobs = Jobs(self.name, self.store, self.tasks, self._datasets)
+        jobs = Jobs(self.name, self.store, self.tasks, self._datasets, self.journal)
         self._runners = Runners(self.name, config.max_jobs, jobs.run, self._reports)
         self._thread = threading.Thread(target=self._serve, name=f"worker-{self.name}", daemon=True)
 
@@ -99,7 +112,11 @@ class WorkerAgent:
             online=online,
             initiator=self.config.initiator,
             projects=sorted(self._datasets),
-            labels={**self.config.labels, "allow_code": "yes" if self.config.allow_code else "no"},
+            labels={
+                **self.config.labels,
+                "allow_code": "yes" if self.config.allow_code else "no",
+                **({"fault": self._fault} if self._fault else {}),
+            },
             operations=sorted(operations.REGISTRY),
             executors=sorted(self.tasks.executors),
             max_jobs=self.config.max_jobs,
@@ -159,6 +176,14 @@ class WorkerAgent:
                 except Exception:  # the agent outlives any message
                     log.exception("worker %s: agent error", self.name)
             self._handle()  # what arrived and finished meanwhile: journaled and sent
+            if self._unwritten:
+                self._journal(time.monotonic())
+            if self._unwritten:
+                log.warning(
+                    "worker %s: stopping with changes not journaled: the broker delivers "
+                    "again the jobs it was not told of",
+                    self.name,
+                )
         except Exception:
             log.exception("worker %s: agent error on stopping", self.name)
         finally:
@@ -174,6 +199,8 @@ class WorkerAgent:
             due = min(due, now + STARTED_AFTER)
         if self._runners.backlog():  # runners hold results back: see Runners._serve
             due = min(due, now + BATCH_WINDOW)
+        if self._unwritten:
+            due = min(due, self._retry_at)
         return due
 
     def _handle(self) -> None:
@@ -190,11 +217,7 @@ class WorkerAgent:
         if self._connected:  # before new results: those are sent once below
             self._connected = False
             events += self._attempts.resend(now, older_than=0.0)
-            try:
-                online = self.presence(online=True)
-                self.bus.publish(topics.presence(self.name), online, retain=True)
-            except Exception:  # said again on the next connection
-                log.exception("worker %s: presence not published", self.name)
+            self._say_presence()
         finals = self._take_reports(events, forgotten)
         announce_at = self._attempts.announce_at()
         if announce_at is not None and announce_at <= now:
@@ -213,34 +236,58 @@ class WorkerAgent:
             except Exception:  # re-sent on reconnect, or when they look lost
                 log.exception("worker %s: %d events not published", self.name, len(events))
         if taken or forgotten or finals:
-            self._journal(taken, forgotten, finals)
-        # What arrived is journaled: the broker may forget it.
+            self._unwritten.append(Changes([a.job for a in taken], forgotten, finals))
+        if self._unwritten and (self._fault is None or now >= self._retry_at):
+            self._journal(now)
+        if self._presence_due:  # the journal's fault came or went
+            self._say_presence()
+        # What arrived is journaled: the broker may forget it (withheld while it is not).
         self.bus.acknowledge()
 
-    def _journal(self, taken: list[Attempt], forgotten: list[JobRef], finals: list[Final]) -> None:
-        """Write a look's changes in one transaction: new jobs, results the scheduler has
-        recorded and attempts it cancelled (forgotten), results sent (kept until then).
-        Written after the events went out, the commit is off a quick job's way; the
-        broker is acknowledged only after it, so a crash before it gets the jobs
-        delivered again."""
+    def _journal(self, now: float) -> None:
+        """Write the looks' changes in one transaction. Written after the events went
+        out, the commit is off a quick job's way; the broker is acknowledged only after
+        it, so a crash before it gets the jobs delivered again. A refused write keeps
+        them all, and the broker's jobs, until a later one goes through."""
         try:
-            with self.journal.transaction():
-                for attempt in taken:
-                    self.journal.hold(attempt.job)
-                if forgotten:
-                    self.journal.forget(forgotten)
-                for final in finals:
-                    self.journal.finish(final)
-        except Exception:  # the scheduler re-sends jobs it hears nothing about
-            log.exception(
-                "worker %s: %d jobs and %d results not journaled",
+            self.journal.write(self._unwritten)
+        except Exception as exc:
+            self._retry_at = now + JOURNAL_RETRY
+            if self._fault is None:
+                self._fault = f"journal: {' '.join(str(exc).split())}"
+                self._presence_due = True
+                self.bus.withhold(True)
+                log.error(
+                    "worker %s: the journal %s refused a write (%s): taking no new job and "
+                    "acknowledging nothing to the broker until it takes writes again (tried "
+                    "every %s s); free space on its disk or make it writable",
+                    self.name,
+                    self.journal.path,
+                    exc,
+                    JOURNAL_RETRY,
+                )
+            return
+        self._unwritten = []
+        if self._fault is not None:
+            log.warning(
+                "worker %s: the journal takes writes again; starting the %d jobs that waited",
                 self.name,
-                len(taken),
-                len(finals),
+                len(self._deferred),
             )
-            for attempt in taken:  # stopped, and forgotten: a re-sent job is new
-                attempt.cancelled.set()
-                self._attempts.drop(attempt)
+            self._fault = None
+            self._presence_due = True
+            self.bus.withhold(False)
+            deferred, self._deferred = self._deferred, []
+            for attempt in deferred:
+                self._submit(attempt)
+
+    def _say_presence(self) -> None:
+        self._presence_due = False
+        try:
+            online = self.presence(online=True)
+            self.bus.publish(topics.presence(self.name), online, retain=True)
+        except Exception:  # said again on the next connection
+            log.exception("worker %s: presence not published", self.name)
 
     def _take_arrived(
         self, events: list[WorkerEvent], taken: list[Attempt], acknowledged: list[JobRef]
@@ -261,7 +308,10 @@ class WorkerAgent:
                     outcome = self._attempts.receive(job)
                     if isinstance(outcome, Attempt):
                         taken.append(outcome)
-                        self._submit(outcome)
+                        if self._fault is None:
+                            self._submit(outcome)
+                        else:  # started once it is journaled
+                            self._deferred.append(outcome)
                     elif outcome is not None:
                         events.append(outcome)
             elif isinstance(message, EventAck):

@@ -89,15 +89,14 @@ class Attempts:
         return attempt
 
     def drop(self, attempt: Attempt) -> None:
-        """Forget an attempt never taken (its journal write failed), or cancelled: a
-        re-send of it is new."""
+        """Forget a cancelled attempt: a re-send of it is new."""
         key = (attempt.job.artifact_id, attempt.job.job_id)
         if self._by_job.get(key) is attempt:
             del self._by_job[key]
 
     def of(self, work: Work) -> Attempt | None:
         """The attempt a runner's work belongs to, unless it was forgotten since: a job
-        taken again after being dropped has a new attempt, not this one."""
+        taken again after being dropped or acknowledged has a new attempt, not this one."""
         attempt = self.get(work.job.ref)
         return attempt if attempt is not None and attempt.cancelled is work.cancelled else None
 

@@ -9,13 +9,38 @@ import time
 import traceback
 
 from flotta_mqtt import analytics as operations
-from flotta_mqtt.protocol import JobFailed, JobFinished, JobReady, RemoteError
+from flotta_mqtt.protocol import JobFailed, JobFinished, JobReady, JobRef, RemoteError
 from flotta_mqtt.transport.store import ResourceStore
-from flotta_mqtt.worker.journal import Final
+from flotta_mqtt.worker.journal import Final, Journal
 from flotta_mqtt.workflows.executors import TaskError, TaskRunner
 
 # json.dumps(product, allow_nan=False) builds an encoder per call; one is enough.
 _PRODUCT_JSON = json.JSONEncoder(allow_nan=False)
+
+
+class Ledger(operations.Budget):
+    """A job's spending, recorded in the worker's journal before its product leaves."""
+
+    def __init__(self, journal: Journal, node: str, job: JobRef) -> None:
+        self.journal = journal
+        self.node = node
+        self.job = job
+
+    def spend(
+        self, project: str, epsilon: float, delta: float, policy: operations.PrivacyPolicy
+    ) -> None:
+        if not self.journal.durable:
+            raise operations.PrivacyRefused(
+                f"worker {self.node} keeps no journal on disk (state_dir), so no privacy "
+                "ledger that outlives a restart: it answers no noised query"
+            )
+        left = self.journal.spend(self.job, project, epsilon, delta, (policy.epsilon, policy.delta))
+        if left is not None:
+            raise operations.BudgetExceeded(
+                f"worker {self.node}: project {project}: this job asks epsilon {epsilon:g} and "
+                f"delta {delta:g}, but the site's privacy budget has {left[0]:g} and "
+                f"{left[1]:g} left (of {policy.epsilon:g} and {policy.delta:g})"
+            )
 
 
 class Jobs:
@@ -27,11 +52,13 @@ class Jobs:
         store: ResourceStore,
         tasks: TaskRunner,
         datasets: dict[str, operations.FileDataset],
+        journal: Journal,
     ) -> None:
         self.node = node
         self.store = store
         self.tasks = tasks
         self.datasets = datasets
+        self.journal = journal
 
     def run(self, job: JobReady, cancelled: threading.Event, started: float) -> Final:
         """Run `job`; a failure of the job is its result (JobFailed), never raised."""
@@ -40,18 +67,9 @@ class Jobs:
             if job.kind == "tasks":
                 product = self.tasks.run(job, self.node, cancelled)
                 exit_code = product["exit_code"]
+                data = _PRODUCT_JSON.encode(product).encode()
             else:
-                folder = self.store.artifact_root(job.artifact_id)
-                inputs = [json.loads(self.store.get(r, folder)) for r in job.inputs]
-                context = operations.JobContext(
-                    job=job,
-                    node=self.node,
-                    inputs=inputs,
-                    data=self.datasets.get(job.project),
-                    cancelled=cancelled,
-                )
-                product = operations.run(context)
-            data = _PRODUCT_JSON.encode(product).encode()
+                data = self._operation(job, cancelled)
             resource = self.store.put_product(job.artifact_id, str(job.job_id), job.attempt, data)
         except Exception as exc:
             return JobFailed(
@@ -70,3 +88,24 @@ class Jobs:
             finished_at=time.time(),
             exit_code=exit_code,
         )
+
+    def _operation(self, job: JobReady, cancelled: threading.Event) -> bytes:
+        """An operation's product; an attempt that paid for a noised product and runs
+        again (after a restart) releases the same bytes, not a second draw."""
+        again = self.journal.released(job.ref)
+        if again is not None:
+            return again
+        folder = self.store.artifact_root(job.artifact_id)
+        inputs = [json.loads(self.store.get(resource, folder)) for resource in job.inputs]
+        ledger = Ledger(self.journal, self.node, job.ref)
+        context = operations.JobContext(
+            job=job,
+            node=self.node,
+            inputs=inputs,
+            data=self.datasets.get(job.project),
+            budget=ledger,
+            cancelled=cancelled,
+        )
+        data = _PRODUCT_JSON.encode(operations.run(context)).encode()
+        self.journal.keep(job.ref, data)
+        return data

@@ -85,10 +85,8 @@ class Cluster:
         self.env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
         )
-        config = folder / "scheduler.yaml"
-        config.write_text(SCHEDULER_CONFIG.format(plugins=", ".join(PLUGINS)))
-        self._scheduler_args = ["scheduler", "--config", str(config)]
-        self._scheduler_args += ["--database", str(self.database)]
+        self._scheduler_config = folder / "scheduler.yaml"
+        self._scheduler_config.write_text(SCHEDULER_CONFIG.format(plugins=", ".join(PLUGINS)))
         rng = random.Random(1729)
         self.data: dict[str, Path] = {}
         for name, rows in ROWS.items():
@@ -124,7 +122,9 @@ class Cluster:
         return process
 
     def scheduler(self) -> None:
-        self._start("scheduler", self._scheduler_args, self.broker_url)
+        """Start the scheduler on `self.database` (a test may point it elsewhere)."""
+        args = ["scheduler", "--config", str(self._scheduler_config)]
+        self._start("scheduler", [*args, "--database", str(self.database)], self.broker_url)
 
     def worker(
         self,
@@ -147,7 +147,7 @@ class Cluster:
         text += f"state_dir: {state_dir or self.folder / f'{name}.state'}\n"
         config.write_text(text)
         args = ["worker", "--name", name, "--config", str(config)]
-        args += ["--data", f"{PROJECT}={self.data[name]}"]
+        args += ["--data", f"{PROJECT}={self.data[name]}", "--exact", PROJECT]
         for plugin in PLUGINS:
             args += ["--plugin", plugin]
         self._start(name, args, url or self.broker_url, netns)

@@ -38,7 +38,7 @@ from flotta_mqtt import (
     Query,
     Sequential,
 )
-from flotta_mqtt.analytics import masking
+from flotta_mqtt.analytics import PrivacyPolicy, masking, quantiles
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.scheduler.config import SchedulerConfig
@@ -52,6 +52,9 @@ WORKERS = ("w0", "w1", "w2")  # the scheduler orders workers by name: Sequential
 SIZES = (523, 911, 1377)  # uneven, so a result off by one worker's share cannot pass
 SITES = ["north", "south", "east", "west"]
 TIMEOUT = 30.0
+# These tests check that federated results equal pooled ones: the sites answer exactly.
+# (test_privacy_attacks.py plays the default policy, differential privacy, against attacks.)
+EXACT = {"exact": True, "release_extremes": True, "labels": {"label": [0, 1]}}
 
 
 def stats_table(rng: np.random.Generator, n: int) -> pa.Table:
@@ -120,17 +123,24 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
         suffix = ".parquet" if name == "w1" else ".csv"
         stats = write(stats_table(rng, size), folder / f"stats-{name}{suffix}")
         shares["stats"][name] = stats
-        datasets[name]["stats"] = [folder / f"stats-{name}{suffix}"]
+        datasets[name]["stats"] = {"paths": [folder / f"stats-{name}{suffix}"], "privacy": EXACT}
         # A project where one worker has a site of only three rows.
         rare = stats.set_column(3, "site", pa.array(["rare"] * 3 + ["common"] * (size - 3)))
         shares["rare"][name] = write(rare, folder / f"rare-{name}.csv")
-        datasets[name]["rare"] = {"paths": [folder / f"rare-{name}.csv"], "min_group_size": 4}
+        datasets[name]["rare"] = {
+            "paths": [folder / f"rare-{name}.csv"],
+            "min_group_size": 4,
+            "privacy": EXACT,
+        }
         models = write(model_table(rng, 700 + 400 * i), folder / f"models-{name}{suffix}")
         shares["models"][name] = models
-        datasets[name]["models"] = [folder / f"models-{name}{suffix}"]
+        datasets[name]["models"] = {"paths": [folder / f"models-{name}{suffix}"], "privacy": EXACT}
         if name != "w2":  # two workers only: the merged forest holds 2 x its trees
             shares["pair"][name] = models
-            datasets[name]["pair"] = [folder / f"models-{name}{suffix}"]
+            datasets[name]["pair"] = {
+                "paths": [folder / f"models-{name}{suffix}"],
+                "privacy": EXACT,
+            }
     with LocalBroker() as broker:
         settings = BrokerSettings(url=broker.url)
         running: list[Any] = []
@@ -185,8 +195,9 @@ def test_each_worker_announces_its_datasets_schema_and_rows_never_data(nodes: No
                 {"name": "sex", "type": "string"},
                 {"name": "day", "type": "date32[day]"},
             ],
-            "rows": size,
+            "rows": size,  # announced only because the site answers exactly
             "min_group_size": 5,
+            "privacy": PrivacyPolicy.model_validate(EXACT).describe(),
         }
         assert presence[name].details["rare"]["min_group_size"] == 4
 
@@ -258,7 +269,10 @@ def test_quantiles_are_within_the_stated_bound_and_results_download_as_json(
     qs = [0.05, 0.25, 0.5, 0.75, 0.95]
     handle = nodes.client.submit(estimate("stats", "quantile", column="y", q=qs, k=256))
     found = handle.result(timeout=TIMEOUT)
-    bound = math.ceil(math.log2(len(ys) / 256)) / 256 * len(ys)
+    # Each worker's sketch leaves shrunk to k = n / 16 (so it cannot carry its column):
+    # the merged sketch's bound is that of the smallest.
+    k = min(quantiles.site_k(size, 256) for size in SIZES)
+    bound = quantiles.error_bound(len(ys), k) * len(ys)
     for q, value in zip(qs, found, strict=True):
         assert np.searchsorted(ys, value, "left") <= q * len(ys) + bound
         assert np.searchsorted(ys, value, "right") >= q * len(ys) - bound
@@ -333,7 +347,8 @@ def test_unknown_column_type_mismatch_and_small_groups_fail_the_artifact_clearly
         (
             estimate("rare", "group_count", by="site"),
             "TooFewRows",
-            r"worker w\d: group site=rare has fewer than 4 rows",
+            r"worker w\d: project rare: a group is below the site's minimum size; "
+            "the worker releases no aggregate",
         ),
     ]
     handles = [(nodes.client.submit(a), kind, message) for a, kind, message in cases]

@@ -195,7 +195,7 @@ def running(broker: LocalBroker, tmp_path: Path) -> Iterator[Running]:
                 name=name,
                 broker=broker_settings,
                 storage=storage,
-                datasets={"demo": [path]},
+                datasets={"demo": {"paths": [path], "privacy": {"exact": True}}},
                 plugins=[PLUGIN],
             )
             nodes.append(WorkerAgent(worker).start(wait=TIMEOUT))

@@ -170,7 +170,7 @@ def deployment() -> Iterator[Deployment]:
                     name=name,
                     broker=settings(name),
                     storage=storage,
-                    datasets={"demo": [csv]},
+                    datasets={"demo": {"paths": [csv], "privacy": {"exact": True}}},
                     plugins=[PLUGIN],
                     state_dir=data_dir / f"{name}.state",
                 )

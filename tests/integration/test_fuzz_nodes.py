@@ -200,7 +200,7 @@ def start_fleet(
             name=WORKER,
             broker=node,
             storage=storage,
-            datasets={PROJECT: [data]},
+            datasets={PROJECT: {"paths": [data], "privacy": {"exact": True}}},
             resend_interval=0.5,
             heartbeat_interval=0.5,
         )

@@ -128,7 +128,7 @@ class Nodes:
             name=name,
             broker=self.broker,
             storage=self.storage,
-            datasets={PROJECT: [data]},
+            datasets={PROJECT: {"paths": [data], "privacy": {"exact": True}}},
             plugins=[PLUGIN],
             **{**WORKER, **settings},
         )

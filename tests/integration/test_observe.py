@@ -111,7 +111,7 @@ def running(broker: LocalBroker, tmp_path: Path) -> Iterator[Running]:
                 name=name,
                 broker=settings,
                 storage=storage,
-                datasets={"demo": [path]},
+                datasets={"demo": {"paths": [path], "privacy": {"exact": True}}},
                 plugins=[PLUGIN],
                 state_dir=tmp_path / f"{name}.state",
             )

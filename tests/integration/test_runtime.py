@@ -148,7 +148,7 @@ class Cluster:
             name=name,
             broker=self.broker,
             storage=self.storage,
-            datasets={PROJECT: [self.data.files[name]]},
+            datasets={PROJECT: {"paths": [self.data.files[name]], "privacy": {"exact": True}}},
             plugins=[PLUGIN],
             **settings,
         )

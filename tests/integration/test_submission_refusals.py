@@ -45,7 +45,7 @@ def site(broker: LocalBroker, tmp_path: Path) -> Iterator[list[str]]:
             name="w0",
             broker=settings,
             storage=storage,
-            datasets={"demo": [data]},
+            datasets={"demo": {"paths": [data], "privacy": {"exact": True}}},
             state_dir=tmp_path / "w0.state",
         )
     ).start(wait=TIMEOUT)

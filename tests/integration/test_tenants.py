@@ -117,7 +117,7 @@ def start_site(folder: Path, **scheduler: object) -> Iterator[Site]:
                 name="node-1",
                 broker=identities.broker_settings("node-1", broker.url),
                 storage=storage,
-                datasets={"demo": [data]},
+                datasets={"demo": {"paths": [data], "privacy": {"exact": True}}},
                 state_dir=folder / "node-1",
             )
         ).start(wait=TIMEOUT)

@@ -42,7 +42,7 @@ class Cluster:
                 name=name,
                 broker=self.broker,
                 storage=self.storage,
-                datasets={"demo": [data]},
+                datasets={"demo": {"paths": [data], "privacy": {"exact": True}}},
                 state_dir=folder / f"{name}.state",
             )
             self.workers.append(WorkerAgent(worker).start(wait=TIMEOUT))

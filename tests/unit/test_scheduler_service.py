@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import MessageRecorder, Messages, messages_of
+from helpers import MessageRecorder, Messages, messages_of, wait_for
 
 from flotta_mqtt.model import Artifact, ArtifactState, Operation, Parallel
 from flotta_mqtt.protocol import (
@@ -125,3 +125,74 @@ def test_a_request_that_cannot_be_read_is_rejected_by_name(site: Site) -> None:
     )
     [rejection] = messages_of(site.seen.messages, RequestRejected)
     assert rejection.artifact_id == "named" and rejection.topic == topics.submit("wb")
+
+
+# --- a database that refuses writes -------------------------------------------------------
+
+
+def finish(site: Site, ready: JobReady) -> None:
+    """The stand-in worker reports a job done, once (it never re-sends)."""
+    product = Resource(url=f"file:///p/{ready.job_id}", sha256="0" * 64, size=1)
+    finished = JobFinished(job=ready.ref, product=product, started_at=1.0, finished_at=2.0)
+    site.workers.publish(topics.events(f"w{ready.job_id}"), finished)  # as bound
+
+
+def refusal(site: Site, artifact_id: str) -> RequestRejected:
+    messages = site.seen.wait_for(
+        lambda m: messages_of(m, RequestRejected, lambda r: r.artifact_id == artifact_id),
+        TIMEOUT,
+        f"{artifact_id} was never refused",
+    )
+    [refused] = messages_of(messages, RequestRejected, lambda r: r.artifact_id == artifact_id)
+    return refused
+
+
+@pytest.mark.parametrize("then", ["put-back", "crash"])
+def test_a_database_that_refuses_writes_refuses_submissions_and_loses_nothing(
+    site: Site, tmp_path: Path, then: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database file moved away (a real refused write, as a full disk's): a worker's
+    result is neither recorded nor acknowledged, a submission is refused saying why. Put
+    back, the scheduler takes up again by itself; or crashed meanwhile, the broker
+    delivers again what it was never acknowledged, and a restarted scheduler records it."""
+    first = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
+    site.workbench.publish(topics.submit("wb"), first)
+    readies = messages_of(site.jobs.wait(len(WORKERS), timeout=TIMEOUT), JobReady)
+    database, aside = site.config.database, tmp_path / "aside.db"
+    database.rename(aside)
+
+    finish(site, readies[0])
+    second = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
+    site.workbench.publish(topics.submit("wb"), second)
+    refused = refusal(site, second.id)
+    assert refused.reason == "unavailable" and refused.topic == topics.submit("wb")
+    assert f"the submission of {second.id} was not recorded" in refused.error
+    assert "its file was moved or deleted while in use" in refused.error
+    assert messages_of(site.jobs.messages, EventAck) == []  # the result is not recorded
+    assert caplog.text.count("refused a write") == 1
+
+    if then == "crash":
+        site.scheduler.bus.kill()  # the broker keeps its session: nothing was acknowledged
+        site.scheduler.stop()
+        aside.rename(database)
+        site.scheduler = Scheduler(site.config).start(wait=TIMEOUT)
+    else:
+        aside.rename(database)
+    finish(site, readies[1])
+    status = site.status(first.id, ArtifactState.COMPLETED)
+    assert [r.url for r in status.results] == ["file:///p/0", "file:///p/1"]
+    site.workbench.publish(topics.submit("wb"), second)  # sent again: taken now
+    site.status(second.id, ArtifactState.RUNNING)
+
+
+def test_a_new_database_where_the_broker_remembers_the_scheduler_is_reported(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database deleted while the scheduler was stopped: it cannot know what it held,
+    but the broker kept its session, so it says its database is new to someone who ran."""
+    site.scheduler.stop()
+    assert "is new, but the broker kept" not in caplog.text  # the first start: no session
+    for path in site.config.database.parent.glob("scheduler.db*"):
+        path.unlink()
+    site.scheduler = Scheduler(site.config).start(wait=TIMEOUT)
+    wait_for(lambda: "is new, but the broker kept" in caplog.text, TIMEOUT, "never reported")

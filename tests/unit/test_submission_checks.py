@@ -44,7 +44,7 @@ def client(tmp_path: Path) -> Iterator[Client]:
             name="w0",
             broker=broker,
             storage=storage,
-            datasets={"demo": [data]},
+            datasets={"demo": {"paths": [data], "privacy": {"exact": True}}},
             state_dir=tmp_path / "w0.state",
         )
     ).start(wait=TIMEOUT)

@@ -14,15 +14,15 @@ def finished(attempt: Attempt) -> JobFinished:
     return JobFinished(job=attempt.job.ref, product=product, started_at=1.0, finished_at=2.0)
 
 
-def test_a_dropped_attempts_late_report_does_not_count_for_the_job_taken_again() -> None:
-    """A job whose journal write failed is dropped and cancelled; taken again (same job,
-    same attempt number), its new run's result is the one published, even when the old
+def test_a_forgotten_attempts_late_report_does_not_count_for_the_job_taken_again() -> None:
+    """An attempt forgotten (acknowledged) and taken again (same job, same attempt
+    number, re-sent late): its new run's result is the one published, even when the old
     run's report arrives first."""
     attempts = Attempts()
     old = attempts.receive(job_ready(0))
     assert isinstance(old, Attempt)
     old.cancelled.set()
-    attempts.drop(old)
+    attempts.acknowledged([old.job.ref])
     new = attempts.receive(job_ready(0))
     assert isinstance(new, Attempt) and new is not old
 

@@ -1,18 +1,20 @@
 """A worker taking jobs off its bus, on the in-memory transport: a job is acknowledged to
 the broker only once journaled, so a worker that dies before the commit gets it again; a
-job whose journal write fails is stopped and forgotten, and taken when the scheduler
-sends it again."""
+journal that refuses writes pauses the worker (jobs taken run on, new ones wait) until
+it takes them again."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import job_ready, messages_of, wait_for
+from helpers import MessageRecorder, job_ready, messages_of, wait_for
 from worker_support import GATES, TIMEOUT, Station, gated, results, station
 
-from flotta_mqtt.protocol import JobAccepted, JobFinished, JobReady
+from flotta_mqtt.protocol import JobAccepted, JobFinished, JobReady, NodePresence, topics
+from flotta_mqtt.transport.memory import MemoryBus
 
 
 @pytest.fixture(name="station")
@@ -38,41 +40,60 @@ def test_a_batch_is_journaled_and_run_once(station: Station) -> None:
     assert GATES.runs.count(("batch", 1)) == 2  # answered, not run again
 
 
-def test_jobs_whose_journal_write_fails_are_stopped_and_taken_when_sent_again(
+def test_a_refused_journal_write_pauses_the_worker_until_the_journal_takes_writes(
     station: Station, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """If the write fails, the jobs (already handed to the runners) are cancelled and
-    forgotten: no result of theirs is published, and the scheduler's re-send is taken
-    as a new job."""
+    """The write fails (as on a full disk): the jobs already handed to the runners run
+    on, the fault is said once in the log and in the presence, a job arriving meanwhile
+    waits; once the journal takes writes, every job is journaled, the waiting one starts,
+    the fault is cleared, and each job has one result. (tests/faults/test_disks.py does
+    this on a real full disk.)"""
+    presences = MessageRecorder()
+    watch = MemoryBus("watch", station.broker.broker_settings(), presences, [topics.presence("w0")])
+    watch.start(wait=TIMEOUT)
     agent = station.worker()
     hold = agent.journal.hold
 
     def failing(ready: JobReady) -> None:
         if ready.job_id == 1:
-            raise OSError("disk full")
+            raise sqlite3.OperationalError("database or disk is full")
         hold(ready)
 
     monkeypatch.setattr(agent.journal, "hold", failing)
     station.send(gated(0, gate="disk"), gated(1, gate="disk"))
-    wait_for(
-        lambda: "2 jobs and 0 results not journaled" in caplog.text,
-        TIMEOUT,
-        "the failure was never logged",
+    presences.wait_for(
+        lambda m: "journal: database or disk is full" in faults(m), TIMEOUT, "no fault said"
     )
-    assert agent.journal.held() == []  # the transaction was rolled back whole
-    GATES.wait_for(
-        lambda: GATES.runs.count(("disk", 1)) == GATES.cancelled.count(("disk", 1)),
-        "a job whose write failed ran on",
+    GATES.wait_for(lambda: GATES.runs.count(("disk", 1)) == 2, "the jobs did not run on")
+    station.send(gated(2, gate="disk"))
+    station.send(gated(0, gate="disk"))  # a marker: answered once job 2 was taken
+    station.events.wait_for(
+        lambda m: messages_of(m, JobAccepted), TIMEOUT, "the duplicate was not answered"
     )
+    assert GATES.runs.count(("disk", 1)) == 2  # job 2 waits for the journal
+    assert agent.journal.held() == []  # nothing written: the transaction is whole or none
 
     monkeypatch.setattr(agent.journal, "hold", hold)
+    presences.wait_for(lambda m: faults(m)[-1:] == [None], TIMEOUT, "the fault never cleared")
+    wait_for(
+        lambda: sorted(h.job.job_id for h in agent.journal.held()) == [0, 1, 2],
+        TIMEOUT,
+        "the jobs were never journaled",
+    )
     GATES.release("disk")
-    station.send(gated(0, gate="disk"), gated(1, gate="disk"))
-    station.wait_results(0)
-    station.wait_results(1)
-    station.send(job_ready(2))  # a marker
-    station.wait_results(2)
-    assert [len(results(station.events.messages, i)) for i in (0, 1)] == [1, 1]
+    for job_id in (0, 1, 2):
+        station.wait_results(job_id)
+    station.send(job_ready(3))  # a marker
+    station.wait_results(3)
+    assert [len(results(station.events.messages, i)) for i in (0, 1, 2)] == [1, 1, 1]
+    assert GATES.runs.count(("disk", 1)) == 3
+    assert caplog.text.count("refused a write") == 1
+    watch.stop()
+
+
+def faults(messages: list[tuple[str, bytes]]) -> list[str | None]:
+    """The `fault` label of each online presence, in order."""
+    return [p.labels.get("fault") for p in messages_of(messages, NodePresence) if p.online]
 
 
 def test_a_job_is_acknowledged_once_journaled(station: Station) -> None:
