@@ -67,7 +67,8 @@ class Deployment:
         data.write_text(ROWS)
         return cli(
             "worker",
-            *("--name", "w1", "--data", f"demo={data}", "--state-dir", str(self.folder / state)),
+            *("--name", "w1", "--data", f"demo={data}", "--exact", "demo"),  # counted exactly
+            *("--state-dir", str(self.folder / state)),
             *("--broker", self.broker.url, "--username", "w1", "--storage", self.storage.url),
             *options,
             FLOTTA_PASSWORD=self.identities.credentials["w1"].password,
