@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.scheduler.service import Scheduler
+from flotta_mqtt.transport import FailureHandler
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 
@@ -29,14 +30,22 @@ def initiator_config(config: SchedulerConfig) -> WorkerConfig:
 
 class SchedulerNode:
     """A scheduler and its embedded initiator (if `config.run_initiator`), started and
-    stopped together."""
+    stopped together. Each has its own identity (the initiator's is NAME.initiator), so
+    neither ever finds the other holding it."""
 
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, on_failure: FailureHandler | None = None) -> None:
         self.config = config
-        self.scheduler = Scheduler(config)
-        self.initiator = WorkerAgent(initiator_config(config)) if config.run_initiator else None
+        self.scheduler = Scheduler(config, on_failure)
+        self.initiator = (
+            WorkerAgent(initiator_config(config), on_failure) if config.run_initiator else None
+        )
 
     def start(self, wait: float | None = 10.0) -> SchedulerNode:
+        """Raises IdentityInUse, having started nothing, if another process holds the
+        scheduler's identity or its initiator's."""
+        self.scheduler.bus.check()
+        if self.initiator is not None:
+            self.initiator.bus.check()
         self.scheduler.start(wait=wait)
         if self.initiator is not None:
             self.initiator.start(wait=wait)

@@ -6,6 +6,12 @@ version level is `+` so that two protocol versions can share one broker.
 
 Mosquitto 2.0 grants every SUBSCRIBE under an `acl_file` and filters at delivery, so a
 read right decides what a node receives, not what it may subscribe to.
+
+A node whose process claims its identity (transport/claims.py) also gets a probe
+identity, `NAME.probe`, with the node's password: the broker makes a username its
+client id, so the probe that checks, before the node connects, that no other process
+holds NAME needs a username of its own. It may only read NAME's claim and presence and
+write its own marker beside the claim.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from flotta_mqtt.model import Registry
+from flotta_mqtt.transport.claims import probe_username
 from flotta_mqtt.transport.settings import BrokerSettings
 
 Access = Literal["read", "write"]
@@ -46,6 +53,11 @@ class Role(StrEnum):
     WORKBENCH = "workbench"
     DASHBOARD = "dashboard"
     BRIDGE = "bridge"  # a site broker's bridge: the rights of the nodes it carries
+
+
+# Roles whose processes claim their identity, and so have a probe identity (the
+# dashboard runs in a browser, a bridge inside mosquitto).
+CLAIMING = (Role.SCHEDULER, Role.INITIATOR, Role.WORKER, Role.WORKBENCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +105,18 @@ class IdentitySpec:
         nodes += [(name, Role.DASHBOARD) for name in self.dashboards]
         nodes += [(name, Role.BRIDGE) for name in self.bridges]
         seen: set[str] = set()
-        for name, _ in nodes:
+        probes = [probe_username(name) for name, role in nodes if role in CLAIMING]
+        for name in [name for name, _ in nodes] + probes:
             if not NAME.fullmatch(name):
                 raise ValueError(
                     f"{name!r} cannot be a broker identity: use letters, digits, '.', '_', '-'"
+                    " (and at most 122 characters: NAME.probe is an identity too)"
                 )
             if name in seen:
-                raise ValueError(f"{name!r} is named twice: each node needs its own identity")
+                raise ValueError(
+                    f"{name!r} is named twice: each node needs its own identity, and "
+                    "NAME.probe is the identity of NAME's probe"
+                )
             seen.add(name)
         roles = dict(nodes)
         for bridge, carried in self.bridges.items():
@@ -122,6 +139,7 @@ def rights(role: Role, name: str, spec: IdentitySpec | None = None) -> list[Righ
             Right("read", f"{v}/workers/{name}/#"),
             Right("write", f"{v}/events/{name}"),
             Right("write", f"{v}/presence/{name}"),
+            Right("write", f"{v}/sessions/{name}"),
         ]
     if role is Role.SCHEDULER:
         # Only the scheduler writes job-ready messages, control, replies and statuses.
@@ -133,6 +151,7 @@ def rights(role: Role, name: str, spec: IdentitySpec | None = None) -> list[Righ
             Right("write", f"{v}/workers/+/control"),
             Right("write", f"{v}/artifacts/#"),
             Right("write", f"{v}/replies/+"),
+            Right("write", f"{v}/sessions/{name}"),
         ]
     registry = spec.registry if spec is not None else None
     if role is Role.WORKBENCH:
@@ -145,6 +164,7 @@ def rights(role: Role, name: str, spec: IdentitySpec | None = None) -> list[Righ
             Right("read", f"{v}/presence/+"),
             Right("write", f"{v}/requests/{name}/+"),
             Right("write", f"{v}/replies/{name}"),
+            Right("write", f"{v}/sessions/{name}"),
         ]
     if role is Role.DASHBOARD:
         if registry is None:
@@ -166,6 +186,18 @@ def rights(role: Role, name: str, spec: IdentitySpec | None = None) -> list[Righ
     raise ValueError(f"unknown role {role!r}")
 
 
+def probe_rights(role: Role, name: str) -> list[Right]:
+    """What the probe of node `name` may do: read its claim (and its presence, which its
+    will updates), and write its own marker beside the claim."""
+    v = ANY_VERSION
+    readable = [f"{v}/presence/{name}"] if role in (Role.WORKER, Role.INITIATOR) else []
+    return [
+        Right("read", f"{v}/sessions/{name}"),
+        Right("write", f"{v}/sessions/{name}"),
+        *(Right("read", topic) for topic in readable),
+    ]
+
+
 def bridge_client_id(name: str) -> str:
     """The client id a site's bridge uses on the central broker (its persistent session)."""
     return f"bridge-{name}"
@@ -181,6 +213,9 @@ def render_acl(spec: IdentitySpec) -> str:
     for name, role in spec.nodes():
         lines += ["", f"# {role.value}", f"user {name}"]
         lines += [f"topic {right.access} {right.topic}" for right in rights(role, name, spec)]
+        if role in CLAIMING:
+            lines += ["", f"# the probe of {name}", f"user {probe_username(name)}"]
+            lines += [f"topic {right.access} {right.topic}" for right in probe_rights(role, name)]
     return "\n".join(lines) + "\n"
 
 
@@ -275,11 +310,14 @@ def load_credentials(path: Path) -> dict[str, Credential]:
 
 
 def _write_password_file(path: Path, credentials: Iterable[Credential]) -> None:
-    """Hash with `mosquitto_passwd -U`: the plain passwords never appear on a command line."""
+    """Hash with `mosquitto_passwd -U`: the plain passwords never appear on a command line.
+    A probe identity has its node's password."""
     binary = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     if not Path(binary).exists():
         raise FileNotFoundError("mosquitto_passwd is not installed (Debian: mosquitto)")
-    write_private(path, "".join(f"{c.username}:{c.password}\n" for c in credentials))
+    users = [(c.username, c.password) for c in credentials]
+    users += [(probe_username(c.username), c.password) for c in credentials if c.role in CLAIMING]
+    write_private(path, "".join(f"{user}:{password}\n" for user, password in users))
     result = subprocess.run([binary, "-U", str(path)], capture_output=True, text=True)
     if result.returncode != 0:
         path.unlink(missing_ok=True)  # it still holds plain passwords

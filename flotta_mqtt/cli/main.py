@@ -167,7 +167,7 @@ def scheduler(
         },
         initiator_password,
     )
-    serve(lambda: SchedulerNode(settings), f"scheduler {settings.name}", console)
+    serve(lambda gave_up: SchedulerNode(settings, gave_up), f"scheduler {settings.name}", console)
 
 
 @app.command()
@@ -246,7 +246,7 @@ def worker(
             "storage": {"url": storage} if storage else {},
         },
     )
-    serve(lambda: WorkerAgent(settings), f"worker {settings.name}", console)
+    serve(lambda gave_up: WorkerAgent(settings, gave_up), f"worker {settings.name}", console)
 
 
 def open_client(

@@ -90,6 +90,7 @@ class Client:
             settings,
             self._message,
             [topics.reply(self.client_id), topics.ALL_PRESENCE],
+            on_failure=lambda error: self.wake(),  # wait_for raises it
             clean=True,
         )
         self.bus.start(wait=connect_timeout)
@@ -186,9 +187,13 @@ class Client:
 
         It is evaluated now, after every message the client records and after `wake()`,
         with the records locked, so it may read them through `status_of` and `rejection_of`.
+        Raises IdentityInUse once the bus gave up (another process took the identity over).
         """
         with self._changed:
-            return self._changed.wait_for(predicate, timeout)
+            self._changed.wait_for(lambda: self.bus.failure is not None or predicate(), timeout)
+            if self.bus.failure is not None:
+                raise self.bus.failure
+            return predicate()
 
     def wake(self) -> None:
         """Have every `wait_for` evaluate its predicate again (its own state changed)."""

@@ -1,7 +1,9 @@
 """Identifiers that become topic levels and storage path segments, so only safe text."""
 
+import re
 from typing import Annotated
 
 from pydantic import Field
 
-SafeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SafeId = Annotated[str, Field(pattern=SAFE_ID.pattern)]

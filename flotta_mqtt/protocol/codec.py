@@ -20,6 +20,7 @@ from flotta_mqtt.protocol.messages import (
     NodePresence,
     PruneRequest,
     Reply,
+    SessionMessage,
     StatusRequest,
     WorkerControl,
     WorkerEvents,
@@ -45,6 +46,7 @@ PAYLOADS: dict[Channel, TypeAdapter[Any]] = {
     Channel.CONTROL: TypeAdapter(WorkerControl),
     Channel.EVENTS: TypeAdapter(WorkerEvents),
     Channel.PRESENCE: TypeAdapter(NodePresence),
+    Channel.SESSION: TypeAdapter(SessionMessage),
 }
 
 

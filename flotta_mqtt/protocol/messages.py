@@ -308,6 +308,40 @@ class NodePresence(Message):
     since: Timestamp
 
 
+# --- sessions: one identity, one process (transport/claims.py) --------------------------
+
+Token = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+
+
+class SessionClaim(Message):
+    """A process's hold on its broker identity, retained on sessions/{client} while it is
+    connected, so that another process of the same identity refuses to start.
+
+    It is void once cleared (a stop, or the will of a node with no will of its own), once
+    expired (it is refreshed every keepalive and expires after two), or once the process's
+    own will, whose sha256 is `will`, has been published: the broker judged it gone."""
+
+    type: Literal["claim"] = "claim"
+    client: SafeId
+    session: Token  # this process's, drawn at random
+    host: Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f-\x9f]{0,255}$")]  # shown in errors
+    pid: Annotated[int, Field(ge=0)]
+    since: Timestamp
+    keepalive: Annotated[int, Field(ge=1)]
+    will: Sha256 | None = None
+
+
+class SessionProbe(Message):
+    """A probe's marker to itself on sessions/{client}: once it is back, the retained claim
+    (sent on subscribing) has arrived before it."""
+
+    type: Literal["probe"] = "probe"
+    nonce: Token
+
+
+SessionMessage = Annotated[SessionClaim | SessionProbe, Field(discriminator="type")]
+
+
 __all__ = [
     "Artifact",
     "ArtifactStatus",
@@ -334,6 +368,9 @@ __all__ = [
     "Reply",
     "RequestRejected",
     "Resource",
+    "SessionClaim",
+    "SessionMessage",
+    "SessionProbe",
     "StatusRequest",
     "WorkerControl",
     "WorkerEvent",

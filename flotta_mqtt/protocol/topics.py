@@ -14,11 +14,14 @@ Layout (ROOT carries the protocol version, so two versions can share a broker):
   {ROOT}/events/{worker}            one worker → scheduler: job started/…/failed, or an
                                     EventBatch of them
   {ROOT}/presence/{node}            a node → all: NodePresence (retained, last will)
+  {ROOT}/sessions/{client}          a process → its own identity's probes: SessionClaim
+                                    (retained while connected), SessionProbe
 
 A worker's broker identity reads only `workers/{itself}/#` and writes only
 `events/{itself}` and `presence/{itself}`, so the topic names the sender. An artifact's
 topics name the workbench that submitted it (its owner): a workbench's ACL reads only its
-own, and a reader that does not know the owner subscribes with `+` in its place.
+own, and a reader that does not know the owner subscribes with `+` in its place. A node's
+`sessions/{itself}` is read only by its own probe identity (transport/claims.py).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Channel(StrEnum):
     CONTROL = "control"
     EVENTS = "events"
     PRESENCE = "presence"
+    SESSION = "session"
 
 
 def submit(client: str) -> str:
@@ -91,6 +95,11 @@ def presence(node: str) -> str:
     return f"{ROOT}/presence/{node}"
 
 
+def session(client: str) -> str:
+    """Where a process claims its broker identity (client id) while it is connected."""
+    return f"{ROOT}/sessions/{client}"
+
+
 # Subscription filters.
 ALL_REQUESTS = f"{ROOT}/requests/+/+"
 ALL_EVENTS = f"{ROOT}/events/+"
@@ -119,6 +128,7 @@ _TWO_LEVELS = {
     ("replies",): Channel.REPLY,
     ("events",): Channel.EVENTS,
     ("presence",): Channel.PRESENCE,
+    ("sessions",): Channel.SESSION,
 }
 _THREE_LEVELS = {
     ("requests", "submit"): Channel.SUBMIT,

@@ -46,7 +46,7 @@ from flotta_mqtt.scheduler.intake import refusals
 from flotta_mqtt.scheduler.metrics import Gauges, MetricsServer, SchedulerMetrics
 from flotta_mqtt.scheduler.records import ArtifactRecord, restore
 from flotta_mqtt.scheduler.repository import Repository
-from flotta_mqtt.transport import open_bus
+from flotta_mqtt.transport import FailureHandler, open_bus
 from flotta_mqtt.transport.settings import load_registry
 from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
 
@@ -57,9 +57,13 @@ STORE_RETRY = 1.0  # seconds between attempts to commit to a database that refus
 
 
 class Scheduler:
-    """The scheduler service. `start()` resumes unfinished artifacts and serves."""
+    """The scheduler service. `start()` resumes unfinished artifacts and serves.
 
-    def __init__(self, config: SchedulerConfig) -> None:
+    `on_failure` hears it if the bus gives up for good (IdentityInUse: another process took
+    the scheduler's identity over); the scheduler then waits to be stopped.
+    """
+
+    def __init__(self, config: SchedulerConfig, on_failure: FailureHandler | None = None) -> None:
         self.config = config
         self.repository = Repository(config.database)
         self.metrics = SchedulerMetrics()
@@ -87,10 +91,14 @@ class Scheduler:
             ),
             subscriptions=[topics.ALL_REQUESTS, topics.ALL_EVENTS, topics.ALL_PRESENCE],
             on_connect=self._on_connect,
+            on_failure=on_failure,
             threaded=False,  # driven by the scheduler thread: see the module's docstring
         )
 
     def start(self, wait: float | None = 10.0) -> Scheduler:
+        """Raises IdentityInUse, having changed nothing, if another process is this
+        scheduler (its database may be that process's too)."""
+        self.bus.check()
         try:
             self._resume(self.core)
         except Exception as exc:  # a full disk at start: served once it has room

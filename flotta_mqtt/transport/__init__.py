@@ -6,8 +6,11 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from flotta_mqtt.transport.base import (
+    BrokerRefused,
     BusError,
     ConnectHandler,
+    FailureHandler,
+    IdentityInUse,
     MessageHandler,
     Transport,
     Will,
@@ -15,8 +18,11 @@ from flotta_mqtt.transport.base import (
 from flotta_mqtt.transport.settings import BrokerSettings
 
 __all__ = [
+    "BrokerRefused",
     "BusError",
     "ConnectHandler",
+    "FailureHandler",
+    "IdentityInUse",
     "MessageHandler",
     "Transport",
     "Will",
@@ -32,11 +38,16 @@ def open_bus(
     *,
     will: Will | None = None,
     on_connect: ConnectHandler | None = None,
+    on_failure: FailureHandler | None = None,
     clean: bool = False,
     threaded: bool = True,
+    claim: bool = True,
 ) -> Transport:
     """A bus to the broker `settings.url` names: `memory://NAME` is an in-memory broker
-    shared by the nodes of this process (the roles' unit tests); anything else is MQTT."""
+    shared by the nodes of this process (the roles' unit tests); anything else is MQTT.
+
+    It claims its identity (transport/claims.py) unless `claim` is False: then, as any
+    MQTT client, it takes over the session of another process with its client id."""
     bus: Callable[..., Transport]
     if urlsplit(settings.url).scheme == "memory":
         from flotta_mqtt.transport.memory import MemoryBus
@@ -53,6 +64,8 @@ def open_bus(
         subscriptions,
         will=will,
         on_connect=on_connect,
+        on_failure=on_failure,
         clean=clean,
         threaded=threaded,
+        claim=claim,
     )

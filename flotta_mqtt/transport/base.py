@@ -5,11 +5,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 from pydantic import BaseModel
 
 from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, encode, encode_batches
+
+if TYPE_CHECKING:  # claims.py builds on this module
+    from flotta_mqtt.transport.claims import Claim
 
 MessageHandler = Callable[[str, bytes], None]
 ConnectHandler = Callable[[bool], None]  # called with session_present after each CONNACK
@@ -17,6 +20,17 @@ ConnectHandler = Callable[[bool], None]  # called with session_present after eac
 
 class BusError(RuntimeError):
     """The bus cannot do what was asked: refused connection, full window, broker error."""
+
+
+class BrokerRefused(BusError):
+    """The broker answered the connection with a refusal: bad password, not authorised."""
+
+
+class IdentityInUse(BusError):
+    """Another live process holds this broker identity: the bus stopped, or never started."""
+
+
+FailureHandler = Callable[[BusError], None]  # called once, when the bus gives up for good
 
 
 @dataclass
@@ -29,11 +43,23 @@ class Will:
 
 
 class Publisher:
-    """What every bus does alike when publishing: protocol messages become payloads, a
-    burst of them for one topic as few batches as the size limit allows, and no payload
-    leaves that the broker would refuse or that a handler sends."""
+    """What every bus does alike: protocol messages become payloads, a burst of them for
+    one topic as few batches as the size limit allows, and no payload leaves that the
+    broker would refuse, that a handler sends, or that a bus which gave up would queue;
+    the claim on its identity (transport/claims.py) is checked the same way."""
 
     _callback_thread: int | None = None  # the thread inside a message handler now
+    _claim: Claim
+
+    @property
+    def failure(self) -> BusError | None:
+        """Why the bus gave up for good (IdentityInUse), or None while it serves."""
+        return self._claim.failure
+
+    def check(self) -> None:
+        """Raise IdentityInUse if another live process holds this bus's identity now: a
+        node calls it before touching its state (the bus checks again when connecting)."""
+        self._claim.check()
 
     def publish(
         self, topic: str, message: BaseModel, *, retain: bool = False, timeout: float = 60.0
@@ -54,8 +80,11 @@ class Publisher:
 
     def check_payload(self, topic: str, payload: bytes) -> None:
         """Refuse a payload over the broker's limit (a v5 QoS 1 publish past it gets a
-        PUBACK paho cannot parse, and it reconnects and re-sends forever), and a publish
-        from inside a handler (it may wait for the window the handler holds up)."""
+        PUBACK paho cannot parse, and it reconnects and re-sends forever), a publish from
+        inside a handler (it may wait for the window the handler holds up), and any once
+        the bus gave up."""
+        if self._claim.failure is not None:
+            raise self._claim.failure
         if len(payload) > MAX_MESSAGE_BYTES:
             raise BusError(f"{len(payload)} bytes to {topic}: over {MAX_MESSAGE_BYTES}")
         if threading.get_ident() == self._callback_thread:
@@ -68,10 +97,20 @@ class Transport(Protocol):
 
     Messages reach `on_message(topic, payload)` on the thread that drives the connection:
     the transport's own thread, or with `threaded=False` the node's thread inside `pump()`.
+    One process per identity: `check()` and every connection refuse (IdentityInUse) while
+    another live process holds the client id, and a session taken over is not taken back
+    (transport/claims.py).
     """
 
     client_id: str
     connected: threading.Event
+
+    @property
+    def failure(self) -> BusError | None:
+        """Why the bus gave up for good (IdentityInUse), or None while it serves."""
+        ...
+
+    def check(self) -> None: ...
 
     def start(self, wait: float | None = 10.0) -> Self: ...
 

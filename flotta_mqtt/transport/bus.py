@@ -1,19 +1,18 @@
 """The transport over a real MQTT broker: the Bus, the one class driving paho-mqtt.
 
 MQTT v5, QoS 1, persistent sessions; each trap in MQTT-NOTES.md is handled here, once.
-With `threaded=False` the node's own thread drives the connection, inside `pump()`.
+With `threaded=False` the node's own thread drives the connection, inside `pump()`
+(transport/pumping.py). One process per identity: the claim (transport/claims.py) is
+checked before each connection.
 Speed-ups inside paho are opt-in: `flotta_mqtt.transport.paho_speedups`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import select
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,15 +24,32 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel
 
-from flotta_mqtt.protocol import encode
-from flotta_mqtt.transport.base import BusError, ConnectHandler, MessageHandler, Publisher, Will
+from flotta_mqtt.transport.base import (
+    BrokerRefused,
+    BusError,
+    ConnectHandler,
+    FailureHandler,
+    MessageHandler,
+    Publisher,
+    Will,
+)
+from flotta_mqtt.transport.claims import SESSION_TAKEN_OVER, Claim
+from flotta_mqtt.transport.pumping import Pumping
 from flotta_mqtt.transport.settings import BrokerSettings
+from flotta_mqtt.transport.window import Window
 
 log = logging.getLogger(__name__)
 
 
+class _NotNow(OSError):
+    """Raised before a connection attempt that must not be made (paho counts it failed)."""
+
+
 def _paho_client(
-    client_id: str, settings: BrokerSettings, will: Will | None, manual_ack: bool
+    client_id: str,
+    settings: BrokerSettings,
+    will: tuple[str, bytes, bool] | None,
+    manual_ack: bool,
 ) -> mqtt.Client:
     """A paho client as `settings` say, MQTT v5, queueing bounded by the Bus's window."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
@@ -50,12 +66,13 @@ def _paho_client(
             tls_version=ssl.PROTOCOL_TLS_CLIENT,
         )
     if will is not None:
-        client.will_set(will.topic, encode(will.message), qos=1, retain=will.retain)
+        topic, payload, retain = will
+        client.will_set(topic, payload, qos=1, retain=retain)
     client.manual_ack_set(manual_ack)
     return client
 
 
-class Bus(Publisher):
+class Bus(Pumping, Publisher):
     """A connected MQTT v5 client with a persistent session (unless `clean` is asked for).
 
     Handlers run on paho's network thread (unthreaded: inside `pump()`), so they must be
@@ -71,8 +88,11 @@ class Bus(Publisher):
         *,
         will: Will | None = None,
         on_connect: ConnectHandler | None = None,
+        on_failure: FailureHandler | None = None,
         clean: bool = False,
         threaded: bool = True,
+        claim: bool = True,
+        once: bool = False,
     ) -> None:
         self.client_id = client_id
         self.settings = settings
@@ -81,31 +101,32 @@ class Bus(Publisher):
         self.subscriptions = list(subscriptions)
         self._clean = clean
         self.threaded = threaded
-        # Unthreaded: paho is driven by pump() and by publishing threads, one at a time.
-        self._io = threading.RLock()
-        self._pumping: threading.Thread | None = None  # unthreaded: who calls pump()
-        self._started = False  # start() was called: pump() may connect
+        self._io = threading.RLock()  # the attributes of the unthreaded half: pumping.py
+        self._pumping = None
+        self._started = False
         self._stopped = False
-        self._reconnect_at = 0.0  # unthreaded: when pump() may try to connect again
-        self._reconnect_delay = 0.0
-        # pump() waits on the socket and on this pair: wake() ends the wait early.
+        self._reconnect_at = self._reconnect_delay = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._received: list[tuple[int, int]] = []  # unthreaded: (mid, qos) to acknowledge
-        self._withheld = False  # unthreaded: acknowledgements held back (see withhold)
-        self._window = threading.BoundedSemaphore(settings.window)
-        self._pending: dict[int, str] = {}  # mid → topic, awaiting PUBACK
-        self._acked_early: set[int] = set()  # PUBACKed before publish() returned
-        self._lock = threading.Lock()
-        self._settled = threading.Condition(self._lock)
+        self._received = []
+        self._withheld = False
+        self._window = Window(settings.window)
+        self._lock = threading.Lock()  # guards the subscriptions
         self.connected = threading.Event()
         self._first_connack = threading.Event()
+        self._once = once  # a probe's: one connection attempt, start() fails at once after it
+        self._unreached = False
         self._refusal: str | None = None
         self._connect_subscription: int | None = None  # mid of the SUBSCRIBE sent on CONNACK
         self._session_present = False
 
-        client = _paho_client(client_id, settings, will, manual_ack=not threaded)
+        # A probe's own bus (claim=False) claims nothing, and so probes nothing either.
+        self._claim = Claim(client_id, settings, will, Bus if claim else None, on_failure)
+        client = _paho_client(client_id, settings, self._claim.last_will, not threaded)
+        if threaded:  # unthreaded, pump() asks the claim before connecting
+            client.on_pre_connect = self._pre_connect  # unguarded: what it raises stops paho
+        client.on_connect_fail = self._guard(self._connect_failed)
         client.on_socket_open = self._guard(self._socket_open)
         client.on_connect = self._guard(self._connected)
         client.on_disconnect = self._guard(self._disconnected)
@@ -120,7 +141,8 @@ class Bus(Publisher):
         """Connect in the background; with `wait`, block until the broker answers.
 
         A node started while the broker is unreachable keeps retrying with backoff. A
-        refusal (wrong password, not authorised) raises BusError at once.
+        refusal (wrong password, not authorised) raises BrokerRefused at once, another
+        process holding the identity IdentityInUse.
         """
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = 0 if self._clean else self.settings.session_expiry
@@ -136,13 +158,17 @@ class Bus(Publisher):
         else:
             self._started = True
             self.wake()  # the pumping thread connects
+        self._claim.keep(lambda: self._publish_claim(self._claim.message), self.connected)
         if wait is not None:
-            if not self._first_connack.wait(wait):
+            if not self._first_connack.wait(wait) or self._unreached:
                 self.stop()
                 raise BusError(f"no answer from the broker at {self.settings.url} in {wait} s")
+            if self._claim.failure is not None:
+                self.stop()
+                raise self._claim.failure
             if self._refusal is not None:
                 self.stop()
-                raise BusError(
+                raise BrokerRefused(
                     f"the broker at {self.settings.url} refused {self.client_id}: {self._refusal}"
                 )
         return self
@@ -151,12 +177,15 @@ class Bus(Publisher):
         """Publish `goodbye` messages (topic, message, retain), then disconnect once every
         publish so far is acknowledged (waiting 2 s at most).
 
-        A clean DISCONNECT suppresses the last will, so a node says "offline" itself here.
-        After `kill()` nothing is published: a crashed node says nothing more.
+        A clean DISCONNECT suppresses the last will, so a node says "offline" itself here,
+        and clears its claim. After `kill()` (or giving up) nothing is published.
         """
+        self._claim.release()
         if not self._stopped:
             for topic, message, retain in goodbye or []:
                 self.publish(topic, message, retain=retain, timeout=2.0)
+            if self._claim.claiming:  # QoS 0 as every claim: waiting would pump, and acknowledge
+                self._publish_claim(b"")
         # paho drops what is still queued when its loop stops: without this, a workbench
         # that submits and closes at once (`flotta-mqtt submit`) could lose the submission.
         if self.connected.is_set() and not self.flush(timeout=2.0):
@@ -172,6 +201,7 @@ class Bus(Publisher):
 
     def kill(self) -> None:
         """Drop the connection without DISCONNECT, as a crash would: the will is sent."""
+        self._claim.release()
         with self._io:
             self._stopped = True
             sock = self._client.socket()
@@ -181,81 +211,6 @@ class Bus(Publisher):
                 sock.close()
         self.connected.clear()
 
-    # --- driving the connection without a network thread ------------------------------
-
-    def wake(self) -> None:
-        """End a `pump()` waiting in another thread (work for its thread has arrived)."""
-        with contextlib.suppress(OSError):  # full (already woken) or closed (stopped)
-            self._wake_w.send(b"!")
-
-    def acknowledge(self) -> None:
-        """Unthreaded: tell the broker that what was received so far is handled (unless
-        acknowledgements are withheld)."""
-        if not self._received or self._withheld:  # called once per loop: most often nothing
-            return
-        with self._io:
-            received, self._received = self._received, []
-            for mid, qos in received:
-                self._client.ack(mid, qos)
-
-    def withhold(self, held: bool) -> None:
-        """Unthreaded: hold back every acknowledgement (True), from `pump()` and
-        `acknowledge()` alike, until what was received is durable (False): a message the
-        node handles after the pump that read it is delivered again if the node goes away
-        first. All are held, so acknowledgements still go in the order received."""
-        self._withheld = held
-
-    def pump(self, timeout: float) -> None:
-        """Unthreaded: wait up to `timeout` s for traffic, hand what arrived to the
-        handlers, send what is due (pings, acknowledgements) and reconnect with backoff.
-
-        Called over and over by one thread at a time, at least every keepalive/2 seconds;
-        returns early when messages arrived or `wake()` was called.
-        """
-        self._pumping = threading.current_thread()
-        if self._stopped:  # nothing to drive any more; the caller is about to stop too
-            time.sleep(min(timeout, 0.1))
-            return
-        self.acknowledge()  # whatever the node did not acknowledge itself
-        sock = self._client.socket()
-        if sock is None:
-            self._connect_if_due()
-            sock = self._client.socket()
-        waiting: list[Any] = [self._wake_r] if sock is None else [self._wake_r, sock]
-        if sock is None and self._started:
-            timeout = min(timeout, max(0.0, self._reconnect_at - time.monotonic()))
-        writing = [sock] if sock is not None and self._client.want_write() else []
-        try:
-            readable, writable, _ = select.select(waiting, writing, [], max(0.0, timeout))
-        except (OSError, ValueError):  # the socket closed under us: reconnect next time
-            return
-        with self._io:
-            if self._stopped:
-                return
-            if self._wake_r in readable:
-                with contextlib.suppress(BlockingIOError):
-                    self._wake_r.recv(4096)
-            if sock is None or self._client.socket() is not sock:
-                return
-            if sock in readable:
-                self._read_all(sock)
-            if self._client.socket() is sock and (sock in writable or self._client.want_write()):
-                self._lost(self._client.loop_write())
-            if self._client.socket() is sock:
-                self._lost(self._client.loop_misc())
-
-    def _read_all(self, sock: Any, most: int = 1000) -> None:
-        """Read every packet already received (up to `most`): one burst for the handler."""
-        for _ in range(most):
-            if self._lost(self._client.loop_read()):
-                return
-            current = self._client.socket()
-            if current is None or current is not sock:
-                return
-            pending = current.pending() if isinstance(current, ssl.SSLSocket) else 0
-            if not pending and not select.select([current], [], [], 0)[0]:
-                return
-
     def _lost(self, rc: MQTTErrorCode) -> bool:
         """Whether paho just lost the connection (it closed the socket): retry after backoff."""
         if rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
@@ -263,20 +218,26 @@ class Bus(Publisher):
         self._schedule_reconnect()
         return True
 
-    def _schedule_reconnect(self) -> None:
-        low, high = self.settings.reconnect_delay_min, self.settings.reconnect_delay_max
-        self._reconnect_delay = min(high, max(low, self._reconnect_delay * 2))
-        self._reconnect_at = time.monotonic() + self._reconnect_delay
+    def _pre_connect(self, _: Any, __: Any) -> None:
+        """Threaded, paho before each connection attempt: the claim's probe first."""
+        if not self._admitted():
+            raise _NotNow(f"{self.client_id}: not connecting now")
 
-    def _connect_if_due(self) -> None:
-        if not self._started or self._stopped or time.monotonic() < self._reconnect_at:
-            return
+    def _admitted(self) -> bool:
+        """Whether the claim lets a connection attempt go now (see claims.py)."""
+        if self._claim.admit():
+            return True
+        if self._claim.failure is not None:
+            self._give_up()
+        return False
+
+    def _give_up(self) -> None:
+        """The claim gave up for good: no more connections; whoever waits in start() wakes."""
+        self._stopped = True
+        self.connected.clear()
+        self._first_connack.set()
         with self._io:
-            try:
-                self._client.reconnect()  # blocks for the TCP connect: the broker's address
-            except (OSError, ValueError) as exc:
-                log.warning("%s: cannot reach the broker: %s", self.client_id, exc)
-                self._schedule_reconnect()
+            self._client.disconnect()  # no socket now: paho's loop ends, never reconnects
 
     def subscribe(self, topic: str) -> None:
         """Add a subscription now and on every reconnect."""
@@ -301,50 +262,24 @@ class Bus(Publisher):
             if not self.threaded and self._client.want_write():
                 self.wake()  # not all written: the pumping thread waits for the socket
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            self._window.release()
+            self._window.give_back()
             raise BusError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
-        # paho may deliver the PUBACK before publish() returns; whichever side comes
-        # second settles the window slot.
-        with self._lock:
-            if info.mid in self._acked_early:
-                self._acked_early.discard(info.mid)
-                self._window.release()
-            else:
-                self._pending[info.mid] = topic
+        self._window.sent(info.mid, topic)
 
     def _wait_for_room(self, timeout: float) -> bool:
         """Take a slot in the window (freed by the broker's acknowledgements)."""
         if self.threaded or self._pumped_elsewhere():
-            return self._window.acquire(timeout=timeout)
-        return self._pump_until(lambda: self._window.acquire(blocking=False), timeout)
-
-    def _pumped_elsewhere(self) -> bool:
-        """Whether another live thread pumped this unthreaded bus last, and so drives it:
-        waiting is then enough."""
-        pumping = self._pumping
-        current = threading.current_thread()
-        return pumping is not None and pumping is not current and pumping.is_alive()
-
-    def _pump_until(self, done: Callable[[], bool], timeout: float) -> bool:
-        """Unthreaded, with nobody else pumping: pump until `done()`, or False at `timeout`
-        (what the caller waits for comes in through this thread alone)."""
-        deadline = time.monotonic() + timeout
-        while not done():
-            if time.monotonic() >= deadline:
-                return False
-            self.pump(min(0.05, deadline - time.monotonic()))
-        return True
+            return self._window.take(timeout)
+        return self._pump_until(lambda: self._window.take(0), timeout)
 
     @property
     def unacknowledged(self) -> int:
-        with self._lock:
-            return len(self._pending)
+        return self._window.unacknowledged
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every publish so far is acknowledged by the broker."""
         if self.threaded or self._pumped_elsewhere():
-            with self._settled:
-                return self._settled.wait_for(lambda: not self._pending, timeout)
+            return self._window.settled(timeout)
         return self._pump_until(lambda: not self.unacknowledged, timeout)
 
     # --- paho callbacks (network thread) ---------------------------------------------
@@ -378,6 +313,9 @@ class Bus(Publisher):
             return
         self._refusal = None
         self._reconnect_delay = 0.0  # a later loss retries after the shortest delay again
+        self._claim.began()
+        if self._claim.claiming:
+            self._publish_claim(self._claim.message)
         if self.subscriptions:
             options = SubscribeOptions(qos=1)
             with self._lock:
@@ -405,6 +343,29 @@ class Bus(Publisher):
         self._received.clear()  # ids of the lost session: the broker re-delivers those
         if reason.is_failure:
             log.warning("%s: disconnected from the broker: %s", self.client_id, reason)
+        if not self._stopped:  # not asked for: the session may have been taken over
+            self._claim.ended(taken_over=reason.value == SESSION_TAKEN_OVER)
+            if self._claim.failure is not None:
+                self._give_up()
+
+    def _connect_failed(self, _: Any, __: Any) -> None:
+        self._claim.unreachable()
+        if self._once:  # no retrying: paho's loop ends, start() raises
+            self._unreached = True
+            self._first_connack.set()
+            self._client.disconnect()
+
+    def _publish_claim(self, payload: bytes) -> None:
+        """Claim the identity (QoS 0, retained, expiring) at each CONNACK and every keepalive;
+        clear the claim (an empty `payload`) on stopping."""
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.MessageExpiryInterval = self._claim.expiry
+        with self._io:
+            self._client.publish(
+                self._claim.topic, payload, qos=0, retain=True, properties=properties
+            )
+            if not self.threaded and self._client.want_write():
+                self.wake()
 
     def _message(self, _: Any, __: Any, message: mqtt.MQTTMessage) -> None:
         if not self.threaded and message.qos > 0:
@@ -412,12 +373,6 @@ class Bus(Publisher):
         self._on_message(message.topic, bytes(message.payload))
 
     def _published(self, _: Any, __: Any, mid: int, reason: ReasonCode, ___: Any) -> None:
-        with self._lock:
-            topic = self._pending.pop(mid, None)
-            if topic is None:
-                self._acked_early.add(mid)
-                return
-            self._settled.notify_all()
-        self._window.release()
-        if reason.is_failure:
+        topic = self._window.acknowledged(mid)
+        if topic is not None and reason.is_failure:
             log.error("%s: the broker refused a message on %s: %s", self.client_id, topic, reason)

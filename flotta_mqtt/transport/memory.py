@@ -1,8 +1,9 @@
 """The transport in memory: MemoryBus, a node's connection to a `memory://NAME` broker.
 
 It keeps the paho Bus's rules, so that the roles' unit tests run against what the broker
-will do (see memory_broker.py for what the broker models and what it does not). A bus
-killed or taken over stays down until `start()`: nothing reconnects by itself.
+will do (see memory_broker.py for what the broker models and what it does not), the claim
+on its identity included (transport/claims.py; nothing expires here). A bus killed stays
+down until `start()`: nothing reconnects by itself; one taken over gives up for good.
 """
 
 from __future__ import annotations
@@ -14,8 +15,15 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from flotta_mqtt.protocol import encode
-from flotta_mqtt.transport.base import BusError, ConnectHandler, MessageHandler, Publisher, Will
+from flotta_mqtt.transport.base import (
+    BusError,
+    ConnectHandler,
+    FailureHandler,
+    MessageHandler,
+    Publisher,
+    Will,
+)
+from flotta_mqtt.transport.claims import Claim
 from flotta_mqtt.transport.memory_broker import (
     Connection,
     Delivery,
@@ -47,8 +55,11 @@ class MemoryBus(Publisher):
         *,
         will: Will | None = None,
         on_connect: ConnectHandler | None = None,
+        on_failure: FailureHandler | None = None,
         clean: bool = False,
         threaded: bool = True,
+        claim: bool = True,
+        once: bool = False,  # connecting here never fails: nothing to try again
     ) -> None:
         self.client_id = client_id
         self.settings = settings
@@ -58,9 +69,9 @@ class MemoryBus(Publisher):
         self._broker = memory_broker(urlsplit(settings.url).netloc)
         self._on_message = on_message
         self._on_connect = on_connect
-        self._will = (
-            None if will is None else Message(will.topic, encode(will.message), will.retain)
-        )
+        self._claim = Claim(client_id, settings, will, MemoryBus if claim else None, on_failure)
+        last_will = self._claim.last_will
+        self._will = None if last_will is None else Message(*last_will)
         self._clean = clean
         self._connection: Connection | None = None
         self._outbox: list[Message] = []  # published while down (guarded by the broker)
@@ -75,7 +86,14 @@ class MemoryBus(Publisher):
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self, wait: float | None = 10.0) -> MemoryBus:
-        """Connect; with `wait`, block until connected (unthreaded: once a pump ran)."""
+        """Connect; with `wait`, block until connected (unthreaded: once a pump ran).
+        Another process holding the identity: IdentityInUse (with no `wait`, the failure
+        handler hears it)."""
+        if not self._claim.admit():
+            self._stopped = True
+            if wait is not None and self._claim.failure is not None:
+                raise self._claim.failure
+            return self
         self._stopped = False
         connection = Connection(self.client_id, self.subscriptions, self.connected, self._arrived)
         keep = not self._clean and self.settings.session_expiry > 0
@@ -84,6 +102,9 @@ class MemoryBus(Publisher):
             self._broker.connect(
                 connection, will=self._will, clean=self._clean, keep=keep, outbox=self._outbox
             )
+            if self._claim.claiming:
+                claim = Message(self._claim.topic, self._claim.message, retain=True)
+                self._broker.publish(self.client_id, claim)
         if self.threaded:
             self._delivering = threading.Thread(
                 target=self._deliver, args=(connection,), name=f"bus-{self.client_id}", daemon=True
@@ -95,10 +116,13 @@ class MemoryBus(Publisher):
         return self
 
     def stop(self, goodbye: list[tuple[str, BaseModel, bool]] | None = None) -> None:
-        """Publish `goodbye` (topic, message, retain), then disconnect: no will."""
+        """Publish `goodbye` (topic, message, retain), clear the claim, then disconnect:
+        no will."""
         if not self._stopped:
             for topic, message, retain in goodbye or []:
                 self.publish(topic, message, retain=retain, timeout=2.0)
+            if self._claim.claiming:
+                self.publish_raw(self._claim.topic, b"", retain=True, timeout=2.0)
         self._go_away(send_will=False)
 
     def kill(self) -> None:
@@ -157,14 +181,24 @@ class MemoryBus(Publisher):
             with self._arrived:
                 self._arrived.wait_for(lambda: connection.inbox or connection.lost)
                 if connection.lost:
-                    return
+                    break
                 item = connection.inbox.popleft()
             self._hand_over(item)
+        self._lost(connection)
+
+    def _lost(self, connection: Connection) -> None:
+        """A connection ended: if another took the session over, give up (the broker
+        said so, as mosquitto does from 2.0.15 with DISCONNECT 0x8E)."""
+        if connection.taken_over and not self._stopped:
+            self._stopped = True
+            self._claim.ended(taken_over=True)
 
     def pump(self, timeout: float) -> None:
         """Unthreaded: acknowledge what is due, wait up to `timeout` s (0.1 s once stopped,
         as the Bus) for deliveries or `wake()`, and hand them to the handlers here."""
         self.acknowledge()
+        if self._connection is not None and self._connection.lost:
+            self._lost(self._connection)
         with self._arrived:
             self._arrived.wait_for(
                 lambda: self._woken or self._deliverable() is not None,

@@ -90,6 +90,7 @@ class Connection:
         self.arrived = arrived
         self.inbox: deque[Delivery | Ready] = deque()
         self.lost = False
+        self.taken_over = False  # lost to another connection of the same client id
 
     def post(self, item: Delivery | Ready) -> None:
         with self.arrived:
@@ -174,6 +175,7 @@ class MemoryBroker:
             if session is not None and session.connection is not None:  # taken over
                 if clean or not session.keep:  # when mosquitto sends the old will
                     self._publish_will(client_id, session)
+                session.connection.taken_over = True
                 session.connection.lose()
             if session is not None and (clean or not session.keep):
                 session = None

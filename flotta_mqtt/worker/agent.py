@@ -33,7 +33,7 @@ from flotta_mqtt.protocol import (
     topics,
     unbatch,
 )
-from flotta_mqtt.transport import Will, open_bus
+from flotta_mqtt.transport import FailureHandler, Will, open_bus
 from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.worker.attempts import STARTED_AFTER, Attempt, Attempts, Work
 from flotta_mqtt.worker.config import WorkerConfig
@@ -55,9 +55,13 @@ JOURNAL_RETRY = 1.0  # seconds between attempts to write to a journal that refus
 
 
 class WorkerAgent:
-    """One worker node. `start()` connects and serves; `stop()` says goodbye."""
+    """One worker node. `start()` connects and serves; `stop()` says goodbye.
 
-    def __init__(self, config: WorkerConfig) -> None:
+    `on_failure` hears it if the bus gives up for good: another process took the
+    worker's identity over (IdentityInUse); the agent then waits to be stopped.
+    """
+
+    def __init__(self, config: WorkerConfig, on_failure: FailureHandler | None = None) -> None:
         operations.load_plugins(config.plugins)
         self.config = config
         self.name = config.name
@@ -94,6 +98,7 @@ class WorkerAgent:
             [topics.worker_inbox(self.name)],
             will=Will(topics.presence(self.name), self.presence(online=False)),
             on_connect=self._on_connect,
+            on_failure=on_failure,
             threaded=False,  # pumped by the agent thread: no hand-over per message
         )
         self._reports = Reports(self.bus.wake)
@@ -120,6 +125,8 @@ class WorkerAgent:
         )
 
     def start(self, wait: float | None = 10.0) -> WorkerAgent:
+        """Raises IdentityInUse, having run nothing, if another process is this worker."""
+        self.bus.check()  # before the journal's jobs run again: they may be that process's
         config = self.config
         self.tasks.setup(
             Site(config.name, config.broker, config.storage, config.state_dir, config.allow_code)

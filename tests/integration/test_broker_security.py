@@ -187,6 +187,36 @@ def test_a_worker_cannot_write_another_workers_events_or_presence(connect: Conne
     assert scheduler.messages == [(topics.events("node-1"), b"marker event")]
 
 
+def test_no_other_node_can_forge_or_read_a_nodes_claim(
+    connect: Connect, secure_broker: LocalBroker, identities: Identities
+) -> None:
+    """A forged claim would lock a node out of its identity. Only the node writes its claim
+    on sessions/NODE, and only its own probe (NODE.probe, its password) reads it."""
+    claimed = Bus("node-2", identities.broker_settings("node-2", secure_broker.url), _noop, [])
+    claimed.start(wait=10)
+
+    def probe(node: str, received: MessageRecorder) -> Bus:
+        settings = identities.broker_settings(node, secure_broker.url)
+        settings.username = f"{node}.probe"
+        bus = Bus(
+            f"{node}.probe", settings, received, [topics.session("+")], clean=True, claim=False
+        )
+        return bus.start(wait=10)
+
+    own, other = MessageRecorder(), MessageRecorder()
+    own_probe, other_probe = probe("node-2", own), probe("node-1", other)
+    [(topic, claim)] = own.wait(1)
+    assert topic == topics.session("node-2") and b'"client":"node-2"' in claim
+
+    denied(connect, "node-1", topics.session("node-2"), b"forged claim")
+    denied(connect, "alice", topics.session("node-2"), b"forged claim")
+    own_probe.publish_raw(topics.session("node-2"), b"marker")
+    other_probe.publish_raw(topics.session("node-1"), b"marker")
+    assert own.wait(2) == [(topics.session("node-2"), claim), (topics.session("node-2"), b"marker")]
+    assert other.wait(1) == [(topics.session("node-1"), b"marker")]
+    claimed.stop()
+
+
 # --- workbenches and dashboards ---------------------------------------------------------------
 
 

@@ -308,8 +308,8 @@ def test_worker_options_reach_its_config(monkeypatch: pytest.MonkeyPatch, tmp_pa
     import flotta_mqtt.cli.main as cli
 
     started: list[WorkerConfig] = []
-    monkeypatch.setattr(cli, "WorkerAgent", started.append)
-    monkeypatch.setattr(cli, "serve", lambda make, what, console: make())
+    monkeypatch.setattr(cli, "WorkerAgent", lambda config, gave_up: started.append(config))
+    monkeypatch.setattr(cli, "serve", lambda make, what, console: make(print))
     data = tmp_path / "d.csv"
     data.write_text("x\n1\n")
     result = invoke(
@@ -344,9 +344,9 @@ def test_node_options_read_their_variables(monkeypatch: pytest.MonkeyPatch, tmp_
     import flotta_mqtt.cli.main as cli
 
     started: list[WorkerConfig | SchedulerConfig] = []
-    monkeypatch.setattr(cli, "WorkerAgent", started.append)
-    monkeypatch.setattr(cli, "SchedulerNode", started.append)
-    monkeypatch.setattr(cli, "serve", lambda make, what, console: make())
+    monkeypatch.setattr(cli, "WorkerAgent", lambda config, gave_up: started.append(config))
+    monkeypatch.setattr(cli, "SchedulerNode", lambda config, gave_up: started.append(config))
+    monkeypatch.setattr(cli, "serve", lambda make, what, console: make(print))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.csv").write_text("x\n1\n")
     env = {

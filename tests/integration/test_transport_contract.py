@@ -18,7 +18,15 @@ from helpers import MessageRecorder, wait_for
 
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, NodePresence, encode
-from flotta_mqtt.transport import BusError, MessageHandler, Transport, Will, open_bus
+from flotta_mqtt.transport import (
+    BusError,
+    IdentityInUse,
+    MessageHandler,
+    Transport,
+    Will,
+    open_bus,
+)
+from flotta_mqtt.transport.claims import FIGHT_LIMIT
 from flotta_mqtt.transport.memory_broker import MemoryBroker
 from flotta_mqtt.transport.settings import BrokerSettings
 
@@ -177,19 +185,52 @@ def test_a_clean_session_keeps_nothing(connect: Connect) -> None:
     assert present == [False, False]
 
 
-def test_a_second_connection_with_the_same_id_takes_the_session_over(
+def test_a_second_process_of_an_identity_is_refused_and_the_first_keeps_its_session(
     connect: Connect, settings: BrokerSettings
 ) -> None:
-    slow = settings.model_copy(update={"reconnect_delay_min": 30, "reconnect_delay_max": 30})
-    first_got, second_got = MessageRecorder(), MessageRecorder()
-    first = connect("twin", first_got, ["jobs/twin"], settings=slow)
-    present: list[bool] = []
-    connect("twin", second_got, ["jobs/twin"], on_connect=present.append)
-    wait_for(lambda: not first.connected.is_set(), message="the first connection stayed")
+    sessions: list[bool] = []
+    first_got = MessageRecorder()
+    first = connect("twin", first_got, ["jobs/twin"], on_connect=sessions.append)
+    second = open_bus("twin", settings, _noop, ["jobs/twin"])
+    with pytest.raises(IdentityInUse, match="broker identity twin is already connected"):
+        second.check()
+    with pytest.raises(IdentityInUse, match="twin is already connected: process"):
+        second.start(wait=5)
+    assert second.failure is not None and not second.connected.is_set()
 
     _sent_by(connect("pub"), "jobs/twin", b"after")
-    assert second_got.wait(1) == [("jobs/twin", b"after")]
-    assert first_got.messages == [] and present == [True]
+    assert first_got.wait(1) == [("jobs/twin", b"after")]
+    assert sessions == [False] and first.connected.is_set() and first.failure is None
+
+
+def test_a_session_taken_over_is_not_taken_back(connect: Connect, settings: BrokerSettings) -> None:
+    """By a client that does not claim the identity: the first bus gives up, at once where
+    the broker says why (memory, mosquitto 2.0.15 on), else after a few short sessions."""
+    sessions: list[bool] = []
+    first = connect("twin", _noop, ["jobs/twin"], on_connect=sessions.append)
+    second_got = MessageRecorder()
+    second = connect("twin", second_got, ["jobs/twin"], claim=False)
+    wait_for(lambda: first.failure is not None, timeout=30, message="the first fought on")
+    assert isinstance(first.failure, IdentityInUse)
+    assert "twin was taken over" in str(first.failure)
+    assert len(sessions) <= FIGHT_LIMIT
+
+    wait_for(second.connected.is_set, message="the second did not keep the session")
+    _sent_by(connect("pub"), "jobs/twin", b"after")
+    assert ("jobs/twin", b"after") in second_got.wait_for(lambda m: ("jobs/twin", b"after") in m)
+    assert not first.connected.is_set() and len(sessions) <= FIGHT_LIMIT
+    with pytest.raises(IdentityInUse):
+        first.publish_raw("jobs/twin", b"from the first")
+
+
+@pytest.mark.parametrize("own_will", [True, False], ids=["with-will", "no-will"])
+def test_a_killed_process_s_identity_is_free_at_once(connect: Connect, own_will: bool) -> None:
+    """Its will says it is gone: the node's own (a claim names its hash), or the claim's
+    clearing."""
+    will = Will("p/crash", presence("crash", "will")) if own_will else None
+    connect("crash", will=will).kill()
+    again = connect("crash", will=will)
+    assert again.connected.is_set() and again.failure is None
 
 
 # --- wills --------------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def test_the_cli_nodes_opt_in_unless_told_not_to(setting: str) -> None:
             def stop(self):
                 pass
 
-        serving.serve(Node, "test node", Console(stderr=True))
+        serving.serve(lambda gave_up: Node(), "test node", Console(stderr=True))
         print("patched" if Properties.__init__ is not before else "untouched")
         """
     )

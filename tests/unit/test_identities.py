@@ -6,6 +6,8 @@ written by hand from the topic layout, then checked against the protocol's own t
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import stat
 from pathlib import Path
@@ -38,21 +40,25 @@ EXPECTED: dict[str, Rights] = {
         ("write", f"{V}/workers/+/control"),
         ("write", f"{V}/artifacts/#"),
         ("write", f"{V}/replies/+"),
+        ("write", f"{V}/sessions/scheduler"),
     },
     "scheduler.initiator": {
         ("read", f"{V}/workers/scheduler.initiator/#"),
         ("write", f"{V}/events/scheduler.initiator"),
         ("write", f"{V}/presence/scheduler.initiator"),
+        ("write", f"{V}/sessions/scheduler.initiator"),
     },
     "node-1": {
         ("read", f"{V}/workers/node-1/#"),
         ("write", f"{V}/events/node-1"),
         ("write", f"{V}/presence/node-1"),
+        ("write", f"{V}/sessions/node-1"),
     },
     "node-2": {
         ("read", f"{V}/workers/node-2/#"),
         ("write", f"{V}/events/node-2"),
         ("write", f"{V}/presence/node-2"),
+        ("write", f"{V}/sessions/node-2"),
     },
     "alice": {
         ("read", f"{V}/replies/alice"),
@@ -60,12 +66,32 @@ EXPECTED: dict[str, Rights] = {
         ("read", f"{V}/presence/+"),
         ("write", f"{V}/requests/alice/+"),
         ("write", f"{V}/replies/alice"),  # the SDK's sync marker to itself
+        ("write", f"{V}/sessions/alice"),
     },
     "dash": {
         ("read", f"{V}/artifacts/#"),  # without a registry, a dashboard watches everything
         ("read", f"{V}/presence/+"),
     },
 }
+
+
+# Each node whose process claims its identity has a probe (transport/claims.py): it reads
+# the node's claim, and the presence its will updates, and writes its marker beside them.
+PROBES: dict[str, Rights] = {
+    f"{node}.probe": {
+        ("read", f"{V}/sessions/{node}"),
+        ("write", f"{V}/sessions/{node}"),
+        *([("read", f"{V}/presence/{node}")] if presence else []),
+    }
+    for node, presence in [
+        ("scheduler", False),
+        ("scheduler.initiator", True),
+        ("node-1", True),
+        ("node-2", True),
+        ("alice", False),
+    ]
+}
+USERS = {**EXPECTED, **PROBES}
 
 
 def parse_acl(text: str) -> dict[str | None, Rights]:
@@ -111,7 +137,7 @@ def allowed(acl: dict[str | None, Rights], user: str, access: str, topic: str) -
 def test_the_acl_grants_each_node_exactly_its_rights() -> None:
     acl = parse_acl(render_acl(SPEC))
     assert acl.pop(None) == set(), "anonymous clients must get nothing"
-    assert acl == EXPECTED
+    assert acl == USERS
 
 
 def test_the_acl_matches_the_protocol_topics() -> None:
@@ -165,6 +191,29 @@ def test_the_acl_matches_the_protocol_topics() -> None:
         ("dash", "write", topics.submit("dash"), False),
         ("dash", "read", topics.reply("dash"), False),
         ("dash", "write", topics.presence("dash"), False),
+        # One identity, one process: a node claims itself; only its own probe reads it.
+        ("node-1", "write", topics.session("node-1"), True),
+        ("node-1", "write", topics.session("node-2"), False),
+        ("node-1", "read", topics.session("node-1"), False),
+        ("node-1.probe", "read", topics.session("node-1"), True),
+        ("node-1.probe", "write", topics.session("node-1"), True),
+        ("node-1.probe", "read", topics.presence("node-1"), True),
+        ("node-1.probe", "read", topics.session("node-2"), False),
+        ("node-1.probe", "write", topics.session("node-2"), False),
+        ("node-1.probe", "read", topics.presence("node-2"), False),
+        ("node-1.probe", "read", topics.jobs("node-1"), False),
+        ("node-1.probe", "write", topics.presence("node-1"), False),
+        ("node-1.probe", "write", topics.events("node-1"), False),
+        ("scheduler.probe", "read", topics.session("scheduler"), True),
+        ("scheduler.probe", "read", topics.session("scheduler.initiator"), False),
+        ("scheduler.probe", "read", topics.events("node-1"), False),
+        ("scheduler.initiator.probe", "read", topics.session("scheduler.initiator"), True),
+        ("scheduler.initiator.probe", "read", topics.session("scheduler"), False),
+        ("alice.probe", "read", topics.session("alice"), True),
+        ("alice.probe", "write", topics.submit("alice"), False),
+        ("scheduler", "read", topics.session("node-1"), False),
+        ("dash", "read", topics.session("node-1"), False),
+        ("dash", "write", topics.session("dash"), False),
     ]
     wrong = [row for row in table if allowed(acl, *row[:3]) != row[3]]
     assert wrong == []
@@ -186,6 +235,9 @@ def test_a_bridge_may_do_what_its_site_nodes_may_do() -> None:
         IdentitySpec(workers=["node-1", "node-1"]),
         IdentitySpec(workers=["scheduler"]),
         IdentitySpec(workers=["scheduler.initiator"]),
+        IdentitySpec(workers=["node-1", "node-1.probe"]),  # node-1's probe's identity
+        IdentitySpec(workbenches=["scheduler.probe"]),
+        IdentitySpec(workers=["n" * 123]),  # its probe's name would be over 128 characters
         IdentitySpec(workers=["node/1"]),
         IdentitySpec(workers=["node+"]),
         IdentitySpec(workbenches=["#"]),
@@ -212,10 +264,11 @@ def test_generated_files_keep_their_secrets(tmp_path: Path) -> None:
     for password in passwords:
         assert password not in acl_text
         assert password not in password_text  # hashed by mosquitto_passwd
-    assert parse_acl(acl_text).keys() - {None} == set(EXPECTED)
+    assert parse_acl(acl_text).keys() - {None} == set(USERS)
     hashed = dict(line.split(":", 1) for line in password_text.splitlines())
-    assert set(hashed) == set(EXPECTED)
-    assert all(value.startswith("$7$") for value in hashed.values())  # PBKDF2-SHA512
+    assert set(hashed) == set(USERS)
+    for user, value in hashed.items():  # a probe has its node's password
+        assert accepts(value, made.credentials[user.removesuffix(".probe")].password), user
 
     for path in (made.credentials_file, made.password_file, made.acl_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
@@ -226,6 +279,14 @@ def test_generated_files_keep_their_secrets(tmp_path: Path) -> None:
         "password": made.credentials["node-1"].password,
     }
     assert load_credentials(made.credentials_file) == made.credentials
+
+
+def accepts(hashed: str, password: str) -> bool:
+    """Whether a mosquitto_passwd hash (PBKDF2-SHA512, `$7$ROUNDS$SALT$HASH`) is of this
+    password."""
+    _, kind, rounds, salt, digest = hashed.split("$")
+    key = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt), int(rounds))
+    return kind == "7" and base64.b64encode(key).decode() == digest
 
 
 def test_adding_a_node_keeps_every_other_password(tmp_path: Path) -> None:
@@ -244,7 +305,7 @@ def test_adding_a_node_keeps_every_other_password(tmp_path: Path) -> None:
     assert len(new) >= 24 and new not in {c.password for c in first.credentials.values()}
     assert load_credentials(second.credentials_file) == second.credentials
     hashed = dict(line.split(":", 1) for line in second.password_file.read_text().splitlines())
-    assert set(hashed) == {*EXPECTED, "node-3"}
+    assert set(hashed) == {*USERS, "node-3", "node-3.probe"}
     for path in (second.credentials_file, second.password_file, second.acl_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 

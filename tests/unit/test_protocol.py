@@ -52,6 +52,8 @@ from flotta_mqtt.protocol import (
     RemoteError,
     RequestRejected,
     Resource,
+    SessionClaim,
+    SessionProbe,
     StatusRequest,
     decode,
     encode,
@@ -70,6 +72,7 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 safe_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", fullmatch=True)
 short_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}", fullmatch=True)
 sha256s = st.text("0123456789abcdef", min_size=64, max_size=64)
+tokens = st.text("0123456789abcdef", min_size=32, max_size=32)
 job_ids = st.integers(min_value=0, max_value=2**40)
 attempts = st.integers(min_value=1, max_value=1000)
 # Finite: JSON has no infinity (see test_non_finite_timestamps_do_not_survive_encoding).
@@ -259,6 +262,21 @@ MESSAGES: dict[type[BaseModel], tuple[Callable[[str], str], st.SearchStrategy[An
     ),
 }
 
+MESSAGES[SessionClaim] = (
+    topics.session,
+    st.builds(
+        SessionClaim,
+        client=safe_ids,
+        session=tokens,
+        host=st.text(st.characters(exclude_categories=("Cc", "Cs")), max_size=255),
+        pid=st.integers(min_value=0, max_value=2**31),
+        since=timestamps,
+        keepalive=st.integers(min_value=1, max_value=3600),
+        will=st.none() | sha256s,
+    ),
+)
+MESSAGES[SessionProbe] = (topics.session, st.builds(SessionProbe, nonce=tokens))
+
 worker_events = st.one_of(*(how for build, how in MESSAGES.values() if build is topics.events))
 MESSAGES[EventBatch] = (
     topics.events,
@@ -277,6 +295,7 @@ BUILDERS: dict[Channel, Callable[[str], str]] = {
     Channel.CONTROL: topics.control,
     Channel.EVENTS: topics.events,
     Channel.PRESENCE: topics.presence,
+    Channel.SESSION: topics.session,
 }
 any_topic = st.builds(
     lambda build, name: build(name), st.sampled_from(list(BUILDERS.values())), short_ids
@@ -315,6 +334,7 @@ def test_builders_spell_the_documented_layout() -> None:
     assert topics.control("w") == f"{root}/workers/w/control"
     assert topics.events("w") == f"{root}/events/w"
     assert topics.presence("n") == f"{root}/presence/n"
+    assert topics.session("n") == f"{root}/sessions/n"
 
 
 @pytest.mark.parametrize(
@@ -393,6 +413,9 @@ VALID = {
     Channel.CONTROL: CancelJob(job=ref()),
     Channel.EVENTS: JobStarted(job=ref(), at=5.0),
     Channel.PRESENCE: NodePresence(node="n", online=True, since=1.0),
+    Channel.SESSION: SessionClaim(
+        client="n", session="0" * 32, host="h", pid=1, since=1.0, keepalive=15
+    ),
 }
 
 
@@ -441,6 +464,10 @@ def test_decode_rejects_an_extra_field_and_names_it(channel: Channel) -> None:
         (Channel.STATUS, ["seq"], -1, "seq"),
         (Channel.PRESENCE, ["online"], "maybe", "online"),
         (Channel.PRESENCE, ["max_jobs"], 0, "max_jobs"),
+        (Channel.SESSION, ["session"], "not hex", "session"),
+        (Channel.SESSION, ["keepalive"], 0, "keepalive"),
+        (Channel.SESSION, ["host"], "h\x1b[2J", "host"),  # it is shown in errors
+        (Channel.SESSION, ["type"], "steal", "type"),
         (Channel.SUBMIT, ["steps"], [], "steps"),
         (Channel.SUBMIT, ["version"], 2, "version"),
         (Channel.LOCKS, ["locks"], [[1]], "locks"),
