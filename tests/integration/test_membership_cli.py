@@ -39,7 +39,8 @@ def deployment(broker: LocalBroker, tmp_path: Path) -> Iterator[dict[str, object
     def start_worker(name: str) -> None:
         data = tmp_path / f"{name}.csv"
         data.write_text("x\n" + "".join(f"{i}\n" for i in range(ROWS[name])))
-        args = ["worker", "--name", name, "--data", f"demo={data}", "--broker", broker.url]
+        args = ["worker", "--name", name, "--data", f"demo={data}", "--exact", "demo"]
+        args += ["--broker", broker.url]
         args += ["--storage", store, "--state-dir", str(tmp_path / name)]
         processes.append(cli(*args))
         online(broker.url, name)
