@@ -15,13 +15,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import opendp.prelude as dp
+import opendp.combinators as dp_c
+import opendp.measurements as dp_m
+from opendp.domains import atom_domain, map_domain, vector_domain
+from opendp.metrics import absolute_distance, l01inf_distance, l1_distance, l2_distance
+from opendp.mod import binary_search_param, enable_features
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flotta_mqtt.analytics.policy import ordered
 from flotta_mqtt.analytics.registry import Budget, Dataset, PrivacyRefused
 
-dp.enable_features("contrib")
+# opendp.prelude would import scikit-learn (a second at every start): its parts instead.
+enable_features("contrib")
 
 
 class Private(BaseModel):
@@ -79,29 +84,29 @@ class Noise:
         """The noise's scale: the smallest whose privacy map OpenDP proves within
         (epsilon, delta). Laplace: l1 / epsilon; Gaussian: its standard deviation."""
         make, d_in, d_out = self._family(integers, l1, l2)
-        return float(dp.binary_search_param(make, d_in=d_in, d_out=d_out))
+        return float(binary_search_param(make, d_in=d_in, d_out=d_out))
 
     def _family(self, integers: bool, l1: float, l2: float) -> tuple[Any, Any, Any]:
         """OpenDP's measurement as a function of its scale, its input and output distances."""
         atom = "i64" if integers else "f64"
-        domain = dp.vector_domain(dp.atom_domain(T=atom, nan=None if integers else False))
+        domain = vector_domain(atom_domain(T=atom, nan=None if integers else False))
         if self.delta == 0:
-            metric = dp.l1_distance(T=atom)
+            metric = l1_distance(T=atom)
 
             def laplace(scale: float) -> Any:
-                return dp.m.make_laplace(domain, metric, scale=scale)
+                return dp_m.make_laplace(domain, metric, scale=scale)
 
             return laplace, int(l1) if atom == "i64" else float(l1), self.epsilon
 
         def gaussian(scale: float) -> Any:
-            measure = dp.m.make_gaussian(domain, dp.l2_distance(T=float), scale=scale)
-            return dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(measure), self.delta)
+            measure = dp_m.make_gaussian(domain, l2_distance(T=float), scale=scale)
+            return dp_c.make_fix_delta(dp_c.make_zCDP_to_approxDP(measure), self.delta)
 
         return gaussian, float(l2), (self.epsilon, self.delta)
 
     def _measurement(self, integers: bool, l1: float, l2: float) -> Any:
         make, d_in, d_out = self._family(integers, l1, l2)
-        return make(dp.binary_search_param(make, d_in=d_in, d_out=d_out))
+        return make(binary_search_param(make, d_in=d_in, d_out=d_out))
 
 
 def requested(params: Any) -> Noise | None:
@@ -164,14 +169,14 @@ def threshold_counts(counts: dict[str, int], noise: Noise, min_group_size: int) 
             "noised group statistics release only the groups whose noisy count passes a "
             "threshold, which needs delta > 0 (e.g. 1e-7)"
         )
-    domain = dp.map_domain(dp.atom_domain(T=str), dp.atom_domain(T="i64"))
-    metric = dp.l01inf_distance(dp.absolute_distance(T="i64"))
+    domain = map_domain(atom_domain(T=str), atom_domain(T="i64"))
+    metric = l01inf_distance(absolute_distance(T="i64"))
     scale = 1.0 / noise.epsilon
 
     def make(threshold: float) -> Any:
-        return dp.m.make_laplace_threshold(domain, metric, scale=scale, threshold=int(threshold))
+        return dp_m.make_laplace_threshold(domain, metric, scale=scale, threshold=int(threshold))
 
-    lowest = dp.binary_search_param(make, d_in=(1, 1, 1), d_out=(noise.epsilon, noise.delta), T=int)
+    lowest = binary_search_param(make, d_in=(1, 1, 1), d_out=(noise.epsilon, noise.delta), T=int)
     kept = make(max(int(lowest), min_group_size))({k: int(v) for k, v in counts.items()})
     return {key: int(value) for key, value in kept.items()}
 
