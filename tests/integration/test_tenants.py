@@ -37,10 +37,20 @@ from flotta_mqtt.model import (
     Tasks,
 )
 from flotta_mqtt.nodes import SchedulerNode
-from flotta_mqtt.protocol import ArtifactStatus, NodePresence, decode, topics
+from flotta_mqtt.protocol import (
+    ArtifactStatus,
+    JobBatch,
+    JobFinished,
+    JobReady,
+    NodePresence,
+    Resource,
+    decode,
+    topics,
+)
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.bus import Bus
 from flotta_mqtt.transport.settings import StorageSettings
+from flotta_mqtt.transport.store import sha256_hex
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 pytestmark = pytest.mark.integration
@@ -293,3 +303,41 @@ def test_a_forged_presence_gets_a_worker_nothing_the_registry_does_not_grant(
         finally:
             bus.stop()
     assert intruder.messages == []  # never a job, never a header
+
+
+def test_a_worker_identity_reporting_a_product_outside_the_store_gets_nothing_read(
+    folder: Path,
+) -> None:
+    """node-2, with its own generated identity, answers its job with a product URL on the
+    worker host's files (true size and sha256): the broker lets it (its own events topic),
+    the initiator consuming the product refuses the URL without opening it."""
+    jobs = MessageRecorder()
+    with start_site(folder) as site:
+        settings = site.identities.broker_settings("node-2", site.broker.url)
+        node_2 = Bus("node-2", settings, jobs, [topics.worker_inbox("node-2")])
+        node_2.start(wait=TIMEOUT)
+        try:
+            with site.client("alice") as alice:
+                artifact = Artifact(
+                    project="idle", steps=[Parallel(COUNT, Collect()), Finalize(COUNT)]
+                )
+                handle = alice.submit(artifact)
+                received = jobs.wait_for(lambda msgs: bool(msgs), timeout=TIMEOUT)
+                _, job = decode(*received[0])
+                ready = job.jobs[0] if isinstance(job, JobBatch) else job
+                assert isinstance(ready, JobReady)
+                secret = Path("/etc/passwd").read_bytes()
+                forged = Resource(
+                    url="file:///etc/passwd", sha256=sha256_hex(secret), size=len(secret)
+                )
+                now = time.time()
+                node_2.publish(
+                    topics.events("node-2"),
+                    JobFinished(job=ready.ref, product=forged, started_at=now, finished_at=now),
+                )
+                status = handle.wait(timeout=TIMEOUT)
+        finally:
+            node_2.stop()
+    assert status.state is ArtifactState.FAILED
+    assert status.error is not None and status.error.type == "ResourceRefused"
+    assert "refused file:///etc/passwd: not a key under" in status.error.message
