@@ -178,7 +178,7 @@ def noise(project: str, queries: int, delta: bool = False) -> dict[str, Any]:
 
 # --- the attacks ----------------------------------------------------------------------------------
 
-STEPS = 10  # binary search steps: 100 / 2**10 < 0.1
+STEPS = 7  # binary search steps: 100 / 2**7 < 1, the success tolerance
 
 
 def refusal_search(cluster: Cluster, project: str) -> list[bool]:
