@@ -21,6 +21,7 @@ from flotta_mqtt.model import (
     ArtifactState,
     JobState,
     Registry,
+    job_count,
 )
 from flotta_mqtt.protocol import (
     CancelArtifact,
@@ -148,7 +149,9 @@ class SchedulerCore:
         for record in unfinished:
             self.artifacts[record.id] = record
             holders = len(record.context.workers) if record.context else 1
-            self.quotas.take(record.client, record.artifact, holders)
+            self.quotas.take(
+                record.client, record.artifact, job_count(record.artifact.steps, holders)
+            )
             self.announcements.changed(record.id)
             for job_id, status in enumerate(record.jobs):
                 if status.state is JobState.READY:
@@ -256,11 +259,12 @@ class SchedulerCore:
             self._reject(topics.submit(client), error, artifact.id)
             return
         holders = len(expected_holders(artifact, client, self.registry, self.nodes))
-        refusal = self.quotas.refusal(client, artifact, holders)
+        jobs = job_count(artifact.steps, max(holders, 1))  # before anything is expanded
+        refusal = self.quotas.refusal(client, artifact, jobs, holders)
         if refusal is not None:
             self._reject(topics.submit(client), refusal, artifact.id, "quota")
             return
-        self.quotas.take(client, artifact, holders)
+        self.quotas.take(client, artifact, jobs)
         wall = self.flow.clock.wall
         self.flow.decision.writes.append(InsertArtifact(artifact, client, wall))
         self._known[artifact.id] = client

@@ -59,11 +59,11 @@ def admit(presence: NodePresence, registry: Registry | None, initiator: str) -> 
 
 def serving(
     client: str, registry: Registry | None, nodes: Mapping[str, NodePresence]
-) -> dict[str, NodePresence]:
+) -> Mapping[str, NodePresence]:
     """The nodes that take part in `client`'s artifacts: those the registry lets serve its
     tenant (and the initiator); every node without a registry."""
     if registry is None:
-        return dict(nodes)
+        return nodes  # no copy: binding only reads it
     tenant = registry.tenant(client)
     return {
         name: node

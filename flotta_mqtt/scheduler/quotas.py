@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from flotta_mqtt.model import Artifact, job_count
+from flotta_mqtt.model import Artifact
 
 
 @dataclass
@@ -20,9 +20,9 @@ class Quotas:
     _jobs: Counter[str] = field(default_factory=Counter)
     _counted: dict[str, tuple[str, int]] = field(default_factory=dict)  # id → client, jobs
 
-    def refusal(self, client: str, artifact: Artifact, holders: int) -> str | None:
-        """Why `client` may not submit `artifact` now (over which limit), or None."""
-        jobs = job_count(artifact.steps, max(holders, 1))
+    def refusal(self, client: str, artifact: Artifact, jobs: int, holders: int) -> str | None:
+        """Why `client` may not submit `artifact` of `jobs` jobs now (over which limit), or
+        None."""
         if jobs > self.max_jobs_per_artifact:
             return (
                 f"artifact {artifact.id} would run {jobs} jobs over {holders} holders; "
@@ -41,9 +41,8 @@ class Quotas:
             )
         return None
 
-    def take(self, client: str, artifact: Artifact, holders: int) -> None:
-        """Count an unfinished artifact against its identity."""
-        jobs = job_count(artifact.steps, max(holders, 1))
+    def take(self, client: str, artifact: Artifact, jobs: int) -> None:
+        """Count an unfinished artifact of `jobs` jobs against its identity."""
         self._counted[artifact.id] = (client, jobs)
         self._artifacts[client] += 1
         self._jobs[client] += jobs
