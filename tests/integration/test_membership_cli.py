@@ -32,6 +32,8 @@ def deployment(broker: LocalBroker, tmp_path: Path) -> Iterator[dict[str, object
         "workers:\n"
         "  site-a: {projects: [demo]}\n"
         "  site-b: {projects: [demo]}\n"
+        "workbenches:\n"
+        "  lab: {}\n"
     )
     store = (tmp_path / "store").as_uri()
     processes: list[subprocess.Popen[str]] = []
@@ -113,10 +115,11 @@ def test_status_shows_the_holders_and_the_missing(
     start_worker = deployment["start_worker"]
     assert callable(start_worker)
     start_worker("site-a")
-    with Client(BrokerSettings(url=broker.url)) as client:
+    # With a registry only the owner (or an admin) may ask: both connect as `lab`.
+    with Client(BrokerSettings(url=broker.url, username="lab")) as client:
         handle = client.submit(count(quorum=1))
         handle.result(timeout=TIMEOUT)
-    process = cli("status", handle.artifact_id, "--broker", broker.url)
+    process = cli("status", handle.artifact_id, "--broker", broker.url, "--username", "lab")
     out, err = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 0, err
     assert "holders: site-a; missing: site-b" in out
