@@ -105,6 +105,7 @@ class Scheduler:
             if not sqlite.is_refusal(exc):
                 raise
             self._stall([], exc)
+        self._out += self.core.served.entries()  # the directory: which group serves what
         self._thread.start()
         self.bus.start(wait=wait)
         if self.config.metrics_port is not None:
