@@ -354,7 +354,7 @@ class Scheduler:
     def store(self) -> ResourceStore:
         """The resource store, opened when first needed."""
         if self._store is None:
-            self._store = ResourceStore.of(self.config.storage)
+            self._store = ResourceStore.of(self.config.storage, self.config.broker.group)
         return self._store
 
     def _results_manifest(self, artifact_id: str, results: list[Resource]) -> Resource | None:
