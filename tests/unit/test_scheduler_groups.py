@@ -18,9 +18,11 @@ from helpers import MessageRecorder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from typer.testing import CliRunner, Result
 
 from flotta_mqtt import Artifact, Client, Collect, Compare, Finalize, Operation, Parallel
 from flotta_mqtt.broker.identities import IdentitySpec, render_acl, rights
+from flotta_mqtt.cli.main import app
 from flotta_mqtt.model import ArtifactState, Registry
 from flotta_mqtt.model.ids import GROUP
 from flotta_mqtt.nodes import SchedulerNode
@@ -425,3 +427,60 @@ def test_a_project_with_no_directory_entry_goes_to_the_default_group(
             recorder.wait_for(lambda msgs: any(t == topics.submit("alice") for t, _ in msgs))
     finally:
         spy.stop()
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(
+        app, list(args), env={"COLUMNS": "250", **(env or {})}, catch_exceptions=False
+    )
+
+
+def test_the_cli_submits_by_project_and_finds_the_artifact_by_project_or_group(
+    two_groups: Groups, tmp_path: Path
+) -> None:
+    broker = ["--broker", two_groups.broker.url, "--username", "alice"]
+    file = tmp_path / "count.json"
+    file.write_text(count("pb").model_dump_json())
+    submitted = invoke("submit", str(file), "--wait", *broker, "--storage", two_groups.storage.url)
+    assert submitted.exit_code == 0, submitted.output
+    artifact_id = submitted.output.split("submitted artifact ")[1].split()[0]
+    for where in (["--project", "pb"], ["--group", "b"]):
+        shown = invoke("status", artifact_id, "--output", "json", *where, *broker)
+        assert shown.exit_code == 0, shown.output
+        assert '"state": "completed"' in shown.output
+    unknown = invoke("status", artifact_id, "--timeout", "1", *broker)  # not in the default group
+    assert unknown.exit_code != 0
+    dest = tmp_path / "result.json"
+    fetched = invoke(
+        "download",
+        artifact_id,
+        str(dest),
+        "--project",
+        "pb",
+        *broker,
+        "--storage",
+        two_groups.storage.url,
+    )
+    assert fetched.exit_code == 0, fetched.output
+    assert dest.read_text().strip() == str(ROWS["wb"])
+
+
+def test_scheduler_and_worker_options_name_their_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flotta_mqtt.cli.main as cli
+
+    started: list[WorkerConfig | SchedulerConfig] = []
+    monkeypatch.setattr(cli, "WorkerAgent", lambda config, gave_up: started.append(config))
+    monkeypatch.setattr(cli, "SchedulerNode", lambda config, gave_up: started.append(config))
+    monkeypatch.setattr(cli, "serve", lambda make, what, console: make(print))
+    scheduled = invoke("scheduler", "--group", "a", "--project", "pa", "--project", "pc")
+    assert scheduled.exit_code == 0, scheduled.output
+    assert invoke("worker", "--name", "wa", env={"FLOTTA_GROUP": "a"}).exit_code == 0
+    scheduler, worker = started
+    assert isinstance(scheduler, SchedulerConfig) and isinstance(worker, WorkerConfig)
+    assert (scheduler.broker.group, scheduler.projects) == ("a", ["pa", "pc"])
+    assert worker.broker.group == "a"
+    refused = invoke("scheduler", "--group", "a/b")
+    assert refused.exit_code != 0 and "group name 'a/b'" in refused.output
