@@ -350,7 +350,8 @@ def status(
     """Show an artifact's current status (from its retained status topic)."""
     with open_client(broker, username, password, ca_file, None, group) as client:
         try:
-            current = client.lookup(artifact_id, timeout, client.group_of(project)).status()
+            handle = client.lookup(artifact_id, timeout, client.group_of(project, timeout))
+            current = handle.status()
         except NoSuchArtifact as exc:
             raise fail(str(exc)) from None
         except TimeoutError as exc:
@@ -394,7 +395,8 @@ def download(
     """Write an artifact's result to DEST as a JSON document."""
     with open_client(broker, username, password, ca_file, storage, group) as client:
         try:
-            path = client.lookup(artifact_id, 5.0, client.group_of(project)).download(dest, timeout)
+            handle = client.lookup(artifact_id, group=client.group_of(project))
+            path = handle.download(dest, timeout)
         except (ArtifactFailed, NoSuchArtifact, PermissionError) as exc:
             raise fail(str(exc)) from None
         except TimeoutError as exc:

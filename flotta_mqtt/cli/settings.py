@@ -30,8 +30,13 @@ def broker_options(
     group: str | None = None,
 ) -> dict[str, Any]:
     """The broker settings the command's flags give (those not given are left out)."""
-    given = {"url": url, "username": username, "password": password, "ca_file": ca}
-    given["group"] = group
+    given = {
+        "url": url,
+        "username": username,
+        "password": password,
+        "ca_file": ca,
+        "group": group,
+    }
     return {key: str(value) for key, value in given.items() if value is not None}
 
 

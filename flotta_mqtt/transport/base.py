@@ -61,6 +61,11 @@ class Publisher:
         """A topic received, as the protocol spells it (its group's namespace removed)."""
         return topics.from_group(topic, self.settings.group)
 
+    def last_will(self) -> tuple[str, bytes, bool] | None:
+        """(topic, payload, retain) the claim connects with, its topic in this group."""
+        will = self._claim.last_will
+        return None if will is None else (self.outward(will[0]), will[1], will[2])
+
     @property
     def failure(self) -> BusError | None:
         """Why the bus gave up for good (IdentityInUse), or None while it serves."""

@@ -123,10 +123,7 @@ class Bus(Pumping, Publisher):
 
         # A probe's own bus (claim=False) claims nothing, and so probes nothing either.
         self._claim = Claim(client_id, settings, will, Bus if claim else None, on_failure)
-        will_now = self._claim.last_will
-        if will_now is not None:
-            will_now = (self.outward(will_now[0]), *will_now[1:])
-        client = _paho_client(client_id, settings, will_now, not threaded)
+        client = _paho_client(client_id, settings, self.last_will(), not threaded)
         if threaded:  # unthreaded, pump() asks the claim before connecting
             client.on_pre_connect = self._pre_connect  # unguarded: what it raises stops paho
         client.on_connect_fail = self._guard(self._connect_failed)

@@ -70,10 +70,8 @@ class MemoryBus(Publisher):
         self._on_message = on_message
         self._on_connect = on_connect
         self._claim = Claim(client_id, settings, will, MemoryBus if claim else None, on_failure)
-        last_will = self._claim.last_will
-        self._will = None
-        if last_will is not None:
-            self._will = Message(self.outward(last_will[0]), *last_will[1:])
+        last_will = self.last_will()
+        self._will = None if last_will is None else Message(*last_will)
         self._clean = clean
         self._connection: Connection | None = None
         self._outbox: list[Message] = []  # published while down (guarded by the broker)
