@@ -97,6 +97,44 @@ def test_nothing_outside_the_protocol_root_is_mapped(topic: str, group: str) -> 
         assert topics.from_group(topic, group) == topic
 
 
+BY_CHANNEL = {
+    Channel.SUBMIT: topics.submit,
+    Channel.CANCEL: topics.cancel,
+    Channel.ASK: topics.ask,
+    Channel.PRUNE: topics.prune,
+    Channel.REPLY: topics.reply,
+    Channel.JOBS: topics.jobs,
+    Channel.CONTROL: topics.control,
+    Channel.EVENTS: topics.events,
+    Channel.PRESENCE: topics.presence,
+    Channel.SESSION: topics.session,
+    Channel.DIRECTORY: topics.directory,
+}
+levels = st.one_of(
+    st.sampled_from(["flotta", "v1", "v1-a", "v1-", "v2-a", "directory", "requests", "submit"]),
+    st.sampled_from(["replies", "workers", "jobs", "artifacts", "status", "+", "#", ""]),
+    st.text(max_size=8),
+)
+
+
+@SETTINGS
+@given(parts=st.lists(levels, min_size=1, max_size=6))
+def test_parse_accepts_only_what_the_builders_spell(parts: list[str]) -> None:
+    """Whatever parses is exactly the topic a builder spells for its channel, name and
+    group: nothing else is read as a protocol topic."""
+    topic = "/".join(parts)
+    try:
+        address = topics.parse(topic)
+    except TopicError:
+        return
+    if address.channel in (Channel.STATUS, Channel.LOCKS):
+        owner = topic.split("/")[3]
+        build = topics.status if address.channel is Channel.STATUS else topics.locks
+        assert topics.to_group(build(owner, address.name), address.group) == topic
+    else:
+        assert topics.to_group(BY_CHANNEL[address.channel](address.name), address.group) == topic
+
+
 def test_the_directory_is_in_no_group() -> None:
     entry = topics.directory("oncology")
     assert entry == "flotta/directory/v1/oncology"
