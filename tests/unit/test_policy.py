@@ -19,11 +19,12 @@ from pydantic import ValidationError
 
 from flotta_mqtt.cli.settings import node_config
 from flotta_mqtt.model import Task
+from flotta_mqtt.model.run import SITE_SETTINGS, RunParams
 from flotta_mqtt.worker.config import WorkerConfig
 from flotta_mqtt.workflows.executors import PolicyError, SitePolicy, TaskError, check_task
 from flotta_mqtt.workflows.executors.policy import BASE_ENV, HostMount, KubeSite, mask
 from flotta_mqtt.workflows.executors.runner import read_output
-from flotta_mqtt.workflows.executors.spec import RunParams, host_mounts
+from flotta_mqtt.workflows.executors.spec import host_mounts
 
 # --- what a site allows ---------------------------------------------------------------------
 
@@ -120,6 +121,7 @@ def test_a_tasks_mounts_are_checked_against_the_policy_before_anything_runs(
     ["kubeconfig", "namespace", "context", "host", "service_account", "volume_claim", "network"],
 )
 def test_a_task_setting_where_it_runs_is_refused_by_name(setting: str) -> None:
+    assert set(KubeSite.model_fields) <= set(SITE_SETTINGS), "each of the site's named"
     task = Task(name="k", params={"image": "bb:1", "shell": ":", setting: "attacker"})
     with pytest.raises(ValueError, match=rf"{setting}: where and how tasks run is the site's"):
         check_task(task)

@@ -303,8 +303,8 @@ def test_random_dags_bind_to_jobs_locked_exactly_by_their_dependencies(
 
 
 def test_a_run_tasks_needs_are_stated_and_its_stdin_bounded() -> None:
+    from flotta_mqtt.model.run import MAX_STDIN_BYTES
     from flotta_mqtt.workflows.executors import check_task
-    from flotta_mqtt.workflows.executors.spec import MAX_STDIN_BYTES
 
     with pytest.raises(ValueError, match=r"task e runs its image's entrypoint.*requires: \[co"):
         check_task(Task(name="e", params={"image": "bb"}))

@@ -14,9 +14,9 @@ from pydantic import BaseModel, ValidationError
 
 from flotta_mqtt.model import Task
 from flotta_mqtt.model.errors import describe
+from flotta_mqtt.model.run import RunParams, needs
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.workflows.executors.policy import SitePolicy
-from flotta_mqtt.workflows.executors.spec import RunParams, needs
 
 
 @dataclass(frozen=True)

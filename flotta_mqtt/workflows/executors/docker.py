@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flotta_mqtt.model.run import WORKDIR, Mount, RunParams
 from flotta_mqtt.workflows.executors.base import Executor, TaskResult, TaskRun, register_executor
 from flotta_mqtt.workflows.executors.policy import NO_NETWORK, SitePolicy
-from flotta_mqtt.workflows.executors.spec import WORKDIR, Mount, RunParams, host_mounts
+from flotta_mqtt.workflows.executors.spec import host_mounts
 
 INSTALL_HINT = "the docker executor needs the docker SDK: pip install 'flotta_mqtt[docker]'"
 

@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from flotta_mqtt.model.run import WORKDIR, RunParams
 from flotta_mqtt.workflows.executors.base import Executor, TaskResult, TaskRun, register_executor
 from flotta_mqtt.workflows.executors.policy import KubeSite, SitePolicy
-from flotta_mqtt.workflows.executors.spec import WORKDIR, RunParams, host_mounts
+from flotta_mqtt.workflows.executors.spec import host_mounts
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 
+from flotta_mqtt.model.run import RunParams
 from flotta_mqtt.workflows.executors.base import (
     Executor,
     TaskError,
@@ -21,7 +22,7 @@ from flotta_mqtt.workflows.executors.base import (
     register_executor,
 )
 from flotta_mqtt.workflows.executors.policy import SitePolicy
-from flotta_mqtt.workflows.executors.spec import RunParams, host_mounts
+from flotta_mqtt.workflows.executors.spec import host_mounts
 
 
 class ShellExecutor(Executor):
