@@ -133,3 +133,21 @@ def needs(task: Task, params: RunParams) -> None:
         )
     if params.resources.gpus and "gpu" not in task.requires:
         raise ValueError(f"task {task.name} asks for GPUs: add `requires: [gpu]`")
+    files = [*task.inputs, *task.outputs]
+    clashes = sorted(
+        f"{mount.target} and {path}"
+        for mount in params.mounts
+        for path in files
+        if _overlap(mount.target, path)
+    )
+    if clashes:
+        raise ValueError(
+            f"task {task.name}: a mount would hide or hold its job files: {', '.join(clashes)}"
+        )
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether one relative path is the other or inside it."""
+    first, second = a.split("/"), b.split("/")
+    shorter = min(len(first), len(second))
+    return first[:shorter] == second[:shorter]

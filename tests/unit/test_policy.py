@@ -8,11 +8,13 @@ tests/integration/test_site_policy.py and the executors' own integration tests.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import typer
 import yaml
+from helpers import task_job
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -20,8 +22,15 @@ from pydantic import ValidationError
 from flotta_mqtt.cli.settings import node_config
 from flotta_mqtt.model import Task
 from flotta_mqtt.model.run import SITE_SETTINGS, RunParams
+from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.worker.config import WorkerConfig
-from flotta_mqtt.workflows.executors import PolicyError, SitePolicy, TaskError, check_task
+from flotta_mqtt.workflows.executors import (
+    PolicyError,
+    SitePolicy,
+    TaskError,
+    TaskRunner,
+    check_task,
+)
 from flotta_mqtt.workflows.executors.policy import BASE_ENV, HostMount, KubeSite, mask
 from flotta_mqtt.workflows.executors.runner import read_output
 from flotta_mqtt.workflows.executors.spec import host_mounts
@@ -284,3 +293,31 @@ def test_an_output_is_read_only_as_a_regular_file_inside_the_folder(tmp_path: Pa
         read_output("t", work, "real/absent")
     with pytest.raises(TaskError, match="output real is not a regular file"):
         read_output("t", work, "real")
+
+
+# --- what a worker offers `run` tasks, and which executor runs one ---------------------------
+
+
+def test_a_workers_features_are_what_its_executors_give_on_its_site(tmp_path: Path) -> None:
+    store = ResourceStore(str(tmp_path / "store"))
+    assert TaskRunner(store, ["shell"]).features() == ["network"], "the host's own network"
+    assert TaskRunner(store, ["docker"]).features() == [], "no network unless the site names one"
+    site = SitePolicy(networks=["bridge"], gpu=True)
+    assert TaskRunner(store, ["docker"], site).features() == ["gpu", "network"]
+    assert TaskRunner(store, ["api"], site).features() == [], "api runs no `run` tasks"
+
+
+def test_a_worker_runs_a_task_only_with_an_executor_meeting_its_requirements(
+    tmp_path: Path,
+) -> None:
+    """A job forged on a worker's topic, past the scheduler's routing: refused, not run."""
+    witness = tmp_path / "ran"
+    store = ResourceStore(str(tmp_path / "store"))
+    task = Task(
+        name="boxed",
+        requires=["container"],
+        params={"image": "bb:1", "shell": f"touch {witness}"},
+    )
+    with pytest.raises(TaskError, match="worker n runs no tasks that require container"):
+        TaskRunner(store, ["shell"]).run(task_job(task), "n", threading.Event())
+    assert not witness.exists()

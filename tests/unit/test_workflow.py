@@ -316,6 +316,18 @@ def test_a_run_tasks_needs_are_stated_and_its_stdin_bounded() -> None:
         check_task(
             Task(name="s", params={"shell": "cat", "stdin": "é" * (MAX_STDIN_BYTES // 2 + 1)})
         )
+    for target, path in (("data", "data"), ("data", "data/x.csv"), ("d/e", "d")):
+        task = Task(
+            name="c",
+            params={"shell": ":", "mounts": [{"source": "/srv", "target": target}]},
+            outputs=[path],
+        )
+        with pytest.raises(
+            ValueError, match=rf"a mount would hide or hold .*: {target} and {path}"
+        ):
+            check_task(task)
+    mount = {"source": "/srv", "target": "data"}
+    check_task(Task(name="c", params={"shell": ":", "mounts": [mount]}, outputs=["database"]))
     for target in ("/etc", "../up", "a/../../b"):
         mount = {"source": "/data", "target": target}
         with pytest.raises(ValueError, match="must be a relative path"):
