@@ -533,3 +533,53 @@ def test_each_input_comes_from_exactly_one_task_it_depends_on() -> None:
         {"tasks": [make, {"name": "use", "depends": ["make"], "inputs": ["x.txt"]}]}
     )
     assert [task.name for task in fine.tasks] == ["make", "use"]
+
+
+# --- the run params: parsed the same wherever they come from -----------------------------------
+
+_words = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    form=st.sampled_from(["command", "shell", "image"]),
+    words=st.lists(_words, min_size=1, max_size=4),
+    args=st.lists(_words, max_size=4),
+)
+def test_run_params_give_argv_with_args_after_whatever_the_form(
+    form: str, words: list[str], args: list[str]
+) -> None:
+    from flotta_mqtt.model.run import RunParams
+
+    given_form = {"command": words} if form == "command" else {"shell": " ".join(words)}
+    data = {"image": "bb:1", "args": args, **({} if form == "image" else given_form)}
+    params = RunParams.model_validate(data)
+    assert RunParams.model_validate(params.model_dump()) == params, "round trip"
+    argv = params.argv()
+    if form == "image":
+        assert argv is None, "the image's entrypoint, given the args"
+    else:
+        assert argv is not None and argv[len(argv) - len(args) :] == args
+        assert (
+            argv[: len(words)] == words
+            if form == "command"
+            else argv[:3] == ["sh", "-c", " ".join(words)]
+        )
+
+
+@given(
+    a=st.lists(st.sampled_from(["a", "b", "ab"]), min_size=1, max_size=3),
+    b=st.lists(st.sampled_from(["a", "b", "ab"]), min_size=1, max_size=3),
+)
+def test_a_mount_clashes_with_a_job_file_exactly_when_one_path_holds_the_other(
+    a: list[str], b: list[str]
+) -> None:
+    from flotta_mqtt.workflows.executors import check_task
+
+    mount = {"source": "/srv", "target": "/".join(a)}
+    task = Task(name="t", params={"shell": ":", "mounts": [mount]}, outputs=["/".join(b)])
+    if a[: len(b)] == b or b[: len(a)] == a:
+        with pytest.raises(ValueError, match="a mount would hide or hold its job files"):
+            check_task(task)
+    else:
+        check_task(task)
