@@ -28,6 +28,7 @@ import pytest
 from podman_fixtures import Podman, podman  # noqa: F401  (the fixture)
 from test_executor_kube import Cluster, play_pod, pod_yaml
 from test_workflows import (  # noqa: F401
+    REPO,
     TIMEOUT,
     Flotta,
     by_name,
@@ -329,6 +330,26 @@ def test_a_site_refuses_mounts_secrets_and_requirements_it_does_not_give(
         said, _ = refused(flotta, tmp_path, task)
         assert reason in said, said
     assert (data / "rows.csv").read_text() == "x\n1\n2\n"
+
+
+def test_the_portable_example_runs_on_a_shell_site(
+    flotta: Flotta,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SITE_API_TOKEN", "abc")
+    policy = SitePolicy.model_validate({"secrets": {"API_TOKEN": {"env": "SITE_API_TOKEN"}}})
+    flotta.start({"laptop": ["shell"]}, policy=policy)
+    artifact_id = submit(flotta, REPO / "examples" / "portable.yaml")
+    store = ResourceStore(flotta.storage.url)
+    said = {
+        task: store.get_bytes(store.log_url(artifact_id, task, 1, "stdout"))
+        for task in ("stats", "shout", "upload")
+    }
+    assert said == {
+        "stats": b"sum 5050\nmean 50.5\n",
+        "shout": b"READ FROM STDIN\n",
+        "upload": b"would send to https://example.invalid/upload with a token of 3 characters\n",
+    }
 
 
 def test_a_workflow_naming_an_executor_is_told_how_to_migrate(tmp_path: Path) -> None:
