@@ -305,7 +305,9 @@ class NodePresence(Message):
     executors: list[str] = Field(default_factory=list)  # workflow task executors it runs
     # What its site gives the tasks it runs besides a container: gpu, network (a claim the
     # scheduler routes by; a node lying about it only gets tasks it cannot run).
-    features: list[str] = Field(default_factory=list)
+    features: list[Annotated[str, Field(max_length=32)]] = Field(
+        default_factory=list, max_length=16
+    )
     max_jobs: Annotated[int, Field(ge=1)] = 1
     details: dict[str, FiniteJson] = Field(default_factory=dict)  # e.g. dataset schemas
     since: Timestamp
