@@ -33,7 +33,6 @@ from flotta_mqtt.workflows.executors import (
 )
 from flotta_mqtt.workflows.executors.policy import BASE_ENV, HostMount, KubeSite, mask
 from flotta_mqtt.workflows.executors.runner import read_output
-from flotta_mqtt.workflows.executors.spec import host_mounts
 
 # --- what a site allows ---------------------------------------------------------------------
 
@@ -113,14 +112,14 @@ def test_a_tasks_mounts_are_checked_against_the_policy_before_anything_runs(
     policy = SitePolicy(mounts=[HostMount(path=tmp_path / "data")])
     mount = {"source": str(tmp_path / "data"), "target": "data"}
     params = RunParams.model_validate({"shell": ":", "mounts": [mount]})
-    assert host_mounts("t", params, policy) == [(params.mounts[0], tmp_path / "data")]
+    assert policy.host_mounts("t", params.mounts) == [(params.mounts[0], tmp_path / "data")]
     for refused, reason in [
         ({"source": "/etc", "target": "etc"}, "host path /etc is not under a folder"),
         ({**mount, "writable": True}, "may be mounted read-only only"),
     ]:
         refusing = RunParams.model_validate({"shell": ":", "mounts": [refused]})
         with pytest.raises(PolicyError, match=reason):
-            host_mounts("t", refusing, policy)
+            policy.host_mounts("t", refusing.mounts)
     with pytest.raises(ValidationError, match="a `target` of its own"):
         RunParams.model_validate({"shell": ":", "mounts": [mount, {**mount, "source": "/srv"}]})
 

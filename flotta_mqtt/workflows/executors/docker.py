@@ -17,7 +17,6 @@ from typing import Any
 from flotta_mqtt.model.run import WORKDIR, Mount, RunParams
 from flotta_mqtt.workflows.executors.base import Executor, TaskResult, TaskRun, register_executor
 from flotta_mqtt.workflows.executors.policy import NO_NETWORK, SitePolicy
-from flotta_mqtt.workflows.executors.spec import host_mounts
 
 INSTALL_HINT = "the docker executor needs the docker SDK: pip install 'flotta_mqtt[docker]'"
 
@@ -83,7 +82,7 @@ class DockerExecutor(Executor):
     def run(self, run: TaskRun) -> TaskResult:
         params = RunParams.model_validate(run.task.params)
         image = run.policy.image(run.task.name, params.image)
-        mounts = host_mounts(run.task.name, params, run.policy)
+        mounts = run.policy.host_mounts(run.task.name, params.mounts)
         client = self._connect()
         container: Any = None
         stdin: Any = None

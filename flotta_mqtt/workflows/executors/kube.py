@@ -20,7 +20,6 @@ from typing import Any
 from flotta_mqtt.model.run import WORKDIR, RunParams
 from flotta_mqtt.workflows.executors.base import Executor, TaskResult, TaskRun, register_executor
 from flotta_mqtt.workflows.executors.policy import KubeSite, SitePolicy
-from flotta_mqtt.workflows.executors.spec import host_mounts
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ def job_manifest(run: TaskRun, name: str | None = None) -> dict[str, Any]:
         items = [{"key": STDIN_KEY, "path": STDIN_KEY}]
         volumes.append({"name": "stdin", "configMap": {"name": name, "items": items}})
         mounts.append({"name": "stdin", "mountPath": STDIN_FOLDER, "readOnly": True})
-    for index, (host, source) in enumerate(host_mounts(run.task.name, params, run.policy)):
+    for index, (host, source) in enumerate(run.policy.host_mounts(run.task.name, params.mounts)):
         volumes.append({"name": f"mount-{index}", "hostPath": {"path": str(source)}})
         mounts.append(
             {

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flotta_mqtt.model.run import Mount
 from flotta_mqtt.model.workflow import SecretName
 
 # The environment a task on the worker's own host starts from, besides HOME and TMPDIR
@@ -176,6 +177,10 @@ class SitePolicy(BaseModel):
                 "(no policy.mounts folder holding it is writable)"
             )
         return real
+
+    def host_mounts(self, task: str, mounts: Iterable[Mount]) -> list[tuple[Mount, Path]]:
+        """Each of a task's mounts with the real host path it shows, all checked first."""
+        return [(mount, self.host_mount(task, mount.source, mount.writable)) for mount in mounts]
 
     def secret_values(self, task: str, names: Iterable[str]) -> dict[str, str]:
         """The values of the secrets a task names, read now; PolicyError for one unknown."""

@@ -22,7 +22,6 @@ from flotta_mqtt.workflows.executors.base import (
     register_executor,
 )
 from flotta_mqtt.workflows.executors.policy import SitePolicy
-from flotta_mqtt.workflows.executors.spec import host_mounts
 
 
 class ShellExecutor(Executor):
@@ -39,7 +38,7 @@ class ShellExecutor(Executor):
         argv = params.argv()
         if argv is None:  # check_task refuses it; a job forged on the worker's topic not
             raise TaskError(f"task {run.task.name}: a process needs a command or shell", None)
-        for mount, source in host_mounts(run.task.name, params, run.policy):
+        for mount, source in run.policy.host_mounts(run.task.name, params.mounts):
             link = run.workdir / mount.target
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(source)
