@@ -709,9 +709,11 @@ def test_secrets_travel_in_a_secret_of_the_run_deleted_with_its_job(
 
 
 def test_an_image_the_site_does_not_allow_creates_nothing(cluster: Cluster, tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"image": "attacker.example/miner:1", "shell": ":"})
+    # No player: one waiting for a Job that never comes raced the executor's refusal.
+    site = KubeSite(host=cluster.url)
+    run = make_run(tmp_path, {"image": "attacker.example/miner:1", "shell": ":"}, site=site)
     with pytest.raises(PolicyError, match=r"image 'attacker\.example/miner:1' is not allowed"):
-        execute(cluster, run)
+        KubeExecutor().run(run)
     assert cluster.requests() == []
 
 
