@@ -360,3 +360,30 @@ def test_a_containers_link_to_a_host_file_is_never_collected(
         assert not store.exists(store.job_file_url("art1", "0", 1, output))
     stored = b"".join(p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file())
     assert known.encode() not in stored
+
+
+def test_a_task_requiring_network_gets_the_sites_first_network(
+    podman: Podman,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    policy = SitePolicy(images=[podman.image], networks=["host"])
+    task = Task(
+        name="t", requires=["network"], params={"image": podman.image, "shell": "ls /sys/class/net"}
+    )
+    run = TaskRun(task, tmp_path, {}, threading.Event(), "a1b2c3d4e5f6-0-2", policy=policy)
+    interfaces = DockerExecutor(docker_host=podman.docker_host).run(run).stdout.split()
+    assert b"lo" in interfaces and len(interfaces) > 1, "the host's interfaces, as the site said"
+
+
+def test_resources_limit_the_container(podman: Podman, tmp_path: Path) -> None:  # noqa: F811
+    result = run_task(
+        podman,
+        tmp_path,
+        {
+            "shell": "cat /sys/fs/cgroup/memory.max 2>/dev/null || "
+            "cat /sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "resources": {"memory_mb": 64},
+        },
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(64 * 1024 * 1024).encode()
