@@ -182,6 +182,8 @@ def capabilities_text(node: NodePresence) -> str:
     parts = []
     if node.executors:
         parts.append("executors: " + ", ".join(node.executors))
+    if node.features:
+        parts.append("gives tasks: " + ", ".join(node.features))
     if node.labels:
         parts.append(", ".join(f"{k}={v}" for k, v in node.labels.items()))
     if node.operations:

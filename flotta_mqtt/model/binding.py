@@ -280,7 +280,7 @@ class _Binder:
             able = candidates(task, self.context.pool)
             if not able:
                 raise BindingError(
-                    f"task {name} (step {path}): no worker runs the {task.executor} executor"
+                    f"task {name} (step {path}): no worker {_able(task)}"
                     + (f" with labels {task.selector}" if task.selector else "")
                     + (f" under the name {task.worker}" if task.worker else "")
                 )
@@ -345,3 +345,12 @@ class _Binder:
         )
         self.jobs.append(job)
         return job.id
+
+
+def _able(task: Task) -> str:
+    """What a worker must do to run a task, as a refusal names it."""
+    if task.executor != "run":
+        return f"runs the {task.executor} executor"
+    if not task.requires:
+        return "runs tasks (shell, docker or kube)"
+    return f"runs tasks that require {', '.join(task.requires)}"

@@ -37,9 +37,16 @@ JobTaskName = Annotated[
 MAX_REPLICAS = 100_000
 MAX_JOBS = 1_000_000  # jobs of one workflow, replicas counted
 MAX_LOCKS = 1_000_000  # locks of one workflow's dependencies, replicas counted
-# `noop` does nothing: only the benchmarks register it (bench/_noop.py), to measure the
-# engine's own cost per task; a worker offers an executor only once one is registered.
-ExecutorName = Literal["shell", "docker", "kube", "api", "python", "noop"]
+# What runs a task: `run` (the default) is whichever of RUN_EXECUTORS the worker's site
+# configured, so a workflow names none of them; `api` calls an HTTP endpoint; `python` runs
+# `@distributed` calls; `noop` does nothing: only the benchmarks register it (bench/_noop.py),
+# to measure the engine's own cost per task.
+ExecutorName = Literal["run", "api", "python", "noop"]
+RUN_EXECUTORS = ("shell", "docker", "kube")  # a site's ways of running a `run` task
+CONTAINER_EXECUTORS = frozenset({"docker", "kube"})
+# What a `run` task may need of the worker that runs it: a container (its image's own
+# entrypoint or files), GPUs, a network. Only workers offering all of them get it.
+Requirement = Literal["container", "gpu", "network"]
 
 
 def _relative(path: str) -> str:
@@ -58,18 +65,21 @@ MAX_SECRETS = 64
 
 
 class Task(BaseModel):
-    """One task of a workflow: what to run, with which executor, after which tasks.
+    """One task of a workflow: what to run (`params`), after which tasks.
 
-    With `replicas` N > 1 it runs N times, as independent jobs name[0] to name[N-1] (an
-    array job), each told its index in FLOTTA_REPLICA. `secrets` names secrets of the
-    worker's site: the task carries their names only, never their values.
+    A `run` task says what to run, not how: each worker runs it with the executor its site
+    configured (shell, docker or kube), and `requires` routes it to workers able to. With
+    `replicas` N > 1 it runs N times, as independent jobs name[0] to name[N-1] (an array
+    job), each told its index in FLOTTA_REPLICA. `secrets` names secrets of the worker's
+    site: the task carries their names only, never their values.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: JobTaskName
     depends: list[TaskName] = Field(default_factory=list)
-    executor: ExecutorName = "shell"
+    executor: ExecutorName = "run"
+    requires: list[Requirement] = Field(default_factory=list)
     params: dict[str, FiniteJson] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     secrets: list[SecretName] = Field(default_factory=list, max_length=MAX_SECRETS)
@@ -83,6 +93,20 @@ class Task(BaseModel):
     # Which replica a job runs, 0 to replicas - 1: binding sets it, with the name `name[i]`,
     # in each replica's job params; never in a workflow file.
     replica: SkipJsonSchema[int | None] = Field(default=None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_executor_named(cls, data: Any) -> Any:
+        """A workflow file of before: its task named the executor it wanted; now the site
+        chooses, and the file says what the task needs instead."""
+        if isinstance(data, dict) and data.get("executor") in RUN_EXECUTORS:
+            raise ValueError(
+                f"task {data.get('name')}: `executor: {data['executor']}` is no longer a "
+                "task's to choose: drop it, and each worker runs the task with the executor "
+                "its site configured; a task that needs a container says "
+                "`requires: [container]` (see the README's workflow section)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _replica_fits(self) -> Task:
@@ -127,8 +151,9 @@ class Task(BaseModel):
             del data["replica"]
         if data.get("replicas") == 1:
             del data["replicas"]
-        if data.get("secrets") == []:
-            del data["secrets"]
+        for empty in ("secrets", "requires"):
+            if data.get(empty) == []:
+                del data[empty]
         return data
 
 
@@ -239,11 +264,25 @@ class Workflow(BaseModel):
 
 
 def candidates(task: Task, pool: list[NodeRef]) -> list[NodeRef]:
-    """The nodes that can run a task: they offer its executor and carry its labels."""
+    """The nodes that can run a task: they run it and carry its labels."""
     return [
         node
         for node in pool
-        if task.executor in node.executors
+        if runs(node, task)
         and all(node.offers.get(k) == v for k, v in task.selector.items())
         and (task.worker is None or node.id == task.worker)
     ]
+
+
+def runs(node: NodeRef, task: Task) -> bool:
+    """Whether a node runs the task's executor, and for a `run` task meets its requirements."""
+    if task.executor != "run":
+        return task.executor in node.executors
+    return bool(set(node.executors) & set(RUN_EXECUTORS)) and set(task.requires) <= provides(node)
+
+
+def provides(node: NodeRef) -> set[str]:
+    """What a node's `run` tasks may have: a container if it runs a container executor
+    (as its registry allows), and what its site declares (GPUs, a network)."""
+    container = {"container"} if CONTAINER_EXECUTORS & set(node.executors) else set()
+    return container | (set(node.features) - {"container"})

@@ -307,6 +307,11 @@ class NodePresence(Message):
     labels: dict[str, str] = Field(default_factory=dict)
     operations: list[str] = Field(default_factory=list)
     executors: list[str] = Field(default_factory=list)  # workflow task executors it runs
+    # What its site gives the tasks it runs besides a container: gpu, network (a claim the
+    # scheduler routes by; a node lying about it only gets tasks it cannot run).
+    features: list[Annotated[str, Field(max_length=32)]] = Field(
+        default_factory=list, max_length=16
+    )
     max_jobs: Annotated[int, Field(ge=1)] = 1
     details: dict[str, FiniteJson] = Field(default_factory=dict)  # e.g. dataset schemas
     since: Timestamp

@@ -119,6 +119,7 @@ class WorkerAgent:
             },
             operations=sorted(operations.REGISTRY),
             executors=sorted(self.tasks.executors),
+            features=self.tasks.features(),
             max_jobs=self.config.max_jobs,
             details={project: dataset.describe() for project, dataset in self._datasets.items()},
             since=time.time(),

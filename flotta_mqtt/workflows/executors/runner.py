@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flotta_mqtt.model import Task
-from flotta_mqtt.model.workflow import log_name
+from flotta_mqtt.model.workflow import CONTAINER_EXECUTORS, RUN_EXECUTORS, log_name
 from flotta_mqtt.protocol import JobReady, Resource
 from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.workflows.executors.base import (
@@ -67,9 +67,7 @@ class TaskRunner:
         masked in the logs and the error.
         """
         task = Task.model_validate(job.operation.params)
-        executor = self.executors.get(task.executor)
-        if executor is None:
-            raise TaskError(f"worker {node} does not run the {task.executor} executor", None)
+        executor = self._executor(task, node)
         check_task(task)  # a task from anywhere: its params' errors in one line
         secrets = self.policy.secret_values(task.name, task.secrets)
         folder = self.store.artifact_root(job.artifact_id)
@@ -110,6 +108,34 @@ class TaskRunner:
                 produced = read_output(task.name, workdir, path)
                 outputs[path] = self.store.put(url, produced).model_dump(mode="json")
         return {"task": task.name, "exit_code": 0, "logs": logs, "outputs": outputs}
+
+    def features(self) -> list[str]:
+        """What the `run` tasks here may have besides a container (gpu, network)."""
+        provided = set().union(*(e.provides(self.policy) for e in self._run_executors()))
+        return sorted(provided)
+
+    def _run_executors(self) -> list[Executor]:
+        """The executors of `run` tasks, in the order the site's config names them."""
+        return [e for name, e in self.executors.items() if name in RUN_EXECUTORS]
+
+    def _executor(self, task: Task, node: str) -> Executor:
+        """The executor for a task: its own kind's, or for a `run` task the first the site
+        configured that gives it what it requires."""
+        if task.executor != "run":
+            executor = self.executors.get(task.executor)
+            if executor is None:
+                raise TaskError(f"worker {node} does not run the {task.executor} executor", None)
+            return executor
+        able = [
+            executor
+            for executor in self._run_executors()
+            if "container" not in task.requires or executor.name in CONTAINER_EXECUTORS
+            if set(task.requires) - {"container"} <= executor.provides(self.policy)
+        ]
+        if not able:
+            needs = f" that require {', '.join(task.requires)}" if task.requires else ""
+            raise TaskError(f"worker {node} runs no tasks{needs}", None)
+        return able[0]
 
     def _inputs(self, job: JobReady, task: Task, folder: str) -> dict[str, Resource]:
         """The job files a task reads, as the tasks it depends on announced them.
