@@ -101,7 +101,14 @@ def _logging(level: str, fmt: str) -> None:
 def scheduler(
     config: ConfigOpt = None,
     name: Annotated[str | None, typer.Option(envvar="FLOTTA_NAME")] = None,
-    database: Annotated[Path | None, typer.Option(envvar="FLOTTA_DATABASE")] = None,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLOTTA_DATABASE",
+            help="SQLite file, or postgresql://USER@HOST/DB: schedulers of one name on it "
+            "stand by for one another",
+        ),
+    ] = None,
     allow_download: Annotated[bool | None, typer.Option(envvar="FLOTTA_ALLOW_DOWNLOAD")] = None,
     broker: BrokerOpt = None,
     username: UserOpt = None,

@@ -1,5 +1,6 @@
 """The scheduler service on the in-memory transport: the core wired to a bus and a
-repository, with a stand-in worker and workbench and no broker process."""
+repository, with a stand-in worker and workbench and no broker process. What the
+repository decides runs on both engines (`engines`); a lease lost, on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -31,11 +32,9 @@ WORKERS = ("w0", "w1")
 class Site:
     """A scheduler on a fresh memory:// broker, stand-in workers and a workbench."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, database: Path | str) -> None:
         self.settings = fresh_memory_broker("sched").broker_settings()
-        self.config = SchedulerConfig(
-            database=folder / "scheduler.db", broker=self.settings, run_initiator=False
-        )
+        self.config = SchedulerConfig(database=database, broker=self.settings, run_initiator=False)
         self.jobs = MessageRecorder()
         self.seen = MessageRecorder()
         self.workers = MemoryBus(
@@ -74,14 +73,23 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    running = Site(tmp_path)
+def site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Site]:
+    """On SQLite, or on PostgreSQL where a test is parametrised with `engines`."""
+    engine = getattr(request, "param", "sqlite")
+    if engine == "sqlite":
+        running = Site(tmp_path / "scheduler.db")
+    else:
+        running = Site(request.getfixturevalue("postgres_url"))
     try:
         yield running
     finally:
         running.close()
 
 
+engines = pytest.mark.parametrize("site", ["sqlite", "postgres"], indirect=True)
+
+
+@engines
 def test_an_artifact_is_dispatched_completed_and_its_results_acknowledged(site: Site) -> None:
     artifact = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
     site.workbench.publish(topics.submit("wb"), artifact)
@@ -102,6 +110,7 @@ def test_an_artifact_is_dispatched_completed_and_its_results_acknowledged(site: 
     assert gauges is not None and sum(gauges.artifacts.values()) == 0
 
 
+@engines
 def test_a_restarted_scheduler_resumes_and_answers_a_resubmission(site: Site) -> None:
     artifact = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
     site.workbench.publish(topics.submit("wb"), artifact)
@@ -116,6 +125,7 @@ def test_a_restarted_scheduler_resumes_and_answers_a_resubmission(site: Site) ->
     site.status(artifact.id, ArtifactState.RUNNING, after_seq=resumed.seq)
 
 
+@engines
 def test_a_request_that_cannot_be_read_is_rejected_by_name(site: Site) -> None:
     site.workbench.publish_raw(topics.submit("wb"), b'{"id": "named", "steps": 1}')
     site.seen.wait_for(
@@ -158,7 +168,7 @@ def test_a_database_that_refuses_writes_refuses_submissions_and_loses_nothing(
     first = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
     site.workbench.publish(topics.submit("wb"), first)
     readies = messages_of(site.jobs.wait(len(WORKERS), timeout=TIMEOUT), JobReady)
-    database, aside = site.config.database, tmp_path / "aside.db"
+    database, aside = Path(site.config.database), tmp_path / "aside.db"
     database.rename(aside)
 
     finish(site, readies[0])
@@ -192,7 +202,7 @@ def test_a_new_database_where_the_broker_remembers_the_scheduler_is_reported(
     but the broker kept its session, so it says its database is new to someone who ran."""
     site.scheduler.stop()
     assert "is new, but the broker kept" not in caplog.text  # the first start: no session
-    for path in site.config.database.parent.glob("scheduler.db*"):
+    for path in Path(site.config.database).parent.glob("scheduler.db*"):
         path.unlink()
     site.scheduler = Scheduler(site.config).start(wait=TIMEOUT)
     wait_for(lambda: "is new, but the broker kept" in caplog.text, TIMEOUT, "never reported")
