@@ -23,16 +23,18 @@ import hashlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 
 import psycopg
 
-from flotta_mqtt.transport.base import BusError
+from flotta_mqtt.transport import BusError, IdentityInUse
 
 log = logging.getLogger(__name__)
 
 LEASE_POLL = 0.25  # seconds between a standby's attempts to take the lease
 LEASE_CHECK = 0.5  # seconds between a leader's checks that its lease connection lives
+IDENTITY_WAIT = 10.0  # seconds a new leader waits for the broker identity the last one held
 # Every connection notices a dead peer within seconds (client side: a request unanswered
 # for tcp_user_timeout ms; server side, so that a cut-off leader's lease is freed: the
 # keepalives) rather than the system's two hours.
@@ -105,6 +107,20 @@ class Lease:
             stopping.wait(LEASE_POLL)
         return False
 
+    def lead(
+        self,
+        fence: Callable[[int], None],
+        on_lost: Callable[[LeaseLost], None],
+        stopping: threading.Event | None = None,
+    ) -> bool:
+        """acquire(), then `fence` the database with the epoch and watch the lease."""
+        if not self.acquire(stopping):
+            return False
+        assert self.epoch is not None
+        fence(self.epoch)
+        self.watch(on_lost)
+        return True
+
     @property
     def where(self) -> str:
         return redacted(self.url)
@@ -155,4 +171,26 @@ class Lease:
         self._db, self.epoch = None, None
 
 
-__all__ = ["LEASE_CHECK", "LEASE_POLL", "Lease", "LeaseLost", "connect", "redacted"]
+def take_identity(check: Callable[[], None], wait: float) -> None:
+    """Run a bus's check(), again for `wait` s while it raises IdentityInUse: the leader
+    just taken over from may hold the identity a moment more (a cut-off one noticing, within
+    LEASE_CHECK s); a new leader waits IDENTITY_WAIT s."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return check()
+        except IdentityInUse:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(LEASE_CHECK)
+
+
+__all__ = [
+    "LEASE_CHECK",
+    "LEASE_POLL",
+    "Lease",
+    "LeaseLost",
+    "connect",
+    "redacted",
+    "take_identity",
+]

@@ -48,7 +48,7 @@ from flotta_mqtt.scheduler.effects import (
     Tick,
 )
 from flotta_mqtt.scheduler.intake import refusals
-from flotta_mqtt.scheduler.lease import Lease, LeaseLost
+from flotta_mqtt.scheduler.lease import IDENTITY_WAIT, Lease, LeaseLost, take_identity
 from flotta_mqtt.scheduler.metrics import Gauges, MetricsServer, SchedulerMetrics
 from flotta_mqtt.scheduler.postgres_repository import PostgresRepository
 from flotta_mqtt.scheduler.records import ArtifactRecord, restore
@@ -112,7 +112,7 @@ class Scheduler:
         scheduler (its database may be that process's too). On PostgreSQL it first
         waits to lead, if `lead()` was not called."""
         self.lead()
-        self.bus.check()
+        take_identity(self.bus.check, IDENTITY_WAIT if self.lease else 0.0)
         try:
             self._resume(self.core)
         except Exception as exc:  # a full disk at start: served once it has room
@@ -132,19 +132,17 @@ class Scheduler:
         set first. Its database writes only while it leads, and losing the lease stops it."""
         if self.lease is None or self.lease.held:
             return True
-        if not self.lease.acquire(stopping):
-            return False
-        assert isinstance(self.repository, PostgresRepository) and self.lease.epoch is not None
-        self.repository.fence(self.lease.epoch)
-        self.lease.watch(self._lose_lease)
-        return True
+        assert isinstance(self.repository, PostgresRepository)
+        return self.lease.lead(self.repository.fence, self._lose_lease, stopping)
 
     def _lose_lease(self, error: LeaseLost) -> None:
-        """Publish nothing more (checked before each message) and have the node stop."""
+        """Publish nothing more (checked before each message), drop the bus (its session
+        is the next leader's, with all not acknowledged) and have the node stop."""
         if self.lease_lost.is_set():
             return
         self.lease_lost.set()
         self._stopping.set()
+        self.bus.wake()  # the scheduler thread drops the bus at once
         log.error("scheduler: %s: it publishes nothing more and stops", error)
         if self._on_failure is not None:
             self._on_failure(error)
@@ -265,6 +263,8 @@ class Scheduler:
                 events.append(Tick())
                 next_tick = clock.monotonic + TICK
             self._carry_out(events, clock, len(burst))
+        if self.lease_lost.is_set():
+            self.bus.kill()
 
     def _wake_at(self, next_tick: float) -> float:
         """When the core is due to look again (monotonic), whatever arrives meanwhile."""
