@@ -81,12 +81,15 @@ class PostgresRepository(Repository):
             ) from exc
         try:
             self._make_schema()
-            self.new = not any(
-                self._db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() for table in TABLES
-            )
+            self.new = self._empty()
         except BaseException:
             self._db.close()
             raise
+
+    def _empty(self) -> bool:
+        return not any(
+            self._db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() for table in TABLES
+        )
 
     def _make_schema(self) -> None:
         """Refuse a database not ours, then make the tables it lacks."""
@@ -110,8 +113,10 @@ class PostgresRepository(Repository):
                 self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
 
     def fence(self, epoch: int) -> None:
-        """Write only while the lease of `epoch` is this process's (see lease.py)."""
+        """Write only while the lease of `epoch` is this process's (see lease.py); `new`
+        is now whether it holds nothing as this process begins to lead."""
         self._epoch = epoch
+        self.new = self._empty()
 
     def close(self) -> None:
         self._db.close()

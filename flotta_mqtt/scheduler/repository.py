@@ -53,8 +53,8 @@ class Rows(Protocol):
 
 class Repository(ABC):
     """The scheduler's database, written by the scheduler thread alone, one transaction
-    per burst. `new` says it held nothing when opened; `where` names it in logs (never
-    with a password)."""
+    per burst. `new` says it held nothing when opened (on PostgreSQL: when this process
+    began to lead); `where` names it in logs (never with a password)."""
 
     new: bool
     where: str

@@ -86,7 +86,7 @@ class Scheduler:
         self.fault: str | None = None
         self._held: list[Event] = []
         self._retry_at = 0.0
-        self._new_database = self.repository.new  # checked against the broker's session
+        self._new_database = False  # checked against the broker's session (see start)
         self.metrics_server: MetricsServer | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._out: list[Outgoing] = []
@@ -112,6 +112,7 @@ class Scheduler:
         scheduler (its database may be that process's too). On PostgreSQL it first
         waits to lead, if `lead()` was not called."""
         self.lead()
+        self._new_database = self.repository.new
         take_identity(self.bus.check, IDENTITY_WAIT if self.lease else 0.0)
         try:
             self._resume(self.core)
