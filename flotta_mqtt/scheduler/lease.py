@@ -152,7 +152,8 @@ class Lease:
                     db.execute("SELECT 1")
                 except psycopg.Error as exc:
                     if not self._done.is_set():
-                        on_lost(LeaseLost(f"its lease on {self.where} was lost ({exc})"))
+                        why = " ".join(str(exc).split())
+                        on_lost(LeaseLost(f"its lease on {self.where} was lost ({why})"))
                     return
 
         self._watcher = threading.Thread(target=check, name="lease", daemon=True)

@@ -199,3 +199,43 @@ def test_standby_schedulers_take_over_killed_leaders_and_lose_no_job(
     lines = [line.split() for line in ledger.read_text().splitlines()]
     executed = sorted(int(job) for _, artifact_id, job in lines if artifact_id == artifact.id)
     assert executed == local, "some local job ran twice or never"
+
+
+def test_a_leader_cut_off_from_its_database_stops_and_a_standby_carries_on(
+    cluster: Cluster, claims: MessageRecorder
+) -> None:
+    """Its lease connection terminated (as a network cut or an operator would): it stops
+    at once, exit code 4 and one line saying why; the standby takes the artifact on."""
+    for name in SCHEDULERS[:2]:
+        cluster.scheduler(name)
+    for name in WORKERS:
+        cluster.worker(name)
+    pid = leader_pid(claims)
+    leader = next(name for name, process in cluster.processes.items() if process.pid == pid)
+    with Client(
+        BrokerSettings(url=cluster.broker_url),
+        storage=StorageSettings(url=cluster.storage),
+        resend_interval=1.0,
+    ) as client:
+        wait_presence(client, [*WORKERS, INITIATOR])
+        ledger = cluster.folder / "ledger"
+        once = Operation(name="once", params={"ledger": str(ledger), "seconds": 0.1})
+        artifact = Artifact(project=PROJECT, steps=[Iterate(4, [Sequential(once)])])
+        handle = client.submit(artifact)
+        wait_status(handle, lambda s: completed(s) >= 6, "passed 6 jobs")
+        with psycopg.connect(cluster.database, autocommit=True) as db:
+            ended = db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND granted AND database = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database())"
+            ).fetchall()
+        assert len(ended) == 1
+        assert cluster.processes[leader].wait(timeout=TIMEOUT) == 4, cluster.logs()
+        assert leader_pid(claims, other_than=pid) != pid
+        assert handle.result(timeout=TIMEOUT) == 4 * len(WORKERS), cluster.logs()
+    log = (cluster.folder / f"{leader}.log").read_text()
+    # Its lease check noticed, or its next commit met the new leader's epoch: either way,
+    assert "it publishes nothing more and stops" in log
+    lines = [line.split() for line in ledger.read_text().splitlines()]
+    executed = sorted(int(job) for _, artifact_id, job in lines if artifact_id == artifact.id)
+    assert executed == sorted(j for j in range(20) if j % 5 not in (0, 4))
