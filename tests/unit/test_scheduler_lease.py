@@ -10,11 +10,13 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from helpers import MessageRecorder, messages_of, wait_for
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flotta_mqtt.model import Artifact, ArtifactState, Operation, Parallel
 from flotta_mqtt.protocol import ArtifactStatus, NodePresence, topics
 from flotta_mqtt.scheduler.config import SchedulerConfig
-from flotta_mqtt.scheduler.lease import Lease, LeaseLost
+from flotta_mqtt.scheduler.lease import Lease, LeaseLost, redacted
 from flotta_mqtt.scheduler.postgres_repository import PostgresRepository
 from flotta_mqtt.scheduler.service import Scheduler
 from flotta_mqtt.transport import BusError
@@ -145,3 +147,14 @@ def test_a_cut_off_leader_publishes_nothing_more_and_a_standby_takes_over(pair: 
     pair.workbench.publish(topics.submit("wb"), second)  # both buses receive it
     running_status(pair, second)  # answered by the new leader
     assert published == []  # the old leader published nothing since it lost the lease
+
+
+# A URL's user and password as written in one: unreserved characters and percent escapes.
+URL_PART = st.text(alphabet="abcXYZ019-._~!$&'()*+,;=%", min_size=1)
+
+
+@given(user=URL_PART, password=URL_PART, host=st.sampled_from(["db", "10.0.0.7", "[::1]"]))
+def test_a_url_named_in_logs_never_shows_its_password(user: str, password: str, host: str) -> None:
+    url = f"postgresql://{user}:{password}@{host}:5432/flotta"
+    assert redacted(url) == f"postgresql://{user}:***@{host}:5432/flotta"
+    assert redacted(f"postgresql://{user}@{host}/flotta") == f"postgresql://{user}@{host}/flotta"
