@@ -59,12 +59,11 @@ def start_postgres(folder: Path) -> tuple[str, Callable[[], None]]:
         os.chown(own, uid, gid)
     data, sockets = own / "data", own / "run"
     own.mkdir(parents=True, exist_ok=True)
-    run = {"check": True, "capture_output": True}
-    subprocess.run([*prefix, "mkdir", str(data), str(sockets)], **run)  # type: ignore[call-overload]
-    subprocess.run(  # type: ignore[call-overload]
-        [*prefix, str(BIN / "initdb"), "-D", str(data), "-U", SUPERUSER, "-A", "trust"],
-        **run,
-    )
+    for command in (
+        ["mkdir", str(data), str(sockets)],
+        [str(BIN / "initdb"), "-D", str(data), "-U", SUPERUSER, "-A", "trust"],
+    ):
+        subprocess.run([*prefix, *command], check=True, capture_output=True)
     port = free_port()
     settings = {
         "listen_addresses": "127.0.0.1",

@@ -25,6 +25,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
@@ -38,7 +39,7 @@ IDENTITY_WAIT = 10.0  # seconds a new leader waits for the broker identity the l
 # Every connection notices a dead peer within seconds (client side: a request unanswered
 # for tcp_user_timeout ms; server side, so that a cut-off leader's lease is freed: the
 # keepalives) rather than the system's two hours.
-CONNECT = {
+CONNECT: dict[str, Any] = {
     "connect_timeout": 5,
     "keepalives": 1,
     "keepalives_idle": 2,
@@ -57,7 +58,7 @@ class LeaseLost(BusError):
 
 def connect(url: str) -> psycopg.Connection[tuple[object, ...]]:
     """An autocommit connection that notices a dead peer within seconds."""
-    return psycopg.connect(url, autocommit=True, **CONNECT)  # type: ignore[arg-type]
+    return psycopg.connect(url, autocommit=True, **CONNECT)
 
 
 def redacted(url: str) -> str:
@@ -88,14 +89,18 @@ class Lease:
 
     def acquire(self, stopping: threading.Event | None = None) -> bool:
         """Wait until this process leads (True), or `stopping` is set (False)."""
-        waiting = False
+        waiting = unreachable = False
         stopping = stopping or threading.Event()
         while not stopping.is_set():
             try:
                 if self._take():
                     return True
+                unreachable = False
             except psycopg.Error as exc:
-                log.warning("scheduler %s: cannot reach %s (%s)", self.name, self.where, exc)
+                if not unreachable:  # said once an outage
+                    why = " ".join(str(exc).split())
+                    log.warning("scheduler %s: cannot reach %s (%s)", self.name, self.where, why)
+                unreachable = True
                 self._close()
             if not waiting:
                 log.info(
@@ -162,7 +167,7 @@ class Lease:
     def release(self) -> None:
         """Stop watching and end the lease's connection: a standby takes over at once."""
         self._done.set()
-        if self._watcher is not None:
+        if self._watcher not in (None, threading.current_thread()):  # stopped by on_lost
             self._watcher.join(timeout=5)
         self._close()
 

@@ -58,8 +58,8 @@ SCHEMA = {
 }
 _SCHEMA_KEY = lease_key("flotta_mqtt schema")  # two schedulers starting make it once
 _COLUMNS = (
-    "SELECT table_name, array_agg(column_name::text ORDER BY ordinal_position) "
-    "FROM information_schema.columns WHERE table_schema = current_schema() GROUP BY table_name"
+    "SELECT table_name, column_name FROM information_schema.columns "
+    "WHERE table_schema = current_schema() ORDER BY table_name, ordinal_position"
 )
 
 
@@ -95,7 +95,9 @@ class PostgresRepository(Repository):
         """Refuse a database not ours, then make the tables it lacks."""
         with self._db.transaction():
             self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_KEY,))
-            found = {str(t): list(c) for t, c in self._db.execute(_COLUMNS).fetchall()}  # type: ignore[call-overload]
+            found: dict[str, list[str]] = {}
+            for table, column in self._db.execute(_COLUMNS).fetchall():
+                found.setdefault(str(table), []).append(str(column))
             foreign = sorted(set(found) - set(SCHEMA))
             if foreign:
                 raise StoreError(
