@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from helpers import MessageRecorder, Messages, messages_of, wait_for
 
@@ -206,3 +207,27 @@ def test_a_new_database_where_the_broker_remembers_the_scheduler_is_reported(
         path.unlink()
     site.scheduler = Scheduler(site.config).start(wait=TIMEOUT)
     wait_for(lambda: "is new, but the broker kept" in caplog.text, TIMEOUT, "never reported")
+
+
+@pytest.mark.parametrize("site", ["postgres"], indirect=True)
+def test_a_lost_postgresql_connection_is_a_refused_write_and_loses_nothing(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database connection terminated (a server restart, a network cut) while the lease
+    holds: the results arriving meanwhile wait, and the scheduler connects again."""
+    artifact = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
+    site.workbench.publish(topics.submit("wb"), artifact)
+    readies = messages_of(site.jobs.wait(len(WORKERS), timeout=TIMEOUT), JobReady)
+    with psycopg.connect(str(site.config.database), autocommit=True) as db:
+        ended = db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() AND pid NOT IN "
+            "(SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)"
+        ).fetchall()
+    assert len(ended) == 1  # the repository's; the lease's holds
+    for ready in readies:
+        finish(site, ready)
+    status = site.status(artifact.id, ArtifactState.COMPLETED)
+    assert [r.url for r in status.results] == ["file:///p/0", "file:///p/1"]
+    assert caplog.text.count("refused a write") == 1
+    assert site.scheduler.running
