@@ -10,13 +10,12 @@ import logging
 import threading
 
 from flotta_mqtt.scheduler.config import SchedulerConfig
+from flotta_mqtt.scheduler.lease import IDENTITY_WAIT, take_identity
 from flotta_mqtt.scheduler.service import Scheduler
-from flotta_mqtt.transport import BusError, FailureHandler, IdentityInUse
+from flotta_mqtt.transport import BusError, FailureHandler
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 log = logging.getLogger(__name__)
-
-CLAIM_RETRY = 0.5  # seconds between a new leader's attempts to take its identities
 
 
 def initiator_config(config: SchedulerConfig) -> WorkerConfig:
@@ -43,7 +42,7 @@ class SchedulerNode:
     On PostgreSQL, where schedulers of one name stand by for one another, `start()` returns
     at once and a thread waits to lead, then starts both (a standby touches neither
     identity before: the leader holds them). Their identities may still be held by the
-    leader just gone for a moment (a cut-off one stopping): tried every CLAIM_RETRY s.
+    leader just gone for a moment (a cut-off one stopping): see take_identity.
     """
 
     def __init__(self, config: SchedulerConfig, on_failure: FailureHandler | None = None) -> None:
@@ -70,31 +69,30 @@ class SchedulerNode:
             self._standby.start()
         return self
 
-    def _start_parts(self, wait: float | None) -> None:
+    def _check(self) -> None:
         self.scheduler.bus.check()
         if self.initiator is not None:
             self.initiator.bus.check()
+
+    def _start_parts(self, wait: float | None) -> None:
+        self._check()
         self._started = True
         self.scheduler.start(wait=wait)
         if self.initiator is not None:
             self.initiator.start(wait=wait)
 
     def _lead(self, wait: float | None) -> None:
+        """The standby's thread: wait to lead, then for the identities, then start."""
         if not self.scheduler.lead(self._stopping):
             return
-        while not self._stopping.is_set():
-            try:
-                self._start_parts(wait)
-                return
-            except IdentityInUse as exc:
-                if self._started:  # the initiator's, after the scheduler started
-                    self._fail(exc)
-                    return
-                log.warning("scheduler: leads, but %s; trying again", exc)
-            except BusError as exc:
-                self._fail(exc)
-                return
-            self._stopping.wait(CLAIM_RETRY)
+        try:
+            take_identity(self._check, IDENTITY_WAIT)
+            self._start_parts(wait)
+        except BusError as exc:
+            self._fail(exc)
+        except Exception as exc:  # it leads, but cannot serve: say so, as a bus giving up
+            log.exception("scheduler: leads, but could not start")
+            self._fail(BusError(f"leads, but could not start: {exc}"))
 
     def _fail(self, error: BusError) -> None:
         if self._on_failure is not None:
