@@ -64,6 +64,9 @@ PasswordOpt = Annotated[
 CaOpt = Annotated[
     Path | None, typer.Option("--ca-file", envvar="FLOTTA_CA_FILE", help="CA for TLS")
 ]
+DatabaseOpt = Annotated[  # on PostgreSQL, schedulers of one name stand by for one another
+    str | None, typer.Option(envvar="FLOTTA_DATABASE", help="SQLite file, or postgresql://...")
+]
 StorageOpt = Annotated[
     str | None,
     typer.Option("--storage", envvar="FLOTTA_STORAGE", help="resource store URL (file://, s3://)"),
@@ -101,14 +104,7 @@ def _logging(level: str, fmt: str) -> None:
 def scheduler(
     config: ConfigOpt = None,
     name: Annotated[str | None, typer.Option(envvar="FLOTTA_NAME")] = None,
-    database: Annotated[
-        str | None,
-        typer.Option(
-            envvar="FLOTTA_DATABASE",
-            help="SQLite file, or postgresql://USER@HOST/DB: schedulers of one name on it "
-            "stand by for one another",
-        ),
-    ] = None,
+    database: DatabaseOpt = None,
     allow_download: Annotated[bool | None, typer.Option(envvar="FLOTTA_ALLOW_DOWNLOAD")] = None,
     broker: BrokerOpt = None,
     username: UserOpt = None,

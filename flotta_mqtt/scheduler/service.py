@@ -73,9 +73,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, on_failure: FailureHandler | None = None) -> None:
         self.config = config
         self.repository = open_repository(config.database, config.name)
-        self.lease: Lease | None = None  # on PostgreSQL: leading takes it first
-        if isinstance(self.repository, PostgresRepository):
-            self.lease = Lease(self.repository.url, config.name)
+        pg = self.repository if isinstance(self.repository, PostgresRepository) else None
+        self.lease = Lease(pg.url, config.name) if pg else None  # leading takes it first
         self._on_failure = on_failure
         self.lease_lost = threading.Event()  # set: nothing more is published
         self.metrics = SchedulerMetrics()
