@@ -64,9 +64,6 @@ PasswordOpt = Annotated[
 CaOpt = Annotated[
     Path | None, typer.Option("--ca-file", envvar="FLOTTA_CA_FILE", help="CA for TLS")
 ]
-DatabaseOpt = Annotated[  # on PostgreSQL, schedulers of one name stand by for one another
-    str | None, typer.Option(envvar="FLOTTA_DATABASE", help="SQLite file, or postgresql://...")
-]
 StorageOpt = Annotated[
     str | None,
     typer.Option("--storage", envvar="FLOTTA_STORAGE", help="resource store URL (file://, s3://)"),
@@ -79,6 +76,9 @@ TimeoutOpt = Annotated[
     float | None, typer.Option(envvar="FLOTTA_TIMEOUT", help="seconds to wait at most")
 ]
 OutputOpt = Annotated[str, typer.Option(envvar="FLOTTA_OUTPUT", help="table or json")]
+DatabaseOpt = Annotated[  # on PostgreSQL, schedulers of one name stand by for one another
+    str | None, typer.Option(envvar="FLOTTA_DATABASE", help="SQLite file, or postgresql://...")
+]
 BrokerTimeoutOpt = Annotated[
     float,
     typer.Option(envvar="FLOTTA_BROKER_TIMEOUT", help="seconds to wait for the broker"),
