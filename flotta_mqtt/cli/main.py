@@ -76,9 +76,7 @@ TimeoutOpt = Annotated[
     float | None, typer.Option(envvar="FLOTTA_TIMEOUT", help="seconds to wait at most")
 ]
 OutputOpt = Annotated[str, typer.Option(envvar="FLOTTA_OUTPUT", help="table or json")]
-DatabaseOpt = Annotated[  # on PostgreSQL, schedulers of one name stand by for one another
-    str | None, typer.Option(envvar="FLOTTA_DATABASE", help="SQLite file, or postgresql://...")
-]
+DATABASE = "SQLite file, or postgresql://... (schedulers of one name stand by for each other)"
 BrokerTimeoutOpt = Annotated[
     float,
     typer.Option(envvar="FLOTTA_BROKER_TIMEOUT", help="seconds to wait for the broker"),
@@ -104,7 +102,7 @@ def _logging(level: str, fmt: str) -> None:
 def scheduler(
     config: ConfigOpt = None,
     name: Annotated[str | None, typer.Option(envvar="FLOTTA_NAME")] = None,
-    database: DatabaseOpt = None,
+    database: Annotated[str | None, typer.Option(envvar="FLOTTA_DATABASE", help=DATABASE)] = None,
     allow_download: Annotated[bool | None, typer.Option(envvar="FLOTTA_ALLOW_DOWNLOAD")] = None,
     broker: BrokerOpt = None,
     username: UserOpt = None,
