@@ -4,6 +4,7 @@ nothing more and stops, and its late commits are fenced off by the next leader's
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -14,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flotta_mqtt.model import Artifact, ArtifactState, Operation, Parallel
+from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.protocol import ArtifactStatus, NodePresence, topics
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.scheduler.lease import Lease, LeaseLost, redacted
@@ -158,3 +160,22 @@ def test_a_url_named_in_logs_never_shows_its_password(user: str, password: str, 
     url = f"postgresql://{user}:{password}@{host}:5432/flotta"
     assert redacted(url) == f"postgresql://{user}:***@{host}:5432/flotta"
     assert redacted(f"postgresql://{user}@{host}/flotta") == f"postgresql://{user}@{host}/flotta"
+
+
+def test_a_standby_node_touches_no_identity_and_stops_while_it_waits(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SchedulerNode standing by (as `flotta-mqtt scheduler` runs) returns from start()
+    at once, leaves the leader's session alone while it waits, and stops when told."""
+    caplog.set_level(logging.INFO, logger="flotta_mqtt.scheduler.lease")
+    before = caplog.text.count("standing by")  # the pair's standby may have said it
+    node = SchedulerNode(pair.config, pair.failures.append).start(wait=TIMEOUT)
+    wait_for(lambda: caplog.text.count("standing by") > before, TIMEOUT, "it never stood by")
+    artifact = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
+    pair.workbench.publish(topics.submit("wb"), artifact)
+    running_status(pair, artifact)  # the leader still serves, its session its own
+    stopping = threading.Thread(target=node.stop)
+    stopping.start()
+    stopping.join(TIMEOUT)
+    assert not stopping.is_alive() and pair.failures == []
+    assert node.scheduler.lease is not None and not node.scheduler.lease.held
