@@ -10,7 +10,7 @@ import logging
 import threading
 
 from flotta_mqtt.scheduler.config import SchedulerConfig
-from flotta_mqtt.scheduler.lease import IDENTITY_WAIT, take_identity
+from flotta_mqtt.scheduler.lease import take_identity
 from flotta_mqtt.scheduler.service import Scheduler
 from flotta_mqtt.transport import BusError, FailureHandler
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
@@ -86,7 +86,7 @@ class SchedulerNode:
         if not self.scheduler.lead(self._stopping):
             return
         try:
-            take_identity(self._check, IDENTITY_WAIT)
+            take_identity(self._check, self.config.broker.keepalive)
             self._start_parts(wait)
         except BusError as exc:
             self._fail(exc)

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 LEASE_POLL = 0.25  # seconds between a standby's attempts to take the lease
 LEASE_CHECK = 0.5  # seconds between a leader's checks that its lease connection lives
-IDENTITY_WAIT = 10.0  # seconds a new leader waits for the broker identity the last one held
 # Every connection notices a dead peer within seconds (client side: a request unanswered
 # for tcp_user_timeout ms; server side, so that a cut-off leader's lease is freed: the
 # keepalives) rather than the system's two hours.
@@ -177,11 +176,12 @@ class Lease:
         self._db, self.epoch = None, None
 
 
-def take_identity(check: Callable[[], None], wait: float) -> None:
-    """Run a bus's check(), again for `wait` s while it raises IdentityInUse: the leader
-    just taken over from may hold the identity a moment more (a cut-off one noticing, within
-    LEASE_CHECK s); a new leader waits IDENTITY_WAIT s."""
-    deadline = time.monotonic() + wait
+def take_identity(check: Callable[[], None], keepalive: float) -> None:
+    """Run a bus's check(), again while it raises IdentityInUse for up to 2.5 `keepalive`s:
+    the leader just taken over from may hold the identity a while more: one cut off from
+    the database stops within LEASE_CHECK s, one cut off from the broker too is judged gone
+    by it within 2 keepalives. (A keepalive of 0: checked once.)"""
+    deadline = time.monotonic() + 2.5 * keepalive
     while True:
         try:
             return check()

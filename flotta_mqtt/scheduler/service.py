@@ -48,7 +48,7 @@ from flotta_mqtt.scheduler.effects import (
     Tick,
 )
 from flotta_mqtt.scheduler.intake import refusals
-from flotta_mqtt.scheduler.lease import IDENTITY_WAIT, Lease, LeaseLost, take_identity
+from flotta_mqtt.scheduler.lease import Lease, LeaseLost, take_identity
 from flotta_mqtt.scheduler.metrics import Gauges, MetricsServer, SchedulerMetrics
 from flotta_mqtt.scheduler.postgres_repository import PostgresRepository
 from flotta_mqtt.scheduler.records import ArtifactRecord, restore
@@ -112,7 +112,7 @@ class Scheduler:
         waits to lead, if `lead()` was not called."""
         self.lead()
         self._new_database = self.repository.new
-        take_identity(self.bus.check, IDENTITY_WAIT if self.lease else 0.0)
+        take_identity(self.bus.check, self.config.broker.keepalive if self.lease else 0)
         try:
             self._resume(self.core)
         except Exception as exc:  # a full disk at start: served once it has room
