@@ -7,7 +7,9 @@
 # fault tests use to cut and degrade links between network namespaces (iproute2, nftables),
 # openssl, and podman (with runc, and busybox-static for a tiny local image) serving the Docker API
 # to the docker executor's tests and running Pod specs for the kube executor's; chromium,
-# in which the dashboard's end-to-end test runs, and graphviz, which draws DAG pictures;
+# in which the dashboard's end-to-end test runs, graphviz, which draws DAG pictures, and
+# postgresql, whose server binaries the tests start for the scheduler's PostgreSQL database
+# (tests/postgres.py runs its own, as an unprivileged user, on a free port);
 # with the bench extra, redis-server for the Celery peer of the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +17,7 @@ cd "$(dirname "$0")/.."
 extras="${1:-}"
 packages=(mosquitto mosquitto-clients python3-venv)
 if [[ ",$extras," == *",test,"* ]]; then
-    packages+=(iproute2 nftables openssl podman runc busybox-static chromium graphviz)
+    packages+=(iproute2 nftables openssl podman runc busybox-static chromium graphviz postgresql)
 fi
 if [[ ",$extras," == *",bench,"* ]]; then
     packages+=(redis-server)  # Celery's broker and result backend in `python -m bench`

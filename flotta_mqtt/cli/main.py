@@ -82,6 +82,7 @@ TimeoutOpt = Annotated[
     float | None, typer.Option(envvar="FLOTTA_TIMEOUT", help="seconds to wait at most")
 ]
 OutputOpt = Annotated[str, typer.Option(envvar="FLOTTA_OUTPUT", help="table or json")]
+DATABASE = "SQLite file, or postgresql://... (schedulers of one name stand by for each other)"
 BrokerTimeoutOpt = Annotated[
     float,
     typer.Option(envvar="FLOTTA_BROKER_TIMEOUT", help="seconds to wait for the broker"),
@@ -107,7 +108,7 @@ def _logging(level: str, fmt: str) -> None:
 def scheduler(
     config: ConfigOpt = None,
     name: Annotated[str | None, typer.Option(envvar="FLOTTA_NAME")] = None,
-    database: Annotated[Path | None, typer.Option(envvar="FLOTTA_DATABASE")] = None,
+    database: Annotated[str | None, typer.Option(envvar="FLOTTA_DATABASE", help=DATABASE)] = None,
     allow_download: Annotated[bool | None, typer.Option(envvar="FLOTTA_ALLOW_DOWNLOAD")] = None,
     broker: BrokerOpt = None,
     username: UserOpt = None,

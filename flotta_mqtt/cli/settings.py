@@ -82,7 +82,8 @@ def absolute(config: Config) -> Config:
     """`config` with every path in it absolute (see the module's docstring)."""
     update: dict[str, Any] = {"storage": absolute_storage(config.storage)}
     if isinstance(config, SchedulerConfig):
-        update["database"] = config.database.absolute()
+        database = config.database
+        update["database"] = database.absolute() if isinstance(database, Path) else database
         update["registry"] = config.registry.absolute() if config.registry else None
     else:
         state = config.state_dir or Path("flotta-state") / config.name
