@@ -20,6 +20,7 @@ from flotta_mqtt.cli.views import holders_text, jobs_table
 from flotta_mqtt.client.client import ArtifactFailed, Client, NoSuchArtifact
 from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import Artifact, Tasks, Workflow
+from flotta_mqtt.model.resolution import assignments, resolve
 from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings, load_yaml
@@ -262,29 +263,38 @@ def open_client(
     return Client(settings, storage=store)
 
 
-def load_artifact(path: Path) -> Artifact:
-    """Read an artifact or a workflow (a file with `tasks`) from JSON or YAML.
+def load_artifact(path: Path, parameters: list[str] | None = None) -> Artifact:
+    """Read an artifact or a workflow (a file with `tasks`) from JSON or YAML, a
+    workflow's parameters set from `NAME=VALUE` texts (else their defaults).
 
-    Errors name what is wrong: duplicate tasks, unknown dependencies, the cycle.
+    Errors name what is wrong: duplicate tasks, unknown dependencies, the cycle, a
+    parameter undeclared or missing.
     """
     data: dict[str, Any] = {}  # an unreadable file fails before it is known which it is
     try:
         data = load_yaml(path)
         if "tasks" in data:
             workflow = Workflow.model_validate(data)
-            for task in workflow.tasks:
+            tasks = resolve(workflow, assignments(parameters or []))
+            for task in tasks:
                 check_task(task)
-            return Artifact(project=workflow.project, steps=[Tasks(tasks=workflow.tasks)])
+            return Artifact(project=workflow.project, steps=[Tasks(tasks=tasks)])
         return Artifact.model_validate(data)
     except (ValueError, ValidationError) as exc:
         what = "workflow" if "tasks" in data else "artifact"
         raise fail(f"{path} is not a valid {what}:\n{exc}") from None
 
 
+ParamOpt = Annotated[
+    list[str] | None,
+    typer.Option("--param", "-p", help="set a workflow parameter: NAME=VALUE (repeatable)"),
+]
+
+
 @app.command()
-def validate(file: Path) -> None:
+def validate(file: Path, param: ParamOpt = None) -> None:
     """Check an artifact or workflow file (JSON or YAML) without submitting it."""
-    artifact = load_artifact(file)
+    artifact = load_artifact(file, param)
     step = artifact.steps[0]
     size = f"{len(step.tasks)} tasks" if isinstance(step, Tasks) else f"{len(artifact.steps)} steps"
     console.print(f"[green]valid[/green]: artifact {artifact.id}, {size}")
@@ -293,6 +303,7 @@ def validate(file: Path) -> None:
 @app.command()
 def submit(
     file: Path,
+    param: ParamOpt = None,
     wait: Annotated[
         bool, typer.Option(envvar="FLOTTA_WAIT", help="wait for the result and print it")
     ] = False,
@@ -305,7 +316,7 @@ def submit(
 ) -> None:
     """Submit an artifact or workflow file (JSON or YAML); print its id, or its result
     with --wait."""
-    artifact = load_artifact(file)
+    artifact = load_artifact(file, param)
     with open_client(broker, username, password, ca_file, storage) as client:
         handle = client.submit(artifact)
         console.print(f"submitted artifact {artifact.id}")

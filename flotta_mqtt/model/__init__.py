@@ -18,6 +18,7 @@ from flotta_mqtt.model.registry import (
 )
 from flotta_mqtt.model.states import (
     ARTIFACT_FINAL,
+    JOB_DONE,
     JOB_FINAL,
     ArtifactState,
     JobState,
@@ -42,6 +43,7 @@ from flotta_mqtt.model.workflow import Task, Workflow, candidates, task_graph
 __all__ = [
     "ARTIFACT_FINAL",
     "CODE_EXECUTOR",
+    "JOB_DONE",
     "JOB_FINAL",
     "AllOf",
     "AnyOf",

@@ -49,6 +49,7 @@ class Job:
     # Seconds after its dispatch by which a round of a secure aggregation must be done,
     # or its site drops out of the round (None: the job is waited for, as any other).
     dropout: float | None = None
+    handler: str | None = None  # a workflow's exit handler: "exit" or "failure"
 
     @property
     def relocatable(self) -> bool:
@@ -74,6 +75,7 @@ class JobGraph:
         self.graph = nx.DiGraph()
         self.graph.add_nodes_from((job.id, {"job": job}) for job in jobs)
         self.graph.add_edges_from(locks)
+        self.handlers = [job.id for job in jobs if job.handler is not None]
         if len(self.graph.edges) != len(locks):
             raise BindingError("a lock was drawn twice between the same two jobs")
         # Binding only ever locks a job behind jobs created before it, so job order is a
@@ -298,6 +300,7 @@ class _Binder:
                     on_initiator=False,
                     timeout=task.timeout,
                     retries=task.retries,
+                    handler=task.handler,
                 )
                 self.jobs.append(job)
                 if waits_for:

@@ -17,6 +17,7 @@ from flotta_mqtt.protocol import (
     RemoteError,
     topics,
 )
+from flotta_mqtt.scheduler import handlers
 from flotta_mqtt.scheduler.announcements import Announcements
 from flotta_mqtt.scheduler.binding import Bound
 from flotta_mqtt.scheduler.effects import (
@@ -110,7 +111,20 @@ class JobFlow:
         self.decision.writes.append(CancelJobs(record.id))
 
     def settle(self, record: ArtifactRecord) -> None:
-        """End the artifact once every job is final: failed if any task failed."""
+        """Start the exit handlers once the other jobs are final; end the artifact once
+        every job is: failed if any task failed."""
+        due = handlers.unlocked_handlers(record) if record.state is ArtifactState.RUNNING else []
+        while due:
+            job_id = due.pop(0)
+            if handlers.runs(record, job_id):
+                self.make_ready(record, job_id)
+                continue
+            assert record.locks is not None
+            record.set_job(job_id, record.jobs[job_id].skip())
+            record.note(job_id, error="skipped: an on_failure task, and no task failed")
+            self.decision.writes.append(UpdateJob(record.id, job_id, JobState.SKIPPED, 0))
+            due += record.locks.release(job_id)
+            self.announcements.changed(record.id)
         final = sum(record.counts[state] for state in JOB_FINAL)
         if final == len(record.jobs):
             failed = record.error is not None
@@ -120,8 +134,8 @@ class JobFlow:
 
     def make_ready(self, record: ArtifactRecord, job_id: int) -> None:
         """A job whose locks are all released becomes ready and is dispatched."""
-        if record.jobs[job_id].state is not JobState.WAITING:
-            return  # cancelled, as the descendant of a failed task
+        if record.jobs[job_id].state is not JobState.WAITING or handlers.held(record, job_id):
+            return  # cancelled, as the descendant of a failed task; or an exit handler
         record.set_job(job_id, record.jobs[job_id].ready())
         self.dispatch(record, job_id)
 
@@ -194,7 +208,10 @@ class JobFlow:
         status = record.jobs[ref.job_id]
         if status.state is JobState.DISPATCHED and status.attempt == ref.attempt:
             self.started_unannounced(record, ref.job_id, event.finished_at - event.started_at)
-        record.set_job(ref.job_id, status.complete(ref.attempt))
+        done = (
+            status.skip(ref.attempt) if event.skipped is not None else status.complete(ref.attempt)
+        )
+        record.set_job(ref.job_id, done)
         self.metrics.completed(event.finished_at - event.started_at)
         record.products[ref.job_id] = event.product
         record.attempts.forget(ref.job_id)
@@ -204,12 +221,13 @@ class JobFlow:
             finished_at=event.finished_at,
             size=event.product.size,
             exit_code=event.exit_code,
+            error=None if event.skipped is None else f"skipped: {event.skipped}"[:300],
         )
         self.decision.writes.append(
             UpdateJob(
                 record.id,
                 ref.job_id,
-                JobState.COMPLETED,
+                done.state,
                 ref.attempt,
                 started_at=event.started_at,
                 finished_at=event.finished_at,

@@ -176,7 +176,7 @@ def restore(row: ArtifactRow, jobs: list[JobRow]) -> ArtifactRecord:
     record.products = {j.job_id: j.product for j in jobs if j.product is not None}
     # A cancelled job of a running artifact dropped out of a secure aggregation (or is a
     # failed task's descendant, whose successors are cancelled too): its locks are released.
-    released = (JobState.COMPLETED, JobState.CANCELLED)
+    released = (JobState.COMPLETED, JobState.CANCELLED, JobState.SKIPPED)
     completed = [j.job_id for j in jobs if j.state in released]
     with gc_paused():
         graph = bind(row.artifact, row.context)
