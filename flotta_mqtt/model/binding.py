@@ -143,15 +143,20 @@ def _replica_operations(task: Task) -> Iterator[Operation]:
     """The operation of each job of a task: the task itself, or each replica of it.
 
     A replica's params are the task's dump, dumped and validated once, with its own
-    `name[i]` and `replica` index: 10,000 replicas cost 10,000 dict copies, not dumps.
+    `name[i]` and `replica` index: 10,000 replicas cost 10,000 dict copies, not dumps. A
+    for_each over a list gives each job its own item only, not the whole list.
     """
     params = task.model_dump(mode="json")
     if task.replicas == 1:
         yield Operation(name="task", params=params)
         return
     template = Operation(name="task", params=params)
+    fan_out = template.params.get("for_each")
+    items = fan_out.get("items") if isinstance(fan_out, dict) else None
     for i in range(task.replicas):
         replica = {**template.params, "name": f"{task.name}[{i}]", "replica": i}
+        if isinstance(fan_out, dict) and isinstance(items, list):
+            replica["for_each"] = {**fan_out, "items": items[i : i + 1], "first": i}
         yield Operation.model_construct(name=template.name, params=replica)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from flotta_mqtt.model.expressions import Reference, parse, references
 from flotta_mqtt.model.operation import FiniteJson
@@ -78,6 +79,9 @@ class ForEach(BaseModel):
 
     items: Annotated[list[FiniteJson], Field(max_length=MAX_ITEMS)] | str
     max: int | None = Field(default=None, ge=1, le=MAX_ITEMS)
+    # The index of items[0] in the workflow's list: binding hands each job of a list only
+    # its own item, so a job message does not carry the whole list; never in a file.
+    first: SkipJsonSchema[int] = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _bounded(self) -> ForEach:

@@ -137,7 +137,9 @@ class Task(BaseModel):
                 "a secret reaches the task as the variable of its name"
             )
         slots = self.for_each.slots if self.for_each else None
-        if slots is not None and slots != self.replicas:
+        if self.replica is None and self.for_each and self.for_each.first:
+            raise ValueError(f"task {self.name}: for_each `first` is set by binding")
+        if self.replica is None and slots is not None and slots != self.replicas:
             raise ValueError(
                 f"task {self.name}: for_each binds {slots} jobs, one per item: "
                 "it sets `replicas` itself"

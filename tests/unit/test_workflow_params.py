@@ -8,6 +8,7 @@ fails naming it, and a false condition skips the task."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flotta_mqtt.model import Task, Workflow
+from flotta_mqtt.model import Artifact, NodeRef, SchedulerContext, Task, Tasks, Workflow, bind
 from flotta_mqtt.model.expressions import Reference
 from flotta_mqtt.model.resolution import assignments, resolve
 from flotta_mqtt.model.templating import MAX_VALUE_BYTES, TemplateError, placeholders, render
@@ -195,3 +196,26 @@ def test_a_false_condition_skips_and_a_non_boolean_one_fails() -> None:
     odd = Task.model_validate({"name": "t", "depends": ["gen"], "when": "tasks.gen.exit_code"})
     with pytest.raises(TaskError, match="it gives 0, not true or false"):
         prepare(odd, Printed(gen=0))
+
+
+def test_each_job_of_a_list_carries_its_own_item_not_the_whole_list() -> None:
+    items = [{"n": i, "pad": "x" * 100} for i in range(50)]
+    task = Task.model_validate(
+        {"name": "t", "for_each": {"items": items}, "env": {"N": "{{ item.n }}"}}
+    )
+    context = SchedulerContext(
+        initiator=NodeRef(id="init"), workers=[], pool=[NodeRef(id="w", executors=["shell"])]
+    )
+    graph = bind(Artifact(project="p", steps=[Tasks(tasks=[task])]), context)
+    assert len(graph) == 50
+    for job in graph:
+        bound = Task.model_validate(job.operation.params)
+        assert bound.for_each is not None and bound.for_each.items == [items[job.id]]
+        assert len(json.dumps(job.operation.params)) < 500, "not the whole list"
+        ready = prepare(bound, Printed())
+        assert isinstance(ready, Task) and ready.env == {"N": str(job.id)}
+
+
+def test_a_file_cannot_set_what_binding_sets() -> None:
+    with pytest.raises(ValueError, match="`first` is set by binding"):
+        Task.model_validate({"name": "t", "for_each": {"items": [1], "first": 3}})

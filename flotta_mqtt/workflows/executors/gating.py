@@ -81,9 +81,9 @@ def prepare(task: Task, results: Results) -> Task | str:
                 None,
             )
         index = task.replica or 0
-        if index >= len(items):
+        if index - task.for_each.first >= len(items):
             return f"for_each slot {index} is past the list's {len(items)} items"
-        item = items[index]
+        item = items[index - task.for_each.first]
 
     def lookup(ref: Reference) -> Any:
         head, path = ref.path[0], ref.path[1:]
