@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from flotta_mqtt.model import ARTIFACT_FINAL, Artifact, ArtifactState, JobState
+from flotta_mqtt.model import ARTIFACT_FINAL, JOB_DONE, Artifact, ArtifactState
 from flotta_mqtt.protocol import (
     ArtifactStatus,
     CancelArtifact,
@@ -423,7 +423,7 @@ class _ProgressBar:
         self._progress.start()
 
     def update(self, status: ArtifactStatus) -> None:
-        done = status.counts.get(JobState.COMPLETED, 0)
+        done = sum(status.counts.get(state, 0) for state in JOB_DONE)  # skipped too
         self._progress.update(
             self._task,
             total=status.total or None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +21,10 @@ from flotta_mqtt.model import Artifact, NodeRef, SchedulerContext, Task, Tasks, 
 from flotta_mqtt.model.expressions import Reference
 from flotta_mqtt.model.resolution import assignments, resolve
 from flotta_mqtt.model.templating import MAX_VALUE_BYTES, TemplateError, placeholders, render
+from flotta_mqtt.protocol import Resource
+from flotta_mqtt.transport.store import IntegrityError, ResourceStore
 from flotta_mqtt.workflows.executors import TaskError
-from flotta_mqtt.workflows.executors.gating import Results, prepare
+from flotta_mqtt.workflows.executors.gating import MAX_RESULT_BYTES, Results, prepare
 
 
 @settings(max_examples=300)
@@ -219,3 +222,37 @@ def test_each_job_of_a_list_carries_its_own_item_not_the_whole_list() -> None:
 def test_a_file_cannot_set_what_binding_sets() -> None:
     with pytest.raises(ValueError, match="`first` is set by binding"):
         Task.model_validate({"name": "t", "for_each": {"items": [1], "first": 3}})
+
+
+def stored_run(store: ResourceStore, printed: bytes) -> Resource:
+    """A dependency's product as a worker stores it: its stdout a log it names."""
+    log = store.put(store.log_url("a1", "gen", 1, "stdout"), printed, media_type="text/plain")
+    product = {"task": "gen", "exit_code": 0, "logs": {"stdout": log.model_dump(mode="json")}}
+    return store.put_product("a1", "0", 1, json.dumps(product).encode())
+
+
+def test_what_a_condition_reads_is_verified_so_a_changed_log_cannot_steer_it(
+    tmp_path: Path,
+) -> None:
+    store = ResourceStore((tmp_path / "store").as_uri())
+    product = stored_run(store, b"go\n")
+    task = Task.model_validate(
+        {"name": "t", "depends": ["gen"], "when": "tasks.gen.outputs.result == 'stop'"}
+    )
+    results = Results(store, store.artifact_root("a1"), [product])
+    assert prepare(task, results) == "when: tasks.gen.outputs.result == 'stop' is false"
+    # Someone with write access to the store rewrites the log the product names.
+    log = tmp_path / "store" / store.log_url("a1", "gen", 1, "stdout").split("/store/", 1)[1]
+    log.write_bytes(b"stop\n")
+    with pytest.raises(IntegrityError):
+        prepare(task, Results(store, store.artifact_root("a1"), [product]))
+
+
+def test_a_condition_reads_no_more_than_its_bound_of_output(tmp_path: Path) -> None:
+    store = ResourceStore((tmp_path / "store").as_uri())
+    product = stored_run(store, b"x" * (MAX_RESULT_BYTES + 1))
+    task = Task.model_validate(
+        {"name": "t", "depends": ["gen"], "when": "tasks.gen.outputs.result == ''"}
+    )
+    with pytest.raises(TaskError, match="printed 262,145 bytes, more than the 262,144"):
+        prepare(task, Results(store, store.artifact_root("a1"), [product]))
