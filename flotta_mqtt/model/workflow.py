@@ -313,6 +313,9 @@ class Workflow(BaseModel):
         for task in tasks:
             names = [*placeholders(task.params), *placeholders(task.env)]
             names += [str(ref) for ref in condition_names(task.when) if ref.path[0] != "tasks"]
+            if task.for_each is not None and not isinstance(task.for_each.items, list):
+                source = task.for_each.source
+                names += [str(source)] if source.path[0] == "params" else []
             check_names(task.name, iter(names), self.parameters, item=task.for_each is not None)
         return self
 

@@ -128,6 +128,7 @@ def test_repeated_or_malformed_assignments_are_refused() -> None:
         ({"env": {"A": "{{ os.environ }}"}}, "names nothing: params.NAME or item"),
         ({"for_each": {"items": "tasks.t.outputs.json"}}, "needs `max`"),
         ({"for_each": {"items": "params.x.y"}}, "a list, `params.NAME` or"),
+        ({"for_each": {"items": "params.nope", "max": 3}}, "params.nope is no parameter"),
         ({"for_each": {"items": [1, 2], "max": 1}}, "2 items, more than its max"),
         ({"for_each": {"items": [1, 2]}, "replicas": 3}, "it sets `replicas` itself"),
     ],
