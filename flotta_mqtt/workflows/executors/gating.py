@@ -81,9 +81,12 @@ def prepare(task: Task, results: Results) -> Task | str:
                 None,
             )
         index = task.replica or 0
-        if index - task.for_each.first >= len(items):
+        position = index - task.for_each.first  # binding gives a job its own item only
+        if position < 0:
+            raise TaskError(f"task {task.name}: for_each slot {index} holds no item", None)
+        if position >= len(items):
             return f"for_each slot {index} is past the list's {len(items)} items"
-        item = items[index - task.for_each.first]
+        item = items[position]
 
     def lookup(ref: Reference) -> Any:
         head, path = ref.path[0], ref.path[1:]
