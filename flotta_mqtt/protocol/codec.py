@@ -13,6 +13,7 @@ from flotta_mqtt.protocol.messages import (
     Artifact,
     ArtifactStatus,
     CancelArtifact,
+    DirectoryEntry,
     EventBatch,
     JobBatch,
     JobReady,
@@ -47,6 +48,7 @@ PAYLOADS: dict[Channel, TypeAdapter[Any]] = {
     Channel.EVENTS: TypeAdapter(WorkerEvents),
     Channel.PRESENCE: TypeAdapter(NodePresence),
     Channel.SESSION: TypeAdapter(SessionMessage),
+    Channel.DIRECTORY: TypeAdapter(DirectoryEntry),
 }
 
 
