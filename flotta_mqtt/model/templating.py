@@ -29,6 +29,8 @@ ParameterName = Annotated[str, Field(pattern=rf"^{_NAME}$")]
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.\-]*)\s*\}\}")
 # The task fields a reference may read: tasks.NAME.FIELD, as a dependency's product says.
 TASK_FIELDS = ("exit_code", "status", "outputs.result", "outputs.json")
+# An exit handler's view of the other tasks: "Succeeded", or "Failed" if one failed.
+WORKFLOW_STATUS = "workflow.status"
 
 
 class TemplateError(ValueError):
@@ -155,20 +157,27 @@ def render(value: Any, lookup: Callable[[str], Any]) -> Any:
     return value
 
 
-def check_names(task: str, names: Iterator[str], parameters: Mapping[str, Any], item: bool) -> None:
-    """Refuse a placeholder or reference naming no parameter (or `item` outside a for_each)."""
+def check_names(
+    task: str, names: Iterator[str], parameters: Mapping[str, Any], item: bool, handler: bool
+) -> None:
+    """Refuse a placeholder or reference naming no parameter, `item` outside a for_each,
+    or `workflow.status` outside an exit handler (the only tasks that run knowing it)."""
     for name in names:
         head, _, rest = name.partition(".")
         if head == "params" and rest in parameters:
             continue
-        if head == "item" and item:
+        if (head == "item" and item) or (name == WORKFLOW_STATUS and handler):
             continue
         if head == "params":
             known = ", ".join(sorted(parameters)) or "none"
             raise TemplateError(f"task {task}: {name} is no parameter of the workflow ({known})")
         if head == "item":
             raise TemplateError(f"task {task}: {name} is only known in a task with for_each")
-        raise TemplateError(f"task {task}: {name!r} names nothing: params.NAME or item")
+        if name == WORKFLOW_STATUS:
+            raise TemplateError(f"task {task}: {name} is only known in on_exit and on_failure")
+        raise TemplateError(
+            f"task {task}: {name!r} names nothing: params.NAME, item or workflow.status"
+        )
 
 
 def task_reference(task: str, reference: Reference, depends: list[str]) -> str:

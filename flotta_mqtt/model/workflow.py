@@ -101,6 +101,8 @@ class Task(BaseModel):
     arguments: SkipJsonSchema[dict[str, FiniteJson]] = Field(default_factory=dict)
     # Set for a workflow's `on_exit` and `on_failure` tasks, which run after all others.
     handler: SkipJsonSchema[Literal["exit", "failure"] | None] = None
+    # What an exit handler's `workflow.status` reads: set by the scheduler when it runs.
+    workflow_status: SkipJsonSchema[Literal["Succeeded", "Failed"] | None] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -166,7 +168,7 @@ class Task(BaseModel):
         for key, empty in (("secrets", []), ("arguments", {})):
             if data.get(key) == empty:
                 del data[key]
-        for key in ("when", "for_each", "handler"):
+        for key in ("when", "for_each", "handler", "workflow_status"):
             if key in data and data[key] is None:
                 del data[key]
         return data
@@ -316,7 +318,9 @@ class Workflow(BaseModel):
             if task.for_each is not None and not isinstance(task.for_each.items, list):
                 source = task.for_each.source
                 names += [str(source)] if source.path[0] == "params" else []
-            check_names(task.name, iter(names), self.parameters, item=task.for_each is not None)
+            is_handler = task.handler is not None
+            item = task.for_each is not None
+            check_names(task.name, iter(names), self.parameters, item, is_handler)
         return self
 
     def all_tasks(self) -> list[Task]:

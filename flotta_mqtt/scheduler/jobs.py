@@ -8,7 +8,14 @@ import logging
 
 import networkx as nx
 
-from flotta_mqtt.model import ARTIFACT_FINAL, JOB_FINAL, ArtifactState, JobState, JobStatus
+from flotta_mqtt.model import (
+    ARTIFACT_FINAL,
+    JOB_FINAL,
+    ArtifactState,
+    JobState,
+    JobStatus,
+    Operation,
+)
 from flotta_mqtt.protocol import (
     CancelJob,
     JobFinished,
@@ -159,6 +166,11 @@ class JobFlow:
         """The JobReady message of a job's current attempt, to its worker."""
         assert record.graph is not None
         job = record.graph.jobs[job_id]
+        operation = job.operation
+        if job.handler is not None:  # it runs once the others are final: tell it how they went
+            outcome = "Failed" if record.error is not None else "Succeeded"
+            params = {**operation.params, "workflow_status": outcome}
+            operation = Operation.model_construct(name=operation.name, params=params)
         # Built from values validated on their way in: no need to validate them again.
         message = JobReady.model_construct(
             artifact_id=record.id,
@@ -170,7 +182,7 @@ class JobFlow:
             kind=job.kind,
             role=job.role,
             iteration=job.iteration,
-            operation=job.operation,
+            operation=operation,
             # Every job it consumes is final: completed, or dropped out with no product.
             inputs=[
                 record.products[p] for p in record.graph.consumes(job_id) if p in record.products

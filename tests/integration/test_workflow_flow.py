@@ -59,7 +59,7 @@ RELEASE: dict[str, Any] = {
             "env": {"WHERE": "not {{ params.target }}"},
         },
     ],
-    "on_exit": [{"name": "cleanup", "params": {"command": ["echo", "cleanup"]}}],
+    "on_exit": [{"name": "cleanup", "params": {"command": ["echo", "{{ workflow.status }}"]}}],
     "on_failure": [{"name": "alarm", "params": {"command": ["echo", "alarm"]}}],
 }
 
@@ -113,6 +113,7 @@ def test_parameters_conditions_fan_out_and_exit_handlers_through_the_cli(flotta:
         assert stdout(flotta, status, f"_fan.{i}") == f"{greeting}|{item}\n"
     assert [stdout(flotta, status, f"_per-region.{i}") for i in (0, 1)] == ["eu\n", "us\n"]
     assert stdout(flotta, status, "after-skip") == "not dev\n"
+    assert stdout(flotta, status, "cleanup") == "Succeeded\n"
     assert jobs["prod-only"].error is not None and "is false" in jobs["prod-only"].error
     # The exit handler ran after every other task had finished.
     cleanup = jobs["cleanup"]
@@ -131,7 +132,13 @@ def test_a_failure_runs_both_handlers_and_the_workflow_still_fails(flotta: Flott
             {"name": "boom", "params": {"shell": "echo broken >&2; exit 4"}},
             {"name": "never", "depends": ["boom"], "params": {"command": ["true"]}},
         ],
-        "on_exit": [{"name": "cleanup", "params": {"command": ["echo", "cleanup"]}}],
+        "on_exit": [
+            {
+                "name": "cleanup",
+                "when": "workflow.status == 'Failed'",
+                "params": {"command": ["echo", "{{ workflow.status }}"]},
+            }
+        ],
         "on_failure": [
             {"name": "alarm", "params": {"command": ["echo", "alarm"]}},
             {"name": "page", "depends": ["alarm"], "params": {"command": ["echo", "page"]}},
@@ -150,6 +157,7 @@ def test_a_failure_runs_both_handlers_and_the_workflow_still_fails(flotta: Flott
     }
     assert status.failed_job == jobs["boom"].id
     assert stdout(flotta, status, "page") == "page\n"
+    assert stdout(flotta, status, "cleanup") == "Failed\n"
 
 
 def test_a_fan_out_over_too_long_a_list_or_no_list_fails_naming_why(flotta: Flotta) -> None:  # noqa: F811
@@ -191,6 +199,7 @@ BIG = "x" * 70_000
         ({"when": "tasks.gen.status == "}, ["target=dev"], "expected a value"),
         ({"when": "params.nope == 1"}, ["target=dev"], "params.nope is no parameter"),
         ({"when": "item == 1"}, ["target=dev"], "only known in a task with for_each"),
+        ({"env": {"S": "{{ workflow.status }}"}}, ["target=dev"], "only known in on_exit"),
         ({"when": "tasks.gen.stdout == 1"}, ["target=dev"], "is not tasks.NAME followed by"),
         ({"for_each": {"items": "tasks.gen.outputs.json"}}, ["target=dev"], "needs `max`"),
         (

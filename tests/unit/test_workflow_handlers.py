@@ -83,6 +83,13 @@ def answer(harness: Harness, name: str, *, fail: bool = False, skipped: str | No
     harness.send((topics.events("w0"), message))
 
 
+def told(harness: Harness, name: str) -> str | None:
+    """The workflow status the scheduler gave task `name`'s pending job."""
+    ready = next(r for _, r in harness.pending if r.operation.params["name"] == name)
+    status: str | None = ready.operation.params.get("workflow_status")
+    return status
+
+
 def pending(harness: Harness) -> list[str]:
     return sorted(r.operation.params["name"] for _, r in harness.pending)
 
@@ -90,6 +97,7 @@ def pending(harness: Harness) -> list[str]:
 def test_on_success_on_exit_runs_last_and_on_failure_is_skipped() -> None:
     harness = started()
     assert pending(harness) == ["a", "side"], "handlers wait for the other tasks"
+    assert told(harness, "a") is None, "only exit handlers are told"
     answer(harness, "a")
     answer(harness, "b", skipped="when: false is false")  # skipped: done for its dependents
     assert pending(harness) == ["c", "side"]
@@ -97,6 +105,7 @@ def test_on_success_on_exit_runs_last_and_on_failure_is_skipped() -> None:
     assert pending(harness) == ["side"]
     answer(harness, "side")
     assert pending(harness) == ["cleanup"]
+    assert told(harness, "cleanup") == "Succeeded"
     states = names(harness)
     assert (states["b"], states["alarm"], states["page"]) == (JobState.SKIPPED,) * 3
     answer(harness, "cleanup")
@@ -110,6 +119,7 @@ def test_after_a_failure_both_handlers_run_and_the_artifact_fails() -> None:
     assert pending(harness) == ["side"], "no handler before every other task is final"
     answer(harness, "side")
     assert pending(harness) == ["alarm", "cleanup"]
+    assert (told(harness, "alarm"), told(harness, "cleanup")) == ("Failed", "Failed")
     answer(harness, "alarm")
     answer(harness, "cleanup")
     assert pending(harness) == ["page"]

@@ -125,7 +125,7 @@ def test_repeated_or_malformed_assignments_are_refused() -> None:
         ({"when": "tasks.t.status == 'x'"}, "which it does not depend on"),  # itself
         ({"params": {"shell": "{{ params.nope }}"}}, "params.nope is no parameter"),
         ({"env": {"A": "{{ item }}"}}, "item is only known in a task with for_each"),
-        ({"env": {"A": "{{ os.environ }}"}}, "names nothing: params.NAME or item"),
+        ({"env": {"A": "{{ os.environ }}"}}, "names nothing: params.NAME, item or workflow.status"),
         ({"for_each": {"items": "tasks.t.outputs.json"}}, "needs `max`"),
         ({"for_each": {"items": "params.x.y"}}, "a list, `params.NAME` or"),
         ({"for_each": {"items": "params.nope", "max": 3}}, "params.nope is no parameter"),

@@ -12,7 +12,7 @@ from typing import Any
 
 from flotta_mqtt.model import Task
 from flotta_mqtt.model.expressions import ExpressionError, Reference, evaluate, parse
-from flotta_mqtt.model.templating import MAX_ITEMS, render
+from flotta_mqtt.model.templating import MAX_ITEMS, WORKFLOW_STATUS, render
 from flotta_mqtt.model.workflow import task_of
 from flotta_mqtt.protocol import Resource
 from flotta_mqtt.transport.store import ResourceStore
@@ -94,6 +94,8 @@ def prepare(task: Task, results: Results) -> Task | str:
             return results.value(ref)
         if head == "params" and len(path) == 1 and path[0] in task.arguments:
             return task.arguments[path[0]]
+        if str(ref) == WORKFLOW_STATUS and task.workflow_status is not None:
+            return task.workflow_status
         if head == "item":
             value = item
             for key in path:
