@@ -247,3 +247,4 @@ def test_the_example_runs_as_its_comments_say(flotta: Flotta) -> None:  # noqa: 
     assert stdout(flotta, status, "_package.2") == "package 1.2 for windows\n"
     assert stdout(flotta, status, "_deploy.1") == "deploy 1.2 to us\n"
     assert stdout(flotta, status, "announce") == "1.2 released to prod\n"
+    assert stdout(flotta, status, "cleanup") == "release Succeeded\n"
