@@ -5,26 +5,25 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from flotta_mqtt.cli.errors import TIMED_OUT, Command, debugging, fail, set_debug
+from flotta_mqtt.cli.files import load_artifact
 from flotta_mqtt.cli.serving import serve
 from flotta_mqtt.cli.settings import broker_options, node_config
 from flotta_mqtt.cli.views import holders_text, jobs_table
 from flotta_mqtt.client.client import ArtifactFailed, Client, NoSuchArtifact
 from flotta_mqtt.logs import configure_logging
-from flotta_mqtt.model import Artifact, Tasks, Workflow
+from flotta_mqtt.model import Tasks
 from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.scheduler.config import SchedulerConfig
-from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings, load_yaml
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
-from flotta_mqtt.workflows.executors import check_task
 
 app = Command(
     help="flotta_mqtt: distributed jobs over MQTT. Run a scheduler, edge workers, and submit "
@@ -278,29 +277,16 @@ def open_client(
     return Client(settings, storage=store)
 
 
-def load_artifact(path: Path) -> Artifact:
-    """Read an artifact or a workflow (a file with `tasks`) from JSON or YAML.
-
-    Errors name what is wrong: duplicate tasks, unknown dependencies, the cycle.
-    """
-    data: dict[str, Any] = {}  # an unreadable file fails before it is known which it is
-    try:
-        data = load_yaml(path)
-        if "tasks" in data:
-            workflow = Workflow.model_validate(data)
-            for task in workflow.tasks:
-                check_task(task)
-            return Artifact(project=workflow.project, steps=[Tasks(tasks=workflow.tasks)])
-        return Artifact.model_validate(data)
-    except (ValueError, ValidationError) as exc:
-        what = "workflow" if "tasks" in data else "artifact"
-        raise fail(f"{path} is not a valid {what}:\n{exc}") from None
+ParamOpt = Annotated[
+    list[str] | None,
+    typer.Option("--param", "-p", help="set a workflow parameter: NAME=VALUE (repeatable)"),
+]
 
 
 @app.command()
-def validate(file: Path) -> None:
+def validate(file: Path, param: ParamOpt = None) -> None:
     """Check an artifact or workflow file (JSON or YAML) without submitting it."""
-    artifact = load_artifact(file)
+    artifact = load_artifact(file, param)
     step = artifact.steps[0]
     size = f"{len(step.tasks)} tasks" if isinstance(step, Tasks) else f"{len(artifact.steps)} steps"
     console.print(f"[green]valid[/green]: artifact {artifact.id}, {size}")
@@ -309,6 +295,7 @@ def validate(file: Path) -> None:
 @app.command()
 def submit(
     file: Path,
+    param: ParamOpt = None,
     wait: Annotated[
         bool, typer.Option(envvar="FLOTTA_WAIT", help="wait for the result and print it")
     ] = False,
@@ -321,7 +308,7 @@ def submit(
 ) -> None:
     """Submit an artifact or workflow file (JSON or YAML); print its id, or its result
     with --wait."""
-    artifact = load_artifact(file)
+    artifact = load_artifact(file, param)
     with open_client(broker, username, password, ca_file, storage) as client:
         handle = client.submit(artifact)
         console.print(f"submitted artifact {artifact.id}")

@@ -26,6 +26,7 @@ STATE_STYLE = {
     JobState.COMPLETED: "green",
     JobState.FAILED: "red",
     JobState.CANCELLED: "grey50",
+    JobState.SKIPPED: "magenta",
 }
 ARTIFACT_STYLE = {
     ArtifactState.SUBMITTED: "cyan",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flotta_mqtt.model import JobState
+from flotta_mqtt.model import JOB_DONE
 from flotta_mqtt.protocol import ArtifactStatus
 
 
@@ -22,7 +22,7 @@ class ProgressBar:
         self._progress.start()
 
     def update(self, status: ArtifactStatus) -> None:
-        done = status.counts.get(JobState.COMPLETED, 0)
+        done = sum(status.counts.get(state, 0) for state in JOB_DONE)  # skipped too
         self._progress.update(
             self._task,
             total=status.total or None,

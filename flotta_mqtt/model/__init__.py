@@ -19,6 +19,7 @@ from flotta_mqtt.model.registry import (
 )
 from flotta_mqtt.model.states import (
     ARTIFACT_FINAL,
+    JOB_DONE,
     JOB_FINAL,
     ArtifactState,
     JobState,
@@ -43,6 +44,7 @@ from flotta_mqtt.model.workflow import Task, Workflow, candidates, task_graph
 __all__ = [
     "ARTIFACT_FINAL",
     "CODE_EXECUTOR",
+    "JOB_DONE",
     "JOB_FINAL",
     "AllOf",
     "AnyOf",

@@ -21,6 +21,17 @@ from pydantic.json_schema import SkipJsonSchema
 
 from flotta_mqtt.model.context import NodeRef
 from flotta_mqtt.model.operation import FiniteJson
+from flotta_mqtt.model.templating import (
+    MAX_PARAMETERS,
+    Condition,
+    ForEach,
+    Parameter,
+    ParameterName,
+    check_names,
+    condition_names,
+    placeholders,
+    task_reference,
+)
 
 _TASK_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 TaskName = Annotated[str, Field(pattern=rf"^{_TASK_NAME}$")]
@@ -93,6 +104,25 @@ class Task(BaseModel):
     # Which replica a job runs, 0 to replicas - 1: binding sets it, with the name `name[i]`,
     # in each replica's job params; never in a workflow file.
     replica: SkipJsonSchema[int | None] = Field(default=None, ge=0)
+    when: Condition | None = None  # run only if true; else the task is skipped
+    for_each: ForEach | None = None  # one job per item; `{{ item }}` in params and env
+    # The parameter values its placeholders and `when` read, set at submission from the
+    # workflow's parameters (model/resolution.py); never in a workflow file.
+    arguments: SkipJsonSchema[dict[str, FiniteJson]] = Field(default_factory=dict)
+    # Set for a workflow's `on_exit` and `on_failure` tasks, which run after all others.
+    handler: SkipJsonSchema[Literal["exit", "failure"] | None] = None
+    # What an exit handler's `workflow.status` reads: set by the scheduler when it runs.
+    workflow_status: SkipJsonSchema[Literal["Succeeded", "Failed"] | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_job_per_item(cls, data: Any) -> Any:
+        """A for_each task binds like replicas: one job per item (or per slot of `max`)."""
+        if isinstance(data, dict) and isinstance(data.get("for_each"), dict | ForEach):
+            slots = ForEach.model_validate(data["for_each"]).slots
+            if slots is not None and "replicas" not in data:
+                data = {**data, "replicas": slots}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +162,14 @@ class Task(BaseModel):
                 f"task {self.name}: {', '.join(clashes)} named both in `env` and in `secrets`; "
                 "a secret reaches the task as the variable of its name"
             )
+        slots = self.for_each.slots if self.for_each else None
+        if self.replica is None and self.for_each and self.for_each.first:
+            raise ValueError(f"task {self.name}: for_each `first` is set by binding")
+        if self.replica is None and slots is not None and slots != self.replicas:
+            raise ValueError(
+                f"task {self.name}: for_each binds {slots} jobs, one per item: "
+                "it sets `replicas` itself"
+            )
         if self.replicas > 1 and self.outputs:
             raise ValueError(
                 f"task {self.name}: its {self.replicas} replicas would each store the same "
@@ -151,9 +189,12 @@ class Task(BaseModel):
             del data["replica"]
         if data.get("replicas") == 1:
             del data["replicas"]
-        for empty in ("secrets", "requires"):
-            if data.get(empty) == []:
-                del data[empty]
+        for key, empty in (("secrets", []), ("requires", []), ("arguments", {})):
+            if data.get(key) == empty:
+                del data[key]
+        for key in ("when", "for_each", "handler", "workflow_status"):
+            if key in data and data[key] is None:
+                del data[key]
         return data
 
 
@@ -206,6 +247,7 @@ def task_graph(tasks: list[Task]) -> nx.DiGraph:
             "a workflow sets `replicas`"
         )
     _check_size(tasks)
+    _check_flow(tasks)
     graph = nx.DiGraph()
     graph.add_nodes_from(task.name for task in tasks)
     graph.add_edges_from((dep, task.name) for task in tasks for dep in task.depends)
@@ -215,6 +257,34 @@ def task_graph(tasks: list[Task]) -> nx.DiGraph:
         return graph
     path = " → ".join([*(a for a, _ in cycle), cycle[0][0]])
     raise ValueError(f"the tasks form a cycle: {path}")
+
+
+def _check_flow(tasks: list[Task]) -> None:
+    """Refuse conditions and for_each that read what a task cannot know when it runs, and
+    exit handlers tangled with the tasks they follow."""
+    by_name = {task.name: task for task in tasks}
+    for task in tasks:
+        refs = list(condition_names(task.when))
+        if task.for_each is not None and not isinstance(task.for_each.items, list):
+            refs.append(task.for_each.source)
+        for ref in refs:
+            if ref.path[0] == "tasks":
+                source = by_name[task_reference(task.name, ref, task.depends)]
+                if source.replicas > 1:
+                    raise ValueError(
+                        f"task {task.name}: {ref} reads task {source.name}, which runs as "
+                        f"{source.replicas} jobs: a condition reads a single job's result"
+                    )
+        if task.for_each is None and any(ref.path[0] == "item" for ref in refs):
+            raise ValueError(f"task {task.name}: `item` is only known in a task with for_each")
+        tangled = [
+            dep for dep in task.depends if (by_name[dep].handler is None) != (task.handler is None)
+        ]
+        if tangled:
+            raise ValueError(
+                f"task {task.name} depends on {', '.join(tangled)}: exit handlers run after "
+                "every other task and depend only on one another"
+            )
 
 
 def _check_size(tasks: list[Task]) -> None:
@@ -255,12 +325,35 @@ class Workflow(BaseModel):
 
     name: TaskName = "workflow"
     project: str = "workflows"
+    parameters: dict[ParameterName, Parameter] = Field(
+        default_factory=dict, max_length=MAX_PARAMETERS
+    )
     tasks: list[Task] = Field(min_length=1)
+    on_exit: list[Task] = Field(default_factory=list)  # run after all tasks, whatever the outcome
+    on_failure: list[Task] = Field(default_factory=list)  # run after all tasks if one failed
 
     @model_validator(mode="after")
     def _is_a_dag(self) -> Workflow:
-        task_graph(self.tasks)
+        tasks = self.all_tasks()
+        task_graph(tasks)
+        for task in tasks:
+            names = [*placeholders(task.params), *placeholders(task.env)]
+            names += [str(ref) for ref in condition_names(task.when) if ref.path[0] != "tasks"]
+            if task.for_each is not None and not isinstance(task.for_each.items, list):
+                source = task.for_each.source
+                names += [str(source)] if source.path[0] == "params" else []
+            is_handler = task.handler is not None
+            item = task.for_each is not None
+            check_names(task.name, iter(names), self.parameters, item, is_handler)
         return self
+
+    def all_tasks(self) -> list[Task]:
+        """Its tasks, then its exit handlers marked as such."""
+        return [
+            *self.tasks,
+            *(task.model_copy(update={"handler": "exit"}) for task in self.on_exit),
+            *(task.model_copy(update={"handler": "failure"}) for task in self.on_failure),
+        ]
 
 
 def candidates(task: Task, pool: list[NodeRef]) -> list[NodeRef]:

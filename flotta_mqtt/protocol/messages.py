@@ -264,6 +264,8 @@ class JobFinished(Message):
     started_at: Timestamp
     finished_at: Timestamp
     exit_code: int | None = None  # a workflow task's process status, when it has one
+    # Why a workflow task did not run (its `when` was false, its for_each slot unused).
+    skipped: Annotated[str, Field(max_length=1000)] | None = None
 
 
 class JobFailed(Message):

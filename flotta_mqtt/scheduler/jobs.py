@@ -8,7 +8,14 @@ import logging
 
 import networkx as nx
 
-from flotta_mqtt.model import ARTIFACT_FINAL, JOB_FINAL, ArtifactState, JobState, JobStatus
+from flotta_mqtt.model import (
+    ARTIFACT_FINAL,
+    JOB_FINAL,
+    ArtifactState,
+    JobState,
+    JobStatus,
+    Operation,
+)
 from flotta_mqtt.protocol import (
     CancelJob,
     JobFinished,
@@ -17,6 +24,7 @@ from flotta_mqtt.protocol import (
     RemoteError,
     topics,
 )
+from flotta_mqtt.scheduler import handlers
 from flotta_mqtt.scheduler.announcements import Announcements
 from flotta_mqtt.scheduler.binding import Bound
 from flotta_mqtt.scheduler.effects import (
@@ -110,7 +118,20 @@ class JobFlow:
         self.decision.writes.append(CancelJobs(record.id))
 
     def settle(self, record: ArtifactRecord) -> None:
-        """End the artifact once every job is final: failed if any task failed."""
+        """Start the exit handlers once the other jobs are final; end the artifact once
+        every job is: failed if any task failed."""
+        due = handlers.unlocked_handlers(record) if record.state is ArtifactState.RUNNING else []
+        while due:
+            job_id = due.pop(0)
+            if handlers.runs(record, job_id):
+                self.make_ready(record, job_id)
+                continue
+            assert record.locks is not None
+            record.set_job(job_id, record.jobs[job_id].skip())
+            record.note(job_id, error="skipped: an on_failure task, and no task failed")
+            self.decision.writes.append(UpdateJob(record.id, job_id, JobState.SKIPPED, 0))
+            due += record.locks.release(job_id)
+            self.announcements.changed(record.id)
         final = sum(record.counts[state] for state in JOB_FINAL)
         if final == len(record.jobs):
             failed = record.error is not None
@@ -120,8 +141,8 @@ class JobFlow:
 
     def make_ready(self, record: ArtifactRecord, job_id: int) -> None:
         """A job whose locks are all released becomes ready and is dispatched."""
-        if record.jobs[job_id].state is not JobState.WAITING:
-            return  # cancelled, as the descendant of a failed task
+        if record.jobs[job_id].state is not JobState.WAITING or handlers.held(record, job_id):
+            return  # cancelled, as the descendant of a failed task; or an exit handler
         record.set_job(job_id, record.jobs[job_id].ready())
         self.dispatch(record, job_id)
 
@@ -145,6 +166,11 @@ class JobFlow:
         """The JobReady message of a job's current attempt, to its worker."""
         assert record.graph is not None
         job = record.graph.jobs[job_id]
+        operation = job.operation
+        if job.handler is not None:  # it runs once the others are final: tell it how they went
+            outcome = "Failed" if record.error is not None else "Succeeded"
+            params = {**operation.params, "workflow_status": outcome}
+            operation = Operation.model_construct(name=operation.name, params=params)
         # Built from values validated on their way in: no need to validate them again.
         message = JobReady.model_construct(
             artifact_id=record.id,
@@ -156,7 +182,7 @@ class JobFlow:
             kind=job.kind,
             role=job.role,
             iteration=job.iteration,
-            operation=job.operation,
+            operation=operation,
             # Every job it consumes is final: completed, or dropped out with no product.
             inputs=[
                 record.products[p] for p in record.graph.consumes(job_id) if p in record.products
@@ -194,7 +220,10 @@ class JobFlow:
         status = record.jobs[ref.job_id]
         if status.state is JobState.DISPATCHED and status.attempt == ref.attempt:
             self.started_unannounced(record, ref.job_id, event.finished_at - event.started_at)
-        record.set_job(ref.job_id, status.complete(ref.attempt))
+        done = (
+            status.skip(ref.attempt) if event.skipped is not None else status.complete(ref.attempt)
+        )
+        record.set_job(ref.job_id, done)
         self.metrics.completed(event.finished_at - event.started_at)
         record.products[ref.job_id] = event.product
         record.attempts.forget(ref.job_id)
@@ -204,12 +233,13 @@ class JobFlow:
             finished_at=event.finished_at,
             size=event.product.size,
             exit_code=event.exit_code,
+            error=None if event.skipped is None else f"skipped: {event.skipped}"[:300],
         )
         self.decision.writes.append(
             UpdateJob(
                 record.id,
                 ref.job_id,
-                JobState.COMPLETED,
+                done.state,
                 ref.attempt,
                 started_at=event.started_at,
                 finished_at=event.finished_at,

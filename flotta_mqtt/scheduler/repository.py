@@ -253,8 +253,14 @@ class Repository(ABC):
 
     def cancel_jobs(self, artifact_id: str) -> None:
         self._execute(
-            "UPDATE jobs SET state = ? WHERE artifact_id = ? AND state NOT IN (?, ?)",
-            (JobState.CANCELLED, artifact_id, JobState.COMPLETED, JobState.FAILED),
+            "UPDATE jobs SET state = ? WHERE artifact_id = ? AND state NOT IN (?, ?, ?)",
+            (
+                JobState.CANCELLED,
+                artifact_id,
+                JobState.COMPLETED,
+                JobState.FAILED,
+                JobState.SKIPPED,
+            ),
         )
 
     def jobs(self, artifact_id: str) -> list[JobRow]:

@@ -63,10 +63,11 @@ class Jobs:
     def run(self, job: JobReady, cancelled: threading.Event, started: float) -> Final:
         """Run `job`; a failure of the job is its result (JobFailed), never raised."""
         exit_code: int | None = None
+        skipped: str | None = None
         try:
             if job.kind == "tasks":
                 product = self.tasks.run(job, self.node, cancelled)
-                exit_code = product["exit_code"]
+                exit_code, skipped = product["exit_code"], product.get("skipped")
                 data = _PRODUCT_JSON.encode(product).encode()
             else:
                 data = self._operation(job, cancelled)
@@ -87,6 +88,7 @@ class Jobs:
             started_at=started,
             finished_at=time.time(),
             exit_code=exit_code,
+            skipped=skipped,
         )
 
     def _operation(self, job: JobReady, cancelled: threading.Event) -> bytes:

@@ -157,7 +157,7 @@ class Harness:
             if not isinstance(write, UpdateJob):
                 continue
             key = (write.artifact_id, write.job_id)
-            if write.state is JobState.COMPLETED:
+            if write.state in (JobState.COMPLETED, JobState.SKIPPED):
                 assert key not in self.completed, f"{key} completed twice"
                 self.completed.add(key)
             elif write.error is not None and write.error.type == "DroppedOut":

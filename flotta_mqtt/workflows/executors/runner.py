@@ -27,6 +27,7 @@ from flotta_mqtt.workflows.executors.base import (
     check_task,
     make_executor,
 )
+from flotta_mqtt.workflows.executors.gating import Results, prepare
 from flotta_mqtt.workflows.executors.policy import SitePolicy, mask
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,14 @@ class TaskRunner:
         masked in the logs and the error.
         """
         task = Task.model_validate(job.operation.params)
+        folder = self.store.artifact_root(job.artifact_id)
+        ready = prepare(task, Results(self.store, folder, job.inputs))
+        if isinstance(ready, str):
+            return {"task": task.name, "exit_code": None, "skipped": ready}
+        task = ready
         executor = self._executor(task, node)
         check_task(task)  # a task from anywhere: its params' errors in one line
         secrets = self.policy.secret_values(task.name, task.secrets)
-        folder = self.store.artifact_root(job.artifact_id)
         with self._folders.take() as workdir:
             for path, resource in self._inputs(job, task, folder).items():
                 target = workdir / path
