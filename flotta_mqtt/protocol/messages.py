@@ -27,6 +27,9 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+CacheScope = Annotated[str, Field(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,127})$")]
+
+
 class Resource(Message):
     """A product of a job in the resource store: where it is and what its bytes hash to."""
 
@@ -181,6 +184,10 @@ class JobReady(Message):
     iteration: Annotated[int, Field(ge=0)]
     operation: Operation
     inputs: list[Resource] = Field(default_factory=list)
+    # For a workflow task with `cache`: whose earlier runs it may reuse and add to, the
+    # owner's tenant (`*`: a scheduler without a registry, where everyone is one tenant).
+    # Left out of every other job's message, which stays the size it was.
+    cache_scope: CacheScope | None = Field(default=None, exclude_if=lambda scope: scope is None)
 
     @property
     def ref(self) -> JobRef:

@@ -113,7 +113,13 @@ class SchedulerCore:
         self.quotas = Quotas(
             config.max_jobs_per_artifact, config.max_artifacts_in_flight, config.max_jobs_in_flight
         )
-        self.flow = JobFlow(self.announcements, metrics, policies.retries, self.quotas)
+        self.flow = JobFlow(
+            self.announcements,
+            metrics,
+            policies.retries,
+            self.quotas,
+            None if registry is None else registry.tenant,
+        )
         self.artifacts: dict[str, ArtifactRecord] = {}  # unfinished, in memory
         self.events = WorkerEvents(self.artifacts, self.flow, self.announcements, policies.resends)
         self.retention = Retention(config, registry)
