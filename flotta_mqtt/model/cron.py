@@ -53,13 +53,17 @@ class Cron:
                 f"cron expression {text!r} has {len(fields)} fields, not 5 "
                 "(minute hour day-of-month month day-of-week)"
             )
-        values = [_field(field, *spec) for field, spec in zip(fields, _FIELDS, strict=True)]
-        weekdays = frozenset(day % 7 for day in values[4])
+        minutes, hours, days, months, weekdays = (
+            _field(field, *spec) for field, spec in zip(fields, _FIELDS, strict=True)
+        )
         cron = cls(
-            " ".join(fields),
-            *values[:4],
-            weekdays,
-            not fields[2].startswith("*") and not fields[4].startswith("*"),
+            text=" ".join(fields),
+            minutes=minutes,
+            hours=hours,
+            days=days,
+            months=months,
+            weekdays=frozenset(day % 7 for day in weekdays),
+            days_or_weekdays=not fields[2].startswith("*") and not fields[4].startswith("*"),
         )
         if cron._next_day(datetime(2000, 1, 1, tzinfo=UTC)) is None:
             raise ValueError(f"cron expression {text!r} never fires: no date has that day")
