@@ -82,11 +82,14 @@ class PruneRequest(Message):
 # --- scheduler → workbench / everyone ------------------------------------------------
 
 
-# invalid: the request itself is wrong; unknown_artifact: no such artifact (or not the
-# requester's to see); quota: over a limit the reason names; forbidden: not the
-# requester's to ask (e.g. a prune by a non-administrator); unavailable: the scheduler
-# could not record it now (its database refused the write): send it again later.
-RejectReason = Literal["invalid", "unknown_artifact", "quota", "forbidden", "unavailable"]
+# invalid: the request itself is wrong; unknown_artifact, unknown_schedule: no such
+# artifact or schedule (or not the requester's to see); quota: over a limit the reason
+# names; forbidden: not the requester's to ask (e.g. a prune by a non-administrator);
+# unavailable: the scheduler could not record it now (its database refused the write):
+# send it again later.
+RejectReason = Literal[
+    "invalid", "unknown_artifact", "unknown_schedule", "quota", "forbidden", "unavailable"
+]
 
 
 class RequestRejected(Message):

@@ -68,6 +68,7 @@ from flotta_mqtt.scheduler.resends import ResendPolicy
 from flotta_mqtt.scheduler.retention import Retention
 from flotta_mqtt.scheduler.retries import RetryPolicy
 from flotta_mqtt.scheduler.running import check_running
+from flotta_mqtt.scheduler.schedules import Schedules
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class SchedulerCore:
         self.artifacts: dict[str, ArtifactRecord] = {}  # unfinished, in memory
         self.events = WorkerEvents(self.artifacts, self.flow, self.announcements, policies.resends)
         self.retention = Retention(config, registry)
+        self.schedules = Schedules(registry)
         self.nodes: dict[str, NodePresence] = {}
         # Every artifact id stored (and not pruned since) → its owner.
         self._known: dict[str, str] = {}
@@ -247,6 +249,8 @@ class SchedulerCore:
             self._about(address, message)
         elif address.channel is Channel.PRUNE:
             self._prune(address.name, message)
+        elif address.channel is Channel.SCHEDULE:
+            self.schedules.handle(address.name, message, self.flow.clock.wall, self.flow.decision)
         elif address.channel is Channel.PRESENCE:
             self._presence(address.name, message)
         elif address.channel is Channel.EVENTS:
@@ -363,6 +367,8 @@ class SchedulerCore:
     # --- timers ---------------------------------------------------------------------------
 
     def _tick(self, clock: Clock) -> None:
+        for owner, run in self.schedules.fire(clock.wall, self.flow.decision):
+            self._submit(run, owner)
         self._resend(
             self.policies.resends.to_resend(self.artifacts.values(), clock.caught_up, periodic=True)
         )

@@ -26,8 +26,10 @@ from flotta_mqtt.scheduler.effects import (
     BindArtifact,
     CancelJobs,
     DeleteArtifact,
+    DeleteSchedule,
     InsertArtifact,
     SaveNode,
+    SaveSchedule,
     UpdateArtifact,
     UpdateJob,
     Write,
@@ -72,6 +74,15 @@ CREATE TABLE IF NOT EXISTS locks (
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
     presence TEXT NOT NULL
+);
+-- Scheduled runs (scheduler/schedules.py): what each submits, when it fires next.
+CREATE TABLE IF NOT EXISTS schedules (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    cron TEXT NOT NULL,
+    artifact TEXT NOT NULL,
+    next_run REAL NOT NULL,
+    runs INTEGER NOT NULL
 );
 """
 _UNFINISHED = (ArtifactState.SUBMITTED, ArtifactState.RUNNING)  # every other state is final
@@ -153,6 +164,10 @@ class Repository:
                     self.save_node(write.presence)
                 case DeleteArtifact():
                     self.delete_artifact(write.artifact_id)
+                case SaveSchedule():
+                    self.save_schedule(write)
+                case DeleteSchedule():
+                    self._db.execute("DELETE FROM schedules WHERE id = ?", (write.schedule_id,))
 
     # --- artifacts ---------------------------------------------------------------------
 
@@ -323,6 +338,32 @@ class Repository:
     def nodes(self) -> list[NodePresence]:
         rows = self._db.execute("SELECT presence FROM nodes ORDER BY name").fetchall()
         return [NodePresence.model_validate_json(row[0]) for row in rows]
+
+    # --- schedules -----------------------------------------------------------------------
+
+    def save_schedule(self, row: SaveSchedule) -> None:
+        self._db.execute(
+            "INSERT INTO schedules (id, owner, cron, artifact, next_run, runs) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "next_run = excluded.next_run, runs = excluded.runs",
+            (
+                row.schedule_id,
+                row.owner,
+                row.cron,
+                row.artifact.model_dump_json(),
+                row.next_run,
+                row.runs,
+            ),
+        )
+
+    def schedules(self) -> list[SaveSchedule]:
+        rows = self._db.execute(
+            "SELECT id, owner, cron, artifact, next_run, runs FROM schedules ORDER BY id"
+        ).fetchall()
+        return [
+            SaveSchedule(r[0], r[1], r[2], Artifact.model_validate_json(r[3]), r[4], r[5])
+            for r in rows
+        ]
 
 
 def _migrate(db: sqlite3.Connection) -> None:
