@@ -106,11 +106,11 @@ def test_a_deleted_artifact_leaves_no_row_in_any_table(tmp_path: Path) -> None:
     steps = (Parallel(Operation(name="noop"), Collect()), Finalize(Operation(name="noop")))
     gone, kept = bound_artifact(repository, *steps), bound_artifact(repository, *steps)
     before = rows(path)
-    assert before == {"artifacts": 2, "jobs": 4, "locks": 2, "nodes": 0}
+    assert before == {"artifacts": 2, "jobs": 4, "locks": 2, "nodes": 0, "schedules": 0}
     with repository.transaction():
         repository.delete_artifact(gone.id)
     after = rows(path)
-    assert set(after) == {"artifacts", "jobs", "locks", "nodes"}
-    assert after == {"artifacts": 1, "jobs": 2, "locks": 1, "nodes": 0}
+    assert set(after) == {"artifacts", "jobs", "locks", "nodes", "schedules"}
+    assert after == {"artifacts": 1, "jobs": 2, "locks": 1, "nodes": 0, "schedules": 0}
     assert set(repository.owners()) == {kept.id}
     repository.close()
