@@ -37,12 +37,14 @@ CREATE TABLE IF NOT EXISTS privacy_spent (
     PRIMARY KEY (artifact_id, job_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS privacy_spent_project ON privacy_spent (project);
-CREATE TABLE IF NOT EXISTS task_cache (
+CREATE TABLE IF NOT EXISTS task_cache (  -- rowid: the order entries were written in
     key TEXT PRIMARY KEY,  -- sha256 of tenant, task definition and inputs' sha256s
     entry TEXT NOT NULL,  -- the run reused: its artifact, job and outputs with sha256s
     at REAL NOT NULL
-) WITHOUT ROWID;
+);
 """
+# The most task runs the task cache remembers (the latest); a run forgotten runs again.
+MAX_CACHED = 10_000
 # Floating-point slack when a budget is spent to its last part (e.g. ten jobs of 0.1).
 SLACK = 1e-9
 
@@ -226,11 +228,17 @@ class Journal:
         return None if row is None else str(row[0])
 
     def remember(self, key: str, entry: str) -> None:
-        """Record (or replace) the entry of a task run that succeeded."""
-        with self._lock:
+        """Record (or replace) the entry of a task run that succeeded; the oldest entries
+        beyond MAX_CACHED go."""
+        with self._lock, sqlite.transaction(self._db):
             self._db.execute(
                 "INSERT OR REPLACE INTO task_cache (key, entry, at) VALUES (?, ?, ?)",
                 (key, entry, time.time()),
+            )
+            self._db.execute(
+                "DELETE FROM task_cache WHERE key IN "
+                "(SELECT key FROM task_cache ORDER BY rowid DESC LIMIT -1 OFFSET ?)",
+                (MAX_CACHED,),
             )
 
     def drop(self, key: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 from helpers import task_job
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from flotta_mqtt.model import Task
 from flotta_mqtt.protocol import encode
 from flotta_mqtt.transport.store import ResourceStore
+from flotta_mqtt.worker import journal as journal_module
 from flotta_mqtt.worker.journal import Journal
 from flotta_mqtt.workflows.caching import cache_key
 from flotta_mqtt.workflows.executors import TaskRunner
@@ -49,14 +51,19 @@ def test_the_key_changes_with_scope_definition_and_each_input(
     assert key != cache_key("t1", DRAW, {**inputs, "new": other})
 
 
-def test_the_journal_keeps_entries_across_a_restart(tmp_path: Path) -> None:
+def test_the_journal_keeps_the_latest_entries_across_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "MAX_CACHED", 3)
     journal = Journal(tmp_path)
-    journal.remember("k", "entry")
+    for key in ("k0", "k1", "k2", "k3"):
+        journal.remember(key, f"entry of {key}")
     journal.close()
     journal = Journal(tmp_path)
-    assert journal.cached("k") == "entry" and journal.cached("other") is None
-    journal.drop("k")
-    assert journal.cached("k") is None
+    assert journal.cached("k0") is None, "the oldest beyond the bound went"
+    assert journal.cached("k3") == "entry of k3" and journal.cached("other") is None
+    journal.drop("k3")
+    assert journal.cached("k3") is None and journal.cached("k1") == "entry of k1"
     journal.close()
 
 
