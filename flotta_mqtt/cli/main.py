@@ -64,6 +64,12 @@ PasswordOpt = Annotated[
 CaOpt = Annotated[
     Path | None, typer.Option("--ca-file", envvar="FLOTTA_CA_FILE", help="CA for TLS")
 ]
+GroupOpt = Annotated[
+    str | None, typer.Option(envvar="FLOTTA_GROUP", help="scheduler group [default: none]")
+]
+ProjectOpt = Annotated[
+    str | None, typer.Option(help="the artifact's project: its group is the directory's")
+]
 StorageOpt = Annotated[
     str | None,
     typer.Option(
@@ -109,6 +115,11 @@ def scheduler(
     username: UserOpt = None,
     password: PasswordOpt = None,
     ca_file: CaOpt = None,
+    group: GroupOpt = None,
+    project: Annotated[
+        list[str] | None,
+        typer.Option(envvar="FLOTTA_PROJECTS", help="project served in --group, repeatable"),
+    ] = None,
     storage: StorageOpt = None,
     metrics_port: Annotated[
         int | None,
@@ -164,7 +175,8 @@ def scheduler(
             "default_deadline": default_deadline,
             "admins": admin or None,
             "prune_older_than": prune_older_than,
-            "broker": broker_options(broker, username, password, ca_file),
+            "projects": project or None,
+            "broker": broker_options(broker, username, password, ca_file, group),
             "storage": {"url": storage} if storage else {},
         },
         initiator_password,
@@ -220,6 +232,7 @@ def worker(
     username: UserOpt = None,
     password: PasswordOpt = None,
     ca_file: CaOpt = None,
+    group: GroupOpt = None,
     storage: StorageOpt = None,
     log_level: LogOpt = "INFO",
     log_format: LogFormatOpt = "text",
@@ -244,7 +257,7 @@ def worker(
             "executors": executor or None,
             "allow_code": allow_code,
             "datasets": specs or None,
-            "broker": broker_options(broker, username, password, ca_file),
+            "broker": broker_options(broker, username, password, ca_file, group),
             "storage": {"url": storage} if storage else {},
         },
     )
@@ -257,9 +270,11 @@ def open_client(
     password: str | None,
     ca: Path | None,
     storage: str | None,
+    group: str | None = None,
 ) -> Client:
     """A workbench client connected with the command's broker and storage options."""
-    settings = BrokerSettings.model_validate(broker_options(broker, username, password, ca))
+    given = broker_options(broker, username, password, ca, group)
+    settings = BrokerSettings.model_validate(given)
     store = StorageSettings(url=storage) if storage else None
     return Client(settings, storage=store)
 
@@ -331,11 +346,14 @@ def status(
     username: UserOpt = None,
     password: PasswordOpt = None,
     ca_file: CaOpt = None,
+    group: GroupOpt = None,
+    project: ProjectOpt = None,
 ) -> None:
     """Show an artifact's current status (from its retained status topic)."""
-    with open_client(broker, username, password, ca_file, None) as client:
+    with open_client(broker, username, password, ca_file, None, group) as client:
         try:
-            current = client.lookup(artifact_id, timeout).status()
+            handle = client.lookup(artifact_id, timeout, client.group_of(project, timeout))
+            current = handle.status()
         except NoSuchArtifact as exc:
             raise fail(str(exc)) from None
         except TimeoutError as exc:
@@ -373,11 +391,14 @@ def download(
     password: PasswordOpt = None,
     ca_file: CaOpt = None,
     storage: StorageOpt = None,
+    group: GroupOpt = None,
+    project: ProjectOpt = None,
 ) -> None:
     """Write an artifact's result to DEST as a JSON document."""
-    with open_client(broker, username, password, ca_file, storage) as client:
+    with open_client(broker, username, password, ca_file, storage, group) as client:
         try:
-            path = client.lookup(artifact_id).download(dest, timeout)
+            handle = client.lookup(artifact_id, group=client.group_of(project))
+            path = handle.download(dest, timeout)
         except (ArtifactFailed, NoSuchArtifact, PermissionError) as exc:
             raise fail(str(exc)) from None
         except TimeoutError as exc:
@@ -392,12 +413,15 @@ def cancel(
     username: UserOpt = None,
     password: PasswordOpt = None,
     ca_file: CaOpt = None,
+    group: GroupOpt = None,
+    project: ProjectOpt = None,
 ) -> None:
     """Cancel an artifact: its running jobs are stopped and its locks freed."""
-    with open_client(broker, username, password, ca_file, None) as client:
-        client.cancel(artifact_id)
+    with open_client(broker, username, password, ca_file, None, group) as client:
+        where = client.group_of(project)
+        client.cancel(artifact_id, group=where)
         try:
-            final = client.handle(artifact_id).wait(timeout=30)
+            final = client.handle(artifact_id, where).wait(timeout=30)
         except NoSuchArtifact as exc:
             raise fail(str(exc)) from None
     console.print(f"artifact {artifact_id}: {final.state}")

@@ -27,9 +27,16 @@ def broker_options(
     username: str | None,
     password: str | None,
     ca: Path | None,
+    group: str | None = None,
 ) -> dict[str, Any]:
     """The broker settings the command's flags give (those not given are left out)."""
-    given = {"url": url, "username": username, "password": password, "ca_file": ca}
+    given = {
+        "url": url,
+        "username": username,
+        "password": password,
+        "ca_file": ca,
+        "group": group,
+    }
     return {key: str(value) for key, value in given.items() if value is not None}
 
 

@@ -12,6 +12,7 @@ from flotta_mqtt.model.query import AllOf, AnyOf, Compare, Filter, Not
 from flotta_mqtt.model.registry import (
     CODE_EXECUTOR,
     DashboardEntry,
+    GroupEntry,
     Registry,
     WorkbenchEntry,
     WorkerEntry,
@@ -55,6 +56,7 @@ __all__ = [
     "Distribution",
     "Filter",
     "Finalize",
+    "GroupEntry",
     "IllegalTransition",
     "Initialize",
     "Iterate",

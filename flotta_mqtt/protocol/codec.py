@@ -13,6 +13,7 @@ from flotta_mqtt.protocol.messages import (
     Artifact,
     ArtifactStatus,
     CancelArtifact,
+    DirectoryEntry,
     EventBatch,
     JobBatch,
     JobReady,
@@ -49,6 +50,7 @@ PAYLOADS: dict[Channel, TypeAdapter[Any]] = {
     Channel.EVENTS: TypeAdapter(WorkerEvents),
     Channel.PRESENCE: TypeAdapter(NodePresence),
     Channel.SESSION: TypeAdapter(SessionMessage),
+    Channel.DIRECTORY: TypeAdapter(DirectoryEntry),
 }
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flotta_mqtt.model import Artifact, ArtifactState, JobRole, JobState, Operation, SafeId
 from flotta_mqtt.model.durations import MAX_DURATION
+from flotta_mqtt.model.ids import GroupName
 from flotta_mqtt.model.operation import FiniteJson
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -86,9 +87,16 @@ class PruneRequest(Message):
 # artifact or schedule (or not the requester's to see); quota: over a limit the reason
 # names; forbidden: not the requester's to ask (e.g. a prune by a non-administrator);
 # unavailable: the scheduler could not record it now (its database refused the write):
-# send it again later.
+# send it again later; other_group: its project is served by another scheduler group
+# (the error names it).
 RejectReason = Literal[
-    "invalid", "unknown_artifact", "unknown_schedule", "quota", "forbidden", "unavailable"
+    "invalid",
+    "unknown_artifact",
+    "unknown_schedule",
+    "quota",
+    "forbidden",
+    "unavailable",
+    "other_group",
 ]
 
 
@@ -318,6 +326,18 @@ class NodePresence(Message):
     since: Timestamp
 
 
+# --- the directory: which scheduler group serves a project --------------------------------
+
+
+class DirectoryEntry(Message):
+    """The scheduler group serving a project, retained on directory/{project} by that
+    group's scheduler, so that a workbench finds where to submit from the project alone."""
+
+    project: SafeId
+    group: GroupName
+    scheduler: SafeId
+
+
 # --- sessions: one identity, one process (transport/claims.py) --------------------------
 
 Token = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
@@ -357,6 +377,7 @@ __all__ = [
     "ArtifactStatus",
     "CancelArtifact",
     "CancelJob",
+    "DirectoryEntry",
     "EventAck",
     "EventBatch",
     "JobAccepted",

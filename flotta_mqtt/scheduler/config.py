@@ -69,6 +69,9 @@ class SchedulerConfig(BaseModel):
     # Prune artifacts finished longer ago than this (seconds, or `7d`), at start and then
     # periodically (see scheduler/retention.py); None: keep them until a prune request.
     prune_older_than: Annotated[Duration, Field(gt=0, le=MAX_DURATION)] | None = None
+    # The projects this scheduler serves in its group (broker.group), named in the
+    # directory for workbenches; empty: any project submitted to it (scheduler/groups.py).
+    projects: list[SafeId] = Field(default_factory=list)
 
     @property
     def initiator(self) -> str:

@@ -51,6 +51,7 @@ from flotta_mqtt.scheduler.effects import (
     Tick,
 )
 from flotta_mqtt.scheduler.events import WorkerEvents
+from flotta_mqtt.scheduler.groups import Served
 from flotta_mqtt.scheduler.intake import message_ids, named_artifact, rejection
 from flotta_mqtt.scheduler.jobs import JobFlow
 from flotta_mqtt.scheduler.membership import (
@@ -124,6 +125,7 @@ class SchedulerCore:
         self.artifacts: dict[str, ArtifactRecord] = {}  # unfinished, in memory
         self.events = WorkerEvents(self.artifacts, self.flow, self.announcements, policies.resends)
         self.retention = Retention(config, registry)
+        self.served = Served.of(config, registry)
         self.schedules = Schedules(registry)
         self.nodes: dict[str, NodePresence] = {}
         # Every artifact id stored (and not pruned since) → its owner.
@@ -267,6 +269,10 @@ class SchedulerCore:
         if owner is not None:
             error = f"artifact ID {artifact.id} is taken: submit it under another ID"
             self._reject(topics.submit(client), error, artifact.id)
+            return
+        elsewhere = self.served.refusal(artifact.project)
+        if elsewhere is not None:
+            self._reject(topics.submit(client), elsewhere, artifact.id, "other_group")
             return
         holders = len(expected_holders(artifact, client, self.registry, self.nodes))
         jobs = job_count(artifact.steps, max(holders, 1))  # before anything is expanded

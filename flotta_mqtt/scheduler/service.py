@@ -107,6 +107,7 @@ class Scheduler:
             if not sqlite.is_refusal(exc):
                 raise
             self._stall([], exc)
+        self._out += self.core.served.entries()  # the directory: which group serves what
         self._thread.start()
         self.bus.start(wait=wait)
         if self.config.metrics_port is not None:
@@ -356,7 +357,7 @@ class Scheduler:
     def store(self) -> ResourceStore:
         """The resource store, opened when first needed."""
         if self._store is None:
-            self._store = ResourceStore.of(self.config.storage)
+            self._store = ResourceStore.of(self.config.storage, self.config.broker.group)
         return self._store
 
     def _results_manifest(self, artifact_id: str, results: list[Resource]) -> Resource | None:

@@ -138,9 +138,12 @@ class ResourceStore:
         self._folders: set[str] = set()  # local folders known to exist (writes skip makedirs)
 
     @classmethod
-    def of(cls, settings: StorageSettings) -> ResourceStore:
-        """The store a node's settings name, with their read cap."""
-        return cls(settings.url, settings.options, settings.max_read_bytes)
+    def of(cls, settings: StorageSettings, group: str | None = None) -> ResourceStore:
+        """The store a node's settings name, with their read cap; a scheduler group's
+        nodes keep everything under `groups/{group}`, where per-group credentials (an S3
+        bucket policy on the prefix) can keep the groups apart."""
+        root = settings.url if group is None else f"{settings.url.rstrip('/')}/groups/{group}"
+        return cls(root, settings.options, settings.max_read_bytes)
 
     def _path_of(self, url: str, roots: Iterable[str] | None = None) -> str:
         """The backend path of a URL under `roots` (this store's root by default).

@@ -65,7 +65,7 @@ class WorkerAgent:
         operations.load_plugins(config.plugins)
         self.config = config
         self.name = config.name
-        self.store = ResourceStore.of(config.storage)
+        self.store = ResourceStore.of(config.storage, config.broker.group)
         self.journal = Journal(config.state_dir)
         runnable = [e for e in config.executors if e != "python" or config.allow_code]
         if len(runnable) < len(config.executors):

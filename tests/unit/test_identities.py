@@ -64,6 +64,7 @@ EXPECTED: dict[str, Rights] = {
         ("read", f"{V}/replies/alice"),
         ("read", f"{V}/artifacts/alice/#"),  # its own artifacts only
         ("read", f"{V}/presence/+"),
+        ("read", "flotta/directory/v1/+"),  # which scheduler group serves a project
         ("write", f"{V}/requests/alice/+"),
         ("write", f"{V}/replies/alice"),  # the SDK's sync marker to itself
         ("write", f"{V}/sessions/alice"),

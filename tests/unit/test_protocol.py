@@ -27,12 +27,14 @@ from flotta_mqtt.model import (
     RoundRobin,
     Sequential,
 )
+from flotta_mqtt.model.ids import GROUP
 from flotta_mqtt.protocol import (
     MAX_MESSAGE_BYTES,
     Artifact,
     ArtifactStatus,
     CancelArtifact,
     CancelJob,
+    DirectoryEntry,
     EventAck,
     EventBatch,
     JobAccepted,
@@ -312,6 +314,15 @@ MESSAGES[ScheduleReport] = (
         total=st.integers(min_value=0, max_value=2**31),
     ),
 )
+MESSAGES[DirectoryEntry] = (
+    topics.directory,
+    st.builds(
+        DirectoryEntry,
+        project=safe_ids,
+        group=st.from_regex(GROUP, fullmatch=True),
+        scheduler=safe_ids,
+    ),
+)
 
 worker_events = st.one_of(*(how for build, how in MESSAGES.values() if build is topics.events))
 MESSAGES[EventBatch] = (
@@ -333,6 +344,7 @@ BUILDERS: dict[Channel, Callable[[str], str]] = {
     Channel.EVENTS: topics.events,
     Channel.PRESENCE: topics.presence,
     Channel.SESSION: topics.session,
+    Channel.DIRECTORY: topics.directory,
 }
 any_topic = st.builds(
     lambda build, name: build(name), st.sampled_from(list(BUILDERS.values())), short_ids
@@ -354,7 +366,7 @@ def test_every_channel_has_a_builder() -> None:
 @given(channel=st.sampled_from(Channel), name=safe_ids)
 def test_builders_and_parse_round_trip(channel: Channel, name: str) -> None:
     topic = BUILDERS[channel](name)
-    assert topic.startswith(topics.ROOT + "/")
+    assert topic.startswith((topics.ROOT + "/", topics.DIRECTORY + "/"))
     assert topics.parse(topic) == Address(channel, name)
 
 
@@ -454,6 +466,7 @@ VALID = {
     Channel.SESSION: SessionClaim(
         client="n", session="0" * 32, host="h", pid=1, since=1.0, keepalive=15
     ),
+    Channel.DIRECTORY: DirectoryEntry(project="p", group="g", scheduler="s"),
 }
 
 
