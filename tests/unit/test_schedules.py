@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from flotta_mqtt.model import Artifact, Tasks
-from flotta_mqtt.protocol import encode, topics
-from flotta_mqtt.protocol.schedules import ScheduleAdd, ScheduleReport
+from flotta_mqtt.protocol import RequestRejected, encode, topics
+from flotta_mqtt.protocol.schedules import MAX_SCHEDULES, ScheduleAdd, ScheduleReport
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.scheduler.core import Policies, SchedulerCore
 from flotta_mqtt.scheduler.effects import Clock, Decision, InsertArtifact, Received, Tick
@@ -91,3 +91,21 @@ def test_runs_missed_long_ago_are_made_up_for_within_bounds(
     assert runs == [run_id("nightly", latest - 60 * i) for i in reversed(range(MAX_CATCH_UP))]
     assert MAX_CATCH_UP * 60 < CATCH_UP
     assert "schedule nightly: its runs due from nightly-202612031201 to before" in caplog.text
+
+
+def test_an_owner_has_a_bounded_number_of_schedules(repository: Repository) -> None:
+    core = restored(repository, NOON)
+
+    def add(owner: str, schedule_id: str) -> object:
+        request = ScheduleAdd(schedule_id=schedule_id, cron="0 0 * * *", artifact=ARTIFACT)
+        received = Received(topics.schedule(owner), encode(request), 0.0)
+        decision = core.handle([received], Clock(0.0, NOON, 0.0))
+        ((_, answer, _),) = decision.publish
+        return answer
+
+    for i in range(MAX_SCHEDULES - 1):  # alice has `nightly` already
+        assert isinstance(add("alice", f"s{i}"), ScheduleReport)
+    refused = add("alice", "one-more")
+    assert isinstance(refused, RequestRejected) and refused.reason == "quota"
+    assert refused.error == f"alice has {MAX_SCHEDULES} schedules, the most one owner may have"
+    assert isinstance(add("bob", "one-more"), ScheduleReport), "another owner's are counted apart"
