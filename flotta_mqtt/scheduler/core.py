@@ -126,7 +126,7 @@ class SchedulerCore:
         self.events = WorkerEvents(self.artifacts, self.flow, self.announcements, policies.resends)
         self.retention = Retention(config, registry)
         self.served = Served.of(config, registry)
-        self.schedules = Schedules(registry)
+        self.schedules = Schedules(registry, self.served.refusal)
         self.nodes: dict[str, NodePresence] = {}
         # Every artifact id stored (and not pruned since) → its owner.
         self._known: dict[str, str] = {}

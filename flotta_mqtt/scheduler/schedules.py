@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -75,8 +75,11 @@ class Schedule:
 class Schedules:
     """Every schedule, by id; requests about them answered, and their runs fired."""
 
-    def __init__(self, registry: Registry | None) -> None:
+    def __init__(
+        self, registry: Registry | None, elsewhere: Callable[[str], str | None] = lambda p: None
+    ) -> None:
         self.registry = registry  # None: everyone may see and remove every schedule
+        self.elsewhere = elsewhere  # why a project's runs are not this scheduler's to take
         self.by_id: dict[str, Schedule] = {}
 
     def restore(self, rows: Iterable[SaveSchedule]) -> None:
@@ -122,6 +125,10 @@ class Schedules:
             else:
                 error = f"schedule ID {schedule.id} is taken: add it under another ID"
                 self._reject(topic, error, "invalid", decision)
+            return
+        elsewhere = self.elsewhere(request.artifact.project)
+        if elsewhere is not None:
+            self._reject(topic, elsewhere, "other_group", decision)
             return
         owned = sum(s.owner == client for s in self.by_id.values())
         if owned >= MAX_SCHEDULES:

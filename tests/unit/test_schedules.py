@@ -109,3 +109,15 @@ def test_an_owner_has_a_bounded_number_of_schedules(repository: Repository) -> N
     assert isinstance(refused, RequestRejected) and refused.reason == "quota"
     assert refused.error == f"alice has {MAX_SCHEDULES} schedules, the most one owner may have"
     assert isinstance(add("bob", "one-more"), ScheduleReport), "another owner's are counted apart"
+
+
+def test_a_schedule_of_a_project_served_elsewhere_is_refused_when_added() -> None:
+    config = SchedulerConfig(name="sched", database=Path(":memory:"), projects=["other"])
+    core = SchedulerCore(config, SchedulerMetrics(), Policies.of(config, random.Random(1)))
+    request = ScheduleAdd(schedule_id="nightly", cron="0 0 * * *", artifact=ARTIFACT)
+    received = Received(topics.schedule("alice"), encode(request), 0.0)
+    decision = core.handle([received], Clock(0.0, NOON, 0.0))
+    ((_, refused, _),) = decision.publish
+    assert isinstance(refused, RequestRejected) and refused.reason == "other_group"
+    assert "project p is not served by the default group" in refused.error
+    assert decision.writes == [] and core.schedules.by_id == {}
