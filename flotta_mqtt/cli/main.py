@@ -71,7 +71,9 @@ ProjectOpt = Annotated[
 ]
 StorageOpt = Annotated[
     str | None,
-    typer.Option("--storage", envvar="FLOTTA_STORAGE", help="resource store URL (file://, s3://)"),
+    typer.Option(
+        "--storage", envvar="FLOTTA_STORAGE", help="resource store URL (file://, s3://, az://)"
+    ),
 ]
 ConfigOpt = Annotated[
     Path | None,
@@ -429,7 +431,7 @@ def demo(
     raise typer.Exit(code=run_demo(rows=rows, seed=seed, console=console))
 
 
-from flotta_mqtt.cli import observe, prune  # noqa: E402, F401  (registers watch, graph, prune, …)
+from flotta_mqtt.cli import observe, prune, schedule  # noqa: E402, F401  (registers watch, …)
 
 if __name__ == "__main__":
     app()

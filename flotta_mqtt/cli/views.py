@@ -16,6 +16,7 @@ from rich.text import Text
 from flotta_mqtt.client.times import clock
 from flotta_mqtt.model import ARTIFACT_FINAL, ArtifactState, JobState
 from flotta_mqtt.protocol import ArtifactStatus, JobSummary, NodePresence
+from flotta_mqtt.workflows.caching import CACHED_PRODUCT
 
 ACTIVE = (JobState.DISPATCHED, JobState.RUNNING)
 STATE_STYLE = {
@@ -192,6 +193,11 @@ def capabilities_text(node: NodePresence) -> str:
     return "\n".join(parts)
 
 
+def cached(job: JobSummary) -> bool:
+    """Whether a workflow task's job reused an earlier run's outputs instead of running."""
+    return job.product is not None and job.product.media_type == CACHED_PRODUCT
+
+
 def jobs_table(current: ArtifactStatus) -> Table:
     """One row per job: where it ran, how it went, how long it took."""
     table = Table(title="jobs")
@@ -219,7 +225,7 @@ def jobs_table(current: ArtifactStatus) -> Table:
             escape(job.name or str(job.id)),
             job.step,
             escape(job.worker),
-            job.state,
+            f"{job.state} (cached)" if cached(job) else job.state,
             str(job.attempt),
             started,
             duration,

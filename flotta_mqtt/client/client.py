@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Callable
 from types import TracebackType
 
+from pydantic import BaseModel
+
 from flotta_mqtt.client.handle import ArtifactFailed, ArtifactHandle, NoSuchArtifact
 from flotta_mqtt.model import Artifact
 from flotta_mqtt.protocol import (
@@ -23,6 +25,8 @@ from flotta_mqtt.protocol import (
     decode,
     topics,
 )
+from flotta_mqtt.protocol.messages import Reply
+from flotta_mqtt.protocol.schedules import ScheduleReport
 from flotta_mqtt.protocol.topics import Channel
 from flotta_mqtt.transport import open_bus
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
@@ -54,9 +58,9 @@ class Client:
         self._changed = threading.Condition()
         self._statuses: dict[str, ArtifactStatus] = {}
         self._rejections: list[RequestRejected] = []
-        self._prunes: list[PruneReport | RequestRejected] = []  # answers to prune requests
-        self._pruning = threading.Lock()  # one prune request at a time
-        self._prune_topic = topics.prune(self.client_id)
+        self._answers: list[Reply | ScheduleReport] = []  # to prune and schedule requests
+        self._asking = threading.Lock()  # one such request at a time
+        self._asked = (topics.prune(self.client_id), topics.schedule(self.client_id))
         self._presence: dict[str, NodePresence] = {}
         self._barriers: dict[str, threading.Event] = {}
         self._directory: dict[str, DirectoryEntry] = {}  # project → the group serving it
@@ -156,19 +160,30 @@ class Client:
         if no answer came in `timeout` s (a large prune goes on meanwhile).
         """
         request = PruneRequest(older_than=older_than)
-        with self._pruning:
+        report = self.ask(topics.prune(self.client_id), request, timeout)
+        assert isinstance(report, PruneReport)  # one request at a time: the answer to it
+        return report
+
+    def ask(
+        self, topic: str, request: BaseModel, timeout: float = 10.0
+    ) -> PruneReport | ScheduleReport:
+        """Publish a request the scheduler answers on the reply topic (a prune, a schedule
+        request); its report. PermissionError or ValueError if it refused the request,
+        naming why; TimeoutError if no answer came in `timeout` s."""
+        what = topic.rsplit("/", 1)[1]
+        with self._asking:
             with self._changed:
-                self._prunes.clear()  # a late answer to an earlier request is not this one's
-            self.bus.publish(self._prune_topic, request)
-            if not self.wait_for(lambda: bool(self._prunes), timeout):
-                raise TimeoutError(f"no answer to the prune request in {timeout} s")
+                self._answers.clear()  # a late answer to an earlier request is not this one's
+            self.bus.publish(topic, request)
+            if not self.wait_for(lambda: bool(self._answers), timeout):
+                raise TimeoutError(f"no answer to the {what} request in {timeout} s")
             with self._changed:
-                answer = self._prunes.pop(0)
-        if isinstance(answer, PruneReport):
+                answer = self._answers.pop(0)
+        if not isinstance(answer, RequestRejected):
             return answer
         if answer.reason == "forbidden":
             raise PermissionError(answer.error)
-        raise ValueError(f"the scheduler rejected the prune request: {answer.error}")
+        raise ValueError(f"the scheduler rejected the {what} request: {answer.error}")
 
     def workers(self, timeout: float = 5.0) -> list[NodePresence]:
         """The nodes whose retained presence the broker holds, online or not."""
@@ -258,8 +273,8 @@ class Client:
                     barrier = self._barriers.get(message.error)
                 if barrier is not None:
                     barrier.set()
-                elif isinstance(message, PruneReport) or message.topic == self._prune_topic:
-                    self._prunes.append(message)
+                elif not isinstance(message, RequestRejected) or message.topic in self._asked:
+                    self._answers.append(message)  # a report, or the refusal of a request
                 elif message.artifact_id is not None:
                     self._rejections.append(message)
                 else:  # its other requests all name their artifact: not one of ours

@@ -82,7 +82,9 @@ class Task(BaseModel):
     configured (shell, docker or kube), and `requires` routes it to workers able to. With
     `replicas` N > 1 it runs N times, as independent jobs name[0] to name[N-1] (an array
     job), each told its index in FLOTTA_REPLICA. `secrets` names secrets of the worker's
-    site: the task carries their names only, never their values.
+    site: the task carries their names only, never their values. With `cache`, a run of the
+    same definition on the same inputs (by sha256) for the same tenant that succeeded
+    before is reused instead of run (workflows/caching.py).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -101,6 +103,7 @@ class Task(BaseModel):
     worker: str | None = None  # run on this worker only
     selector: dict[str, str] = Field(default_factory=dict)  # labels a worker must have
     replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)  # independent runs of the task
+    cache: bool = False  # reuse the outputs of an earlier successful run of the same inputs
     # Which replica a job runs, 0 to replicas - 1: binding sets it, with the name `name[i]`,
     # in each replica's job params; never in a workflow file.
     replica: SkipJsonSchema[int | None] = Field(default=None, ge=0)
@@ -179,8 +182,8 @@ class Task(BaseModel):
 
     @model_serializer(mode="wrap")
     def _lean(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """A plain task dumps as it did before replicas and secrets: no `replicas: 1`, no
-        `replica`, no empty `secrets`.
+        """A plain task dumps as it did before replicas, secrets and caching: no
+        `replicas: 1`, no `replica`, no empty `secrets`, no `cache: false`.
 
         Submissions and jobs carry every task, under a message size limit.
         """
@@ -195,6 +198,8 @@ class Task(BaseModel):
         for key in ("when", "for_each", "handler", "workflow_status"):
             if key in data and data[key] is None:
                 del data[key]
+        if data.get("cache") is False:
+            del data["cache"]
         return data
 
 

@@ -28,6 +28,9 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+CacheScope = Annotated[str, Field(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,127})$")]
+
+
 class Resource(Message):
     """A product of a job in the resource store: where it is and what its bytes hash to."""
 
@@ -80,13 +83,20 @@ class PruneRequest(Message):
 # --- scheduler → workbench / everyone ------------------------------------------------
 
 
-# invalid: the request itself is wrong; unknown_artifact: no such artifact (or not the
-# requester's to see); quota: over a limit the reason names; forbidden: not the
-# requester's to ask (e.g. a prune by a non-administrator); unavailable: the scheduler
-# could not record it now (its database refused the write): send it again later;
-# other_group: its project is served by another scheduler group (the error names it).
+# invalid: the request itself is wrong; unknown_artifact, unknown_schedule: no such
+# artifact or schedule (or not the requester's to see); quota: over a limit the reason
+# names; forbidden: not the requester's to ask (e.g. a prune by a non-administrator);
+# unavailable: the scheduler could not record it now (its database refused the write):
+# send it again later; other_group: its project is served by another scheduler group
+# (the error names it).
 RejectReason = Literal[
-    "invalid", "unknown_artifact", "quota", "forbidden", "unavailable", "other_group"
+    "invalid",
+    "unknown_artifact",
+    "unknown_schedule",
+    "quota",
+    "forbidden",
+    "unavailable",
+    "other_group",
 ]
 
 
@@ -185,6 +195,10 @@ class JobReady(Message):
     iteration: Annotated[int, Field(ge=0)]
     operation: Operation
     inputs: list[Resource] = Field(default_factory=list)
+    # For a workflow task with `cache`: whose earlier runs it may reuse and add to, the
+    # owner's tenant (`*`: a scheduler without a registry, where everyone is one tenant).
+    # Left out of every other job's message, which stays the size it was.
+    cache_scope: CacheScope | None = Field(default=None, exclude_if=lambda scope: scope is None)
 
     @property
     def ref(self) -> JobRef:

@@ -5,7 +5,9 @@ Layout (ROOT carries the protocol version, so two versions can share a broker):
   {ROOT}/requests/{client}/cancel   workbench → scheduler: CancelArtifact
   {ROOT}/requests/{client}/status   workbench → scheduler: StatusRequest
   {ROOT}/requests/{client}/prune    workbench → scheduler: PruneRequest (administrators)
-  {ROOT}/replies/{client}           scheduler → workbench: RequestRejected, PruneReport
+  {ROOT}/requests/{client}/schedule workbench → scheduler: ScheduleAdd, …Remove, …List
+  {ROOT}/replies/{client}           scheduler → workbench: RequestRejected, PruneReport,
+                                    ScheduleReport
   {ROOT}/artifacts/{owner}/{id}/status  scheduler → its owner (and viewers): ArtifactStatus
                                     (retained)
   {ROOT}/artifacts/{owner}/{id}/locks   scheduler → its owner (and viewers): LocksReleased
@@ -50,6 +52,7 @@ class Channel(StrEnum):
     CANCEL = "cancel"
     ASK = "ask"  # a StatusRequest
     PRUNE = "prune"
+    SCHEDULE = "schedule"
     REPLY = "reply"
     STATUS = "status"
     LOCKS = "locks"
@@ -75,6 +78,10 @@ def ask(client: str) -> str:
 
 def prune(client: str) -> str:
     return f"{ROOT}/requests/{client}/prune"
+
+
+def schedule(client: str) -> str:
+    return f"{ROOT}/requests/{client}/schedule"
 
 
 def reply(client: str) -> str:
@@ -186,6 +193,7 @@ _THREE_LEVELS = {
     ("requests", "cancel"): Channel.CANCEL,
     ("requests", "status"): Channel.ASK,
     ("requests", "prune"): Channel.PRUNE,
+    ("requests", "schedule"): Channel.SCHEDULE,
     ("workers", "jobs"): Channel.JOBS,
     ("workers", "control"): Channel.CONTROL,
 }

@@ -5,6 +5,7 @@ write and the messages that announce it; nothing here reads a clock or touches I
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 
 import networkx as nx
 
@@ -52,8 +53,12 @@ class JobFlow:
         metrics: SchedulerMetrics,
         retries: RetryPolicy,
         quotas: Quotas,
+        tenant_of: Callable[[str], str] | None = None,
     ) -> None:
         self.announcements = announcements
+        # An owner's tenant (a registry's), whose cached task runs its tasks may reuse;
+        # None: no registry, everyone one tenant (`*`).
+        self.tenant_of = tenant_of
         self.quotas = quotas
         self.metrics = metrics
         self.retries = retries
@@ -187,8 +192,17 @@ class JobFlow:
             inputs=[
                 record.products[p] for p in record.graph.consumes(job_id) if p in record.products
             ],
+            cache_scope=self._cache_scope(record, job.kind, job.operation.params),
         )
         return topics.jobs(record.worker(job_id)), message, False
+
+    def _cache_scope(
+        self, record: ArtifactRecord, kind: str, params: Mapping[str, object]
+    ) -> str | None:
+        """Whose cache a workflow task with `cache` may use: its owner's tenant."""
+        if kind != "tasks" or params.get("cache") is not True:
+            return None
+        return "*" if self.tenant_of is None else self.tenant_of(record.client)
 
     def stop_attempt(self, record: ArtifactRecord, job_id: int) -> None:
         """Tell the job's worker to stop its current attempt."""

@@ -51,6 +51,14 @@ SCHEMA = {
     "nodes": """
         name TEXT PRIMARY KEY,
         presence TEXT NOT NULL""",
+    # Scheduled runs (scheduler/schedules.py): what each submits, when it fires next.
+    "schedules": """
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        cron TEXT NOT NULL,
+        artifact TEXT NOT NULL,
+        next_run DOUBLE PRECISION NOT NULL,
+        runs INTEGER NOT NULL""",
     # Each scheduler's lease epoch, its fencing token (see lease.py).
     "scheduler_leases": """
         name TEXT PRIMARY KEY,

@@ -28,8 +28,10 @@ from flotta_mqtt.scheduler.effects import (
     BindArtifact,
     CancelJobs,
     DeleteArtifact,
+    DeleteSchedule,
     InsertArtifact,
     SaveNode,
+    SaveSchedule,
     UpdateArtifact,
     UpdateJob,
     Write,
@@ -38,7 +40,8 @@ from flotta_mqtt.scheduler.gc_pause import gc_paused
 from flotta_mqtt.scheduler.records import ArtifactRow, JobRow
 
 UNFINISHED = (ArtifactState.SUBMITTED, ArtifactState.RUNNING)  # every other state is final
-TABLES = ("artifacts", "jobs", "locks", "nodes")  # every table that holds artifacts' rows
+# every table that holds artifacts' rows or schedules
+TABLES = ("artifacts", "jobs", "locks", "nodes", "schedules")
 
 Params = Sequence[Any]
 
@@ -120,6 +123,10 @@ class Repository(ABC):
                     self.save_node(write.presence)
                 case DeleteArtifact():
                     self.delete_artifact(write.artifact_id)
+                case SaveSchedule():
+                    self.save_schedule(write)
+                case DeleteSchedule():
+                    self._execute("DELETE FROM schedules WHERE id = ?", (write.schedule_id,))
 
     # --- artifacts ---------------------------------------------------------------------
 
@@ -296,6 +303,32 @@ class Repository(ABC):
     def nodes(self) -> list[NodePresence]:
         rows = self._execute("SELECT presence FROM nodes ORDER BY name").fetchall()
         return [NodePresence.model_validate_json(row[0]) for row in rows]
+
+    # --- schedules -----------------------------------------------------------------------
+
+    def save_schedule(self, row: SaveSchedule) -> None:
+        self._execute(
+            "INSERT INTO schedules (id, owner, cron, artifact, next_run, runs) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "next_run = excluded.next_run, runs = excluded.runs",
+            (
+                row.schedule_id,
+                row.owner,
+                row.cron,
+                row.artifact.model_dump_json(),
+                row.next_run,
+                row.runs,
+            ),
+        )
+
+    def schedules(self) -> list[SaveSchedule]:
+        rows = self._execute(
+            "SELECT id, owner, cron, artifact, next_run, runs FROM schedules ORDER BY id"
+        ).fetchall()
+        return [
+            SaveSchedule(r[0], r[1], r[2], Artifact.model_validate_json(r[3]), r[4], r[5])
+            for r in rows
+        ]
 
 
 def _json(value: Resource | RemoteError | None) -> str | None:

@@ -90,6 +90,8 @@ class Scheduler:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._out: list[Outgoing] = []
         self._store: ResourceStore | None = None  # made when first needed
+        # The wall clock the core is given; a test may set its own (schedules fire by it).
+        self.wall: Callable[[], float] = time.time
         # Everything received up to this moment has been handled (see resends).
         self._caught_up = time.monotonic()
         self._stopping = threading.Event()
@@ -213,6 +215,7 @@ class Scheduler:
         are (a core restored while the scheduler runs: their presences, retained, are not
         sent again); without them, offline until their presences come."""
         repository = self.repository
+        core.schedules.restore(repository.schedules())
         unfinished: list[ArtifactRecord] = []
         for artifact_id in repository.unfinished_artifacts():
             row = repository.artifact(artifact_id)
@@ -360,7 +363,7 @@ class Scheduler:
 
     def _clock(self) -> Clock:
         now = time.monotonic()
-        return Clock(now, time.time(), self._caught_up)
+        return Clock(now, self.wall(), self._caught_up)
 
     def _announce(self, decision: Decision) -> None:
         """Queue the statuses the decision recorded (committed by now)."""

@@ -48,6 +48,15 @@ CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
     presence TEXT NOT NULL
 );
+-- Scheduled runs (scheduler/schedules.py): what each submits, when it fires next.
+CREATE TABLE IF NOT EXISTS schedules (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    cron TEXT NOT NULL,
+    artifact TEXT NOT NULL,
+    next_run REAL NOT NULL,
+    runs INTEGER NOT NULL
+);
 """
 
 # What the scheduler loses with its database: every artifact it held.

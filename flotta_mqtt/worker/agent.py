@@ -70,7 +70,7 @@ class WorkerAgent:
         runnable = [e for e in config.executors if e != "python" or config.allow_code]
         if len(runnable) < len(config.executors):
             log.warning("worker %s: the python executor needs allow_code: true", self.name)
-        self.tasks = TaskRunner(self.store, runnable, config.policy)
+        self.tasks = TaskRunner(self.store, runnable, config.policy, cache=self.journal)
         self._datasets = {
             project: operations.FileDataset(project, config.name, spec)
             for project, spec in config.datasets.items()

@@ -34,6 +34,8 @@ HIDDEN_BEHIND = {
     "paho": ("transport/bus.py", "transport/paho_speedups.py"),
     "fsspec": ("transport/store.py",),
     "s3fs": ("transport/store.py",),
+    "adlfs": ("transport/store.py",),
+    "azure": ("transport/store.py",),
     # Only @distributed calls unpickle, and only bytes verified against a sha256 from the
     # bus: analytics results, models and every other product are JSON.
     "pickle": ("functions/calls.py",),

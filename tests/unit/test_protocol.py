@@ -61,10 +61,18 @@ from flotta_mqtt.protocol import (
     encode,
     encode_batches,
     messages,
+    schedules,
     topics,
     unbatch,
 )
 from flotta_mqtt.protocol.codec import PAYLOADS
+from flotta_mqtt.protocol.schedules import (
+    ScheduleAdd,
+    ScheduleInfo,
+    ScheduleList,
+    ScheduleRemove,
+    ScheduleReport,
+)
 from flotta_mqtt.protocol.topics import Address, Channel, TopicError
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -278,6 +286,34 @@ MESSAGES[SessionClaim] = (
     ),
 )
 MESSAGES[SessionProbe] = (topics.session, st.builds(SessionProbe, nonce=tokens))
+schedule_ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+crons = st.sampled_from(["* * * * *", "*/5 1-3 * * mon-fri", "0 0 1,15 * 0", "30 2 29 feb *"])
+MESSAGES[ScheduleAdd] = (
+    topics.schedule,
+    st.builds(ScheduleAdd, schedule_id=schedule_ids, cron=crons, artifact=artifacts()),
+)
+MESSAGES[ScheduleRemove] = (topics.schedule, st.builds(ScheduleRemove, schedule_id=schedule_ids))
+MESSAGES[ScheduleList] = (topics.schedule, st.just(ScheduleList()))
+MESSAGES[ScheduleReport] = (
+    topics.reply,
+    st.builds(
+        ScheduleReport,
+        action=st.sampled_from(["add", "remove", "list"]),
+        schedules=st.lists(
+            st.builds(
+                ScheduleInfo,
+                schedule_id=schedule_ids,
+                owner=safe_ids,
+                cron=crons,
+                project=texts,
+                next_run=timestamps,
+                runs=st.integers(min_value=0, max_value=2**31),
+            ),
+            max_size=3,
+        ),
+        total=st.integers(min_value=0, max_value=2**31),
+    ),
+)
 MESSAGES[DirectoryEntry] = (
     topics.directory,
     st.builds(
@@ -299,6 +335,7 @@ BUILDERS: dict[Channel, Callable[[str], str]] = {
     Channel.CANCEL: topics.cancel,
     Channel.ASK: topics.ask,
     Channel.PRUNE: topics.prune,
+    Channel.SCHEDULE: topics.schedule,
     Channel.REPLY: topics.reply,
     Channel.STATUS: lambda artifact_id: topics.status("owner", artifact_id),
     Channel.LOCKS: lambda artifact_id: topics.locks("owner", artifact_id),
@@ -422,6 +459,7 @@ VALID = {
         iteration=0,
         operation=Operation(name="count"),
     ),
+    Channel.SCHEDULE: ScheduleRemove(schedule_id="nightly"),
     Channel.CONTROL: CancelJob(job=ref()),
     Channel.EVENTS: JobStarted(job=ref(), at=5.0),
     Channel.PRESENCE: NodePresence(node="n", online=True, since=1.0),
@@ -571,7 +609,8 @@ def payload_models() -> set[type[BaseModel]]:
         schema = adapter.json_schema()
         options = schema.get("oneOf", []) + schema.get("anyOf", [])  # discriminated or not
         refs = [option["$ref"] for option in options] or [schema["title"]]
-        models.update(getattr(messages, ref.rsplit("/", 1)[-1]) for ref in refs)
+        names = (ref.rsplit("/", 1)[-1] for ref in refs)
+        models.update(getattr(messages, name, None) or getattr(schedules, name) for name in names)
     return models
 
 

@@ -144,11 +144,11 @@ def test_a_deleted_artifact_leaves_no_row_in_any_table(opened: Opener) -> None:
     steps = (Parallel(Operation(name="noop"), Collect()), Finalize(Operation(name="noop")))
     gone, kept = bound_artifact(repository, *steps), bound_artifact(repository, *steps)
     before = rows(repository)
-    assert before == {"artifacts": 2, "jobs": 4, "locks": 2, "nodes": 0}
+    assert before == {"artifacts": 2, "jobs": 4, "locks": 2, "nodes": 0, "schedules": 0}
     with repository.transaction():
         repository.delete_artifact(gone.id)
     after = rows(repository)
-    assert after == {"artifacts": 1, "jobs": 2, "locks": 1, "nodes": 0}
+    assert after == {"artifacts": 1, "jobs": 2, "locks": 1, "nodes": 0, "schedules": 0}
     assert set(repository.owners()) == {kept.id}
 
 

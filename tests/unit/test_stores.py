@@ -86,7 +86,9 @@ def test_a_store_of_another_kind_is_refused_untouched(tmp_path: Path) -> None:
     SqliteRepository(tmp_path / "scheduler.db").close()
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "scheduler.db").rename(tmp_path / "elsewhere" / "journal.db")
-    with pytest.raises(StoreError, match=r"not ours \(it holds tables artifacts, locks, nodes\)"):
+    with pytest.raises(
+        StoreError, match=r"not ours \(it holds tables artifacts, locks, nodes, schedules\)"
+    ):
         Journal(tmp_path / "elsewhere")
 
     other = tmp_path / "other.db"
