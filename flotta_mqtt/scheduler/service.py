@@ -12,8 +12,7 @@ A commit the database refuses (its disk full or read-only, the file deleted) pub
 nothing of the burst. The core has run ahead of the database, so it is set aside: until
 a fresh core restored from the database commits, the scheduler acknowledges nothing more
 to the broker, holds what arrives to handle it then, and refuses each submission,
-cancellation and prune at once, saying it could not be recorded. It tries every
-STORE_RETRY s.
+cancellation and prune at once, saying it could not be recorded. It tries every STORE_RETRY s.
 
 On PostgreSQL, schedulers of one name stand by for one another: `start()` first waits
 for the lease (see lease.py), and a scheduler that loses it publishes nothing more and
@@ -90,8 +89,7 @@ class Scheduler:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._out: list[Outgoing] = []
         self._store: ResourceStore | None = None  # made when first needed
-        # The wall clock the core is given; a test may set its own (schedules fire by it).
-        self.wall: Callable[[], float] = time.time
+        self.wall: Callable[[], float] = time.time  # the core's clock (a test sets its own)
         # Everything received up to this moment has been handled (see resends).
         self._caught_up = time.monotonic()
         self._stopping = threading.Event()

@@ -22,6 +22,7 @@ from flotta_mqtt.scheduler.metrics import SchedulerMetrics
 from flotta_mqtt.scheduler.repository import Repository
 from flotta_mqtt.scheduler.schedules import CATCH_UP, MAX_CATCH_UP, run_id
 from flotta_mqtt.scheduler.service import commit
+from flotta_mqtt.scheduler.sqlite_repository import SqliteRepository
 
 NOON = datetime(2026, 12, 3, 12, 0, 30, tzinfo=UTC).timestamp()
 ARTIFACT = Artifact.model_validate(
@@ -51,7 +52,7 @@ def fired(decision: Decision) -> list[str]:
 
 @pytest.fixture
 def repository(tmp_path: Path) -> Repository:
-    repository = Repository(tmp_path / "scheduler.db")
+    repository = SqliteRepository(tmp_path / "scheduler.db")
     core = restored(repository, NOON)
     add = ScheduleAdd(schedule_id="nightly", cron="* * * * *", artifact=ARTIFACT)
     received = Received(topics.schedule("alice"), encode(add), 0.0)
