@@ -102,7 +102,9 @@ class Dataset:
         a database) override this to scan there rather than stream their batches."""
         from flotta_mqtt.analytics import engine  # it compiles with filters, which need us
 
-        columns = sorted(set().union(*(r.columns() for r in requests))) or self.schema().names[:1]
+        used = set().union(*(r.columns() for r in requests))
+        self.require(used)
+        columns = sorted(used) or self.schema().names[:1]
         schema = pa.schema([self.schema().field(c) for c in columns])
         who = f"worker {self.node}: project {self.project}"
         failed: list[OperationError] = []

@@ -24,14 +24,17 @@ class Dialect:
     name: str
     placeholder: str  # "?" (DuckDB, SQLite) or "%s" (psycopg)
     double: str  # the type name of a float64
-    nan: bool  # whether a float column can hold NaN (SQLite stores it as NULL)
+    nan: str | None  # the test of a NaN value (SQLite stores NaN as NULL: none)
     least: str  # the smaller of two values: LEAST, or SQLite's two-argument MIN
     greatest: str
 
 
-DUCKDB = Dialect("duckdb", "?", "DOUBLE", True, "LEAST", "GREATEST")
-SQLITE = Dialect("sqlite", "?", "REAL", False, "MIN", "MAX")
-POSTGRES = Dialect("postgresql", "%s", "DOUBLE PRECISION", True, "LEAST", "GREATEST")
+# DuckDB's NULLIF(x, 'NaN') let NaN through from Parquet (1.x and 2.0); isnan does not.
+DUCKDB = Dialect("duckdb", "?", "DOUBLE", "isnan({})", "LEAST", "GREATEST")
+SQLITE = Dialect("sqlite", "?", "REAL", None, "MIN", "MAX")
+POSTGRES = Dialect(
+    "postgresql", "%s", "DOUBLE PRECISION", "{} = 'NaN'::float8", "LEAST", "GREATEST"
+)
 
 
 def quote(name: str, dialect: Dialect) -> str:
@@ -60,9 +63,10 @@ class Compiler:
                 f"{self.where} has no column {name} (columns: {', '.join(self.schema.names)})"
             )
         text = quote(name, self.dialect)
-        if plain or not (self.dialect.nan and pa.types.is_floating(self.type(name))):
+        nan = self.dialect.nan
+        if plain or nan is None or not pa.types.is_floating(self.type(name)):
             return text
-        return f"NULLIF({text}, CAST('NaN' AS {self.dialect.double}))"
+        return f"(CASE WHEN {nan.format(text)} THEN NULL ELSE {text} END)"
 
     def type(self, name: str) -> pa.DataType:
         return self.schema.field(name).type
@@ -113,7 +117,10 @@ class Compiler:
         number = self.number(agg.column)
         if agg.kind == "sum" and agg.clip is not None:
             low, high = self.value(float(agg.clip[0])), self.value(float(agg.clip[1]))
-            number = f"{self.dialect.least}({self.dialect.greatest}({number}, {low}), {high})"
+            # LEAST and GREATEST skip a NULL (SQLite's MIN and MAX return it): a missing
+            # value stays missing.
+            clipped = f"{self.dialect.least}({self.dialect.greatest}({number}, {low}), {high})"
+            number = f"CASE WHEN {number} IS NULL THEN NULL ELSE {clipped} END"
         return f"{agg.kind}({number})"
 
     def range(self, agg: Agg) -> str | None:
