@@ -344,7 +344,7 @@ def test_a_column_of_another_type_than_the_site_declares_is_a_clear_error(tmp_pa
 
 
 def test_a_dataset_spec_names_files_or_a_table() -> None:
-    with pytest.raises(ValueError, match="files .paths. or a database table .sql."):
+    with pytest.raises(ValueError, match=r"files \(paths\) or a database table \(sql\)"):
         DatasetSpec.model_validate({"privacy": PrivacyPolicy().model_dump()})
     with pytest.raises(ValueError, match=r"sqlite:/// or postgresql://"):
         DatasetSpec.model_validate({"sql": {"url": "mysql://h/db", "table": "t"}})
