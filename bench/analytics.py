@@ -14,7 +14,7 @@ the same two answers, the rows where x > 0.5 and the mean of their y, are timed:
 - sqlite3: the same statement run by SQLite itself (the floor for a table).
 
 Each figure is taken in a fresh process (spawned), so its memory peak (the process's
-maximum RSS) is its own; the page cache is warm for all (the files were just written).
+peak RSS, VmHWM) is its own; the page cache is warm for all (the files were just written).
 `cap_mb` runs flotta_mqtt's processes under RLIMIT_AS (address space) of that size.
 """
 
@@ -75,7 +75,11 @@ def write_sources(folder: Path, size_mb: int, sqlite_too: bool) -> tuple[int, fl
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak RSS (VmHWM: getrusage's maximum survives exec, so a spawned
+    child would report its parent's)."""
+    status = Path("/proc/self/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def _polars(source: str, path: str) -> tuple[int, float]:
@@ -91,6 +95,7 @@ def _duckdb(source: str, path: str) -> tuple[int, float]:
     import duckdb
 
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
     if source == "sqlite":
         con.execute("LOAD sqlite")  # raises where the extension is not installed
         relation = "sqlite_scan(?, 't')"

@@ -194,7 +194,8 @@ class SqlDataset(Dataset):
 
     def count_rows(self) -> int:
         with self._connect() as con:
-            return int(con.execute(f"SELECT count(*) FROM {self._table}").fetchone()[0])
+            # Parameters, though none: psycopg then reads the %% of a quoted name as %.
+            return int(con.execute(f"SELECT count(*) FROM {self._table}", []).fetchone()[0])
 
     def aggregate(self, requests: Sequence[Request]) -> list[Groups]:
         def scan(select: Any) -> list[tuple[Any, ...]]:
@@ -213,7 +214,7 @@ class SqlDataset(Dataset):
         names = ", ".join(sql.quote(c, self.dialect) for c in columns)
         with self._connect() as con:
             cursor = con.cursor() if self.dialect is sql.SQLITE else con.cursor(name="rows")
-            cursor.execute(f"SELECT {names} FROM {self._table}")
+            cursor.execute(f"SELECT {names} FROM {self._table}", [])
             while rows := cursor.fetchmany(BATCH_ROWS):
                 arrays = [
                     pa.array([row[i] for row in rows]).cast(f.type) for i, f in enumerate(target)

@@ -90,10 +90,11 @@ def _csv_read_options() -> pacsv.ReadOptions:
 def _csv_convert_options(
     columns: Sequence[str] | None, types: dict[str, pa.DataType]
 ) -> pacsv.ConvertOptions:
-    # An empty CSV cell is a missing value, for strings as for numbers.
+    # An empty CSV cell is a missing value, for strings as for numbers (as the engine reads).
     return pacsv.ConvertOptions(
         include_columns=list(columns) if columns is not None else None,
         column_types=types,
+        null_values=list(engine.NULL_TEXTS),
         strings_can_be_null=True,
     )
 

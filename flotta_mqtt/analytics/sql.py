@@ -68,6 +68,13 @@ class Compiler:
             return text
         return f"(CASE WHEN {nan.format(text)} THEN NULL ELSE {text} END)"
 
+    def plain_is_exact(self, where: Filter) -> bool:
+        """Whether `where`'s prefilter is `where` itself (no NaN to read as NULL)."""
+        for column in where.columns():
+            self.column(column)  # an unknown column is refused here first
+        floats = any(pa.types.is_floating(self.type(c)) for c in where.columns())
+        return prefilter(where) == where and (self.dialect.nan is None or not floats)
+
     def type(self, name: str) -> pa.DataType:
         return self.schema.field(name).type
 
@@ -170,7 +177,7 @@ def _where(c: Compiler, filters: list[Filter | None], shared: bool) -> str:
     distinct = list({f.model_dump_json(): f for f in filters if f is not None}.values())
     weaker = [prefilter(f) for f in distinct]
     parts = []
-    if None not in weaker:
+    if None not in weaker and not (shared and c.plain_is_exact(distinct[0])):
         parts.append(" OR ".join(c.filter(w, plain=True) for w in weaker if w is not None))
     if shared:
         parts.append(c.filter(distinct[0]))
