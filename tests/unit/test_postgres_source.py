@@ -18,10 +18,10 @@ from flotta_mqtt.analytics import DatasetSpec, OperationError, UnknownColumn, op
 from flotta_mqtt.analytics.plan import Agg, Request
 from flotta_mqtt.model.query import Compare, Filter
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not (BIN / "postgres").exists(), reason="no PostgreSQL server binaries"),
-]
+# A real server beside the unit tests of the other sources (it shares their cases).
+pytestmark = pytest.mark.skipif(
+    not (BIN / "postgres").exists(), reason="no PostgreSQL server binaries"
+)
 COLUMNS = {"x": "double precision", "n": "bigint", "s": "text", "d": "date", "b": "boolean"}
 
 
