@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=None,
         help="analytics: run flotta_mqtt's processes under this address-space limit "
-        "(RLIMIT_AS); CSV and Parquet only",
+        "(RLIMIT_AS); the CSV only",
     )
     args = parser.parse_args(argv)
     if args.runs < 1:

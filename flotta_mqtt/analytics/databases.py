@@ -20,7 +20,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flotta_mqtt.analytics import sql
-from flotta_mqtt.analytics.plan import Groups, Request, answer
+from flotta_mqtt.analytics.plan import Groups, Request, Select, answer
 from flotta_mqtt.analytics.policy import PrivacyPolicy
 from flotta_mqtt.analytics.registry import Dataset, OperationError
 
@@ -198,12 +198,21 @@ class SqlDataset(Dataset):
             return int(con.execute(f"SELECT count(*) FROM {self._table}", []).fetchone()[0])
 
     def aggregate(self, requests: Sequence[Request]) -> list[Groups]:
-        def scan(select: Any) -> list[tuple[Any, ...]]:
+        def scan(select: Select) -> list[tuple[Any, ...]]:
             statement, params = sql.compile_select(
                 select, self._table, self._schema, self.dialect, self.who
             )
             with self._connect() as con:
-                return [tuple(row) for row in con.execute(statement, params).fetchall()]
+                rows = con.execute(statement, params).fetchall()
+            # SQLite stores booleans as 0 and 1: a group's key reads as every source's.
+            flags = [pa.types.is_boolean(self._schema.field(b).type) for b in select.by]
+            return [
+                tuple(
+                    bool(v) if f and v is not None else v for v, f in zip(row, flags, strict=False)
+                )
+                + tuple(row[len(flags) :])
+                for row in rows
+            ]
 
         return answer(requests, scan)
 

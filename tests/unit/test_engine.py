@@ -88,9 +88,11 @@ def expected(where: Filter, rows: list[dict[str, Any]]) -> list[dict[Any, list[A
     xs = [r["x"] for r in kept if r["x"] is not None]
     ns = [r["n"] for r in kept if r["n"] is not None]
     groups: dict[Any, list[Any]] = defaultdict(lambda: [0, 0.0])
+    flags: dict[Any, list[Any]] = defaultdict(lambda: [0])
     for r in kept:
         groups[(r["s"],)][0] += 1
         groups[(r["s"],)][1] += float(r["n"] or 0)
+        flags[(r["b"],)][0] += 1
     return [
         {
             (): [
@@ -104,6 +106,7 @@ def expected(where: Filter, rows: list[dict[str, Any]]) -> list[dict[Any, list[A
             ]
         },
         dict(groups),
+        dict(flags),
     ]
 
 
@@ -123,11 +126,15 @@ def requests(where: Filter) -> list[Request]:
             ),
         ),
         Request(where, ("s",), (Agg("rows"), Agg("sum", "n"))),
+        Request(where, ("b",), (Agg("rows"),)),  # a boolean key reads True, not 1
     ]
 
 
 def same(found: list[dict[Any, list[Any]]], wanted: list[dict[Any, list[Any]]]) -> bool:
-    if [set(f) for f in found] != [set(w) for w in wanted]:
+    def typed(answers: list[dict[Any, list[Any]]]) -> list[set[Any]]:
+        return [{tuple((type(v), v) for v in key) for key in groups} for groups in answers]
+
+    if typed(found) != typed(wanted):  # the keys, and their types (True is not 1)
         return False
     return all(
         math.isclose(float(a), float(b), abs_tol=1e-9) if b is not None else a is None
