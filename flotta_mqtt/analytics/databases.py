@@ -78,8 +78,9 @@ def same_kind(found: pa.DataType, declared: pa.DataType) -> bool:
 
 
 class SqlSource(BaseModel):
-    """`sql: {url, table}` in a dataset spec: `sqlite:////absolute/path.db`, or a PostgreSQL
-    URL (`postgresql://user:password@host:5432/db`, the site's own configuration)."""
+    """`sql: {url, table}` in a dataset spec: `sqlite:///absolute/path.db` (a path is read
+    from the root), or a PostgreSQL URL (`postgresql://user:password@host:5432/db`, the
+    site's own configuration: it never leaves the worker)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -123,7 +124,7 @@ class SqlDataset(Dataset):
         value, and the URL may hold a password)."""
         try:
             if self.dialect is sql.SQLITE:
-                path = Path(urlsplit(self.source.url).path)
+                path = Path("/" + urlsplit(self.source.url).path.lstrip("/"))  # absolute
                 if not path.is_file():
                     raise OperationError(f"{self.who}: database file not found: {path}")
                 with contextlib.closing(
