@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         "--cap-mb",
         type=int,
         default=None,
-        help="analytics: run flotta_mqtt's processes under this address-space limit "
-        "(RLIMIT_AS); the CSV only",
+        help="analytics: run flotta_mqtt's processes in a memory cgroup of this size "
+        "(cgroup v1, as root); the CSV only",
     )
     args = parser.parse_args(argv)
     if args.runs < 1:
