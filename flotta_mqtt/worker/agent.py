@@ -72,7 +72,7 @@ class WorkerAgent:
             log.warning("worker %s: the python executor needs allow_code: true", self.name)
         self.tasks = TaskRunner(self.store, runnable, config.policy, cache=self.journal)
         self._datasets = {
-            project: operations.FileDataset(project, config.name, spec)
+            project: operations.open_dataset(project, config.name, spec)
             for project, spec in config.datasets.items()
         }
         self._jobs_topic = topics.jobs(self.name)

@@ -52,7 +52,7 @@ class Jobs:
         node: str,
         store: ResourceStore,
         tasks: TaskRunner,
-        datasets: dict[str, operations.FileDataset],
+        datasets: dict[str, operations.Dataset],
         journal: Journal,
     ) -> None:
         self.node = node

@@ -42,6 +42,10 @@ HIDDEN_BEHIND = {
     "cloudpickle": ("functions/calls.py", "functions/handles.py", "functions/_child.py"),
     # Secure aggregation's primitives, in one module that says which it uses and why.
     "cryptography": ("analytics/secagg/crypto.py",),
+    # The query engine, and the databases a site's data may live in.
+    "duckdb": ("analytics/engine.py",),
+    "psycopg": ("analytics/databases.py",),
+    "polars": (),
     "dill": (),
     "joblib": (),
     "marshal": (),
