@@ -42,9 +42,14 @@ HIDDEN_BEHIND = {
     "cloudpickle": ("functions/calls.py", "functions/handles.py", "functions/_child.py"),
     # Secure aggregation's primitives, in one module that says which it uses and why.
     "cryptography": ("analytics/secagg/crypto.py",),
-    # The query engine, and the databases a site's data may live in.
+    # The query engine, and the databases a site's data may live in; the scheduler's
+    # PostgreSQL database and its lease.
     "duckdb": ("analytics/engine.py",),
-    "psycopg": ("analytics/databases.py",),
+    "psycopg": (
+        "analytics/databases.py",
+        "scheduler/postgres_repository.py",
+        "scheduler/lease.py",
+    ),
     "polars": (),
     "dill": (),
     "joblib": (),
