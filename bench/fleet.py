@@ -28,6 +28,7 @@ import selectors
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +40,12 @@ from paho.mqtt.properties import Properties
 from flotta_mqtt.protocol import (
     CancelJob,
     EventAck,
+    JobFailed,
     JobFinished,
     JobReady,
     NodePresence,
     ProtocolError,
+    RemoteError,
     decode,
     encode,
     encode_batches,
@@ -69,7 +72,7 @@ class Sent:
     """A result sent and not yet acknowledged."""
 
     attempt: int
-    result: JobFinished
+    result: JobFinished | JobFailed
     sent_at: float  # monotonic
 
 
@@ -84,6 +87,7 @@ class Stats:
     stale: int = 0  # JobReady of an older attempt (ignored)
     resent: int = 0  # results published again
     connects: int = 0  # CONNACKs accepted (reconnects included)
+    failed: int = 0  # jobs answered with JobFailed (an input did not verify)
     errors: int = 0  # invalid messages, failed publishes
     # Seconds from a worker's result for round r of an artifact to its JobReady of round
     # r + 1: the scheduler's turnaround plus two broker hops, per dependent job.
@@ -113,10 +117,10 @@ class SimWorker:
         client.on_socket_close = fleet.socket_closed
         client.on_socket_register_write = fleet.want_write
         client.on_socket_unregister_write = fleet.written
-        client.on_connect = self._connected
-        client.on_subscribe = self._subscribed
-        client.on_message = self._message
-        client.on_disconnect = self._disconnected
+        client.on_connect = fleet.guard(self._connected)
+        client.on_subscribe = fleet.guard(self._subscribed)
+        client.on_message = fleet.guard(self._message)
+        client.on_disconnect = fleet.guard(self._disconnected)
         self.client = client
 
     def presence(self, online: bool) -> NodePresence:
@@ -200,7 +204,7 @@ class SimWorker:
         stats.received[type(decoded).__name__] += 1
         if message.topic == self.jobs_topic:
             events = [e for job in unbatch(decoded) if (e := self._answer(job)) is not None]
-            for payload in encode_batches(events):
+            for payload in encode_batches(events) if events else []:
                 self.publish(self.events_topic, payload, "events")
         elif isinstance(decoded, EventAck):
             for ref in decoded.jobs:
@@ -212,7 +216,7 @@ class SimWorker:
             stats.errors += 1
             log.error("%s: unexpected %s", self.name, type(decoded).__name__)
 
-    def _answer(self, job: JobReady) -> JobFinished | None:
+    def _answer(self, job: JobReady) -> JobFinished | JobFailed | None:
         """As the worker agent's Attempts.receive, for jobs that end at once: a new
         attempt's result; the same result again for a duplicate not yet acknowledged; None
         for a stale attempt. An acknowledged job is forgotten: sent again, it runs again."""
@@ -225,20 +229,7 @@ class SimWorker:
         if held is not None and held.attempt == job.attempt:
             stats.duplicates += 1
             return held.result
-        now = time.time()
-        if job.kind == "tasks":  # what TaskRunner.run returns for a task with no files
-            task = job.operation.params.get("name")
-            data = json.dumps({"task": task, "exit_code": 0, "logs": {}, "outputs": {}}).encode()
-        else:
-            data = b"null"  # the noop operation's product
-        product = self.fleet.store.put_product(job.artifact_id, str(job.job_id), job.attempt, data)
-        result = JobFinished(
-            job=job.ref,
-            product=product,
-            started_at=now,
-            finished_at=now,
-            exit_code=0 if job.kind == "tasks" else None,
-        )
+        result = self._run(job)
         clock = time.monotonic()
         self.unacknowledged[key] = Sent(job.attempt, result, clock)
         previous = self.last_round.get(job.artifact_id)
@@ -247,6 +238,31 @@ class SimWorker:
         self.last_round[job.artifact_id] = (job.iteration, clock)
         stats.jobs += 1
         return result
+
+    def _run(self, job: JobReady) -> JobFinished | JobFailed:
+        """A no-op job: its inputs read and verified as a worker reads them (a product
+        whose bytes do not match its sha256 fails it), its tiny product inline."""
+        store = self.fleet.store
+        now = time.time()
+        try:
+            for resource in job.inputs:
+                store.get(resource, store.artifact_root(job.artifact_id))
+        except Exception as exc:
+            self.fleet.stats.failed += 1
+            error = RemoteError(type=type(exc).__name__, message=str(exc))
+            return JobFailed(job=job.ref, error=error, started_at=now, finished_at=time.time())
+        if job.kind == "tasks":  # what TaskRunner.run returns for a task with no files
+            task = job.operation.params.get("name")
+            data = json.dumps({"task": task, "exit_code": 0, "logs": {}, "outputs": {}}).encode()
+        else:
+            data = b"null"  # the noop operation's product
+        return JobFinished(
+            job=job.ref,
+            product=store.put_product(job.artifact_id, str(job.job_id), job.attempt, data),
+            started_at=now,
+            finished_at=time.time(),
+            exit_code=0 if job.kind == "tasks" else None,
+        )
 
 
 class Fleet:
@@ -272,6 +288,18 @@ class Fleet:
         self._unconnected = list(reversed(self.workers))
         self._selector = selectors.DefaultSelector()
         self._misc_at = self._resend_at = time.monotonic()
+
+    def guard(self, callback: Callable[..., None]) -> Callable[..., None]:
+        """A paho callback that logs what it raises: raised, it would end the loop."""
+
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception:
+                self.stats.errors += 1
+                log.exception("error in %s", callback.__qualname__)
+
+        return guarded
 
     # --- socket callbacks: paho tells the loop what to wait for ----------------------------
 

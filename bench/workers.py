@@ -280,7 +280,7 @@ class _Cluster:
             total.received += part.received
             total.sent += part.sent
             total.turnaround += part.turnaround
-            for name in ("jobs", "duplicates", "stale", "resent", "connects", "errors"):
+            for name in ("jobs", "duplicates", "stale", "resent", "connects", "failed", "errors"):
                 setattr(total, name, getattr(total, name) + getattr(part, name))
         return total
 
@@ -363,7 +363,7 @@ def _run_load(
         "event_messages": sent["events"] / done,
         "resent": seen.resent - seen_before.resent,
         "duplicates": seen.duplicates - seen_before.duplicates,
-        "errors": seen.errors,
+        "errors": seen.errors + seen.failed + seen.stale,
     }
 
 
