@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         "--fleet-jobs", type=int, default=10_000, help="workers: jobs of the big artifact"
     )
     parser.add_argument(
-        "--fleet-stream", type=float, default=20.0, help="workers: small workflows per second"
+        "--fleet-stream", type=float, default=10.0, help="workers: small workflows per second"
     )
     args = parser.parse_args(argv)
     if args.runs < 1:

@@ -9,10 +9,11 @@ artifact's retained status.
 
 Per size: the N sessions connect and say their presence; the scheduler starts and takes
 their retained presence (until a `Parallel(noop)` binds to all N); then one artifact
-bound to all of them, `Iterate(R, [Parallel(noop)])` with R = jobs / N (each worker runs
-R dependent jobs, all workers at once), and meanwhile a stream of small workflows (three
-no-op tasks a → b → c, each pinned to a worker drawn at random) submitted at a fixed rate
-until the big artifact completes.
+bound to all of them, `Iterate(R, [Parallel(noop, Pairwise())])` with R = jobs / N (each
+worker runs a chain of R jobs, all workers at once), and meanwhile a stream of small
+workflows (three no-op tasks a → b → c, each pinned to a worker drawn at random)
+submitted at a fixed rate until the big artifact completes. Before it, SMALL_ALONE small
+workflows alone, for their unloaded latency and their cost to the scheduler.
 
 Figures: scheduling rate (the big artifact's jobs over its submit → completed time);
 the scheduler's turnaround per dependent job (a worker's result for round r → its
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import random
 import resource
 import tempfile
@@ -35,10 +37,18 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench._report import machine_load, median_of_runs, percentile, print_table
+from bench._report import cpu_ticks, machine_load, median_of_runs, percentile, print_table
 from bench.fleet import OPERATION, Fleet, Stats
 from flotta_mqtt.broker import LocalBroker
-from flotta_mqtt.model import Artifact, ArtifactState, Iterate, Operation, Parallel, Tasks
+from flotta_mqtt.model import (
+    Artifact,
+    ArtifactState,
+    Iterate,
+    Operation,
+    Pairwise,
+    Parallel,
+    Tasks,
+)
 from flotta_mqtt.model.states import ARTIFACT_FINAL
 from flotta_mqtt.model.workflow import Task
 from flotta_mqtt.protocol import ArtifactStatus, decode, topics
@@ -54,12 +64,15 @@ SESSIONS_PER_PROCESS = 250
 FLEET_LIFETIME = 1_800.0  # a fleet process ends after this long whatever happens
 START_TIMEOUT = 180.0  # for the sessions to connect, the scheduler to see them all
 RUN_TIMEOUT = 600.0  # for the big artifact
+SMALL_ALONE = 30  # small workflows measured with nothing else running
 FINAL_VALUES = {state.value.encode() for state in ARTIFACT_FINAL}
 
 
 def fleet_artifact(rounds: int) -> Artifact:
-    """One artifact bound to every worker of the project: `rounds` dependent jobs each."""
-    step = Parallel(operation=Operation(name=OPERATION))
+    """One artifact bound to every worker of the project: `rounds` dependent jobs each, a
+    worker's round r + 1 taking its own round r's product (Pairwise: no barrier between
+    rounds, which would make every job wait for, and list, all N products before it)."""
+    step = Parallel(operation=Operation(name=OPERATION), distribution=Pairwise())
     return Artifact(project=PROJECT, steps=[Iterate(rounds=rounds, steps=[step])])
 
 
@@ -183,7 +196,15 @@ def _cpu_seconds(pids: list[int]) -> float:
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / 100.0  # USER_HZ
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_seconds(before: list[int] | None, after: list[int] | None) -> float:
+    """CPU seconds the whole machine spent busy between two /proc/stat readings."""
+    if before is None or after is None:
+        return float("nan")
+    delta = [a - b for a, b in zip(after[:8], before[:8], strict=True)]
+    return (sum(delta) - delta[3] - delta[4]) / os.sysconf("SC_CLK_TCK")  # not idle, iowait
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -317,10 +338,12 @@ def measure(workers: int, jobs: int, stream_rate: float, seed: int = 0) -> dict[
 def _run_load(
     cluster: _Cluster, driver: Driver, jobs: int, stream_rate: float, rng: random.Random
 ) -> dict[str, float]:
-    """The big artifact, and the stream of small workflows while it runs."""
+    """Small workflows alone, then the big artifact with the stream of them meanwhile."""
     workers = len(cluster.names)
     pids = cluster.pids()
+    alone = _small_alone(cluster, driver, stream_rate, rng)
     before = {role: _cpu_seconds(group) for role, group in pids.items()}
+    ticks_before, started = cpu_ticks(), time.perf_counter()
     seen_before = cluster.stats()
     big = driver.submit(fleet_artifact(max(1, jobs // workers)))
     small: list[str] = []
@@ -334,6 +357,8 @@ def _run_load(
     if not driver.wait(small, 60):
         raise RuntimeError("small workflows did not complete in 60 s after the big one")
     used = {role: _cpu_seconds(group) - before[role] for role, group in pids.items()}
+    busy = _busy_seconds(ticks_before, cpu_ticks())
+    capacity = (time.perf_counter() - started) * (os.cpu_count() or 1)
     seen = cluster.stats()
     big_s = driver.latency(big)
     big_jobs = max(1, jobs // workers) * workers
@@ -342,28 +367,57 @@ def _run_load(
     turnaround = [t * 1e3 for t in seen.turnaround[len(seen_before.turnaround) :]]
     received = seen.received - seen_before.received
     sent = seen.sent - seen_before.sent
-    return cluster.figures | {
-        "workers": workers,
-        "big_jobs": big_jobs,
-        "big_s": big_s,
-        "rate": big_jobs / big_s,
-        "small": len(small),
-        "small_p50": percentile(latencies, 0.5),
-        "small_p95": percentile(latencies, 0.95),
-        "small_p99": percentile(latencies, 0.99),
-        "turn_p50": percentile(turnaround, 0.5),
-        "turn_p95": percentile(turnaround, 0.95),
-        "turn_p99": percentile(turnaround, 0.99),
-        "scheduler_peak_kb": _status_kb(pids["scheduler"][0], "VmHWM"),
-        "broker_peak_kb": _status_kb(cluster.broker_pid, "VmHWM"),
-        "fleet_kb": sum(_status_kb(pid, "VmRSS") for pid in pids["fleet"]),
-        **{f"cpu_{role}": seconds * 1e3 / done for role, seconds in used.items()},
-        "job_messages": (received["JobReady"] + received["JobBatch"]) / done,
-        "ack_messages": received["EventAck"] / done,
-        "event_messages": sent["events"] / done,
-        "resent": seen.resent - seen_before.resent,
-        "duplicates": seen.duplicates - seen_before.duplicates,
-        "errors": seen.errors + seen.failed + seen.stale,
+    small_cpu = alone["small_cpu"] * len(small) / 1e3  # the stream's share, as measured alone
+    return (
+        cluster.figures
+        | alone
+        | {
+            "workers": workers,
+            "cpu_big": (used["scheduler"] - small_cpu) * 1e3 / big_jobs,
+            "big_jobs": big_jobs,
+            "big_s": big_s,
+            "rate": big_jobs / big_s,
+            "small": len(small),
+            "small_p50": percentile(latencies, 0.5),
+            "small_p95": percentile(latencies, 0.95),
+            "small_p99": percentile(latencies, 0.99),
+            "turn_p50": percentile(turnaround, 0.5),
+            "turn_p95": percentile(turnaround, 0.95),
+            "turn_p99": percentile(turnaround, 0.99),
+            "scheduler_peak_kb": _status_kb(pids["scheduler"][0], "VmHWM"),
+            "broker_peak_kb": _status_kb(cluster.broker_pid, "VmHWM"),
+            "fleet_kb": sum(_status_kb(pid, "VmRSS") for pid in pids["fleet"]),
+            **{f"cpu_{role}": seconds * 1e3 / done for role, seconds in used.items()},
+            "machine_busy": busy / capacity,
+            "others_busy": max(0.0, busy - sum(used.values())) / capacity,
+            "job_messages": (received["JobReady"] + received["JobBatch"]) / done,
+            "ack_messages": received["EventAck"] / done,
+            "event_messages": sent["events"] / done,
+            "resent": seen.resent - seen_before.resent,
+            "duplicates": seen.duplicates - seen_before.duplicates,
+            "errors": seen.errors + seen.failed + seen.stale,
+        }
+    )
+
+
+def _small_alone(
+    cluster: _Cluster, driver: Driver, stream_rate: float, rng: random.Random
+) -> dict[str, float]:
+    """SMALL_ALONE small workflows at the stream's rate with nothing else running: their
+    latency unloaded, and what one costs the scheduler (binding included) at this N."""
+    scheduler = cluster.pids()["scheduler"]
+    before = _cpu_seconds(scheduler)
+    ids = []
+    for _ in range(SMALL_ALONE):
+        ids.append(driver.submit(small_workflow(rng.sample(cluster.names, 3))))
+        time.sleep(1.0 / stream_rate)  # the stream's pace
+    if not driver.wait(ids, 60):
+        raise RuntimeError("small workflows alone did not complete in 60 s")
+    latencies = [driver.latency(i) * 1e3 for i in ids]
+    return {
+        "alone_p50": percentile(latencies, 0.5),
+        "alone_p95": percentile(latencies, 0.95),
+        "small_cpu": (_cpu_seconds(scheduler) - before) * 1e3 / SMALL_ALONE,
     }
 
 
@@ -376,6 +430,8 @@ ROWS: list[tuple[str, str, str, float]] = [  # label, figure, format, scale
     ("turnaround per dependent job p50", "turn_p50", "{:,.1f} ms", 1.0),
     ("  p95", "turn_p95", "{:,.1f} ms", 1.0),
     ("  p99", "turn_p99", "{:,.1f} ms", 1.0),
+    ("small workflow alone: submit → completed p50", "alone_p50", "{:,.0f} ms", 1.0),
+    ("  p95", "alone_p95", "{:,.0f} ms", 1.0),
     ("small workflows submitted meanwhile", "small", "{:,.0f}", 1.0),
     ("small workflow submit → completed p50", "small_p50", "{:,.0f} ms", 1.0),
     ("  p95", "small_p95", "{:,.0f} ms", 1.0),
@@ -386,7 +442,11 @@ ROWS: list[tuple[str, str, str, float]] = [  # label, figure, format, scale
     ("broker RSS, N idle sessions", "broker_idle_kb", "{:,.1f} MB", 1 / 1024),
     ("broker RSS, peak", "broker_peak_kb", "{:,.1f} MB", 1 / 1024),
     ("fleet processes' RSS (all)", "fleet_kb", "{:,.0f} MB", 1 / 1024),
-    ("CPU per job: scheduler", "cpu_scheduler", "{:,.2f} ms", 1.0),
+    ("machine's CPU busy during the run", "machine_busy", "{:.0%}", 1.0),
+    ("  of which not this bench's processes", "others_busy", "{:.0%}", 1.0),
+    ("scheduler CPU per small workflow (alone)", "small_cpu", "{:,.1f} ms", 1.0),
+    ("scheduler CPU per big-artifact job", "cpu_big", "{:,.2f} ms", 1.0),
+    ("CPU per job, all jobs: scheduler", "cpu_scheduler", "{:,.2f} ms", 1.0),
     ("  broker", "cpu_broker", "{:,.2f} ms", 1.0),
     ("  simulated workers", "cpu_fleet", "{:,.2f} ms", 1.0),
     ("messages per job to workers: jobs", "job_messages", "{:,.2f}", 1.0),
@@ -400,7 +460,7 @@ def run(
     runs: int = 1,
     sizes: tuple[int, ...] = SIZES,
     jobs: int = 10_000,
-    stream_rate: float = 20.0,
+    stream_rate: float = 10.0,
 ) -> None:
     load = machine_load()
     results = {
@@ -420,9 +480,10 @@ def run(
     ]
     print_table(
         f"workers: N simulated workers (real MQTT sessions, {SESSIONS_PER_PROCESS} per process) "
-        f"on one mosquitto around the real scheduler; one artifact Iterate(R, [Parallel(noop)]) "
-        f"bound to all N with R = {jobs:,} / N, and {stream_rate:g} small workflows/s (a → b → c) "
-        f"meanwhile; median of {runs} run(s); {load} before, {machine_load()} after",
+        "on one mosquitto around the real scheduler; one artifact Iterate(R, [Parallel(noop, "
+        f"Pairwise())]) bound to all N with R = {jobs:,} / N, and {stream_rate:g} small "
+        f"workflows/s (a → b → c) meanwhile; median of {runs} run(s); {load} before, "
+        f"{machine_load()} after",
         ["figure", *(f"N = {n:,}" for n in sizes)],
         rows,
     )
