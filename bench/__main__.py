@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
             jobs=args.fleet_jobs,
             stream_rate=args.fleet_stream,
         )
+        from bench import per_worker
+
+        per_worker.run()
     _report.console.print(f"bench finished in {time.perf_counter() - start:.1f} s")
 
 

@@ -279,6 +279,7 @@ class _Cluster:
             status = self.driver.final[probe][1]
             if status.state is ArtifactState.COMPLETED and status.total == len(self.names):
                 self.figures["presence_s"] = time.perf_counter() - started
+                self.figures["presence_cpu"] = _cpu_seconds([self.scheduler.pid])
                 self.figures["scheduler_idle_kb"] = _status_kb(self.scheduler.pid, "VmRSS")
                 return
             time.sleep(0.5)  # its presence is on its way: pacing, not synchronisation
@@ -425,6 +426,7 @@ ROWS: list[tuple[str, str, str, float]] = [  # label, figure, format, scale
     ("jobs of the big artifact (R rounds x N)", "big_jobs", "{:,.0f}", 1.0),
     ("N sessions connected, presence said", "connect_s", "{:,.1f} s", 1.0),
     ("scheduler start → bound to all N", "presence_s", "{:,.1f} s", 1.0),
+    ("  its CPU (start-up and N presences)", "presence_cpu", "{:,.2f} s", 1.0),
     ("big artifact: submit → completed", "big_s", "{:,.2f} s", 1.0),
     ("scheduling rate (big artifact)", "rate", "{:,.0f} jobs/s", 1.0),
     ("turnaround per dependent job p50", "turn_p50", "{:,.1f} ms", 1.0),
