@@ -12,8 +12,10 @@ their retained presence (until a `Parallel(noop)` binds to all N); then one arti
 bound to all of them, `Iterate(R, [Parallel(noop, Pairwise())])` with R = jobs / N (each
 worker runs a chain of R jobs, all workers at once), and meanwhile a stream of small
 workflows (three no-op tasks a → b → c, each pinned to a worker drawn at random)
-submitted at a fixed rate until the big artifact completes. Before it, SMALL_ALONE small
-workflows alone, for their unloaded latency and their cost to the scheduler.
+submitted at a fixed rate until the big artifact completes (a turn is skipped while
+STREAM_IN_FLIGHT are not completed: a scheduler that falls behind is not buried).
+Before it, SMALL_ALONE small workflows alone, for their unloaded latency and their cost
+to the scheduler.
 
 Figures: scheduling rate (the big artifact's jobs over its submit → completed time);
 the scheduler's turnaround per dependent job (a worker's result for round r → its
@@ -37,7 +39,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench._report import cpu_ticks, machine_load, median_of_runs, percentile, print_table
+from bench._report import console, cpu_ticks, machine_load, median_of_runs, percentile, print_table
 from bench.fleet import OPERATION, Fleet, Stats
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.model import (
@@ -65,6 +67,7 @@ FLEET_LIFETIME = 1_800.0  # a fleet process ends after this long whatever happen
 START_TIMEOUT = 180.0  # for the sessions to connect, the scheduler to see them all
 RUN_TIMEOUT = 600.0  # for the big artifact
 SMALL_ALONE = 30  # small workflows measured with nothing else running
+STREAM_IN_FLIGHT = 10  # the stream skips its turn while this many are not completed
 FINAL_VALUES = {state.value.encode() for state in ARTIFACT_FINAL}
 
 
@@ -348,13 +351,17 @@ def _run_load(
     seen_before = cluster.stats()
     big = driver.submit(fleet_artifact(max(1, jobs // workers)))
     small: list[str] = []
+    skipped = 0
     next_at = time.perf_counter()
     deadline = next_at + RUN_TIMEOUT
     while not driver.wait([big], max(0.0, next_at - time.perf_counter())):
         if time.perf_counter() > deadline:
             raise RuntimeError(f"the big artifact did not complete in {RUN_TIMEOUT} s")
-        small.append(driver.submit(small_workflow(rng.sample(cluster.names, 3))))
         next_at += 1.0 / stream_rate
+        if sum(i not in driver.final for i in small) < STREAM_IN_FLIGHT:
+            small.append(driver.submit(small_workflow(rng.sample(cluster.names, 3))))
+        else:  # the scheduler is behind: an open stream would only grow its backlog
+            skipped += 1
     if not driver.wait(small, 60):
         raise RuntimeError("small workflows did not complete in 60 s after the big one")
     used = {role: _cpu_seconds(group) - before[role] for role, group in pids.items()}
@@ -379,6 +386,7 @@ def _run_load(
             "big_s": big_s,
             "rate": big_jobs / big_s,
             "small": len(small),
+            "skipped": skipped,
             "small_p50": percentile(latencies, 0.5),
             "small_p95": percentile(latencies, 0.95),
             "small_p99": percentile(latencies, 0.99),
@@ -435,6 +443,7 @@ ROWS: list[tuple[str, str, str, float]] = [  # label, figure, format, scale
     ("small workflow alone: submit → completed p50", "alone_p50", "{:,.0f} ms", 1.0),
     ("  p95", "alone_p95", "{:,.0f} ms", 1.0),
     ("small workflows submitted meanwhile", "small", "{:,.0f}", 1.0),
+    (f"  not submitted: {STREAM_IN_FLIGHT} in flight already", "skipped", "{:,.0f}", 1.0),
     ("small workflow submit → completed p50", "small_p50", "{:,.0f} ms", 1.0),
     ("  p95", "small_p95", "{:,.0f} ms", 1.0),
     ("  p99", "small_p99", "{:,.0f} ms", 1.0),
@@ -465,12 +474,19 @@ def run(
     stream_rate: float = 10.0,
 ) -> None:
     load = machine_load()
-    results = {
-        n: median_of_runs([measure(n, jobs, stream_rate, seed) for seed in range(runs)])
-        for n in sizes
-    }
+    results: dict[int, dict[str, float]] = {}
+    failures = []
+    for n in sizes:
+        try:
+            results[n] = median_of_runs([measure(n, jobs, stream_rate, s) for s in range(runs)])
+        except RuntimeError as exc:  # the other sizes are still worth printing
+            failures.append(f"N = {n:,}: {exc}")
+            results[n] = {}
+        console.print(f"workers: N = {n:,} measured ({machine_load()})")
 
     def cell(figures: dict[str, float], key: str, fmt: str, scale: float) -> str:
+        if not figures:
+            return "failed"
         if key == "resent":
             trio = (figures["resent"], figures["duplicates"], figures["errors"])
             return " / ".join(f"{value:,.0f}" for value in trio)
@@ -488,4 +504,5 @@ def run(
         f"{machine_load()} after",
         ["figure", *(f"N = {n:,}" for n in sizes)],
         rows,
+        note="\n".join(failures),
     )
