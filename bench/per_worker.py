@@ -115,6 +115,8 @@ def _core_main(workers: int, database: str, conn: Connection) -> None:
         start = time.process_time()
         burst([Received(submit, payload, time.monotonic())])
         costs.append(time.process_time() - start)
+    gc.collect()
+    rss_submitted = _rss_mb()
 
     payload = encode(fleet_artifact(1))
     start = time.process_time()
@@ -126,6 +128,7 @@ def _core_main(workers: int, database: str, conn: Connection) -> None:
             "presence_us": presence_s * 1e6 / workers,
             "presence_kb": (rss_known - rss_start) * 1024 / workers,
             "small_ms": sorted(costs)[len(costs) // 2] * 1e3,
+            "small_kb": (rss_submitted - rss_known) * 1024 / SUBMISSIONS,
             "bind_s": bind_s,
             "bind_us": bind_s * 1e6 / workers,
             "ready": ready,
@@ -161,6 +164,10 @@ def run(sizes: tuple[int, ...] = SIZES) -> None:
             *(f"{results[n]['presence_kb']:,.1f} KiB" for n in sizes),
         ],
         ["a small workflow submitted (CPU)", *(f"{results[n]['small_ms']:,.1f} ms" for n in sizes)],
+        [
+            "  memory each holds while in flight",
+            *(f"{results[n]['small_kb']:,.0f} KiB" for n in sizes),
+        ],
         ["one artifact bound to all N (CPU)", *(f"{results[n]['bind_s']:,.2f} s" for n in sizes)],
         ["  per job", *(f"{results[n]['bind_us']:,.0f} µs" for n in sizes)],
         ["  messages it publishes at once", *(f"{results[n]['ready']:,}" for n in sizes)],
