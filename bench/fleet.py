@@ -93,6 +93,11 @@ class Stats:
     # r + 1: the scheduler's turnaround plus two broker hops, per dependent job.
     turnaround: list[float] = field(default_factory=list)
 
+    def add(self, other: Stats) -> None:
+        """Add another fleet's figures to these."""
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
 
 class SimWorker:
     """One simulated worker: one paho client, its results awaiting acknowledgement."""

@@ -301,12 +301,7 @@ class _Cluster:
             conn.send("stats")
             if not conn.poll(60):
                 raise RuntimeError("a fleet process did not answer")
-            part: Stats = conn.recv()
-            total.received += part.received
-            total.sent += part.sent
-            total.turnaround += part.turnaround
-            for name in ("jobs", "duplicates", "stale", "resent", "connects", "failed", "errors"):
-                setattr(total, name, getattr(total, name) + getattr(part, name))
+            total.add(conn.recv())
         return total
 
     def close(self) -> None:
@@ -405,6 +400,7 @@ def _run_load(
             "resent": seen.resent - seen_before.resent,
             "duplicates": seen.duplicates - seen_before.duplicates,
             "errors": seen.errors + seen.failed + seen.stale,
+            "reconnects": seen.connects - workers,
         }
     )
 
@@ -463,7 +459,7 @@ ROWS: list[tuple[str, str, str, float]] = [  # label, figure, format, scale
     ("messages per job to workers: jobs", "job_messages", "{:,.2f}", 1.0),
     ("  acknowledgements", "ack_messages", "{:,.2f}", 1.0),
     ("messages per job from workers", "event_messages", "{:,.2f}", 1.0),
-    ("results re-sent / duplicate JobReady / errors", "resent", "{:,.0f}", 1.0),
+    ("results re-sent / duplicates / reconnects / errors", "resent", "{:,.0f}", 1.0),
 ]
 
 
@@ -488,8 +484,8 @@ def run(
         if not figures:
             return "failed"
         if key == "resent":
-            trio = (figures["resent"], figures["duplicates"], figures["errors"])
-            return " / ".join(f"{value:,.0f}" for value in trio)
+            health = ("resent", "duplicates", "reconnects", "errors")
+            return " / ".join(f"{figures[name]:,.0f}" for name in health)
         return fmt.format(figures[key] * scale)
 
     rows = [
