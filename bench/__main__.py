@@ -63,6 +63,14 @@ def main(argv: list[str] | None = None) -> None:
         "--artifacts", type=int, default=500, help="dispatch: fan-out artifacts (4 jobs each)"
     )
     parser.add_argument("--floor", type=int, default=500, help="dispatch: floor round trips")
+    parser.add_argument("--size-mb", type=int, default=1024, help="analytics: the CSV's size")
+    parser.add_argument(
+        "--cap-mb",
+        type=int,
+        default=None,
+        help="analytics: run flotta_mqtt's processes in a memory cgroup of this size "
+        "(cgroup v1, as root); the CSV only",
+    )
     parser.add_argument(
         "--fleet-sizes",
         default="10,100,1000",
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     if which in ("analytics", "all"):
         from bench import analytics
 
-        analytics.run()
+        analytics.run(size_mb=args.size_mb, runs=args.runs, cap_mb=args.cap_mb)
     if which in ("functions", "all"):
         from bench import functions
 

@@ -1,129 +1,274 @@
-"""Federated analytics on a large CSV: count and mean with a filter, on one worker.
+"""Federated analytics on large files: count and mean with a filter, beside Polars and DuckDB.
 
-A CSV of about `--size-mb` MB (columns x, y, site) is generated under /tmp — 64 MB of
-random rows written as many times as needed, which is fast and which the reader cannot
-tell — and removed afterwards. On a fresh LocalBroker, a scheduler and one worker run in
-this process; the figures are wall times from submit to result, as a workbench sees them:
+The same rows (columns x, y, site; 64 MB of random CSV rows written as many times as
+needed, which the readers cannot tell) are written under /tmp as a CSV of about
+`size_mb` MB, a Parquet file and a SQLite table, and removed afterwards. For each source
+the same two answers, the rows where x > 0.5 and the mean of their y, are timed:
 
-- `wc -l`: the time the coreutils line counter takes to read the same file, in the same
-  run (the page cache is warm for both: the file was just written);
-- worker start: the worker counts a CSV's rows once when it starts (presence reports it);
-- count where x > 0.5, and mean of y where x > 0.5: each reads the file once, only the
-  columns it needs, in batches, with pyarrow's streaming CSV reader.
+- flotta_mqtt: end to end, from submit to result, one `summary` artifact (count and mean
+  computed by the worker's engine in one scan) on a fresh LocalBroker, with a scheduler
+  and one worker in one process (started before the clock starts);
+- Polars: `scan_*(...).filter(...).select(len, mean).collect(engine="streaming")`;
+- DuckDB: one `SELECT count(*), avg(y) ... WHERE x > 0.5` on the file (on SQLite, through
+  its sqlite extension where it is installed);
+- sqlite3: the same statement run by SQLite itself (the floor for a table).
+
+Each figure is taken in a fresh process (spawned), so its memory peak (the process's
+peak RSS, VmHWM) is its own; the page cache is warm for all (the files were just written).
+`cap_mb` runs flotta_mqtt's processes (worker, scheduler, mosquitto) in a memory cgroup
+of that size (cgroup v1, as root), on the CSV alone. (RLIMIT_AS is no such cap: the
+libraries' address space reservations alone pass 1 GB, and the worker failed to start.)
 """
 
 from __future__ import annotations
 
 import math
-import subprocess
+import multiprocessing
+import os
+import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from bench._report import console, machine_load, print_table
-from flotta_mqtt import Artifact, Client, Collect, Finalize, Operation, Parallel, Query
-from flotta_mqtt.broker import LocalBroker
-from flotta_mqtt.nodes import SchedulerNode
-from flotta_mqtt.scheduler.config import SchedulerConfig
-from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
-from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 BLOCK_MB = 64
 SITES = np.array(["north", "south", "east", "west"])
+Answer = tuple[float, int, float, float]  # seconds, count, mean, peak RSS in MB
 
 
-def write_csv(path: Path, size_mb: int) -> tuple[int, float, int]:
-    """The file, and the rows with x > 0.5: their count and their sum of y (expected)."""
+def write_sources(folder: Path, size_mb: int, copies_too: bool) -> tuple[int, float, int]:
+    """The CSV (and its Parquet and SQLite copies) of the rows; the rows with x > 0.5: their
+    count and their sum of y (expected), and the number of rows."""
     rng = np.random.default_rng(7)
     rows = BLOCK_MB * (1 << 20) // 26  # about 26 bytes a row
     x, y = rng.random(rows).round(6), rng.normal(10.0, 3.0, rows).round(6)
+    site = SITES[rng.integers(0, 4, rows)]
     text = (
-        "\n".join(
-            f"{a:.6f},{b:.6f},{s}"
-            for a, b, s in zip(x, y, SITES[rng.integers(0, 4, rows)], strict=True)
-        ).encode()
+        "\n".join(f"{a:.6f},{b:.6f},{s}" for a, b, s in zip(x, y, site, strict=True)).encode()
         + b"\n"
     )
     copies = max(1, round(size_mb / (len(text) / (1 << 20))))
-    with path.open("wb") as f:
+    with (folder / "big.csv").open("wb") as f:
         f.write(b"x,y,site\n")
         for _ in range(copies):
             f.write(text)
+    if copies_too:
+        table = pa.table({"x": x, "y": y, "site": site})
+        with pq.ParquetWriter(folder / "big.parquet", table.schema) as writer:
+            for _ in range(copies):
+                writer.write_table(table, row_group_size=1 << 20)
+        with sqlite3.connect(folder / "big.db") as con:
+            con.execute("CREATE TABLE t (x REAL, y REAL, site TEXT)")
+            con.executemany(
+                "INSERT INTO t VALUES (?, ?, ?)",
+                zip(x.tolist(), y.tolist(), site.tolist(), strict=True),
+            )
+            for _ in range(copies - 1):
+                con.execute("INSERT INTO t SELECT * FROM t WHERE rowid <= ?", (rows,))
     over = x > 0.5
     return int(over.sum()) * copies, float(y[over].sum()) * copies, rows * copies
 
 
-def timed(client: Client, artifact: Artifact) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = client.submit(artifact).result(timeout=3600)
-    return time.perf_counter() - start, result
+def _peak_mb() -> float:
+    """The process's peak RSS (VmHWM: getrusage's maximum survives exec, so a spawned
+    child would report its parent's)."""
+    status = Path("/proc/self/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
-def estimate(name: str, **params: object) -> Artifact:
-    operation = Operation(name=name, params=params)
-    return Artifact(project="big", steps=[Parallel(operation, Collect()), Finalize(operation)])
+def _polars(source: str, path: str) -> tuple[int, float]:
+    import polars as pl
+
+    frame = pl.scan_csv(path) if source == "csv" else pl.scan_parquet(path)
+    found = frame.filter(pl.col("x") > 0.5).select(pl.len(), pl.col("y").mean())
+    count, mean = found.collect(engine="streaming").row(0)
+    return int(count), float(mean)
 
 
-def run(size_mb: int = 1024) -> None:
+def _duckdb(source: str, path: str) -> tuple[int, float]:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
+    if source == "sqlite":
+        con.execute("LOAD sqlite")  # raises where the extension is not installed
+        relation = "sqlite_scan(?, 't')"
+    else:
+        relation = "read_csv(?)" if source == "csv" else "read_parquet(?)"
+    found = con.execute(f"SELECT count(*), avg(y) FROM {relation} WHERE x > 0.5", [path])
+    count, mean = found.fetchone()  # type: ignore[misc]
+    return int(count), float(mean)
+
+
+def _sqlite3(source: str, path: str) -> tuple[int, float]:
+    with sqlite3.connect(path) as con:
+        count, mean = con.execute("SELECT count(*), avg(y) FROM t WHERE x > 0.5").fetchone()
+    return int(count), float(mean)
+
+
+PEERS: dict[str, Callable[[str, str], tuple[int, float]]] = {
+    "Polars": _polars,
+    "DuckDB": _duckdb,
+    "sqlite3": _sqlite3,
+}
+
+
+def _peer(name: str, source: str, path: str, out: Any) -> None:
+    try:
+        start = time.perf_counter()
+        count, mean = PEERS[name](source, path)
+        out.send((time.perf_counter() - start, count, mean, _peak_mb()))
+    except Exception as exc:
+        out.send(f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+
+
+CGROUPS = Path("/sys/fs/cgroup/memory")  # cgroup v1's memory controller
+
+
+def _capped(cap_mb: int) -> Path:
+    """A memory cgroup limited to `cap_mb` MB (its processes' memory, page cache included:
+    the kernel reclaims the file's pages rather than fail)."""
+    group = CGROUPS / f"flotta-bench-{os.getpid()}"
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(str(cap_mb << 20))
+    return group
+
+
+def _ours(source: str, path: str, group: str | None, out: Any) -> None:
+    if group is not None:
+        (Path(group) / "cgroup.procs").write_text(str(os.getpid()))  # and mosquitto, started here
+    from flotta_mqtt import Artifact, Client, Collect, Finalize, Operation, Parallel, Query
+    from flotta_mqtt.broker import LocalBroker
+    from flotta_mqtt.nodes import SchedulerNode
+    from flotta_mqtt.scheduler.config import SchedulerConfig
+    from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
+    from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
+
+    if source == "sqlite":
+        data: dict[str, Any] = {"sql": {"url": f"sqlite:///{path}", "table": "t"}}
+    else:
+        data = {"paths": [path]}
+    # A site answering exactly: the worker counts the rows at its start, before the clock.
+    data["privacy"] = {"exact": True}
     with tempfile.TemporaryDirectory(prefix="flotta-bench-", dir="/tmp") as tmp:
         folder = Path(tmp)
-        path = folder / "big.csv"
-        console.print(f"writing a {size_mb} MB CSV to {path} …")
-        expected_count, expected_sum, rows = write_csv(path, size_mb)
-        megabytes = path.stat().st_size / 1e6
-
-        start = time.perf_counter()
-        subprocess.run(["wc", "-l", str(path)], stdout=subprocess.DEVNULL, check=True)
-        wc = time.perf_counter() - start
-
         storage = StorageSettings(url=(folder / "store").as_uri())
         with LocalBroker() as broker:
             settings = BrokerSettings(url=broker.url)
             scheduler = SchedulerNode(
                 SchedulerConfig(broker=settings, storage=storage, database=folder / "s.db")
             ).start()
-            start = time.perf_counter()
             worker = WorkerAgent(
-                WorkerConfig(
-                    name="w0",
-                    broker=settings,
-                    storage=storage,
-                    datasets={"big": {"paths": [path], "privacy": {"exact": True}}},
-                )
+                WorkerConfig(name="w0", broker=settings, storage=storage, datasets={"big": data})
             ).start()
-            started = time.perf_counter() - start
             try:
                 with Client(settings, storage=storage) as client:
                     while not any(p.node == "w0" and p.online for p in client.workers()):
                         time.sleep(0.05)
                     q = Query()
                     over = q[q["x"] > 0.5].params()
-                    count_time, count = timed(client, estimate("count", **over))
-                    mean_time, mean = timed(client, estimate("mean", column="y", **over))
+                    both = {
+                        "n": {"name": "count", "params": over},
+                        "m": {"name": "mean", "params": {"column": "y", **over}},
+                    }
+                    operation = Operation(name="summary", params={"operations": both})
+                    artifact = Artifact(
+                        project="big", steps=[Parallel(operation, Collect()), Finalize(operation)]
+                    )
+                    start = time.perf_counter()
+                    result = client.submit(artifact).result(timeout=3600)
+                    seconds = time.perf_counter() - start
             finally:
                 worker.stop()
                 scheduler.stop()
+    out.send((seconds, int(result["n"]), float(result["m"]), _peak_mb()))
 
-    matches = count == expected_count and math.isclose(
-        mean, expected_sum / expected_count, rel_tol=1e-9
-    )
 
-    def row(what: str, seconds: float) -> list[str]:
-        return [what, f"{seconds:.2f}", f"{megabytes / seconds:,.0f}"]
+def _spawned(target: Callable[..., None], *args: Any) -> Answer | str:
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=target, args=(*args, send))
+    process.start()
+    send.close()  # the child's end only: a child that dies closes the pipe
+    try:
+        found = receive.recv() if receive.poll(3600) else "timed out"
+    except EOFError:
+        found = "the process died"
+    process.join()
+    return found if isinstance(found, tuple | str) else "no answer"
 
+
+def run(size_mb: int = 1024, runs: int = 1, cap_mb: int | None = None) -> None:
+    with tempfile.TemporaryDirectory(prefix="flotta-bench-", dir="/tmp") as tmp:
+        folder = Path(tmp)
+        copies = "" if cap_mb is not None else ", its Parquet and SQLite copies"
+        console.print(f"writing a {size_mb} MB CSV{copies} to {folder} …")
+        expected_count, expected_sum, rows = write_sources(folder, size_mb, cap_mb is None)
+        expected = (expected_count, expected_sum / expected_count)
+        paths = {"csv": "big.csv", "parquet": "big.parquet", "sqlite": "big.db"}
+        sources = ["csv"] if cap_mb is not None else list(paths)
+        table = []
+        group = _capped(cap_mb) if cap_mb is not None else None
+        for source in sources:
+            path = str(folder / paths[source])
+            peers = ["sqlite3", "DuckDB"] if source == "sqlite" else ["Polars", "DuckDB"]
+            times: dict[str, list[Answer]] = {}
+            failed: dict[str, str] = {}
+            for _ in range(runs):  # alternated, so that a busy moment hits every one
+                for name in ["flotta_mqtt", *peers]:
+                    found = (
+                        _spawned(_ours, source, path, str(group) if group else None)
+                        if name == "flotta_mqtt"
+                        else _spawned(_peer, name, source, path)
+                    )
+                    if isinstance(found, str):
+                        failed[name] = found
+                    else:
+                        times.setdefault(name, []).append(found)
+            table += _rows(source, times, failed, expected, Path(path).stat().st_size / 1e6)
+        if group is not None:
+            group.rmdir()
+    cap = f"; flotta_mqtt in a memory cgroup of {cap_mb} MB" if cap_mb is not None else ""
     print_table(
-        f"Count and mean with a filter on one worker: {megabytes:,.0f} MB, {rows:,} rows",
-        ["", "seconds", "MB/s"],
-        [
-            row("wc -l (same file, same run)", wc),
-            row("worker start (counts the CSV's rows)", started),
-            row("count where x > 0.5", count_time),
-            row("mean of y where x > 0.5", mean_time),
-        ],
-        note=f"{machine_load()}; count and mean "
-        + ("match" if matches else "[red]DO NOT MATCH[/red]")
-        + " the generator's own",
+        f"count and mean of y where x > 0.5, {rows:,} rows: seconds (best of {runs}), "
+        "flotta_mqtt end to end",
+        ["source", "system", "seconds", "MB/s", "flotta_mqtt's speed / it", "peak RSS MB", "ok"],
+        table,
+        note=f"{machine_load()}{cap}",
     )
+
+
+def _rows(
+    source: str,
+    times: dict[str, list[Answer]],
+    failed: dict[str, str],
+    expected: tuple[int, float],
+    megabytes: float,
+) -> list[list[str]]:
+    best = {name: min(answers) for name, answers in times.items()}
+    ours = best.get("flotta_mqtt")
+    rows = []
+    for name, (seconds, count, mean, peak) in best.items():
+        ok = count == expected[0] and math.isclose(mean, expected[1], rel_tol=1e-9)
+        ratio = f"{seconds / ours[0]:.2f}" if ours is not None and name != "flotta_mqtt" else ""
+        rows.append(
+            [
+                f"{source} ({megabytes:,.0f} MB)",
+                name,
+                f"{seconds:.2f}",
+                f"{megabytes / seconds:,.0f}",
+                ratio,
+                f"{peak:,.0f}",
+                "yes" if ok else "[red]NO[/red]",
+            ]
+        )
+    rows += [[source, name, why, "", "", "", ""] for name, why in failed.items()]
+    return rows

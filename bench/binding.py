@@ -39,7 +39,7 @@ from flotta_mqtt.model import (
     SchedulerContext,
     bind,
 )
-from flotta_mqtt.scheduler.repository import Repository
+from flotta_mqtt.scheduler.sqlite_repository import SqliteRepository
 
 WORKERS = 99
 SIZES = (100, 1_000)  # rounds: 10,000 and 100,000 jobs
@@ -117,7 +117,7 @@ def measure(rounds: int, workers: int, scratch: Path) -> dict[str, float]:
     if done != jobs:
         raise AssertionError(f"drain completed {done} of {jobs} jobs")
 
-    db = Repository(scratch / f"bind-{rounds}-{time.monotonic_ns()}.db")
+    db = SqliteRepository(scratch / f"bind-{rounds}-{time.monotonic_ns()}.db")
     try:
         start = time.perf_counter()
         with db.transaction():

@@ -45,13 +45,13 @@ def _core_main(workers: int, database: str, conn: Connection) -> None:
     from flotta_mqtt.scheduler.announcements import build_status
     from flotta_mqtt.scheduler.config import SchedulerConfig
     from flotta_mqtt.scheduler.core import Policies, SchedulerCore
+    from flotta_mqtt.scheduler.databases import open_repository
     from flotta_mqtt.scheduler.effects import Clock, Event, Received
     from flotta_mqtt.scheduler.metrics import SchedulerMetrics
-    from flotta_mqtt.scheduler.repository import Repository
     from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
 
     config = SchedulerConfig(database=Path(database), run_initiator=False, worker_grace=0.0)
-    repository = Repository(config.database)
+    repository = open_repository(config.database, config.name)
     core = SchedulerCore(config, SchedulerMetrics(), Policies.of(config, random.Random(0)))
     store = ResourceStore((Path(database).parent / "store").as_uri())
 

@@ -7,7 +7,11 @@
 # fault tests use to cut and degrade links between network namespaces (iproute2, nftables),
 # openssl, and podman (with runc, and busybox-static for a tiny local image) serving the Docker API
 # to the docker executor's tests and running Pod specs for the kube executor's; chromium,
-# in which the dashboard's end-to-end test runs, and graphviz, which draws DAG pictures;
+# in which the dashboard's end-to-end test runs, graphviz, which draws DAG pictures, and
+# postgresql, whose server binaries the tests start for the scheduler's PostgreSQL database
+# (tests/postgres.py runs its own, as an unprivileged user, on a free port); with the test
+# extra also Node.js and npm, from which Azurite (a real Azure Storage API on loopback, for
+# the store's Azure tests) is installed into .azurite at the repo root;
 # with the bench extra, redis-server for the Celery peer of the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +19,9 @@ cd "$(dirname "$0")/.."
 extras="${1:-}"
 packages=(mosquitto mosquitto-clients python3-venv)
 if [[ ",$extras," == *",test,"* ]]; then
-    packages+=(iproute2 nftables openssl podman runc busybox-static chromium graphviz)
+    packages+=(iproute2 nftables openssl podman runc busybox-static chromium graphviz postgresql)
+    # Node.js's own packages (NodeSource's nodejs carries npm) conflict with Debian's npm.
+    command -v npm >/dev/null || packages+=(nodejs npm)
 fi
 if [[ ",$extras," == *",bench,"* ]]; then
     packages+=(redis-server)  # Celery's broker and result backend in `python -m bench`
@@ -37,4 +43,9 @@ fi
 # packages, so what the system (or Debian's python3-* packages) has is not fetched again.
 [ -x .venv/bin/python ] || python3 -m venv --system-site-packages .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
+if [[ ",$extras," == *",test,"* ]]; then
+    # Pinned: 3.36 and later ask for Node 21+, Debian 12 has Node 18.
+    [ -x .azurite/node_modules/.bin/azurite-blob ] \
+        || npm install --silent --no-audit --no-fund --prefix .azurite azurite@3.35.0
+fi
 echo "flotta_mqtt installed in $(pwd)/.venv: run .venv/bin/python, or source .venv/bin/activate"

@@ -7,6 +7,8 @@ bounded waiting.
 - `memory_broker`: an in-memory broker of the test's own (`memory://NAME`), closed after
   it; `memory_broker.broker_settings()` are settings for its nodes.
 - `wait_for`: the polling helper from tests/helpers.py, as a fixture.
+- `postgres_server` (one PostgreSQL server per session) and `postgres_url` (a fresh
+  database on it per test): see tests/postgres.py.
 tests/helpers.py also holds MessageRecorder, a bus handler a test can wait on.
 """
 
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from helpers import wait_for as _wait_for
+from postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.transport.memory_broker import MemoryBroker, fresh_memory_broker

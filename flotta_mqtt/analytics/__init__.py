@@ -6,7 +6,8 @@ from flotta_mqtt.analytics import forest as _forest  # noqa: F401
 from flotta_mqtt.analytics import groups as _groups  # noqa: F401
 from flotta_mqtt.analytics import linear as _linear  # noqa: F401
 from flotta_mqtt.analytics import statistics as _statistics  # noqa: F401
-from flotta_mqtt.analytics.datasets import DatasetSpec, FileDataset
+from flotta_mqtt.analytics import summary as _summary  # noqa: F401
+from flotta_mqtt.analytics.datasets import DatasetSpec, FileDataset, open_dataset
 from flotta_mqtt.analytics.policy import PrivacyPolicy
 from flotta_mqtt.analytics.registry import (
     DEFAULT_MIN_GROUP_SIZE,
@@ -46,6 +47,7 @@ __all__ = [
     "UnknownColumn",
     "load_plugins",
     "lookup",
+    "open_dataset",
     "register",
     "run",
 ]

@@ -1,6 +1,8 @@
-"""Workers' local data: CSV and Parquet files, read column-wise in batches with pyarrow.
+"""Workers' local data: CSV and Parquet files, or a table of a SQL database (databases.py).
 
-Only the columns a job names are read, one batch at a time, so a file larger than memory
+Aggregates are computed by the engine (engine.py) in one scan of the files, in place;
+operations that need the rows (models, quantiles) read them column-wise in batches with
+pyarrow. Either way only the columns a job names are read, so a file larger than memory
 works. A project's files must share their columns; their types are unified (integers and
 floats meet as float64) and can be set per column where CSV type inference guesses wrong.
 """
@@ -16,6 +18,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flotta_mqtt.analytics import engine
+from flotta_mqtt.analytics.databases import SqlDataset, SqlSource, same_kind
+from flotta_mqtt.analytics.plan import Groups, Request, answer
 from flotta_mqtt.analytics.policy import PrivacyPolicy
 from flotta_mqtt.analytics.registry import (
     DEFAULT_MIN_GROUP_SIZE,
@@ -24,6 +29,7 @@ from flotta_mqtt.analytics.registry import (
 )
 
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zst")
+ENGINE_CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.zst")  # what DuckDB streams itself
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_BLOCK_BYTES = 8 << 20  # bigger blocks parse faster; types are inferred from the first
 PARQUET_BATCH_ROWS = 1 << 17
@@ -32,7 +38,8 @@ PARQUET_BATCH_ROWS = 1 << 17
 class DatasetSpec(BaseModel):
     """One project's data on a worker (`datasets: {project: ...}` in its config).
 
-    Either a list of files, or a mapping with `paths`, `min_group_size` (the fewest rows
+    Either a list of files, or a mapping with `paths` (or `sql`: a database table, see
+    databases.SqlSource), `min_group_size` (the fewest rows
     an exact aggregate may cover; default 5), `types` (column → arrow type name, e.g.
     `{"code": "string"}` for a CSV column of digits that must stay text) and `privacy`
     (the site's policy: differential privacy only, from epsilon 1, unless it says otherwise).
@@ -40,7 +47,8 @@ class DatasetSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    paths: list[Path] = Field(min_length=1)
+    paths: list[Path] = Field(default_factory=list)
+    sql: SqlSource | None = None
     min_group_size: int = Field(default=DEFAULT_MIN_GROUP_SIZE, ge=1)
     types: dict[str, str] = Field(default_factory=dict)
     privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy)
@@ -49,6 +57,19 @@ class DatasetSpec(BaseModel):
     @classmethod
     def _from_paths(cls, data: Any) -> Any:
         return {"paths": data} if isinstance(data, list | tuple) else data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if bool(self.paths) == (self.sql is not None):
+            raise ValueError("give the data's files (paths) or a database table (sql)")
+        return self
+
+
+def open_dataset(project: str, node: str, spec: DatasetSpec) -> Dataset:
+    """The dataset a spec describes: its files, or its database table."""
+    if spec.sql is not None:
+        return SqlDataset(project, node, spec.sql, spec.types, spec.min_group_size, spec.privacy)
+    return FileDataset(project, node, spec)
 
 
 def _kind(path: Path) -> str:
@@ -69,10 +90,11 @@ def _csv_read_options() -> pacsv.ReadOptions:
 def _csv_convert_options(
     columns: Sequence[str] | None, types: dict[str, pa.DataType]
 ) -> pacsv.ConvertOptions:
-    # An empty CSV cell is a missing value, for strings as for numbers.
+    # An empty CSV cell is a missing value, for strings as for numbers (as the engine reads).
     return pacsv.ConvertOptions(
         include_columns=list(columns) if columns is not None else None,
         column_types=types,
+        null_values=list(engine.NULL_TEXTS),
         strings_can_be_null=True,
     )
 
@@ -144,6 +166,13 @@ class FileDataset(Dataset):
         for name, type_ in self._types.items():
             if name not in fields:
                 raise ValueError(f"types names column {name}, which the files do not have")
+            for path, schema in schemas:
+                found = _plain(schema.field(name).type)
+                if _kind(path) == "parquet" and not same_kind(found, type_):
+                    raise ValueError(
+                        f"column {name} is {found} in {path.name} but the site declares "
+                        f"{type_} (types)"
+                    )
             fields[name] = type_
         return pa.schema(list(fields.items()))
 
@@ -183,6 +212,25 @@ class FileDataset(Dataset):
             batch_size=PARQUET_BATCH_ROWS, columns=target.names
         ):
             yield batch if batch.schema == target else batch.cast(target)
+
+    def aggregate(self, requests: Sequence[Request]) -> list[Groups]:
+        """One scan of the files by the engine, in place; a bzip2 CSV, which it cannot
+        read, is streamed to it in batches instead."""
+        readable = ENGINE_CSV_SUFFIXES + PARQUET_SUFFIXES
+        if not all(p.name.lower().endswith(readable) for p in self.paths):
+            return super().aggregate(requests)
+        csv = [p for p in self.paths if _kind(p) == "csv"]
+        parquet = [p for p in self.paths if _kind(p) == "parquet"]
+        who = f"worker {self.node}: project {self.project}"
+        try:
+            source = engine.file_source(csv, parquet, self._schema)
+            return answer(requests, lambda s: engine.scan(source, s, self._schema, who))
+        except (engine.EngineError, ValueError) as exc:
+            # As `_read`: the engine's message may quote a value of the file.
+            raise OperationError(
+                f"{who}: cannot read its files ({exc}): a value does not fit its column's "
+                "type, or a file is damaged; set the column's type in the dataset's `types`"
+            ) from None
 
     def count_rows(self) -> int:
         """Parquet's count is in its metadata; a CSV's costs one pass, once per worker."""

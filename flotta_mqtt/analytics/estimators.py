@@ -16,7 +16,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flotta_mqtt.analytics import masking, privacy
-from flotta_mqtt.analytics.filters import select, values
+from flotta_mqtt.analytics.filters import checked, select, values
+from flotta_mqtt.analytics.plan import Agg, Groups, Request
 from flotta_mqtt.analytics.registry import JobContext, OperationDef, PrivacyRefused
 from flotta_mqtt.model import JobRole
 from flotta_mqtt.model.query import Filter
@@ -48,15 +49,26 @@ class Estimator(OperationDef):
         """Refuse an exact answer the site's policy does not allow."""
         privacy.require_exact(ctx.dataset(), self.name)
 
-    def own(self, params: Any, ctx: JobContext) -> Any:
+    def planned(self, params: Any, ctx: JobContext) -> list[Request] | None:
+        """The aggregates `measure` or `noised` asks of the data, if it asks only those: a
+        job of several such operations (summary.py) answers them all in one scan."""
+        return None
+
+    def unpaid(self, params: Any, ctx: JobContext) -> Any:
+        """The state that leaves the worker, exact or noised, not yet paid for."""
         noise = privacy.requested(params)
         if noise is None:
             self.exact(params, ctx)
             return self.measure(params, ctx)
-        data = ctx.dataset()
-        # Paid for once computed (a job that fails costs nothing), before it can leave.
-        state = self.noised(params, ctx, noise)
-        ctx.budget.spend(data.project, noise.epsilon, noise.delta, data.privacy)
+        return self.noised(params, ctx, noise)
+
+    def own(self, params: Any, ctx: JobContext) -> Any:
+        state = self.unpaid(params, ctx)
+        noise = privacy.requested(params)
+        if noise is not None:
+            # Paid for once computed (a job that fails costs nothing), before it can leave.
+            data = ctx.dataset()
+            ctx.budget.spend(data.project, noise.epsilon, noise.delta, data.privacy)
         return state
 
     def merge(self, a: Any, b: Any) -> Any:
@@ -171,6 +183,43 @@ class ColumnStatistic(Estimator):
     def result(self, params: Any, state: Any) -> Any:
         return state
 
+    # A statistic the engine computes says which aggregates of a column it needs, and
+    # makes its state from them; the others are updated batch by batch.
+    clips: ClassVar[bool] = False  # noised, its values are clipped to the column's bounds
+
+    def column_aggs(
+        self, params: Any, column: str, limits: tuple[float, float] | None
+    ) -> list[Agg] | None:
+        return None
+
+    def from_aggs(self, params: Any, found: list[Any], n: int) -> Any:
+        raise NotImplementedError
+
+    def limits(self, params: Columns, ctx: JobContext) -> list[tuple[float, float]] | None:
+        """Each column's clipping bounds, for a noised statistic that clips."""
+        if not self.clips or privacy.requested(params) is None:
+            return None
+        return [privacy.bounds(params, ctx.dataset(), c) for c in params.targets()]
+
+    def requests(
+        self, params: Columns, limits: list[tuple[float, float]] | None
+    ) -> list[Request] | None:
+        aggs: list[Agg] = []
+        for i, column in enumerate(params.targets()):
+            wanted = self.column_aggs(params, column, None if limits is None else limits[i])
+            if wanted is None:
+                return None
+            aggs += [Agg("present", column), *wanted]
+        return [Request(params.where, (), tuple(aggs))]
+
+    def planned(self, params: Columns, ctx: JobContext) -> list[Request] | None:
+        self._check(params, ctx)
+        return self.requests(params, self.limits(params, ctx))
+
+    def _check(self, params: Columns, ctx: JobContext) -> None:
+        targets = params.targets()
+        checked(ctx.dataset(), targets, params.where, numbers=targets)
+
     def cells(self, params: Any, state: Any, n: int) -> list[int]:
         """The row counts this state discloses."""
         return [n]
@@ -184,6 +233,10 @@ class ColumnStatistic(Estimator):
         """Each column's state and count of values, the values clipped to `limits`."""
         data = ctx.dataset()
         targets = params.targets()
+        requests = self.requests(params, limits)
+        if requests is not None:
+            self._check(params, ctx)
+            return self._from_groups(params, data.aggregate(requests)[0])
         states = self.empty(params)
         counts = [0] * len(targets)
         for batch in select(data, targets, params.where, numbers=targets):
@@ -193,6 +246,17 @@ class ColumnStatistic(Estimator):
                     numbers = privacy.clip(numbers, limits[i])
                 counts[i] += len(numbers)
                 states[i] = self.update(params, states[i], numbers)
+        return states, counts
+
+    def _from_groups(self, params: Columns, groups: Groups) -> tuple[list[Any], list[int]]:
+        found = groups[()]
+        states, counts, at = [], [], 0
+        for column in params.targets():
+            width = len(self.column_aggs(params, column, None) or [])
+            n = int(found[at])
+            counts.append(n)
+            states.append(self.from_aggs(params, found[at + 1 : at + 1 + width], n))
+            at += 1 + width
         return states, counts
 
     def measure(self, params: Columns, ctx: JobContext) -> list[Any]:

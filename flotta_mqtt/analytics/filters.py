@@ -111,7 +111,7 @@ def mask(where: Filter, batch: pa.RecordBatch) -> pa.Array:
     return _COMPARE[where.op](column, pa.scalar(where.value))
 
 
-def _checked(
+def checked(
     data: Dataset, columns: Sequence[str], where: Filter | None, numbers: Sequence[str]
 ) -> list[str]:
     """Check a selection before reading anything; return the columns to read."""
@@ -136,7 +136,7 @@ def select(
     Checked before the first batch is read: every column exists, the filter fits their
     types, and the columns in `numbers` hold numbers (or booleans).
     """
-    read = _checked(data, columns, where, numbers)
+    read = checked(data, columns, where, numbers)
     return (
         (batch if where is None else batch.filter(mask(where, batch))).select(list(columns))
         for batch in data.batches(read)
@@ -147,7 +147,7 @@ def select_numbered(
     data: Dataset, columns: Sequence[str], where: Filter | None, numbers: Sequence[str] = ()
 ) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
     """As `select`, with each kept row's position in the dataset (for seeded splits)."""
-    read = _checked(data, columns, where, numbers)
+    read = checked(data, columns, where, numbers)
     return _numbered(data, read, columns, where)
 
 

@@ -13,13 +13,12 @@ import math
 from datetime import date
 from typing import Any, ClassVar
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
 from flotta_mqtt.analytics import privacy
 from flotta_mqtt.analytics.estimators import Estimator, Rows
-from flotta_mqtt.analytics.filters import present, select
+from flotta_mqtt.analytics.filters import checked
+from flotta_mqtt.analytics.plan import Agg, Request
 from flotta_mqtt.analytics.registry import JobContext, register
 
 
@@ -59,9 +58,24 @@ class GroupStatistic(Estimator):
     exactly, whatever the columns' types.
     """
 
-    def aggregates(self, params: Any) -> list[tuple[Any, ...]]:
-        """pyarrow hash aggregations giving a batch's sums per group, in state order."""
+    def aggs(self, params: Any, limits: tuple[float, float] | None) -> tuple[Agg, ...]:
+        """The aggregates per group, in state order: the first counts the group's rows."""
         raise NotImplementedError
+
+    def limits(self, params: Any, ctx: JobContext) -> tuple[float, float] | None:
+        """The clipping bounds of a noised mean's column."""
+        column = getattr(params, "column", None)
+        if column is None or privacy.requested(params) is None:
+            return None
+        return privacy.bounds(params, ctx.dataset(), column)
+
+    def planned(self, params: Any, ctx: JobContext) -> list[Request]:
+        column = getattr(params, "column", None)
+        numbers = [column] if column is not None else []
+        checked(ctx.dataset(), [*params.by, *numbers], params.where, numbers=numbers)
+        return [
+            Request(params.where, tuple(params.by), self.aggs(params, self.limits(params, ctx)))
+        ]
 
     def row(self, params: Any, state: list[float]) -> dict[str, Any]:
         raise NotImplementedError
@@ -69,30 +83,13 @@ class GroupStatistic(Estimator):
     def empty(self, params: GroupParams) -> dict[str, list[float]]:
         return {}
 
-    def states(
-        self, params: Any, ctx: JobContext, limits: tuple[float, float] | None = None
-    ) -> dict[str, list[float]]:
-        """Each group's sums, the column's values clipped to `limits` if given."""
-        data = ctx.dataset()
-        column = getattr(params, "column", None)
-        numbers = [column] if column is not None else []
-        states: dict[str, list[float]] = {}
-        for batch in select(data, [*params.by, *numbers], params.where, numbers=numbers):
-            if column is not None:
-                batch = batch.filter(present(batch.column(column)))
-                if limits is not None:
-                    clipped = pc.min_element_wise(
-                        pc.max_element_wise(batch[column], limits[0]), limits[1]
-                    )
-                    batch = batch.set_column(batch.schema.get_field_index(column), column, clipped)
-            grouped = pa.Table.from_batches([batch]).group_by(params.by)
-            table = grouped.aggregate(self.aggregates(params))
-            sums = table.select(table.column_names[-len(self.aggregates(params)) :])
-            keys = table.select(params.by).to_pylist()
-            for key, row in zip(keys, sums.to_pylist(), strict=True):
-                name = json.dumps([_json_value(key[b]) for b in params.by])
-                states[name] = _add(states.get(name), list(row.values()))
-        return states
+    def states(self, params: Any, ctx: JobContext) -> dict[str, list[float]]:
+        """Each group's sums (the column's values clipped to its bounds when noised)."""
+        (groups,) = ctx.dataset().aggregate(self.planned(params, ctx))
+        return {
+            json.dumps([_json_value(v) for v in key]): [float(v) for v in found]
+            for key, found in groups.items()
+        }
 
     def measure(self, params: Any, ctx: JobContext) -> dict[str, list[float]]:
         states = self.states(params, ctx)
@@ -130,8 +127,8 @@ class GroupCount(GroupStatistic):
     name: ClassVar[str] = "group_count"
     Params = GroupParams
 
-    def aggregates(self, params: GroupParams) -> list[tuple[Any, ...]]:
-        return [([], "count_all")]
+    def aggs(self, params: GroupParams, limits: tuple[float, float] | None) -> tuple[Agg, ...]:
+        return (Agg("rows"),)
 
     def row(self, params: GroupParams, state: list[float]) -> dict[str, Any]:
         return {"count": int(state[0])}
@@ -150,8 +147,8 @@ class GroupMean(GroupStatistic):
     name: ClassVar[str] = "group_mean"
     Params = GroupMeanParams
 
-    def aggregates(self, params: GroupMeanParams) -> list[tuple[Any, ...]]:
-        return [(params.column, "count"), (params.column, "sum")]
+    def aggs(self, params: GroupMeanParams, limits: tuple[float, float] | None) -> tuple[Agg, ...]:
+        return (Agg("present", params.column), Agg("sum", params.column, clip=limits))
 
     def row(self, params: GroupMeanParams, state: list[float]) -> dict[str, Any]:
         return {"count": int(state[0]), "mean": state[1] / state[0] if state[0] > 0 else None}
@@ -162,7 +159,7 @@ class GroupMean(GroupStatistic):
         """Half the epsilon for the thresholded counts (with all of delta), half for Laplace
         noise on the kept groups' clipped sums: a row is in one group's sum."""
         limits = privacy.bounds(params, ctx.dataset(), params.column)
-        states = self.states(params, ctx, limits)
+        states = self.states(params, ctx)
         counts = self.counted(states, ctx, privacy.Noise(noise.epsilon / 2, noise.delta))
         names = sorted(counts)
         s = privacy.sensitivity(limits)

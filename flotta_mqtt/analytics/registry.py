@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from flotta_mqtt.analytics.plan import Groups, Request, answer
 from flotta_mqtt.analytics.policy import PrivacyPolicy
 from flotta_mqtt.model import JobRole, Operation
 from flotta_mqtt.model.errors import describe
@@ -95,6 +96,32 @@ class Dataset:
 
     def count_rows(self) -> int:
         raise NotImplementedError
+
+    def aggregate(self, requests: Sequence[Request]) -> list[Groups]:
+        """Answer a job's requests in one pass; sources that the engine reads in place (or
+        a database) override this to scan there rather than stream their batches."""
+        from flotta_mqtt.analytics import engine  # it compiles with filters, which need us
+
+        used = set().union(*(r.columns() for r in requests))
+        self.require(used)
+        columns = sorted(used) or self.schema().names[:1]
+        schema = pa.schema([self.schema().field(c) for c in columns])
+        who = f"worker {self.node}: project {self.project}"
+        failed: list[OperationError] = []
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            try:
+                yield from self.batches(columns)
+            except OperationError as exc:  # worded for the analyst: passed on as it is
+                failed.append(exc)
+                raise
+
+        try:
+            return answer(requests, lambda s: engine.scan_batches(batches(), s, schema, who))
+        except engine.EngineError as exc:
+            if failed:
+                raise failed[0] from None
+            raise OperationFailed(f"{who}: the engine failed reading its data ({exc})") from None
 
     def describe(self) -> dict[str, Any]:
         """The schema and policy a worker announces in its presence: never any of the data

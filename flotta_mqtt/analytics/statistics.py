@@ -12,7 +12,6 @@ import math
 from typing import Any, ClassVar
 
 import numpy as np
-import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
 from flotta_mqtt.analytics import masking, privacy, quantiles
@@ -22,7 +21,8 @@ from flotta_mqtt.analytics.estimators import (
     Maskable,
     MaskableColumns,
 )
-from flotta_mqtt.analytics.filters import present, select
+from flotta_mqtt.analytics.filters import check
+from flotta_mqtt.analytics.plan import Agg, Request
 from flotta_mqtt.analytics.registry import JobContext, register
 
 # --- parameters ---------------------------------------------------------------------------
@@ -72,18 +72,14 @@ class Count(Maskable):
     def empty(self, params: CountParams) -> list[int]:
         return [0] * max(1, len(params.targets()))
 
+    def planned(self, params: CountParams, ctx: JobContext) -> list[Request]:
+        check(ctx.dataset(), set(params.targets()), params.where)
+        aggs = tuple(Agg("present", c) for c in params.targets()) or (Agg("rows"),)
+        return [Request(params.where, (), aggs)]
+
     def counts(self, params: CountParams, ctx: JobContext) -> list[int]:
-        data = ctx.dataset()
-        targets = params.targets()
-        if not targets and params.where is None:
-            return [data.count_rows()]
-        counts = self.empty(params)
-        for batch in select(data, targets, params.where):
-            for i, column in enumerate(targets):
-                counts[i] += pc.sum(present(batch.column(column))).as_py() or 0
-            if not targets:
-                counts[0] += batch.num_rows
-        return counts
+        (groups,) = ctx.dataset().aggregate(self.planned(params, ctx))
+        return [int(n) for n in groups[()]]
 
     def measure(self, params: CountParams, ctx: JobContext) -> list[int]:
         counts = self.counts(params, ctx)
@@ -113,6 +109,13 @@ class Count(Maskable):
 class Sum(ColumnStatistic, Maskable):
     name: ClassVar[str] = "sum"
     Params = MaskableColumns
+    clips: ClassVar[bool] = True
+
+    def column_aggs(self, params: Any, column: str, limits: Any) -> list[Agg]:
+        return [Agg("sum", column, clip=limits)]
+
+    def from_aggs(self, params: Any, found: list[Any], n: int) -> float:
+        return float(found[0])
 
     def start(self, params: Any) -> float:
         return 0.0
@@ -125,10 +128,9 @@ class Sum(ColumnStatistic, Maskable):
 
     def noised(self, params: Any, ctx: JobContext, noise: privacy.Noise) -> list[float]:
         """Each column's sum of values clipped to its bounds, noised with its share."""
-        data, targets = ctx.dataset(), params.targets()
-        limits = [privacy.bounds(params, data, column) for column in targets]
+        limits = self.limits(params, ctx) or []
         sums, _ = self.states(params, ctx, limits)
-        share = noise.split(len(targets))
+        share = noise.split(len(limits))
         return [
             share.floats([total], l1=privacy.sensitivity(b), l2=privacy.sensitivity(b))[0]
             for total, b in zip(sums, limits, strict=True)
@@ -145,6 +147,13 @@ class Sum(ColumnStatistic, Maskable):
 class Mean(ColumnStatistic, Maskable):
     name: ClassVar[str] = "mean"
     Params = MaskableColumns
+    clips: ClassVar[bool] = True
+
+    def column_aggs(self, params: Any, column: str, limits: Any) -> list[Agg]:
+        return [Agg("sum", column, clip=limits)]
+
+    def from_aggs(self, params: Any, found: list[Any], n: int) -> list[float]:
+        return [float(found[0]), n]
 
     def start(self, params: Any) -> list[float]:
         return [0.0, 0]  # sum, count
@@ -160,10 +169,9 @@ class Mean(ColumnStatistic, Maskable):
 
     def noised(self, params: Any, ctx: JobContext, noise: privacy.Noise) -> list[list[float]]:
         """Each column's clipped sum and its count, each noised with its share."""
-        data, targets = ctx.dataset(), params.targets()
-        limits = [privacy.bounds(params, data, column) for column in targets]
+        limits = self.limits(params, ctx) or []
         states, _ = self.states(params, ctx, limits)
-        share = noise.split(2 * len(targets))
+        share = noise.split(2 * len(limits))
         noised = []
         for (total, n), b in zip(states, limits, strict=True):
             s = privacy.sensitivity(b)
@@ -241,6 +249,12 @@ class Extremes(ColumnStatistic):
     def exact(self, params: Any, ctx: JobContext) -> None:
         privacy.require_extremes(ctx.dataset(), self.name)
 
+    def column_aggs(self, params: Any, column: str, limits: Any) -> list[Agg]:
+        return [Agg("min", column), Agg("max", column)]
+
+    def from_aggs(self, params: Any, found: list[Any], n: int) -> list[float | None]:
+        return [None if v is None else float(v) for v in found]
+
     def start(self, params: Any) -> list[float | None]:
         return [None, None]
 
@@ -278,6 +292,19 @@ class Histogram(ColumnStatistic):
 
     name: ClassVar[str] = "histogram"
     Params = HistogramParams
+
+    def column_aggs(self, params: HistogramParams, column: str, limits: Any) -> list[Agg]:
+        edges = params.edges
+        bins = [
+            Agg("within", column, low=low, high=high, high_closed=i == len(edges) - 2)
+            for i, (low, high) in enumerate(itertools.pairwise(edges))
+        ]
+        below = Agg("within", column, high=edges[0])
+        above = Agg("within", column, low=edges[-1], low_open=True)
+        return [below, *bins, above]
+
+    def from_aggs(self, params: HistogramParams, found: list[Any], n: int) -> list[int]:
+        return [int(v) for v in found]
 
     def start(self, params: HistogramParams) -> list[int]:
         return [0] * (len(params.edges) + 1)  # below, one per bin, above

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from flotta_mqtt.broker.identities import ANY_VERSION, NAME, Role, bridge_client_id
+from flotta_mqtt.protocol import topics
 
 Direction = Literal["in", "out", "both"]  # seen from the site: in = central → site
 
@@ -68,6 +69,8 @@ def site_topics(nodes: Mapping[str, Role]) -> list[BridgeTopic]:
         into += [BridgeTopic(f"{V}/artifacts/#", "in")]
     if any(role in (Role.WORKBENCH, Role.DASHBOARD) for role in nodes.values()):
         into += [BridgeTopic(f"{V}/presence/+", "in")]
+    if Role.WORKBENCH in nodes.values():  # which scheduler group serves each project
+        into += [BridgeTopic(topics.directory("+"), "in")]
     return out + into
 
 

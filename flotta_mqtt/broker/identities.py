@@ -12,6 +12,12 @@ identity, `NAME.probe`, with the node's password: the broker makes a username it
 client id, so the probe that checks, before the node connects, that no other process
 holds NAME needs a username of its own. It may only read NAME's claim and presence and
 write its own marker beside the claim.
+
+Scheduler groups (the registry's `groups`): a group's scheduler, its initiator and its
+workers get their rights in their group's namespace alone (`flotta/v1-{group}`; the
+default group's in `flotta/v1`), and a scheduler writes the directory entries of its
+projects only; workbenches and dashboards keep `flotta/+`, every group's, and read the
+directory.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from flotta_mqtt.model import Registry
+from flotta_mqtt.protocol import topics
 from flotta_mqtt.transport.claims import probe_username
 from flotta_mqtt.transport.settings import BrokerSettings
 
@@ -75,6 +82,7 @@ class IdentitySpec:
     """
 
     scheduler: str | None = "scheduler"
+    group_schedulers: list[str] = field(default_factory=list)  # one per scheduler group
     workers: list[str] = field(default_factory=list)
     workbenches: list[str] = field(default_factory=list)
     dashboards: list[str] = field(default_factory=list)
@@ -88,6 +96,7 @@ class IdentitySpec:
         """The identities of the nodes an operator's registry names."""
         return cls(
             scheduler=registry.scheduler,
+            group_schedulers=[entry.scheduler for entry in registry.groups.values()],
             workers=list(registry.workers),
             workbenches=list(registry.workbenches),
             dashboards=list(registry.dashboards),
@@ -98,8 +107,9 @@ class IdentitySpec:
     def nodes(self) -> list[tuple[str, Role]]:
         """Every identity to create, in file order; raises ValueError on a bad or repeated name."""
         nodes: list[tuple[str, Role]] = []
-        if self.scheduler is not None:
-            nodes += [(self.scheduler, Role.SCHEDULER), (initiator(self.scheduler), Role.INITIATOR)]
+        for scheduler in [self.scheduler, *self.group_schedulers]:
+            if scheduler is not None:
+                nodes += [(scheduler, Role.SCHEDULER), (initiator(scheduler), Role.INITIATOR)]
         nodes += [(name, Role.WORKER) for name in self.workers]
         nodes += [(name, Role.WORKBENCH) for name in self.workbenches]
         nodes += [(name, Role.DASHBOARD) for name in self.dashboards]
@@ -133,7 +143,10 @@ def initiator(scheduler: str) -> str:
 
 def rights(role: Role, name: str, spec: IdentitySpec | None = None) -> list[Right]:
     """What a node of this role and name may read and write."""
+    registry = spec.registry if spec is not None else None
     v = ANY_VERSION
+    if registry is not None and registry.groups:  # a node of one group: its namespace only
+        v = topics.root(registry.node_group(name))
     if role in (Role.WORKER, Role.INITIATOR):
         return [
             Right("read", f"{v}/workers/{name}/#"),
@@ -152,8 +165,9 @@ def rights(role: Role, name: str, spec: IdentitySpec | None = None) -> list[Righ
             Right("write", f"{v}/artifacts/#"),
             Right("write", f"{v}/replies/+"),
             Right("write", f"{v}/sessions/{name}"),
+            *(Right("write", topics.directory(p)) for p in _served(registry, name)),
         ]
-    registry = spec.registry if spec is not None else None
+    v = ANY_VERSION  # workbenches and dashboards: every group's
     if role is Role.WORKBENCH:
         # It reads its own artifacts' topics (all of them if it administers), and writes its
         # own reply topic too: the SDK syncs on a marker sent to itself.
@@ -162,6 +176,7 @@ def rights(role: Role, name: str, spec: IdentitySpec | None = None) -> list[Righ
             Right("read", f"{v}/replies/{name}"),
             Right("read", f"{v}/artifacts/#" if admin else f"{v}/artifacts/{name}/#"),
             Right("read", f"{v}/presence/+"),
+            Right("read", topics.directory("+")),
             Right("write", f"{v}/requests/{name}/+"),
             Right("write", f"{v}/replies/{name}"),
             Right("write", f"{v}/sessions/{name}"),
@@ -184,6 +199,12 @@ def rights(role: Role, name: str, spec: IdentitySpec | None = None) -> list[Righ
         # Its link state (mosquitto `notifications`) as a retained message and will.
         return [*union, Right("write", f"$SYS/broker/connection/{bridge_client_id(name)}/state")]
     raise ValueError(f"unknown role {role!r}")
+
+
+def _served(registry: Registry | None, scheduler: str) -> list[str]:
+    """The projects whose directory entries a group's scheduler writes."""
+    groups = registry.groups.values() if registry is not None else []
+    return next((entry.projects for entry in groups if entry.scheduler == scheduler), [])
 
 
 def probe_rights(role: Role, name: str) -> list[Right]:

@@ -5,26 +5,25 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from flotta_mqtt.cli.errors import TIMED_OUT, Command, debugging, fail, set_debug
+from flotta_mqtt.cli.files import load_artifact
 from flotta_mqtt.cli.serving import serve
 from flotta_mqtt.cli.settings import broker_options, node_config
 from flotta_mqtt.cli.views import holders_text, jobs_table
 from flotta_mqtt.client.client import ArtifactFailed, Client, NoSuchArtifact
 from flotta_mqtt.logs import configure_logging
-from flotta_mqtt.model import Artifact, Tasks, Workflow
+from flotta_mqtt.model import Tasks
 from flotta_mqtt.nodes import SchedulerNode
 from flotta_mqtt.scheduler.config import SchedulerConfig
-from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings, load_yaml
+from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
-from flotta_mqtt.workflows.executors import check_task
 
 app = Command(
     help="flotta_mqtt: distributed jobs over MQTT. Run a scheduler, edge workers, and submit "
@@ -64,9 +63,17 @@ PasswordOpt = Annotated[
 CaOpt = Annotated[
     Path | None, typer.Option("--ca-file", envvar="FLOTTA_CA_FILE", help="CA for TLS")
 ]
+GroupOpt = Annotated[
+    str | None, typer.Option(envvar="FLOTTA_GROUP", help="scheduler group [default: none]")
+]
+ProjectOpt = Annotated[
+    str | None, typer.Option(help="the artifact's project: its group is the directory's")
+]
 StorageOpt = Annotated[
     str | None,
-    typer.Option("--storage", envvar="FLOTTA_STORAGE", help="resource store URL (file://, s3://)"),
+    typer.Option(
+        "--storage", envvar="FLOTTA_STORAGE", help="resource store URL (file://, s3://, az://)"
+    ),
 ]
 ConfigOpt = Annotated[
     Path | None,
@@ -76,6 +83,7 @@ TimeoutOpt = Annotated[
     float | None, typer.Option(envvar="FLOTTA_TIMEOUT", help="seconds to wait at most")
 ]
 OutputOpt = Annotated[str, typer.Option(envvar="FLOTTA_OUTPUT", help="table or json")]
+DATABASE = "SQLite file, or postgresql://... (schedulers of one name stand by for each other)"
 BrokerTimeoutOpt = Annotated[
     float,
     typer.Option(envvar="FLOTTA_BROKER_TIMEOUT", help="seconds to wait for the broker"),
@@ -101,12 +109,17 @@ def _logging(level: str, fmt: str) -> None:
 def scheduler(
     config: ConfigOpt = None,
     name: Annotated[str | None, typer.Option(envvar="FLOTTA_NAME")] = None,
-    database: Annotated[Path | None, typer.Option(envvar="FLOTTA_DATABASE")] = None,
+    database: Annotated[str | None, typer.Option(envvar="FLOTTA_DATABASE", help=DATABASE)] = None,
     allow_download: Annotated[bool | None, typer.Option(envvar="FLOTTA_ALLOW_DOWNLOAD")] = None,
     broker: BrokerOpt = None,
     username: UserOpt = None,
     password: PasswordOpt = None,
     ca_file: CaOpt = None,
+    group: GroupOpt = None,
+    project: Annotated[
+        list[str] | None,
+        typer.Option(envvar="FLOTTA_PROJECTS", help="project served in --group, repeatable"),
+    ] = None,
     storage: StorageOpt = None,
     metrics_port: Annotated[
         int | None,
@@ -162,7 +175,8 @@ def scheduler(
             "default_deadline": default_deadline,
             "admins": admin or None,
             "prune_older_than": prune_older_than,
-            "broker": broker_options(broker, username, password, ca_file),
+            "projects": project or None,
+            "broker": broker_options(broker, username, password, ca_file, group),
             "storage": {"url": storage} if storage else {},
         },
         initiator_password,
@@ -218,6 +232,7 @@ def worker(
     username: UserOpt = None,
     password: PasswordOpt = None,
     ca_file: CaOpt = None,
+    group: GroupOpt = None,
     storage: StorageOpt = None,
     log_level: LogOpt = "INFO",
     log_format: LogFormatOpt = "text",
@@ -242,7 +257,7 @@ def worker(
             "executors": executor or None,
             "allow_code": allow_code,
             "datasets": specs or None,
-            "broker": broker_options(broker, username, password, ca_file),
+            "broker": broker_options(broker, username, password, ca_file, group),
             "storage": {"url": storage} if storage else {},
         },
     )
@@ -255,36 +270,25 @@ def open_client(
     password: str | None,
     ca: Path | None,
     storage: str | None,
+    group: str | None = None,
 ) -> Client:
     """A workbench client connected with the command's broker and storage options."""
-    settings = BrokerSettings.model_validate(broker_options(broker, username, password, ca))
+    given = broker_options(broker, username, password, ca, group)
+    settings = BrokerSettings.model_validate(given)
     store = StorageSettings(url=storage) if storage else None
     return Client(settings, storage=store)
 
 
-def load_artifact(path: Path) -> Artifact:
-    """Read an artifact or a workflow (a file with `tasks`) from JSON or YAML.
-
-    Errors name what is wrong: duplicate tasks, unknown dependencies, the cycle.
-    """
-    data: dict[str, Any] = {}  # an unreadable file fails before it is known which it is
-    try:
-        data = load_yaml(path)
-        if "tasks" in data:
-            workflow = Workflow.model_validate(data)
-            for task in workflow.tasks:
-                check_task(task)
-            return Artifact(project=workflow.project, steps=[Tasks(tasks=workflow.tasks)])
-        return Artifact.model_validate(data)
-    except (ValueError, ValidationError) as exc:
-        what = "workflow" if "tasks" in data else "artifact"
-        raise fail(f"{path} is not a valid {what}:\n{exc}") from None
+ParamOpt = Annotated[
+    list[str] | None,
+    typer.Option("--param", "-p", help="set a workflow parameter: NAME=VALUE (repeatable)"),
+]
 
 
 @app.command()
-def validate(file: Path) -> None:
+def validate(file: Path, param: ParamOpt = None) -> None:
     """Check an artifact or workflow file (JSON or YAML) without submitting it."""
-    artifact = load_artifact(file)
+    artifact = load_artifact(file, param)
     step = artifact.steps[0]
     size = f"{len(step.tasks)} tasks" if isinstance(step, Tasks) else f"{len(artifact.steps)} steps"
     console.print(f"[green]valid[/green]: artifact {artifact.id}, {size}")
@@ -293,6 +297,7 @@ def validate(file: Path) -> None:
 @app.command()
 def submit(
     file: Path,
+    param: ParamOpt = None,
     wait: Annotated[
         bool, typer.Option(envvar="FLOTTA_WAIT", help="wait for the result and print it")
     ] = False,
@@ -305,7 +310,7 @@ def submit(
 ) -> None:
     """Submit an artifact or workflow file (JSON or YAML); print its id, or its result
     with --wait."""
-    artifact = load_artifact(file)
+    artifact = load_artifact(file, param)
     with open_client(broker, username, password, ca_file, storage) as client:
         handle = client.submit(artifact)
         console.print(f"submitted artifact {artifact.id}")
@@ -329,11 +334,14 @@ def status(
     username: UserOpt = None,
     password: PasswordOpt = None,
     ca_file: CaOpt = None,
+    group: GroupOpt = None,
+    project: ProjectOpt = None,
 ) -> None:
     """Show an artifact's current status (from its retained status topic)."""
-    with open_client(broker, username, password, ca_file, None) as client:
+    with open_client(broker, username, password, ca_file, None, group) as client:
         try:
-            current = client.lookup(artifact_id, timeout).status()
+            handle = client.lookup(artifact_id, timeout, client.group_of(project, timeout))
+            current = handle.status()
         except NoSuchArtifact as exc:
             raise fail(str(exc)) from None
         except TimeoutError as exc:
@@ -371,11 +379,14 @@ def download(
     password: PasswordOpt = None,
     ca_file: CaOpt = None,
     storage: StorageOpt = None,
+    group: GroupOpt = None,
+    project: ProjectOpt = None,
 ) -> None:
     """Write an artifact's result to DEST as a JSON document."""
-    with open_client(broker, username, password, ca_file, storage) as client:
+    with open_client(broker, username, password, ca_file, storage, group) as client:
         try:
-            path = client.lookup(artifact_id).download(dest, timeout)
+            handle = client.lookup(artifact_id, group=client.group_of(project))
+            path = handle.download(dest, timeout)
         except (ArtifactFailed, NoSuchArtifact, PermissionError) as exc:
             raise fail(str(exc)) from None
         except TimeoutError as exc:
@@ -390,12 +401,15 @@ def cancel(
     username: UserOpt = None,
     password: PasswordOpt = None,
     ca_file: CaOpt = None,
+    group: GroupOpt = None,
+    project: ProjectOpt = None,
 ) -> None:
     """Cancel an artifact: its running jobs are stopped and its locks freed."""
-    with open_client(broker, username, password, ca_file, None) as client:
-        client.cancel(artifact_id)
+    with open_client(broker, username, password, ca_file, None, group) as client:
+        where = client.group_of(project)
+        client.cancel(artifact_id, group=where)
         try:
-            final = client.handle(artifact_id).wait(timeout=30)
+            final = client.handle(artifact_id, where).wait(timeout=30)
         except NoSuchArtifact as exc:
             raise fail(str(exc)) from None
     console.print(f"artifact {artifact_id}: {final.state}")
@@ -417,7 +431,7 @@ def demo(
     raise typer.Exit(code=run_demo(rows=rows, seed=seed, console=console))
 
 
-from flotta_mqtt.cli import observe, prune  # noqa: E402, F401  (registers watch, graph, prune, …)
+from flotta_mqtt.cli import observe, prune, schedule  # noqa: E402, F401  (registers watch, …)
 
 if __name__ == "__main__":
     app()

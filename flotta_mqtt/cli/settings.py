@@ -27,9 +27,16 @@ def broker_options(
     username: str | None,
     password: str | None,
     ca: Path | None,
+    group: str | None = None,
 ) -> dict[str, Any]:
     """The broker settings the command's flags give (those not given are left out)."""
-    given = {"url": url, "username": username, "password": password, "ca_file": ca}
+    given = {
+        "url": url,
+        "username": username,
+        "password": password,
+        "ca_file": ca,
+        "group": group,
+    }
     return {key: str(value) for key, value in given.items() if value is not None}
 
 
@@ -75,7 +82,8 @@ def absolute(config: Config) -> Config:
     """`config` with every path in it absolute (see the module's docstring)."""
     update: dict[str, Any] = {"storage": absolute_storage(config.storage)}
     if isinstance(config, SchedulerConfig):
-        update["database"] = config.database.absolute()
+        database = config.database
+        update["database"] = database.absolute() if isinstance(database, Path) else database
         update["registry"] = config.registry.absolute() if config.registry else None
     else:
         state = config.state_dir or Path("flotta-state") / config.name

@@ -16,6 +16,7 @@ from rich.text import Text
 from flotta_mqtt.client.times import clock
 from flotta_mqtt.model import ARTIFACT_FINAL, ArtifactState, JobState
 from flotta_mqtt.protocol import ArtifactStatus, JobSummary, NodePresence
+from flotta_mqtt.workflows.caching import CACHED_PRODUCT
 
 ACTIVE = (JobState.DISPATCHED, JobState.RUNNING)
 STATE_STYLE = {
@@ -26,6 +27,7 @@ STATE_STYLE = {
     JobState.COMPLETED: "green",
     JobState.FAILED: "red",
     JobState.CANCELLED: "grey50",
+    JobState.SKIPPED: "magenta",
 }
 ARTIFACT_STYLE = {
     ArtifactState.SUBMITTED: "cyan",
@@ -182,11 +184,18 @@ def capabilities_text(node: NodePresence) -> str:
     parts = []
     if node.executors:
         parts.append("executors: " + ", ".join(node.executors))
+    if node.features:
+        parts.append("gives tasks: " + ", ".join(node.features))
     if node.labels:
         parts.append(", ".join(f"{k}={v}" for k, v in node.labels.items()))
     if node.operations:
         parts.append(f"{len(node.operations)} operations")
     return "\n".join(parts)
+
+
+def cached(job: JobSummary) -> bool:
+    """Whether a workflow task's job reused an earlier run's outputs instead of running."""
+    return job.product is not None and job.product.media_type == CACHED_PRODUCT
 
 
 def jobs_table(current: ArtifactStatus) -> Table:
@@ -216,7 +225,7 @@ def jobs_table(current: ArtifactStatus) -> Table:
             escape(job.name or str(job.id)),
             job.step,
             escape(job.worker),
-            job.state,
+            f"{job.state} (cached)" if cached(job) else job.state,
             str(job.attempt),
             started,
             duration,

@@ -33,6 +33,7 @@ STATE_COLOURS: dict[JobState, Colours] = {
     JobState.COMPLETED: Colours("#dcfce7", "#16a34a"),
     JobState.FAILED: Colours("#fee2e2", "#dc2626"),
     JobState.CANCELLED: Colours("#e5e7eb", "#6b7280", "#6b7280"),
+    JobState.SKIPPED: Colours("#f5f3ff", "#a78bfa", "#6b7280"),
 }
 
 NODE_W, NODE_H = 180, 44

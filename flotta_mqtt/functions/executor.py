@@ -201,7 +201,7 @@ class PythonExecutor(Executor):
         node, broker, storage = site.node, site.broker, site.storage
         self.allow_code = site.allow_code
         self.node = node
-        self._store = ResourceStore.of(storage)
+        self._store = ResourceStore.of(storage, broker.group)
         if site.state_dir is not None:
             self._folder = Path(site.state_dir) / "python"
         else:

@@ -125,7 +125,7 @@ class Session:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = ResourceStore.of(settings.storage)
+        self.store = ResourceStore.of(settings.storage, settings.broker.group)
         self.uploads = Uploads(settings, self.store)
         self.client = Client(
             settings.broker, client_id=settings.client_id, storage=settings.storage

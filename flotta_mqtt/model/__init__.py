@@ -12,12 +12,14 @@ from flotta_mqtt.model.query import AllOf, AnyOf, Compare, Filter, Not
 from flotta_mqtt.model.registry import (
     CODE_EXECUTOR,
     DashboardEntry,
+    GroupEntry,
     Registry,
     WorkbenchEntry,
     WorkerEntry,
 )
 from flotta_mqtt.model.states import (
     ARTIFACT_FINAL,
+    JOB_DONE,
     JOB_FINAL,
     ArtifactState,
     JobState,
@@ -42,6 +44,7 @@ from flotta_mqtt.model.workflow import Task, Workflow, candidates, task_graph
 __all__ = [
     "ARTIFACT_FINAL",
     "CODE_EXECUTOR",
+    "JOB_DONE",
     "JOB_FINAL",
     "AllOf",
     "AnyOf",
@@ -55,6 +58,7 @@ __all__ = [
     "Distribution",
     "Filter",
     "Finalize",
+    "GroupEntry",
     "IllegalTransition",
     "Initialize",
     "Iterate",

@@ -49,6 +49,7 @@ class Job:
     # Seconds after its dispatch by which a round of a secure aggregation must be done,
     # or its site drops out of the round (None: the job is waited for, as any other).
     dropout: float | None = None
+    handler: str | None = None  # a workflow's exit handler: "exit" or "failure"
 
     @property
     def relocatable(self) -> bool:
@@ -74,6 +75,7 @@ class JobGraph:
         self.graph = nx.DiGraph()
         self.graph.add_nodes_from((job.id, {"job": job}) for job in jobs)
         self.graph.add_edges_from(locks)
+        self.handlers = [job.id for job in jobs if job.handler is not None]
         if len(self.graph.edges) != len(locks):
             raise BindingError("a lock was drawn twice between the same two jobs")
         # Binding only ever locks a job behind jobs created before it, so job order is a
@@ -141,15 +143,20 @@ def _replica_operations(task: Task) -> Iterator[Operation]:
     """The operation of each job of a task: the task itself, or each replica of it.
 
     A replica's params are the task's dump, dumped and validated once, with its own
-    `name[i]` and `replica` index: 10,000 replicas cost 10,000 dict copies, not dumps.
+    `name[i]` and `replica` index: 10,000 replicas cost 10,000 dict copies, not dumps. A
+    for_each over a list gives each job its own item only, not the whole list.
     """
     params = task.model_dump(mode="json")
     if task.replicas == 1:
         yield Operation(name="task", params=params)
         return
     template = Operation(name="task", params=params)
+    fan_out = template.params.get("for_each")
+    items = fan_out.get("items") if isinstance(fan_out, dict) else None
     for i in range(task.replicas):
         replica = {**template.params, "name": f"{task.name}[{i}]", "replica": i}
+        if isinstance(fan_out, dict) and isinstance(items, list):
+            replica["for_each"] = {**fan_out, "items": items[i : i + 1], "first": i}
         yield Operation.model_construct(name=template.name, params=replica)
 
 
@@ -280,7 +287,7 @@ class _Binder:
             able = candidates(task, self.context.pool)
             if not able:
                 raise BindingError(
-                    f"task {name} (step {path}): no worker runs the {task.executor} executor"
+                    f"task {name} (step {path}): no worker {_able(task)}"
                     + (f" with labels {task.selector}" if task.selector else "")
                     + (f" under the name {task.worker}" if task.worker else "")
                 )
@@ -298,6 +305,7 @@ class _Binder:
                     on_initiator=False,
                     timeout=task.timeout,
                     retries=task.retries,
+                    handler=task.handler,
                 )
                 self.jobs.append(job)
                 if waits_for:
@@ -345,3 +353,12 @@ class _Binder:
         )
         self.jobs.append(job)
         return job.id
+
+
+def _able(task: Task) -> str:
+    """What a worker must do to run a task, as a refusal names it."""
+    if task.executor != "run":
+        return f"runs the {task.executor} executor"
+    if not task.requires:
+        return "runs tasks (shell, docker or kube)"
+    return f"runs tasks that require {', '.join(task.requires)}"

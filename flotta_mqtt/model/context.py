@@ -17,6 +17,7 @@ class NodeRef(BaseModel):
     id: SafeId
     offers: dict[str, str] = Field(default_factory=dict)  # labels, e.g. {"gpu": "yes"}
     executors: list[str] = Field(default_factory=list)  # task executors it runs
+    features: list[str] = Field(default_factory=list)  # what its site gives tasks: gpu, network
 
 
 class SchedulerContext(BaseModel):

@@ -16,6 +16,9 @@ class JobState(StrEnum):
     COMPLETED = "completed"  # its product is recorded; its locks are released
     FAILED = "failed"  # it failed for good: the artifact fails with it
     CANCELLED = "cancelled"  # the artifact was cancelled or failed before it finished
+    # A workflow task that did not run (its `when` false, its for_each slot unused, an
+    # on_failure handler when nothing failed): done, as far as its dependents go.
+    SKIPPED = "skipped"
 
 
 class ArtifactState(StrEnum):
@@ -26,21 +29,31 @@ class ArtifactState(StrEnum):
     CANCELLED = "cancelled"  # cancelled by the workbench
 
 
-JOB_FINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+JOB_FINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.SKIPPED})
+# The final states that release a job's locks: its dependents go on.
+JOB_DONE = frozenset({JobState.COMPLETED, JobState.SKIPPED})
 ARTIFACT_FINAL = frozenset({ArtifactState.COMPLETED, ArtifactState.FAILED, ArtifactState.CANCELLED})
 
 _JOB_NEXT: dict[JobState, frozenset[JobState]] = {
-    JobState.WAITING: frozenset({JobState.READY, JobState.CANCELLED}),
+    JobState.WAITING: frozenset({JobState.READY, JobState.CANCELLED, JobState.SKIPPED}),
     JobState.READY: frozenset({JobState.DISPATCHED, JobState.CANCELLED}),
     # A finished event may overtake the started one across a reconnect, and a job whose
     # worker is lost goes back to READY for another attempt.
     JobState.DISPATCHED: frozenset(
-        {JobState.RUNNING, JobState.COMPLETED, JobState.FAILED, JobState.READY, JobState.CANCELLED}
+        {
+            JobState.RUNNING,
+            JobState.COMPLETED,
+            JobState.FAILED,
+            JobState.READY,
+            JobState.CANCELLED,
+            JobState.SKIPPED,
+        }
     ),
     JobState.RUNNING: frozenset(
-        {JobState.COMPLETED, JobState.FAILED, JobState.READY, JobState.CANCELLED}
+        {JobState.COMPLETED, JobState.FAILED, JobState.READY, JobState.CANCELLED, JobState.SKIPPED}
     ),
     JobState.COMPLETED: frozenset(),
+    JobState.SKIPPED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),
 }
@@ -103,6 +116,13 @@ class JobStatus:
     def complete(self, attempt: int) -> JobStatus:
         self._current(attempt)
         return self._to(JobState.COMPLETED)
+
+    def skip(self, attempt: int | None = None) -> JobStatus:
+        """It did not run: its worker said so for this attempt, or (no attempt) the
+        scheduler decided it before dispatch."""
+        if attempt is not None:
+            self._current(attempt)
+        return self._to(JobState.SKIPPED)
 
     def fail(self, attempt: int) -> JobStatus:
         self._current(attempt)

@@ -21,6 +21,17 @@ from pydantic.json_schema import SkipJsonSchema
 
 from flotta_mqtt.model.context import NodeRef
 from flotta_mqtt.model.operation import FiniteJson
+from flotta_mqtt.model.templating import (
+    MAX_PARAMETERS,
+    Condition,
+    ForEach,
+    Parameter,
+    ParameterName,
+    check_names,
+    condition_names,
+    placeholders,
+    task_reference,
+)
 
 _TASK_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 TaskName = Annotated[str, Field(pattern=rf"^{_TASK_NAME}$")]
@@ -37,9 +48,16 @@ JobTaskName = Annotated[
 MAX_REPLICAS = 100_000
 MAX_JOBS = 1_000_000  # jobs of one workflow, replicas counted
 MAX_LOCKS = 1_000_000  # locks of one workflow's dependencies, replicas counted
-# `noop` does nothing: only the benchmarks register it (bench/_noop.py), to measure the
-# engine's own cost per task; a worker offers an executor only once one is registered.
-ExecutorName = Literal["shell", "docker", "kube", "api", "python", "noop"]
+# What runs a task: `run` (the default) is whichever of RUN_EXECUTORS the worker's site
+# configured, so a workflow names none of them; `api` calls an HTTP endpoint; `python` runs
+# `@distributed` calls; `noop` does nothing: only the benchmarks register it (bench/_noop.py),
+# to measure the engine's own cost per task.
+ExecutorName = Literal["run", "api", "python", "noop"]
+RUN_EXECUTORS = ("shell", "docker", "kube")  # a site's ways of running a `run` task
+CONTAINER_EXECUTORS = frozenset({"docker", "kube"})
+# What a `run` task may need of the worker that runs it: a container (its image's own
+# entrypoint or files), GPUs, a network. Only workers offering all of them get it.
+Requirement = Literal["container", "gpu", "network"]
 
 
 def _relative(path: str) -> str:
@@ -58,18 +76,23 @@ MAX_SECRETS = 64
 
 
 class Task(BaseModel):
-    """One task of a workflow: what to run, with which executor, after which tasks.
+    """One task of a workflow: what to run (`params`), after which tasks.
 
-    With `replicas` N > 1 it runs N times, as independent jobs name[0] to name[N-1] (an
-    array job), each told its index in FLOTTA_REPLICA. `secrets` names secrets of the
-    worker's site: the task carries their names only, never their values.
+    A `run` task says what to run, not how: each worker runs it with the executor its site
+    configured (shell, docker or kube), and `requires` routes it to workers able to. With
+    `replicas` N > 1 it runs N times, as independent jobs name[0] to name[N-1] (an array
+    job), each told its index in FLOTTA_REPLICA. `secrets` names secrets of the worker's
+    site: the task carries their names only, never their values. With `cache`, a run of the
+    same definition on the same inputs (by sha256) for the same tenant that succeeded
+    before is reused instead of run (workflows/caching.py).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: JobTaskName
     depends: list[TaskName] = Field(default_factory=list)
-    executor: ExecutorName = "shell"
+    executor: ExecutorName = "run"
+    requires: list[Requirement] = Field(default_factory=list)
     params: dict[str, FiniteJson] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     secrets: list[SecretName] = Field(default_factory=list, max_length=MAX_SECRETS)
@@ -80,9 +103,43 @@ class Task(BaseModel):
     worker: str | None = None  # run on this worker only
     selector: dict[str, str] = Field(default_factory=dict)  # labels a worker must have
     replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)  # independent runs of the task
+    cache: bool = False  # reuse the outputs of an earlier successful run of the same inputs
     # Which replica a job runs, 0 to replicas - 1: binding sets it, with the name `name[i]`,
     # in each replica's job params; never in a workflow file.
     replica: SkipJsonSchema[int | None] = Field(default=None, ge=0)
+    when: Condition | None = None  # run only if true; else the task is skipped
+    for_each: ForEach | None = None  # one job per item; `{{ item }}` in params and env
+    # The parameter values its placeholders and `when` read, set at submission from the
+    # workflow's parameters (model/resolution.py); never in a workflow file.
+    arguments: SkipJsonSchema[dict[str, FiniteJson]] = Field(default_factory=dict)
+    # Set for a workflow's `on_exit` and `on_failure` tasks, which run after all others.
+    handler: SkipJsonSchema[Literal["exit", "failure"] | None] = None
+    # What an exit handler's `workflow.status` reads: set by the scheduler when it runs.
+    workflow_status: SkipJsonSchema[Literal["Succeeded", "Failed"] | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_job_per_item(cls, data: Any) -> Any:
+        """A for_each task binds like replicas: one job per item (or per slot of `max`)."""
+        if isinstance(data, dict) and isinstance(data.get("for_each"), dict | ForEach):
+            slots = ForEach.model_validate(data["for_each"]).slots
+            if slots is not None and "replicas" not in data:
+                data = {**data, "replicas": slots}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_executor_named(cls, data: Any) -> Any:
+        """A workflow file of before: its task named the executor it wanted; now the site
+        chooses, and the file says what the task needs instead."""
+        if isinstance(data, dict) and data.get("executor") in RUN_EXECUTORS:
+            raise ValueError(
+                f"task {data.get('name')}: `executor: {data['executor']}` is no longer a "
+                "task's to choose: drop it, and each worker runs the task with the executor "
+                "its site configured; a task that needs a container says "
+                "`requires: [container]` (see the README's workflow section)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _replica_fits(self) -> Task:
@@ -108,6 +165,14 @@ class Task(BaseModel):
                 f"task {self.name}: {', '.join(clashes)} named both in `env` and in `secrets`; "
                 "a secret reaches the task as the variable of its name"
             )
+        slots = self.for_each.slots if self.for_each else None
+        if self.replica is None and self.for_each and self.for_each.first:
+            raise ValueError(f"task {self.name}: for_each `first` is set by binding")
+        if self.replica is None and slots is not None and slots != self.replicas:
+            raise ValueError(
+                f"task {self.name}: for_each binds {slots} jobs, one per item: "
+                "it sets `replicas` itself"
+            )
         if self.replicas > 1 and self.outputs:
             raise ValueError(
                 f"task {self.name}: its {self.replicas} replicas would each store the same "
@@ -117,8 +182,8 @@ class Task(BaseModel):
 
     @model_serializer(mode="wrap")
     def _lean(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """A plain task dumps as it did before replicas and secrets: no `replicas: 1`, no
-        `replica`, no empty `secrets`.
+        """A plain task dumps as it did before replicas, secrets and caching: no
+        `replicas: 1`, no `replica`, no empty `secrets`, no `cache: false`.
 
         Submissions and jobs carry every task, under a message size limit.
         """
@@ -127,8 +192,14 @@ class Task(BaseModel):
             del data["replica"]
         if data.get("replicas") == 1:
             del data["replicas"]
-        if data.get("secrets") == []:
-            del data["secrets"]
+        for key, empty in (("secrets", []), ("requires", []), ("arguments", {})):
+            if data.get(key) == empty:
+                del data[key]
+        for key in ("when", "for_each", "handler", "workflow_status"):
+            if key in data and data[key] is None:
+                del data[key]
+        if data.get("cache") is False:
+            del data["cache"]
         return data
 
 
@@ -181,6 +252,7 @@ def task_graph(tasks: list[Task]) -> nx.DiGraph:
             "a workflow sets `replicas`"
         )
     _check_size(tasks)
+    _check_flow(tasks)
     graph = nx.DiGraph()
     graph.add_nodes_from(task.name for task in tasks)
     graph.add_edges_from((dep, task.name) for task in tasks for dep in task.depends)
@@ -190,6 +262,34 @@ def task_graph(tasks: list[Task]) -> nx.DiGraph:
         return graph
     path = " → ".join([*(a for a, _ in cycle), cycle[0][0]])
     raise ValueError(f"the tasks form a cycle: {path}")
+
+
+def _check_flow(tasks: list[Task]) -> None:
+    """Refuse conditions and for_each that read what a task cannot know when it runs, and
+    exit handlers tangled with the tasks they follow."""
+    by_name = {task.name: task for task in tasks}
+    for task in tasks:
+        refs = list(condition_names(task.when))
+        if task.for_each is not None and not isinstance(task.for_each.items, list):
+            refs.append(task.for_each.source)
+        for ref in refs:
+            if ref.path[0] == "tasks":
+                source = by_name[task_reference(task.name, ref, task.depends)]
+                if source.replicas > 1:
+                    raise ValueError(
+                        f"task {task.name}: {ref} reads task {source.name}, which runs as "
+                        f"{source.replicas} jobs: a condition reads a single job's result"
+                    )
+        if task.for_each is None and any(ref.path[0] == "item" for ref in refs):
+            raise ValueError(f"task {task.name}: `item` is only known in a task with for_each")
+        tangled = [
+            dep for dep in task.depends if (by_name[dep].handler is None) != (task.handler is None)
+        ]
+        if tangled:
+            raise ValueError(
+                f"task {task.name} depends on {', '.join(tangled)}: exit handlers run after "
+                "every other task and depend only on one another"
+            )
 
 
 def _check_size(tasks: list[Task]) -> None:
@@ -230,20 +330,57 @@ class Workflow(BaseModel):
 
     name: TaskName = "workflow"
     project: str = "workflows"
+    parameters: dict[ParameterName, Parameter] = Field(
+        default_factory=dict, max_length=MAX_PARAMETERS
+    )
     tasks: list[Task] = Field(min_length=1)
+    on_exit: list[Task] = Field(default_factory=list)  # run after all tasks, whatever the outcome
+    on_failure: list[Task] = Field(default_factory=list)  # run after all tasks if one failed
 
     @model_validator(mode="after")
     def _is_a_dag(self) -> Workflow:
-        task_graph(self.tasks)
+        tasks = self.all_tasks()
+        task_graph(tasks)
+        for task in tasks:
+            names = [*placeholders(task.params), *placeholders(task.env)]
+            names += [str(ref) for ref in condition_names(task.when) if ref.path[0] != "tasks"]
+            if task.for_each is not None and not isinstance(task.for_each.items, list):
+                source = task.for_each.source
+                names += [str(source)] if source.path[0] == "params" else []
+            is_handler = task.handler is not None
+            item = task.for_each is not None
+            check_names(task.name, iter(names), self.parameters, item, is_handler)
         return self
+
+    def all_tasks(self) -> list[Task]:
+        """Its tasks, then its exit handlers marked as such."""
+        return [
+            *self.tasks,
+            *(task.model_copy(update={"handler": "exit"}) for task in self.on_exit),
+            *(task.model_copy(update={"handler": "failure"}) for task in self.on_failure),
+        ]
 
 
 def candidates(task: Task, pool: list[NodeRef]) -> list[NodeRef]:
-    """The nodes that can run a task: they offer its executor and carry its labels."""
+    """The nodes that can run a task: they run it and carry its labels."""
     return [
         node
         for node in pool
-        if task.executor in node.executors
+        if runs(node, task)
         and all(node.offers.get(k) == v for k, v in task.selector.items())
         and (task.worker is None or node.id == task.worker)
     ]
+
+
+def runs(node: NodeRef, task: Task) -> bool:
+    """Whether a node runs the task's executor, and for a `run` task meets its requirements."""
+    if task.executor != "run":
+        return task.executor in node.executors
+    return bool(set(node.executors) & set(RUN_EXECUTORS)) and set(task.requires) <= provides(node)
+
+
+def provides(node: NodeRef) -> set[str]:
+    """What a node's `run` tasks may have: a container if it runs a container executor
+    (as its registry allows), and what its site declares (GPUs, a network)."""
+    container = {"container"} if CONTAINER_EXECUTORS & set(node.executors) else set()
+    return container | (set(node.features) - {"container"})

@@ -13,6 +13,7 @@ from flotta_mqtt.protocol.messages import (
     Artifact,
     ArtifactStatus,
     CancelArtifact,
+    DirectoryEntry,
     EventBatch,
     JobBatch,
     JobReady,
@@ -26,6 +27,7 @@ from flotta_mqtt.protocol.messages import (
     WorkerEvents,
     WorkerJobs,
 )
+from flotta_mqtt.protocol.schedules import ScheduleReport, ScheduleRequest
 from flotta_mqtt.protocol.topics import Address, Channel
 
 # Messages are small by design (payloads go to the resource store). The broker's own
@@ -39,7 +41,8 @@ PAYLOADS: dict[Channel, TypeAdapter[Any]] = {
     Channel.CANCEL: TypeAdapter(CancelArtifact),
     Channel.ASK: TypeAdapter(StatusRequest),
     Channel.PRUNE: TypeAdapter(PruneRequest),
-    Channel.REPLY: TypeAdapter(Reply),
+    Channel.SCHEDULE: TypeAdapter(ScheduleRequest),
+    Channel.REPLY: TypeAdapter(Reply | ScheduleReport),
     Channel.STATUS: TypeAdapter(ArtifactStatus),
     Channel.LOCKS: TypeAdapter(LocksReleased),
     Channel.JOBS: TypeAdapter(WorkerJobs),
@@ -47,6 +50,7 @@ PAYLOADS: dict[Channel, TypeAdapter[Any]] = {
     Channel.EVENTS: TypeAdapter(WorkerEvents),
     Channel.PRESENCE: TypeAdapter(NodePresence),
     Channel.SESSION: TypeAdapter(SessionMessage),
+    Channel.DIRECTORY: TypeAdapter(DirectoryEntry),
 }
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flotta_mqtt.model import Artifact, ArtifactState, JobRole, JobState, Operation, SafeId
 from flotta_mqtt.model.durations import MAX_DURATION
+from flotta_mqtt.model.ids import GroupName
 from flotta_mqtt.model.operation import FiniteJson
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -25,6 +26,9 @@ Timestamp = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # seconds since 
 
 class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+CacheScope = Annotated[str, Field(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,127})$")]
 
 
 class Resource(Message):
@@ -79,11 +83,21 @@ class PruneRequest(Message):
 # --- scheduler → workbench / everyone ------------------------------------------------
 
 
-# invalid: the request itself is wrong; unknown_artifact: no such artifact (or not the
-# requester's to see); quota: over a limit the reason names; forbidden: not the
-# requester's to ask (e.g. a prune by a non-administrator); unavailable: the scheduler
-# could not record it now (its database refused the write): send it again later.
-RejectReason = Literal["invalid", "unknown_artifact", "quota", "forbidden", "unavailable"]
+# invalid: the request itself is wrong; unknown_artifact, unknown_schedule: no such
+# artifact or schedule (or not the requester's to see); quota: over a limit the reason
+# names; forbidden: not the requester's to ask (e.g. a prune by a non-administrator);
+# unavailable: the scheduler could not record it now (its database refused the write):
+# send it again later; other_group: its project is served by another scheduler group
+# (the error names it).
+RejectReason = Literal[
+    "invalid",
+    "unknown_artifact",
+    "unknown_schedule",
+    "quota",
+    "forbidden",
+    "unavailable",
+    "other_group",
+]
 
 
 class RequestRejected(Message):
@@ -181,6 +195,10 @@ class JobReady(Message):
     iteration: Annotated[int, Field(ge=0)]
     operation: Operation
     inputs: list[Resource] = Field(default_factory=list)
+    # For a workflow task with `cache`: whose earlier runs it may reuse and add to, the
+    # owner's tenant (`*`: a scheduler without a registry, where everyone is one tenant).
+    # Left out of every other job's message, which stays the size it was.
+    cache_scope: CacheScope | None = Field(default=None, exclude_if=lambda scope: scope is None)
 
     @property
     def ref(self) -> JobRef:
@@ -260,6 +278,8 @@ class JobFinished(Message):
     started_at: Timestamp
     finished_at: Timestamp
     exit_code: int | None = None  # a workflow task's process status, when it has one
+    # Why a workflow task did not run (its `when` was false, its for_each slot unused).
+    skipped: Annotated[str, Field(max_length=1000)] | None = None
 
 
 class JobFailed(Message):
@@ -303,9 +323,26 @@ class NodePresence(Message):
     labels: dict[str, str] = Field(default_factory=dict)
     operations: list[str] = Field(default_factory=list)
     executors: list[str] = Field(default_factory=list)  # workflow task executors it runs
+    # What its site gives the tasks it runs besides a container: gpu, network (a claim the
+    # scheduler routes by; a node lying about it only gets tasks it cannot run).
+    features: list[Annotated[str, Field(max_length=32)]] = Field(
+        default_factory=list, max_length=16
+    )
     max_jobs: Annotated[int, Field(ge=1)] = 1
     details: dict[str, FiniteJson] = Field(default_factory=dict)  # e.g. dataset schemas
     since: Timestamp
+
+
+# --- the directory: which scheduler group serves a project --------------------------------
+
+
+class DirectoryEntry(Message):
+    """The scheduler group serving a project, retained on directory/{project} by that
+    group's scheduler, so that a workbench finds where to submit from the project alone."""
+
+    project: SafeId
+    group: GroupName
+    scheduler: SafeId
 
 
 # --- sessions: one identity, one process (transport/claims.py) --------------------------
@@ -347,6 +384,7 @@ __all__ = [
     "ArtifactStatus",
     "CancelArtifact",
     "CancelJob",
+    "DirectoryEntry",
     "EventAck",
     "EventBatch",
     "JobAccepted",

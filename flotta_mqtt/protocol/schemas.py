@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from flotta_mqtt.model import Workflow
+from flotta_mqtt.model.run import RunParams
 from flotta_mqtt.protocol.codec import PAYLOADS
 from flotta_mqtt.protocol.secagg import SecAggProduct
 from flotta_mqtt.protocol.topics import PROTOCOL_VERSION
@@ -22,7 +23,16 @@ DEFAULT_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 
 # Files users write, beside the messages nodes exchange.
-DOCUMENTS: dict[str, TypeAdapter[Any]] = {"workflow": TypeAdapter(Workflow)}
+DOCUMENTS: dict[str, tuple[TypeAdapter[Any], str]] = {
+    "workflow": (
+        TypeAdapter(Workflow),
+        "A workflow file (YAML or JSON), as `flotta-mqtt submit` reads it",
+    ),
+    "task-params": (
+        TypeAdapter(RunParams),
+        "The `params` of a workflow task of the default executor, `run`; see model/run.py",
+    ),
+}
 # Job products with a protocol of their own: stored, named on the bus by a Resource.
 PRODUCTS: dict[str, TypeAdapter[Any]] = {"secagg": TypeAdapter(SecAggProduct)}
 
@@ -34,10 +44,7 @@ def render() -> dict[str, str]:
             (str(channel), adapter, f"Payload of the {channel} topics; see protocol/topics.py")
             for channel, adapter in PAYLOADS.items()
         ]
-        + [
-            (name, adapter, f"A {name} file (YAML or JSON), as `flotta-mqtt submit` reads it")
-            for name, adapter in DOCUMENTS.items()
-        ]
+        + [(name, adapter, comment) for name, (adapter, comment) in DOCUMENTS.items()]
         + [
             (name, adapter, f"A {name} job product, stored; see protocol/{name}.py")
             for name, adapter in PRODUCTS.items()

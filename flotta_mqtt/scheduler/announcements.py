@@ -116,7 +116,8 @@ def build_status(
     counts = {state: n for state, n in record.counts.items() if n}
     results: list[Resource] = []
     if record.state is ArtifactState.COMPLETED and allow_download and record.graph:
-        results = [record.products[j] for j in record.graph.sinks()]
+        # An on_failure handler skipped by the scheduler ran nowhere and left no product.
+        results = [record.products[j] for j in record.graph.sinks() if j in record.products]
         if len(results) > LISTED_JOBS:  # too many for a message: one manifest of them
             stored = manifest(record.id, results)
             results = [stored] if stored is not None else []

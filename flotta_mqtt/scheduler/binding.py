@@ -48,7 +48,9 @@ class Refused:
 
 
 def node_ref(node: NodePresence) -> NodeRef:
-    return NodeRef(id=node.node, offers=node.labels, executors=node.executors)
+    return NodeRef(
+        id=node.node, offers=node.labels, executors=node.executors, features=node.features
+    )
 
 
 def bind_artifact(

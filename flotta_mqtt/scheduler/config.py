@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from flotta_mqtt.model import SafeId
 from flotta_mqtt.model.durations import MAX_DURATION, Duration
@@ -22,6 +22,10 @@ ACK_DELAY = 0.05
 ACK_BATCH = 500
 LISTED_JOBS = 300  # artifacts with at most this many jobs list each one in their status
 
+# A PostgreSQL database (postgresql://USER[:PASSWORD]@HOST[:PORT]/DB): a string, as a Path
+# would fold its `//`.
+PostgresUrl = Annotated[str, StringConstraints(pattern=r"^postgres(ql)?://")]
+
 
 class SchedulerConfig(BaseModel):
     """A scheduler node's settings, from a YAML file, flags or FLOTTA_* variables."""
@@ -31,7 +35,11 @@ class SchedulerConfig(BaseModel):
     name: SafeId = "scheduler"
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
-    database: Path = Path("flotta-scheduler.db")
+    # The SQLite file (the embedded default), or a PostgreSQL URL: then schedulers of one
+    # name on that database stand by for one another, one leading (scheduler/lease.py).
+    database: Annotated[PostgresUrl | Path, Field(union_mode="left_to_right")] = Path(
+        "flotta-scheduler.db"
+    )
     # Whether workbenches may fetch final products. On by default, as in the embedded demo;
     # turn it off on a node whose results must stay where they are.
     allow_download: bool = True
@@ -69,10 +77,21 @@ class SchedulerConfig(BaseModel):
     # Prune artifacts finished longer ago than this (seconds, or `7d`), at start and then
     # periodically (see scheduler/retention.py); None: keep them until a prune request.
     prune_older_than: Annotated[Duration, Field(gt=0, le=MAX_DURATION)] | None = None
+    # The projects this scheduler serves in its group (broker.group), named in the
+    # directory for workbenches; empty: any project submitted to it (scheduler/groups.py).
+    projects: list[SafeId] = Field(default_factory=list)
 
     @property
     def initiator(self) -> str:
         return f"{self.name}.initiator"
+
+    @property
+    def folder(self) -> Path:
+        """Where the node keeps local state (the embedded initiator's): beside a SQLite
+        database, else in the working directory's flotta-state."""
+        if isinstance(self.database, Path):
+            return self.database.parent
+        return Path("flotta-state").absolute()
 
     @model_validator(mode="after")
     def _initiator_identity(self) -> Self:

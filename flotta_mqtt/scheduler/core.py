@@ -51,6 +51,7 @@ from flotta_mqtt.scheduler.effects import (
     Tick,
 )
 from flotta_mqtt.scheduler.events import WorkerEvents
+from flotta_mqtt.scheduler.groups import Served
 from flotta_mqtt.scheduler.intake import message_ids, named_artifact, rejection
 from flotta_mqtt.scheduler.jobs import JobFlow
 from flotta_mqtt.scheduler.membership import (
@@ -68,6 +69,7 @@ from flotta_mqtt.scheduler.resends import ResendPolicy
 from flotta_mqtt.scheduler.retention import Retention
 from flotta_mqtt.scheduler.retries import RetryPolicy
 from flotta_mqtt.scheduler.running import check_running
+from flotta_mqtt.scheduler.schedules import Schedules
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +115,18 @@ class SchedulerCore:
         self.quotas = Quotas(
             config.max_jobs_per_artifact, config.max_artifacts_in_flight, config.max_jobs_in_flight
         )
-        self.flow = JobFlow(self.announcements, metrics, policies.retries, self.quotas)
+        self.flow = JobFlow(
+            self.announcements,
+            metrics,
+            policies.retries,
+            self.quotas,
+            None if registry is None else registry.tenant,
+        )
         self.artifacts: dict[str, ArtifactRecord] = {}  # unfinished, in memory
         self.events = WorkerEvents(self.artifacts, self.flow, self.announcements, policies.resends)
         self.retention = Retention(config, registry)
+        self.served = Served.of(config, registry)
+        self.schedules = Schedules(registry, self.served.refusal)
         self.nodes: dict[str, NodePresence] = {}
         # Every artifact id stored (and not pruned since) → its owner.
         self._known: dict[str, str] = {}
@@ -241,6 +251,8 @@ class SchedulerCore:
             self._about(address, message)
         elif address.channel is Channel.PRUNE:
             self._prune(address.name, message)
+        elif address.channel is Channel.SCHEDULE:
+            self.schedules.handle(address.name, message, self.flow.clock.wall, self.flow.decision)
         elif address.channel is Channel.PRESENCE:
             self._presence(address.name, message)
         elif address.channel is Channel.EVENTS:
@@ -257,6 +269,10 @@ class SchedulerCore:
         if owner is not None:
             error = f"artifact ID {artifact.id} is taken: submit it under another ID"
             self._reject(topics.submit(client), error, artifact.id)
+            return
+        elsewhere = self.served.refusal(artifact.project)
+        if elsewhere is not None:
+            self._reject(topics.submit(client), elsewhere, artifact.id, "other_group")
             return
         holders = len(expected_holders(artifact, client, self.registry, self.nodes))
         jobs = job_count(artifact.steps, max(holders, 1))  # before anything is expanded
@@ -357,6 +373,8 @@ class SchedulerCore:
     # --- timers ---------------------------------------------------------------------------
 
     def _tick(self, clock: Clock) -> None:
+        for owner, run in self.schedules.fire(clock.wall, self.flow.decision):
+            self._submit(run, owner)
         self._resend(
             self.policies.resends.to_resend(self.artifacts.values(), clock.caught_up, periodic=True)
         )

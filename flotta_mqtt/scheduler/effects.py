@@ -126,6 +126,23 @@ class DeleteArtifact:
     artifact_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class SaveSchedule:
+    """A schedule added, or fired (its next run and count of runs moved on)."""
+
+    schedule_id: str
+    owner: str
+    cron: str
+    artifact: Artifact  # what each run submits, under an id of its own
+    next_run: float
+    runs: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteSchedule:
+    schedule_id: str
+
+
 Write = (
     InsertArtifact
     | UpdateArtifact
@@ -135,6 +152,8 @@ Write = (
     | CancelJobs
     | SaveNode
     | DeleteArtifact
+    | SaveSchedule
+    | DeleteSchedule
 )
 
 

@@ -82,11 +82,12 @@ def refusals(events: list[Event], error: str) -> tuple[list[Outgoing], list[Even
 
 
 # The channels of requests, answered if they cannot be handled; those that write.
-_REQUESTS = (Channel.SUBMIT, Channel.CANCEL, Channel.ASK, Channel.PRUNE)
+_REQUESTS = (Channel.SUBMIT, Channel.CANCEL, Channel.ASK, Channel.PRUNE, Channel.SCHEDULE)
 _RECORDED: dict[Channel | None, str] = {
     Channel.SUBMIT: "submission",
     Channel.CANCEL: "cancellation",
     Channel.PRUNE: "prune request",
+    Channel.SCHEDULE: "schedule request",
 }
 
 

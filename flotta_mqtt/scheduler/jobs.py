@@ -5,10 +5,18 @@ write and the messages that announce it; nothing here reads a clock or touches I
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 
 import networkx as nx
 
-from flotta_mqtt.model import ARTIFACT_FINAL, JOB_FINAL, ArtifactState, JobState, JobStatus
+from flotta_mqtt.model import (
+    ARTIFACT_FINAL,
+    JOB_FINAL,
+    ArtifactState,
+    JobState,
+    JobStatus,
+    Operation,
+)
 from flotta_mqtt.protocol import (
     CancelJob,
     JobFinished,
@@ -17,6 +25,7 @@ from flotta_mqtt.protocol import (
     RemoteError,
     topics,
 )
+from flotta_mqtt.scheduler import handlers
 from flotta_mqtt.scheduler.announcements import Announcements
 from flotta_mqtt.scheduler.binding import Bound
 from flotta_mqtt.scheduler.effects import (
@@ -44,8 +53,12 @@ class JobFlow:
         metrics: SchedulerMetrics,
         retries: RetryPolicy,
         quotas: Quotas,
+        tenant_of: Callable[[str], str] | None = None,
     ) -> None:
         self.announcements = announcements
+        # An owner's tenant (a registry's), whose cached task runs its tasks may reuse;
+        # None: no registry, everyone one tenant (`*`).
+        self.tenant_of = tenant_of
         self.quotas = quotas
         self.metrics = metrics
         self.retries = retries
@@ -110,7 +123,20 @@ class JobFlow:
         self.decision.writes.append(CancelJobs(record.id))
 
     def settle(self, record: ArtifactRecord) -> None:
-        """End the artifact once every job is final: failed if any task failed."""
+        """Start the exit handlers once the other jobs are final; end the artifact once
+        every job is: failed if any task failed."""
+        due = handlers.unlocked_handlers(record) if record.state is ArtifactState.RUNNING else []
+        while due:
+            job_id = due.pop(0)
+            if handlers.runs(record, job_id):
+                self.make_ready(record, job_id)
+                continue
+            assert record.locks is not None
+            record.set_job(job_id, record.jobs[job_id].skip())
+            record.note(job_id, error="skipped: an on_failure task, and no task failed")
+            self.decision.writes.append(UpdateJob(record.id, job_id, JobState.SKIPPED, 0))
+            due += record.locks.release(job_id)
+            self.announcements.changed(record.id)
         final = sum(record.counts[state] for state in JOB_FINAL)
         if final == len(record.jobs):
             failed = record.error is not None
@@ -120,8 +146,8 @@ class JobFlow:
 
     def make_ready(self, record: ArtifactRecord, job_id: int) -> None:
         """A job whose locks are all released becomes ready and is dispatched."""
-        if record.jobs[job_id].state is not JobState.WAITING:
-            return  # cancelled, as the descendant of a failed task
+        if record.jobs[job_id].state is not JobState.WAITING or handlers.held(record, job_id):
+            return  # cancelled, as the descendant of a failed task; or an exit handler
         record.set_job(job_id, record.jobs[job_id].ready())
         self.dispatch(record, job_id)
 
@@ -145,6 +171,11 @@ class JobFlow:
         """The JobReady message of a job's current attempt, to its worker."""
         assert record.graph is not None
         job = record.graph.jobs[job_id]
+        operation = job.operation
+        if job.handler is not None:  # it runs once the others are final: tell it how they went
+            outcome = "Failed" if record.error is not None else "Succeeded"
+            params = {**operation.params, "workflow_status": outcome}
+            operation = Operation.model_construct(name=operation.name, params=params)
         # Built from values validated on their way in: no need to validate them again.
         message = JobReady.model_construct(
             artifact_id=record.id,
@@ -156,13 +187,22 @@ class JobFlow:
             kind=job.kind,
             role=job.role,
             iteration=job.iteration,
-            operation=job.operation,
+            operation=operation,
             # Every job it consumes is final: completed, or dropped out with no product.
             inputs=[
                 record.products[p] for p in record.graph.consumes(job_id) if p in record.products
             ],
+            cache_scope=self._cache_scope(record, job.kind, job.operation.params),
         )
         return topics.jobs(record.worker(job_id)), message, False
+
+    def _cache_scope(
+        self, record: ArtifactRecord, kind: str, params: Mapping[str, object]
+    ) -> str | None:
+        """Whose cache a workflow task with `cache` may use: its owner's tenant."""
+        if kind != "tasks" or params.get("cache") is not True:
+            return None
+        return "*" if self.tenant_of is None else self.tenant_of(record.client)
 
     def stop_attempt(self, record: ArtifactRecord, job_id: int) -> None:
         """Tell the job's worker to stop its current attempt."""
@@ -194,7 +234,10 @@ class JobFlow:
         status = record.jobs[ref.job_id]
         if status.state is JobState.DISPATCHED and status.attempt == ref.attempt:
             self.started_unannounced(record, ref.job_id, event.finished_at - event.started_at)
-        record.set_job(ref.job_id, status.complete(ref.attempt))
+        done = (
+            status.skip(ref.attempt) if event.skipped is not None else status.complete(ref.attempt)
+        )
+        record.set_job(ref.job_id, done)
         self.metrics.completed(event.finished_at - event.started_at)
         record.products[ref.job_id] = event.product
         record.attempts.forget(ref.job_id)
@@ -204,12 +247,13 @@ class JobFlow:
             finished_at=event.finished_at,
             size=event.product.size,
             exit_code=event.exit_code,
+            error=None if event.skipped is None else f"skipped: {event.skipped}"[:300],
         )
         self.decision.writes.append(
             UpdateJob(
                 record.id,
                 ref.job_id,
-                JobState.COMPLETED,
+                done.state,
                 ref.attempt,
                 started_at=event.started_at,
                 finished_at=event.finished_at,

@@ -173,10 +173,15 @@ def restore(row: ArtifactRow, jobs: list[JobRow]) -> ArtifactRecord:
     if row.context is None:
         return record
     record.set_jobs([JobStatus(j.state, j.attempt) for j in jobs])
+    # A workflow goes on past a failed task; its error may not have reached the artifact's
+    # row yet (statuses are folded), but the failed job's row has it.
+    failed = next((j for j in jobs if j.state is JobState.FAILED), None)
+    if record.error is None and failed is not None:
+        record.error, record.failed_job = failed.error, failed.job_id
     record.products = {j.job_id: j.product for j in jobs if j.product is not None}
     # A cancelled job of a running artifact dropped out of a secure aggregation (or is a
     # failed task's descendant, whose successors are cancelled too): its locks are released.
-    released = (JobState.COMPLETED, JobState.CANCELLED)
+    released = (JobState.COMPLETED, JobState.CANCELLED, JobState.SKIPPED)
     completed = [j.job_id for j in jobs if j.state in released]
     with gc_paused():
         graph = bind(row.artifact, row.context)

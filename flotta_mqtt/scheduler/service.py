@@ -12,8 +12,11 @@ A commit the database refuses (its disk full or read-only, the file deleted) pub
 nothing of the burst. The core has run ahead of the database, so it is set aside: until
 a fresh core restored from the database commits, the scheduler acknowledges nothing more
 to the broker, holds what arrives to handle it then, and refuses each submission,
-cancellation and prune at once, saying it could not be recorded. It tries every
-STORE_RETRY s.
+cancellation and prune at once, saying it could not be recorded. It tries every STORE_RETRY s.
+
+On PostgreSQL, schedulers of one name stand by for one another: `start()` first waits
+for the lease (see lease.py), and a scheduler that loses it publishes nothing more and
+reports LeaseLost to `on_failure`, as a bus giving up does.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from flotta_mqtt.protocol import JobReady, NodePresence, Resource, topics
 from flotta_mqtt.scheduler.announcements import build_status
 from flotta_mqtt.scheduler.config import BURST, TICK, SchedulerConfig
 from flotta_mqtt.scheduler.core import Policies, SchedulerCore
+from flotta_mqtt.scheduler.databases import open_repository
 from flotta_mqtt.scheduler.effects import (
     Clock,
     Connected,
@@ -43,7 +47,9 @@ from flotta_mqtt.scheduler.effects import (
     Tick,
 )
 from flotta_mqtt.scheduler.intake import refusals
+from flotta_mqtt.scheduler.lease import Lease, LeaseLost, take_identity
 from flotta_mqtt.scheduler.metrics import Gauges, MetricsServer, SchedulerMetrics
+from flotta_mqtt.scheduler.postgres_repository import PostgresRepository
 from flotta_mqtt.scheduler.records import ArtifactRecord, restore
 from flotta_mqtt.scheduler.repository import Repository
 from flotta_mqtt.transport import FailureHandler, open_bus
@@ -65,7 +71,11 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, on_failure: FailureHandler | None = None) -> None:
         self.config = config
-        self.repository = Repository(config.database)
+        self.repository = open_repository(config.database, config.name)
+        pg = self.repository if isinstance(self.repository, PostgresRepository) else None
+        self.lease = Lease(pg.url, config.name) if pg else None  # leading takes it first
+        self._on_failure = on_failure
+        self.lease_lost = threading.Event()  # set: nothing more is published
         self.metrics = SchedulerMetrics()
         self._registry = load_registry(config.registry) if config.registry else None
         self._policies = Policies.of(config, random.Random())
@@ -74,11 +84,12 @@ class Scheduler:
         self.fault: str | None = None
         self._held: list[Event] = []
         self._retry_at = 0.0
-        self._new_database = self.repository.new  # checked against the broker's session
+        self._new_database = False  # checked against the broker's session (see start)
         self.metrics_server: MetricsServer | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._out: list[Outgoing] = []
         self._store: ResourceStore | None = None  # made when first needed
+        self.wall: Callable[[], float] = time.time  # the core's clock (a test sets its own)
         # Everything received up to this moment has been handled (see resends).
         self._caught_up = time.monotonic()
         self._stopping = threading.Event()
@@ -97,14 +108,18 @@ class Scheduler:
 
     def start(self, wait: float | None = 10.0) -> Scheduler:
         """Raises IdentityInUse, having changed nothing, if another process is this
-        scheduler (its database may be that process's too)."""
-        self.bus.check()
+        scheduler (its database may be that process's too). On PostgreSQL it first
+        waits to lead, if `lead()` was not called."""
+        self.lead()
+        self._new_database = self.repository.new
+        take_identity(self.bus.check, self.config.broker.keepalive if self.lease else 0)
         try:
             self._resume(self.core)
         except Exception as exc:  # a full disk at start: served once it has room
-            if not sqlite.is_refusal(exc):
+            if not self.repository.is_refusal(exc):
                 raise
             self._stall([], exc)
+        self._out += self.core.served.entries()  # the directory: which group serves what
         self._thread.start()
         self.bus.start(wait=wait)
         if self.config.metrics_port is not None:
@@ -113,14 +128,37 @@ class Scheduler:
             ).start()
         return self
 
+    def lead(self, stopping: threading.Event | None = None) -> bool:
+        """Wait until this scheduler leads (at once on SQLite); False if `stopping` was
+        set first. Its database writes only while it leads, and losing the lease stops it."""
+        if self.lease is None or self.lease.held:
+            return True
+        assert isinstance(self.repository, PostgresRepository)
+        return self.lease.lead(self.repository.fence, self._lose_lease, stopping)
+
+    def _lose_lease(self, error: LeaseLost) -> None:
+        """Publish nothing more (checked before each message), drop the bus (its session
+        is the next leader's, with all not acknowledged) and have the node stop."""
+        if self.lease_lost.is_set():
+            return
+        self.lease_lost.set()
+        self._stopping.set()
+        self.bus.wake()  # the scheduler thread drops the bus at once
+        log.error("scheduler: %s: it publishes nothing more and stops", error)
+        if self._on_failure is not None:
+            self._on_failure(error)
+
     def stop(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self._stopping.set()
         self._inbox.put(("stop", None))
-        self.bus.wake()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self.bus.wake()
+            self._thread.join(timeout=10)
         self.bus.stop()
+        if self.lease is not None:
+            self.lease.release()
         self.repository.close()
 
     @property
@@ -164,7 +202,7 @@ class Scheduler:
                 "session: if the database it ran with was deleted or moved, the artifacts "
                 "recorded there are forgotten here (their last statuses stay retained on "
                 "the broker); stop it and put that database back to keep them",
-                self.repository.path,
+                self.repository.where,
             )
         self._new_database = False  # said once, at the first connection
         self._inbox.put(("connected", Connected()))
@@ -175,6 +213,7 @@ class Scheduler:
         are (a core restored while the scheduler runs: their presences, retained, are not
         sent again); without them, offline until their presences come."""
         repository = self.repository
+        core.schedules.restore(repository.schedules())
         unfinished: list[ArtifactRecord] = []
         for artifact_id in repository.unfinished_artifacts():
             row = repository.artifact(artifact_id)
@@ -226,6 +265,8 @@ class Scheduler:
                 events.append(Tick())
                 next_tick = clock.monotonic + TICK
             self._carry_out(events, clock, len(burst))
+        if self.lease_lost.is_set():
+            self.bus.kill()
 
     def _wake_at(self, next_tick: float) -> float:
         """When the core is due to look again (monotonic), whatever arrives meanwhile."""
@@ -238,8 +279,11 @@ class Scheduler:
         try:
             decision = self.core.handle(events, clock)
             commit(self.repository, decision)
+        except LeaseLost as exc:
+            self._lose_lease(exc)
+            return
         except Exception as exc:
-            if sqlite.is_refusal(exc):
+            if self.repository.is_refusal(exc):
                 self._stall(events, exc)
             else:
                 log.exception("scheduler: a burst of %d messages failed", received)
@@ -263,7 +307,7 @@ class Scheduler:
         if self.fault is None:
             self.fault = " ".join(str(exc).split())
             self.bus.withhold(True)
-            hint = "free space on its disk or make it writable"
+            hint = "free space on its disk or make it writable, or start its server"
             if isinstance(exc, sqlite.StoreMoved):
                 hint = (
                     "what is written now would be lost at the stop: copy the open file and "
@@ -273,7 +317,7 @@ class Scheduler:
                 "scheduler: its database %s refused a write (%s): acknowledging nothing to "
                 "the broker and refusing submissions and cancellations until it takes "
                 "writes again (tried every %s s); %s",
-                self.repository.path,
+                self.repository.where,
                 self.fault,
                 STORE_RETRY,
                 hint,
@@ -299,8 +343,11 @@ class Scheduler:
         try:
             self.repository.probe()
             self._resume(self._new_core(), self.core.nodes)
+        except LeaseLost as exc:
+            self._lose_lease(exc)
+            return
         except Exception as exc:
-            if not sqlite.is_refusal(exc):
+            if not self.repository.is_refusal(exc):
                 log.exception("scheduler: could not take up from its database again")
             self._stall([], exc)
             return
@@ -314,7 +361,7 @@ class Scheduler:
 
     def _clock(self) -> Clock:
         now = time.monotonic()
-        return Clock(now, time.time(), self._caught_up)
+        return Clock(now, self.wall(), self._caught_up)
 
     def _announce(self, decision: Decision) -> None:
         """Queue the statuses the decision recorded (committed by now)."""
@@ -339,11 +386,15 @@ class Scheduler:
             else:
                 rest.append((topic, message, retain))
         for topic, batch in jobs.items():
+            if self.lease_lost.is_set():
+                return
             try:
                 self.bus.publish_many(topic, batch)
             except Exception:
                 log.exception("scheduler: could not publish on %s", topic)
         for topic, message, retain in rest:
+            if self.lease_lost.is_set():
+                return
             try:
                 self.bus.publish(topic, message, retain=retain)
             except Exception:
@@ -353,7 +404,7 @@ class Scheduler:
     def store(self) -> ResourceStore:
         """The resource store, opened when first needed."""
         if self._store is None:
-            self._store = ResourceStore.of(self.config.storage)
+            self._store = ResourceStore.of(self.config.storage, self.config.broker.group)
         return self._store
 
     def _results_manifest(self, artifact_id: str, results: list[Resource]) -> Resource | None:

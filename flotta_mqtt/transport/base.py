@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Protocol, Self
 
 from pydantic import BaseModel
 
-from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, encode, encode_batches
+from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, encode, encode_batches, topics
+from flotta_mqtt.transport.settings import BrokerSettings
 
 if TYPE_CHECKING:  # claims.py builds on this module
     from flotta_mqtt.transport.claims import Claim
@@ -50,6 +51,20 @@ class Publisher:
 
     _callback_thread: int | None = None  # the thread inside a message handler now
     _claim: Claim
+    settings: BrokerSettings
+
+    def outward(self, topic: str) -> str:
+        """A protocol topic as this connection's group spells it on the broker."""
+        return topics.to_group(topic, self.settings.group)
+
+    def inward(self, topic: str) -> str:
+        """A topic received, as the protocol spells it (its group's namespace removed)."""
+        return topics.from_group(topic, self.settings.group)
+
+    def last_will(self) -> tuple[str, bytes, bool] | None:
+        """(topic, payload, retain) the claim connects with, its topic in this group."""
+        will = self._claim.last_will
+        return None if will is None else (self.outward(will[0]), will[1], will[2])
 
     @property
     def failure(self) -> BusError | None:

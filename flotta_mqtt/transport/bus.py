@@ -98,7 +98,7 @@ class Bus(Pumping, Publisher):
         self.settings = settings
         self._on_message = on_message
         self._on_connect_hook = on_connect
-        self.subscriptions = list(subscriptions)
+        self.subscriptions = [self.outward(topic) for topic in subscriptions]
         self._clean = clean
         self.threaded = threaded
         self._io = threading.RLock()  # the attributes of the unthreaded half: pumping.py
@@ -123,7 +123,7 @@ class Bus(Pumping, Publisher):
 
         # A probe's own bus (claim=False) claims nothing, and so probes nothing either.
         self._claim = Claim(client_id, settings, will, Bus if claim else None, on_failure)
-        client = _paho_client(client_id, settings, self._claim.last_will, not threaded)
+        client = _paho_client(client_id, settings, self.last_will(), not threaded)
         if threaded:  # unthreaded, pump() asks the claim before connecting
             client.on_pre_connect = self._pre_connect  # unguarded: what it raises stops paho
         client.on_connect_fail = self._guard(self._connect_failed)
@@ -241,6 +241,7 @@ class Bus(Pumping, Publisher):
 
     def subscribe(self, topic: str) -> None:
         """Add a subscription now and on every reconnect."""
+        topic = self.outward(topic)
         with self._lock:
             if topic in self.subscriptions:
                 return
@@ -254,6 +255,7 @@ class Bus(Pumping, Publisher):
         self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 60.0
     ) -> None:
         """Publish bytes as they are (tests use it to send malformed messages)."""
+        topic = self.outward(topic)
         self.check_payload(topic, payload)
         if not self._wait_for_room(timeout):
             raise BusError(f"{self.settings.window} publishes unacknowledged for {timeout} s")
@@ -361,16 +363,15 @@ class Bus(Pumping, Publisher):
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         properties.MessageExpiryInterval = self._claim.expiry
         with self._io:
-            self._client.publish(
-                self._claim.topic, payload, qos=0, retain=True, properties=properties
-            )
+            topic = self.outward(self._claim.topic)
+            self._client.publish(topic, payload, qos=0, retain=True, properties=properties)
             if not self.threaded and self._client.want_write():
                 self.wake()
 
     def _message(self, _: Any, __: Any, message: mqtt.MQTTMessage) -> None:
         if not self.threaded and message.qos > 0:
             self._received.append((message.mid, message.qos))  # even if the handler fails
-        self._on_message(message.topic, bytes(message.payload))
+        self._on_message(self.inward(message.topic), bytes(message.payload))
 
     def _published(self, _: Any, __: Any, mid: int, reason: ReasonCode, ___: Any) -> None:
         topic = self._window.acknowledged(mid)

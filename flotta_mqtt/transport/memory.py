@@ -63,14 +63,14 @@ class MemoryBus(Publisher):
     ) -> None:
         self.client_id = client_id
         self.settings = settings
-        self.subscriptions = list(subscriptions)
+        self.subscriptions = [self.outward(topic) for topic in subscriptions]
         self.threaded = threaded
         self.connected = threading.Event()
         self._broker = memory_broker(urlsplit(settings.url).netloc)
         self._on_message = on_message
         self._on_connect = on_connect
         self._claim = Claim(client_id, settings, will, MemoryBus if claim else None, on_failure)
-        last_will = self._claim.last_will
+        last_will = self.last_will()
         self._will = None if last_will is None else Message(*last_will)
         self._clean = clean
         self._connection: Connection | None = None
@@ -103,7 +103,7 @@ class MemoryBus(Publisher):
                 connection, will=self._will, clean=self._clean, keep=keep, outbox=self._outbox
             )
             if self._claim.claiming:
-                claim = Message(self._claim.topic, self._claim.message, retain=True)
+                claim = Message(self.outward(self._claim.topic), self._claim.message, retain=True)
                 self._broker.publish(self.client_id, claim)
         if self.threaded:
             self._delivering = threading.Thread(
@@ -142,6 +142,7 @@ class MemoryBus(Publisher):
 
     def subscribe(self, topic: str) -> None:
         """Add a subscription now and on every reconnect."""
+        topic = self.outward(topic)
         if topic not in self.subscriptions:
             self.subscriptions.append(topic)
             if self._connection is not None:
@@ -153,6 +154,7 @@ class MemoryBus(Publisher):
         self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 60.0
     ) -> None:
         """Publish bytes as they are; while disconnected, wait for room in the window."""
+        topic = self.outward(topic)
         self.check_payload(topic, payload)
         window = self.settings.window
         with self._broker.changed:
@@ -251,7 +253,7 @@ class MemoryBus(Publisher):
         if not self.threaded:
             with self._arrived:
                 self._received.append((item.connection, item.mid))  # even if the handler fails
-        self._guarded(self._on_message, item.message.topic, item.message.payload)
+        self._guarded(self._on_message, self.inward(item.message.topic), item.message.payload)
         if self.threaded:
             self._broker.acknowledge(item.connection, [item.mid])
 

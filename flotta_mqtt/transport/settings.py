@@ -18,6 +18,7 @@ from pydantic import (
 
 from flotta_mqtt.model import Registry
 from flotta_mqtt.model.errors import describe
+from flotta_mqtt.protocol.topics import check_group
 
 DAY = 24 * 3600
 SCHEMES = ("mqtt", "mqtts", "memory")  # memory://NAME: the in-memory broker of this process
@@ -70,6 +71,9 @@ class BrokerSettings(BaseModel):
     reconnect_delay_max: int = Field(default=4, ge=1)
     inflight: int = Field(default=100, ge=1)  # paho's cost per PUBACK grows with it
     window: int = Field(default=10_000, ge=1, lt=65_535)  # paho's message ids wrap at 65,535
+    # The scheduler group whose topics this connection uses (`flotta/v1-{group}/…`), as a
+    # virtual host: None is the default group (`flotta/v1/…`). See protocol/topics.py.
+    group: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -97,6 +101,11 @@ class BrokerSettings(BaseModel):
         if problem is not None:
             raise ValueError(f"broker URL {url!r} {problem}; expected {ACCEPTED}")
         return url
+
+    @field_validator("group")
+    @classmethod
+    def _group_name(cls, group: str | None) -> str | None:
+        return None if group is None else check_group(group)
 
     @model_validator(mode="after")
     def _ordered_delays(self) -> Self:

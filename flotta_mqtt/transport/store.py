@@ -1,5 +1,9 @@
 """Resource store: put/get of job products by URL with sha256, the only code importing fsspec.
 
+Backends: local files (`file://`), S3 (`s3://`, s3fs) and Azure Blob Storage (`az://` or
+`abfs://`, adlfs, the `azure` extra), each with its credentials in the storage options or
+the environment its library reads (AWS_* for S3, AZURE_STORAGE_* for Azure).
+
 Messages on the bus stay small: a job's product goes to a local directory or an object
 store, and only its URL, sha256 and size travel. A URL names a place chosen by another
 node, so a read first checks it: only keys under this store's root (or a narrower prefix
@@ -109,7 +113,7 @@ def _check_segment(kind: str, value: str) -> None:
 
 
 class ResourceStore:
-    """Put and get resources under one root URL (local directory or s3 bucket/prefix).
+    """Put and get resources under one root URL (local directory, S3 or Azure container/prefix).
 
     Every URL it opens is under that root; `max_read` bounds what one read may hold.
     """
@@ -134,9 +138,12 @@ class ResourceStore:
         self._folders: set[str] = set()  # local folders known to exist (writes skip makedirs)
 
     @classmethod
-    def of(cls, settings: StorageSettings) -> ResourceStore:
-        """The store a node's settings name, with their read cap."""
-        return cls(settings.url, settings.options, settings.max_read_bytes)
+    def of(cls, settings: StorageSettings, group: str | None = None) -> ResourceStore:
+        """The store a node's settings name, with their read cap; a scheduler group's
+        nodes keep everything under `groups/{group}`, where per-group credentials (an S3
+        bucket policy on the prefix) can keep the groups apart."""
+        root = settings.url if group is None else f"{settings.url.rstrip('/')}/groups/{group}"
+        return cls(root, settings.options, settings.max_read_bytes)
 
     def _path_of(self, url: str, roots: Iterable[str] | None = None) -> str:
         """The backend path of a URL under `roots` (this store's root by default).
@@ -285,10 +292,11 @@ class ResourceStore:
             data: bytes = self._fs.cat_file(path, start=0, end=limit)
         except FileNotFoundError as exc:
             raise ResourceNotFound(url) from exc
-        except OSError as exc:
-            # S3 answers a range of an empty object with 416, which s3fs raises as EINVAL.
+        except Exception:
+            # S3 and Azure answer a range of an empty object with 416 (InvalidRange), which
+            # s3fs raises as OSError EINVAL and adlfs as the SDK's HttpResponseError.
             self._fs.invalidate_cache(path)
-            if exc.errno != errno.EINVAL or self._fs.info(path)["size"] != 0:
+            if self._fs.info(path)["size"] != 0:
                 raise
             return b""
         return data

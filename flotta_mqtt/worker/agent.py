@@ -65,14 +65,14 @@ class WorkerAgent:
         operations.load_plugins(config.plugins)
         self.config = config
         self.name = config.name
-        self.store = ResourceStore.of(config.storage)
+        self.store = ResourceStore.of(config.storage, config.broker.group)
         self.journal = Journal(config.state_dir)
         runnable = [e for e in config.executors if e != "python" or config.allow_code]
         if len(runnable) < len(config.executors):
             log.warning("worker %s: the python executor needs allow_code: true", self.name)
-        self.tasks = TaskRunner(self.store, runnable, config.policy)
+        self.tasks = TaskRunner(self.store, runnable, config.policy, cache=self.journal)
         self._datasets = {
-            project: operations.FileDataset(project, config.name, spec)
+            project: operations.open_dataset(project, config.name, spec)
             for project, spec in config.datasets.items()
         }
         self._jobs_topic = topics.jobs(self.name)
@@ -119,6 +119,7 @@ class WorkerAgent:
             },
             operations=sorted(operations.REGISTRY),
             executors=sorted(self.tasks.executors),
+            features=self.tasks.features(),
             max_jobs=self.config.max_jobs,
             details={project: dataset.describe() for project, dataset in self._datasets.items()},
             since=time.time(),

@@ -31,7 +31,10 @@ class WorkerConfig(BaseModel):
     resend_interval: float = Field(default=5.0, gt=0)
     heartbeat_interval: float = Field(default=5.0, gt=0)
     # Workflow task executors this worker runs (shell, docker, kube, api). None by default:
-    # a task is code sent from elsewhere, so a worker runs tasks only when told it may.
+    # a task is code sent from elsewhere, so a worker runs tasks only when told it may. A
+    # task of a workflow names none of them: it runs with the first of shell, docker and
+    # kube listed here that gives it what it requires (the list's order is the site's
+    # preference).
     executors: list[str] = Field(default_factory=list)
     # Whether this worker runs code shipped by callers (`@distributed` functions, the
     # `python` executor). Off by default: without it the worker neither offers nor runs

@@ -12,6 +12,7 @@ from flotta_mqtt import analytics as operations
 from flotta_mqtt.protocol import JobFailed, JobFinished, JobReady, JobRef, RemoteError
 from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.worker.journal import Final, Journal
+from flotta_mqtt.workflows.caching import CACHED_PRODUCT
 from flotta_mqtt.workflows.executors import TaskError, TaskRunner
 
 # json.dumps(product, allow_nan=False) builds an encoder per call; one is enough.
@@ -51,7 +52,7 @@ class Jobs:
         node: str,
         store: ResourceStore,
         tasks: TaskRunner,
-        datasets: dict[str, operations.FileDataset],
+        datasets: dict[str, operations.Dataset],
         journal: Journal,
     ) -> None:
         self.node = node
@@ -63,14 +64,20 @@ class Jobs:
     def run(self, job: JobReady, cancelled: threading.Event, started: float) -> Final:
         """Run `job`; a failure of the job is its result (JobFailed), never raised."""
         exit_code: int | None = None
+        skipped: str | None = None
         try:
+            media_type = "application/json"
             if job.kind == "tasks":
                 product = self.tasks.run(job, self.node, cancelled)
-                exit_code = product["exit_code"]
+                exit_code, skipped = product["exit_code"], product.get("skipped")
                 data = _PRODUCT_JSON.encode(product).encode()
+                if "cached" in product:
+                    media_type = CACHED_PRODUCT
             else:
                 data = self._operation(job, cancelled)
-            resource = self.store.put_product(job.artifact_id, str(job.job_id), job.attempt, data)
+            resource = self.store.put_product(
+                job.artifact_id, str(job.job_id), job.attempt, data, media_type
+            )
         except Exception as exc:
             return JobFailed(
                 job=job.ref,
@@ -87,6 +94,7 @@ class Jobs:
             started_at=started,
             finished_at=time.time(),
             exit_code=exit_code,
+            skipped=skipped,
         )
 
     def _operation(self, job: JobReady, cancelled: threading.Event) -> bytes:

@@ -1,5 +1,6 @@
 """A worker's memory across restarts: the jobs it holds, the results not yet acknowledged,
-and the privacy it has spent (its ledger, never forgotten)."""
+the privacy it has spent (its ledger, never forgotten) and the workflow task runs it may
+reuse (its task cache, workflows/caching.py)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,14 @@ CREATE TABLE IF NOT EXISTS privacy_spent (
     PRIMARY KEY (artifact_id, job_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS privacy_spent_project ON privacy_spent (project);
+CREATE TABLE IF NOT EXISTS task_cache (  -- rowid: the order entries were written in
+    key TEXT PRIMARY KEY,  -- sha256 of tenant, task definition and inputs' sha256s
+    entry TEXT NOT NULL,  -- the run reused: its artifact, job and outputs with sha256s
+    at REAL NOT NULL
+);
 """
+# The most task runs the task cache remembers (the latest); a run forgotten runs again.
+MAX_CACHED = 10_000
 # Floating-point slack when a budget is spent to its last part (e.g. ten jobs of 0.1).
 SLACK = 1e-9
 
@@ -210,3 +218,30 @@ class Journal:
                 (job.artifact_id, job.job_id, job.attempt),
             ).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
+
+    # --- the task cache -----------------------------------------------------------------
+
+    def cached(self, key: str) -> str | None:
+        """The entry of a cached task run, by its key."""
+        with self._lock:
+            row = self._db.execute("SELECT entry FROM task_cache WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def remember(self, key: str, entry: str) -> None:
+        """Record (or replace) the entry of a task run that succeeded; the oldest entries
+        beyond MAX_CACHED go."""
+        with self._lock, sqlite.transaction(self._db):
+            self._db.execute(
+                "INSERT OR REPLACE INTO task_cache (key, entry, at) VALUES (?, ?, ?)",
+                (key, entry, time.time()),
+            )
+            self._db.execute(
+                "DELETE FROM task_cache WHERE key IN "
+                "(SELECT key FROM task_cache ORDER BY rowid DESC LIMIT -1 OFFSET ?)",
+                (MAX_CACHED,),
+            )
+
+    def drop(self, key: str) -> None:
+        """Forget an entry whose outputs can no longer be reused."""
+        with self._lock:
+            self._db.execute("DELETE FROM task_cache WHERE key = ?", (key,))

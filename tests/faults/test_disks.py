@@ -32,7 +32,7 @@ from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.cli.errors import INVALID
 from flotta_mqtt.model import ArtifactState, JobState
 from flotta_mqtt.protocol import JobAccepted, NodePresence, topics
-from flotta_mqtt.scheduler.repository import Repository
+from flotta_mqtt.scheduler.sqlite_repository import SqliteRepository
 from flotta_mqtt.worker.journal import Journal
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
@@ -186,7 +186,7 @@ def test_nodes_whose_stores_are_on_a_read_only_disk_refuse_to_start(
     read-only: each node refuses to start, in one line naming its store and what to check,
     with exit code 2."""
     cluster.database = small_disk.path / "scheduler.db"
-    Repository(cluster.database).close()
+    SqliteRepository(cluster.database).close()
     Journal(small_disk.path / "w0.state").close()
     small_disk.read_only()
     cluster.scheduler()

@@ -368,3 +368,21 @@ def test_node_options_read_their_variables(monkeypatch: pytest.MonkeyPatch, tmp_
     assert worker.state_dir == tmp_path / "flotta-state" / "w7"
     assert worker.storage.url == scheduler.storage.url == (tmp_path / "store").as_uri()
     assert scheduler.metrics_port == 9123 and scheduler.database == tmp_path / "s.db"
+
+
+def test_a_postgresql_database_is_kept_as_its_url(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--database postgresql://...` is a URL, not a path made absolute (its `//` folded);
+    the embedded initiator keeps its state in the working directory's flotta-state."""
+    import flotta_mqtt.cli.main as cli
+
+    started: list[SchedulerConfig] = []
+    monkeypatch.setattr(cli, "SchedulerNode", lambda config, gave_up: started.append(config))
+    monkeypatch.setattr(cli, "serve", lambda make, what, console: make(print))
+    monkeypatch.chdir(tmp_path)
+    url = "postgresql://flotta@db.example:5432/flotta"
+    result = CliRunner().invoke(app, ["scheduler", "--database", url], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert started[0].database == url
+    assert started[0].folder == tmp_path / "flotta-state"

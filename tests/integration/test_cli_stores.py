@@ -73,7 +73,7 @@ def test_a_scheduler_on_a_damaged_or_foreign_database_refuses_to_start(
     assert code == INVALID, err
     assert err.count("\n") == 1 and err.startswith(f"error: the scheduler database {database}")
     if spoil == "a-journal":
-        assert "is not ours (it holds tables privacy_spent)" in err
+        assert "is not ours (it holds tables privacy_spent, task_cache)" in err
     else:
         assert "is damaged" in err and "move it aside" in err and "retained on the broker" in err
     assert database.read_bytes() == before

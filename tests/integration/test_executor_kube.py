@@ -44,17 +44,17 @@ from flotta_mqtt.workflows.executors import (
 from flotta_mqtt.workflows.executors.kube import (
     INSTALL_HINT,
     KubeExecutor,
-    KubeParams,
     configmap_manifest,
     job_manifest,
     job_name,
 )
-from flotta_mqtt.workflows.executors.policy import KubeSite
+from flotta_mqtt.workflows.executors.policy import HostMount, KubeSite
 from flotta_mqtt.workflows.executors.runner import read_output
 
 pytestmark = pytest.mark.integration
 
 LABEL = "a1b2c3d4e5f6-4-2"
+FAST = 0.05  # the site's poll interval here, in seconds
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -73,14 +73,14 @@ def make_run(
     kube settings (`execute` points them at the emulator)."""
     task = Task(
         name="count-words",
-        executor="kube",
         params={"image": "busybox:1.36", **params},
         env=env or {},
         timeout=timeout,
         inputs=inputs or [],
         outputs=outputs or [],
     )
-    policy = SitePolicy(images=["busybox:*", "localhost/*"], kube=site or KubeSite())
+    kube = (site or KubeSite()).model_copy(update={"poll_interval": FAST})
+    policy = SitePolicy(images=["busybox:*", "localhost/*"], kube=kube)
     run = TaskRun(task, workdir, task.env, cancelled or threading.Event(), LABEL, policy=policy)
     return dataclasses.replace(run, secrets=secrets or {})
 
@@ -126,15 +126,9 @@ def test_job_manifest_runs_the_task_once_with_its_env(tmp_path: Path) -> None:
 
 
 def test_job_manifest_shell_account_resources_namespace(tmp_path: Path) -> None:
-    resources = {"limits": {"cpu": "500m", "memory": "64Mi"}, "requests": {"cpu": "100m"}}
     run = make_run(
         tmp_path,
-        {
-            "shell": "echo $A | wc -c",
-            "resources": resources,
-            "image_pull_policy": "Never",
-            "workdir_mount": "/data",
-        },
+        {"shell": "echo $A | wc -c", "args": ["x y"], "resources": {"cpus": 0.5, "memory_mb": 64}},
         site=KubeSite(namespace="jobs", service_account="runner"),
     )
     job = job_manifest(run, name="explicit")
@@ -143,11 +137,66 @@ def test_job_manifest_shell_account_resources_namespace(tmp_path: Path) -> None:
     pod = job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "runner"
     [container] = pod["containers"]
-    assert container["command"] == ["sh", "-c", "echo $A | wc -c"]
-    assert container["resources"] == resources
-    assert container["imagePullPolicy"] == "Never"
-    assert container["workingDir"] == "/data"
-    assert container["volumeMounts"][0]["mountPath"] == "/data"
+    assert container["command"] == ["sh", "-c", "echo $A | wc -c", "sh", "x y"]
+    limits = {"cpu": "500m", "memory": "64Mi"}
+    assert container["resources"] == {"limits": limits, "requests": limits}
+    assert container["workingDir"] == "/work"
+
+
+def test_a_gpu_task_asks_the_cluster_for_gpus(tmp_path: Path) -> None:
+    task = Task(name="g", requires=["gpu"], params={"image": "busybox:1", "shell": ":"})
+    run = TaskRun(task, tmp_path, {}, threading.Event(), LABEL, policy=SitePolicy(images=["*"]))
+    [container] = job_manifest(run)["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
+
+
+def test_args_alone_go_to_the_images_entrypoint(tmp_path: Path) -> None:
+    [container] = job_manifest(make_run(tmp_path, {"args": ["--fast"]}))["spec"]["template"][
+        "spec"
+    ]["containers"]
+    assert "command" not in container and container["args"] == ["--fast"]
+
+
+def test_stdin_comes_from_the_runs_configmap_through_sh(tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"command": ["tr", "a-z", "A-Z"], "stdin": "quiet\n"})
+    job = job_manifest(run, name="j3")
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"] == [
+        "sh",
+        "-c",
+        'exec "$@" < /flotta-stdin/stdin',
+        "sh",
+        "tr",
+        "a-z",
+        "A-Z",
+    ]
+    assert {"name": "stdin", "mountPath": "/flotta-stdin", "readOnly": True} in (
+        container["volumeMounts"]
+    )
+    items = [{"key": "stdin", "path": "stdin"}]
+    assert {"name": "stdin", "configMap": {"name": "j3", "items": items}} in pod["volumes"]
+    configmap = configmap_manifest(run, "j3")
+    assert configmap is not None and configmap["data"] == {"stdin": "quiet\n"}
+    with pytest.raises(ValueError, match="on kube, `stdin` goes with a `command` or `shell`"):
+        job_manifest(make_run(tmp_path, {"stdin": "x"}))
+
+
+def test_mounts_are_host_paths_the_site_allows_read_only_unless_writable(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    mount = {"source": str(tmp_path / "data"), "target": "in/data"}
+    run = make_run(tmp_path, {"shell": ":", "mounts": [mount]})
+    with pytest.raises(PolicyError, match=r"is not under a folder policy\.mounts allows"):
+        job_manifest(run)
+    policy = run.policy.model_copy(update={"mounts": [HostMount(path=tmp_path / "data")]})
+    pod = job_manifest(dataclasses.replace(run, policy=policy))["spec"]["template"]["spec"]
+    assert {"name": "mount-0", "hostPath": {"path": str(tmp_path / "data")}} in pod["volumes"]
+    assert {"name": "mount-0", "mountPath": "/work/in/data", "readOnly": True} in pod["containers"][
+        0
+    ]["volumeMounts"]
+    writable = make_run(tmp_path, {"shell": ":", "mounts": [{**mount, "writable": True}]})
+    with pytest.raises(PolicyError, match="may be mounted read-only only"):
+        job_manifest(dataclasses.replace(writable, policy=policy))
 
 
 def test_job_manifest_with_neither_form_runs_the_image_entrypoint(tmp_path: Path) -> None:
@@ -178,7 +227,7 @@ def test_inputs_go_in_a_configmap_mounted_read_only(tmp_path: Path) -> None:
         {"name": "work", "mountPath": "/work", "readOnly": True}
     ]
     configmap = configmap_manifest(run, "j1")
-    assert configmap["metadata"]["name"] == "j1"
+    assert configmap is not None and configmap["metadata"]["name"] == "j1"
     assert configmap["data"] == {"input-0": "some words here\n"}
     assert configmap["binaryData"] == {"input-1": "/wD+"}, "non-UTF-8 files travel as base64"
 
@@ -200,13 +249,9 @@ def test_a_shared_volume_is_mounted_at_the_runs_own_folder(tmp_path: Path) -> No
     ]
 
 
-def test_params_are_checked() -> None:
-    with pytest.raises(ValidationError, match="at most one of"):
-        KubeParams.model_validate({"image": "x", "command": ["true"], "shell": "true"})
+def test_site_settings_are_checked() -> None:
     with pytest.raises(ValidationError, match="go together"):
         KubeSite(volume_claim="pvc")
-    with pytest.raises(ValidationError, match="extra"):
-        KubeParams.model_validate({"image": "x", "stdin": "no stdin for pods"})
 
 
 @pytest.mark.parametrize(
@@ -388,11 +433,8 @@ def execute(
         assert not player_error, player_error
 
 
-FAST = {"poll_interval": 0.05}
-
-
 def test_a_job_that_succeeds(cluster: Cluster, tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"shell": "echo hi", **FAST}, env={"K": "v"}, timeout=30)
+    run = make_run(tmp_path, {"shell": "echo hi"}, env={"K": "v"}, timeout=30)
 
     def play(job: dict[str, Any]) -> None:
         time.sleep(0.3)  # the executor polls a running Job a few times
@@ -433,7 +475,7 @@ def test_a_job_that_succeeds(cluster: Cluster, tmp_path: Path) -> None:
 
 
 def test_a_job_that_fails_reports_the_pods_exit_code(cluster: Cluster, tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"command": ["false"], **FAST}, site=KubeSite(namespace="jobs"))
+    run = make_run(tmp_path, {"command": ["false"]}, site=KubeSite(namespace="jobs"))
 
     def play(job: dict[str, Any]) -> None:
         cluster.run_pod(job, 3, b"something went wrong\n")
@@ -465,7 +507,7 @@ def test_a_job_that_fails_reports_the_pods_exit_code(cluster: Cluster, tmp_path:
 
 
 def test_a_failed_job_without_a_pod_exits_1(cluster: Cluster, tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"shell": "exit 0", **FAST})
+    run = make_run(tmp_path, {"shell": "exit 0"})
 
     def play(job: dict[str, Any]) -> None:
         cluster.set_job_status(
@@ -478,7 +520,7 @@ def test_a_failed_job_without_a_pod_exits_1(cluster: Cluster, tmp_path: Path) ->
 
 
 def test_the_clusters_deadline_counts_as_a_timeout(cluster: Cluster, tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"shell": "sleep 100", **FAST}, timeout=30)
+    run = make_run(tmp_path, {"shell": "sleep 100"}, timeout=30)
 
     def play(job: dict[str, Any]) -> None:
         cluster.set_job_status(
@@ -494,7 +536,7 @@ def test_the_clusters_deadline_counts_as_a_timeout(cluster: Cluster, tmp_path: P
 
 
 def test_a_timeout_deletes_the_job(cluster: Cluster, tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"shell": "sleep 100", **FAST}, timeout=1.0)
+    run = make_run(tmp_path, {"shell": "sleep 100"}, timeout=1.0)
 
     def play(job: dict[str, Any]) -> None:
         cluster.run_pod(job, None, b"started\n")  # it runs and never ends
@@ -513,7 +555,7 @@ def test_a_timeout_deletes_the_job(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_a_cancel_deletes_the_job(cluster: Cluster, tmp_path: Path) -> None:
     cancelled = threading.Event()
-    run = make_run(tmp_path, {"shell": "sleep 100", **FAST}, cancelled=cancelled)
+    run = make_run(tmp_path, {"shell": "sleep 100"}, cancelled=cancelled)
 
     started = time.monotonic()
     result = execute(cluster, run, lambda job: cancelled.set())
@@ -526,7 +568,7 @@ def test_a_cancel_deletes_the_job(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_inputs_travel_in_a_configmap_deleted_afterwards(cluster: Cluster, tmp_path: Path) -> None:
     (tmp_path / "in.txt").write_text("one two three\n")
-    run = make_run(tmp_path, {"shell": "wc -w < in.txt", **FAST}, inputs=["in.txt"])
+    run = make_run(tmp_path, {"shell": "wc -w < in.txt"}, inputs=["in.txt"])
 
     def play(job: dict[str, Any]) -> None:
         [configmap] = cluster.created("configmaps")
@@ -563,7 +605,7 @@ def test_a_shared_volume_carries_inputs_and_outputs(cluster: Cluster, tmp_path: 
     workdir.mkdir()
     shared.mkdir()
     (workdir / "in.txt").write_text("a b c d\n")
-    params = {"shell": "wc -w < in.txt > out/n.txt", **FAST}
+    params = {"shell": "wc -w < in.txt > out/n.txt"}
     site = KubeSite(volume_claim="jobfiles", volume_path=shared)
     run = make_run(workdir, params, inputs=["in.txt"], outputs=["out/n.txt"], site=site)
 
@@ -614,7 +656,7 @@ def test_a_kubeconfig_file_points_at_the_server(cluster: Cluster, tmp_path: Path
             }
         )
     )
-    run = make_run(tmp_path, {"shell": ":", **FAST}, site=KubeSite(kubeconfig=kubeconfig))
+    run = make_run(tmp_path, {"shell": ":"}, site=KubeSite(kubeconfig=kubeconfig))
     thread = threading.Thread(
         target=lambda: cluster.set_job_status(cluster.wait_for_job(), {"succeeded": 1}),
         daemon=True,
@@ -640,7 +682,7 @@ def test_secrets_travel_in_a_secret_of_the_run_deleted_with_its_job(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     value = f"s-{uuid.uuid4().hex}"
-    run = make_run(tmp_path, {"shell": "echo $TOKEN", **FAST}, secrets={"TOKEN": value})
+    run = make_run(tmp_path, {"shell": "echo $TOKEN"}, secrets={"TOKEN": value})
 
     def play(job: dict[str, Any]) -> None:
         [secret] = cluster.created("secrets")
@@ -667,9 +709,11 @@ def test_secrets_travel_in_a_secret_of_the_run_deleted_with_its_job(
 
 
 def test_an_image_the_site_does_not_allow_creates_nothing(cluster: Cluster, tmp_path: Path) -> None:
-    run = make_run(tmp_path, {"image": "attacker.example/miner:1", "shell": ":"})
+    # No player: one waiting for a Job that never comes raced the executor's refusal.
+    site = KubeSite(host=cluster.url)
+    run = make_run(tmp_path, {"image": "attacker.example/miner:1", "shell": ":"}, site=site)
     with pytest.raises(PolicyError, match=r"image 'attacker\.example/miner:1' is not allowed"):
-        execute(cluster, run)
+        KubeExecutor().run(run)
     assert cluster.requests() == []
 
 
@@ -678,10 +722,8 @@ def test_a_task_choosing_where_it_runs_is_refused_before_anything_is_created(
 ) -> None:
     runner = TaskRunner(ResourceStore(str(tmp_path / "store")), ["kube"])
     for setting, value in [("namespace", "kube-system"), ("kubeconfig", "/root/.kube/config")]:
-        task = Task(
-            name="k", executor="kube", params={"image": "busybox:1.36", setting: value, **FAST}
-        )
-        with pytest.raises(ValueError, match=rf"{setting}: where kube tasks run is the site's"):
+        task = Task(name="k", params={"image": "busybox:1.36", "shell": ":", setting: value})
+        with pytest.raises(ValueError, match=rf"{setting}: where and how tasks run is the site"):
             runner.run(task_job(task), "node-1", threading.Event())
     assert cluster.requests() == []
 
@@ -696,7 +738,7 @@ def test_a_link_left_on_the_shared_volume_is_copied_back_as_a_link(
         folder.mkdir()
     (host / "secret.txt").write_text("the worker's own file")
     site = KubeSite(volume_claim="jobfiles", volume_path=shared)
-    run = make_run(workdir, {"shell": ":", **FAST}, outputs=["out.txt"], site=site)
+    run = make_run(workdir, {"shell": ":"}, outputs=["out.txt"], site=site)
 
     def play(job: dict[str, Any]) -> None:
         [mount] = job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
@@ -759,9 +801,35 @@ def test_the_pod_spec_runs_in_podman_with_configmap_inputs(
     )
     name = job_name(run.label, nonce="play-1")
     job = job_manifest(run, name)
-    status, log = play_pod(podman, tmp_path, pod_yaml(job, configmap_manifest(run, name)), name)
+    configmap = configmap_manifest(run, name)
+    assert configmap is not None
+    status, log = play_pod(podman, tmp_path, pod_yaml(job, configmap), name)
     assert status == 4
     assert log.split() == ["hello", "pod", "5", "/work"]
+
+
+def test_the_pod_spec_runs_in_podman_reading_stdin_from_its_configmap(
+    podman: Podman,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "in.txt").write_text("ab\n")
+    run = make_run(
+        tmp_path,
+        {"image": podman.image, "command": ["sh", "-c", 'cat in.txt -; echo "$1"', "sh"]},
+        inputs=["in.txt"],
+    )
+    run = dataclasses.replace(
+        run,
+        task=run.task.model_copy(
+            update={"params": {**run.task.params, "stdin": "from stdin\n", "args": ["arg"]}}
+        ),
+    )
+    name = job_name(run.label, nonce="play-3")
+    configmap = configmap_manifest(run, name)
+    assert configmap is not None
+    status, log = play_pod(podman, tmp_path, pod_yaml(job_manifest(run, name), configmap), name)
+    assert status == 0, log
+    assert log.splitlines() == ["ab", "from stdin", "arg"]
 
 
 def test_the_pod_spec_runs_in_podman_with_a_shared_volume(

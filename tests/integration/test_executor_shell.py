@@ -23,11 +23,14 @@ from flotta_mqtt.protocol import Resource
 from flotta_mqtt.transport.store import IntegrityError, ResourceStore
 from flotta_mqtt.workflows.executors import (
     EXECUTORS,
+    PolicyError,
+    SitePolicy,
     TaskError,
     TaskResult,
     TaskRun,
     make_executor,
 )
+from flotta_mqtt.workflows.executors.policy import HostMount
 from flotta_mqtt.workflows.executors.runner import TaskRunner
 
 # Starts a child that would outlive the task, writes both PIDs, then waits for the child.
@@ -41,7 +44,7 @@ def run_task(
     timeout: float | None = None,
     cancelled: threading.Event | None = None,
 ) -> TaskResult:
-    task = Task(name="t", executor="shell", params=params, env=env or {}, timeout=timeout)
+    task = Task(name="t", params=params, env=env or {}, timeout=timeout)
     run = TaskRun(task, workdir, task.env, cancelled or threading.Event(), "test-t-1")
     return make_executor("shell").run(run)
 
@@ -193,7 +196,7 @@ def test_every_task_starts_in_an_empty_folder_of_its_own(tmp_path: Path) -> None
     runner = TaskRunner(ResourceStore(str(tmp_path / "store")), ["shell"])
 
     def run(shell: str) -> tuple[str, str]:
-        task = Task(name="t", executor="shell", params={"shell": shell})
+        task = Task(name="t", params={"shell": shell})
         job = task_job(task)
         product = runner.run(job, "w", threading.Event())
         out = runner.store.get_bytes(product["logs"]["stdout"]["url"]).decode().split()
@@ -239,3 +242,46 @@ def test_a_job_file_replaced_in_the_store_fails_its_reader_before_it_runs(tmp_pa
         assert not ran.exists()
     finally:
         runner.close()
+
+
+def test_args_follow_the_command_or_become_the_scripts_arguments(tmp_path: Path) -> None:
+    said = run_task(tmp_path, {"command": ["echo", "a"], "args": ["b c", "$HOME"]})
+    assert said.stdout == b"a b c $HOME\n", "args are argv, never expanded"
+    script = run_task(tmp_path, {"shell": 'echo "$# $1|$2"', "args": ["one two", "three"]})
+    assert script.stdout == b"2 one two|three\n"
+
+
+def test_an_image_only_task_is_not_run_as_a_process(tmp_path: Path) -> None:
+    """A forged job skipping check_task: the process executor has nothing to run."""
+    with pytest.raises(TaskError, match="a process needs a command or shell"):
+        run_task(tmp_path, {"image": "bb:1"})
+
+
+def test_a_mount_is_a_link_in_the_tasks_folder_where_the_site_allows(tmp_path: Path) -> None:
+    data, workdir = tmp_path / "data", tmp_path / "work"
+    data.mkdir()
+    workdir.mkdir()
+    (data / "rows.csv").write_text("x\n1\n2\n")
+    policy = SitePolicy(mounts=[HostMount(path=data)])
+    task = Task(
+        name="t",
+        params={
+            "shell": "wc -l < in/d/rows.csv",
+            "mounts": [{"source": str(data), "target": "in/d"}],
+        },
+    )
+    run = TaskRun(task, workdir, {}, threading.Event(), "test-t-1", policy=policy)
+    assert make_executor("shell").run(run).stdout == b"3\n"
+    assert (workdir / "in" / "d").resolve() == data.resolve()
+    for mount, reason in [
+        ({"source": "/etc", "target": "etc"}, "host path /etc is not under a folder"),
+        ({"source": str(data), "target": "d", "writable": True}, "may be mounted read-only only"),
+    ]:
+        refused = Task(name="t", params={"shell": "touch ran", "mounts": [mount]})
+        folder = tmp_path / "refused"
+        folder.mkdir()
+        run = TaskRun(refused, folder, {}, threading.Event(), "test-t-2", policy=policy)
+        with pytest.raises(PolicyError, match=reason):
+            make_executor("shell").run(run)
+        assert list(folder.iterdir()) == [], "refused before anything ran or was linked"
+        folder.rmdir()

@@ -43,7 +43,8 @@ pytestmark = pytest.mark.integration
 TIMEOUT = 30.0
 ADMIN = "ops"
 WORKER = "w-prune"
-TABLES = {"artifacts", "jobs", "locks", "nodes"}
+# `schedules` holds no artifact's rows: a schedule's runs are artifacts like any other.
+TABLES = {"artifacts", "jobs", "locks", "nodes", "schedules"}
 
 DONE = {
     "tasks": [

@@ -220,9 +220,9 @@ def test_an_output_linking_to_the_workers_files_is_never_collected(
             store.get_bytes(store.job_file_url(status.artifact_id, str(job.id), job.attempt, path))
 
 
-def test_a_worker_refuses_a_shell_job_sent_straight_to_it(flotta: Flotta) -> None:  # noqa: F811
-    """A scheduler places a shell task only on a worker offering shell; a job forged on
-    the worker's own topic (no broker ACL here) is refused by the worker itself."""
+def test_a_worker_refuses_a_run_job_sent_straight_to_it(flotta: Flotta) -> None:  # noqa: F811
+    """A scheduler places a task only on a worker running tasks; a job forged on the
+    worker's own topic (no broker ACL here) is refused by the worker itself."""
     witness = flotta.folder / "ran"
     flotta.start({"api-only": ["api"]})
     events = MessageRecorder()
@@ -240,7 +240,7 @@ def test_a_worker_refuses_a_shell_job_sent_straight_to_it(flotta: Flotta) -> Non
     finally:
         bus.stop()
     [failure] = messages_of(failed, JobFailed)
-    assert failure.error.message == "worker api-only does not run the shell executor"
+    assert failure.error.message == "worker api-only runs no tasks"
     assert not witness.exists()
 
 
@@ -249,7 +249,6 @@ def test_validate_refuses_a_kube_task_choosing_where_it_runs(tmp_path: Path) -> 
         "tasks": [
             {
                 "name": "k",
-                "executor": "kube",
                 "params": {"image": "bb:1", "kubeconfig": "/home/admin/.kube/config"},
             }
         ]
@@ -257,4 +256,4 @@ def test_validate_refuses_a_kube_task_choosing_where_it_runs(tmp_path: Path) -> 
     result = invoke("validate", str(write_workflow(tmp_path, workflow)))
     assert result.exit_code == 2
     said = " ".join(result.output.split())
-    assert "kubeconfig: where kube tasks run is the site's to set (policy.kube" in said
+    assert "kubeconfig: where and how tasks run is the site's to set (policy in" in said

@@ -1,4 +1,5 @@
-"""ResourceStore against a local directory and a real S3 API (moto's server on loopback)."""
+"""ResourceStore against a local directory, a real S3 API (moto's server on loopback) and a
+real Azure Blob Storage API (Azurite on loopback): one suite, every backend."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pydantic
 import pytest
 import s3fs
+from azurite import AzureAccount, azurite
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moto.server import ThreadedMotoServer
@@ -116,10 +119,46 @@ def _s3_backend(endpoint: str) -> Backend:
     return Backend(ResourceStore(f"s3://{bucket}/root", options), raw_write, list_dir, options)
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(scope="module")
+def azure_account(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzureAccount]:
+    try:
+        server = azurite(tmp_path_factory.mktemp("azurite"))
+        account = server.__enter__()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
+    yield account
+    server.__exit__(None, None, None)
+
+
+def _raw_azure(account: AzureAccount) -> Any:
+    """An adlfs client of its own, to act behind the store's back (no shared caches)."""
+    return fsspec.filesystem(
+        "az", connection_string=account.connection_string, skip_instance_cache=True
+    )
+
+
+def _azure_backend(account: AzureAccount, scheme: str = "az") -> Backend:
+    raw = _raw_azure(account)
+    container = f"test-{uuid.uuid4().hex}"
+    raw.mkdir(container)
+
+    def raw_write(url: str, data: bytes) -> None:
+        raw.pipe_file(url, data)
+
+    def list_dir(url: str) -> list[str]:
+        raw.invalidate_cache()
+        return sorted(os.path.basename(p.rstrip("/")) for p in raw.ls(url, detail=False))
+
+    store = ResourceStore(f"{scheme}://{container}/root", account.options)
+    return Backend(store, raw_write, list_dir, account.options)
+
+
+@pytest.fixture(params=["file", "s3", "az"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "file":
         return _local_backend(tmp_path)
+    if request.param == "az":
+        return _azure_backend(request.getfixturevalue("azure_account"))
     return _s3_backend(request.getfixturevalue("s3_endpoint"))
 
 
@@ -432,3 +471,38 @@ def test_resource_is_frozen() -> None:
     resource = Resource(url="file:///x", sha256="a" * 64, size=0)
     with pytest.raises(pydantic.ValidationError):
         resource.size = 1  # type: ignore[misc]
+
+
+def test_azure_reads_stay_in_the_store_container_and_prefix(azure_account: AzureAccount) -> None:
+    """Another container of the same account, or a sibling prefix, holds what a forged URL
+    names: the store refuses it unopened. `az://` and `abfs://` name the same store."""
+    backend = _azure_backend(azure_account)
+    store, other = backend.store, _azure_backend(azure_account).store
+    assert store.root.startswith("abfs://")  # adlfs's spelling, whichever the settings use
+    same = ResourceStore(store.root.replace("abfs://", "az://", 1), azure_account.options)
+    assert same.root == store.root
+    resource = store.put_product("a", "j", 1, stored(b"mine"))
+    assert same.get(resource, same.artifact_root("a")) == stored(b"mine")
+    theirs = other.put_product("a", "j", 1, stored(b"another container"))
+    sibling = f"{store.root}-sibling/artifacts/a/jobs/j~1~product"
+    backend.raw_write(sibling, stored(b"sibling"))
+    for url, data in ((theirs.url, b"another container"), (sibling, b"sibling")):
+        with pytest.raises(ResourceRefused, match="not a key under"):
+            store.get(forged(url, stored(data)))
+
+
+def test_azure_credentials_come_from_the_environment_and_are_never_shown(
+    azure_account: AzureAccount, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    container = _azure_backend(azure_account).store.root.split("/")[2]
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azure_account.connection_string)
+    from_env = ResourceStore(f"az://{container}/root")
+    assert from_env.get(from_env.put_product("a", "j", 1, stored(b"env"))) == stored(b"env")
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING")
+    wrong_key = base64.b64encode(os.urandom(64)).decode()
+    wrong = AzureAccount(azure_account.name, wrong_key, azure_account.endpoint)
+    store = ResourceStore(f"az://{container}/other", wrong.options)
+    with pytest.raises(Exception) as failed:
+        store.put(store.product_url("a", "j", 1), stored(b"x"))
+    assert wrong_key not in str(failed.value) and wrong_key not in caplog.text
+    assert "AuthorizationFailure" in str(failed.value) or "403" in str(failed.value)

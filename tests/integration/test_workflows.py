@@ -543,7 +543,9 @@ def test_without_a_shell_worker_a_shell_task_is_refused_by_name(flotta: Flotta) 
     status = run_and_wait(flotta, workflow)
     assert status.state is ArtifactState.FAILED
     assert status.error is not None and status.error.type == "BindingError"
-    assert "task needs-shell (step 0): no worker runs the shell executor" in status.error.message
+    assert "task needs-shell (step 0): no worker runs tasks (shell, docker or kube)" in (
+        status.error.message
+    )
     assert status.jobs is None or all(j.started_at is None for j in status.jobs)
     assert not list(flotta.folder.rglob("RAN"))
 

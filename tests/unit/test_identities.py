@@ -64,6 +64,7 @@ EXPECTED: dict[str, Rights] = {
         ("read", f"{V}/replies/alice"),
         ("read", f"{V}/artifacts/alice/#"),  # its own artifacts only
         ("read", f"{V}/presence/+"),
+        ("read", "flotta/directory/v1/+"),  # which scheduler group serves a project
         ("write", f"{V}/requests/alice/+"),
         ("write", f"{V}/replies/alice"),  # the SDK's sync marker to itself
         ("write", f"{V}/sessions/alice"),
@@ -174,6 +175,11 @@ def test_the_acl_matches_the_protocol_topics() -> None:
         ("alice", "write", topics.submit("alice"), True),
         ("alice", "write", topics.cancel("alice"), True),
         ("alice", "write", topics.submit("bob"), False),
+        ("alice", "write", topics.schedule("alice"), True),
+        ("alice", "write", topics.schedule("bob"), False),
+        ("node-1", "write", topics.schedule("node-1"), False),
+        ("dash", "write", topics.schedule("dash"), False),
+        ("scheduler", "read", topics.schedule("alice"), True),
         ("alice", "write", topics.reply("alice"), True),
         ("alice", "read", topics.reply("alice"), True),
         ("alice", "read", topics.reply("bob"), False),

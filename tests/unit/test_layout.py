@@ -34,12 +34,23 @@ HIDDEN_BEHIND = {
     "paho": ("transport/bus.py", "transport/paho_speedups.py"),
     "fsspec": ("transport/store.py",),
     "s3fs": ("transport/store.py",),
+    "adlfs": ("transport/store.py",),
+    "azure": ("transport/store.py",),
     # Only @distributed calls unpickle, and only bytes verified against a sha256 from the
     # bus: analytics results, models and every other product are JSON.
     "pickle": ("functions/calls.py",),
     "cloudpickle": ("functions/calls.py", "functions/handles.py", "functions/_child.py"),
     # Secure aggregation's primitives, in one module that says which it uses and why.
     "cryptography": ("analytics/secagg/crypto.py",),
+    # The query engine, and the databases a site's data may live in; the scheduler's
+    # PostgreSQL database and its lease.
+    "duckdb": ("analytics/engine.py",),
+    "psycopg": (
+        "analytics/databases.py",
+        "scheduler/postgres_repository.py",
+        "scheduler/lease.py",
+    ),
+    "polars": (),
     "dill": (),
     "joblib": (),
     "marshal": (),

@@ -26,12 +26,15 @@ A = ArtifactState
 
 # Every legal move, written out: anything not listed must be refused.
 JOB_TABLE: dict[JobState, set[JobState]] = {
-    J.WAITING: {J.READY, J.CANCELLED},
+    # an on_failure exit handler is skipped without running when no task failed
+    J.WAITING: {J.READY, J.CANCELLED, J.SKIPPED},
     J.READY: {J.DISPATCHED, J.CANCELLED},
-    # finished may overtake started; a lost worker sends the job back to READY
-    J.DISPATCHED: {J.RUNNING, J.COMPLETED, J.FAILED, J.READY, J.CANCELLED},
-    J.RUNNING: {J.COMPLETED, J.FAILED, J.READY, J.CANCELLED},
+    # finished may overtake started; a lost worker sends the job back to READY; a task
+    # whose `when` is false finishes skipped
+    J.DISPATCHED: {J.RUNNING, J.COMPLETED, J.FAILED, J.READY, J.CANCELLED, J.SKIPPED},
+    J.RUNNING: {J.COMPLETED, J.FAILED, J.READY, J.CANCELLED, J.SKIPPED},
     J.COMPLETED: set(),
+    J.SKIPPED: set(),
     J.FAILED: set(),
     J.CANCELLED: set(),
 }
@@ -52,7 +55,7 @@ def test_tables_cover_every_state():
 
 def test_final_states_are_exactly_those_with_no_way_out():
     assert {s for s, nxt in JOB_TABLE.items() if not nxt} == JOB_FINAL
-    assert {J.COMPLETED, J.FAILED, J.CANCELLED} == JOB_FINAL
+    assert {J.COMPLETED, J.FAILED, J.CANCELLED, J.SKIPPED} == JOB_FINAL
     assert {s for s, nxt in ARTIFACT_TABLE.items() if not nxt} == ARTIFACT_FINAL
     assert {A.COMPLETED, A.FAILED, A.CANCELLED} == ARTIFACT_FINAL
 

@@ -8,20 +8,29 @@ tests/integration/test_site_policy.py and the executors' own integration tests.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import typer
 import yaml
+from helpers import task_job
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from flotta_mqtt.cli.settings import node_config
 from flotta_mqtt.model import Task
+from flotta_mqtt.model.run import SITE_SETTINGS, RunParams
+from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.worker.config import WorkerConfig
-from flotta_mqtt.workflows.executors import PolicyError, SitePolicy, TaskError, check_task
-from flotta_mqtt.workflows.executors.docker import DockerParams, check_container
+from flotta_mqtt.workflows.executors import (
+    PolicyError,
+    SitePolicy,
+    TaskError,
+    TaskRunner,
+    check_task,
+)
 from flotta_mqtt.workflows.executors.policy import BASE_ENV, HostMount, KubeSite, mask
 from flotta_mqtt.workflows.executors.runner import read_output
 
@@ -32,9 +41,9 @@ def test_the_default_policy_allows_no_image_network_mount_or_secret(tmp_path: Pa
     policy = SitePolicy()
     with pytest.raises(PolicyError, match=r"image 'busybox' is not allowed.*policy.images: none"):
         policy.check_image("t", "busybox")
-    with pytest.raises(PolicyError, match=r"network 'host' is not allowed.*: none\)"):
-        policy.check_network("t", "host")
-    policy.check_network("t", "none")  # no network at all is always allowed
+    with pytest.raises(PolicyError, match=r"task t names no image, and this site has no policy"):
+        policy.image("t", None)
+    assert not policy.networks and not policy.gpu
     with pytest.raises(PolicyError, match=r"not under a folder policy\.mounts allows"):
         policy.host_mount("t", str(tmp_path), writable=False)
     with pytest.raises(PolicyError, match="defines no secret named 'TOKEN'"):
@@ -67,15 +76,14 @@ def test_images_match_exactly_or_by_glob_as_written(image: str, allowed: bool) -
             policy.check_image("t", image)
 
 
-def test_networks_beyond_none_only_when_listed() -> None:
-    policy = SitePolicy(networks=["bridge"])
-    policy.check_network("t", "bridge")
-    for mode in ("host", "container:db", "mynet"):
-        with pytest.raises(
-            PolicyError, match=rf"network '{mode}'.*\(policy.networks: none, bridge"
-        ):
-            policy.check_network("t", mode)
-    SitePolicy(networks=["host"]).check_network("t", "host")
+def test_a_task_without_an_image_runs_in_the_sites_default_if_allowed() -> None:
+    policy = SitePolicy(images=["bb:*"], default_image="bb:1")
+    assert policy.image("t", None) == "bb:1"
+    assert policy.image("t", "bb:2") == "bb:2"
+    with pytest.raises(PolicyError, match="image 'evil:1' is not allowed"):
+        policy.image("t", "evil:1")
+    with pytest.raises(PolicyError, match="image 'other:1' is not allowed"):
+        SitePolicy(images=["bb:*"], default_image="other:1").image("t", None)
 
 
 def test_host_mounts_only_under_allowed_folders_links_resolved(tmp_path: Path) -> None:
@@ -97,35 +105,33 @@ def test_host_mounts_only_under_allowed_folders_links_resolved(tmp_path: Path) -
         policy.host_mount("t", str(data / "absent"), writable=False)
 
 
-def test_a_docker_task_is_checked_against_the_policy_before_anything_runs(tmp_path: Path) -> None:
+def test_a_tasks_mounts_are_checked_against_the_policy_before_anything_runs(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "data").mkdir()
-    policy = SitePolicy(images=["bb:*"], mounts=[HostMount(path=tmp_path / "data")])
-    params = DockerParams.model_validate(
-        {"image": "bb:1", "mounts": [{"source": str(tmp_path / "data"), "target": "/data"}]}
-    )
-    assert check_container("t", params, policy) == {"/data": tmp_path / "data"}
+    policy = SitePolicy(mounts=[HostMount(path=tmp_path / "data")])
+    mount = {"source": str(tmp_path / "data"), "target": "data"}
+    params = RunParams.model_validate({"shell": ":", "mounts": [mount]})
+    assert policy.host_mounts("t", params.mounts) == [(params.mounts[0], tmp_path / "data")]
     for refused, reason in [
-        ({"image": "evil:1"}, "image 'evil:1'"),
-        ({"image": "bb:1", "network": "host"}, "network 'host'"),
-        ({"image": "bb:1", "mounts": [{"source": "/etc", "target": "/etc2"}]}, "/etc is not"),
+        ({"source": "/etc", "target": "etc"}, "host path /etc is not under a folder"),
+        ({**mount, "writable": True}, "may be mounted read-only only"),
     ]:
+        refusing = RunParams.model_validate({"shell": ":", "mounts": [refused]})
         with pytest.raises(PolicyError, match=reason):
-            check_container("t", DockerParams.model_validate(refused), policy)
-    with pytest.raises(ValidationError, match="target of its own"):
-        DockerParams.model_validate(
-            {"image": "bb:1", "mounts": [{"source": "/srv", "target": "/work"}]}
-        )
+            policy.host_mounts("t", refusing.mounts)
+    with pytest.raises(ValidationError, match="a `target` of its own"):
+        RunParams.model_validate({"shell": ":", "mounts": [mount, {**mount, "source": "/srv"}]})
 
 
 @pytest.mark.parametrize(
     "setting",
-    ["kubeconfig", "namespace", "context", "host", "service_account", "volume_claim"],
+    ["kubeconfig", "namespace", "context", "host", "service_account", "volume_claim", "network"],
 )
-def test_a_kube_task_setting_where_it_runs_is_refused_by_name(setting: str) -> None:
-    task = Task(
-        name="k", executor="kube", params={"image": "bb:1", "shell": ":", setting: "attacker"}
-    )
-    with pytest.raises(ValueError, match=rf"{setting}: where kube tasks run is the site's"):
+def test_a_task_setting_where_it_runs_is_refused_by_name(setting: str) -> None:
+    assert set(KubeSite.model_fields) <= set(SITE_SETTINGS), "each of the site's named"
+    task = Task(name="k", params={"image": "bb:1", "shell": ":", setting: "attacker"})
+    with pytest.raises(ValueError, match=rf"{setting}: where and how tasks run is the site's"):
         check_task(task)
 
 
@@ -286,3 +292,31 @@ def test_an_output_is_read_only_as_a_regular_file_inside_the_folder(tmp_path: Pa
         read_output("t", work, "real/absent")
     with pytest.raises(TaskError, match="output real is not a regular file"):
         read_output("t", work, "real")
+
+
+# --- what a worker offers `run` tasks, and which executor runs one ---------------------------
+
+
+def test_a_workers_features_are_what_its_executors_give_on_its_site(tmp_path: Path) -> None:
+    store = ResourceStore(str(tmp_path / "store"))
+    assert TaskRunner(store, ["shell"]).features() == ["network"], "the host's own network"
+    assert TaskRunner(store, ["docker"]).features() == [], "no network unless the site names one"
+    site = SitePolicy(networks=["bridge"], gpu=True)
+    assert TaskRunner(store, ["docker"], site).features() == ["gpu", "network"]
+    assert TaskRunner(store, ["api"], site).features() == [], "api runs no `run` tasks"
+
+
+def test_a_worker_runs_a_task_only_with_an_executor_meeting_its_requirements(
+    tmp_path: Path,
+) -> None:
+    """A job forged on a worker's topic, past the scheduler's routing: refused, not run."""
+    witness = tmp_path / "ran"
+    store = ResourceStore(str(tmp_path / "store"))
+    task = Task(
+        name="boxed",
+        requires=["container"],
+        params={"image": "bb:1", "shell": f"touch {witness}"},
+    )
+    with pytest.raises(TaskError, match="worker n runs no tasks that require container"):
+        TaskRunner(store, ["shell"]).run(task_job(task), "n", threading.Event())
+    assert not witness.exists()

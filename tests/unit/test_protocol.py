@@ -27,12 +27,14 @@ from flotta_mqtt.model import (
     RoundRobin,
     Sequential,
 )
+from flotta_mqtt.model.ids import GROUP
 from flotta_mqtt.protocol import (
     MAX_MESSAGE_BYTES,
     Artifact,
     ArtifactStatus,
     CancelArtifact,
     CancelJob,
+    DirectoryEntry,
     EventAck,
     EventBatch,
     JobAccepted,
@@ -59,10 +61,18 @@ from flotta_mqtt.protocol import (
     encode,
     encode_batches,
     messages,
+    schedules,
     topics,
     unbatch,
 )
 from flotta_mqtt.protocol.codec import PAYLOADS
+from flotta_mqtt.protocol.schedules import (
+    ScheduleAdd,
+    ScheduleInfo,
+    ScheduleList,
+    ScheduleRemove,
+    ScheduleReport,
+)
 from flotta_mqtt.protocol.topics import Address, Channel, TopicError
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -276,6 +286,43 @@ MESSAGES[SessionClaim] = (
     ),
 )
 MESSAGES[SessionProbe] = (topics.session, st.builds(SessionProbe, nonce=tokens))
+schedule_ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+crons = st.sampled_from(["* * * * *", "*/5 1-3 * * mon-fri", "0 0 1,15 * 0", "30 2 29 feb *"])
+MESSAGES[ScheduleAdd] = (
+    topics.schedule,
+    st.builds(ScheduleAdd, schedule_id=schedule_ids, cron=crons, artifact=artifacts()),
+)
+MESSAGES[ScheduleRemove] = (topics.schedule, st.builds(ScheduleRemove, schedule_id=schedule_ids))
+MESSAGES[ScheduleList] = (topics.schedule, st.just(ScheduleList()))
+MESSAGES[ScheduleReport] = (
+    topics.reply,
+    st.builds(
+        ScheduleReport,
+        action=st.sampled_from(["add", "remove", "list"]),
+        schedules=st.lists(
+            st.builds(
+                ScheduleInfo,
+                schedule_id=schedule_ids,
+                owner=safe_ids,
+                cron=crons,
+                project=texts,
+                next_run=timestamps,
+                runs=st.integers(min_value=0, max_value=2**31),
+            ),
+            max_size=3,
+        ),
+        total=st.integers(min_value=0, max_value=2**31),
+    ),
+)
+MESSAGES[DirectoryEntry] = (
+    topics.directory,
+    st.builds(
+        DirectoryEntry,
+        project=safe_ids,
+        group=st.from_regex(GROUP, fullmatch=True),
+        scheduler=safe_ids,
+    ),
+)
 
 worker_events = st.one_of(*(how for build, how in MESSAGES.values() if build is topics.events))
 MESSAGES[EventBatch] = (
@@ -288,6 +335,7 @@ BUILDERS: dict[Channel, Callable[[str], str]] = {
     Channel.CANCEL: topics.cancel,
     Channel.ASK: topics.ask,
     Channel.PRUNE: topics.prune,
+    Channel.SCHEDULE: topics.schedule,
     Channel.REPLY: topics.reply,
     Channel.STATUS: lambda artifact_id: topics.status("owner", artifact_id),
     Channel.LOCKS: lambda artifact_id: topics.locks("owner", artifact_id),
@@ -296,6 +344,7 @@ BUILDERS: dict[Channel, Callable[[str], str]] = {
     Channel.EVENTS: topics.events,
     Channel.PRESENCE: topics.presence,
     Channel.SESSION: topics.session,
+    Channel.DIRECTORY: topics.directory,
 }
 any_topic = st.builds(
     lambda build, name: build(name), st.sampled_from(list(BUILDERS.values())), short_ids
@@ -317,7 +366,7 @@ def test_every_channel_has_a_builder() -> None:
 @given(channel=st.sampled_from(Channel), name=safe_ids)
 def test_builders_and_parse_round_trip(channel: Channel, name: str) -> None:
     topic = BUILDERS[channel](name)
-    assert topic.startswith(topics.ROOT + "/")
+    assert topic.startswith((topics.ROOT + "/", topics.DIRECTORY + "/"))
     assert topics.parse(topic) == Address(channel, name)
 
 
@@ -410,12 +459,14 @@ VALID = {
         iteration=0,
         operation=Operation(name="count"),
     ),
+    Channel.SCHEDULE: ScheduleRemove(schedule_id="nightly"),
     Channel.CONTROL: CancelJob(job=ref()),
     Channel.EVENTS: JobStarted(job=ref(), at=5.0),
     Channel.PRESENCE: NodePresence(node="n", online=True, since=1.0),
     Channel.SESSION: SessionClaim(
         client="n", session="0" * 32, host="h", pid=1, since=1.0, keepalive=15
     ),
+    Channel.DIRECTORY: DirectoryEntry(project="p", group="g", scheduler="s"),
 }
 
 
@@ -558,7 +609,8 @@ def payload_models() -> set[type[BaseModel]]:
         schema = adapter.json_schema()
         options = schema.get("oneOf", []) + schema.get("anyOf", [])  # discriminated or not
         refs = [option["$ref"] for option in options] or [schema["title"]]
-        models.update(getattr(messages, ref.rsplit("/", 1)[-1]) for ref in refs)
+        names = (ref.rsplit("/", 1)[-1] for ref in refs)
+        models.update(getattr(messages, name, None) or getattr(schedules, name) for name in names)
     return models
 
 

@@ -63,8 +63,8 @@ from flotta_mqtt.scheduler.effects import (
     UpdateJob,
 )
 from flotta_mqtt.scheduler.metrics import SchedulerMetrics
-from flotta_mqtt.scheduler.repository import Repository
 from flotta_mqtt.scheduler.service import commit
+from flotta_mqtt.scheduler.sqlite_repository import SqliteRepository
 
 PROJECT = "p"
 WORKERS = ("w0", "w1", "w2")
@@ -109,7 +109,7 @@ class Harness:
     registry: Registry | None = None
     now: float = 1000.0
     wall: float = 1.7e9
-    repository: Repository = field(init=False)
+    repository: SqliteRepository = field(init=False)
     core: SchedulerCore = field(init=False)
     pending: list[tuple[str, JobReady]] = field(default_factory=list)  # every JobReady sent
     completed: set[tuple[str, int]] = field(default_factory=set)
@@ -118,7 +118,7 @@ class Harness:
     graphs: dict[str, JobGraph] = field(default_factory=dict)  # as bound
 
     def __post_init__(self) -> None:
-        self.repository = Repository(":memory:")
+        self.repository = SqliteRepository(":memory:")
         policies = Policies.of(self.config, random.Random(self.seed))
         self.core = SchedulerCore(self.config, SchedulerMetrics(), policies, self.registry)
         self.core.restore([], {}, {}, [], self.clock())
@@ -157,7 +157,7 @@ class Harness:
             if not isinstance(write, UpdateJob):
                 continue
             key = (write.artifact_id, write.job_id)
-            if write.state is JobState.COMPLETED:
+            if write.state in (JobState.COMPLETED, JobState.SKIPPED):
                 assert key not in self.completed, f"{key} completed twice"
                 self.completed.add(key)
             elif write.error is not None and write.error.type == "DroppedOut":

@@ -1,11 +1,13 @@
 """The scheduler service on the in-memory transport: the core wired to a bus and a
-repository, with a stand-in worker and workbench and no broker process."""
+repository, with a stand-in worker and workbench and no broker process. What the
+repository decides runs on both engines (`engines`); a lease lost, on PostgreSQL."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from helpers import MessageRecorder, Messages, messages_of, wait_for
 
@@ -31,11 +33,9 @@ WORKERS = ("w0", "w1")
 class Site:
     """A scheduler on a fresh memory:// broker, stand-in workers and a workbench."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, database: Path | str) -> None:
         self.settings = fresh_memory_broker("sched").broker_settings()
-        self.config = SchedulerConfig(
-            database=folder / "scheduler.db", broker=self.settings, run_initiator=False
-        )
+        self.config = SchedulerConfig(database=database, broker=self.settings, run_initiator=False)
         self.jobs = MessageRecorder()
         self.seen = MessageRecorder()
         self.workers = MemoryBus(
@@ -74,14 +74,23 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    running = Site(tmp_path)
+def site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Site]:
+    """On SQLite, or on PostgreSQL where a test is parametrised with `engines`."""
+    engine = getattr(request, "param", "sqlite")
+    if engine == "sqlite":
+        running = Site(tmp_path / "scheduler.db")
+    else:
+        running = Site(request.getfixturevalue("postgres_url"))
     try:
         yield running
     finally:
         running.close()
 
 
+engines = pytest.mark.parametrize("site", ["sqlite", "postgres"], indirect=True)
+
+
+@engines
 def test_an_artifact_is_dispatched_completed_and_its_results_acknowledged(site: Site) -> None:
     artifact = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
     site.workbench.publish(topics.submit("wb"), artifact)
@@ -102,6 +111,7 @@ def test_an_artifact_is_dispatched_completed_and_its_results_acknowledged(site: 
     assert gauges is not None and sum(gauges.artifacts.values()) == 0
 
 
+@engines
 def test_a_restarted_scheduler_resumes_and_answers_a_resubmission(site: Site) -> None:
     artifact = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
     site.workbench.publish(topics.submit("wb"), artifact)
@@ -116,6 +126,7 @@ def test_a_restarted_scheduler_resumes_and_answers_a_resubmission(site: Site) ->
     site.status(artifact.id, ArtifactState.RUNNING, after_seq=resumed.seq)
 
 
+@engines
 def test_a_request_that_cannot_be_read_is_rejected_by_name(site: Site) -> None:
     site.workbench.publish_raw(topics.submit("wb"), b'{"id": "named", "steps": 1}')
     site.seen.wait_for(
@@ -158,7 +169,7 @@ def test_a_database_that_refuses_writes_refuses_submissions_and_loses_nothing(
     first = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
     site.workbench.publish(topics.submit("wb"), first)
     readies = messages_of(site.jobs.wait(len(WORKERS), timeout=TIMEOUT), JobReady)
-    database, aside = site.config.database, tmp_path / "aside.db"
+    database, aside = Path(site.config.database), tmp_path / "aside.db"
     database.rename(aside)
 
     finish(site, readies[0])
@@ -192,7 +203,31 @@ def test_a_new_database_where_the_broker_remembers_the_scheduler_is_reported(
     but the broker kept its session, so it says its database is new to someone who ran."""
     site.scheduler.stop()
     assert "is new, but the broker kept" not in caplog.text  # the first start: no session
-    for path in site.config.database.parent.glob("scheduler.db*"):
+    for path in Path(site.config.database).parent.glob("scheduler.db*"):
         path.unlink()
     site.scheduler = Scheduler(site.config).start(wait=TIMEOUT)
     wait_for(lambda: "is new, but the broker kept" in caplog.text, TIMEOUT, "never reported")
+
+
+@pytest.mark.parametrize("site", ["postgres"], indirect=True)
+def test_a_lost_postgresql_connection_is_a_refused_write_and_loses_nothing(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database connection terminated (a server restart, a network cut) while the lease
+    holds: the results arriving meanwhile wait, and the scheduler connects again."""
+    artifact = Artifact(project="p", steps=[Parallel(Operation(name="noop"))])
+    site.workbench.publish(topics.submit("wb"), artifact)
+    readies = messages_of(site.jobs.wait(len(WORKERS), timeout=TIMEOUT), JobReady)
+    with psycopg.connect(str(site.config.database), autocommit=True) as db:
+        ended = db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() AND pid NOT IN "
+            "(SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)"
+        ).fetchall()
+    assert len(ended) == 1  # the repository's; the lease's holds
+    for ready in readies:
+        finish(site, ready)
+    status = site.status(artifact.id, ArtifactState.COMPLETED)
+    assert [r.url for r in status.results] == ["file:///p/0", "file:///p/1"]
+    assert caplog.text.count("refused a write") == 1
+    assert site.scheduler.running

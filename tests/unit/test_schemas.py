@@ -36,7 +36,7 @@ def test_committed_schemas_match_the_models() -> None:
 def test_there_is_one_schema_per_channel_user_document_and_product_protocol() -> None:
     files = schemas.render()
     expected = {f"{channel}.schema.json" for channel in Channel} | {"workflow.schema.json"}
-    expected |= {"secagg.schema.json"}
+    expected |= {"secagg.schema.json", "task-params.schema.json"}
     assert set(files) == expected
     for name, text in files.items():
         schema = json.loads(text)

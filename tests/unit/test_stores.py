@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flotta_mqtt.scheduler.repository import Repository
+from flotta_mqtt.scheduler.sqlite_repository import SqliteRepository
 from flotta_mqtt.sqlite import StoreError, StoreMoved
 from flotta_mqtt.worker.journal import Journal
 
@@ -58,7 +58,7 @@ def test_a_damaged_scheduler_database_is_refused_with_how_to_recover(
     spoil(path)  # type: ignore[operator]
     before = path.read_bytes()
     with pytest.raises(StoreError) as refused:
-        Repository(path)
+        SqliteRepository(path)
     text = one_line(refused)
     assert f"the scheduler database {path} is damaged" in text and said in text
     assert "move it aside" in text and "retained on the broker" in text
@@ -81,12 +81,14 @@ def test_a_store_of_another_kind_is_refused_untouched(tmp_path: Path) -> None:
     Journal(tmp_path / "worker").close()
     journal = tmp_path / "worker" / "journal.db"
     with pytest.raises(StoreError, match="is not ours"):  # a table of its own, or jobs' columns
-        Repository(journal)
+        SqliteRepository(journal)
 
-    Repository(tmp_path / "scheduler.db").close()
+    SqliteRepository(tmp_path / "scheduler.db").close()
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "scheduler.db").rename(tmp_path / "elsewhere" / "journal.db")
-    with pytest.raises(StoreError, match=r"not ours \(it holds tables artifacts, locks, nodes\)"):
+    with pytest.raises(
+        StoreError, match=r"not ours \(it holds tables artifacts, locks, nodes, schedules\)"
+    ):
         Journal(tmp_path / "elsewhere")
 
     other = tmp_path / "other.db"
@@ -94,7 +96,7 @@ def test_a_store_of_another_kind_is_refused_untouched(tmp_path: Path) -> None:
         db.execute("CREATE TABLE invoices (id INTEGER)")
         db.commit()
     with pytest.raises(StoreError) as refused:
-        Repository(other)
+        SqliteRepository(other)
     assert "is not ours (it holds tables invoices)" in one_line(refused)
     with closing(sqlite3.connect(other)) as db:  # none of our tables was added to it
         assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("invoices",)]
@@ -102,34 +104,34 @@ def test_a_store_of_another_kind_is_refused_untouched(tmp_path: Path) -> None:
 
 def test_a_store_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as refused:
-        Repository(tmp_path / "missing" / "scheduler.db")
+        SqliteRepository(tmp_path / "missing" / "scheduler.db")
     assert "cannot open the scheduler database" in one_line(refused)
     assert "unable to open database file" in one_line(refused)
 
 
 def test_a_new_database_says_so_until_it_holds_something(tmp_path: Path) -> None:
     path = tmp_path / "scheduler.db"
-    first = Repository(path)
+    first = SqliteRepository(path)
     assert first.new
     first.close()
-    assert Repository(path).new  # opened, never written: still holds nothing
+    assert SqliteRepository(path).new  # opened, never written: still holds nothing
     with closing(sqlite3.connect(path)) as db:
         db.execute("INSERT INTO nodes VALUES ('w0', '{}')")
         db.commit()
-    assert not Repository(path).new
+    assert not SqliteRepository(path).new
 
 
 @pytest.mark.parametrize("how", ["deleted", "moved", "replaced"])
 def test_a_database_whose_file_goes_away_refuses_writes(tmp_path: Path, how: str) -> None:
     """Written to, a deleted file would lose at the stop what was acknowledged since."""
     path = tmp_path / "scheduler.db"
-    repository = Repository(path)
+    repository = SqliteRepository(path)
     if how == "deleted":
         path.unlink()
     else:
         path.rename(tmp_path / "aside.db")
     if how == "replaced":
-        Repository(path).close()
+        SqliteRepository(path).close()
     said = "replaced" if how == "replaced" else "moved or deleted"
     with pytest.raises(StoreMoved, match=f"was {said} while in use"), repository.transaction():
         pass

@@ -156,6 +156,37 @@ def test_a_task_runs_only_where_its_executor_is_offered() -> None:
     assert worker_of(bound(tasks, ctx)) == {"s": "only-shell", "call": "only-api"}
 
 
+def test_a_task_goes_only_to_workers_meeting_its_requirements() -> None:
+    """A container comes with a container executor (as the registry lets the scheduler
+    see them); GPUs and a network are what the worker's site declares."""
+    ctx = context(
+        NodeRef(id="laptop", executors=["shell"], features=["network", "container"]),
+        NodeRef(id="boxes", executors=["docker"]),
+        NodeRef(id="cluster", executors=["kube"], features=["gpu", "network"]),
+        node("calls", "api"),
+    )
+    tasks = [
+        shell("any"),
+        shell("boxed", requires=["container"]),
+        shell("online", requires=["network"]),
+        shell("trains", requires=["container", "gpu"]),
+    ]
+    placed = worker_of(bound(tasks, ctx))
+    assert placed["any"] in {"laptop", "boxes", "cluster"}
+    assert placed["boxed"] in {"boxes", "cluster"}, "a claimed container is not a container"
+    assert placed["online"] in {"laptop", "cluster"}
+    assert placed["trains"] == "cluster"
+    with pytest.raises(BindingError, match=r"task gpu .*no worker runs tasks that require gpu"):
+        bound([shell("gpu", requires=["gpu"])], context(NodeRef(id="w", executors=["docker"])))
+
+
+def test_a_workflow_naming_an_executor_gets_a_migration_error() -> None:
+    for executor in ("shell", "docker", "kube"):
+        with pytest.raises(ValidationError, match=rf"`executor: {executor}` is no longer"):
+            Task.model_validate({"name": "t", "executor": executor, "params": {"shell": ":"}})
+    assert Task(name="t", executor="api").executor == "api", "api tasks stay their own kind"
+
+
 def test_worker_and_selector_are_respected() -> None:
     ctx = context(
         node("w0", "shell"),
@@ -180,7 +211,10 @@ def test_worker_and_selector_are_respected() -> None:
 @pytest.mark.parametrize(
     ("task", "culprit"),
     [
-        (Task(name="boxed", executor="docker", params={}), "no worker runs the docker executor"),
+        (
+            Task(name="boxed", requires=["container"], params={"image": "bb"}),
+            "no worker runs tasks that require container",
+        ),
         (shell("needs-gpu", selector={"gpu": "yes"}), "with labels {'gpu': 'yes'}"),
         (shell("pinned", worker="w9"), "under the name w9"),
         (shell("pinned", worker="plain"), "under the name plain"),
@@ -196,7 +230,7 @@ def test_binding_fails_naming_the_task_no_worker_can_run(task: Task, culprit: st
 
 
 def test_binding_fails_when_the_pool_is_empty() -> None:
-    with pytest.raises(BindingError, match=r"task a .*no worker runs the shell executor"):
+    with pytest.raises(BindingError, match=r"task a .*no worker runs tasks \(shell, docker or"):
         bound([shell("a")], context())
 
 
@@ -268,11 +302,43 @@ def test_random_dags_bind_to_jobs_locked_exactly_by_their_dependencies(
         assert Task.model_validate(plain) in tasks, "a replica carries its task, indexed"
 
 
+def test_a_run_tasks_needs_are_stated_and_its_stdin_bounded() -> None:
+    from flotta_mqtt.model.run import MAX_STDIN_BYTES
+    from flotta_mqtt.workflows.executors import check_task
+
+    with pytest.raises(ValueError, match=r"task e runs its image's entrypoint.*requires: \[co"):
+        check_task(Task(name="e", params={"image": "bb"}))
+    check_task(Task(name="e", params={"image": "bb"}, requires=["container"]))
+    with pytest.raises(ValueError, match=r"task g asks for GPUs: add `requires: \[gpu\]`"):
+        check_task(Task(name="g", params={"shell": ":", "resources": {"gpus": 1}}))
+    check_task(Task(name="s", params={"shell": "cat", "stdin": "x" * MAX_STDIN_BYTES}))
+    with pytest.raises(ValueError, match=rf"`stdin` is {MAX_STDIN_BYTES + 2} bytes, more th"):
+        check_task(
+            Task(name="s", params={"shell": "cat", "stdin": "é" * (MAX_STDIN_BYTES // 2 + 1)})
+        )
+    for target, path in (("data", "data"), ("data", "data/x.csv"), ("d/e", "d")):
+        task = Task(
+            name="c",
+            params={"shell": ":", "mounts": [{"source": "/srv", "target": target}]},
+            outputs=[path],
+        )
+        with pytest.raises(
+            ValueError, match=rf"a mount would hide or hold .*: {target} and {path}"
+        ):
+            check_task(task)
+    mount = {"source": "/srv", "target": "data"}
+    check_task(Task(name="c", params={"shell": ":", "mounts": [mount]}, outputs=["database"]))
+    for target in ("/etc", "../up", "a/../../b"):
+        mount = {"source": "/data", "target": target}
+        with pytest.raises(ValueError, match="must be a relative path"):
+            check_task(Task(name="m", params={"shell": ":", "mounts": [mount]}))
+
+
 def test_task_params_are_checked_by_their_executor_before_anything_runs() -> None:
     from flotta_mqtt.workflows.executors import check_task
 
     check_task(Task(name="ok", params={"shell": "true"}))
-    with pytest.raises(ValueError, match=r"task both: invalid shell params.*exactly one of"):
+    with pytest.raises(ValueError, match=r"task both: invalid run params.*at most one of"):
         check_task(Task(name="both", params={"shell": "true", "command": ["true"]}))
     with pytest.raises(ValueError, match=r"task api: invalid api params.*url"):
         check_task(Task(name="api", executor="api", params={}))
@@ -345,7 +411,7 @@ def test_replicas_one_binds_exactly_as_a_plain_task() -> None:
     assert params == {
         "name": "b",
         "depends": ["a"],
-        "executor": "shell",
+        "executor": "run",
         "params": {"shell": "true"},
         "env": {"K": "v"},
         "inputs": [],
@@ -467,3 +533,53 @@ def test_each_input_comes_from_exactly_one_task_it_depends_on() -> None:
         {"tasks": [make, {"name": "use", "depends": ["make"], "inputs": ["x.txt"]}]}
     )
     assert [task.name for task in fine.tasks] == ["make", "use"]
+
+
+# --- the run params: parsed the same wherever they come from -----------------------------------
+
+_words = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    form=st.sampled_from(["command", "shell", "image"]),
+    words=st.lists(_words, min_size=1, max_size=4),
+    args=st.lists(_words, max_size=4),
+)
+def test_run_params_give_argv_with_args_after_whatever_the_form(
+    form: str, words: list[str], args: list[str]
+) -> None:
+    from flotta_mqtt.model.run import RunParams
+
+    given_form = {"command": words} if form == "command" else {"shell": " ".join(words)}
+    data = {"image": "bb:1", "args": args, **({} if form == "image" else given_form)}
+    params = RunParams.model_validate(data)
+    assert RunParams.model_validate(params.model_dump()) == params, "round trip"
+    argv = params.argv()
+    if form == "image":
+        assert argv is None, "the image's entrypoint, given the args"
+    else:
+        assert argv is not None and argv[len(argv) - len(args) :] == args
+        assert (
+            argv[: len(words)] == words
+            if form == "command"
+            else argv[:3] == ["sh", "-c", " ".join(words)]
+        )
+
+
+@given(
+    a=st.lists(st.sampled_from(["a", "b", "ab"]), min_size=1, max_size=3),
+    b=st.lists(st.sampled_from(["a", "b", "ab"]), min_size=1, max_size=3),
+)
+def test_a_mount_clashes_with_a_job_file_exactly_when_one_path_holds_the_other(
+    a: list[str], b: list[str]
+) -> None:
+    from flotta_mqtt.workflows.executors import check_task
+
+    mount = {"source": "/srv", "target": "/".join(a)}
+    task = Task(name="t", params={"shell": ":", "mounts": [mount]}, outputs=["/".join(b)])
+    if a[: len(b)] == b or b[: len(a)] == a:
+        with pytest.raises(ValueError, match="a mount would hide or hold its job files"):
+            check_task(task)
+    else:
+        check_task(task)

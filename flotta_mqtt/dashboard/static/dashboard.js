@@ -4,10 +4,10 @@
 (function () {
   "use strict";
 
-  const STATES = ["waiting", "ready", "dispatched", "running", "completed", "failed", "cancelled"];
-  const FINAL = new Set(["completed", "failed", "cancelled"]);
+  const STATES = ["waiting", "ready", "dispatched", "running", "completed", "failed", "cancelled", "skipped"];
+  const FINAL = new Set(["completed", "failed", "cancelled", "skipped"]);
   // Progress bars fill from the left with what is done, then what is under way.
-  const BAR_ORDER = ["completed", "failed", "cancelled", "running", "dispatched", "ready", "waiting"];
+  const BAR_ORDER = ["completed", "skipped", "failed", "cancelled", "running", "dispatched", "ready", "waiting"];
   const SVG = "http://www.w3.org/2000/svg";
   const NODE_W = 180, NODE_H = 44, GAP_X = 56, GAP_Y = 16, MARGIN = 20;
   const LIST_MAX = 100;

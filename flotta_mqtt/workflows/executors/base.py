@@ -8,11 +8,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from flotta_mqtt.model import Task
 from flotta_mqtt.model.errors import describe
+from flotta_mqtt.model.run import RunParams, needs
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.workflows.executors.policy import SitePolicy
 
@@ -68,6 +70,11 @@ class Executor:
 
     name: str
 
+    def provides(self, policy: SitePolicy) -> frozenset[str]:
+        """What the `run` tasks it runs on a site with `policy` may have besides a
+        container (a Requirement: gpu, network); nothing by default."""
+        return frozenset()
+
     def setup(self, site: Site) -> None:
         """Take what the executor needs of the node it runs on."""
 
@@ -78,6 +85,7 @@ class Executor:
         """Release what `setup` or the runs acquired (processes, folders)."""
 
 
+_Params = TypeVar("_Params", bound=BaseModel)
 _FACTORIES: dict[str, Callable[[], Executor]] = {}
 # Executors defined by other parts, imported (and so registered) when first named.
 _PROVIDERS = {"python": "flotta_mqtt.functions.executor"}
@@ -96,15 +104,21 @@ def register_executor(
 
 def check_task(task: Task) -> None:
     """Refuse a task whose params its executor would refuse, before anything runs."""
+    if task.executor == "run":
+        needs(task, _params(task, RunParams, "run"))
+        return
     _provide(task.executor)
     model = _PARAMS.get(task.executor)
-    if model is None:
-        return
+    if model is not None:
+        _params(task, model, task.executor)
+
+
+def _params(task: Task, model: type[_Params], kind: str) -> _Params:
     try:
-        model.model_validate(task.params)
+        return model.model_validate(task.params)
     except ValidationError as exc:
         problems = describe(exc, "params")
-        raise ValueError(f"task {task.name}: invalid {task.executor} params: {problems}") from None
+        raise ValueError(f"task {task.name}: invalid {kind} params: {problems}") from None
 
 
 def make_executor(name: str) -> Executor:

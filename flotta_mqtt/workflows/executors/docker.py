@@ -12,69 +12,17 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
+from flotta_mqtt.model.run import WORKDIR, Mount, RunParams
 from flotta_mqtt.workflows.executors.base import Executor, TaskResult, TaskRun, register_executor
-from flotta_mqtt.workflows.executors.policy import SitePolicy
+from flotta_mqtt.workflows.executors.policy import NO_NETWORK, SitePolicy
 
 INSTALL_HINT = "the docker executor needs the docker SDK: pip install 'flotta_mqtt[docker]'"
 
 # Status reported for a container the executor killed (128 + SIGKILL), when the engine
 # gives none.
 KILLED = 137
-
-
-class HostPathMount(BaseModel):
-    """A host path bind-mounted into the container, if the site's policy.mounts allow it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: str = Field(pattern=r"^/")  # on the worker's host
-    target: str = Field(pattern=r"^/.")  # in the container
-    writable: bool = False
-
-
-class DockerParams(BaseModel):
-    """A container to run: `image`, and at most one of `command` (argv) or `shell`.
-
-    `command` is the whole argv and replaces the image's entrypoint; `shell` runs as
-    `sh -c SHELL` (the image needs a `sh`); with neither, the image's own entrypoint and
-    command run. The image, `network` and `mounts` must be allowed by the site's policy.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = Field(min_length=1)
-    command: list[str] | None = Field(default=None, min_length=1)
-    shell: str | None = None
-    stdin: str | None = None
-    workdir_mount: str = Field(default="/work", pattern=r"^/.")
-    network: str = "none"  # a Docker network mode: none, bridge, host, or a network's name
-    mounts: list[HostPathMount] = Field(default_factory=list)
-    user: str | None = None  # `uid[:gid]` or a user name known to the image
-    pull: Literal["missing", "never", "always"] = "missing"
-
-    @model_validator(mode="after")
-    def _one_form(self) -> DockerParams:
-        if self.command is not None and self.shell is not None:
-            raise ValueError("give at most one of `command` (argv list) or `shell` (a string)")
-        targets = [self.workdir_mount, *(mount.target for mount in self.mounts)]
-        if len(set(targets)) < len(targets):
-            raise ValueError("each mount needs a target of its own, apart from `workdir_mount`")
-        return self
-
-
-def check_container(task: str, params: DockerParams, policy: SitePolicy) -> dict[str, Path]:
-    """PolicyError for a container the site does not allow; else each mount's target and
-    the real host path it shows."""
-    policy.check_image(task, params.image)
-    policy.check_network(task, params.network)
-    return {
-        mount.target: policy.host_mount(task, mount.source, mount.writable)
-        for mount in params.mounts
-    }
 
 
 def container_name(label: str) -> str:
@@ -101,12 +49,14 @@ class DockerExecutor(Executor):
     executor is given a host.
 
     The contract is the shell executor's: the task's working folder (its input job files; its
-    outputs are collected from it afterwards) is bind-mounted read-write at `workdir_mount`
-    and is the container's working directory; ENV is the image's, with the task's env and
-    secrets added; STDIN is fed through the attach stream; STDOUT and STDERR are kept apart;
-    the status is the container's exit status. A timeout or a cancellation kills the
-    container. An image, network or mount the site's policy does not allow fails the task
-    before anything is pulled or created.
+    outputs are collected from it afterwards) is bind-mounted read-write at /work and is the
+    container's working directory; its mounts are bind-mounted under it, read-only unless
+    writable; ENV is the image's, with the task's env and secrets added; STDIN is fed through
+    the attach stream; STDOUT and STDERR are kept apart; the status is the container's exit
+    status. A timeout or a cancellation kills the container. The network is `none` unless
+    the task requires `network` (then the site's first policy.networks), GPUs only if it
+    requires `gpu`. An image or mount the site's policy does not allow fails the task
+    before anything is pulled or created; an image missing from the host is pulled.
 
     The container is created without auto-removal and removed by the executor afterwards:
     through podman's API, `--rm` (AutoRemove) can report status 0 for a container that
@@ -114,6 +64,11 @@ class DockerExecutor(Executor):
     """
 
     name = "docker"
+
+    def provides(self, policy: SitePolicy) -> frozenset[str]:
+        return frozenset(
+            [*(["network"] if policy.networks else []), *(["gpu"] if policy.gpu else [])]
+        )
 
     def __init__(self, docker_host: str | None = None) -> None:
         self._docker = _import_docker()  # fail when the worker starts, not at its first task
@@ -125,15 +80,16 @@ class DockerExecutor(Executor):
         return self._docker.from_env()
 
     def run(self, run: TaskRun) -> TaskResult:
-        params = DockerParams.model_validate(run.task.params)
-        mounts = check_container(run.task.name, params, run.policy)
+        params = RunParams.model_validate(run.task.params)
+        image = run.policy.image(run.task.name, params.image)
+        mounts = run.policy.host_mounts(run.task.name, params.mounts)
         client = self._connect()
         container: Any = None
         stdin: Any = None
         stopped = threading.Event()
         try:
-            self._ensure_image(client, params)
-            container = self._create(client, params, run, mounts)
+            self._ensure_image(client, image)
+            container = self._create(client, image, params, run, mounts)
             if run.cancelled.is_set():  # cancelled before it started: nothing ran
                 return TaskResult(KILLED, b"", b"cancelled before the container started\n")
             if params.stdin is not None:
@@ -164,49 +120,58 @@ class DockerExecutor(Executor):
                     container.remove(force=True)
             client.close()
 
-    def _ensure_image(self, client: Any, params: DockerParams) -> None:
-        errors = self._docker.errors
-        if params.pull == "always":
-            client.images.pull(params.image)
-            return
+    def _ensure_image(self, client: Any, image: str) -> None:
         try:
-            client.images.get(params.image)
-        except errors.ImageNotFound:
-            if params.pull == "never":
-                raise RuntimeError(
-                    f"image {params.image!r} is not on the Docker host and `pull` is never"
-                ) from None
-            client.images.pull(params.image)
+            client.images.get(image)
+        except self._docker.errors.ImageNotFound:
+            client.images.pull(image)
 
     def _create(
-        self, client: Any, params: DockerParams, run: TaskRun, mounts: dict[str, Path]
+        self,
+        client: Any,
+        image: str,
+        params: RunParams,
+        run: TaskRun,
+        mounts: list[tuple[Mount, Path]],
     ) -> Any:
-        writable = {mount.target for mount in params.mounts if mount.writable}
+        requires = set(run.task.requires)
+        network = run.policy.networks[0] if "network" in requires else NO_NETWORK
         options: dict[str, Any] = {
             "name": container_name(run.label),
             "environment": {**run.env, **run.secrets},
-            "working_dir": params.workdir_mount,
-            "volumes": {str(run.workdir): {"bind": params.workdir_mount, "mode": "rw"}},
+            "working_dir": WORKDIR,
+            "volumes": {str(run.workdir): {"bind": WORKDIR, "mode": "rw"}},
             "mounts": [
                 self._docker.types.Mount(
-                    target, str(source), type="bind", read_only=target not in writable
+                    f"{WORKDIR}/{mount.target}",
+                    str(source),
+                    type="bind",
+                    read_only=not mount.writable,
                 )
-                for target, source in mounts.items()
+                for mount, source in mounts
             ],
-            "network_mode": params.network,
+            "network_mode": network,
             "labels": {"flotta-mqtt.task": run.task.name, "flotta-mqtt.run": run.label},
             "detach": True,
             "stdin_open": params.stdin is not None,
         }
-        if params.user is not None:
-            options["user"] = params.user
-        if params.command is not None:
-            options["entrypoint"] = params.command[:1]
-            options["command"] = params.command[1:]
-        elif params.shell is not None:
-            options["entrypoint"] = ["sh", "-c"]
-            options["command"] = [params.shell]
-        return client.containers.create(params.image, **options)
+        resources = params.resources
+        if resources.cpus is not None:
+            options["nano_cpus"] = round(resources.cpus * 1e9)
+        if resources.memory_mb is not None:
+            options["mem_limit"] = f"{resources.memory_mb}m"
+        if "gpu" in requires:
+            count = resources.gpus or -1  # -1: all of the site's GPUs
+            options["device_requests"] = [
+                self._docker.types.DeviceRequest(count=count, capabilities=[["gpu"]])
+            ]
+        argv = params.argv()
+        if argv is not None:
+            options["entrypoint"] = argv[:1]
+            options["command"] = argv[1:]
+        elif params.args:
+            options["command"] = params.args  # the image's entrypoint's arguments
+        return client.containers.create(image, **options)
 
 
 def _wait(container: Any, timeout: float | None) -> tuple[int, str | None, bool]:
@@ -250,4 +215,4 @@ def _feed(stream: Any, data: bytes) -> None:
         raw.shutdown(socket.SHUT_WR)
 
 
-register_executor("docker", DockerExecutor, DockerParams)
+register_executor("docker", DockerExecutor)

@@ -15,12 +15,11 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
+from flotta_mqtt.model.run import WORKDIR, RunParams
 from flotta_mqtt.workflows.executors.base import Executor, TaskResult, TaskRun, register_executor
-from flotta_mqtt.workflows.executors.policy import KubeSite
+from flotta_mqtt.workflows.executors.policy import KubeSite, SitePolicy
 
 log = logging.getLogger(__name__)
 
@@ -31,42 +30,9 @@ CONFIGMAP_LIMIT = 1_000_000
 # Status reported for a pod the executor had to stop (128 + SIGKILL) when it has none.
 KILLED = 137
 MANAGED_BY = {"app.kubernetes.io/managed-by": "flotta-mqtt"}
-
-
-class KubeParams(BaseModel):
-    """A Job to run: `image` and at most one of `command` (argv) or `shell`.
-
-    Where it runs (cluster, namespace, service account, shared volume) is the site's to say
-    (policy.kube): a task naming any of it is refused, by name.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = Field(min_length=1)
-    command: list[str] | None = Field(default=None, min_length=1)  # replaces the entrypoint
-    shell: str | None = None  # runs as `sh -c SHELL`
-    resources: dict[str, dict[str, str | int | float]] | None = None  # requests / limits
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
-    workdir_mount: str = Field(default="/work", pattern=r"^/.")
-    poll_interval: float = Field(default=1.0, gt=0, le=60)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_site_settings(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            taken = [key for key in KubeSite.model_fields if key in data]
-            if taken:
-                raise ValueError(
-                    f"{', '.join(taken)}: where kube tasks run is the site's to set "
-                    "(policy.kube in the worker's config), not a task's"
-                )
-        return data
-
-    @model_validator(mode="after")
-    def _one_form(self) -> KubeParams:
-        if self.command is not None and self.shell is not None:
-            raise ValueError("give at most one of `command` (argv list) or `shell` (a string)")
-        return self
+STDIN_KEY = "stdin"  # the ConfigMap's key holding the task's STDIN
+STDIN_FOLDER = "/flotta-stdin"  # where the pod sees it, outside its working folder
+GPU_RESOURCE = "nvidia.com/gpu"
 
 
 def job_name(label: str, nonce: str = "") -> str:
@@ -88,9 +54,10 @@ def _input_key(index: int) -> str:
 def job_manifest(run: TaskRun, name: str | None = None) -> dict[str, Any]:
     """The `batch/v1` Job running the task: pure, from the task and the site's settings.
 
-    Secrets come from the run's own Secret (`secret_manifest`), never written in the Job.
+    Secrets come from the run's own Secret (`secret_manifest`), never written in the Job;
+    inputs (without a shared volume) and STDIN from its ConfigMap (`configmap_manifest`).
     """
-    params = KubeParams.model_validate(run.task.params)
+    params = RunParams.model_validate(run.task.params)
     site = run.policy.kube
     name = name or job_name(run.label)
     labels = {**MANAGED_BY, "flotta-mqtt/task": _label_value(run.task.name)}
@@ -103,19 +70,15 @@ def job_manifest(run: TaskRun, name: str | None = None) -> dict[str, Any]:
     ]
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": params.image,
-        "workingDir": params.workdir_mount,
+        "image": run.policy.image(run.task.name, params.image),
+        "workingDir": WORKDIR,
         "env": env,
     }
-    if params.command is not None:
-        container["command"] = list(params.command)
-    elif params.shell is not None:
-        container["command"] = ["sh", "-c", params.shell]
-    if params.resources is not None:
-        container["resources"] = params.resources
-    if params.image_pull_policy is not None:
-        container["imagePullPolicy"] = params.image_pull_policy
-    mount: dict[str, Any] = {"name": "work", "mountPath": params.workdir_mount}
+    container.update(_command(run, params))
+    resources = _resources(run, params)
+    if resources:
+        container["resources"] = {"limits": resources, "requests": resources}
+    mount: dict[str, Any] = {"name": "work", "mountPath": WORKDIR}
     volume: dict[str, Any] = {"name": "work"}
     if site.volume_claim is not None:
         volume["persistentVolumeClaim"] = {"claimName": site.volume_claim}
@@ -126,11 +89,25 @@ def job_manifest(run: TaskRun, name: str | None = None) -> dict[str, Any]:
         mount["readOnly"] = True
     else:
         volume["emptyDir"] = {}
-    container["volumeMounts"] = [mount]
+    mounts, volumes = [mount], [volume]
+    if params.stdin is not None:
+        items = [{"key": STDIN_KEY, "path": STDIN_KEY}]
+        volumes.append({"name": "stdin", "configMap": {"name": name, "items": items}})
+        mounts.append({"name": "stdin", "mountPath": STDIN_FOLDER, "readOnly": True})
+    for index, (host, source) in enumerate(run.policy.host_mounts(run.task.name, params.mounts)):
+        volumes.append({"name": f"mount-{index}", "hostPath": {"path": str(source)}})
+        mounts.append(
+            {
+                "name": f"mount-{index}",
+                "mountPath": f"{WORKDIR}/{host.target}",
+                "readOnly": not host.writable,
+            }
+        )
+    container["volumeMounts"] = mounts
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],
-        "volumes": [volume],
+        "volumes": volumes,
     }
     if site.service_account is not None:
         pod_spec["serviceAccountName"] = site.service_account
@@ -154,12 +131,45 @@ def job_manifest(run: TaskRun, name: str | None = None) -> dict[str, Any]:
     }
 
 
-def configmap_manifest(run: TaskRun, name: str) -> dict[str, Any]:
-    """The ConfigMap carrying the task's input job files, read from its working folder."""
+def _command(run: TaskRun, params: RunParams) -> dict[str, list[str]]:
+    """The container's `command` (replacing the entrypoint) or its entrypoint's `args`.
+
+    A pod has no STDIN here: the command reads it from the ConfigMap's file, through `sh`.
+    """
+    argv = params.argv()
+    if params.stdin is not None:
+        if argv is None:
+            raise ValueError(
+                f"task {run.task.name}: on kube, `stdin` goes with a `command` or `shell` "
+                "(it is redirected from a file, through the image's sh)"
+            )
+        argv = ["sh", "-c", f'exec "$@" < {STDIN_FOLDER}/{STDIN_KEY}', "sh", *argv]
+    if argv is not None:
+        return {"command": argv}
+    return {"args": list(params.args)} if params.args else {}
+
+
+def _resources(run: TaskRun, params: RunParams) -> dict[str, str | int]:
+    """The container's limits (and requests): CPUs, memory, GPUs if it requires them."""
+    resources: dict[str, str | int] = {}
+    if params.resources.cpus is not None:
+        resources["cpu"] = f"{round(params.resources.cpus * 1000)}m"
+    if params.resources.memory_mb is not None:
+        resources["memory"] = f"{params.resources.memory_mb}Mi"
+    if "gpu" in run.task.requires:
+        resources[GPU_RESOURCE] = params.resources.gpus or 1
+    return resources
+
+
+def configmap_manifest(run: TaskRun, name: str) -> dict[str, Any] | None:
+    """The ConfigMap carrying the task's STDIN, and its input job files (read from its
+    working folder) unless a shared volume carries them; None when it carries neither."""
+    params = RunParams.model_validate(run.task.params)
     data: dict[str, str] = {}
     binary: dict[str, str] = {}
     total = 0
-    for index, path in enumerate(run.task.inputs):
+    inputs = run.task.inputs if run.policy.kube.volume_claim is None else []
+    for index, path in enumerate(inputs):
         content = (run.workdir / path).read_bytes()
         total += len(content)
         try:
@@ -171,6 +181,10 @@ def configmap_manifest(run: TaskRun, name: str) -> dict[str, Any]:
             f"task {run.task.name}: its inputs ({total} bytes) are too large for a ConfigMap; "
             "the site needs a shared volume (policy.kube.volume_claim and volume_path)"
         )
+    if params.stdin is not None:
+        data[STDIN_KEY] = params.stdin
+    if not data and not binary:
+        return None
     manifest = _object("ConfigMap", run, name)
     manifest["data"] = data
     if binary:
@@ -229,21 +243,26 @@ class KubeExecutor(Executor):
     cannot be bind-mounted as the docker executor does:
 
     - by default the task's input job files travel in a ConfigMap made for the task (at most
-      ~1 MiB in all) mounted read-only at `workdir_mount` (the pod's working directory), and
-      the task may declare no outputs: nothing comes back from the pod but its log;
+      ~1 MiB in all) mounted read-only at /work (the pod's working directory), and the task
+      may declare no outputs: nothing comes back from the pod but its log;
     - with the site's `volume_claim` (a PersistentVolumeClaim of a volume the worker also
       mounts, at `volume_path`, e.g. NFS), the worker copies the inputs into a folder of its
-      own on that volume, the pod mounts that folder (subPath) read-write at `workdir_mount`,
-      and the worker copies the folder back after the Job (links as links, never followed),
-      so declared outputs are collected.
+      own on that volume, the pod mounts that folder (subPath) read-write at /work, and the
+      worker copies the folder back after the Job (links as links, never followed), so
+      declared outputs are collected.
 
-    The secrets a task names travel in a Secret made for the run, deleted with its Job.
+    The secrets a task names travel in a Secret made for the run, its STDIN in the run's
+    ConfigMap (read by the command through `sh`), both deleted with its Job. Its mounts are
+    `hostPath` volumes (paths on the cluster's node, checked against policy.mounts).
 
     Kubernetes merges a container's STDOUT and STDERR in one log: it is returned as STDOUT;
-    STDERR carries only the executor's notes (why a Job failed). Pods have no STDIN here.
+    STDERR carries only the executor's notes (why a Job failed).
     """
 
     name = "kube"
+
+    def provides(self, policy: SitePolicy) -> frozenset[str]:
+        return frozenset({"network", *(["gpu"] if policy.gpu else [])})  # the cluster's
 
     def __init__(self) -> None:
         self._kube = _import_kubernetes()  # fail when the worker starts, not at its first task
@@ -267,9 +286,7 @@ class KubeExecutor(Executor):
         )
 
     def run(self, run: TaskRun) -> TaskResult:
-        params = KubeParams.model_validate(run.task.params)
         site = run.policy.kube
-        run.policy.check_image(run.task.name, params.image)
         if run.task.outputs and site.volume_claim is None:
             raise ValueError(
                 f"task {run.task.name} declares outputs, but a kube task's files come back "
@@ -277,6 +294,8 @@ class KubeExecutor(Executor):
                 "(policy.kube.volume_claim and volume_path)"
             )
         name = job_name(run.label, nonce=str(time.time_ns()))
+        job = job_manifest(run, name)  # the image and mounts checked before anything is made
+        configmap = configmap_manifest(run, name)
         namespace = site.namespace
         api_client = self._api_client(site)
         batch = self._kube.client.BatchV1Api(api_client)
@@ -285,17 +304,17 @@ class KubeExecutor(Executor):
         made_configmap = made_secret = made_job = False
         try:
             if shared is not None:
-                shutil.copytree(run.workdir, shared)
+                shutil.copytree(run.workdir, shared, symlinks=True)
                 shared.chmod(0o777)  # the pod may run as any user
-            elif run.task.inputs:
-                core.create_namespaced_config_map(namespace, configmap_manifest(run, name))
+            if configmap is not None:
+                core.create_namespaced_config_map(namespace, configmap)
                 made_configmap = True
             if run.secrets:
                 core.create_namespaced_secret(namespace, secret_manifest(run, name))
                 made_secret = True
-            batch.create_namespaced_job(namespace, job_manifest(run, name))
+            batch.create_namespaced_job(namespace, job)
             made_job = True
-            outcome = _watch(batch, params, namespace, name, run)
+            outcome = _watch(batch, site.poll_interval, namespace, name, run)
             pod = _job_pod(core, namespace, name)
             stdout = _pod_log(core, namespace, pod) if pod is not None else b""
             exit_code = _exit_code(pod)
@@ -349,7 +368,7 @@ def _read(call: Any, *args: Any, **kwargs: Any) -> Any:
     return json.loads(response.data)
 
 
-def _watch(batch: Any, params: KubeParams, namespace: str, name: str, run: TaskRun) -> _Outcome:
+def _watch(batch: Any, poll: float, namespace: str, name: str, run: TaskRun) -> _Outcome:
     """Poll the Job's status until it ends, the task's timeout passes, or it is cancelled."""
     deadline = None if run.task.timeout is None else time.monotonic() + run.task.timeout
     while True:
@@ -359,7 +378,7 @@ def _watch(batch: Any, params: KubeParams, namespace: str, name: str, run: TaskR
             return outcome
         if run.cancelled.is_set():
             return _Outcome("cancelled")
-        wait = params.poll_interval
+        wait = poll
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -424,4 +443,4 @@ def _pod_log(core: Any, namespace: str, pod: dict[str, Any]) -> bytes:
     return data
 
 
-register_executor("kube", KubeExecutor, KubeParams)
+register_executor("kube", KubeExecutor)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flotta_mqtt.model.run import Mount
 from flotta_mqtt.model.workflow import SecretName
 
 # The environment a task on the worker's own host starts from, besides HOME and TMPDIR
@@ -24,7 +25,7 @@ BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 # What a worker unpacks of one workspace archive at most: a bound on its disk.
 MAX_WORKSPACE_BYTES = 4 * 1024**3
 MAX_WORKSPACE_MEMBERS = 100_000
-NO_NETWORK = "none"  # a container's network mode when it asks for none; always allowed
+NO_NETWORK = "none"  # a container's network mode when it requires none
 
 
 class PolicyError(ValueError):
@@ -71,6 +72,7 @@ class KubeSite(BaseModel):
     service_account: str | None = None
     volume_claim: str | None = None
     volume_path: Path | None = None
+    poll_interval: float = Field(default=1.0, gt=0, le=60)  # between reads of a Job's status
 
     @model_validator(mode="after")
     def _volume(self) -> KubeSite:
@@ -85,11 +87,17 @@ class SitePolicy(BaseModel):
     - `images`: the container images docker and kube tasks may run, as written in the task
       (no registry or tag is filled in), each exact or a glob (`registry.example/team/*`;
       `*` also matches `/` and `:`). Empty, the default: no container task runs.
-    - `networks`: the Docker network modes a docker task may ask for besides `none` (its
-      default), e.g. `bridge`; `host` shares the worker's own network and only if listed.
-    - `mounts`: the host folders under which a docker task may bind-mount a path (`mounts`
-      in its params), read-only unless the folder is `writable`. Symbolic links in the
-      path asked for are resolved before the check.
+    - `default_image`: the image a container executor runs a task in that names none (it
+      must be allowed by `images` too); without one such a task fails on this site.
+    - `networks`: the Docker network a docker task that requires `network` is given (the
+      first), e.g. `bridge`; other tasks get `none`. Without one the docker executor does
+      not offer `network` (shell tasks have the host's, kube pods the cluster's).
+    - `gpu`: whether tasks here may use the site's GPUs (offered as `gpu` to tasks that
+      require it).
+    - `mounts`: the host folders under which a task may mount a path (`mounts` in its
+      params), read-only unless the folder is `writable`. Symbolic links in the path asked
+      for are resolved before the check. A shell task runs as the worker's user with no
+      isolation: its mounts are links, and the host's permissions are what guard them.
     - `kube`: where kube tasks run (KubeSite); a task setting any of it is refused.
     - `secrets`: name → where its value is on the worker (SecretSource). A task lists the
       names it needs in `secrets` and gets each as the environment variable of that name;
@@ -105,7 +113,9 @@ class SitePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     images: list[str] = Field(default_factory=list)
+    default_image: str | None = Field(default=None, min_length=1)
     networks: list[str] = Field(default_factory=list)
+    gpu: bool = False
     mounts: list[HostMount] = Field(default_factory=list)
     kube: KubeSite = Field(default_factory=KubeSite)
     secrets: dict[SecretName, SecretSource] = Field(default_factory=dict)
@@ -140,13 +150,15 @@ class SitePolicy(BaseModel):
                 f"(policy.images: {allowed})"
             )
 
-    def check_network(self, task: str, network: str) -> None:
-        if network != NO_NETWORK and network not in self.networks:
-            allowed = ", ".join([NO_NETWORK, *self.networks])
+    def image(self, task: str, image: str | None) -> str:
+        """The image a container runs the task in: its own or the site's default, allowed."""
+        chosen = image or self.default_image
+        if chosen is None:
             raise PolicyError(
-                f"task {task}: network {network!r} is not allowed on this site "
-                f"(policy.networks: {allowed})"
+                f"task {task} names no image, and this site has no policy.default_image"
             )
+        self.check_image(task, chosen)
+        return chosen
 
     def host_mount(self, task: str, source: str, writable: bool) -> Path:
         """The real host path to bind-mount for `source`, if a site folder allows it."""
@@ -165,6 +177,10 @@ class SitePolicy(BaseModel):
                 "(no policy.mounts folder holding it is writable)"
             )
         return real
+
+    def host_mounts(self, task: str, mounts: Iterable[Mount]) -> list[tuple[Mount, Path]]:
+        """Each of a task's mounts with the real host path it shows, all checked first."""
+        return [(mount, self.host_mount(task, mount.source, mount.writable)) for mount in mounts]
 
     def secret_values(self, task: str, names: Iterable[str]) -> dict[str, str]:
         """The values of the secrets a task names, read now; PolicyError for one unknown."""

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from flotta_mqtt.model import Task
-from flotta_mqtt.model.workflow import log_name
+from flotta_mqtt.model.workflow import CONTAINER_EXECUTORS, RUN_EXECUTORS, log_name
 from flotta_mqtt.protocol import JobReady, Resource
 from flotta_mqtt.transport.store import ResourceStore
+from flotta_mqtt.workflows.caching import CacheIndex, TaskCache, cache_key
 from flotta_mqtt.workflows.executors.base import (
     Executor,
     Site,
@@ -27,6 +28,7 @@ from flotta_mqtt.workflows.executors.base import (
     check_task,
     make_executor,
 )
+from flotta_mqtt.workflows.executors.gating import Results, prepare
 from flotta_mqtt.workflows.executors.policy import SitePolicy, mask
 
 log = logging.getLogger(__name__)
@@ -40,11 +42,17 @@ class TaskRunner:
     """
 
     def __init__(
-        self, store: ResourceStore, executors: list[str], policy: SitePolicy | None = None
+        self,
+        store: ResourceStore,
+        executors: list[str],
+        policy: SitePolicy | None = None,
+        cache: CacheIndex | None = None,
     ) -> None:
         self.store = store
         self.executors: dict[str, Executor] = {name: make_executor(name) for name in executors}
         self.policy = policy or SitePolicy()
+        # Without an index (no worker journal) tasks with `cache` simply run.
+        self.cache = None if cache is None else TaskCache(store, cache)
         self._folders = _Folders()
 
     def setup(self, site: Site) -> None:
@@ -67,14 +75,23 @@ class TaskRunner:
         masked in the logs and the error.
         """
         task = Task.model_validate(job.operation.params)
-        executor = self.executors.get(task.executor)
-        if executor is None:
-            raise TaskError(f"worker {node} does not run the {task.executor} executor", None)
+        folder = self.store.artifact_root(job.artifact_id)
+        ready = prepare(task, Results(self.store, folder, job.inputs))
+        if isinstance(ready, str):
+            return {"task": task.name, "exit_code": None, "skipped": ready}
+        task = ready
+        executor = self._executor(task, node)
         check_task(task)  # a task from anywhere: its params' errors in one line
         secrets = self.policy.secret_values(task.name, task.secrets)
-        folder = self.store.artifact_root(job.artifact_id)
+        inputs = self._inputs(job, task, folder)
+        key = None
+        if self.cache is not None and task.cache and job.cache_scope is not None:
+            key = cache_key(job.cache_scope, task, {p: r.sha256 for p, r in inputs.items()})
+            reused = self.cache.reuse(key, job)
+            if reused is not None:
+                return {"task": task.name, "exit_code": 0, "logs": {}, **reused}
         with self._folders.take() as workdir:
-            for path, resource in self._inputs(job, task, folder).items():
+            for path, resource in inputs.items():
                 target = workdir / path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(self.store.get(resource, folder))
@@ -107,9 +124,39 @@ class TaskRunner:
             outputs = {}
             for path in task.outputs:
                 url = self.store.job_file_url(job.artifact_id, str(job.job_id), job.attempt, path)
-                produced = read_output(task.name, workdir, path)
-                outputs[path] = self.store.put(url, produced).model_dump(mode="json")
-        return {"task": task.name, "exit_code": 0, "logs": logs, "outputs": outputs}
+                outputs[path] = self.store.put(url, read_output(task.name, workdir, path))
+        if self.cache is not None and key is not None:
+            self.cache.remember(key, job, outputs)
+        stored = {path: resource.model_dump(mode="json") for path, resource in outputs.items()}
+        return {"task": task.name, "exit_code": 0, "logs": logs, "outputs": stored}
+
+    def features(self) -> list[str]:
+        """What the `run` tasks here may have besides a container (gpu, network)."""
+        provided = set().union(*(e.provides(self.policy) for e in self._run_executors()))
+        return sorted(provided)
+
+    def _run_executors(self) -> list[Executor]:
+        """The executors of `run` tasks, in the order the site's config names them."""
+        return [e for name, e in self.executors.items() if name in RUN_EXECUTORS]
+
+    def _executor(self, task: Task, node: str) -> Executor:
+        """The executor for a task: its own kind's, or for a `run` task the first the site
+        configured that gives it what it requires."""
+        if task.executor != "run":
+            executor = self.executors.get(task.executor)
+            if executor is None:
+                raise TaskError(f"worker {node} does not run the {task.executor} executor", None)
+            return executor
+        able = [
+            executor
+            for executor in self._run_executors()
+            if "container" not in task.requires or executor.name in CONTAINER_EXECUTORS
+            if set(task.requires) - {"container"} <= executor.provides(self.policy)
+        ]
+        if not able:
+            needs = f" that require {', '.join(task.requires)}" if task.requires else ""
+            raise TaskError(f"worker {node} runs no tasks{needs}", None)
+        return able[0]
 
     def _inputs(self, job: JobReady, task: Task, folder: str) -> dict[str, Resource]:
         """The job files a task reads, as the tasks it depends on announced them.

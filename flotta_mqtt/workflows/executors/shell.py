@@ -1,4 +1,5 @@
-"""The shell executor: a subprocess in its own process group, killed whole on timeout.
+"""The shell executor: a `run` task as a subprocess in its own process group, killed whole
+on timeout.
 
 Its environment is the site's clean one (SitePolicy.host_env) with the task's env and
 secrets: none of the worker's own variables, which hold the worker's credentials.
@@ -12,33 +13,35 @@ import signal
 import subprocess
 import threading
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from flotta_mqtt.workflows.executors.base import Executor, TaskResult, TaskRun, register_executor
-
-
-class ShellParams(BaseModel):
-    """Either an argv list (`command`) or a shell string (`shell`), said explicitly."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    command: list[str] | None = Field(default=None, min_length=1)
-    shell: str | None = None
-    stdin: str | None = None
-
-    @model_validator(mode="after")
-    def _one_form(self) -> ShellParams:
-        if (self.command is None) == (self.shell is None):
-            raise ValueError("give exactly one of `command` (argv list) or `shell` (a string)")
-        return self
+from flotta_mqtt.model.run import RunParams
+from flotta_mqtt.workflows.executors.base import (
+    Executor,
+    TaskError,
+    TaskResult,
+    TaskRun,
+    register_executor,
+)
+from flotta_mqtt.workflows.executors.policy import SitePolicy
 
 
 class ShellExecutor(Executor):
+    """Runs a task as a process on the worker's host: its command (the image is a
+    container's business), its mounts as links in its folder, no resource limits."""
+
     name = "shell"
 
+    def provides(self, policy: SitePolicy) -> frozenset[str]:
+        return frozenset({"network", *(["gpu"] if policy.gpu else [])})  # the host's own
+
     def run(self, run: TaskRun) -> TaskResult:
-        params = ShellParams.model_validate(run.task.params)
-        argv = params.command or ["/bin/sh", "-c", params.shell or ""]
+        params = RunParams.model_validate(run.task.params)
+        argv = params.argv()
+        if argv is None:  # check_task refuses it; a job forged on the worker's topic not
+            raise TaskError(f"task {run.task.name}: a process needs a command or shell", None)
+        for mount, source in run.policy.host_mounts(run.task.name, params.mounts):
+            link = run.workdir / mount.target
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source)
         process = subprocess.Popen(
             argv,
             cwd=run.workdir,
@@ -78,4 +81,4 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-register_executor("shell", ShellExecutor, ShellParams)
+register_executor("shell", ShellExecutor)
