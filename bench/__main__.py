@@ -1,4 +1,4 @@
-"""`python -m bench [compare|scale|dispatch|binding|analytics|functions|all] [--runs N]`.
+"""`python -m bench [compare|scale|dispatch|binding|analytics|functions|workers|all] [--runs N]`.
 
 With no argument: `compare` (flotta_mqtt next to the raw MQTT floor, Dask, Celery and Ray
 on fan-out, chain and fan-in) and then `scale` (100,000 jobs bound and scheduled).
@@ -12,7 +12,17 @@ from pathlib import Path
 
 from bench import _report
 
-CHOICES = ["default", "compare", "scale", "dispatch", "binding", "analytics", "functions", "all"]
+CHOICES = [
+    "default",
+    "compare",
+    "scale",
+    "dispatch",
+    "binding",
+    "analytics",
+    "functions",
+    "workers",
+    "all",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,6 +71,17 @@ def main(argv: list[str] | None = None) -> None:
         help="analytics: run flotta_mqtt's processes in a memory cgroup of this size "
         "(cgroup v1, as root); the CSV only",
     )
+    parser.add_argument(
+        "--fleet-sizes",
+        default="10,100,1000",
+        help="workers: how many simulated workers, comma-separated (one column each)",
+    )
+    parser.add_argument(
+        "--fleet-jobs", type=int, default=10_000, help="workers: jobs of the big artifact"
+    )
+    parser.add_argument(
+        "--fleet-stream", type=float, default=10.0, help="workers: small workflows per second"
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -98,6 +119,18 @@ def main(argv: list[str] | None = None) -> None:
         from bench import functions
 
         functions.run()
+    if which in ("workers", "all"):
+        from bench import workers
+
+        workers.run(
+            runs=args.runs,
+            sizes=tuple(int(n) for n in args.fleet_sizes.split(",") if n.strip()),
+            jobs=args.fleet_jobs,
+            stream_rate=args.fleet_stream,
+        )
+        from bench import per_worker
+
+        per_worker.run()
     _report.console.print(f"bench finished in {time.perf_counter() - start:.1f} s")
 
 
