@@ -67,7 +67,10 @@ GroupOpt = Annotated[
     str | None, typer.Option(envvar="FLOTTA_GROUP", help="scheduler group [default: none]")
 ]
 ProjectOpt = Annotated[
-    str | None, typer.Option(help="the artifact's project: its group is the directory's")
+    str | None,
+    typer.Option(
+        envvar="FLOTTA_PROJECT", help="the artifact's project: its group is the directory's"
+    ),
 ]
 StorageOpt = Annotated[
     str | None,
@@ -281,7 +284,12 @@ def open_client(
 
 ParamOpt = Annotated[
     list[str] | None,
-    typer.Option("--param", "-p", help="set a workflow parameter: NAME=VALUE (repeatable)"),
+    typer.Option(
+        "--param",
+        "-p",
+        envvar="FLOTTA_PARAMS",
+        help="set a workflow parameter: NAME=VALUE (repeatable; the variable: space-separated)",
+    ),
 ]
 
 
