@@ -274,6 +274,7 @@ ATTACKS: list[tuple[str, str, Callable[[Cluster, str], list[bool]], float]] = [
 ]
 
 
+@pytest.mark.timeout(600)  # the refusal oracle alone submits 112 artifacts
 @pytest.mark.parametrize(("name", "project", "attack", "guess"), ATTACKS, ids=lambda a: str(a))
 def test_the_attack_recovers_records_from_an_exact_site_and_none_under_the_default_policy(
     cluster: Cluster,
