@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import MAXYEAR, UTC, datetime, timedelta
 
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 _WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
@@ -25,9 +25,9 @@ _FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (  # name, lowest, h
 )
 _ELEMENT = re.compile(r"^(?:(\*)|([0-9a-z]+)(?:-([0-9a-z]+))?)(?:/([0-9]+))?$")
 MAX_LENGTH = 256
-# How far ahead a next run is looked for: any day-of-month and month that match at all
-# (29 February) match within 8 years.
-_HORIZON_DAYS = 8 * 366
+# How far ahead a next run is looked for: the Gregorian calendar repeats every 400 years,
+# so a day that matches at all (29 February that is a Sunday, say) matches within them.
+_HORIZON_YEARS = 400
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,16 @@ class Cron:
         return in_month or in_week if self.days_or_weekdays else in_month and in_week
 
     def _next_day(self, day: datetime) -> datetime | None:
-        """The first day from `day` (its midnight) on which it fires, within the horizon."""
-        for _ in range(_HORIZON_DAYS):
-            if self._day_matches(day):
+        """The first day from `day` (its midnight) on which it fires, within the horizon;
+        the months it never fires in are skipped whole."""
+        end = datetime(min(day.year + _HORIZON_YEARS, MAXYEAR), 1, 1, tzinfo=UTC)
+        while day < end:
+            if day.month not in self.months:
+                day = (day.replace(day=1) + timedelta(days=32)).replace(day=1)
+            elif self._day_matches(day):
                 return day
-            day = (day + timedelta(days=1)).replace(hour=0, minute=0)
+            else:
+                day += timedelta(days=1)
         return None
 
 

@@ -121,3 +121,12 @@ def test_names_sundays_and_leap_days() -> None:
     assert next_run("30 2 29 feb *") == datetime(2028, 2, 29, 2, 30, tzinfo=UTC)
     assert next_run("0 0 1,15 * 5") == datetime(2026, 12, 4, tzinfo=UTC)  # either day field
     assert next_run("* * * * *") == datetime(2026, 12, 3, 12, 1, tzinfo=UTC)
+
+
+def test_a_day_that_comes_once_a_decade_is_found() -> None:
+    """`*/7` in the day-of-week field starts with `*`, so both day fields must match: 1
+    January that is a Sunday, which after 2023 comes again in 2034 (hypothesis found a
+    search horizon of 8 years too short)."""
+    cron = Cron.parse("* * 1 1 */7")
+    after = datetime(2023, 1, 2, tzinfo=UTC).timestamp()
+    assert datetime.fromtimestamp(cron.next_after(after), UTC) == datetime(2034, 1, 1, tzinfo=UTC)
