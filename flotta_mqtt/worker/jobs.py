@@ -61,6 +61,18 @@ class Jobs:
         self.datasets = datasets
         self.journal = journal
 
+    def instant(self, job: JobReady) -> bool:
+        """Whether `job` runs in microseconds: an instant operation whose inputs travel
+        inline (reading one from the store could take any time)."""
+        if job.kind == "tasks":
+            return False
+        definition = operations.REGISTRY.get(job.operation.name)
+        return (
+            definition is not None
+            and definition.instant
+            and all(resource.url.startswith("data:") for resource in job.inputs)
+        )
+
     def run(self, job: JobReady, cancelled: threading.Event, started: float) -> Final:
         """Run `job`; a failure of the job is its result (JobFailed), never raised."""
         exit_code: int | None = None
