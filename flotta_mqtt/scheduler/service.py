@@ -258,6 +258,8 @@ class Scheduler:
                 elif kind != "stop":
                     events.append(item)
             clock = self._clock()
+            if not burst and clock.monotonic < wake:
+                continue  # the pump saw only the broker's acknowledgements: nothing to do
             if self.fault is not None:
                 self._wait_for_store(events, clock)
                 continue
