@@ -12,6 +12,7 @@ class Noop(OperationDef):
     """Does nothing and produces nothing: measures the engine's own overhead."""
 
     name: ClassVar[str] = "noop"
+    instant: ClassVar[bool] = True
 
     def initialize(self, params: Any, ctx: JobContext) -> None:
         return None

@@ -184,6 +184,9 @@ class OperationDef:
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
+    # Whether each part takes microseconds and touches nothing outside the process (no
+    # data, no budget, no I/O): a worker may then run it on its agent thread.
+    instant: ClassVar[bool] = False
 
     def initialize(self, params: Any, ctx: JobContext) -> Any:
         raise OperationError(f"{self.name} cannot run on the initiator at the start of a step")

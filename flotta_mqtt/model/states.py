@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 
 from flotta_mqtt.model.errors import IllegalTransition, StaleAttempt
@@ -94,7 +94,7 @@ class JobStatus:
 
     def _to(self, new: JobState) -> JobStatus:
         check_job_transition(self.state, new)
-        return replace(self, state=new)
+        return JobStatus(new, self.attempt)  # not dataclasses.replace: several per link
 
     def _current(self, attempt: int) -> None:
         if attempt != self.attempt:
@@ -107,7 +107,8 @@ class JobStatus:
         return self._to(JobState.READY)
 
     def dispatch(self) -> JobStatus:
-        return replace(self._to(JobState.DISPATCHED), attempt=self.attempt + 1)
+        check_job_transition(self.state, JobState.DISPATCHED)
+        return JobStatus(JobState.DISPATCHED, self.attempt + 1)
 
     def start(self, attempt: int) -> JobStatus:
         self._current(attempt)

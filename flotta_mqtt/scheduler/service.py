@@ -6,7 +6,7 @@ core decide, writes the decisions in one transaction, commits, and only then del
 the database no longer names (a pruned artifact's store objects and retained status) and
 publishes (the jobs made ready first, then the statuses built from what was committed)
 and lets the broker forget what it delivered. A wake with nothing to write opens no
-transaction.
+transaction; one that brought nothing (the broker's acknowledgements only) runs no burst.
 
 A commit the database refuses (its disk full or read-only, the file deleted) publishes
 nothing of the burst. The core has run ahead of the database, so it is set aside: until
@@ -245,19 +245,18 @@ class Scheduler:
                     burst.append(self._inbox.get_nowait())
             except queue.Empty:
                 self._caught_up = time.monotonic()  # the inbox is drained
-            else:
-                # Cut at BURST with more waiting: caught up to the last message taken.
+            else:  # cut at BURST with more waiting: caught up to the last message taken
                 self._caught_up = next(
                     (item.arrived for kind, item in reversed(burst) if kind == "message"),
                     self._caught_up,
                 )
-            events: list[Event] = []
             for kind, item in burst:
                 if kind == "call":
                     self._run(item)
-                elif kind != "stop":
-                    events.append(item)
+            events: list[Event] = [item for kind, item in burst if kind not in ("call", "stop")]
             clock = self._clock()
+            if not burst and clock.monotonic < wake:
+                continue  # the pump saw only the broker's acknowledgements: nothing to do
             if self.fault is not None:
                 self._wait_for_store(events, clock)
                 continue

@@ -103,7 +103,9 @@ class WorkerAgent:
         )
         self._reports = Reports(self.bus.wake)
         jobs = Jobs(self.name, self.store, self.tasks, self._datasets, self.journal)
-        self._runners = Runners(self.name, config.max_jobs, jobs.run, self._reports)
+        self._runners = Runners(
+            self.name, config.max_jobs, jobs.run, self._reports, instant=jobs.instant
+        )
         self._thread = threading.Thread(target=self._serve, name=f"worker-{self.name}", daemon=True)
 
     def presence(self, online: bool) -> NodePresence:

@@ -61,6 +61,18 @@ class Jobs:
         self.datasets = datasets
         self.journal = journal
 
+    def instant(self, job: JobReady) -> bool:
+        """Whether `job` runs in microseconds: an instant operation whose inputs travel
+        inline (reading one from the store could take any time)."""
+        if job.kind == "tasks":
+            return False
+        definition = operations.REGISTRY.get(job.operation.name)
+        return (
+            definition is not None
+            and definition.instant
+            and all(resource.url.startswith("data:") for resource in job.inputs)
+        )
+
     def run(self, job: JobReady, cancelled: threading.Event, started: float) -> Final:
         """Run `job`; a failure of the job is its result (JobFailed), never raised."""
         exit_code: int | None = None
@@ -100,12 +112,13 @@ class Jobs:
     def _operation(self, job: JobReady, cancelled: threading.Event) -> bytes:
         """An operation's product; an attempt that paid for a noised product and runs
         again (after a restart) releases the same bytes, not a second draw."""
-        again = self.journal.released(job.ref)
+        ref = job.ref  # a new JobRef at each call
+        again = self.journal.released(ref)
         if again is not None:
             return again
         folder = self.store.artifact_root(job.artifact_id)
         inputs = [json.loads(self.store.get(resource, folder)) for resource in job.inputs]
-        ledger = Ledger(self.journal, self.node, job.ref)
+        ledger = Ledger(self.journal, self.node, ref)
         context = operations.JobContext(
             job=job,
             node=self.node,
@@ -115,5 +128,5 @@ class Jobs:
             cancelled=cancelled,
         )
         data = _PRODUCT_JSON.encode(operations.run(context)).encode()
-        self.journal.keep(job.ref, data)
+        self.journal.keep(ref, data)
         return data

@@ -21,11 +21,19 @@ from flotta_mqtt.protocol import (
     JobStarted,
     Resource,
 )
-from flotta_mqtt.transport.store import sha256_hex
+from flotta_mqtt.transport.store import ResourceStore, sha256_hex
 from flotta_mqtt.worker.attempts import Work
-from flotta_mqtt.worker.journal import Final
+from flotta_mqtt.worker.jobs import Jobs
+from flotta_mqtt.worker.journal import Final, Journal
 from flotta_mqtt.worker.runners import Done, Reports, Runners, Started
-from flotta_mqtt.workflows.executors import Executor, Site, TaskResult, TaskRun, register_executor
+from flotta_mqtt.workflows.executors import (
+    Executor,
+    Site,
+    TaskResult,
+    TaskRun,
+    TaskRunner,
+    register_executor,
+)
 
 
 @pytest.fixture(name="station")
@@ -209,6 +217,50 @@ def test_a_runner_outlives_an_error_outside_any_job() -> None:
     assert [(d.work.job.job_id, d.final is None) for d in done] == [(0, True), (1, False)]
     assert runners.alive()
     runners.stop()
+
+
+def test_an_instant_job_runs_on_the_submitting_thread_unless_others_wait() -> None:
+    """An instant job with nothing queued is run by `submit` itself (no hand-off to a
+    runner and back); queued behind another job, it waits its turn on a runner."""
+    woken = threading.Event()
+    box = Reports(woken.set)
+    release = threading.Event()
+    ran_on: dict[int, str] = {}
+
+    def execute(job: JobReady, cancelled: threading.Event, started: float) -> Final:
+        ran_on[job.job_id] = threading.current_thread().name
+        if job.job_id == 1:  # holds the only runner while job 2 and 3 are submitted
+            release.wait(TIMEOUT)
+        product = Resource(url="data:,null", sha256=sha256_hex(b"null"), size=4)
+        return JobFinished(job=job.ref, product=product, started_at=started, finished_at=started)
+
+    runners = Runners("w0", 1, execute, box, instant=lambda job: job.job_id in (0, 3))
+    runners.start()
+    here = threading.current_thread().name
+    runners.submit(Work(job_ready(0), threading.Event()))
+    assert ran_on == {0: here}
+    assert [type(r) for r in box.take()] == [Started, Done]  # reported, as a runner does
+    runners.submit(Work(job_ready(1), threading.Event()))
+    wait_for(lambda: 1 in ran_on, TIMEOUT, "job 1 never started")
+    runners.submit(Work(job_ready(2), threading.Event()))  # not instant: queued
+    runners.submit(Work(job_ready(3), threading.Event()))  # instant, but after job 2
+    assert set(ran_on) == {0, 1}
+    release.set()
+    wait_for(lambda: 3 in ran_on, TIMEOUT, "job 3 never ran")
+    assert ran_on[1] == ran_on[2] == ran_on[3] != here
+    runners.stop()
+
+
+def test_only_instant_operations_with_inline_inputs_are_instant(tmp_path: Path) -> None:
+    store = ResourceStore(tmp_path.as_uri())
+    jobs = Jobs("w0", store, TaskRunner(store, []), {}, Journal(None))
+    inline = Resource(url="data:,null", sha256=sha256_hex(b"null"), size=4)
+    stored = Resource(url=f"{tmp_path.as_uri()}/art1/0", sha256=sha256_hex(b"null"), size=4)
+    assert jobs.instant(job_ready(0, inputs=[inline]))
+    assert not jobs.instant(job_ready(0, inputs=[inline, stored]))  # a read could take long
+    assert not jobs.instant(job_ready(0, operation=Operation(name="trail")))
+    assert not jobs.instant(job_ready(0, operation=Operation(name="no-such-operation")))
+    assert not jobs.instant(job_ready(0, kind="tasks"))
 
 
 class _Probe(Executor):
