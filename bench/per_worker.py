@@ -17,7 +17,6 @@ publishes no status).
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import multiprocessing as mp
 import random
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import machine_load, print_table
-from bench.scale import _rss_mb
+from bench.scale import CoreDriver, rss_mb
 
 SPAWN = mp.get_context("spawn")
 SIZES = (1_000, 10_000, 100_000)
@@ -41,43 +40,20 @@ def _core_main(workers: int, database: str, conn: Connection) -> None:
     logging.basicConfig(level=logging.WARNING)
     from bench.fleet import OPERATION
     from bench.workers import PROJECT, fleet_artifact, small_workflow
-    from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, NodePresence, Resource, encode, topics
-    from flotta_mqtt.scheduler.announcements import build_status
-    from flotta_mqtt.scheduler.config import SchedulerConfig
-    from flotta_mqtt.scheduler.core import Policies, SchedulerCore
-    from flotta_mqtt.scheduler.databases import open_repository
-    from flotta_mqtt.scheduler.effects import Clock, Event, Received
-    from flotta_mqtt.scheduler.metrics import SchedulerMetrics
-    from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
+    from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, NodePresence, encode, topics
+    from flotta_mqtt.scheduler.effects import Event, Received
 
-    config = SchedulerConfig(database=Path(database), run_initiator=False, worker_grace=0.0)
-    repository = open_repository(config.database, config.name)
-    core = SchedulerCore(config, SchedulerMetrics(), Policies.of(config, random.Random(0)))
-    store = ResourceStore((Path(database).parent / "store").as_uri())
-
-    def manifest(artifact_id: str, results: list[Resource]) -> Resource:
-        data = json.dumps([r.model_dump(mode="json") for r in results]).encode()
-        return store.put(store.results_url(artifact_id), data, media_type=RESULTS_MANIFEST)
-
-    def clock() -> Clock:
-        now = time.monotonic()
-        return Clock(now, time.time(), now)
-
+    driver = CoreDriver(database)
+    repository = driver.repository
     status_bytes: list[int] = []  # the size of each status built
 
     def burst(events: list[Event]) -> int:
-        """One burst as the service handles it; how many messages it decided to publish."""
-        decision = core.handle(events, clock())
-        with repository.transaction():
-            repository.apply(decision.writes)
-        for _topic, message, _retain in decision.publish:
-            encode(message)
-        for record, wall in decision.statuses:
-            status = build_status(record, wall, config.allow_download, manifest)
-            status_bytes.append(len(status.model_dump_json()))  # encode() refuses > limit
+        """One burst; how many messages it decided to publish."""
+        decision, statuses = driver.burst(events)
+        # Measured, not encoded: encode() refuses a status over the limit.
+        status_bytes.extend(len(status.model_dump_json()) for status in statuses)
         return len(decision.publish)
 
-    core.restore([], {}, {}, [], clock())
     names = [f"sim{i:06d}" for i in range(workers)]
     arriving = [  # as the broker sends them: encoded, on their topics
         Received(
@@ -98,14 +74,14 @@ def _core_main(workers: int, database: str, conn: Connection) -> None:
         for name in names
     ]
     gc.collect()
-    rss_start = _rss_mb()
+    rss_start = rss_mb()
     start = time.process_time()
     for first in range(0, workers, BURST):
         burst(list(arriving[first : first + BURST]))
     presence_s = time.process_time() - start
     del arriving
     gc.collect()
-    rss_known = _rss_mb()
+    rss_known = rss_mb()
 
     rng = random.Random(0)
     submit = topics.submit("bench")
@@ -116,7 +92,7 @@ def _core_main(workers: int, database: str, conn: Connection) -> None:
         burst([Received(submit, payload, time.monotonic())])
         costs.append(time.process_time() - start)
     gc.collect()
-    rss_submitted = _rss_mb()
+    rss_submitted = rss_mb()
 
     payload = encode(fleet_artifact(1))
     start = time.process_time()

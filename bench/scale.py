@@ -37,11 +37,65 @@ WORKERS = 99
 BURST = 500
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class CoreDriver:
+    """The scheduler's core and repository in this process, driven burst by burst as its
+    service drives them, with no broker: for benches of the scheduler's own costs."""
+
+    def __init__(self, database: str) -> None:
+        from flotta_mqtt.scheduler.config import SchedulerConfig
+        from flotta_mqtt.scheduler.core import Policies, SchedulerCore
+        from flotta_mqtt.scheduler.databases import open_repository
+        from flotta_mqtt.scheduler.metrics import SchedulerMetrics
+        from flotta_mqtt.transport.store import ResourceStore
+
+        self.config = SchedulerConfig(
+            database=Path(database), run_initiator=False, worker_grace=0.0
+        )
+        self.repository = open_repository(self.config.database, self.config.name)
+        self.core = SchedulerCore(
+            self.config, SchedulerMetrics(), Policies.of(self.config, random.Random(0))
+        )
+        self.store = ResourceStore((Path(database).parent / "store").as_uri())
+        self.core.restore([], {}, {}, [], self.clock())
+
+    @staticmethod
+    def clock() -> Any:
+        from flotta_mqtt.scheduler.effects import Clock
+
+        now = time.monotonic()
+        return Clock(now, time.time(), now)
+
+    def burst(self, events: list[Any]) -> tuple[Any, list[Any]]:
+        """One burst as the service handles it: decided, written in one transaction, what
+        it publishes encoded; the decision and the statuses built after the commit."""
+        from flotta_mqtt.protocol import encode
+        from flotta_mqtt.scheduler.announcements import build_status
+
+        decision = self.core.handle(events, self.clock())
+        with self.repository.transaction():
+            self.repository.apply(decision.writes)
+        for _topic, message, _retain in decision.publish:
+            encode(message)
+        statuses = [
+            build_status(record, wall, self.config.allow_download, self._manifest)
+            for record, wall in decision.statuses
+        ]
+        return decision, statuses
+
+    def _manifest(self, artifact_id: str, results: list[Any]) -> Any:
+        from flotta_mqtt.transport.store import RESULTS_MANIFEST
+
+        data = json.dumps([r.model_dump(mode="json") for r in results]).encode()
+        return self.store.put(
+            self.store.results_url(artifact_id), data, media_type=RESULTS_MANIFEST
+        )
 
 
 def _scale_main(jobs: int, database: str, conn: Connection) -> None:
@@ -49,43 +103,18 @@ def _scale_main(jobs: int, database: str, conn: Connection) -> None:
     from bench.binding import artifact_of
     from flotta_mqtt.model import ArtifactState
     from flotta_mqtt.protocol import JobFinished, JobReady, NodePresence, Resource, encode, topics
-    from flotta_mqtt.scheduler.announcements import build_status
-    from flotta_mqtt.scheduler.config import SchedulerConfig
-    from flotta_mqtt.scheduler.core import Policies, SchedulerCore
-    from flotta_mqtt.scheduler.databases import open_repository
-    from flotta_mqtt.scheduler.effects import Clock, Event, Received
-    from flotta_mqtt.scheduler.metrics import SchedulerMetrics
-    from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
+    from flotta_mqtt.scheduler.effects import Event, Received
 
-    config = SchedulerConfig(database=Path(database), run_initiator=False, worker_grace=0.0)
-    repository = open_repository(config.database, config.name)
-    core = SchedulerCore(config, SchedulerMetrics(), Policies.of(config, random.Random(0)))
-    store = ResourceStore((Path(database).parent / "store").as_uri())
-
-    def manifest(artifact_id: str, results: list[Resource]) -> Resource:
-        data = json.dumps([r.model_dump(mode="json") for r in results]).encode()
-        return store.put(store.results_url(artifact_id), data, media_type=RESULTS_MANIFEST)
-
-    def clock() -> Clock:
-        now = time.monotonic()
-        return Clock(now, time.time(), now)
+    driver = CoreDriver(database)
+    core, repository = driver.core, driver.repository
 
     def burst(events: list[Event]) -> list[Any]:
-        """One burst as the service handles it: decided, written in one transaction, and
-        what it publishes encoded (statuses built after the commit); the JobReady kept."""
-        decision = core.handle(events, clock())
-        with repository.transaction():
-            repository.apply(decision.writes)
-        ready = []
-        for _topic, message, _retain in decision.publish:
-            encode(message)
-            if isinstance(message, JobReady):
-                ready.append(message)
-        for record, wall in decision.statuses:
-            encode(build_status(record, wall, config.allow_download, manifest))
-        return ready
+        """One burst, its statuses encoded; the JobReady kept."""
+        decision, statuses = driver.burst(events)
+        for status in statuses:
+            encode(status)
+        return [m for _, m, _ in decision.publish if isinstance(m, JobReady)]
 
-    core.restore([], {}, {}, [], clock())
     now = time.time()
     presence = [
         NodePresence(
@@ -96,12 +125,12 @@ def _scale_main(jobs: int, database: str, conn: Connection) -> None:
     burst([Received(topics.presence(p.node), encode(p), time.monotonic()) for p in presence])
     artifact = artifact_of(jobs // 100)
     gc.collect()
-    rss_start = _rss_mb()
+    rss_start = rss_mb()
 
     start = time.perf_counter()
     pending = burst([Received(topics.submit("bench"), encode(artifact), time.monotonic())])
     bind_s = time.perf_counter() - start
-    rss_bound = _rss_mb()
+    rss_bound = rss_mb()
     record = core.artifacts[artifact.id]
     total = len(record.jobs)
 
@@ -128,7 +157,7 @@ def _scale_main(jobs: int, database: str, conn: Connection) -> None:
         raise RuntimeError(f"finished {finished} of {total} jobs; the artifact is {state}")
     del record
     gc.collect()
-    rss_end = _rss_mb()
+    rss_end = rss_mb()
     repository.close()
     conn.send(
         {
