@@ -60,14 +60,15 @@ def open_store(
         db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
     except sqlite3.OperationalError as exc:
         raise _unopened(what, path, exc) from exc
+    reference = _reference(schema)
     try:
-        _check(db, schema, f"{what} {path}", recovery)
+        _check(db, reference, f"{what} {path}", recovery)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(schema)
         if migrate is not None:
             migrate(db)
-        _check_columns(db, _reference(schema), f"{what} {path}")
+        _check_columns(db, reference, f"{what} {path}")
     except BaseException as exc:
         db.close()
         if isinstance(exc, sqlite3.OperationalError):  # not damage: full, read-only, missing
@@ -113,7 +114,9 @@ def is_new(db: sqlite3.Connection) -> bool:
 _TABLES = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
 
 
-def _check(db: sqlite3.Connection, schema: str, store: str, recovery: str) -> None:
+def _check(
+    db: sqlite3.Connection, reference: dict[str, list[str]], store: str, recovery: str
+) -> None:
     """Refuse a file that is not SQLite, fails quick_check, or holds tables not ours, or
     columns not ours (an earlier version's tables may lack some: a migration adds them);
     reading it only."""
@@ -128,7 +131,6 @@ def _check(db: sqlite3.Connection, schema: str, store: str, recovery: str) -> No
         lines = "\n".join(problems).splitlines()
         first = next((line for line in lines if line and not line.startswith("***")), "")
         raise StoreError(f"the {store} is damaged (quick_check: {first}): {recovery}")
-    reference = _reference(schema)
     foreign = sorted(tables - set(reference))
     if foreign:
         raise StoreError(

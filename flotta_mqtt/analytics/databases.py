@@ -20,6 +20,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flotta_mqtt.analytics import sql
+from flotta_mqtt.analytics.filters import is_number, is_text
 from flotta_mqtt.analytics.plan import Groups, Request, Select, answer
 from flotta_mqtt.analytics.policy import PrivacyPolicy
 from flotta_mqtt.analytics.registry import Dataset, OperationError
@@ -61,8 +62,8 @@ _POSTGRES_TYPES = {
 
 def _kind(type_: pa.DataType) -> str:
     for kind, test in (
-        ("number", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)),
-        ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+        ("number", is_number),
+        ("text", is_text),
         ("boolean", pa.types.is_boolean),
         ("date", pa.types.is_date),
         ("timestamp", pa.types.is_timestamp),

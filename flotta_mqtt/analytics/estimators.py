@@ -68,7 +68,7 @@ class Estimator(OperationDef):
         if noise is not None:
             # Paid for once computed (a job that fails costs nothing), before it can leave.
             data = ctx.dataset()
-            ctx.budget.spend(data.project, noise.epsilon, noise.delta, data.privacy)
+            privacy.charge(data, ctx.budget, noise)
         return state
 
     def merge(self, a: Any, b: Any) -> Any:

@@ -120,9 +120,7 @@ class Compiler:
         if agg.kind == "rows":
             return "count(*)"
         assert agg.column is not None
-        if agg.kind == "present":
-            return f"count({self.column(agg.column)})"
-        if agg.kind == "within":
+        if agg.kind in ("present", "within"):
             return f"count({self.column(agg.column)})"
         number = self.number(agg.column)
         if agg.kind == "sum" and agg.clip is not None:

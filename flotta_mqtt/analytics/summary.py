@@ -107,8 +107,8 @@ class Summary(OperationDef):
         states = {key: definition.unpaid(sub, answered) for key, definition, sub in parts}
         noises = [n for _, _, sub in parts if (n := privacy.requested(sub)) is not None]
         if noises:  # sequential composition: what the parts spend, added up
-            epsilon, delta = sum(n.epsilon for n in noises), sum(n.delta for n in noises)
-            ctx.budget.spend(data.project, epsilon, delta, data.privacy)
+            spent = privacy.Noise(sum(n.epsilon for n in noises), sum(n.delta for n in noises))
+            privacy.charge(data, ctx.budget, spent)
         return self._merged(parts, [states, *ctx.inputs])
 
     def aggregate(self, params: SummaryParams, ctx: JobContext) -> dict[str, Any]:
