@@ -170,7 +170,7 @@ class Client:
         """Publish a request the scheduler answers on the reply topic (a prune, a schedule
         request); its report. PermissionError or ValueError if it refused the request,
         naming why; TimeoutError if no answer came in `timeout` s."""
-        what = topic.rsplit("/", 1)[1]
+        what = topics.parse(topic).channel.value
         with self._asking:
             with self._changed:
                 self._answers.clear()  # a late answer to an earlier request is not this one's

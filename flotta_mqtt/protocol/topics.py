@@ -35,6 +35,7 @@ own, and a reader that does not know the owner subscribes with `+` in its place.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -158,6 +159,7 @@ def check_group(group: str) -> str:
     return group
 
 
+@functools.lru_cache(maxsize=256)  # called for every message a grouped bus sends or receives
 def root(group: str | None) -> str:
     """The namespace of a group's topics (ROOT for the default group)."""
     return ROOT if group is None else f"{ROOT}-{check_group(group)}"
