@@ -280,6 +280,12 @@ def _check_flow(tasks: list[Task]) -> None:
                         f"task {task.name}: {ref} reads task {source.name}, which runs as "
                         f"{source.replicas} jobs: a condition reads a single job's result"
                     )
+                if source.cache and "outputs" in ref.path:
+                    raise ValueError(
+                        f"task {task.name}: {ref} reads what task {source.name} printed, but "
+                        "it is cached (`cache: true`): a reused run keeps its files, not its "
+                        "stdout"
+                    )
         if task.for_each is None and any(ref.path[0] == "item" for ref in refs):
             raise ValueError(f"task {task.name}: `item` is only known in a task with for_each")
         tangled = [

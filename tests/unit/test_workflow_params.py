@@ -147,6 +147,19 @@ def test_a_condition_reads_only_a_single_job_it_depends_on() -> None:
         Workflow.model_validate({"tasks": tasks})
 
 
+def test_a_condition_reads_no_output_of_a_cached_task() -> None:
+    """A cached run is reused with its job files but not its stdout, which `outputs.result`
+    and `outputs.json` read: refused when the file is read, not answered with nothing."""
+    tasks = [
+        {"name": "build", "cache": True},
+        {"name": "t", "depends": ["build"], "when": "tasks.build.outputs.result == 'ok'"},
+    ]
+    with pytest.raises(ValueError, match="it is cached"):
+        Workflow.model_validate({"tasks": tasks})
+    tasks[1]["when"] = "tasks.build.exit_code == 0"
+    Workflow.model_validate({"tasks": tasks})
+
+
 class Printed(Results):
     """Results as if each dependency printed the given value."""
 
