@@ -20,6 +20,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flotta_mqtt.analytics import sql
+from flotta_mqtt.analytics.categories import Categories, fitted
 from flotta_mqtt.analytics.filters import is_number, is_text
 from flotta_mqtt.analytics.plan import Groups, Request, Select, answer
 from flotta_mqtt.analytics.policy import PrivacyPolicy
@@ -111,6 +112,7 @@ class SqlDataset(Dataset):
         types: dict[str, str],
         min_group_size: int,
         privacy: PrivacyPolicy,
+        categories: Categories | None = None,
     ) -> None:
         super().__init__(project, node, min_group_size, privacy)
         self.source = source
@@ -118,6 +120,7 @@ class SqlDataset(Dataset):
         self.who = f"worker {node}: project {project}"
         self._table = sql.quote(source.table, self.dialect)
         self._schema = self._declared(self._columns(), types)
+        self.categories = fitted(self._schema, categories or {}, self.who)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[Any]:
@@ -202,7 +205,7 @@ class SqlDataset(Dataset):
     def aggregate(self, requests: Sequence[Request]) -> list[Groups]:
         def scan(select: Select) -> list[tuple[Any, ...]]:
             statement, params = sql.compile_select(
-                select, self._table, self._schema, self.dialect, self.who
+                select, self._table, self._schema, self.dialect, self.who, self.categories
             )
             with self._connect() as con:
                 rows = con.execute(statement, params).fetchall()

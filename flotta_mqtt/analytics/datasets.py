@@ -16,9 +16,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flotta_mqtt.analytics import engine
+from flotta_mqtt.analytics.categories import Category, fitted, validated
 from flotta_mqtt.analytics.databases import SqlDataset, SqlSource, same_kind
 from flotta_mqtt.analytics.plan import Groups, Request, answer
 from flotta_mqtt.analytics.policy import PrivacyPolicy
@@ -41,8 +42,10 @@ class DatasetSpec(BaseModel):
     Either a list of files, or a mapping with `paths` (or `sql`: a database table, see
     databases.SqlSource), `min_group_size` (the fewest rows
     an exact aggregate may cover; default 5), `types` (column → arrow type name, e.g.
-    `{"code": "string"}` for a CSV column of digits that must stay text) and `privacy`
-    (the site's policy: differential privacy only, from epsilon 1, unless it says otherwise).
+    `{"code": "string"}` for a CSV column of digits that must stay text), `categories`
+    (column → the values a text or integer column takes; others read as missing: see
+    categories.py) and `privacy` (the site's policy: differential privacy only, from
+    epsilon 1, unless it says otherwise).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -51,12 +54,18 @@ class DatasetSpec(BaseModel):
     sql: SqlSource | None = None
     min_group_size: int = Field(default=DEFAULT_MIN_GROUP_SIZE, ge=1)
     types: dict[str, str] = Field(default_factory=dict)
+    categories: dict[str, list[Category]] = Field(default_factory=dict)
     privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy)
 
     @model_validator(mode="before")
     @classmethod
     def _from_paths(cls, data: Any) -> Any:
         return {"paths": data} if isinstance(data, list | tuple) else data
+
+    @field_validator("categories")
+    @classmethod
+    def _categories(cls, categories: dict[str, list[Category]]) -> dict[str, list[Category]]:
+        return validated(categories)
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -68,7 +77,9 @@ class DatasetSpec(BaseModel):
 def open_dataset(project: str, node: str, spec: DatasetSpec) -> Dataset:
     """The dataset a spec describes: its files, or its database table."""
     if spec.sql is not None:
-        return SqlDataset(project, node, spec.sql, spec.types, spec.min_group_size, spec.privacy)
+        return SqlDataset(
+            project, node, spec.sql, spec.types, spec.min_group_size, spec.privacy, spec.categories
+        )
     return FileDataset(project, node, spec)
 
 
@@ -145,6 +156,7 @@ class FileDataset(Dataset):
             self._schema = self._unified_schema()
         except (ValueError, pa.ArrowException) as exc:
             raise OperationError(f"worker {node}: project {project}: {exc}") from exc
+        self.categories = fitted(self._schema, spec.categories, f"worker {node}: project {project}")
 
     def _unified_schema(self) -> pa.Schema:
         schemas = [(path, _file_schema(path, self._types)) for path in self.paths]
@@ -224,7 +236,9 @@ class FileDataset(Dataset):
         who = f"worker {self.node}: project {self.project}"
         try:
             source = engine.file_source(csv, parquet, self._schema)
-            return answer(requests, lambda s: engine.scan(source, s, self._schema, who))
+            return answer(
+                requests, lambda s: engine.scan(source, s, self._schema, who, self.categories)
+            )
         except (engine.EngineError, ValueError) as exc:
             # As `_read`: the engine's message may quote a value of the file.
             raise OperationError(

@@ -10,7 +10,7 @@ Rows never reach Python: a job's aggregates come back as one row per group.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +105,15 @@ def _connect() -> duckdb.DuckDBPyConnection:
     return con
 
 
-def scan(source: str, select: Select, schema: pa.Schema, who: str) -> list[tuple[Any, ...]]:
+def scan(
+    source: str,
+    select: Select,
+    schema: pa.Schema,
+    who: str,
+    categories: Mapping[str, Sequence[object]] | None = None,
+) -> list[tuple[Any, ...]]:
     """One scan of `source` answering `select`: a row per group."""
-    statement, params = sql.compile_select(select, source, schema, sql.DUCKDB, who)
+    statement, params = sql.compile_select(select, source, schema, sql.DUCKDB, who, categories)
     try:
         with _connect() as con:
             return con.execute(statement, params).fetchall()
@@ -116,11 +122,15 @@ def scan(source: str, select: Select, schema: pa.Schema, who: str) -> list[tuple
 
 
 def scan_batches(
-    batches: Iterator[pa.RecordBatch], select: Select, schema: pa.Schema, who: str
+    batches: Iterator[pa.RecordBatch],
+    select: Select,
+    schema: pa.Schema,
+    who: str,
+    categories: Mapping[str, Sequence[object]] | None = None,
 ) -> list[tuple[Any, ...]]:
     """As `scan`, over a stream of batches (a source DuckDB cannot read itself)."""
     reader = pa.RecordBatchReader.from_batches(schema, batches)
-    statement, params = sql.compile_select(select, "batches", schema, sql.DUCKDB, who)
+    statement, params = sql.compile_select(select, "batches", schema, sql.DUCKDB, who, categories)
     try:
         with _connect() as con:
             con.register("batches", reader)

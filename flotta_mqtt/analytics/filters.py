@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flotta_mqtt.analytics.categories import shown
 from flotta_mqtt.analytics.registry import ColumnTypeError, Dataset
-from flotta_mqtt.model.query import AllOf, AnyOf, DateCompare, Filter, IsIn, Not
+from flotta_mqtt.model.query import AllOf, AnyOf, Compare, DateCompare, Filter, IsIn, Not
 
 _COMPARE: dict[str, Callable[[pa.Array, pa.Scalar], pa.Array]] = {
     "<": pc.less,
@@ -70,6 +71,29 @@ def _check(where: Filter, data: Dataset) -> None:
             f"worker {data.node}: column {where.column} of project {data.project} is "
             f"{type_}; the filter compares it with {wanted}"
         )
+    _check_declared(where, data)
+
+
+def _check_declared(where: IsIn | DateCompare | Compare, data: Dataset) -> None:
+    """Refuse a value outside a column's declared categories where it is looked for
+    (==, !=, isin): it matches no row, so it is a mistake (a typo would count 0)."""
+    declared = data.categories.get(where.column)
+    if declared is None or isinstance(where, DateCompare):
+        return
+    if isinstance(where, IsIn):
+        values: list[object] = list(where.values)
+    elif where.op in ("==", "!="):
+        values = [where.value]
+    else:
+        return
+    known = set(declared)
+    outside = [v for v in values if v not in known]
+    if outside:
+        raise ColumnTypeError(
+            f"worker {data.node}: the filter looks for {outside[0]!r} in column "
+            f"{where.column} of project {data.project}, which takes only its declared "
+            f"categories: {shown(declared)}"
+        )
 
 
 def check(data: Dataset, columns: set[str], where: Filter | None) -> None:
@@ -77,6 +101,23 @@ def check(data: Dataset, columns: set[str], where: Filter | None) -> None:
     data.require(columns | (where.columns() if where is not None else set()))
     if where is not None:
         _check(where, data)
+
+
+def declared(data: Dataset, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    """The dataset's batches of `columns`, each declared column's values outside its
+    categories read as missing (as the SQL every aggregate runs reads them: sql.py)."""
+    for batch in data.batches(columns):
+        for name, values in data.categories.items():
+            index = batch.schema.get_field_index(name)
+            if index >= 0:
+                column = batch.column(index)
+                kept = pc.is_in(column, value_set=pa.array(values, type=column.type))
+                batch = batch.set_column(
+                    index,
+                    batch.schema.field(index),
+                    pc.if_else(kept, column, pa.scalar(None, column.type)),
+                )
+        yield batch
 
 
 def _day(value: DateCompare, type_: pa.DataType) -> pa.Scalar:
@@ -139,7 +180,7 @@ def select(
     read = checked(data, columns, where, numbers)
     return (
         (batch if where is None else batch.filter(mask(where, batch))).select(list(columns))
-        for batch in data.batches(read)
+        for batch in declared(data, read)
     )
 
 
@@ -155,7 +196,7 @@ def _numbered(
     data: Dataset, read: list[str], columns: Sequence[str], where: Filter | None
 ) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
     offset = 0
-    for batch in data.batches(read):
+    for batch in declared(data, read):
         rows = np.arange(offset, offset + batch.num_rows)
         offset += batch.num_rows
         if where is not None:

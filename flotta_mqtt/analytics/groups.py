@@ -3,7 +3,9 @@
 Each is an estimator (see `estimators`) whose state maps every group to its sums, so
 states merge exactly. Missing values are left out; a worker refuses to release a group of
 1 to min_group_size - 1 rows, or, noised, releases only the groups whose noisy count
-passes a threshold (see privacy.threshold_counts).
+passes a threshold (see privacy.threshold_counts). Grouped by columns whose categories
+the site declares, every combination of them is a group, empty or not: noised, each gets
+a noisy count and no threshold is needed (categories.public_keys).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 
 from flotta_mqtt.analytics import privacy
+from flotta_mqtt.analytics.categories import public_keys
 from flotta_mqtt.analytics.estimators import Estimator, Rows
 from flotta_mqtt.analytics.filters import checked
 from flotta_mqtt.analytics.plan import Agg, Request
@@ -41,6 +44,11 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def _name(key: tuple[Any, ...]) -> str:
+    """A group's key in a state: its values as a JSON list."""
+    return json.dumps([_json_value(v) for v in key])
 
 
 def _order(key: list[Any]) -> tuple[tuple[bool, Any], ...]:
@@ -84,12 +92,15 @@ class GroupStatistic(Estimator):
         return {}
 
     def states(self, params: Any, ctx: JobContext) -> dict[str, list[float]]:
-        """Each group's sums (the column's values clipped to its bounds when noised)."""
-        (groups,) = ctx.dataset().aggregate(self.planned(params, ctx))
-        return {
-            json.dumps([_json_value(v) for v in key]): [float(v) for v in found]
-            for key, found in groups.items()
-        }
+        """Each group's sums (the column's values clipped to its bounds when noised), and
+        zeros for the declared groups the data lacks."""
+        data = ctx.dataset()
+        (groups,) = data.aggregate(self.planned(params, ctx))
+        states = {_name(key): [float(v) for v in found] for key, found in groups.items()}
+        empty = [0.0] * len(self.aggs(params, None))
+        for key in public_keys(params.by, data.categories) or ():
+            states.setdefault(_name(key), empty)
+        return states
 
     def measure(self, params: Any, ctx: JobContext) -> dict[str, list[float]]:
         states = self.states(params, ctx)
@@ -98,12 +109,16 @@ class GroupStatistic(Estimator):
         return states
 
     def counted(
-        self, states: dict[str, list[float]], ctx: JobContext, noise: privacy.Noise
+        self, params: Any, states: dict[str, list[float]], ctx: JobContext, noise: privacy.Noise
     ) -> dict[str, int]:
-        """The groups' noised counts, only those whose noisy count passes the threshold:
-        no refusal, so nothing to search; a group of one row shows with probability delta."""
+        """The groups' noised counts: every declared group's, else only those whose noisy
+        count passes the threshold (no refusal, so nothing to search; a group of one row
+        shows with probability delta)."""
+        data = ctx.dataset()
         counts = {name: int(state[0]) for name, state in states.items()}
-        return privacy.threshold_counts(counts, noise, ctx.dataset().min_group_size)
+        if public_keys(params.by, data.categories) is not None:
+            return privacy.public_counts(counts, noise.epsilon)
+        return privacy.threshold_counts(counts, noise, data.min_group_size)
 
     def merge(self, a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, list[float]]:
         merged = dict(a)
@@ -117,7 +132,9 @@ class GroupStatistic(Estimator):
             {**dict(zip(params.by, key, strict=True)), **self.row(params, sums)}
             for key, sums in sorted(groups, key=lambda group: _order(group[0]))
         ]
-        return privacy.released(rows, params, "laplace_threshold")
+        # Counts are Laplace-noised; with delta, groups not declared pass a threshold.
+        mechanism = "laplace_threshold" if params.delta > 0 else "laplace"
+        return privacy.released(rows, params, mechanism)
 
 
 @register
@@ -136,7 +153,7 @@ class GroupCount(GroupStatistic):
     def noised(
         self, params: GroupParams, ctx: JobContext, noise: privacy.Noise
     ) -> dict[str, list[float]]:
-        counts = self.counted(self.states(params, ctx), ctx, noise)
+        counts = self.counted(params, self.states(params, ctx), ctx, noise)
         return {name: [n] for name, n in counts.items()}
 
 
@@ -160,7 +177,7 @@ class GroupMean(GroupStatistic):
         noise on the kept groups' clipped sums: a row is in one group's sum."""
         limits = privacy.bounds(params, ctx.dataset(), params.column)
         states = self.states(params, ctx)
-        counts = self.counted(states, ctx, privacy.Noise(noise.epsilon / 2, noise.delta))
+        counts = self.counted(params, states, ctx, privacy.Noise(noise.epsilon / 2, noise.delta))
         names = sorted(counts)
         s = privacy.sensitivity(limits)
         sums = privacy.Noise(noise.epsilon / 2, 0.0).floats([states[n][1] for n in names], s, s)

@@ -168,11 +168,22 @@ def threshold_counts(counts: dict[str, int], noise: Noise, min_group_size: int) 
     if noise.delta <= 0:
         raise PrivacyRefused(
             "noised group statistics release only the groups whose noisy count passes a "
-            "threshold, which needs delta > 0 (e.g. 1e-7)"
+            "threshold, which needs delta > 0 (e.g. 1e-7), unless the site declares the "
+            "categories of every grouping column"
         )
     threshold = max(_lowest_threshold(noise.epsilon, noise.delta), min_group_size)
     kept = _threshold_mechanism(noise.epsilon, threshold)({k: int(v) for k, v in counts.items()})
     return {key: int(value) for key, value in kept.items()}
+
+
+def public_counts(counts: dict[str, int], epsilon: float) -> dict[str, int]:
+    """Noised counts of groups whose keys are public (every combination of declared
+    categories, whatever the data holds): each gets Laplace noise and none is dropped, so
+    no threshold and no delta are needed. A row is in one group: it changes one count by
+    1. A negative noisy count reads as 0 (post-processing costs no privacy)."""
+    names = sorted(counts)
+    noisy = Noise(epsilon, 0.0).ints([counts[name] for name in names], 1, 1)
+    return {name: max(0, value) for name, value in zip(names, noisy, strict=True)}
 
 
 def _threshold_mechanism(epsilon: float, threshold: int) -> Any:

@@ -85,6 +85,9 @@ class Dataset:
         self.node = node
         self.min_group_size = min_group_size
         self.privacy = privacy if privacy is not None else PrivacyPolicy()
+        # The values each declared column takes (categories.py): set by a source once it
+        # has checked them against its schema.
+        self.categories: dict[str, tuple[Any, ...]] = {}
 
     def schema(self) -> pa.Schema:
         """Column names and types, known without reading the data."""
@@ -117,7 +120,10 @@ class Dataset:
                 raise
 
         try:
-            return answer(requests, lambda s: engine.scan_batches(batches(), s, schema, who))
+            return answer(
+                requests,
+                lambda s: engine.scan_batches(batches(), s, schema, who, self.categories),
+            )
         except engine.EngineError as exc:
             if failed:
                 raise failed[0] from None
@@ -125,9 +131,15 @@ class Dataset:
 
     def describe(self) -> dict[str, Any]:
         """The schema and policy a worker announces in its presence: never any of the data
-        (the row count is an exact count, so only where the site answers exactly)."""
+        (the row count is an exact count, so only where the site answers exactly; declared
+        categories are the site's public values)."""
         described: dict[str, Any] = {
             "columns": [{"name": f.name, "type": str(f.type)} for f in self.schema()],
+            **(
+                {"categories": {c: list(v) for c, v in self.categories.items()}}
+                if self.categories
+                else {}
+            ),
             "min_group_size": self.min_group_size,
             "privacy": self.privacy.describe(),
         }

@@ -8,6 +8,7 @@ checked against the source's schema, then quoted.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, time
 
@@ -70,6 +71,26 @@ class Compiler:
         if plain or nan is None or not pa.types.is_floating(self.type(name)):
             return text
         return f"(CASE WHEN {nan.format(text)} THEN NULL ELSE {text} END)"
+
+    def declared(
+        self, source: str, columns: Sequence[str], categories: Mapping[str, Sequence[object]]
+    ) -> str:
+        """`source` with each declared column's values outside its categories read as NULL.
+
+        A subquery the database inlines (still one scan) so that the statement names each
+        column once, as today: each of its values is a parameter, so the set is bound once
+        and GROUP BY repeats no placeholder.
+        """
+        if not any(c in categories for c in columns):
+            return source
+        items = []
+        for name in columns:
+            text = quote(name, self.dialect)
+            if name in categories:
+                wanted = ", ".join(self.value(v) for v in categories[name])
+                text = f"CASE WHEN {text} IN ({wanted}) THEN {text} END"
+            items.append(f"{text} AS {quote(name, self.dialect)}")
+        return f"(SELECT {', '.join(items)} FROM {source}) AS declared"
 
     def plain_is_exact(self, where: Filter) -> bool:
         """Whether `where`'s prefilter is `where` itself (no NaN to read as NULL)."""
@@ -147,11 +168,16 @@ class Compiler:
 
 
 def compile_select(
-    select: Select, source: str, schema: pa.Schema, dialect: Dialect, where: str
+    select: Select,
+    source: str,
+    schema: pa.Schema,
+    dialect: Dialect,
+    where: str,
+    categories: Mapping[str, Sequence[object]] | None = None,
 ) -> tuple[str, list[object]]:
     """`select` over `source` (a table or a subquery with its own parameters bound before
     these) as one statement and its parameters: the rows are the groups' values, then each
-    aggregate."""
+    aggregate. A column with declared `categories` reads a value outside them as NULL."""
     c = Compiler(schema, dialect, where)
     by = [c.column(b) for b in select.by]
     filters = {f.model_dump_json() if f is not None else "" for f, _ in select.aggs}
@@ -163,6 +189,11 @@ def compile_select(
         bounds = c.range(agg)
         conditions += [bounds] if bounds is not None else []
         items.append(text + (f" FILTER (WHERE {' AND '.join(conditions)})" if conditions else ""))
+    used = sorted(
+        {*select.by, *(a.column for _, a in select.aggs if a.column is not None)}
+        | {c for f, _ in select.aggs if f is not None for c in f.columns()}
+    )
+    source = c.declared(source, used, categories or {})
     statement = f"SELECT {', '.join([*by, *items])} FROM {source}"
     statement += _where(c, [f for f, _ in select.aggs], shared)
     if by:

@@ -51,6 +51,7 @@ class Answered(Dataset):
         super().__init__(data.project, data.node, data.min_group_size, data.privacy)
         self.data = data
         self.answers = answers
+        self.categories = data.categories
 
     def schema(self) -> pa.Schema:
         return self.data.schema()
