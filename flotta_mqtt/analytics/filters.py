@@ -111,7 +111,7 @@ def declared(data: Dataset, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
             index = batch.schema.get_field_index(name)
             if index >= 0:
                 column = batch.column(index)
-                kept = pc.is_in(column, value_set=pa.array(values, type=column.type))
+                kept = pc.is_in(column, value_set=pa.array(values))
                 batch = batch.set_column(
                     index,
                     batch.schema.field(index),

@@ -133,7 +133,9 @@ def requests(where: Filter) -> list[Request]:
 def same(found: list[dict[Any, list[Any]]], wanted: list[dict[Any, list[Any]]]) -> bool:
     return all(
         f.keys() == w.keys()
-        and all(math.isclose(a, b, abs_tol=1e-9) for k in w for a, b in zip(f[k], w[k]))
+        and all(
+            math.isclose(a, b, abs_tol=1e-9) for k in w for a, b in zip(f[k], w[k], strict=True)
+        )
         for f, w in zip(found, wanted, strict=True)
     )
 
