@@ -288,7 +288,7 @@ class Unlimited(Budget):
 
 def grouped(data: Any, name: str = "group_count", **params: Any) -> Any:
     """A grouped statistic of one worker, finalized as the initiator would."""
-    by = {"by": ["s"]} if name.startswith("group") else {}
+    by = {"by": ["s"]} if name.startswith("group") and "by" not in params else {}
     operation = Operation(name=name, params={**by, **params})
     local = JobContext(job(operation, "local"), "w0", [], data, Unlimited())
     product = json.loads(json.dumps(operations.run(local)))
@@ -333,6 +333,22 @@ def test_noised_groups_are_every_declared_value_so_a_rare_one_does_not_show() ->
     with pytest.raises(PrivacyRefused, match="unless the site declares the categories"):
         grouped(data, epsilon=1.0)
     assert grouped(data, epsilon=1.0, delta=1e-6)["mechanism"] == "laplace_threshold"
+
+
+def test_a_summary_lists_the_declared_groups_as_the_statistic_alone_does() -> None:
+    data = batches({"s": ["a", "b"]}, [{"s": "a", "n": 1, "x": 1.0}] * 6)
+    data.privacy = PrivacyPolicy(exact=True)
+    operations_ = {"g": {"name": "group_count", "params": {"by": ["s"]}}}
+    assert grouped(data, "summary", operations=operations_) == {"g": grouped(data)}
+    assert [row["s"] for row in grouped(data)] == [None, "a", "b"]
+
+
+def test_beyond_the_limit_of_combinations_only_the_groups_found_are_listed() -> None:
+    rows = [{"s": "v1", "n": 1, "x": 1.0}] * 5
+    data = batches({"s": [f"v{i}" for i in range(200)], "n": list(range(100))}, rows)
+    data.privacy = PrivacyPolicy(exact=True)
+    assert grouped(data, by=["s", "n"]) == [{"s": "v1", "n": 1, "count": 5}]  # 201 x 101 > 10,000
+    assert len(grouped(data, by=["n"])) == 101
 
 
 def test_noised_counts_of_declared_groups_are_centred_on_the_truth() -> None:
