@@ -29,12 +29,18 @@ class Dialect:
     least: str  # the smaller of two values: LEAST, or SQLite's two-argument MIN
     greatest: str
     sum: str  # the sum of floats
+    # A float column's bound that NaN fails, joined to a pushed-down comparison: DuckDB
+    # orders NaN above all, so that a Parquet row group whose statistics exclude the
+    # filter may still be skipped while its column may hold NaN (engine.py).
+    below_nan: str | None = None
 
 
 # DuckDB's NULLIF(x, 'NaN') let NaN through from Parquet (1.x and 2.0); isnan does not.
 # Its threads add a sum's parts in any order, so `sum` differed in the last bits from one
 # run to the next; `fsum` (compensated: Kahan) gave the same every run, for a few percent.
-DUCKDB = Dialect("duckdb", "?", "DOUBLE", "isnan({})", "LEAST", "GREATEST", "fsum")
+DUCKDB = Dialect(
+    "duckdb", "?", "DOUBLE", "isnan({})", "LEAST", "GREATEST", "fsum", "{} <= 'inf'::DOUBLE"
+)
 SQLITE = Dialect("sqlite", "?", "REAL", None, "MIN", "MAX", "sum")
 POSTGRES = Dialect(
     "postgresql", "%s", "DOUBLE PRECISION", "{} = 'NaN'::float8", "LEAST", "GREATEST", "sum"
@@ -118,6 +124,9 @@ class Compiler:
         op = "=" if where.op == "==" else "<>" if where.op == "!=" else where.op
         if isinstance(where, DateCompare):
             return f"({column} {op} {self.value(self._day(where))})"
+        bound = self.dialect.below_nan
+        if plain and bound is not None and pa.types.is_floating(self.type(where.column)):
+            return f"({column} {op} {self.value(where.value)} AND {bound.format(column)})"
         return f"({column} {op} {self.value(where.value)})"
 
     def _day(self, where: DateCompare) -> object:
