@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
         "(cgroup v1, as root); the CSV only",
     )
     parser.add_argument(
+        "--sources",
+        default="csv,parquet,sqlite",
+        help="analytics: the sources to time, comma-separated (csv, parquet, sqlite)",
+    )
+    parser.add_argument(
         "--fleet-sizes",
         default="10,100,1000",
         help="workers: how many simulated workers, comma-separated (one column each)",
@@ -114,7 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     if which in ("analytics", "all"):
         from bench import analytics
 
-        analytics.run(size_mb=args.size_mb, runs=args.runs, cap_mb=args.cap_mb)
+        analytics.run(
+            size_mb=args.size_mb,
+            runs=args.runs,
+            cap_mb=args.cap_mb,
+            sources=args.sources.split(","),
+        )
     if which in ("functions", "all"):
         from bench import functions
 

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,15 +206,23 @@ def _spawned(target: Callable[..., None], *args: Any) -> Answer | str:
     return found if isinstance(found, tuple | str) else "no answer"
 
 
-def run(size_mb: int = 1024, runs: int = 1, cap_mb: int | None = None) -> None:
+def run(
+    size_mb: int = 1024,
+    runs: int = 1,
+    cap_mb: int | None = None,
+    sources: Sequence[str] = ("csv", "parquet", "sqlite"),
+) -> None:
+    paths = {"csv": "big.csv", "parquet": "big.parquet", "sqlite": "big.db"}
+    unknown = set(sources) - set(paths)
+    if unknown:
+        raise ValueError(f"no such source: {', '.join(sorted(unknown))} (of {', '.join(paths)})")
     with tempfile.TemporaryDirectory(prefix="flotta-bench-", dir="/tmp") as tmp:
         folder = Path(tmp)
         copies = "" if cap_mb is not None else ", its Parquet and SQLite copies"
         console.print(f"writing a {size_mb} MB CSV{copies} to {folder} …")
         expected_count, expected_sum, rows = write_sources(folder, size_mb, cap_mb is None)
         expected = (expected_count, expected_sum / expected_count)
-        paths = {"csv": "big.csv", "parquet": "big.parquet", "sqlite": "big.db"}
-        sources = ["csv"] if cap_mb is not None else list(paths)
+        sources = ["csv"] if cap_mb is not None else [s for s in paths if s in sources]
         table = []
         group = _capped(cap_mb) if cap_mb is not None else None
         for source in sources:
