@@ -10,6 +10,7 @@ Rows never reach Python: a job's aggregates come back as one row per group.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,24 @@ def scan(
     who: str,
     categories: Mapping[str, Sequence[object]] | None = None,
 ) -> list[tuple[Any, ...]]:
-    """One scan of `source` answering `select`: a row per group."""
-    statement, params = sql.compile_select(select, source, schema, sql.DUCKDB, who, categories)
+    """One scan of `source` answering `select`: a row per group.
+
+    Its floats are read as they are first, probed for NaN (sql.compile_select's `raw`); only
+    where a row the filter passes holds one is the source scanned again, NaN read as missing.
+    """
+    raw = sql.compile_select(select, source, schema, sql.DUCKDB, who, categories, raw=True)
+    rows = _fetch(*raw)
+    width = len(rows[0]) - len(sql.probed(select, schema)) if rows else 0
+    if not any(_is_nan(value) for row in rows for value in row[width:]):
+        return [row[:width] for row in rows]
+    return _fetch(*sql.compile_select(select, source, schema, sql.DUCKDB, who, categories))
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _fetch(statement: str, params: list[object]) -> list[tuple[Any, ...]]:
     try:
         with _connect() as con:
             return con.execute(statement, params).fetchall()

@@ -56,10 +56,11 @@ def quote(name: str, dialect: Dialect) -> str:
 class Compiler:
     """Builds one statement's text and its parameters, left to right."""
 
-    def __init__(self, schema: pa.Schema, dialect: Dialect, where: str) -> None:
+    def __init__(self, schema: pa.Schema, dialect: Dialect, where: str, raw: bool = False) -> None:
         self.schema = schema
         self.dialect = dialect
         self.where = where  # who asks, for errors: "worker w0: project p"
+        self.raw = raw  # NaN read as it is (compile_select)
         self.params: list[object] = []
 
     def value(self, value: object) -> str:
@@ -67,14 +68,15 @@ class Compiler:
         return self.dialect.placeholder
 
     def column(self, name: str, plain: bool = False) -> str:
-        """A column as SQL: its NaN read as NULL unless `plain` (for the pushed-down prefilter)."""
+        """A column as SQL: its NaN read as NULL unless `plain` (for the pushed-down prefilter)
+        or the statement is raw."""
         if name not in self.schema.names:
             raise UnknownColumn(
                 f"{self.where} has no column {name} (columns: {', '.join(self.schema.names)})"
             )
         text = quote(name, self.dialect)
         nan = self.dialect.nan
-        if plain or nan is None or not pa.types.is_floating(self.type(name)):
+        if plain or self.raw or nan is None or not pa.types.is_floating(self.type(name)):
             return text
         return f"(CASE WHEN {nan.format(text)} THEN NULL ELSE {text} END)"
 
@@ -183,11 +185,17 @@ def compile_select(
     dialect: Dialect,
     where: str,
     categories: Mapping[str, Sequence[object]] | None = None,
+    raw: bool = False,
 ) -> tuple[str, list[object]]:
     """`select` over `source` (a table or a subquery with its own parameters bound before
     these) as one statement and its parameters: the rows are the groups' values, then each
-    aggregate. A column with declared `categories` reads a value outside them as NULL."""
-    c = Compiler(schema, dialect, where)
+    aggregate. A column with declared `categories` reads a value outside them as NULL.
+
+    `raw` (DuckDB): float columns are read as they are, NaN included, and each row ends with
+    the largest value of each of `probed(select, schema)` over the rows the filter passes:
+    DuckDB orders NaN above all, so no NaN there means that none of those rows held one, and
+    the answer is the same as reading NaN as missing (which tests every value)."""
+    c = Compiler(schema, dialect, where, raw)
     by = [c.column(b) for b in select.by]
     filters = {f.model_dump_json() if f is not None else "" for f, _ in select.aggs}
     shared = len(filters) == 1
@@ -198,16 +206,28 @@ def compile_select(
         bounds = c.range(agg)
         conditions += [bounds] if bounds is not None else []
         items.append(text + (f" FILTER (WHERE {' AND '.join(conditions)})" if conditions else ""))
-    used = sorted(
-        {*select.by, *(a.column for _, a in select.aggs if a.column is not None)}
-        | {c for f, _ in select.aggs if f is not None for c in f.columns()}
-    )
-    source = c.declared(source, used, categories or {})
+    if raw:
+        items += [f"max({quote(name, dialect)})" for name in probed(select, schema)]
+    source = c.declared(source, _used(select), categories or {})
     statement = f"SELECT {', '.join([*by, *items])} FROM {source}"
     statement += _where(c, [f for f, _ in select.aggs], shared)
     if by:
         statement += f" GROUP BY {', '.join(by)}"
     return statement, c.params
+
+
+def _used(select: Select) -> list[str]:
+    """The columns `select` reads (grouped by, aggregated or filtered on), in order."""
+    return sorted(
+        {*select.by, *(a.column for _, a in select.aggs if a.column is not None)}
+        | {c for f, _ in select.aggs if f is not None for c in f.columns()}
+    )
+
+
+def probed(select: Select, schema: pa.Schema) -> list[str]:
+    """The float columns `select` reads: those a raw statement probes for NaN."""
+    known = [c for c in _used(select) if c in schema.names]  # the others are refused
+    return [c for c in known if pa.types.is_floating(schema.field(c).type)]
 
 
 def _where(c: Compiler, filters: list[Filter | None], shared: bool) -> str:

@@ -20,6 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_estimators import federated
 from test_query import FILTERS, ROWS, SCHEMA, TableDataset, reference
 
@@ -28,6 +29,7 @@ from flotta_mqtt.analytics import (
     OperationError,
     PrivacyPolicy,
     UnknownColumn,
+    engine,
     open_dataset,
 )
 from flotta_mqtt.analytics.plan import Agg, Request
@@ -278,6 +280,60 @@ def test_nan_is_missing_in_every_source(tmp_path: Path) -> None:
         assert found == {(): [1, 1]}
         (everything,) = data.aggregate([Request(None, (), (Agg("present", "x"), Agg("max", "x")))])
         assert everything == {(): [2, 0.7]}
+
+
+@SETTINGS
+@given(FILTERS, ROWS, st.lists(st.booleans()))
+def test_nan_answers_as_missing_whichever_rows_hold_it(
+    tmp_path_factory: pytest.TempPathFactory,
+    where: Filter,
+    rows: list[dict[str, Any]],
+    nan: list[bool],
+) -> None:
+    """Some x made NaN: every source answers as if it were missing (the engine reads floats
+    as they are, then again NaN as missing when a row the filter passes holds one)."""
+    flags = [*nan, *[False] * len(rows)][: len(rows)]
+    wanted = expected(
+        where, [{**r, "x": None} if f else r for r, f in zip(rows, flags, strict=True)]
+    )
+    with_nan = [{**r, "x": math.nan} if f else r for r, f in zip(rows, flags, strict=True)]
+    for name, data in sources(with_nan, tmp_path_factory.mktemp("s")).items():
+        found = data.aggregate(requests(where))
+        assert same(found, wanted), (name, found, wanted)
+
+
+def test_floats_are_read_as_they_are_until_a_row_holds_nan(tmp_path: Path) -> None:
+    """A source whose passing rows hold no NaN is scanned once, no value tested for NaN; a
+    NaN among them, and it is scanned again, NaN read as missing."""
+    statements: list[str] = []
+    fetch = engine._fetch
+
+    def traced(statement: str, params: list[object]) -> list[tuple[Any, ...]]:
+        statements.append(statement)
+        return fetch(statement, params)
+
+    nan = math.nan
+    cases = (
+        ([0.7, 0.2, 0.9], [1.0, 2.0, 3.0], 1),
+        ([0.7, nan, 0.9], [1.0, 2.0, 3.0], 1),  # the filter's bound leaves the NaN out
+        ([0.7, 0.2, 0.9], [1.0, 2.0, nan], 2),
+        ([0.7, 0.2, 0.9], [1.0, nan, 3.0], 1),  # not in a passing row
+    )
+    for x, y, scans in cases:
+        statements.clear()
+        pq.write_table(pa.table({"x": x, "y": y}), tmp_path / "t.parquet")
+        data = open_dataset("p", "w0", DatasetSpec(paths=[tmp_path / "t.parquet"]))
+        where = Compare(column="x", op=">", value=0.5)
+        aggs = (Agg("rows"), Agg("present", "y"), Agg("sum", "y"))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine, "_fetch", traced)
+            (found,) = data.aggregate([Request(where, (), aggs)])
+        kept = [b for a, b in zip(x, y, strict=True) if a > 0.5 and not math.isnan(b)]
+        rows = sum(1 for a in x if a > 0.5)
+        assert found == {(): [rows, len(kept), sum(kept)]}, (x, y)
+        assert len(statements) == scans, (x, y)
+        assert "isnan" not in statements[0]
+        assert all("isnan" in s for s in statements[1:])
 
 
 def test_nan_in_a_parquet_column_without_nulls_is_missing(tmp_path: Path) -> None:
