@@ -151,6 +151,7 @@ class FileDataset(Dataset):
             raise OperationError(f"worker {node}: data files not found: {', '.join(missing)}")
         self.paths = spec.paths
         self._rows: int | None = None
+        engine.database()
         try:
             self._types = {column: pa.type_for_alias(name) for column, name in spec.types.items()}
             self._schema = self._unified_schema()

@@ -91,8 +91,9 @@ def file_source(csv: Sequence[Path], parquet: Sequence[Path], schema: pa.Schema)
 
 
 @functools.cache
-def _database() -> duckdb.DuckDBPyConnection:
-    """One in-memory database per process (opening one costs tens of milliseconds)."""
+def database() -> duckdb.DuckDBPyConnection:
+    """One in-memory database per process: opening one costs tens of milliseconds, so a
+    dataset opens it (at the worker's start), not its first job."""
     con = duckdb.connect(":memory:")
     con.execute(f"SET memory_limit = {_literal(MEMORY_LIMIT)}")
     con.execute("SET GLOBAL TimeZone = 'UTC'")  # a date filter on a zoned column: UTC midnight
@@ -106,7 +107,7 @@ def _database() -> duckdb.DuckDBPyConnection:
 
 def _connect() -> duckdb.DuckDBPyConnection:
     """A connection of its own for each query: jobs run on several threads at once."""
-    con = _database().cursor()
+    con = database().cursor()
     con.execute("SET enable_progress_bar = false")  # a worker has no terminal
     return con
 
