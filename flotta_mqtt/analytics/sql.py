@@ -35,7 +35,8 @@ class Dialect:
     below_nan: str | None = None
 
 
-# DuckDB's NULLIF(x, 'NaN') let NaN through from Parquet (1.x and 2.0); isnan does not.
+# DuckDB's NULLIF(x, 'NaN') let NaN through from Parquet (1.x and 2.0), and so did isnan
+# where the column had no null, until parquet_can_have_nan (engine.database).
 # Its threads add a sum's parts in any order, so `sum` differed in the last bits from one
 # run to the next; `fsum` (compensated: Kahan) gave the same every run, for a few percent.
 DUCKDB = Dialect(
