@@ -65,6 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--floor", type=int, default=500, help="dispatch: floor round trips")
     parser.add_argument("--size-mb", type=int, default=1024, help="analytics: the CSV's size")
     parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="analytics: keep the files in this folder and reuse them in later runs of the "
+        "same --size-mb (a temporary folder, removed afterwards, by default)",
+    )
+    parser.add_argument(
         "--cap-mb",
         type=int,
         default=None,
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             runs=args.runs,
             cap_mb=args.cap_mb,
             sources=args.sources.split(","),
+            data=args.data,
         )
     if which in ("functions", "all"):
         from bench import functions

@@ -8,13 +8,16 @@ the same two answers, the rows where x > 0.5 and the mean of their y, are timed:
 - flotta_mqtt: end to end, from submit to result, one `summary` artifact (count and mean
   computed by the worker's engine in one scan) on a fresh LocalBroker, with a scheduler
   and one worker in one process (started before the clock starts);
-- Polars: `scan_*(...).filter(...).select(len, mean).collect(engine="streaming")`;
+- Polars: `scan_*(...).filter(...).select(len, mean).collect(engine="streaming")`; on
+  SQLite, `read_database_uri` of the same statement as sqlite3's (through connectorx);
 - DuckDB: one `SELECT count(*), avg(y) ... WHERE x > 0.5` on the file (on SQLite, through
   its sqlite extension where it is installed);
 - sqlite3: the same statement run by SQLite itself (the floor for a table).
 
 Each figure is taken in a fresh process (spawned), so its memory peak (the process's
 peak RSS, VmHWM) is its own; the page cache is warm for all (the files were just written).
+`data` keeps the files in a folder of one's own and reuses them in a later run (the 1 GB
+SQLite table takes minutes to write); `sources` times only some of them.
 `cap_mb` runs flotta_mqtt's processes (worker, scheduler, mosquitto) in a memory cgroup
 of that size (cgroup v1, as root), on the CSV alone. (RLIMIT_AS is no such cap: the
 libraries' address space reservations alone pass 1 GB, and the worker failed to start.)
@@ -22,6 +25,8 @@ libraries' address space reservations alone pass 1 GB, and the worker failed to 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import multiprocessing
 import os
@@ -41,6 +46,7 @@ from bench._report import console, machine_load, print_table
 BLOCK_MB = 64
 SITES = np.array(["north", "south", "east", "west"])
 Answer = tuple[float, int, float, float]  # seconds, count, mean, peak RSS in MB
+STATEMENT = "SELECT count(*), avg(y) FROM t WHERE x > 0.5"  # a table's peers run it
 
 
 def write_sources(folder: Path, size_mb: int, copies_too: bool) -> tuple[int, float, int]:
@@ -87,6 +93,10 @@ def _peak_mb() -> float:
 def _polars(source: str, path: str) -> tuple[int, float]:
     import polars as pl
 
+    if source == "sqlite":  # the filter and aggregate pushed down, as a user would
+        found = pl.read_database_uri(STATEMENT, f"sqlite://{path}")
+        count, mean = found.row(0)
+        return int(count), float(mean)
     frame = pl.scan_csv(path) if source == "csv" else pl.scan_parquet(path)
     found = frame.filter(pl.col("x") > 0.5).select(pl.len(), pl.col("y").mean())
     count, mean = found.collect(engine="streaming").row(0)
@@ -110,7 +120,7 @@ def _duckdb(source: str, path: str) -> tuple[int, float]:
 
 def _sqlite3(source: str, path: str) -> tuple[int, float]:
     with sqlite3.connect(path) as con:
-        count, mean = con.execute("SELECT count(*), avg(y) FROM t WHERE x > 0.5").fetchone()
+        count, mean = con.execute(STATEMENT).fetchone()
     return int(count), float(mean)
 
 
@@ -206,28 +216,52 @@ def _spawned(target: Callable[..., None], *args: Any) -> Answer | str:
     return found if isinstance(found, tuple | str) else "no answer"
 
 
+def _sources(folder: Path, size_mb: int, copies_too: bool) -> tuple[int, float, int]:
+    """`write_sources` in `folder`, or what an earlier run wrote there for the same sizes
+    (its answers kept beside the files)."""
+    kept = folder / "expected.json"
+    if kept.exists():
+        found = json.loads(kept.read_text())
+        if found["size_mb"] == size_mb and (found["copies"] or not copies_too):
+            console.print(f"reusing the files in {folder}")
+            return found["count"], found["sum"], found["rows"]
+    console.print(f"writing a {size_mb} MB CSV{', its Parquet and SQLite copies' * copies_too}")
+    kept.unlink(missing_ok=True)
+    for name in ("big.csv", "big.parquet", "big.db"):
+        (folder / name).unlink(missing_ok=True)
+    count, sum_, rows = write_sources(folder, size_mb, copies_too)
+    made = {"size_mb": size_mb, "copies": copies_too, "count": count, "sum": sum_, "rows": rows}
+    kept.write_text(json.dumps(made))
+    return count, sum_, rows
+
+
 def run(
     size_mb: int = 1024,
     runs: int = 1,
     cap_mb: int | None = None,
     sources: Sequence[str] = ("csv", "parquet", "sqlite"),
+    data: Path | None = None,
 ) -> None:
     paths = {"csv": "big.csv", "parquet": "big.parquet", "sqlite": "big.db"}
     unknown = set(sources) - set(paths)
     if unknown:
         raise ValueError(f"no such source: {', '.join(sorted(unknown))} (of {', '.join(paths)})")
-    with tempfile.TemporaryDirectory(prefix="flotta-bench-", dir="/tmp") as tmp:
-        folder = Path(tmp)
-        copies = "" if cap_mb is not None else ", its Parquet and SQLite copies"
-        console.print(f"writing a {size_mb} MB CSV{copies} to {folder} …")
-        expected_count, expected_sum, rows = write_sources(folder, size_mb, cap_mb is None)
+    with contextlib.ExitStack() as stack:
+        if data is None:
+            folder = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="flotta-bench-", dir="/tmp"))
+            )
+        else:
+            folder = data
+            folder.mkdir(parents=True, exist_ok=True)
+        expected_count, expected_sum, rows = _sources(folder, size_mb, cap_mb is None)
         expected = (expected_count, expected_sum / expected_count)
         sources = ["csv"] if cap_mb is not None else [s for s in paths if s in sources]
         table = []
         group = _capped(cap_mb) if cap_mb is not None else None
         for source in sources:
             path = str(folder / paths[source])
-            peers = ["sqlite3", "DuckDB"] if source == "sqlite" else ["Polars", "DuckDB"]
+            peers = ["sqlite3", "Polars", "DuckDB"] if source == "sqlite" else ["Polars", "DuckDB"]
             times: dict[str, list[Answer]] = {}
             failed: dict[str, str] = {}
             for _ in range(runs):  # alternated, so that a busy moment hits every one
