@@ -5,13 +5,20 @@ statement (sql.py) and it returns a row per group, never the rows. The site's
 configuration names the table; its columns and their types are read from the database,
 and a type the site declares (`types`) must be of the same kind (number, text, ...).
 Connections are read-only.
+
+A large SQLite table is scanned on every core: split into rowid ranges, each range's
+statement on a connection and thread of its own (sqlite3 lets go of the GIL while SQLite
+steps), and `answer` adds up the parts' rows of a group. PostgreSQL runs its own parallel
+workers on a large scan.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +34,11 @@ from flotta_mqtt.analytics.policy import PrivacyPolicy
 from flotta_mqtt.analytics.registry import Dataset, OperationError
 
 BATCH_ROWS = 1 << 16
+# The fewest rowids a range of a split SQLite scan covers: below, a connection and a thread
+# cost more than they save (measured: bench/README.md, `analytics`).
+SPLIT_ROWS = 200_000
+# The names SQLite gives a rowid table's row number, unless a column takes the name.
+_ROWID_NAMES = ("rowid", "_rowid_", "oid")
 
 # Column types as the databases name them, in the order SQLite's affinity rules test them.
 _SQLITE_TYPES = (
@@ -119,8 +131,12 @@ class SqlDataset(Dataset):
         self.dialect = source.dialect
         self.who = f"worker {node}: project {project}"
         self._table = sql.quote(source.table, self.dialect)
-        self._schema = self._declared(self._columns(), types)
+        columns = self._columns()
+        self._schema = self._declared(columns, types)
         self.categories = fitted(self._schema, categories or {}, self.who)
+        self._rowid = self._rowid_name(columns) if self.dialect is sql.SQLITE else None
+        self.threads = len(os.sched_getaffinity(0))  # a SQLite scan's ranges, at most
+        self.split_rows = SPLIT_ROWS
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[Any]:
@@ -132,7 +148,8 @@ class SqlDataset(Dataset):
                 if not path.is_file():
                     raise OperationError(f"{self.who}: database file not found: {path}")
                 with contextlib.closing(
-                    sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+                    # A split scan opens it here and steps it on a thread of its own.
+                    sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
                 ) as con:
                     yield con
                 return
@@ -166,6 +183,21 @@ class SqlDataset(Dataset):
         if not rows:
             raise OperationError(f"{self.who}: the database has no table {self.source.table}")
         return [(str(name), str(type_)) for name, type_ in rows]
+
+    def _rowid_name(self, columns: list[tuple[str, str]]) -> str | None:
+        """How a statement names the table's rowid; None when it has none to split a scan
+        by (a view, a WITHOUT ROWID or virtual table, every rowid name taken by a column)."""
+        with self._connect() as con:
+            try:
+                kinds = con.execute(
+                    "SELECT type, wr FROM pragma_table_list(?)", [self.source.table]
+                )
+            except sqlite3.OperationalError:  # SQLite before 3.37 (2021): no table_list
+                return None
+            if kinds.fetchall() != [("table", 0)]:
+                return None
+        taken = {name.lower() for name, _ in columns}
+        return next((name for name in _ROWID_NAMES if name not in taken), None)
 
     def _declared(self, columns: list[tuple[str, str]], types: dict[str, str]) -> pa.Schema:
         """The table's columns the engine reads (others stay unseen), with the site's types."""
@@ -204,11 +236,14 @@ class SqlDataset(Dataset):
 
     def aggregate(self, requests: Sequence[Request]) -> list[Groups]:
         def scan(select: Select) -> list[tuple[Any, ...]]:
-            statement, params = sql.compile_select(
-                select, self._table, self._schema, self.dialect, self.who, self.categories
-            )
-            with self._connect() as con:
-                rows = con.execute(statement, params).fetchall()
+            if self.dialect is sql.SQLITE:
+                rows = self._sqlite_rows(select)
+            else:
+                statement, params = sql.compile_select(
+                    select, self._table, self._schema, self.dialect, self.who, self.categories
+                )
+                with self._connect() as con:
+                    rows = con.execute(statement, params).fetchall()
             # SQLite stores booleans as 0 and 1: a group's key reads as every source's.
             flags = [pa.types.is_boolean(self._schema.field(b).type) for b in select.by]
             return [
@@ -220,6 +255,75 @@ class SqlDataset(Dataset):
             ]
 
         return answer(requests, scan)
+
+    def _sqlite_rows(self, select: Select) -> list[tuple[Any, ...]]:
+        """`select`'s rows: those of each rowid range's scan, run at once, when the table
+        splits. Every range reads the same snapshot of the table: the first connection's
+        read transaction (its SHARED lock) keeps any writer from committing until each other
+        connection has begun its own (a rollback journal's locking; a WAL database, whose
+        writers do not wait for readers, is scanned once, as when a writer waiting to
+        commit keeps new readers out)."""
+        with contextlib.ExitStack() as stack:
+            first = stack.enter_context(self._connect())
+            first.execute("BEGIN")
+            ranges = self._ranges(first)
+            others = self._readers(stack, len(ranges) - 1)
+            if len(ranges) < 2 or others is None:
+                statement, params = sql.compile_select(
+                    select, self._table, self._schema, self.dialect, self.who, self.categories
+                )
+                return list(first.execute(statement, params).fetchall())
+            # The range as a named subquery ahead of the statement, so its bounds are its
+            # first parameters (an aggregate's come before FROM); SQLite flattens it into a
+            # search of the rowids. Its name is never the table's (that would name itself).
+            part = sql.quote(f"{self.source.table} part", self.dialect)
+            statement, params = sql.compile_select(
+                select, part, self._schema, self.dialect, self.who, self.categories
+            )
+            statement = (
+                f"WITH {part} AS (SELECT * FROM {self._table} "
+                f"WHERE {self._rowid} BETWEEN ? AND ?) {statement}"
+            )
+
+            def scan(con: sqlite3.Connection, bounds: tuple[int, int]) -> list[Any]:
+                return list(con.execute(statement, [*bounds, *params]).fetchall())
+
+            with ThreadPoolExecutor(len(ranges)) as pool:
+                parts = list(pool.map(scan, [first, *others], ranges))
+        return [row for rows in parts for row in rows]
+
+    def _readers(self, stack: contextlib.ExitStack[Any], count: int) -> list[Any] | None:
+        """`count` more connections, each in a read transaction begun (its snapshot taken);
+        None when a writer keeps them out (SQLite's PENDING lock: they would wait for it,
+        and it for the first connection)."""
+        readers = []
+        for _ in range(count):
+            con = stack.enter_context(self._connect())
+            try:
+                con.execute("PRAGMA busy_timeout = 0")
+                con.execute("BEGIN")
+                con.execute(f"SELECT 1 FROM {self._table} LIMIT 1").fetchall()
+            except sqlite3.OperationalError:
+                return None
+            readers.append(con)
+        return readers
+
+    def _ranges(self, con: sqlite3.Connection) -> list[tuple[int, int]]:
+        """The rowid ranges splitting the table (read in `con`'s read transaction), one per
+        thread and of `split_rows` rowids at least; none when the table does not split."""
+        if self._rowid is None or self.threads < 2:
+            return []
+        rowid = self._rowid
+        low, high = con.execute(
+            f"SELECT (SELECT min({rowid}) FROM {self._table}), "
+            f"(SELECT max({rowid}) FROM {self._table})"
+        ).fetchone()
+        if low is None or con.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+            return []
+        span = high - low + 1
+        parts = min(self.threads, span // max(1, self.split_rows))
+        step = -(-span // max(1, parts))
+        return [(start, min(high, start + step - 1)) for start in range(low, high + 1, step)]
 
     def batches(self, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
         if not columns:

@@ -202,7 +202,9 @@ def test_one_scan_answers_several_statistics_and_each_as_alone(tmp_path: Path) -
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sqlite3, "connect", traced)
         summary = federated("summary", [data], operations=parts)
+    # One scan; the other statement reads the table's first and last rowid (an index look-up).
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    selects = [s for s in selects if not s.startswith("SELECT (SELECT min(rowid)")]
     assert len(selects) == 1, selects
     for key, part in parts.items():
         assert alike(summary[key], federated(part["name"], [data], **part["params"])), key
