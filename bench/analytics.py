@@ -9,7 +9,7 @@ the same two answers, the rows where x > 0.5 and the mean of their y, are timed:
   computed by the worker's engine in one scan) on a fresh LocalBroker, with a scheduler
   and one worker in one process (started before the clock starts);
 - Polars: `scan_*(...).filter(...).select(len, mean).collect(engine="streaming")`; on
-  SQLite, `read_database_uri` of the same statement as sqlite3's (through connectorx);
+  SQLite, `read_database_uri` of the same statement as sqlite3's (ADBC's driver);
 - DuckDB: one `SELECT count(*), avg(y) ... WHERE x > 0.5` on the file (on SQLite, through
   its sqlite extension where it is installed);
 - sqlite3: the same statement run by SQLite itself (the floor for a table).
@@ -94,7 +94,7 @@ def _polars(source: str, path: str) -> tuple[int, float]:
     import polars as pl
 
     if source == "sqlite":  # the filter and aggregate pushed down, as a user would
-        found = pl.read_database_uri(STATEMENT, f"sqlite://{path}")
+        found = pl.read_database_uri(STATEMENT, f"sqlite:///{path}", engine="adbc")
         count, mean = found.row(0)
         return int(count), float(mean)
     frame = pl.scan_csv(path) if source == "csv" else pl.scan_parquet(path)
