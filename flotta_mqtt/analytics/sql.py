@@ -190,7 +190,8 @@ def compile_select(
 ) -> tuple[str, list[object]]:
     """`select` over `source` (a table, or a subquery without parameters: these are
     numbered in the statement's order, the aggregates' first) as one statement and its
-    parameters: the rows are the groups' values, then each aggregate. A column with declared `categories` reads a value outside them as NULL.
+    parameters: the rows are the groups' values, then each aggregate. A column with
+    declared `categories` reads a value outside them as NULL.
 
     `raw` (DuckDB): float columns are read as they are, NaN included, and each row ends with
     the largest value of each of `probed(select, schema)` over the rows the filter passes:
