@@ -113,7 +113,7 @@ def oversize_job(artifact: Artifact, graph: JobGraph) -> str | None:
 
 def _job_ready(artifact: Artifact, job: Job) -> JobReady:
     """A job's message without its inputs, as the scheduler would send its first attempt."""
-    return JobReady.model_construct(
+    return JobReady(  # validated: faster than model_construct (see JobFlow.job_ready)
         artifact_id=artifact.id,
         job_id=job.id,
         attempt=1,
