@@ -137,7 +137,7 @@ class JobFlow:
             self.decision.writes.append(UpdateJob(record.id, job_id, JobState.SKIPPED, 0))
             due += record.locks.release(job_id)
             self.announcements.changed(record.id)
-        final = sum(record.counts[state] for state in JOB_FINAL)
+        final = sum(map(record.counts.__getitem__, JOB_FINAL))  # per job: no generator
         if final == len(record.jobs):
             failed = record.error is not None
             self.transition(record, ArtifactState.FAILED if failed else ArtifactState.COMPLETED)
