@@ -16,16 +16,15 @@ def _finite(value: JsonValue) -> JsonValue:
     One loop over the whole value: a validator per item of a job's params cost more than
     decoding the rest of its message.
     """
-    pending = [value]
-    while pending:
-        item = pending.pop()
+    items = [value]
+    for item in items:  # the list grows as containers are met: every item is seen once
         if isinstance(item, float):
             if not math.isfinite(item):
                 raise ValueError(f"{item} is not a finite number")
         elif isinstance(item, dict):
-            pending.extend(item.values())
+            items.extend(item.values())
         elif isinstance(item, list):
-            pending.extend(item)
+            items.extend(item)
     return value
 
 
