@@ -76,6 +76,8 @@ class JobGraph:
         self.graph.add_nodes_from((job.id, {"job": job}) for job in jobs)
         self.graph.add_edges_from(locks)
         self.handlers = [job.id for job in jobs if job.handler is not None]
+        # Whether a job may drop out of a secure round: only then is a tick's look due.
+        self.dropouts = any(job.dropout is not None for job in jobs)
         if len(self.graph.edges) != len(locks):
             raise BindingError("a lock was drawn twice between the same two jobs")
         # Binding only ever locks a job behind jobs created before it, so job order is a

@@ -20,7 +20,7 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 
 from flotta_mqtt.model.context import NodeRef
-from flotta_mqtt.model.operation import FiniteJson
+from flotta_mqtt.model.operation import FiniteJsonObject
 from flotta_mqtt.model.templating import (
     MAX_PARAMETERS,
     Condition,
@@ -93,7 +93,7 @@ class Task(BaseModel):
     depends: list[TaskName] = Field(default_factory=list)
     executor: ExecutorName = "run"
     requires: list[Requirement] = Field(default_factory=list)
-    params: dict[str, FiniteJson] = Field(default_factory=dict)
+    params: FiniteJsonObject = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     secrets: list[SecretName] = Field(default_factory=list, max_length=MAX_SECRETS)
     inputs: list[JobFile] = Field(default_factory=list)  # job files fetched before it runs
@@ -111,7 +111,7 @@ class Task(BaseModel):
     for_each: ForEach | None = None  # one job per item; `{{ item }}` in params and env
     # The parameter values its placeholders and `when` read, set at submission from the
     # workflow's parameters (model/resolution.py); never in a workflow file.
-    arguments: SkipJsonSchema[dict[str, FiniteJson]] = Field(default_factory=dict)
+    arguments: SkipJsonSchema[FiniteJsonObject] = Field(default_factory=dict)
     # Set for a workflow's `on_exit` and `on_failure` tasks, which run after all others.
     handler: SkipJsonSchema[Literal["exit", "failure"] | None] = None
     # What an exit handler's `workflow.status` reads: set by the scheduler when it runs.

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flotta_mqtt.model import Artifact, ArtifactState, JobRole, JobState, Operation, SafeId
 from flotta_mqtt.model.durations import MAX_DURATION
 from flotta_mqtt.model.ids import GroupName
-from flotta_mqtt.model.operation import FiniteJson
+from flotta_mqtt.model.operation import FiniteJsonObject
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 # Job ids and attempts are SQLite INTEGERs (the scheduler's database, a worker's journal):
@@ -329,7 +329,7 @@ class NodePresence(Message):
         default_factory=list, max_length=16
     )
     max_jobs: Annotated[int, Field(ge=1)] = 1
-    details: dict[str, FiniteJson] = Field(default_factory=dict)  # e.g. dataset schemas
+    details: FiniteJsonObject = Field(default_factory=dict)  # e.g. dataset schemas
     since: Timestamp
 
 

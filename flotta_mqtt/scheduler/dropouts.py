@@ -15,6 +15,8 @@ from flotta_mqtt.scheduler.records import ArtifactRecord
 def check_dropouts(record: ArtifactRecord, now: float, flow: JobFlow) -> None:
     """Drop every dispatched job of a secure round older than its dropout (monotonic `now`)."""
     assert record.graph is not None
+    if not record.graph.dropouts:  # most artifacts: no need to look at each dispatched job
+        return
     jobs = record.graph.jobs
     for job_id, dispatched in list(record.attempts.dispatched_at.items()):
         dropout = jobs[job_id].dropout

@@ -11,6 +11,8 @@ Only the standard library: a scrape is a few hundred bytes of text.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import math
 import threading
@@ -36,22 +38,23 @@ class Histogram:
 
     def __init__(self, buckets: Sequence[float]) -> None:
         self.bounds = tuple(sorted(buckets))
-        self.counts = [0] * len(self.bounds)
+        # Per bucket, the values whose smallest bound it is (the last: above them all);
+        # `lines` adds them up. Two per job: one bisect, not a pass over every bucket.
+        self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
         self.count = 0
 
     def observe(self, value: float) -> None:
         value = max(0.0, value)
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
 
     def lines(self, name: str) -> list[str]:
+        cumulative = itertools.accumulate(self.counts[:-1])
         out = [
             f'{name}_bucket{{le="{_number(bound)}"}} {n}'
-            for bound, n in zip(self.bounds, self.counts, strict=True)
+            for bound, n in zip(self.bounds, cumulative, strict=True)
         ]
         out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
         out.append(f"{name}_sum {_number(self.sum)}")

@@ -21,7 +21,6 @@ reports LeaseLost to `on_failure`, as a bus giving up does.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -54,7 +53,7 @@ from flotta_mqtt.scheduler.records import ArtifactRecord, restore
 from flotta_mqtt.scheduler.repository import Repository
 from flotta_mqtt.transport import FailureHandler, open_bus
 from flotta_mqtt.transport.settings import load_registry
-from flotta_mqtt.transport.store import RESULTS_MANIFEST, ResourceStore
+from flotta_mqtt.transport.store import ResourceStore
 
 log = logging.getLogger(__name__)
 
@@ -409,10 +408,7 @@ class Scheduler:
     def _results_manifest(self, artifact_id: str, results: list[Resource]) -> Resource | None:
         """Store the list of an artifact's results; the status carries where it is."""
         try:
-            data = json.dumps([r.model_dump(mode="json") for r in results]).encode()
-            return self.store.put(
-                self.store.results_url(artifact_id), data, media_type=RESULTS_MANIFEST
-            )
+            return self.store.put_results(artifact_id, results)
         except Exception:
             log.exception("scheduler: could not store the results of %s", artifact_id)
             return None

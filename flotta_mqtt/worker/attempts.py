@@ -97,7 +97,8 @@ class Attempts:
     def of(self, work: Work) -> Attempt | None:
         """The attempt a runner's work belongs to, unless it was forgotten since: a job
         taken again after being dropped or acknowledged has a new attempt, not this one."""
-        attempt = self.get(work.job.ref)
+        job = work.job  # looked up by its fields: a JobRef built per call cost more
+        attempt = self._by_job.get((job.artifact_id, job.job_id))
         return attempt if attempt is not None and attempt.cancelled is work.cancelled else None
 
     def started(self, work: Work, at: float, clock: float) -> None:

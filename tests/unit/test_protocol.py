@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -729,3 +730,31 @@ def test_mutated_valid_messages_decode_or_raise_protocol_error(
         target[key] = data.draw(json_values)
         break
     _decodes_or_refuses(BUILDERS[channel]("x"), json.dumps(message).encode())
+
+
+def _json_values(floats: st.SearchStrategy[float]) -> st.SearchStrategy[Any]:
+    scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=5) | floats
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner),
+        max_leaves=20,
+    )
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return any(_non_finite(item) for item in items)
+
+
+@given(st.dictionaries(st.text(max_size=5), _json_values(st.floats()), max_size=4))
+def test_params_are_refused_exactly_when_a_number_anywhere_in_them_is_not_finite(
+    params: dict[str, Any],
+) -> None:
+    """However deep an inf or nan sits in a job's params, it is refused; all else is kept."""
+    if _non_finite(params):
+        with pytest.raises(ValidationError, match="is not a finite number"):
+            Operation(name="op", params=params)
+    else:
+        assert Operation(name="op", params=params).params == params

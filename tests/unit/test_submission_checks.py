@@ -8,13 +8,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flotta_mqtt import Artifact, Client, Collect, Finalize, Iterate, Operation, Parallel
-from flotta_mqtt.model import ArtifactState
+from flotta_mqtt.model import ArtifactState, Task, Tasks
 from flotta_mqtt.model.query import IsIn
 from flotta_mqtt.nodes import SchedulerNode
-from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, NodePresence, ProtocolError, encode
-from flotta_mqtt.scheduler.binding import Refused, bind_artifact
+from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, JobReady, NodePresence, ProtocolError, encode
+from flotta_mqtt.scheduler.binding import Bound, Refused, bind_artifact
 from flotta_mqtt.scheduler.config import SchedulerConfig
 from flotta_mqtt.scheduler.membership import Members
 from flotta_mqtt.transport.memory import fresh_memory_broker
@@ -119,3 +121,48 @@ def test_a_job_collecting_too_many_products_is_refused_naming_its_inputs() -> No
     assert isinstance(outcome, Refused) and outcome.kind == "MessageTooLarge"
     assert "job 2000 (step 1)" in outcome.message and "its 2000 inputs" in outcome.message
     assert f"{MAX_MESSAGE_BYTES}-byte limit" in outcome.message
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    replicas=st.integers(min_value=1, max_value=12),
+    env=st.dictionaries(st.from_regex(r"[A-Z][A-Z0-9_]{0,8}", fullmatch=True), st.text()),
+    over=st.booleans(),
+)
+def test_a_task_is_refused_exactly_when_one_of_its_jobs_would_be_over_the_limit(
+    replicas: int, env: dict[str, str], over: bool
+) -> None:
+    """Each job of a task is measured (their names, ids and params differ), to the byte."""
+    holders = {
+        "w0": NodePresence(node="w0", online=True, projects=["demo"], executors=["shell"], since=1)
+    }
+
+    def outcome(pad: str) -> Bound | Refused:
+        task = Task(name="t", params={"command": ["echo", pad]}, env=env, replicas=replicas)
+        artifact = Artifact(id="tasks", project="demo", seed=1, steps=[Tasks(tasks=[task])])
+        return bind_artifact(artifact, holders, "initiator", Members(["w0"], []))
+
+    bound = outcome("")
+    assert isinstance(bound, Bound)
+    largest = max(
+        len(
+            JobReady(
+                artifact_id="tasks",
+                job_id=job.id,
+                attempt=1,
+                project="demo",
+                seed=1,
+                step=job.step,
+                kind=job.kind,
+                role=job.role,
+                iteration=job.iteration,
+                operation=job.operation,
+            )
+            .model_dump_json()
+            .encode()
+        )
+        for job in bound.graph.jobs
+    )
+    refused = outcome("x" * (MAX_MESSAGE_BYTES - largest + over))
+    assert isinstance(refused, Refused) == over
+    assert not isinstance(refused, Refused) or refused.kind == "MessageTooLarge"

@@ -270,3 +270,12 @@ def test_a_condition_reads_no_more_than_its_bound_of_output(tmp_path: Path) -> N
     )
     with pytest.raises(TaskError, match="printed 262,145 bytes, more than the 262,144"):
         prepare(task, Results(store, store.artifact_root("a1"), [product]))
+
+
+def test_a_task_with_no_placeholder_or_condition_runs_as_it_came() -> None:
+    """Most tasks: prepared for each of their jobs, with nothing to render, no copy."""
+    task = Task(name="t", params={"command": ["echo", "{ not a placeholder }"]}, env={"A": "1"})
+    assert prepare(task, Printed()) is task
+    templated = task.model_copy(update={"arguments": {"p": "x"}, "env": {"A": "{{ params.p }}"}})
+    ready = prepare(templated, Printed())
+    assert isinstance(ready, Task) and ready.env == {"A": "x"} and ready.params == task.params

@@ -119,4 +119,6 @@ def prepare(task: Task, results: Results) -> Task | str:
         params, env = render(task.params, named), render(task.env, named)
     except ExpressionError as exc:
         raise TaskError(f"task {task.name}: {exc}", None) from None
+    if params == task.params and env == task.env:  # no placeholder: no copy (most tasks)
+        return task
     return task.model_copy(update={"params": params, "env": env})

@@ -285,7 +285,7 @@ class _Folders:
 def _empty_folder(path: Path) -> bool:
     """Whether `path` is still a real, empty folder (not replaced by a link, say)."""
     try:
-        if path.is_symlink() or not path.is_dir():
+        if not stat.S_ISDIR(os.lstat(path).st_mode):  # one call: not a link, a folder
             return False
         with os.scandir(path) as entries:
             return next(entries, None) is None
