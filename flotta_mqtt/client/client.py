@@ -64,17 +64,25 @@ class Client:
         self._presence: dict[str, NodePresence] = {}
         self._barriers: dict[str, threading.Event] = {}
         self._directory: dict[str, DirectoryEntry] = {}  # project → the group serving it
-        self._looked_up: set[str] = set()  # projects whose directory entry we follow
         self._groups: set[str | None] = {self.group}  # namespaces whose replies we read
+        wanted = [topics.reply(self.client_id), topics.ALL_PRESENCE]
+        if self.group is None:  # the directory, followed from the start: see group_of
+            wanted.append(topics.directory("+"))
         self.bus = open_bus(
             self.client_id,
             settings,
             self._message,
-            [topics.reply(self.client_id), topics.ALL_PRESENCE],
+            wanted,
             on_failure=lambda error: self.wake(),  # wait_for raises it
             clean=True,
         )
         self.bus.start(wait=connect_timeout)
+        if self.group is None:
+            try:
+                self.sync(connect_timeout)  # the directory's retained entries have arrived
+            except TimeoutError:
+                self.bus.stop()
+                raise
 
     def close(self) -> None:
         self.bus.stop()
@@ -106,15 +114,14 @@ class Client:
         self.bus.subscribe(topics.to_group(topics.status("+", artifact_id), group))
         return ArtifactHandle(self, artifact_id, group)
 
-    def group_of(self, project: str | None, timeout: float = 5.0) -> str | None:
+    def group_of(self, project: str | None) -> str | None:
         """The scheduler group serving `project`: this client's group if it has one, else
-        the one the directory names (retained), else None (the default group)."""
+        the one the directory names (retained), else None (the default group).
+
+        The client follows the whole directory from its start (a small retained entry per
+        project), so that a first submit waits for no subscription and round trip."""
         if self.group is not None or project is None:
             return self.group
-        if project not in self._looked_up:
-            self.bus.subscribe(topics.directory(project))
-            self.sync(timeout)  # the retained entry, if any, has arrived
-            self._looked_up.add(project)
         with self._changed:
             entry = self._directory.get(project)
         return entry.group if entry is not None else None
