@@ -348,7 +348,7 @@ def status(
     """Show an artifact's current status (from its retained status topic)."""
     with open_client(broker, username, password, ca_file, None, group) as client:
         try:
-            handle = client.lookup(artifact_id, timeout, client.group_of(project))
+            handle = client.lookup(artifact_id, timeout, client.group_of(project, timeout))
             current = handle.status()
         except NoSuchArtifact as exc:
             raise fail(str(exc)) from None
