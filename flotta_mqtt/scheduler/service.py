@@ -107,9 +107,8 @@ class Scheduler:
         )
 
     def start(self, wait: float | None = 10.0) -> Scheduler:
-        """Raises IdentityInUse, having changed nothing, if another process is this
-        scheduler (its database may be that process's too). On PostgreSQL it first
-        waits to lead, if `lead()` was not called."""
+        """Raises IdentityInUse, having changed nothing, if another process is this scheduler
+        (its database may be that process's too). On PostgreSQL it first waits to lead."""
         self.lead()
         self._new_database = self.repository.new
         take_identity(self.bus.check, self.config.broker.keepalive if self.lease else 0)
