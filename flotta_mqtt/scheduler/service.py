@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flotta_mqtt import sqlite
+from flotta_mqtt import heap, sqlite
 from flotta_mqtt.protocol import JobReady, NodePresence, Resource, topics
 from flotta_mqtt.scheduler.announcements import build_status
 from flotta_mqtt.scheduler.config import BURST, TICK, SchedulerConfig
@@ -106,9 +106,8 @@ class Scheduler:
         )
 
     def start(self, wait: float | None = 10.0) -> Scheduler:
-        """Raises IdentityInUse, having changed nothing, if another process is this
-        scheduler (its database may be that process's too). On PostgreSQL it first
-        waits to lead, if `lead()` was not called."""
+        """Raises IdentityInUse, having changed nothing, if another process is this scheduler
+        (its database may be that process's too). On PostgreSQL it first waits to lead."""
         self.lead()
         self._new_database = self.repository.new
         take_identity(self.bus.check, self.config.broker.keepalive if self.lease else 0)
@@ -119,6 +118,7 @@ class Scheduler:
                 raise
             self._stall([], exc)
         self._out += self.core.served.entries()  # the directory: which group serves what
+        heap.settle()  # before serving: not in the first artifact
         self._thread.start()
         self.bus.start(wait=wait)
         if self.config.metrics_port is not None:
@@ -159,6 +159,7 @@ class Scheduler:
         if self.lease is not None:
             self.lease.release()
         self.repository.close()
+        heap.release()
 
     @property
     def running(self) -> bool:

@@ -21,6 +21,7 @@ import time
 from pydantic import BaseModel
 
 from flotta_mqtt import analytics as operations
+from flotta_mqtt import heap
 from flotta_mqtt.protocol import (
     CancelJob,
     EventAck,
@@ -142,6 +143,7 @@ class WorkerAgent:
         self._resend_at = now + config.resend_interval
         self._beat_at = now + config.heartbeat_interval
         self._started = True
+        heap.settle()  # its datasets open: before serving, not in the first job
         self._runners.start()
         self._thread.start()
         try:
@@ -372,3 +374,4 @@ class WorkerAgent:
         except Exception:
             log.exception("worker %s: no goodbye", self.name)
         self.journal.close()
+        heap.release()
