@@ -155,7 +155,7 @@ def _capped(cap_mb: int) -> Path:
 def _ours(source: str, path: str, group: str | None, out: Any) -> None:
     if group is not None:
         (Path(group) / "cgroup.procs").write_text(str(os.getpid()))  # and mosquitto, started here
-    from flotta_mqtt import Artifact, Client, Collect, Finalize, Operation, Parallel, Query
+    from flotta_mqtt import Artifact, Client, Collect, Finalize, Operation, Parallel, Query, heap
     from flotta_mqtt.broker import LocalBroker
     from flotta_mqtt.nodes import SchedulerNode
     from flotta_mqtt.scheduler.config import SchedulerConfig
@@ -183,6 +183,7 @@ def _ours(source: str, path: str, group: str | None, out: Any) -> None:
                 with Client(settings, storage=storage) as client:
                     while not any(p.node == "w0" and p.online for p in client.workers()):
                         time.sleep(0.05)
+                    heap.settle()  # as the node commands' processes do (cli/serving.py)
                     q = Query()
                     over = q[q["x"] > 0.5].params()
                     both = {

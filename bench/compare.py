@@ -57,6 +57,7 @@ import paho.mqtt.client as mqtt
 
 from bench._report import console, cpu_ticks, machine_load, print_table, stolen
 from bench.dispatch import FLOOR_WINDOW, PING, PONG, _raw_client
+from flotta_mqtt import heap
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.model import Artifact, ArtifactState, Iterate, Operation, Parallel, Tasks
 from flotta_mqtt.model.workflow import Task
@@ -205,6 +206,7 @@ def _scheduler_main(url: str, store_url: str, database: str, ready: Any, stop: A
             run_initiator=False,  # no shape here has initiator jobs
         )
     ).start()
+    heap.settle()  # as `flotta-mqtt scheduler` does (cli/serving.py)
     ready.set()
     stop.wait()
     scheduler.stop()
@@ -235,6 +237,7 @@ def _worker_main(
             state_dir=Path(state_dir),
         )
     ).start()
+    heap.settle()  # as `flotta-mqtt worker` does (cli/serving.py)
     ready.set()
     stop.wait()
     agent.stop()

@@ -1,5 +1,10 @@
-"""A node's heap while it serves: collected once at its start, then kept out of the
-collector's scans until it stops."""
+"""A node process's heap: collected once when its node has started, then kept out of the
+collector's scans for the process's life.
+
+Only for a process that is the node's alone (`flotta-mqtt scheduler|worker`, through
+cli/serving.py): freezing is process-wide, so a library embedding a node in its own
+process keeps its collector as it is.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +23,3 @@ def settle() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def release() -> None:
-    """Give what `settle` froze back to the collector, at a node's stop: the cycles among it
-    that have become garbage since (a stopped node's own, in a process that starts nodes
-    again, as tests do) are freed by the next collection instead of kept for ever."""
-    gc.unfreeze()

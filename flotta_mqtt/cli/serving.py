@@ -21,6 +21,7 @@ from typing import Protocol
 
 from rich.console import Console
 
+from flotta_mqtt import heap
 from flotta_mqtt.transport import BusError, FailureHandler
 from flotta_mqtt.transport.paho_speedups import enable_paho_speedups
 
@@ -64,6 +65,7 @@ def serve(make: Callable[[FailureHandler], Node], what: str, console: Console) -
 
     node = make(gave_up)
     node.start(wait=None)
+    heap.settle()  # the process is the node's: its start-up heap, frozen before any job
     console.print(f"{what} running; Ctrl-C to stop")
     os.read(signals, 1)
     console.print(f"{what} stopping")

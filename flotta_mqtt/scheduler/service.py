@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flotta_mqtt import heap, sqlite
+from flotta_mqtt import sqlite
 from flotta_mqtt.protocol import JobReady, NodePresence, Resource, topics
 from flotta_mqtt.scheduler.announcements import build_status
 from flotta_mqtt.scheduler.config import BURST, TICK, SchedulerConfig
@@ -118,7 +118,6 @@ class Scheduler:
                 raise
             self._stall([], exc)
         self._out += self.core.served.entries()  # the directory: which group serves what
-        heap.settle()  # before serving: not in the first artifact
         self._thread.start()
         self.bus.start(wait=wait)
         if self.config.metrics_port is not None:
@@ -159,7 +158,6 @@ class Scheduler:
         if self.lease is not None:
             self.lease.release()
         self.repository.close()
-        heap.release()
 
     @property
     def running(self) -> bool:

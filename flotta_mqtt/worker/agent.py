@@ -21,7 +21,6 @@ import time
 from pydantic import BaseModel
 
 from flotta_mqtt import analytics as operations
-from flotta_mqtt import heap
 from flotta_mqtt.protocol import (
     CancelJob,
     EventAck,
@@ -143,7 +142,6 @@ class WorkerAgent:
         self._resend_at = now + config.resend_interval
         self._beat_at = now + config.heartbeat_interval
         self._started = True
-        heap.settle()  # its datasets open: before serving, not in the first job
         self._runners.start()
         self._thread.start()
         try:
@@ -374,4 +372,3 @@ class WorkerAgent:
         except Exception:
             log.exception("worker %s: no goodbye", self.name)
         self.journal.close()
-        heap.release()
