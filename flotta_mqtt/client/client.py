@@ -64,22 +64,17 @@ class Client:
         self._presence: dict[str, NodePresence] = {}
         self._barriers: dict[str, threading.Event] = {}
         self._directory: dict[str, DirectoryEntry] = {}  # project → the group serving it
+        self._looked_up: set[str] = set()  # projects whose directory entry we follow
         self._groups: set[str | None] = {self.group}  # namespaces whose replies we read
-        wanted = [topics.reply(self.client_id), topics.ALL_PRESENCE]
-        if self.group is None:  # the directory, followed from the start: see group_of
-            wanted.append(topics.directory("+"))
         self.bus = open_bus(
             self.client_id,
             settings,
             self._message,
-            wanted,
+            [topics.reply(self.client_id), topics.ALL_PRESENCE],
             on_failure=lambda error: self.wake(),  # wait_for raises it
             clean=True,
         )
         self.bus.start(wait=connect_timeout)
-        # Set once the directory's retained entries have arrived; asked now, not waited for
-        # (an identity that may not read its replies, as a dashboard's, still connects).
-        self._directory_known = self._marker() if self.group is None else None
 
     def close(self) -> None:
         self.bus.stop()
@@ -113,14 +108,13 @@ class Client:
 
     def group_of(self, project: str | None, timeout: float = 5.0) -> str | None:
         """The scheduler group serving `project`: this client's group if it has one, else
-        the one the directory names (retained), else None (the default group).
-
-        The client follows the whole directory from its start (a small retained entry per
-        project), so that a first submit waits for no subscription and round trip."""
-        if self.group is not None or project is None or self._directory_known is None:
+        the one the directory names (retained), else None (the default group)."""
+        if self.group is not None or project is None:
             return self.group
-        if not self._directory_known.wait(timeout):
-            raise TimeoutError(f"no directory from the broker in {timeout} s")
+        if project not in self._looked_up:
+            self.bus.subscribe(topics.directory(project))
+            self.sync(timeout)  # the retained entry, if any, has arrived
+            self._looked_up.add(project)
         with self._changed:
             entry = self._directory.get(project)
         return entry.group if entry is not None else None
@@ -246,15 +240,12 @@ class Client:
         The broker keeps per-subscriber order, so once a marker we publish to ourselves
         comes back, every retained message sent before it has arrived too.
         """
-        if not self._marker().wait(timeout):
-            raise TimeoutError(f"no answer from the broker in {timeout} s")
-
-    def _marker(self) -> threading.Event:
-        """Send a marker to ourselves: the event is set when it comes back (see `sync`)."""
         marker = uuid.uuid4().hex
         event = self._barriers[marker] = threading.Event()
         self.bus.publish(topics.reply(self.client_id), RequestRejected(topic="sync", error=marker))
-        return event
+        if not event.wait(timeout):
+            raise TimeoutError(f"no answer from the broker in {timeout} s")
+        del self._barriers[marker]
 
     # --- incoming (network thread: record and notify only) ---------------------------------
 
@@ -279,7 +270,7 @@ class Client:
             elif address.channel is Channel.REPLY:
                 barrier = None
                 if isinstance(message, RequestRejected) and message.topic == "sync":
-                    barrier = self._barriers.pop(message.error, None)
+                    barrier = self._barriers.get(message.error)
                 if barrier is not None:
                     barrier.set()
                 elif not isinstance(message, RequestRejected) or message.topic in self._asked:

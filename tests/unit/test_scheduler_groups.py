@@ -413,25 +413,6 @@ def count(project: str) -> Artifact:
     )
 
 
-def test_a_workbench_knows_each_projects_group_from_its_start(two_groups: Groups) -> None:
-    """The directory (retained) arrives as the client connects, so neither a lookup nor a
-    first submit waits for a subscription and a round trip to the broker: the client's one
-    marker to itself is sent at its start."""
-    to_alice = MessageRecorder()
-    default = two_groups.broker.broker_settings()  # a workbench in no group
-    spy = MemoryBus("spy-alice", default, to_alice, [topics.reply("alice")], clean=True)
-    spy.start(wait=TIMEOUT)
-    try:
-        with Client(default, client_id="alice", storage=two_groups.storage) as client:
-            to_alice.wait_for(lambda messages: messages, message="no marker at the start")
-            started = len(to_alice.messages)
-            assert (client.group_of("pa"), client.group_of("pb")) == ("a", "b")
-            assert client.submit(count("pb")).result(timeout=TIMEOUT) == ROWS["wb"]
-            assert len(to_alice.messages) == started
-    finally:
-        spy.stop()
-
-
 def test_each_project_completes_in_its_group_found_from_the_project_alone(
     two_groups: Groups,
 ) -> None:
