@@ -154,6 +154,8 @@ class JobFlow:
 
     def dispatch(self, record: ArtifactRecord, job_id: int) -> None:
         """Send a ready job: a new attempt, recorded before it is published."""
+        if record.state in ARTIFACT_FINAL:
+            return  # failed by another job's message in the same loop (see job_ready)
         status = record.jobs[job_id].dispatch()
         message = self.job_ready(record, job_id, status.attempt)
         if message is None:
@@ -168,6 +170,8 @@ class JobFlow:
 
     def resend(self, record: ArtifactRecord, job_id: int) -> None:
         """Send the current attempt of a dispatched job again (not a new attempt)."""
+        if record.state in ARTIFACT_FINAL:
+            return  # failed by another job's message in the same loop (see job_ready)
         message = self.job_ready(record, job_id)
         if message is not None:
             record.attempts.resent_at[job_id] = self.clock.monotonic

@@ -17,7 +17,15 @@ from flotta_mqtt.model import (
     WorkbenchEntry,
     WorkerEntry,
 )
-from flotta_mqtt.protocol import JobFinished, JobReady, NodePresence, RequestRejected, topics
+from flotta_mqtt.protocol import (
+    JobFailed,
+    JobFinished,
+    JobReady,
+    NodePresence,
+    RemoteError,
+    RequestRejected,
+    topics,
+)
 from flotta_mqtt.scheduler.core import Policies, SchedulerCore
 from flotta_mqtt.scheduler.metrics import SchedulerMetrics
 from flotta_mqtt.scheduler.records import restore
@@ -127,3 +135,27 @@ def test_a_restored_job_whose_message_cannot_be_built_fails_its_artifact() -> No
     assert not [m for _, m, _ in decision.publish if isinstance(m, JobReady)]
     assert record.state is ArtifactState.FAILED
     assert record.error is not None and record.error.type == "InvalidJob"
+
+
+def test_jobs_due_together_after_one_could_not_be_sent_are_left_alone() -> None:
+    """Two retries due at one tick: the first's message fails the artifact, and the second
+    is not dispatched (its job cancelled with the artifact), nor does the tick raise."""
+    harness = started(None)
+    tasks = [Task(name=name, params=SHELL, cache=True, retries=1) for name in ("a", "b")]
+    harness.send(
+        (topics.submit("alice@lab"), Artifact(id="a1", project="p", steps=[Tasks(tasks=tasks)]))
+    )
+    first = sent(harness, "a1")
+    assert len(first) == 2
+    # As under a registry that did not check its workbenches' names when they submitted.
+    harness.core.flow.tenant_of = lambda client: client
+    error = RemoteError(type="TaskError", message="exit 1")
+    harness.send(
+        *(
+            (topics.events("w0"), JobFailed(job=r.ref, error=error, started_at=1, finished_at=2))
+            for r in first
+        )
+    )
+    harness.tick()
+    assert harness.state("a1") is ArtifactState.FAILED
+    assert [r.attempt for r in sent(harness, "a1")] == [1, 1], "no second attempt sent"
