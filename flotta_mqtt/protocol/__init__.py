@@ -7,6 +7,7 @@ from flotta_mqtt.protocol.codec import (
     decode,
     encode,
     encode_batches,
+    serialize,
     unbatch,
 )
 from flotta_mqtt.protocol.messages import (
@@ -78,6 +79,7 @@ __all__ = [
     "decode",
     "encode",
     "encode_batches",
+    "serialize",
     "topics",
     "unbatch",
 ]

@@ -58,9 +58,15 @@ class ProtocolError(ValueError):
     """A message that cannot be accepted, and exactly why."""
 
 
+def serialize(message: BaseModel) -> bytes:
+    """A message's bytes on the bus, whatever their size: what encode sends, and what a
+    check of a message's size before it is sent measures."""
+    return message.model_dump_json(exclude_defaults=False).encode()
+
+
 def encode(message: BaseModel) -> bytes:
     """Serialise a message, refusing one larger than MAX_MESSAGE_BYTES."""
-    payload = message.model_dump_json(exclude_defaults=False).encode()
+    payload = serialize(message)
     if len(payload) > MAX_MESSAGE_BYTES:
         raise ProtocolError(
             f"{type(message).__name__} is {len(payload)} bytes, over the "

@@ -4,20 +4,15 @@ rather than at run time, and where a task goes when its worker is lost."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-
-from pydantic import TypeAdapter
+from dataclasses import dataclass
 
 from flotta_mqtt import analytics
 from flotta_mqtt.model import (
     Artifact,
     BindingError,
     Iterate,
-    Job,
     JobGraph,
-    JobRole,
     NodeRef,
-    Operation,
     Parallel,
     SchedulerContext,
     Sequential,
@@ -26,14 +21,11 @@ from flotta_mqtt.model import (
     bind,
     candidates,
 )
-from flotta_mqtt.model.operation import FiniteJsonObject
-from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, JobReady, NodePresence, Resource
+from flotta_mqtt.protocol import NodePresence
 from flotta_mqtt.scheduler.gc_pause import gc_paused
+from flotta_mqtt.scheduler.job_messages import oversize_job
 from flotta_mqtt.scheduler.membership import Members
 from flotta_mqtt.workflows.executors import check_task
-
-# A task's params as its JobReady writes them: the same serializer, the same bytes.
-_PARAMS = TypeAdapter(FiniteJsonObject)
 
 
 @dataclass(frozen=True)
@@ -89,65 +81,6 @@ def bind_artifact(
     if uniterable is not None:
         return Refused("OperationError", uniterable, final=True)
     return Bound(context, graph)
-
-
-def oversize_job(artifact: Artifact, graph: JobGraph) -> str | None:
-    """Why a job's JobReady would be over MAX_MESSAGE_BYTES, if one's would: it could never
-    be dispatched, and its artifact would wait for it forever.
-
-    A job's message is at least its encoding without inputs plus, per input, the shortest
-    Resource naming a product of this artifact: only what is sure to fail is refused. Jobs
-    of one step share their operation, so its size is measured once, on its first job; a
-    task's jobs differ in their params (see _task_size).
-    """
-    shortest = Resource(url=f"artifacts/{artifact.id}/jobs/0~1~product", sha256="0" * 64, size=0)
-    per_input = len(shortest.model_dump_json()) + 1
-    measured: dict[tuple[str, JobRole], int] = {}
-    frames: dict[tuple[str, JobRole, int], int] = {}
-    for job in graph.jobs:
-        key = (job.step, job.role)
-        fixed = _task_size(artifact, job, frames) if job.kind == "tasks" else measured.get(key)
-        if fixed is None:
-            fixed = measured[key] = len(_job_ready(artifact, job).model_dump_json().encode())
-        inputs = graph.graph.in_degree(job.id)
-        if fixed + per_input * inputs > MAX_MESSAGE_BYTES:
-            consumed = f" and its {inputs} inputs" if inputs else ""
-            return (
-                f"job {job.id} (step {job.step}) cannot be sent to its worker: its parameters"
-                f"{consumed} make a message over the broker's {MAX_MESSAGE_BYTES}-byte limit; "
-                "put large data in the resource store, or collect fewer products into one job"
-            )
-    return None
-
-
-def _task_size(artifact: Artifact, job: Job, frames: dict[tuple[str, JobRole, int], int]) -> int:
-    """The size of a task job's message without inputs, exactly, without encoding it: its
-    frame (the message with no params and no id), measured once per step, role and
-    iteration, plus its id and its params, the only fields its step's jobs differ in."""
-    key = (job.step, job.role, job.iteration)
-    frame = frames.get(key)
-    if frame is None:
-        bare = Operation.model_construct(name=job.operation.name, params={})
-        message = _job_ready(artifact, replace(job, operation=bare)).model_dump_json()
-        frame = frames[key] = len(message.encode()) - len(str(job.id)) - len("{}")
-    return frame + len(str(job.id)) + len(_PARAMS.dump_json(job.operation.params))
-
-
-def _job_ready(artifact: Artifact, job: Job) -> JobReady:
-    """A job's message without its inputs, as the scheduler would send its first attempt."""
-    return JobReady(  # validated: faster than model_construct (see JobFlow.job_ready)
-        artifact_id=artifact.id,
-        job_id=job.id,
-        attempt=1,
-        project=artifact.project,
-        seed=artifact.seed,
-        step=job.step,
-        kind=job.kind,
-        role=job.role,
-        iteration=job.iteration,
-        operation=job.operation,
-        inputs=[],
-    )
 
 
 def check_operations(graph: JobGraph, nodes: Mapping[str, NodePresence]) -> None:

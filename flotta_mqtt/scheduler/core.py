@@ -17,12 +17,14 @@ from typing import Any
 
 from flotta_mqtt.logs import log_context
 from flotta_mqtt.model import (
+    ARTIFACT_FINAL,
     Artifact,
     ArtifactState,
     JobState,
     Registry,
     job_count,
 )
+from flotta_mqtt.model.ids import SAFE_ID
 from flotta_mqtt.protocol import (
     CancelArtifact,
     NodePresence,
@@ -164,6 +166,8 @@ class SchedulerCore:
             )
             self.announcements.changed(record.id)
             for job_id, status in enumerate(record.jobs):
+                if record.state in ARTIFACT_FINAL:
+                    break  # a job's message could not be built: see JobFlow.job_ready
                 if status.state is JobState.READY:
                     self.flow.dispatch(record, job_id)
                 elif status.state in (JobState.DISPATCHED, JobState.RUNNING):
@@ -174,7 +178,9 @@ class SchedulerCore:
                         # Its timeout and heartbeat grace count on from the restart.
                         record.attempts.started_at[job_id] = now
                         record.attempts.last_seen[job_id] = now
-                    decision.publish.append(self.flow.job_ready(record, job_id))
+                    message = self.flow.job_ready(record, job_id)
+                    if message is not None:
+                        decision.publish.append(message)
         self._collect(clock, decision)
         return self.flow.end()
 
@@ -273,6 +279,15 @@ class SchedulerCore:
         elsewhere = self.served.refusal(artifact.project)
         if elsewhere is not None:
             self._reject(topics.submit(client), elsewhere, artifact.id, "other_group")
+            return
+        tenant = None if self.registry is None else self.registry.tenant(client)
+        if tenant is not None and not SAFE_ID.fullmatch(tenant):
+            # A tenant is an id: its tasks' messages name it (the scope of their cache).
+            error = (
+                f"workbench {client!r} is not registered and its name is not an id (a letter "
+                "or digit, then up to 127 of them or '_.-'): it cannot name a tenant"
+            )
+            self._reject(topics.submit(client), error, artifact.id, "forbidden")
             return
         holders = len(expected_holders(artifact, client, self.registry, self.nodes))
         jobs = job_count(artifact.steps, max(holders, 1))  # before anything is expanded
@@ -394,8 +409,9 @@ class SchedulerCore:
                 if clock.monotonic >= due:
                     del retry_at[job_id]
                     self.flow.dispatch(record, job_id)
-            check_running(
-                record, clock.monotonic, self.flow, self.policies, self.nodes, self.registry
-            )
+            if record.state is ArtifactState.RUNNING:  # not failed by a retry's dispatch
+                check_running(
+                    record, clock.monotonic, self.flow, self.policies, self.nodes, self.registry
+                )
             if record.state is ArtifactState.RUNNING:
                 check_dropouts(record, clock.monotonic, self.flow)

@@ -5,22 +5,22 @@ write and the messages that announce it; nothing here reads a clock or touches I
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import networkx as nx
+from pydantic import ValidationError
 
 from flotta_mqtt.model import (
     ARTIFACT_FINAL,
     JOB_FINAL,
     ArtifactState,
+    Job,
     JobState,
     JobStatus,
-    Operation,
 )
 from flotta_mqtt.protocol import (
     CancelJob,
     JobFinished,
-    JobReady,
     JobRef,
     RemoteError,
     topics,
@@ -36,6 +36,7 @@ from flotta_mqtt.scheduler.effects import (
     Outgoing,
     UpdateJob,
 )
+from flotta_mqtt.scheduler.job_messages import job_message, uses_cache
 from flotta_mqtt.scheduler.metrics import SchedulerMetrics
 from flotta_mqtt.scheduler.quotas import Quotas
 from flotta_mqtt.scheduler.records import ArtifactRecord
@@ -126,7 +127,7 @@ class JobFlow:
         """Start the exit handlers once the other jobs are final; end the artifact once
         every job is: failed if any task failed."""
         due = handlers.unlocked_handlers(record) if record.state is ArtifactState.RUNNING else []
-        while due:
+        while due and record.state is ArtifactState.RUNNING:  # not once a job failed it
             job_id = due.pop(0)
             if handlers.runs(record, job_id):
                 self.make_ready(record, job_id)
@@ -138,7 +139,7 @@ class JobFlow:
             due += record.locks.release(job_id)
             self.announcements.changed(record.id)
         final = sum(map(record.counts.__getitem__, JOB_FINAL))  # per job: no generator
-        if final == len(record.jobs):
+        if final == len(record.jobs) and record.state not in ARTIFACT_FINAL:
             failed = record.error is not None
             self.transition(record, ArtifactState.FAILED if failed else ArtifactState.COMPLETED)
 
@@ -153,55 +154,59 @@ class JobFlow:
 
     def dispatch(self, record: ArtifactRecord, job_id: int) -> None:
         """Send a ready job: a new attempt, recorded before it is published."""
+        if record.state in ARTIFACT_FINAL:
+            return  # failed by another job's message in the same loop (see job_ready)
         status = record.jobs[job_id].dispatch()
+        message = self.job_ready(record, job_id, status.attempt)
+        if message is None:
+            return  # its artifact failed instead
         record.set_job(job_id, status)
         self.decision.writes.append(UpdateJob(record.id, job_id, status.state, status.attempt))
         dispatched_at = record.attempts.dispatched_at
         dispatched_at.pop(job_id, None)  # kept in dispatch order: see resends
         dispatched_at[job_id] = self.clock.monotonic
         self.metrics.dispatched()
-        self.decision.publish.append(self.job_ready(record, job_id))
+        self.decision.publish.append(message)
 
     def resend(self, record: ArtifactRecord, job_id: int) -> None:
         """Send the current attempt of a dispatched job again (not a new attempt)."""
-        record.attempts.resent_at[job_id] = self.clock.monotonic
-        self.decision.publish.append(self.job_ready(record, job_id))
+        if record.state in ARTIFACT_FINAL:
+            return  # failed by another job's message in the same loop (see job_ready)
+        message = self.job_ready(record, job_id)
+        if message is not None:
+            record.attempts.resent_at[job_id] = self.clock.monotonic
+            self.decision.publish.append(message)
 
-    def job_ready(self, record: ArtifactRecord, job_id: int) -> Outgoing:
-        """The JobReady message of a job's current attempt, to its worker."""
+    def job_ready(
+        self, record: ArtifactRecord, job_id: int, attempt: int | None = None
+    ) -> Outgoing | None:
+        """The JobReady message of a job's attempt (its current one by default), to its
+        worker; None if it cannot be built, and the artifact fails instead of the scheduler
+        failing on it at every tick."""
         assert record.graph is not None
         job = record.graph.jobs[job_id]
-        operation = job.operation
-        if job.handler is not None:  # it runs once the others are final: tell it how they went
-            outcome = "Failed" if record.error is not None else "Succeeded"
-            params = {**operation.params, "workflow_status": outcome}
-            operation = Operation.model_construct(name=operation.name, params=params)
-        # Validated (in pydantic's compiled core, faster than model_construct's Python
-        # loop over the fields); the operation and inputs, models already, are kept as is.
-        message = JobReady(
-            artifact_id=record.id,
-            job_id=job_id,
-            attempt=record.jobs[job_id].attempt,
-            project=record.artifact.project,
-            seed=record.artifact.seed,
-            step=job.step,
-            kind=job.kind,
-            role=job.role,
-            iteration=job.iteration,
-            operation=operation,
-            # Every job it consumes is final: completed, or dropped out with no product.
-            inputs=[
-                record.products[p] for p in record.graph.consumes(job_id) if p in record.products
-            ],
-            cache_scope=self._cache_scope(record, job.kind, job.operation.params),
-        )
+        try:
+            message = job_message(
+                record.artifact,
+                job,
+                record.jobs[job_id].attempt if attempt is None else attempt,
+                # Every job it consumes is final: completed, or dropped out with no product.
+                [record.products[p] for p in record.graph.consumes(job_id) if p in record.products],
+                self._cache_scope(record, job),
+                "Failed" if record.error is not None else "Succeeded",
+            )
+        except ValidationError as exc:
+            why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            log.error(
+                "scheduler: the message of job %s of %s is invalid: %s", job_id, record.id, why
+            )
+            self.fail(record, "InvalidJob", f"job {job_id} cannot be sent: {why}", job=job_id)
+            return None
         return topics.jobs(record.worker(job_id)), message, False
 
-    def _cache_scope(
-        self, record: ArtifactRecord, kind: str, params: Mapping[str, object]
-    ) -> str | None:
+    def _cache_scope(self, record: ArtifactRecord, job: Job) -> str | None:
         """Whose cache a workflow task with `cache` may use: its owner's tenant."""
-        if kind != "tasks" or params.get("cache") is not True:
+        if not uses_cache(job):
             return None
         return "*" if self.tenant_of is None else self.tenant_of(record.client)
 

@@ -1,7 +1,8 @@
 """The nodes' SQLite stores checked when opened: a file that is not SQLite, a damaged one,
 and one of another schema are refused with one line naming the file and how to recover,
 before anything is written to them; a store whose file goes away while open refuses
-writes. Real files and real SQLite throughout."""
+writes; and a results manifest in the resource store keeps the bytes it always had.
+Real files and real SQLite throughout."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from flotta_mqtt.protocol import Resource
 from flotta_mqtt.scheduler.sqlite_repository import SqliteRepository
 from flotta_mqtt.sqlite import StoreError, StoreMoved
+from flotta_mqtt.transport.store import ResourceStore
 from flotta_mqtt.worker.journal import Journal
 
 
@@ -140,3 +143,21 @@ def test_a_database_whose_file_goes_away_refuses_writes(tmp_path: Path, how: str
         with repository.transaction():
             pass
     repository.close()
+
+
+def test_a_results_manifest_keeps_its_bytes(tmp_path: Path) -> None:
+    """A manifest rewritten at its URL (the same results, a newer scheduler) must still
+    match the sha256 a status published before gives for it: its bytes are pinned."""
+    store = ResourceStore((tmp_path / "store").as_uri())
+    results = [
+        Resource(url="artifacts/a1/jobs/0~1~product", sha256="0" * 64, size=3),
+        Resource(url="artifacts/a1/jobs/1~2~é", sha256="f" * 64, size=0, media_type="text/csv"),
+    ]
+    manifest = store.put_results("a1", results)
+    assert store.get(manifest, store.artifact_root("a1")) == (
+        b'[{"url": "artifacts/a1/jobs/0~1~product", "sha256": "' + b"0" * 64 + b'", '
+        b'"size": 3, "media_type": "application/json"}, '
+        b'{"url": "artifacts/a1/jobs/1~2~\\u00e9", "sha256": "' + b"f" * 64 + b'", '
+        b'"size": 0, "media_type": "text/csv"}]'
+    )
+    assert store.results([manifest], "a1") == results

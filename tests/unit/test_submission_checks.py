@@ -12,12 +12,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flotta_mqtt import Artifact, Client, Collect, Finalize, Iterate, Operation, Parallel
-from flotta_mqtt.model import ArtifactState, Task, Tasks
+from flotta_mqtt.model import (
+    ArtifactState,
+    Job,
+    NodeRef,
+    SchedulerContext,
+    SecureAggregation,
+    Task,
+    Tasks,
+    Workflow,
+    bind,
+)
 from flotta_mqtt.model.query import IsIn
 from flotta_mqtt.nodes import SchedulerNode
-from flotta_mqtt.protocol import MAX_MESSAGE_BYTES, JobReady, NodePresence, ProtocolError, encode
+from flotta_mqtt.protocol import (
+    MAX_MESSAGE_BYTES,
+    JobReady,
+    NodePresence,
+    ProtocolError,
+    encode,
+    serialize,
+)
 from flotta_mqtt.scheduler.binding import Bound, Refused, bind_artifact
 from flotta_mqtt.scheduler.config import SchedulerConfig
+from flotta_mqtt.scheduler.job_messages import job_sizes
 from flotta_mqtt.scheduler.membership import Members
 from flotta_mqtt.transport.memory import fresh_memory_broker
 from flotta_mqtt.transport.settings import StorageSettings
@@ -123,46 +141,107 @@ def test_a_job_collecting_too_many_products_is_refused_naming_its_inputs() -> No
     assert f"{MAX_MESSAGE_BYTES}-byte limit" in outcome.message
 
 
+# What dispatch may add to a job's message at most: see scheduler/job_messages.py.
+WIDEST_ATTEMPT = 2**63 - 1
+WIDEST_SCOPE = "t" * 128
+SITES = [NodeRef(id="w0"), NodeRef(id="w1")]
+POOL = [NodeRef(id="w0", executors=["shell"])]
+
+
+def as_sent(job: Job, attempt: int, scope: str, outcome: str) -> bytes:
+    """A job's message as the scheduler sends it, built here as a worker reads it."""
+    params = job.operation.params
+    if job.handler is not None:
+        params = {**params, "workflow_status": outcome}
+    cached = job.kind == "tasks" and params.get("cache") is True
+    return serialize(
+        JobReady(
+            artifact_id="sizes",
+            job_id=job.id,
+            attempt=attempt,
+            project="demo",
+            seed=1,
+            step=job.step,
+            kind=job.kind,
+            role=job.role,
+            iteration=job.iteration,
+            operation=Operation(name=job.operation.name, params=params),
+            cache_scope=scope if cached else None,
+        )
+    )
+
+
+def every_kind(pad: str = "") -> Artifact:
+    """Jobs of every kind: tasks plain, cached, fanned out and exit handlers, and the
+    steps of an Iterate of more than ten rounds, a secure one among them."""
+    flow = Workflow.model_validate(
+        {
+            "tasks": [
+                {"name": "plain", "params": {"shell": f"echo {pad}"}},
+                {"name": "cached", "params": {"shell": "true"}, "cache": True},
+                {
+                    "name": "fan",
+                    "params": {"shell": "echo {{ item }}"},
+                    "for_each": {"items": [1, "ab", [3]]},
+                },
+            ],
+            "on_exit": [{"name": "bye", "params": {"shell": "true"}, "cache": True}],
+        }
+    )
+    mean = Operation(name="mean", params={"column": "x"})
+    rounds = Iterate(
+        12,
+        [
+            Parallel(mean, Collect(), secure=SecureAggregation()),
+            Finalize(mean),
+        ],
+    )
+    return Artifact(
+        id="sizes", project="demo", seed=1, steps=[Tasks(tasks=flow.all_tasks()), rounds]
+    )
+
+
+def test_the_size_check_counts_the_largest_message_each_job_can_be_sent_as() -> None:
+    context = SchedulerContext(initiator=NodeRef(id="initiator"), workers=SITES, pool=POOL)
+    artifact = every_kind()
+    graph = bind(artifact, context)
+    kinds = {(job.kind, job.handler is not None, job.iteration >= 10) for job in graph.jobs}
+    assert {("tasks", True, False), ("parallel", False, True), ("finalize", False, True)} <= kinds
+    sizes = list(job_sizes(artifact, graph))
+    assert [job.id for job, _ in sizes] == [job.id for job in graph.jobs]
+    for job, size in sizes:
+        assert size == len(as_sent(job, WIDEST_ATTEMPT, WIDEST_SCOPE, "Succeeded")), job
+        assert size >= len(as_sent(job, 1, "*", "Failed")), job
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     replicas=st.integers(min_value=1, max_value=12),
     env=st.dictionaries(st.from_regex(r"[A-Z][A-Z0-9_]{0,8}", fullmatch=True), st.text()),
+    cache=st.booleans(),
     over=st.booleans(),
 )
-def test_a_task_is_refused_exactly_when_one_of_its_jobs_would_be_over_the_limit(
-    replicas: int, env: dict[str, str], over: bool
+def test_a_task_is_refused_exactly_when_one_of_its_jobs_could_be_over_the_limit(
+    replicas: int, env: dict[str, str], cache: bool, over: bool
 ) -> None:
-    """Each job of a task is measured (their names, ids and params differ), to the byte."""
+    """Each job of a task is measured (their names, ids and params differ), to the byte,
+    as the largest message it can be sent as."""
     holders = {
         "w0": NodePresence(node="w0", online=True, projects=["demo"], executors=["shell"], since=1)
     }
 
     def outcome(pad: str) -> Bound | Refused:
-        task = Task(name="t", params={"command": ["echo", pad]}, env=env, replicas=replicas)
-        artifact = Artifact(id="tasks", project="demo", seed=1, steps=[Tasks(tasks=[task])])
+        task = Task(
+            name="t", params={"command": ["echo", pad]}, env=env, replicas=replicas, cache=cache
+        )
+        artifact = Artifact(id="sizes", project="demo", seed=1, steps=[Tasks(tasks=[task])])
         return bind_artifact(artifact, holders, "initiator", Members(["w0"], []))
 
     bound = outcome("")
     assert isinstance(bound, Bound)
-    largest = max(
-        len(
-            JobReady(
-                artifact_id="tasks",
-                job_id=job.id,
-                attempt=1,
-                project="demo",
-                seed=1,
-                step=job.step,
-                kind=job.kind,
-                role=job.role,
-                iteration=job.iteration,
-                operation=job.operation,
-            )
-            .model_dump_json()
-            .encode()
-        )
-        for job in bound.graph.jobs
+    widest = max(
+        len(as_sent(job, WIDEST_ATTEMPT, WIDEST_SCOPE, "Succeeded")) for job in bound.graph.jobs
     )
-    refused = outcome("x" * (MAX_MESSAGE_BYTES - largest + over))
+    refused = outcome("x" * (MAX_MESSAGE_BYTES - widest + over))
     assert isinstance(refused, Refused) == over
     assert not isinstance(refused, Refused) or refused.kind == "MessageTooLarge"

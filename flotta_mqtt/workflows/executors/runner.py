@@ -273,7 +273,7 @@ class _Folders:
                 if kept:
                     self._free.append(folder)
             if not kept:
-                shutil.rmtree(folder, ignore_errors=True)
+                _remove(folder)
 
     def close(self) -> None:
         with self._lock:
@@ -282,10 +282,24 @@ class _Folders:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _remove(folder: Path) -> None:
+    """Remove a task's folder, or the link its task left in its place (not what it names)."""
+    if folder.is_symlink():
+        with contextlib.suppress(OSError):
+            folder.unlink()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _empty_folder(path: Path) -> bool:
-    """Whether `path` is still a real, empty folder (not replaced by a link, say)."""
+    """Whether `path` is still a real, empty, private folder, as mkdtemp made it: not
+    replaced by a link, nor opened to others (chmod) or given away (chown) by its task,
+    which would hand the next task, maybe another tenant's, a folder others can reach."""
     try:
-        if not stat.S_ISDIR(os.lstat(path).st_mode):  # one call: not a link, a folder
+        info = os.lstat(path)  # one call: not a link, a folder, ours, private
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            return False
+        if stat.S_IMODE(info.st_mode) != 0o700:
             return False
         with os.scandir(path) as entries:
             return next(entries, None) is None
