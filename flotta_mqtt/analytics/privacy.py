@@ -12,6 +12,7 @@ draw from the operating system's randomness, so they cannot be seeded.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -186,10 +187,22 @@ def public_counts(counts: dict[str, int], epsilon: float) -> dict[str, int]:
     return {name: max(0, value) for name, value in zip(names, noisy, strict=True)}
 
 
-def _threshold_mechanism(epsilon: float, threshold: int) -> Any:
+def _threshold_mechanism(epsilon: float, threshold: int, scale: float | None = None) -> Any:
     domain = map_domain(atom_domain(T=str), atom_domain(T="i64"))
     metric = l01inf_distance(absolute_distance(T="i64"))
-    return dp_m.make_laplace_threshold(domain, metric, scale=1.0 / epsilon, threshold=threshold)
+    scale = _threshold_scale(epsilon) if scale is None else scale
+    return dp_m.make_laplace_threshold(domain, metric, scale=scale, threshold=threshold)
+
+
+@functools.lru_cache(maxsize=256)
+def _threshold_scale(epsilon: float) -> float:
+    """The smallest scale from 1 / epsilon up whose epsilon OpenDP's map finds within
+    `epsilon`: its rounding makes 1 / (1 / epsilon) exceed epsilon for some (1/56, 1/3),
+    and then no threshold is private and every noised group statistic failed."""
+    scale = 1.0 / epsilon
+    while _threshold_mechanism(epsilon, 2**30, scale).map((1, 1, 1))[0] > epsilon:
+        scale = math.nextafter(scale, math.inf)
+    return scale
 
 
 @functools.lru_cache(maxsize=256)

@@ -43,6 +43,7 @@ def test_install_makes_and_uses_a_virtual_environment_where_pip_is_refused(
     (bin_dir / "python3").chmod(0o755)
     environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     environment.pop("VIRTUAL_ENV", None)
+    environment.pop("PYTHONPATH", None)  # a checkout on it would answer for the venv's package
 
     install = subprocess.run(
         ["bash", "broker/install.sh"],
@@ -63,6 +64,7 @@ def test_install_makes_and_uses_a_virtual_environment_where_pip_is_refused(
     ran = subprocess.run(
         [str(project / ".venv" / "bin" / "python"), "-c", check],
         cwd=tmp_path,
+        env=environment,
         capture_output=True,
         text=True,
         timeout=60,

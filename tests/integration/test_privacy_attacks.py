@@ -199,6 +199,8 @@ def refusal_search(cluster: Cluster, project: str) -> list[bool]:
             for i in range(TARGETS)
         ]
         for i, outcome in enumerate(cluster.submit_all(artifacts)):
+            # Noise answers every query; a failure there would be an oracle of its own.
+            assert project == "exact" or not isinstance(outcome, ArtifactFailed), outcome
             below = isinstance(outcome, ArtifactFailed) or any(
                 g["site"] == f"rare{i}" and g["count"] > 0 for g in value(outcome)
             )
@@ -274,7 +276,7 @@ ATTACKS: list[tuple[str, str, Callable[[Cluster, str], list[bool]], float]] = [
 ]
 
 
-@pytest.mark.timeout(600)  # the refusal oracle alone submits 112 artifacts
+@pytest.mark.timeout(300)  # the refusal oracle alone submits 112 artifacts
 @pytest.mark.parametrize(("name", "project", "attack", "guess"), ATTACKS, ids=lambda a: str(a))
 def test_the_attack_recovers_records_from_an_exact_site_and_none_under_the_default_policy(
     cluster: Cluster,

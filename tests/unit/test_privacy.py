@@ -28,6 +28,7 @@ from flotta_mqtt.analytics import (
     FileDataset,
     JobContext,
     PrivacyRefused,
+    privacy,
 )
 from flotta_mqtt.analytics.privacy import Noise
 from flotta_mqtt.model import Operation
@@ -63,6 +64,15 @@ def test_gaussian_noise_has_its_stated_scale_within_the_classic_bound() -> None:
     draws = np.asarray(noise.floats([0.0] * DRAWS, l1=1.0, l2=1.0))
     assert fits(draws, stats.norm(scale=sigma))
     assert not fits(draws, stats.norm(scale=sigma * 1.1))
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 0.5, 1 / 3, 1 / 7, 1 / 56 * 0.999])
+def test_threshold_counts_work_for_any_epsilon_and_keep_only_big_groups(epsilon: float) -> None:
+    """1 / (1 / epsilon) exceeds epsilon in OpenDP's rounding for some (1/3, 1/56): the
+    mechanism's scale must still keep within epsilon, not fail every such job."""
+    noise = Noise(epsilon=epsilon, delta=1e-7)
+    kept = privacy.threshold_counts({"one": 1, "many": 10**6}, noise, min_group_size=1)
+    assert set(kept) == {"many"} and abs(kept["many"] - 10**6) < 50 / epsilon
 
 
 def test_discrete_laplace_counts_have_the_stated_spread() -> None:
