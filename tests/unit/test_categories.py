@@ -37,11 +37,20 @@ from flotta_mqtt.analytics import (
     TooFewRows,
     open_dataset,
 )
-from flotta_mqtt.analytics.categories import MAX_BYTES, MAX_VALUES, fitted, folded
+from flotta_mqtt.analytics.categories import (
+    MAX_BYTES,
+    MAX_TOTAL_BYTES,
+    MAX_VALUES,
+    fitted,
+    folded,
+)
 from flotta_mqtt.analytics.filters import select, values
 from flotta_mqtt.analytics.plan import Agg, Request
 from flotta_mqtt.analytics.registry import Budget
 from flotta_mqtt.model import Operation
+from flotta_mqtt.protocol.codec import MAX_MESSAGE_BYTES, encode
+from flotta_mqtt.protocol.messages import NodePresence
+from flotta_mqtt.worker.config import WorkerConfig
 from flotta_mqtt.model.query import AllOf, AnyOf, Compare, Filter, IsIn, Not
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
@@ -524,3 +533,37 @@ def test_a_worker_announces_declared_categories_with_its_schema(tmp_path: Path) 
     described = open_dataset("p", "w0", spec({"s": ["a", "b"], "n": [1]}, paths=[path])).describe()
     assert described["categories"] == {"s": ["a", "b"], "n": [1]}
     assert "categories" not in open_dataset("p", "w0", spec({}, paths=[path])).describe()
+
+
+def labels(size: int, prefix: str) -> list[str]:
+    """Distinct labels taking about `size` bytes as JSON."""
+    return [f"{prefix}{i:0>95}" for i in range(size // 100)]
+
+
+def test_a_worker_refuses_datasets_whose_categories_overflow_its_presence(
+    tmp_path: Path,
+) -> None:
+    """Each dataset within its limit, five of them made a presence over the message limit:
+    the worker's configuration caps their total."""
+    path = tmp_path / "t.csv"
+    path.write_text("s,n,x\na,1,0.5\n")
+    big = {"paths": [path], "categories": {"s": labels(MAX_BYTES - 1000, "s")}}
+    with pytest.raises(
+        ValidationError,
+        match=rf"the datasets' categories take \d+ bytes as JSON in all, more than the "
+        rf"{MAX_TOTAL_BYTES} a worker may announce",
+    ):
+        WorkerConfig(name="w0", datasets={f"p{i}": big for i in range(5)})
+    # At the cap, every dataset's schema and categories fit in one presence.
+    half = {"paths": [path], "categories": {"s": labels(MAX_TOTAL_BYTES // 2 - 100, "s")}}
+    config = WorkerConfig(name="w0", datasets={"p0": half, "p1": half})
+    details = {p: open_dataset(p, "w0", spec).describe() for p, spec in config.datasets.items()}
+    presence = NodePresence(
+        node="w0",
+        online=True,
+        projects=sorted(details),
+        operations=sorted(operations.REGISTRY),
+        details=details,
+        since=0.0,
+    )
+    assert len(encode(presence)) < MAX_MESSAGE_BYTES
