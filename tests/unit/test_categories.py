@@ -48,10 +48,10 @@ from flotta_mqtt.analytics.filters import select, values
 from flotta_mqtt.analytics.plan import Agg, Request
 from flotta_mqtt.analytics.registry import Budget
 from flotta_mqtt.model import Operation
+from flotta_mqtt.model.query import AllOf, AnyOf, Compare, Filter, IsIn, Not
 from flotta_mqtt.protocol.codec import MAX_MESSAGE_BYTES, encode
 from flotta_mqtt.protocol.messages import NodePresence
 from flotta_mqtt.worker.config import WorkerConfig
-from flotta_mqtt.model.query import AllOf, AnyOf, Compare, Filter, IsIn, Not
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 SCHEMA = pa.schema([("s", pa.string()), ("n", pa.int64()), ("x", pa.float64())])
