@@ -6,7 +6,9 @@ pandas Categorical with fixed categories does. A filter naming another value is 
 since a typo would otherwise count no rows. A grouped answer over declared columns lists
 every combination of their values and missing: under differential privacy each gets a
 noisy count and none is dropped, so no threshold is needed and whether a rare value is
-present does not show in which groups appear (the public-keys approach).
+present does not show in which groups appear (the public-keys approach). Whatever keys a
+source returns (a collation, a float for an integer, padding), `folded` maps them onto
+the declared values or missing before any group is released.
 """
 
 from __future__ import annotations
