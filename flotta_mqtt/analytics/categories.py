@@ -6,7 +6,9 @@ pandas Categorical with fixed categories does. A filter naming another value is 
 since a typo would otherwise count no rows. A grouped answer over declared columns lists
 every combination of their values and missing: under differential privacy each gets a
 noisy count and none is dropped, so no threshold is needed and whether a rare value is
-present does not show in which groups appear (the public-keys approach).
+present does not show in which groups appear (the public-keys approach). Whatever keys a
+source returns (a collation, a float for an integer, padding), `folded` maps them onto
+the declared values or missing before any group is released.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any
 
 import pyarrow as pa
 from pydantic import Field, StrictInt, StrictStr
 
+from flotta_mqtt.analytics.filters import is_text
 from flotta_mqtt.analytics.registry import OperationError
 
 # An integer category fits the int64 every source reads integers as.
@@ -28,6 +31,9 @@ Categories = Mapping[str, Sequence[Category]]
 
 MAX_VALUES = 10_000  # per column
 MAX_BYTES = 64 << 10  # a dataset's categories as JSON: they travel in its worker's presence
+# All of a worker's datasets' categories as JSON: its presence carries every dataset's, and
+# a message holds 256 KiB at most (five datasets at MAX_BYTES made 270,308 bytes).
+MAX_TOTAL_BYTES = 128 << 10
 MAX_GROUPS = 10_000  # the combinations a grouped answer lists; beyond, only those observed
 
 
@@ -53,6 +59,16 @@ def validated(categories: dict[str, list[Category]]) -> dict[str, list[Category]
     return categories
 
 
+def within_total(every: Iterable[Categories]) -> None:
+    """Raise a ValueError when a worker's datasets' categories together pass MAX_TOTAL_BYTES."""
+    size = sum(len(json.dumps(dict(categories))) for categories in every)
+    if size > MAX_TOTAL_BYTES:
+        raise ValueError(
+            f"the datasets' categories take {size} bytes as JSON in all, more than the "
+            f"{MAX_TOTAL_BYTES} a worker may announce"
+        )
+
+
 def fitted(schema: pa.Schema, categories: Categories, who: str) -> dict[str, tuple[Any, ...]]:
     """The categories, each checked to name a column of its kind (text, or integers)."""
     for column, values in categories.items():
@@ -60,17 +76,13 @@ def fitted(schema: pa.Schema, categories: Categories, who: str) -> dict[str, tup
             raise OperationError(f"{who}: categories name column {column}, which the data lacks")
         type_ = schema.field(column).type
         text = isinstance(values[0], str)
-        if not (_text(type_) if text else pa.types.is_integer(type_)):
+        if not (is_text(type_) if text else pa.types.is_integer(type_)):
             raise OperationError(
                 f"{who}: the categories of column {column} are "
                 f"{'text' if text else 'integers'} but the column is {type_} (set its type "
                 "in the dataset's `types`)"
             )
     return {column: tuple(values) for column, values in categories.items()}
-
-
-def _text(type_: pa.DataType) -> bool:
-    return bool(pa.types.is_string(type_) or pa.types.is_large_string(type_))
 
 
 def public_keys(by: Sequence[str], categories: Categories) -> list[tuple[Any, ...]] | None:
@@ -84,7 +96,22 @@ def public_keys(by: Sequence[str], categories: Categories) -> list[tuple[Any, ..
     return list(itertools.product(*[(*categories[column], None) for column in by]))
 
 
-def shown(values: Sequence[Category], most: int = 10) -> str:
-    """Declared values for an error message: the first few, and how many in all."""
-    text = ", ".join(repr(v) for v in values[:most])
-    return text if len(values) <= most else f"{text}, ... ({len(values)} in all)"
+def folded(
+    by: Sequence[str], categories: Categories, groups: Mapping[tuple[Any, ...], Sequence[float]]
+) -> dict[tuple[Any, ...], list[float]]:
+    """`groups` (a key per row of `by` values, then its sums) with each declared column's
+    value replaced by the declared value it equals (1.0 finds 1), or None when it equals
+    none, the sums of keys that meet added up: whatever a source returns (a collation that
+    finds 'A' in ['a'], a REAL column's 1.0, a padded char(3)), no undeclared value leaves."""
+    found = [{v: v for v in categories[column]} if column in categories else None for column in by]
+    merged: dict[tuple[Any, ...], list[float]] = {}
+    for key, sums in groups.items():
+        public = tuple(
+            value if values is None else values.get(value)
+            for value, values in zip(key, found, strict=True)
+        )
+        before = merged.get(public)
+        merged[public] = (
+            list(sums) if before is None else [a + b for a, b in zip(before, sums, strict=True)]
+        )
+    return merged

@@ -18,7 +18,7 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,6 +37,7 @@ BATCH_ROWS = 1 << 16
 # The fewest rowids a range of a split SQLite scan covers: below, a connection and a thread
 # cost more than they save (measured: bench/README.md, `analytics`).
 SPLIT_ROWS = 200_000
+MAX_THREADS = 8  # a split SQLite scan's ranges, at most: a worker runs other jobs too
 # The names SQLite gives a rowid table's row number, unless a column takes the name.
 _ROWID_NAMES = ("rowid", "_rowid_", "oid")
 
@@ -71,6 +72,13 @@ _POSTGRES_TYPES = {
     "timestamp without time zone": pa.timestamp("us"),
     "timestamp with time zone": pa.timestamp("us", tz="UTC"),
 }
+
+
+def _cores() -> int:
+    """The cores this process may run on (where the system says), at most MAX_THREADS."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    return min(cores, MAX_THREADS)
 
 
 def _kind(type_: pa.DataType) -> str:
@@ -135,7 +143,7 @@ class SqlDataset(Dataset):
         self._schema = self._declared(columns, types)
         self.categories = fitted(self._schema, categories or {}, self.who)
         self._rowid = self._rowid_name(columns) if self.dialect is sql.SQLITE else None
-        self.threads = len(os.sched_getaffinity(0))  # a SQLite scan's ranges, at most
+        self.threads = _cores() if self._rowid is not None else 1  # a SQLite scan's ranges
         self.split_rows = SPLIT_ROWS
 
     @contextlib.contextmanager
@@ -288,9 +296,18 @@ class SqlDataset(Dataset):
             def scan(con: sqlite3.Connection, bounds: tuple[int, int]) -> list[Any]:
                 return list(con.execute(statement, [*bounds, *params]).fetchall())
 
+            connections = [first, *others]
             with ThreadPoolExecutor(len(ranges)) as pool:
-                parts = list(pool.map(scan, [first, *others], ranges))
-        return [row for rows in parts for row in rows]
+                futures = [
+                    pool.submit(scan, *part) for part in zip(connections, ranges, strict=True)
+                ]
+                for future in as_completed(futures):
+                    failed = future.exception()
+                    if failed is not None:
+                        for con in connections:  # the others stop now, not at their end
+                            con.interrupt()
+                        raise failed
+        return [row for future in futures for row in future.result()]
 
     def _readers(self, stack: contextlib.ExitStack[Any], count: int) -> list[Any] | None:
         """`count` more connections, each in a read transaction begun (its snapshot taken);

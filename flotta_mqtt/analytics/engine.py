@@ -10,7 +10,6 @@ Rows never reach Python: a job's aggregates come back as one row per group.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -121,22 +120,10 @@ def scan(
 ) -> list[tuple[Any, ...]]:
     """One scan of `source` answering `select`: a row per group.
 
-    Its floats are read as they are first, probed for NaN (sql.compile_select's `raw`); only
-    where a row the filter passes holds one is the source scanned again, NaN read as missing.
+    Always one statement, a float's NaN read as missing: the work must not depend on the
+    data (a second scan where a row held NaN timed whether it did, for no measurable gain).
     """
-    raw = sql.compile_select(select, source, schema, sql.DUCKDB, who, categories, raw=True)
-    rows = _fetch(*raw)
-    width = len(rows[0]) - len(sql.probed(select, schema)) if rows else 0
-    if not any(_is_nan(value) for row in rows for value in row[width:]):
-        return [row[:width] for row in rows]
-    return _fetch(*sql.compile_select(select, source, schema, sql.DUCKDB, who, categories))
-
-
-def _is_nan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
-def _fetch(statement: str, params: list[object]) -> list[tuple[Any, ...]]:
+    statement, params = sql.compile_select(select, source, schema, sql.DUCKDB, who, categories)
     try:
         with _connect() as con:
             return con.execute(statement, params).fetchall()
@@ -151,7 +138,8 @@ def scan_batches(
     who: str,
     categories: Mapping[str, Sequence[object]] | None = None,
 ) -> list[tuple[Any, ...]]:
-    """As `scan`, over a stream of batches (a source DuckDB cannot read itself)."""
+    """One scan of a stream of batches answering `select` (a source DuckDB cannot read
+    itself): a row per group."""
     reader = pa.RecordBatchReader.from_batches(schema, batches)
     statement, params = sql.compile_select(select, "batches", schema, sql.DUCKDB, who, categories)
     try:

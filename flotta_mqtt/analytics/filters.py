@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flotta_mqtt.analytics.categories import shown
 from flotta_mqtt.analytics.registry import ColumnTypeError, Dataset
 from flotta_mqtt.model.query import AllOf, AnyOf, Compare, DateCompare, Filter, IsIn, Not
 
@@ -34,6 +33,12 @@ def is_number(type_: pa.DataType) -> bool:
 
 def is_text(type_: pa.DataType) -> bool:
     return bool(pa.types.is_string(type_) or pa.types.is_large_string(type_))
+
+
+def shown(values: Sequence[object], most: int = 10) -> str:
+    """Declared values for an error message: the first few, and how many in all."""
+    text = ", ".join(repr(v) for v in values[:most])
+    return text if len(values) <= most else f"{text}, ... ({len(values)} in all)"
 
 
 def is_temporal(type_: pa.DataType) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 
 from flotta_mqtt.analytics import privacy
-from flotta_mqtt.analytics.categories import public_keys
+from flotta_mqtt.analytics.categories import folded, public_keys
 from flotta_mqtt.analytics.estimators import Estimator, Rows
 from flotta_mqtt.analytics.filters import checked
 from flotta_mqtt.analytics.plan import Agg, Request
@@ -93,10 +93,12 @@ class GroupStatistic(Estimator):
 
     def states(self, params: Any, ctx: JobContext) -> dict[str, list[float]]:
         """Each group's sums (the column's values clipped to its bounds when noised), and
-        zeros for the declared groups the data lacks."""
+        zeros for the declared groups the data lacks. Keys are the declared values (or
+        None) whatever the source returned (categories.folded)."""
         data = ctx.dataset()
         (groups,) = data.aggregate(self.planned(params, ctx))
-        states = {_name(key): [float(v) for v in found] for key, found in groups.items()}
+        public = folded(params.by, data.categories, groups)
+        states = {_name(key): [float(v) for v in found] for key, found in public.items()}
         empty = [0.0] * len(self.aggs(params, None))
         for key in public_keys(params.by, data.categories) or ():
             states.setdefault(_name(key), empty)
@@ -173,8 +175,9 @@ class GroupMean(GroupStatistic):
     def noised(
         self, params: GroupMeanParams, ctx: JobContext, noise: privacy.Noise
     ) -> dict[str, list[float]]:
-        """Half the epsilon for the thresholded counts (with all of delta), half for Laplace
-        noise on the kept groups' clipped sums: a row is in one group's sum."""
+        """Half the epsilon for the groups' noised counts (and all of delta, spent only
+        where groups are thresholded: see `counted`), half for Laplace noise on the released
+        groups' clipped sums: a row is in one group's sum."""
         limits = privacy.bounds(params, ctx.dataset(), params.column)
         states = self.states(params, ctx)
         counts = self.counted(params, states, ctx, privacy.Noise(noise.epsilon / 2, noise.delta))

@@ -14,7 +14,7 @@ from datetime import datetime, time
 
 import pyarrow as pa
 
-from flotta_mqtt.analytics.filters import is_number
+from flotta_mqtt.analytics.filters import is_number, is_text
 from flotta_mqtt.analytics.plan import Agg, Select
 from flotta_mqtt.analytics.registry import UnknownColumn
 from flotta_mqtt.model.query import AllOf, AnyOf, DateCompare, Filter, IsIn, Not
@@ -57,11 +57,10 @@ def quote(name: str, dialect: Dialect) -> str:
 class Compiler:
     """Builds one statement's text and its parameters, left to right."""
 
-    def __init__(self, schema: pa.Schema, dialect: Dialect, where: str, raw: bool = False) -> None:
+    def __init__(self, schema: pa.Schema, dialect: Dialect, where: str) -> None:
         self.schema = schema
         self.dialect = dialect
         self.where = where  # who asks, for errors: "worker w0: project p"
-        self.raw = raw  # NaN read as it is (compile_select)
         self.params: list[object] = []
 
     def value(self, value: object) -> str:
@@ -69,15 +68,14 @@ class Compiler:
         return self.dialect.placeholder
 
     def column(self, name: str, plain: bool = False) -> str:
-        """A column as SQL: its NaN read as NULL unless `plain` (for the pushed-down prefilter)
-        or the statement is raw."""
+        """A column as SQL: its NaN read as NULL unless `plain` (for the pushed-down prefilter)."""
         if name not in self.schema.names:
             raise UnknownColumn(
                 f"{self.where} has no column {name} (columns: {', '.join(self.schema.names)})"
             )
         text = quote(name, self.dialect)
         nan = self.dialect.nan
-        if plain or self.raw or nan is None or not pa.types.is_floating(self.type(name)):
+        if plain or nan is None or not pa.types.is_floating(self.type(name)):
             return text
         return f"(CASE WHEN {nan.format(text)} THEN NULL ELSE {text} END)"
 
@@ -86,9 +84,11 @@ class Compiler:
     ) -> str:
         """`source` with each declared column's values outside its categories read as NULL.
 
-        A subquery the database inlines (still one scan) so that the statement names each
-        column once, as today: each of its values is a parameter, so the set is bound once
-        and GROUP BY repeats no placeholder.
+        A subquery the database inlines (still one scan), so that the rest of the statement
+        names each column as it would without categories: each declared value is a
+        parameter, so the set is bound once and GROUP BY repeats no placeholder. Values
+        compare byte for byte (`binary`): a column's collation or padding finds none that
+        is not declared (groups.py folds what a source returns all the same).
         """
         if not any(c in categories for c in columns):
             return source
@@ -96,10 +96,22 @@ class Compiler:
         for name in columns:
             text = quote(name, self.dialect)
             if name in categories:
+                value = self.binary(name)
                 wanted = ", ".join(self.value(v) for v in categories[name])
-                text = f"CASE WHEN {text} IN ({wanted}) THEN {text} END"
+                text = f"CASE WHEN {value} IN ({wanted}) THEN {value} END"
             items.append(f"{text} AS {quote(name, self.dialect)}")
         return f"(SELECT {', '.join(items)} FROM {source}) AS declared"
+
+    def binary(self, name: str) -> str:
+        """A declared column as its values compare byte for byte: SQLite's column may be
+        declared COLLATE NOCASE; PostgreSQL's char(n) compares and returns its values padded
+        (text drops the padding, the C collation compares bytes). DuckDB compares bytes."""
+        text = quote(name, self.dialect)
+        if self.dialect is SQLITE:
+            return f"{text} COLLATE BINARY"
+        if self.dialect is POSTGRES and is_text(self.type(name)):
+            return f'CAST({text} AS TEXT) COLLATE "C"'
+        return text
 
     def plain_is_exact(self, where: Filter) -> bool:
         """Whether `where`'s prefilter is `where` itself (no NaN to read as NULL)."""
@@ -186,18 +198,12 @@ def compile_select(
     dialect: Dialect,
     where: str,
     categories: Mapping[str, Sequence[object]] | None = None,
-    raw: bool = False,
 ) -> tuple[str, list[object]]:
     """`select` over `source` (a table, or a subquery without parameters: these are
     numbered in the statement's order, the aggregates' first) as one statement and its
     parameters: the rows are the groups' values, then each aggregate. A column with
-    declared `categories` reads a value outside them as NULL.
-
-    `raw` (DuckDB): float columns are read as they are, NaN included, and each row ends with
-    the largest value of each of `probed(select, schema)` over the rows the filter passes:
-    DuckDB orders NaN above all, so no NaN there means that none of those rows held one, and
-    the answer is the same as reading NaN as missing (which tests every value)."""
-    c = Compiler(schema, dialect, where, raw)
+    declared `categories` reads a value outside them as NULL."""
+    c = Compiler(schema, dialect, where)
     by = [c.column(b) for b in select.by]
     filters = {f.model_dump_json() if f is not None else "" for f, _ in select.aggs}
     shared = len(filters) == 1
@@ -208,8 +214,6 @@ def compile_select(
         bounds = c.range(agg)
         conditions += [bounds] if bounds is not None else []
         items.append(text + (f" FILTER (WHERE {' AND '.join(conditions)})" if conditions else ""))
-    if raw:
-        items += [f"max({quote(name, dialect)})" for name in probed(select, schema)]
     source = c.declared(source, _used(select), categories or {})
     statement = f"SELECT {', '.join([*by, *items])} FROM {source}"
     statement += _where(c, [f for f, _ in select.aggs], shared)
@@ -224,12 +228,6 @@ def _used(select: Select) -> list[str]:
         {*select.by, *(a.column for _, a in select.aggs if a.column is not None)}
         | {c for f, _ in select.aggs if f is not None for c in f.columns()}
     )
-
-
-def probed(select: Select, schema: pa.Schema) -> list[str]:
-    """The float columns `select` reads: those a raw statement probes for NaN."""
-    known = [c for c in _used(select) if c in schema.names]  # the others are refused
-    return [c for c in known if pa.types.is_floating(schema.field(c).type)]
 
 
 def _where(c: Compiler, filters: list[Filter | None], shared: bool) -> str:

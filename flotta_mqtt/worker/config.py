@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flotta_mqtt import analytics as operations
+from flotta_mqtt.analytics.categories import within_total
 from flotta_mqtt.model import SafeId
 from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
 from flotta_mqtt.workflows.executors.policy import SitePolicy
@@ -44,3 +45,12 @@ class WorkerConfig(BaseModel):
     # settings, secrets, their environment. Its defaults allow none of it.
     policy: SitePolicy = Field(default_factory=SitePolicy)
     initiator: bool = False  # the scheduler's own runner: holds no data
+
+    @field_validator("datasets")
+    @classmethod
+    def _announceable(
+        cls, datasets: dict[str, operations.DatasetSpec]
+    ) -> dict[str, operations.DatasetSpec]:
+        """The worker's presence carries every dataset's categories: their total is capped."""
+        within_total(spec.categories for spec in datasets.values())
+        return datasets

@@ -37,12 +37,21 @@ from flotta_mqtt.analytics import (
     TooFewRows,
     open_dataset,
 )
-from flotta_mqtt.analytics.categories import MAX_BYTES, MAX_VALUES, fitted
+from flotta_mqtt.analytics.categories import (
+    MAX_BYTES,
+    MAX_TOTAL_BYTES,
+    MAX_VALUES,
+    fitted,
+    folded,
+)
 from flotta_mqtt.analytics.filters import select, values
 from flotta_mqtt.analytics.plan import Agg, Request
 from flotta_mqtt.analytics.registry import Budget
 from flotta_mqtt.model import Operation
 from flotta_mqtt.model.query import AllOf, AnyOf, Compare, Filter, IsIn, Not
+from flotta_mqtt.protocol.codec import MAX_MESSAGE_BYTES, encode
+from flotta_mqtt.protocol.messages import NodePresence
+from flotta_mqtt.worker.config import WorkerConfig
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 SCHEMA = pa.schema([("s", pa.string()), ("n", pa.int64()), ("x", pa.float64())])
@@ -361,6 +370,109 @@ def test_noised_counts_of_declared_groups_are_centred_on_the_truth() -> None:
     assert abs(means["a"] - 30) < 1.0 and means["b"] < 1.5  # b: |Laplace(1)| clamped at 0
 
 
+# --- what a source returns is folded into the declared values --------------------------------
+
+
+def test_every_key_a_source_returns_is_a_declared_value_or_none() -> None:
+    """Whatever a source gives back (another case, a float for an integer, padding, NaN),
+    only declared values and None leave; keys that meet add up."""
+    groups = {
+        ("a", 1): [1, 1.0],
+        ("A", 1.0): [2, 2.0],
+        ("a  ", 2.0): [4, 4.0],
+        ("b", 1.5): [8, 8.0],
+        ("b", math.nan): [16, 16.0],
+        (None, 7): [32, 32.0],
+    }
+    found = folded(["s", "n"], {"s": ["a", "b"], "n": [1, 2]}, groups)
+    assert found == {
+        ("a", 1): [1, 1.0],
+        (None, 1): [2, 2.0],
+        (None, 2): [4, 4.0],
+        ("b", None): [24, 24.0],
+        (None, None): [32, 32.0],
+    }
+    assert [type(key[1]) for key in found if key[1] is not None] == [int, int, int]
+    assert folded(["s", "x"], {"s": ["a"]}, {("A", 0.5): [1]}) == {(None, 0.5): [1]}
+
+
+def released_keys(data: Any, by: str) -> list[list[Any]]:
+    """The groups `data` releases exactly (min_group_size 5) and noised, each statistic."""
+    keys = []
+    for exact in (True, False):
+        data.privacy = PrivacyPolicy(exact=exact)
+        data.min_group_size = 5
+        noise: dict[str, Any] = {} if exact else {"epsilon": 1.0}
+        for name, extra in (
+            ("group_count", {}),
+            ("group_mean", {"column": "x"} if exact else {"column": "x", "bounds": {"x": [0, 2]}}),
+        ):
+            released = grouped(data, name, by=[by], **noise, **extra)
+            rows = released if exact else released["value"]
+            keys.append([row[by] for row in rows])
+    return keys
+
+
+def sqlite_table(path: Path, columns: str, rows: list[tuple[Any, ...]]) -> str:
+    with sqlite3.connect(path) as con:
+        con.execute(f"CREATE TABLE t ({columns})")
+        con.executemany(f"INSERT INTO t VALUES ({', '.join('?' * len(rows[0]))})", rows)
+    con.close()
+    return f"sqlite:///{path}"
+
+
+def test_a_nocase_sqlite_column_releases_no_undeclared_value(tmp_path: Path) -> None:
+    """'A' equals 'a' under the column's NOCASE collation: it must still read as missing."""
+    rows = [(s, 1.0) for s in ["a", "A", "b"] for _ in range(6)]
+    url = sqlite_table(tmp_path / "t.db", "s TEXT COLLATE NOCASE, x REAL", rows)
+    spec = {"sql": {"url": url, "table": "t"}, "categories": {"s": ["a", "b"]}}
+    data = open_dataset("p", "w0", DatasetSpec.model_validate(spec))
+    (found,) = data.aggregate([Request(None, ("s",), (Agg("rows"),))])  # at the source
+    assert found == {(None,): [6], ("a",): [6], ("b",): [6]}
+    assert released_keys(data, "s") == [[None, "a", "b"]] * 4
+
+
+def test_a_sqlite_real_column_read_as_integers_releases_the_declared_integers(
+    tmp_path: Path,
+) -> None:
+    """SQLite returns 1.0 from a REAL column typed int64: it is the declared 1, not a group
+    of its own; 1.5 is no declared value."""
+    rows = [(n, 1.0) for n in [1, 2, 1.5] for _ in range(6)]
+    url = sqlite_table(tmp_path / "t.db", "n REAL, x REAL", rows)
+    spec = {
+        "sql": {"url": url, "table": "t"},
+        "types": {"n": "int64"},
+        "categories": {"n": [1, 2, 3]},
+    }
+    data = open_dataset("p", "w0", DatasetSpec.model_validate(spec))
+    assert released_keys(data, "n") == [[None, 1, 2, 3]] * 4
+    data.privacy = PrivacyPolicy(exact=True)
+    assert [(r["n"], type(r["n"]), r["count"]) for r in grouped(data, by=["n"])] == [
+        (None, type(None), 6),
+        (1, int, 6),
+        (2, int, 6),
+        (3, int, 0),
+    ]
+
+
+@pytest.mark.skipif(not HAS_POSTGRES, reason="no PostgreSQL server binaries")
+def test_a_postgresql_char_column_releases_its_declared_values_unpadded(
+    postgres_url: str,  # noqa: F811
+) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as con:
+        con.execute("DROP TABLE IF EXISTS t")
+        con.execute("CREATE TABLE t (s char(3), x double precision)")
+        with con.cursor().copy("COPY t (s, x) FROM STDIN") as copy:
+            for s in ["a", "b", "c"]:
+                for _ in range(6):
+                    copy.write_row([s, 1.0])
+    spec = {"sql": {"url": postgres_url, "table": "t"}, "categories": {"s": ["a", "b"]}}
+    data = open_dataset("p", "w0", DatasetSpec.model_validate(spec))
+    (found,) = data.aggregate([Request(None, ("s",), (Agg("rows"),))])  # at the source
+    assert found == {(None,): [6], ("a",): [6], ("b",): [6]}
+    assert released_keys(data, "s") == [[None, "a", "b"]] * 4
+
+
 # --- the spec: limits and an attacker's labels -----------------------------------------------
 
 
@@ -421,3 +533,37 @@ def test_a_worker_announces_declared_categories_with_its_schema(tmp_path: Path) 
     described = open_dataset("p", "w0", spec({"s": ["a", "b"], "n": [1]}, paths=[path])).describe()
     assert described["categories"] == {"s": ["a", "b"], "n": [1]}
     assert "categories" not in open_dataset("p", "w0", spec({}, paths=[path])).describe()
+
+
+def labels(size: int, prefix: str) -> list[str]:
+    """Distinct labels taking about `size` bytes as JSON."""
+    return [f"{prefix}{i:0>95}" for i in range(size // 100)]
+
+
+def test_a_worker_refuses_datasets_whose_categories_overflow_its_presence(
+    tmp_path: Path,
+) -> None:
+    """Each dataset within its limit, five of them made a presence over the message limit:
+    the worker's configuration caps their total."""
+    path = tmp_path / "t.csv"
+    path.write_text("s,n,x\na,1,0.5\n")
+    big = {"paths": [path], "categories": {"s": labels(MAX_BYTES - 1000, "s")}}
+    with pytest.raises(
+        ValidationError,
+        match=rf"the datasets' categories take \d+ bytes as JSON in all, more than the "
+        rf"{MAX_TOTAL_BYTES} a worker may announce",
+    ):
+        WorkerConfig(name="w0", datasets={f"p{i}": big for i in range(5)})
+    # At the cap, every dataset's schema and categories fit in one presence.
+    half = {"paths": [path], "categories": {"s": labels(MAX_TOTAL_BYTES // 2 - 100, "s")}}
+    config = WorkerConfig(name="w0", datasets={"p0": half, "p1": half})
+    details = {p: open_dataset(p, "w0", spec).describe() for p, spec in config.datasets.items()}
+    presence = NodePresence(
+        node="w0",
+        online=True,
+        projects=sorted(details),
+        operations=sorted(operations.REGISTRY),
+        details=details,
+        since=0.0,
+    )
+    assert len(encode(presence)) < MAX_MESSAGE_BYTES

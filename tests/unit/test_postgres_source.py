@@ -4,6 +4,7 @@ and values an attacker chooses stay data (psycopg's %s placeholders included).""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import psycopg
@@ -90,3 +91,18 @@ def test_a_postgresql_column_of_another_type_than_declared_is_a_clear_error(
         OperationError, match="column x is string in table t but the site declares double"
     ):
         open_dataset("p", "w0", spec)
+
+
+def test_a_postgresql_table_is_never_split_so_no_cores_are_counted(
+    postgres_url: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL runs its own parallel workers: the split (and its core count) is SQLite's."""
+
+    def counted(pid: int) -> set[int]:
+        raise AssertionError("cores counted for a PostgreSQL table")
+
+    monkeypatch.setattr(os, "sched_getaffinity", counted)
+    data = table(postgres_url, "t", {"x": "double precision"}, [{"x": 1.5}])
+    assert data.threads == 1
+    assert data.aggregate([Request(None, (), (Agg("rows"),))]) == [{(): [1]}]

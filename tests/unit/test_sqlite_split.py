@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -15,8 +16,8 @@ from hypothesis import strategies as st
 from test_engine import SETTINGS, requests, write_sqlite
 from test_query import FILTERS, ROWS
 
-from flotta_mqtt.analytics import DatasetSpec, open_dataset
-from flotta_mqtt.analytics.databases import SqlDataset
+from flotta_mqtt.analytics import DatasetSpec, OperationError, open_dataset
+from flotta_mqtt.analytics.databases import MAX_THREADS, SqlDataset
 from flotta_mqtt.analytics.plan import Agg, Request
 from flotta_mqtt.model.query import Compare, Filter, IsIn
 
@@ -247,3 +248,92 @@ def test_a_wal_database_is_scanned_once(tmp_path: Path, traced: Traced) -> None:
     data = opened(url, parts=PARTS)
     assert data.aggregate([Request(None, (), (Agg("rows"),))]) == [{(): [100]}]
     assert traced.ranges() == []
+
+
+def test_a_failing_range_interrupts_the_others_at_once(tmp_path: Path) -> None:
+    """The first range's scan fails: the others' connections are interrupted then, so the
+    error surfaces without waiting for their scans (each waits here until interrupted)."""
+    rows = [{"x": 1.0, "n": i, "s": "a", "d": None, "b": None} for i in range(400)]
+    data = opened(write_sqlite(rows, tmp_path / "t.db"), parts=PARTS)
+    waited: list[bool] = []  # per other range: whether it was interrupted
+    connect = sqlite3.connect
+
+    class Failing(sqlite3.Connection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.stopped = threading.Event()
+
+        def execute(self, statement: str, params: Any = (), /) -> sqlite3.Cursor:
+            if "BETWEEN" in statement and params[0] == 1:
+                raise sqlite3.OperationalError("disk I/O error")
+            if "BETWEEN" in statement:
+                waited.append(self.stopped.wait(timeout=10))
+            return super().execute(statement, params)
+
+        def interrupt(self) -> None:
+            self.stopped.set()
+            super().interrupt()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sqlite3, "connect", lambda *a, **k: connect(*a, **k, factory=Failing))
+        with pytest.raises(OperationError, match=r"the database refused \(OperationalError\)"):
+            data.aggregate([Request(None, ("s",), (Agg("rows"),))])
+    assert waited == [True] * (PARTS - 1)
+
+
+@pytest.mark.parametrize(("affinity", "threads"), [(None, None), (64, MAX_THREADS), (2, 2)])
+def test_a_sqlite_scan_takes_the_cores_it_may_run_on_at_most_a_cap(
+    tmp_path: Path, affinity: int | None, threads: int | None
+) -> None:
+    """Where the system tells no affinity (not Linux), the CPU count; never beyond the cap."""
+    url = write_sqlite([{"x": 1.0, "n": 1, "s": "a", "d": None, "b": None}], tmp_path / "t.db")
+    spec = DatasetSpec.model_validate({"sql": {"url": url, "table": "t"}})
+    with pytest.MonkeyPatch.context() as patch:
+        if affinity is None:
+            patch.delattr(os, "sched_getaffinity")
+        else:
+            patch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
+        data = open_dataset("p", "w0", spec)
+    assert isinstance(data, SqlDataset)
+    wanted = min(os.cpu_count() or 1, MAX_THREADS) if threads is None else threads
+    assert data.threads == wanted
+
+
+def test_a_split_scan_with_categories_clipping_and_filters_answers_as_one_scan(
+    tmp_path: Path,
+) -> None:
+    """Declared categories (their parameters), clipped sums and each aggregate's own FILTER
+    clause, in ranges: the same answer as one scan."""
+    rows = [
+        {"x": (i % 13) / 4, "n": i % 5, "s": "abcz"[i % 4], "d": None, "b": None}
+        for i in range(1001)
+    ]
+    url = write_sqlite(rows, tmp_path / "t.db")
+    spec = DatasetSpec.model_validate(
+        {"sql": {"url": url, "table": "t"}, "categories": {"s": ["a", "b", "c"], "n": [0, 1, 2]}}
+    )
+    wanted_requests = [
+        Request(Compare(column="x", op=">", value=0.5), ("s",), (Agg("rows"), Agg("present", "x"))),
+        Request(
+            IsIn(column="s", values=["a", "b"]),
+            ("s", "n"),
+            (Agg("rows"), Agg("sum", "x", clip=(0.0, 2.0))),
+        ),
+        Request(None, ("n",), (Agg("rows"), Agg("sum", "x", clip=(0.5, 1.5)))),
+    ]
+    answers = []
+    for parts in (1, PARTS):
+        data = open_dataset("p", "w0", spec)
+        assert isinstance(data, SqlDataset)
+        data.threads, data.split_rows = parts, 1
+        with tracing() as trace:
+            answers.append(data.aggregate(wanted_requests))
+        assert (len(trace.ranges()) == PARTS) == (parts == PARTS)
+        assert all("FILTER (WHERE" in s for s, _ in trace.ranges())
+    assert answers[0] == answers[1]
+    clipped = [r for r in rows if r["s"] in "ab"]
+    for s in "ab":
+        for n in range(3):
+            kept = [min(max(r["x"], 0.0), 2.0) for r in clipped if r["s"] == s and r["n"] == n]
+            assert answers[1][1][(s, n)] == [len(kept), sum(kept)]
+    assert ("z",) not in answers[1][0] and answers[1][0][(None,)][0] > 0
