@@ -12,18 +12,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flotta_mqtt.cli.broker import broker_options, open_client
 from flotta_mqtt.cli.errors import TIMED_OUT, Command, debugging, fail, set_debug
 from flotta_mqtt.cli.files import load_artifact
 from flotta_mqtt.cli.serving import serve
-from flotta_mqtt.cli.settings import broker_options, node_config
 from flotta_mqtt.cli.views import holders_text, jobs_table
-from flotta_mqtt.client.client import ArtifactFailed, Client, NoSuchArtifact
+from flotta_mqtt.client.client import ArtifactFailed, NoSuchArtifact
 from flotta_mqtt.logs import configure_logging
 from flotta_mqtt.model import Tasks
-from flotta_mqtt.nodes import SchedulerNode
-from flotta_mqtt.scheduler.config import SchedulerConfig
-from flotta_mqtt.transport.settings import BrokerSettings, StorageSettings
-from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
 
 app = Command(
     help="flotta_mqtt: distributed jobs over MQTT. Run a scheduler, edge workers, and submit "
@@ -165,6 +161,11 @@ def scheduler(
     log_format: LogFormatOpt = "text",
 ) -> None:
     """Run a scheduler node: binds submitted artifacts into jobs and dispatches them."""
+    # Imported at use: a node's libraries would cost every other command 0.7 s.
+    from flotta_mqtt.cli.settings import node_config
+    from flotta_mqtt.nodes import SchedulerNode
+    from flotta_mqtt.scheduler.config import SchedulerConfig
+
     _logging(log_level, log_format)
     settings = node_config(
         SchedulerConfig,
@@ -241,6 +242,9 @@ def worker(
     log_format: LogFormatOpt = "text",
 ) -> None:
     """Run an edge worker agent next to its local data."""
+    from flotta_mqtt.cli.settings import node_config  # at use, as in scheduler()
+    from flotta_mqtt.worker.agent import WorkerAgent, WorkerConfig
+
     _logging(log_level, log_format)
     datasets: dict[str, list[str]] = {}
     for item in data or []:
@@ -265,21 +269,6 @@ def worker(
         },
     )
     serve(lambda gave_up: WorkerAgent(settings, gave_up), f"worker {settings.name}", console)
-
-
-def open_client(
-    broker: str | None,
-    username: str | None,
-    password: str | None,
-    ca: Path | None,
-    storage: str | None,
-    group: str | None = None,
-) -> Client:
-    """A workbench client connected with the command's broker and storage options."""
-    given = broker_options(broker, username, password, ca, group)
-    settings = BrokerSettings.model_validate(given)
-    store = StorageSettings(url=storage) if storage else None
-    return Client(settings, storage=store)
 
 
 ParamOpt = Annotated[
@@ -319,7 +308,7 @@ def submit(
     """Submit an artifact or workflow file (JSON or YAML); print its id, or its result
     with --wait."""
     artifact = load_artifact(file, param)
-    with open_client(broker, username, password, ca_file, storage) as client:
+    with open_client(broker, username, password, ca_file, storage, timeout=timeout) as client:
         handle = client.submit(artifact)
         console.print(f"submitted artifact {artifact.id}")
         if wait:
@@ -346,7 +335,7 @@ def status(
     project: ProjectOpt = None,
 ) -> None:
     """Show an artifact's current status (from its retained status topic)."""
-    with open_client(broker, username, password, ca_file, None, group) as client:
+    with open_client(broker, username, password, ca_file, None, group, timeout) as client:
         try:
             handle = client.lookup(artifact_id, timeout, client.group_of(project, timeout))
             current = handle.status()
@@ -391,7 +380,7 @@ def download(
     project: ProjectOpt = None,
 ) -> None:
     """Write an artifact's result to DEST as a JSON document."""
-    with open_client(broker, username, password, ca_file, storage, group) as client:
+    with open_client(broker, username, password, ca_file, storage, group, timeout) as client:
         try:
             handle = client.lookup(artifact_id, group=client.group_of(project))
             path = handle.download(dest, timeout)

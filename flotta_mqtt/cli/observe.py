@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from flotta_mqtt.cli.broker import open_client
 from flotta_mqtt.cli.errors import TIMED_OUT, fail
 from flotta_mqtt.cli.main import (
     BrokerOpt,
@@ -32,7 +33,6 @@ from flotta_mqtt.cli.main import (
     UserOpt,
     app,
     console,
-    open_client,
 )
 from flotta_mqtt.cli.views import (
     ACTIVE,
@@ -70,7 +70,7 @@ def watch(
     per change. Exits 0 when the artifact completes, 1 when it fails or is cancelled."""
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    with open_client(broker, username, password, ca_file, None) as client:
+    with open_client(broker, username, password, ca_file, None, timeout=timeout) as client:
         handle = client.handle(artifact_id)
         status = handle.fetch_status()
         if status is None:
@@ -156,7 +156,7 @@ def graph(
     if engine not in ("auto", "graphviz", "python"):
         raise fail(f"--engine must be auto, graphviz or python, not {engine!r}")
     chosen = format or (format_of(output) if output and str(output) != "-" else "svg")
-    with open_client(broker, username, password, ca_file, None) as client:
+    with open_client(broker, username, password, ca_file, None, timeout=timeout) as client:
         status = client.handle(artifact_id).fetch_status(timeout)
     if status is None:
         raise fail(f"no status for artifact {artifact_id}")

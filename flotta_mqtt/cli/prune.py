@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from flotta_mqtt.cli.broker import open_client
 from flotta_mqtt.cli.errors import TIMED_OUT, fail
 from flotta_mqtt.cli.main import (
     BrokerOpt,
@@ -18,7 +19,6 @@ from flotta_mqtt.cli.main import (
     UserOpt,
     app,
     console,
-    open_client,
 )
 from flotta_mqtt.model.durations import parse_duration
 
@@ -49,7 +49,7 @@ def prune(
         seconds = parse_duration(older_than)
     except ValueError as exc:
         raise fail(f"--older-than: {exc}") from None
-    with open_client(broker, username, password, ca_file, None) as client:
+    with open_client(broker, username, password, ca_file, None, timeout=timeout) as client:
         try:
             report = client.prune(seconds, timeout)
         except (PermissionError, ValueError) as exc:

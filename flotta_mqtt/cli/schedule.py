@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from rich.markup import escape
 from rich.table import Table
 
+from flotta_mqtt.cli.broker import open_client
 from flotta_mqtt.cli.errors import TIMED_OUT, describe, fail
 from flotta_mqtt.cli.files import load_artifact
 from flotta_mqtt.cli.main import (
@@ -26,7 +27,6 @@ from flotta_mqtt.cli.main import (
     UserOpt,
     app,
     console,
-    open_client,
 )
 from flotta_mqtt.protocol import topics
 from flotta_mqtt.protocol.schedules import (
@@ -139,7 +139,7 @@ def _ask(
     ca_file: Path | None,
 ) -> ScheduleReport:
     """The scheduler's report on `request`; one line and an exit code if it refused it."""
-    with open_client(broker, username, password, ca_file, None) as client:
+    with open_client(broker, username, password, ca_file, None, timeout=timeout) as client:
         try:
             report = client.ask(topics.schedule(client.client_id), request, timeout)
         except (PermissionError, ValueError) as exc:

@@ -22,24 +22,6 @@ Config = TypeVar("Config", SchedulerConfig, WorkerConfig)
 FILE = "file://"
 
 
-def broker_options(
-    url: str | None,
-    username: str | None,
-    password: str | None,
-    ca: Path | None,
-    group: str | None = None,
-) -> dict[str, Any]:
-    """The broker settings the command's flags give (those not given are left out)."""
-    given = {
-        "url": url,
-        "username": username,
-        "password": password,
-        "ca_file": ca,
-        "group": group,
-    }
-    return {key: str(value) for key, value in given.items() if value is not None}
-
-
 def node_config(
     model: type[Config],
     path: Path | None,

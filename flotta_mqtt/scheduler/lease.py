@@ -25,11 +25,12 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-import psycopg
+from typing import TYPE_CHECKING, Any
 
 from flotta_mqtt.transport import BusError, IdentityInUse
+
+if TYPE_CHECKING:  # imported where used: a scheduler on SQLite never loads it (0.2 s)
+    import psycopg
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class LeaseLost(BusError):
 
 def connect(url: str) -> psycopg.Connection[tuple[object, ...]]:
     """An autocommit connection that notices a dead peer within seconds."""
+    import psycopg
+
     return psycopg.connect(url, autocommit=True, **CONNECT)
 
 
@@ -88,6 +91,8 @@ class Lease:
 
     def acquire(self, stopping: threading.Event | None = None) -> bool:
         """Wait until this process leads (True), or `stopping` is set (False)."""
+        import psycopg
+
         waiting = unreachable = False
         stopping = stopping or threading.Event()
         while not stopping.is_set():
@@ -147,6 +152,8 @@ class Lease:
 
     def watch(self, on_lost: Callable[[LeaseLost], None]) -> None:
         """Check the lease every LEASE_CHECK s; call `on_lost` once if it is lost."""
+        import psycopg
+
         db = self._db
         assert db is not None and self.held
 

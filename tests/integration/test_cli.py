@@ -308,7 +308,9 @@ def test_worker_options_reach_its_config(monkeypatch: pytest.MonkeyPatch, tmp_pa
     import flotta_mqtt.cli.main as cli
 
     started: list[WorkerConfig] = []
-    monkeypatch.setattr(cli, "WorkerAgent", lambda config, gave_up: started.append(config))
+    monkeypatch.setattr(
+        "flotta_mqtt.worker.agent.WorkerAgent", lambda config, gave_up: started.append(config)
+    )
     monkeypatch.setattr(cli, "serve", lambda make, what, console: make(print))
     data = tmp_path / "d.csv"
     data.write_text("x\n1\n")
@@ -344,8 +346,12 @@ def test_node_options_read_their_variables(monkeypatch: pytest.MonkeyPatch, tmp_
     import flotta_mqtt.cli.main as cli
 
     started: list[WorkerConfig | SchedulerConfig] = []
-    monkeypatch.setattr(cli, "WorkerAgent", lambda config, gave_up: started.append(config))
-    monkeypatch.setattr(cli, "SchedulerNode", lambda config, gave_up: started.append(config))
+    monkeypatch.setattr(
+        "flotta_mqtt.worker.agent.WorkerAgent", lambda config, gave_up: started.append(config)
+    )
+    monkeypatch.setattr(
+        "flotta_mqtt.nodes.SchedulerNode", lambda config, gave_up: started.append(config)
+    )
     monkeypatch.setattr(cli, "serve", lambda make, what, console: make(print))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.csv").write_text("x\n1\n")
@@ -378,7 +384,9 @@ def test_a_postgresql_database_is_kept_as_its_url(
     import flotta_mqtt.cli.main as cli
 
     started: list[SchedulerConfig] = []
-    monkeypatch.setattr(cli, "SchedulerNode", lambda config, gave_up: started.append(config))
+    monkeypatch.setattr(
+        "flotta_mqtt.nodes.SchedulerNode", lambda config, gave_up: started.append(config)
+    )
     monkeypatch.setattr(cli, "serve", lambda make, what, console: make(print))
     monkeypatch.chdir(tmp_path)
     url = "postgresql://flotta@db.example:5432/flotta"

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,6 +197,17 @@ def test_an_unreachable_broker_is_one_line(tmp_path: Path) -> None:
     returncode, _, err = run("status", "x", "--broker", f"mqtt://127.0.0.1:{free_port()}")
     assert returncode == BROKER
     assert err.count("\n") == 1 and "no answer from the broker" in err
+
+
+def test_an_unreachable_broker_is_given_up_after_the_commands_timeout() -> None:
+    """--timeout bounds the wait for the broker too, not a fixed 10 s."""
+    broker = f"mqtt://127.0.0.1:{free_port()}"
+    for command in (["status", "x"], ["prune", "--older-than", "1d"], ["schedule", "list"]):
+        started = time.monotonic()
+        returncode, _, err = run(*command, "--timeout", "1", "--broker", broker)
+        took = time.monotonic() - started
+        assert returncode == BROKER and err.count("\n") == 1, (command, err)
+        assert took < 5, f"{command} took {took:.1f} s"
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

@@ -510,8 +510,12 @@ def test_scheduler_and_worker_options_name_their_group(monkeypatch: pytest.Monke
     import flotta_mqtt.cli.main as cli
 
     started: list[WorkerConfig | SchedulerConfig] = []
-    monkeypatch.setattr(cli, "WorkerAgent", lambda config, gave_up: started.append(config))
-    monkeypatch.setattr(cli, "SchedulerNode", lambda config, gave_up: started.append(config))
+    monkeypatch.setattr(
+        "flotta_mqtt.worker.agent.WorkerAgent", lambda config, gave_up: started.append(config)
+    )
+    monkeypatch.setattr(
+        "flotta_mqtt.nodes.SchedulerNode", lambda config, gave_up: started.append(config)
+    )
     monkeypatch.setattr(cli, "serve", lambda make, what, console: make(print))
     scheduled = invoke("scheduler", "--group", "a", "--project", "pa", "--project", "pc")
     assert scheduled.exit_code == 0, scheduled.output
