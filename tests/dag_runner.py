@@ -16,23 +16,14 @@ from typing import Any
 from flotta_mqtt import analytics as operations
 from flotta_mqtt.model import Artifact, Job, NodeRef, SchedulerContext, bind
 from flotta_mqtt.protocol import JobReady
+from flotta_mqtt.scheduler.job_messages import job_message
 
 INITIATOR = "initiator"
 
 
 def job_ready(artifact: Artifact, job: Job) -> JobReady:
-    return JobReady(
-        artifact_id=artifact.id,
-        job_id=job.id,
-        attempt=1,
-        project=artifact.project,
-        seed=artifact.seed,
-        step=job.step,
-        kind=job.kind,
-        role=job.role,
-        iteration=job.iteration,
-        operation=job.operation,
-    )
+    """A job's first attempt's message, as the scheduler builds it (no inputs or cache)."""
+    return job_message(artifact, job, 1, [], None, "Succeeded")
 
 
 def run_artifact(
