@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from flotta_mqtt.analytics import engine
 from flotta_mqtt.analytics.categories import Category, fitted, validated
+from flotta_mqtt.analytics.copies import ColumnarCopy
 from flotta_mqtt.analytics.databases import SqlDataset, SqlSource, same_kind
 from flotta_mqtt.analytics.plan import Groups, Request, answer
 from flotta_mqtt.analytics.policy import PrivacyPolicy
@@ -44,8 +46,10 @@ class DatasetSpec(BaseModel):
     an exact aggregate may cover; default 5), `types` (column → arrow type name, e.g.
     `{"code": "string"}` for a CSV column of digits that must stay text), `categories`
     (column → the values a text or integer column takes; others read as missing: see
-    categories.py) and `privacy` (the site's policy: differential privacy only, from
-    epsilon 1, unless it says otherwise).
+    categories.py), `privacy` (the site's policy: differential privacy only, from
+    epsilon 1, unless it says otherwise) and `columnar_copy` (files: whether the worker
+    answers from a copy in the engine's storage while the files are unchanged; default
+    true, see copies.py).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -56,6 +60,8 @@ class DatasetSpec(BaseModel):
     types: dict[str, str] = Field(default_factory=dict)
     categories: dict[str, list[Category]] = Field(default_factory=dict)
     privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy)
+    # Files only: keep a columnar copy in the worker's state to answer from (copies.py).
+    columnar_copy: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -157,7 +163,21 @@ class FileDataset(Dataset):
             self._schema = self._unified_schema()
         except (ValueError, pa.ArrowException) as exc:
             raise OperationError(f"worker {node}: project {project}: {exc}") from exc
-        self.categories = fitted(self._schema, spec.categories, f"worker {node}: project {project}")
+        self._who = f"worker {node}: project {project}"
+        self.categories = fitted(self._schema, spec.categories, self._who)
+        self.copy = (
+            ColumnarCopy(self.paths, self._schema, self._write_copy, self._who)
+            if spec.columnar_copy
+            else None
+        )
+
+    def start(self, folder: Path | None) -> None:
+        if self.copy is not None:
+            self.copy.start(folder)
+
+    def close(self) -> None:
+        if self.copy is not None:
+            self.copy.close()
 
     def _unified_schema(self) -> pa.Schema:
         schemas = [(path, _file_schema(path, self._types)) for path in self.paths]
@@ -226,25 +246,50 @@ class FileDataset(Dataset):
         ):
             yield batch if batch.schema == target else batch.cast(target)
 
-    def aggregate(self, requests: Sequence[Request]) -> list[Groups]:
-        """One scan of the files by the engine, in place; a bzip2 CSV, which it cannot
-        read, is streamed to it in batches instead."""
+    def _engine_reads(self) -> bool:
+        """Whether the engine reads every file itself (not a bzip2 CSV)."""
         readable = ENGINE_CSV_SUFFIXES + PARQUET_SUFFIXES
-        if not all(p.name.lower().endswith(readable) for p in self.paths):
-            return super().aggregate(requests)
+        return all(p.name.lower().endswith(readable) for p in self.paths)
+
+    def _file_source(self) -> str:
         csv = [p for p in self.paths if _kind(p) == "csv"]
         parquet = [p for p in self.paths if _kind(p) == "parquet"]
-        who = f"worker {self.node}: project {self.project}"
+        return engine.file_source(csv, parquet, self._schema)
+
+    def _write_copy(self, con: duckdb.DuckDBPyConnection) -> None:
+        if self._engine_reads():
+            engine.write_copy(con, self._file_source())
+        else:
+            rows = self.batches(self._schema.names)
+            engine.write_copy(con, "batches", pa.RecordBatchReader.from_batches(self._schema, rows))
+
+    def aggregate(self, requests: Sequence[Request]) -> list[Groups]:
+        """One scan by the engine: of the files' copy while they are unchanged, else of
+        the files in place; a bzip2 CSV, which it cannot read, is streamed to it."""
+        if self.copy is None:
+            return self._aggregate_in_place(requests)
+        with self.copy.reading() as copied:
+            if copied is None:
+                return self._aggregate_in_place(requests)
+            return self._scan(requests, copied)
+
+    def _aggregate_in_place(self, requests: Sequence[Request]) -> list[Groups]:
+        if not self._engine_reads():
+            return super().aggregate(requests)
+        return self._scan(requests, self._file_source())
+
+    def _scan(self, requests: Sequence[Request], source: str) -> list[Groups]:
         try:
-            source = engine.file_source(csv, parquet, self._schema)
             return answer(
-                requests, lambda s: engine.scan(source, s, self._schema, who, self.categories)
+                requests,
+                lambda s: engine.scan(source, s, self._schema, self._who, self.categories),
             )
         except (engine.EngineError, ValueError) as exc:
             # As `_read`: the engine's message may quote a value of the file.
             raise OperationError(
-                f"{who}: cannot read its files ({exc}): a value does not fit its column's "
-                "type, or a file is damaged; set the column's type in the dataset's `types`"
+                f"{self._who}: cannot read its files ({exc}): a value does not fit its "
+                "column's type, or a file is damaged; set the column's type in the "
+                "dataset's `types`"
             ) from None
 
     def count_rows(self) -> int:

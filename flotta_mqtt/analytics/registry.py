@@ -8,6 +8,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -99,6 +100,13 @@ class Dataset:
 
     def count_rows(self) -> int:
         raise NotImplementedError
+
+    def start(self, folder: Path | None) -> None:
+        """Begin what makes later jobs faster, keeping its files in `folder` (the worker's
+        state) or a private temporary folder: a file dataset's copy (copies.py)."""
+
+    def close(self) -> None:
+        """Stop what `start` began."""
 
     def aggregate(self, requests: Sequence[Request]) -> list[Groups]:
         """Answer a job's requests in one pass; sources that the engine reads in place (or

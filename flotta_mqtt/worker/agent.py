@@ -71,7 +71,7 @@ class WorkerAgent:
         if len(runnable) < len(config.executors):
             log.warning("worker %s: the python executor needs allow_code: true", self.name)
         self.tasks = TaskRunner(self.store, runnable, config.policy, cache=self.journal)
-        self._datasets = {
+        self.datasets = {
             project: operations.open_dataset(project, config.name, spec)
             for project, spec in config.datasets.items()
         }
@@ -102,7 +102,7 @@ class WorkerAgent:
             threaded=False,  # pumped by the agent thread: no hand-over per message
         )
         self._reports = Reports(self.bus.wake)
-        jobs = Jobs(self.name, self.store, self.tasks, self._datasets, self.journal)
+        jobs = Jobs(self.name, self.store, self.tasks, self.datasets, self.journal)
         self._runners = Runners(
             self.name, config.max_jobs, jobs.run, self._reports, instant=jobs.instant
         )
@@ -113,7 +113,7 @@ class WorkerAgent:
             node=self.name,
             online=online,
             initiator=self.config.initiator,
-            projects=sorted(self._datasets),
+            projects=sorted(self.datasets),
             labels={
                 **self.config.labels,
                 "allow_code": "yes" if self.config.allow_code else "no",
@@ -123,7 +123,7 @@ class WorkerAgent:
             executors=sorted(self.tasks.executors),
             features=self.tasks.features(),
             max_jobs=self.config.max_jobs,
-            details={project: dataset.describe() for project, dataset in self._datasets.items()},
+            details={project: dataset.describe() for project, dataset in self.datasets.items()},
             since=time.time(),
         )
 
@@ -134,6 +134,8 @@ class WorkerAgent:
         self.tasks.setup(
             Site(config.name, config.broker, config.storage, config.state_dir, config.allow_code)
         )
+        for project, dataset in self.datasets.items():
+            dataset.start(config.state_dir / "copies" / project if config.state_dir else None)
         for held in self.journal.held():  # results to re-send, jobs cut off by a restart
             attempt = self._attempts.resume(held)
             if held.final is None:
@@ -366,6 +368,8 @@ class WorkerAgent:
         self._attempts.cancel_all()
         self._runners.stop()
         self.tasks.close()
+        for dataset in self.datasets.values():
+            dataset.close()
         try:
             offline: BaseModel = self.presence(online=False)
             self.bus.stop(goodbye=[(topics.presence(self.name), offline, True)])

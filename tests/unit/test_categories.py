@@ -7,10 +7,12 @@ noised without a threshold; an attacker's labels stay data or are refused clearl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from postgres import BIN, postgres_server, postgres_url  # noqa: F401  (fixtures)
 from pydantic import ValidationError
+from test_copies import copied
 from test_estimators import job
 from test_query import TableDataset, reference
 
@@ -149,10 +152,12 @@ def same(found: list[dict[Any, list[Any]]], wanted: list[dict[Any, list[Any]]]) 
     )
 
 
+@contextlib.contextmanager
 def file_sources(
     rows: list[dict[str, Any]], categories: dict[str, list[Any]], folder: Path
-) -> dict[str, Any]:
-    """The same rows as CSV, bzip2 CSV (streamed to the engine), Parquet, SQLite, batches."""
+) -> Iterator[dict[str, Any]]:
+    """The same rows as CSV, bzip2 CSV (streamed to the engine), Parquet, SQLite, batches,
+    and a CSV's and a Parquet file's columnar copies."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     folder.mkdir(parents=True, exist_ok=True)
     pacsv.write_csv(table, folder / "t.csv")
@@ -179,7 +184,11 @@ def file_sources(
     batches = TableDataset(table)
     batches.categories = fitted(SCHEMA, categories, "w0")
     found["batches"] = batches
-    return found
+    with contextlib.ExitStack() as stack:
+        for name in ("csv", "parquet"):  # their columnar copies (copies.py)
+            spec = {**specs[name], "categories": categories}
+            found[f"{name} copied"] = stack.enter_context(copied(spec, None))
+        yield found
 
 
 def postgres_source(url: str, rows: list[dict[str, Any]], categories: dict[str, list[Any]]) -> Any:
@@ -211,11 +220,12 @@ def test_every_file_source_reads_undeclared_values_as_missing_as_python_does(
     case: tuple[list[dict[str, Any]], dict[str, list[Any]], Filter],
 ) -> None:
     rows, categories, where = case
-    for name, data in file_sources(rows, categories, tmp_path_factory.mktemp("c")).items():
-        try:
-            agrees(data, rows, categories, where)
-        except AssertionError as exc:
-            raise AssertionError(f"{name}: {exc}") from None
+    with file_sources(rows, categories, tmp_path_factory.mktemp("c")) as found:
+        for name, data in found.items():
+            try:
+                agrees(data, rows, categories, where)
+            except AssertionError as exc:
+                raise AssertionError(f"{name}: {exc}") from None
 
 
 @pytest.mark.skipif(not HAS_POSTGRES, reason="no PostgreSQL server binaries")
@@ -522,9 +532,10 @@ def test_categories_must_name_a_column_of_their_kind(tmp_path: Path) -> None:
 def test_hostile_labels_stay_data_in_every_source(tmp_path: Path) -> None:
     rows = [{"s": w, "n": 1, "x": 1.0} for w in WORDS for _ in range(2)]
     categories = {"s": WORDS[3:]}  # quotes, SQL text, %s and ?
-    for name, data in file_sources(rows, categories, tmp_path).items():
-        (found, _, _) = data.aggregate(requests(IsIn(column="s", values=WORDS[3:])))
-        assert found == {(w,): [2] for w in WORDS[3:]}, name
+    with file_sources(rows, categories, tmp_path) as sources:
+        for name, data in sources.items():
+            (found, _, _) = data.aggregate(requests(IsIn(column="s", values=WORDS[3:])))
+            assert found == {(w,): [2] for w in WORDS[3:]}, name
 
 
 def test_a_worker_announces_declared_categories_with_its_schema(tmp_path: Path) -> None:

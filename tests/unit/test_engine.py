@@ -8,9 +8,11 @@ The oracle is test_query's row-by-row evaluator of SQL's three-valued logic.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sqlite3
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_copies import copied
 from test_estimators import federated
 from test_query import FILTERS, ROWS, SCHEMA, TableDataset, reference
 
@@ -67,21 +70,27 @@ def _sqlite_value(value: Any) -> Any:
     return value.isoformat() if hasattr(value, "isoformat") else value
 
 
-def sources(rows: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
-    """The same rows as every kind of source a worker reads."""
+@contextlib.contextmanager
+def sources(rows: list[dict[str, Any]], folder: Path) -> Iterator[dict[str, Any]]:
+    """The same rows as every kind of source a worker reads, a CSV's and a Parquet file's
+    columnar copies (copies.py) included."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, folder / "t.parquet", row_group_size=8)
     found: dict[str, Any] = {"batches": TableDataset(table)}
+    specs = {"parquet": {"paths": [folder / "t.parquet"]}}
     for name in ("t.csv", "t.csv.gz", "t.csv.zst", "t.csv.bz2"):
-        spec = {"paths": [write_csv(table, folder / name)], "types": TYPES}
+        specs[name] = {"paths": [write_csv(table, folder / name)], "types": TYPES}
+    for name, spec in specs.items():
         found[name] = open_dataset("p", "w0", DatasetSpec.model_validate(spec))
-    found["parquet"] = open_dataset("p", "w0", DatasetSpec(paths=[folder / "t.parquet"]))
     url = write_sqlite(rows, folder / "t.db")
     found["sqlite"] = open_dataset(
         "p", "w0", DatasetSpec.model_validate({"sql": {"url": url, "table": "t"}})
     )
-    return found
+    with contextlib.ExitStack() as stack:
+        for name in ("t.csv", "parquet"):
+            found[f"{name} copied"] = stack.enter_context(copied(specs[name], None))
+        yield found
 
 
 def expected(where: Filter, rows: list[dict[str, Any]]) -> list[dict[Any, list[Any]]]:
@@ -154,9 +163,10 @@ def test_every_source_answers_as_the_row_by_row_reference(
     """The filter compiled to SQL (DuckDB on files and batches, SQLite on its table) keeps
     the rows SQL's three-valued logic keeps, and every aggregate matches."""
     wanted = expected(where, rows)
-    for name, data in sources(rows, tmp_path_factory.mktemp("s")).items():
-        found = data.aggregate(requests(where))
-        assert same(found, wanted), (name, found, wanted)
+    with sources(rows, tmp_path_factory.mktemp("s")) as found_in:
+        for name, data in found_in.items():
+            found = data.aggregate(requests(where))
+            assert same(found, wanted), (name, found, wanted)
 
 
 def alike(a: Any, b: Any) -> bool:
@@ -298,9 +308,10 @@ def test_nan_answers_as_missing_whichever_rows_hold_it(
         where, [{**r, "x": None} if f else r for r, f in zip(rows, flags, strict=True)]
     )
     with_nan = [{**r, "x": math.nan} if f else r for r, f in zip(rows, flags, strict=True)]
-    for name, data in sources(with_nan, tmp_path_factory.mktemp("s")).items():
-        found = data.aggregate(requests(where))
-        assert same(found, wanted), (name, found, wanted)
+    with sources(with_nan, tmp_path_factory.mktemp("s")) as found_in:
+        for name, data in found_in.items():
+            found = data.aggregate(requests(where))
+            assert same(found, wanted), (name, found, wanted)
 
 
 def test_a_scan_is_one_statement_whatever_the_data_holds(tmp_path: Path) -> None:

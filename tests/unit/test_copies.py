@@ -1,0 +1,203 @@
+"""A file dataset's columnar copy (copies.py): it answers as the files do, and only while
+every file is the one it was copied from. A file rewritten in place with its size and
+modification time put back, or swapped for another by a rename, is answered from the new
+rows at once and copied again; a damaged copy is remade; a file still being written, a
+disk nearly full, or a site that said no gets no copy; closing interrupts a copy being
+made. (Its answers against the row-by-row reference, NaN and declared categories
+included: test_engine.py and test_categories.py read a CSV and a Parquet file copied.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+
+from flotta_mqtt.analytics import DatasetSpec, FileDataset, copies, open_dataset
+from flotta_mqtt.analytics.plan import Agg, Request
+from flotta_mqtt.model.query import Compare
+
+WAIT = 30.0  # seconds: a copy of a few rows takes milliseconds
+OVER = Compare(column="x", op=">", value=0.5)
+REQUESTS = [Request(OVER, (), (Agg("rows"), Agg("sum", "x")))]
+
+
+@contextlib.contextmanager
+def copied(spec: DatasetSpec | dict[str, object], folder: Path | None) -> Iterator[FileDataset]:
+    """A file dataset answering from its copy (made at once: its files need not settle)."""
+    data = open_dataset("p", "w0", DatasetSpec.model_validate(spec))
+    assert isinstance(data, FileDataset)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(copies, "SETTLE_SECONDS", 0.0)
+        data.start(folder)
+        try:
+            assert data.copy is not None and data.copy.wait(WAIT), "no copy was made"
+            yield data
+        finally:
+            data.close()
+
+
+def write(path: Path, xs: list[float]) -> Path:
+    pacsv.write_csv(pa.table({"x": xs}), path)
+    return path
+
+
+def answer(data: FileDataset) -> list[float]:
+    (found,) = data.aggregate(REQUESTS)
+    rows, total = found[()]
+    return [rows, total]
+
+
+def copy_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob(f"*{copies.SUFFIX}"))
+
+
+def test_the_copy_answers_for_the_files(tmp_path: Path) -> None:
+    csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
+    with copied({"paths": [csv]}, tmp_path / "copy") as data:
+        with data.copy.reading() as source:  # type: ignore[union-attr]
+            assert source is not None and "read_csv" not in source
+        assert answer(data) == [2, pytest.approx(1.6)]
+    assert stat.S_IMODE((tmp_path / "copy").stat().st_mode) == 0o700
+
+
+def test_a_file_rewritten_with_its_size_and_time_put_back_is_read_anew(tmp_path: Path) -> None:
+    """The attack: same size, same modification time, other rows. The change time gives
+    it away: answered from the files at once, then from a new copy."""
+    csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
+    with copied({"paths": [csv]}, tmp_path / "copy") as data:
+        assert answer(data) == [2, pytest.approx(1.6)]
+        before = csv.stat()
+        first = copy_files(tmp_path / "copy")
+        write(csv, [0.6, 0.8, 0.2])  # same width: same size
+        os.utime(csv, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert csv.stat().st_size == before.st_size
+        assert csv.stat().st_mtime_ns == before.st_mtime_ns
+        assert answer(data) == [2, pytest.approx(1.4)]
+        assert data.copy is not None and data.copy.wait(WAIT)
+        assert copy_files(tmp_path / "copy") != first
+        with data.copy.reading() as source:
+            assert source is not None
+            assert answer(data) == [2, pytest.approx(1.4)]
+
+
+def test_a_file_swapped_by_a_rename_is_read_anew(tmp_path: Path) -> None:
+    csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
+    with copied({"paths": [csv]}, tmp_path / "copy") as data:
+        assert answer(data) == [2, pytest.approx(1.6)]
+        other = write(tmp_path / "other.csv", [0.1, 0.2, 0.9])
+        stats = csv.stat()
+        os.utime(other, ns=(stats.st_atime_ns, stats.st_mtime_ns))
+        other.replace(csv)
+        assert answer(data) == [1, pytest.approx(0.9)]
+
+
+def test_a_file_still_being_written_is_not_copied(tmp_path: Path) -> None:
+    csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
+    data = open_dataset("p", "w0", DatasetSpec(paths=[csv]))
+    data.start(tmp_path / "copy")  # the CSV was written now: it has not settled
+    try:
+        assert isinstance(data, FileDataset) and data.copy is not None
+        assert not data.copy.wait(0.3)
+        assert answer(data) == [2, pytest.approx(1.6)]
+        assert copy_files(tmp_path / "copy") == []
+    finally:
+        data.close()
+
+
+def test_a_site_can_do_without_a_copy(tmp_path: Path) -> None:
+    csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
+    data = open_dataset("p", "w0", DatasetSpec(paths=[csv], columnar_copy=False))
+    data.start(tmp_path / "copy")
+    try:
+        assert isinstance(data, FileDataset) and data.copy is None
+        assert answer(data) == [2, pytest.approx(1.6)]
+        assert not (tmp_path / "copy").exists()
+    finally:
+        data.close()
+
+
+def test_no_copy_where_it_would_fill_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(copies, "RESERVE_BYTES", 1 << 62)
+    monkeypatch.setattr(copies, "SETTLE_SECONDS", 0.0)
+    csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
+    data = open_dataset("p", "w0", DatasetSpec(paths=[csv]))
+    with caplog.at_level(logging.WARNING, logger=copies.__name__):
+        data.start(tmp_path / "copy")
+        try:
+            assert isinstance(data, FileDataset) and data.copy is not None
+            assert not data.copy.wait(0.5)
+            assert answer(data) == [2, pytest.approx(1.6)]
+        finally:
+            data.close()
+    assert "no copy of its files" in caplog.text and "are kept free" in caplog.text
+    assert copy_files(tmp_path / "copy") == []
+
+
+def test_a_restarted_worker_reuses_its_copy_and_remakes_a_damaged_one(tmp_path: Path) -> None:
+    csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
+    folder = tmp_path / "copy"
+    with copied({"paths": [csv]}, folder):
+        (made,) = copy_files(folder)
+    kept = made.stat()
+    with copied({"paths": [csv]}, folder) as data:
+        assert copy_files(folder) == [made] and made.stat().st_ino == kept.st_ino
+        assert answer(data) == [2, pytest.approx(1.6)]
+    made.write_bytes(b"not a database" * 1000)
+    with copied({"paths": [csv]}, folder) as data:
+        assert answer(data) == [2, pytest.approx(1.6)]
+        assert copy_files(folder) == [made] and made.read_bytes()[:14] != b"not a database"
+
+
+def test_a_bzip2_csv_is_copied_from_its_stream(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv.bz2"
+    with pa.CompressedOutputStream(str(path), "bz2") as out:
+        pacsv.write_csv(pa.table({"x": [0.7, 0.9, 0.1]}), out)
+    with copied({"paths": [path]}, None) as data:
+        with data.copy.reading() as source:  # type: ignore[union-attr]
+            assert source is not None
+        assert answer(data) == [2, pytest.approx(1.6)]
+
+
+def test_a_temporary_folder_is_private_and_removed_on_close(tmp_path: Path) -> None:
+    """A worker without a state folder copies into a private temporary one."""
+    csv = write(tmp_path / "t.csv", [0.7])
+    before = set(Path(tempfile.gettempdir()).glob("flotta-copy-*"))
+    with copied({"paths": [csv]}, None):
+        (folder,) = set(Path(tempfile.gettempdir()).glob("flotta-copy-*")) - before
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert len(copy_files(folder)) == 1
+    assert not folder.exists()
+
+
+def test_closing_interrupts_a_copy_being_made(tmp_path: Path) -> None:
+    """A copy of a huge dataset must not hold up the worker's stop."""
+    writing = threading.Event()
+
+    def endless(con: duckdb.DuckDBPyConnection) -> None:
+        writing.set()
+        con.execute("CREATE TABLE data AS SELECT count(*) FROM range(1000000000000)")
+
+    csv = write(tmp_path / "t.csv", [0.7])
+    copy = copies.ColumnarCopy([csv], pa.schema([("x", pa.float64())]), endless, "w0")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(copies, "SETTLE_SECONDS", 0.0)
+        copy.start(tmp_path / "copy")
+        assert writing.wait(WAIT)
+        started = time.monotonic()
+        copy.close()
+    assert time.monotonic() - started < 10
+    assert list((tmp_path / "copy").iterdir()) == []
