@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 
 from flotta_mqtt.analytics import engine
@@ -43,7 +42,7 @@ SUFFIX = ".duckdb"
 
 Identity = tuple[tuple[int, int, int, int, int], ...]
 # Fills a copy's new database with the dataset's rows (engine.write_copy).
-Writer = Callable[[duckdb.DuckDBPyConnection], None]
+Writer = Callable[[engine.Connection], None]
 
 
 def identity(paths: Sequence[Path]) -> Identity:
@@ -84,7 +83,7 @@ class ColumnarCopy:
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
-        self._building: duckdb.DuckDBPyConnection | None = None
+        self._building: engine.Connection | None = None
 
     def start(self, folder: Path | None) -> None:
         """Begin copying into `folder` (made private), or a private temporary folder."""
@@ -198,7 +197,7 @@ class ColumnarCopy:
     def _name(self, files: Identity) -> str:
         """A name for the copy of exactly these files, typed so, by this engine."""
         key = repr((files, [str(p) for p in self._paths], self._schema.to_string()))
-        return hashlib.sha256(f"{key} {duckdb.__version__}".encode()).hexdigest()[:32]
+        return hashlib.sha256(f"{key} {engine.VERSION}".encode()).hexdigest()[:32]
 
     def _made(self, path: Path, files: Identity) -> bool:
         """Write the copy beside its final name, then rename it: a name only ever names

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -256,7 +255,7 @@ class FileDataset(Dataset):
         parquet = [p for p in self.paths if _kind(p) == "parquet"]
         return engine.file_source(csv, parquet, self._schema)
 
-    def _write_copy(self, con: duckdb.DuckDBPyConnection) -> None:
+    def _write_copy(self, con: engine.Connection) -> None:
         if self._engine_reads():
             engine.write_copy(con, self._file_source())
         else:

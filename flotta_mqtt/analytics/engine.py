@@ -26,6 +26,8 @@ from flotta_mqtt.analytics.plan import Select
 NULL_TEXTS = ("", "NA")
 MEMORY_LIMIT = "512MB"  # per query; DuckDB spills to a temporary directory beyond it
 COPY_TABLE = "data"  # the rows' table in a dataset's copy (copies.py)
+VERSION = duckdb.__version__  # a copy is made again by another version (its storage)
+Connection = duckdb.DuckDBPyConnection
 
 _TYPES = {
     pa.int8(): "TINYINT",

@@ -23,6 +23,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
+from worker_support import Station
 
 from flotta_mqtt.analytics import DatasetSpec, FileDataset, copies, open_dataset
 from flotta_mqtt.analytics.plan import Agg, Request
@@ -201,3 +202,21 @@ def test_closing_interrupts_a_copy_being_made(tmp_path: Path) -> None:
         copy.close()
     assert time.monotonic() - started < 10
     assert list((tmp_path / "copy").iterdir()) == []
+
+
+def test_a_worker_copies_into_its_state_and_stops_copying_when_it_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(copies, "SETTLE_SECONDS", 0.0)
+    csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
+    place = Station(tmp_path)
+    try:
+        agent = place.worker(datasets={"p": {"paths": [csv]}})
+        data = agent.datasets["p"]
+        assert isinstance(data, FileDataset) and data.copy is not None
+        assert data.copy.wait(WAIT)
+        assert len(copy_files(tmp_path / "w0-state" / "copies" / "p")) == 1
+    finally:
+        place.close()
+    assert not data.copy.wait(0)  # closed: it answers from the files again
+    assert answer(data) == [2, pytest.approx(1.6)]
