@@ -178,7 +178,7 @@ def _ours(source: str, path: str, copied: bool, group: str | None, out: Any) -> 
         data["columnar_copy"] = copied
     # The worker's state (its copy of the files) is kept beside the files, as a site's
     # worker keeps it across restarts: the first run makes the copy, later ones reuse it.
-    state = Path(path).parent / "state"
+    state = Path(path).parent / f"state-{source}"
     with tempfile.TemporaryDirectory(prefix="flotta-bench-", dir="/tmp") as tmp:
         folder = Path(tmp)
         storage = StorageSettings(url=(folder / "store").as_uri())

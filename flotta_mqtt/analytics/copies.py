@@ -109,6 +109,7 @@ class ColumnarCopy:
             self._thread.join(0.05)
         with self._lock:
             current, self._current = self._current, None
+            self._lock.notify_all()  # a waiter: no copy comes
         if current is not None:
             engine.detach(current.alias)
         if self._temporary and self._folder is not None:
