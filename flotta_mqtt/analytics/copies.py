@@ -198,7 +198,7 @@ class ColumnarCopy:
     def _name(self, files: Identity) -> str:
         """A name for the copy of exactly these files, typed so, by this engine."""
         key = repr((files, [str(p) for p in self._paths], self._schema.to_string()))
-        return hashlib.sha256(f"{key} {engine.VERSION}".encode()).hexdigest()[:32]
+        return hashlib.sha256(f"{key} {engine.COPY_FORMAT}".encode()).hexdigest()[:32]
 
     def _made(self, path: Path, files: Identity) -> bool:
         """Write the copy beside its final name, then rename it: a name only ever names

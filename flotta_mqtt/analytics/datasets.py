@@ -257,10 +257,10 @@ class FileDataset(Dataset):
 
     def _write_copy(self, con: engine.Connection) -> None:
         if self._engine_reads():
-            engine.write_copy(con, self._file_source())
+            engine.write_copy(con, self._file_source(), self._schema)
         else:
-            rows = self.batches(self._schema.names)
-            engine.write_copy(con, "batches", pa.RecordBatchReader.from_batches(self._schema, rows))
+            rows = pa.RecordBatchReader.from_batches(self._schema, self.batches(self._schema.names))
+            engine.write_copy(con, "batches", self._schema, rows)
 
     def aggregate(self, requests: Sequence[Request]) -> list[Groups]:
         """One scan by the engine: of the files' copy while they are unchanged, else of
@@ -270,18 +270,18 @@ class FileDataset(Dataset):
         with self.copy.reading() as copied:
             if copied is None:
                 return self._aggregate_in_place(requests)
-            return self._scan(requests, copied)
+            return self._scan(requests, copied, copied=True)
 
     def _aggregate_in_place(self, requests: Sequence[Request]) -> list[Groups]:
         if not self._engine_reads():
             return super().aggregate(requests)
         return self._scan(requests, self._file_source())
 
-    def _scan(self, requests: Sequence[Request], source: str) -> list[Groups]:
+    def _scan(self, requests: Sequence[Request], source: str, copied: bool = False) -> list[Groups]:
         try:
             return answer(
                 requests,
-                lambda s: engine.scan(source, s, self._schema, self._who, self.categories),
+                lambda s: engine.scan(source, s, self._schema, self._who, self.categories, copied),
             )
         except (engine.EngineError, ValueError) as exc:
             # As `_read`: the engine's message may quote a value of the file.

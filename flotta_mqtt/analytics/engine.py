@@ -4,7 +4,8 @@ Chosen by measurement (bench/README.md, `analytics`) and by fit: one SQL compile
 (sql.py) serves files here and the databases a site holds (databases.py), DuckDB skips
 the Parquet row groups whose statistics exclude a filter (Polars 2.1 read them all),
 streams gzip and zstd CSVs, and keeps to a memory limit, spilling to disk beyond it.
-Rows never reach Python: a job's aggregates come back as one row per group.
+Rows never reach Python: a job's aggregates come back as one row per group. A worker's
+copy of a dataset's files (copies.py) is a database file of DuckDB's own, attached here.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from flotta_mqtt.analytics.plan import Select
 NULL_TEXTS = ("", "NA")
 MEMORY_LIMIT = "512MB"  # per query; DuckDB spills to a temporary directory beyond it
 COPY_TABLE = "data"  # the rows' table in a dataset's copy (copies.py)
-VERSION = duckdb.__version__  # a copy is made again by another version (its storage)
+# What a copy's contents depend on beside its files: made again when this changes.
+COPY_FORMAT = f"duckdb {duckdb.__version__}; NaN stored as NULL"
 Connection = duckdb.DuckDBPyConnection
 
 _TYPES = {
@@ -107,7 +109,7 @@ def database() -> duckdb.DuckDBPyConnection:
     return con
 
 
-def copy_database(path: Path) -> duckdb.DuckDBPyConnection:
+def copy_database(path: Path) -> Connection:
     """A new database file for a dataset's copy (write_copy): a database of its own, so
     that its memory limit and spill folder are its own, and it can be interrupted."""
     con = duckdb.connect(str(path))
@@ -118,18 +120,25 @@ def copy_database(path: Path) -> duckdb.DuckDBPyConnection:
 
 
 def write_copy(
-    con: duckdb.DuckDBPyConnection, source: str, batches: pa.RecordBatchReader | None = None
+    con: Connection, source: str, schema: pa.Schema, batches: pa.RecordBatchReader | None = None
 ) -> None:
     """Fill a copy's database with the rows of `source` (a FROM clause; or the stream
-    `batches`, named `batches` in it), as the dataset's schema types them.
+    `batches`, named `batches` in it), as `schema` types them, a float's NaN as NULL
+    (missing, as everywhere: the copy's statements then need no NaN test, scan(copied)).
 
     DuckDB's own storage, compressed per column with statistics per row group, which it
     scans several times faster than a CSV or Parquet file.
     """
+    columns = []
+    for field in schema:
+        name = sql.quote(field.name, sql.DUCKDB)
+        if pa.types.is_floating(field.type):
+            name = f"CASE WHEN isnan({name}) THEN NULL ELSE {name} END AS {name}"
+        columns.append(name)
     try:
         if batches is not None:
             con.register("batches", batches)
-        con.execute(f"CREATE TABLE {COPY_TABLE} AS SELECT * FROM {source}")
+        con.execute(f"CREATE TABLE {COPY_TABLE} AS SELECT {', '.join(columns)} FROM {source}")
     except duckdb.Error as exc:
         raise EngineError(type(exc).__name__) from None
 
@@ -162,13 +171,15 @@ def scan(
     schema: pa.Schema,
     who: str,
     categories: Mapping[str, Sequence[object]] | None = None,
+    copied: bool = False,
 ) -> list[tuple[Any, ...]]:
-    """One scan of `source` answering `select`: a row per group.
+    """One scan of `source` (`copied`: a copy, attach) answering `select`: a row per group.
 
     Always one statement, a float's NaN read as missing: the work must not depend on the
     data (a second scan where a row held NaN timed whether it did, for no measurable gain).
     """
-    statement, params = sql.compile_select(select, source, schema, sql.DUCKDB, who, categories)
+    dialect = sql.DUCKDB_COPY if copied else sql.DUCKDB
+    statement, params = sql.compile_select(select, source, schema, dialect, who, categories)
     try:
         with _connect() as con:
             return con.execute(statement, params).fetchall()

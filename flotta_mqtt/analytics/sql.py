@@ -42,6 +42,9 @@ class Dialect:
 DUCKDB = Dialect(
     "duckdb", "?", "DOUBLE", "isnan({})", "LEAST", "GREATEST", "fsum", "{} <= 'inf'::DOUBLE"
 )
+# A worker's copy of its files (engine.write_copy) stores NaN as NULL, as SQLite does: its
+# statement needs no NaN test, and its filter is pushed down as it is.
+DUCKDB_COPY = Dialect("duckdb", "?", "DOUBLE", None, "LEAST", "GREATEST", "fsum")
 SQLITE = Dialect("sqlite", "?", "REAL", None, "MIN", "MAX", "sum")
 POSTGRES = Dialect(
     "postgresql", "%s", "DOUBLE PRECISION", "{} = 'NaN'::float8", "LEAST", "GREATEST", "sum"
