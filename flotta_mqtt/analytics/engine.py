@@ -94,11 +94,9 @@ def file_source(csv: Sequence[Path], parquet: Sequence[Path], schema: pa.Schema)
     return f"({' UNION ALL '.join(parts)}) AS source"
 
 
-@functools.cache
-def database() -> duckdb.DuckDBPyConnection:
-    """One in-memory database per process: opening one costs tens of milliseconds, so a
-    dataset opens it (at the worker's start), not its first job."""
-    con = duckdb.connect(":memory:")
+def _configured(con: Connection) -> Connection:
+    """A database read as every query here reads: the same limit, zone and NaN rule (a
+    copy made under others would answer differently from the files it copies)."""
     con.execute(f"SET memory_limit = {_literal(MEMORY_LIMIT)}")
     con.execute("SET GLOBAL TimeZone = 'UTC'")  # a date filter on a zoned column: UTC midnight
     # Arrow leaves NaN out of a Parquet column's min and max and writes no NaN count; DuckDB
@@ -109,11 +107,17 @@ def database() -> duckdb.DuckDBPyConnection:
     return con
 
 
+@functools.cache
+def database() -> Connection:
+    """One in-memory database per process: opening one costs tens of milliseconds, so a
+    dataset opens it (at the worker's start), not its first job."""
+    return _configured(duckdb.connect(":memory:"))
+
+
 def copy_database(path: Path) -> Connection:
     """A new database file for a dataset's copy (write_copy): a database of its own, so
     that its memory limit and spill folder are its own, and it can be interrupted."""
-    con = duckdb.connect(str(path))
-    con.execute(f"SET memory_limit = {_literal(MEMORY_LIMIT)}")
+    con = _configured(duckdb.connect(str(path)))
     con.execute(f"SET temp_directory = {_literal(str(path.parent / 'spill'))}")
     con.execute("SET enable_progress_bar = false")
     return con
