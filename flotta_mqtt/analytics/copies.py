@@ -87,12 +87,16 @@ class ColumnarCopy:
 
     def start(self, folder: Path | None) -> None:
         """Begin copying into `folder` (made private), or a private temporary folder."""
-        if folder is None:
-            self._folder, self._temporary = Path(tempfile.mkdtemp(prefix="flotta-copy-")), True
-        else:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            folder.chmod(0o700)
-            self._folder = folder
+        try:
+            if folder is None:
+                self._folder, self._temporary = Path(tempfile.mkdtemp(prefix="flotta-copy-")), True
+            else:
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                folder.chmod(0o700)
+                self._folder = folder
+        except OSError as exc:  # the files are scanned in place: nothing is lost
+            log.warning("%s: no copy of its files: %s", self._who, exc)
+            return
         self._wake.set()
         self._thread = threading.Thread(target=self._keep, name=f"copy {self._who}", daemon=True)
         self._thread.start()

@@ -220,3 +220,18 @@ def test_a_worker_copies_into_its_state_and_stops_copying_when_it_stops(
         place.close()
     assert not data.copy.wait(0)  # closed: it answers from the files again
     assert answer(data) == [2, pytest.approx(1.6)]
+
+
+def test_a_copy_folder_that_cannot_be_made_leaves_the_files_answered_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
+    (tmp_path / "state").write_text("a file where the folder should be")
+    data = open_dataset("p", "w0", DatasetSpec(paths=[csv]))
+    with caplog.at_level(logging.WARNING, logger=copies.__name__):
+        data.start(tmp_path / "state" / "copies")
+    try:
+        assert "no copy of its files" in caplog.text
+        assert answer(data) == [2, pytest.approx(1.6)]  # type: ignore[arg-type]
+    finally:
+        data.close()
