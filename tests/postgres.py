@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -83,7 +84,10 @@ def start_postgres(folder: Path) -> tuple[str, Callable[[], None]]:
     url = f"postgresql://{SUPERUSER}@127.0.0.1:{port}/postgres"
 
     def stop() -> None:
-        server.send_signal(2)  # SIGINT: fast shutdown, clients disconnected
+        # SIGQUIT: immediate shutdown. Its data is deleted next, so no shutdown checkpoint:
+        # after a session's hundreds of CREATE DATABASE, fast shutdown (SIGINT) spent 15 s
+        # or more writing them out.
+        server.send_signal(signal.SIGQUIT)
         try:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:

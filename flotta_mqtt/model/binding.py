@@ -7,8 +7,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import networkx as nx
-
 from flotta_mqtt.model.artifact import Artifact
 from flotta_mqtt.model.context import SchedulerContext
 from flotta_mqtt.model.distribution import Lock
@@ -70,6 +68,8 @@ class JobGraph:
     """
 
     def __init__(self, artifact_id: str, jobs: list[Job], locks: list[Lock]) -> None:
+        import networkx as nx  # here: only a scheduler binds; other processes skip its import
+
         self.artifact_id = artifact_id
         self.jobs = jobs
         self.graph = nx.DiGraph()
@@ -284,6 +284,8 @@ class _Binder:
         order = {task.name: i for i, task in enumerate(step.tasks)}
         ids: dict[str, range] = {}
         spread = 0  # the step's job count so far: consecutive jobs go to consecutive workers
+        import networkx as nx
+
         for name in nx.lexicographical_topological_sort(graph, key=order.get):
             task = by_name[name]
             able = candidates(task, self.context.pool)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import networkx as nx
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -58,6 +57,9 @@ CONTAINER_EXECUTORS = frozenset({"docker", "kube"})
 # What a `run` task may need of the worker that runs it: a container (its image's own
 # entrypoint or files), GPUs, a network. Only workers offering all of them get it.
 Requirement = Literal["container", "gpu", "network"]
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 def _relative(path: str) -> str:
@@ -253,6 +255,8 @@ def task_graph(tasks: list[Task]) -> nx.DiGraph:
         )
     _check_size(tasks)
     _check_flow(tasks)
+    import networkx as nx  # here: a command that never checks a workflow skips its import
+
     graph = nx.DiGraph()
     graph.add_nodes_from(task.name for task in tasks)
     graph.add_edges_from((dep, task.name) for task in tasks for dep in task.depends)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,6 +111,9 @@ def denied(connect: Connect, node: str, topic: str, payload: bytes) -> None:
 
     The broker drops the connection after a denied publish: waiting for that drop (the
     Bus waits 10 s before reconnecting) is waiting for the broker to be done with it.
+    The bus is then killed (no reconnect, no re-sending of the refused message) on a
+    thread of its own: paho's network thread, sleeping out the reconnect delay, takes up
+    to a second to notice. `connect`'s teardown stops the bus, which waits for the kill.
     """
     bus = connect(node, reconnect_delay=(10, 10))
     bus.publish_raw(topic, payload)
@@ -117,7 +121,7 @@ def denied(connect: Connect, node: str, topic: str, payload: bytes) -> None:
         lambda: not bus.connected.is_set(),
         message=f"{node} kept its connection after publishing on {topic}: was it allowed?",
     )
-    bus.kill()  # no reconnect, and no re-sending of the refused message
+    threading.Thread(target=bus.kill, name=f"kill {bus.client_id}", daemon=True).start()
 
 
 # --- authentication -------------------------------------------------------------------------

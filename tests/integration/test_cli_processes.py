@@ -194,7 +194,8 @@ def test_user_mistakes_are_one_line_and_an_exit_code(tmp_path: Path) -> None:
 
 
 def test_an_unreachable_broker_is_one_line(tmp_path: Path) -> None:
-    returncode, _, err = run("status", "x", "--broker", f"mqtt://127.0.0.1:{free_port()}")
+    broker = f"mqtt://127.0.0.1:{free_port()}"
+    returncode, _, err = run("status", "x", "--timeout", "1", "--broker", broker)
     assert returncode == BROKER
     assert err.count("\n") == 1 and "no answer from the broker" in err
 

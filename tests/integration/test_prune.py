@@ -1,7 +1,9 @@
 """Pruning as users run it: a scheduler and a worker as CLI processes on a real mosquitto,
-workflows submitted with the CLI, their files and logs in a local store or on a real S3
-API, and `flotta-mqtt prune`. What is left is counted afterwards: database rows per
-table, store objects, retained statuses on the broker, rows of the worker's journal.
+workflow files submitted (in-process, as `flotta-mqtt submit` does: a process each cost a
+second, and submission is not what is tested here), their files and logs in a local store
+or on a real S3 API, and `flotta-mqtt prune`. What is left is counted afterwards: database
+rows per table, store objects, retained statuses on the broker, rows of the worker's
+journal.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from test_cli_processes import cli, online, run, stopped
 from flotta_mqtt.broker import LocalBroker
 from flotta_mqtt.broker.identities import IdentitySpec, generate_identities
 from flotta_mqtt.cli.errors import INVALID
+from flotta_mqtt.cli.files import load_artifact
 from flotta_mqtt.client.client import Client
 from flotta_mqtt.model import Artifact, ArtifactState, Operation, Parallel
 from flotta_mqtt.nodes import SchedulerNode
@@ -164,12 +167,11 @@ class Site:
             process.terminate()
             stopped(process)
 
-    def submit(self, workflow: dict[str, Any]) -> str:
+    def submit(self, client: Client, workflow: dict[str, Any]) -> str:
+        """Submit a workflow file with `client` as `flotta-mqtt submit` does; its id."""
         path = self.folder / f"{uuid.uuid4().hex}.yaml"
         path.write_text(yaml.safe_dump(workflow))
-        code, out, err = run("submit", str(path), "--broker", self.broker)
-        assert code == 0, err
-        return out.split("submitted artifact ")[1].split()[0]
+        return client.submit(load_artifact(path)).artifact_id
 
     def rows(self) -> dict[str, Counter[str]]:
         """Rows of every table of the scheduler's database, by artifact (nodes by name)."""
@@ -226,16 +228,16 @@ def test_prune_removes_finished_artifacts_whole_and_leaves_the_running_one(site:
     site.start("--admin", ADMIN)
     flag = site.folder / "go"
     with Client(BrokerSettings(url=site.broker)) as client:
-        still = site.submit(waits_for(flag))
+        still = site.submit(client, waits_for(flag))
         running(client, still)
-        done = [site.submit(DONE) for _ in range(2)]
-        failed = site.submit(FAILS)
-        cancelled = site.submit(waits_for(site.folder / "never"))
+        done = [site.submit(client, DONE) for _ in range(2)]
+        failed = site.submit(client, FAILS)
         for artifact_id in [*done, failed]:
             client.handle(artifact_id).wait(timeout=TIMEOUT)
+        # Submitted once they are done: with `still`, it fills the worker's two job slots.
+        cancelled = site.submit(client, waits_for(site.folder / "never"))
         running(client, cancelled)
-        code, out, err = run("cancel", cancelled, "--broker", site.broker)
-        assert code == 0 and "cancelled" in out, err
+        client.handle(cancelled).cancel()  # by its owner, this client
         finished = sorted([*done, failed, cancelled])
         states = {i: client.handle(i).wait(timeout=TIMEOUT).state for i in finished}
     assert sorted(states.values()) == sorted(
@@ -290,8 +292,8 @@ def test_prune_removes_finished_artifacts_whole_and_leaves_the_running_one(site:
 
 def test_only_an_admin_may_prune(site: Site) -> None:
     site.start("--admin", ADMIN)
-    done = site.submit(DONE)
     with Client(BrokerSettings(url=site.broker)) as client:
+        done = site.submit(client, DONE)
         client.handle(done).wait(timeout=TIMEOUT)
     for who in ([], ["--username", "alice"]):
         code, out, err = site.prune("0s", *who)
@@ -324,9 +326,9 @@ def test_the_scheduler_prunes_periodically_and_never_a_running_artifact(site: Si
     site.start(FLOTTA_PRUNE_OLDER_THAN="2s")
     flag = site.folder / "go"
     with Client(BrokerSettings(url=site.broker)) as client:
-        still = site.submit(waits_for(flag))
+        still = site.submit(client, waits_for(flag))
         running(client, still)
-        done = site.submit(DONE)
+        done = site.submit(client, DONE)
         client.handle(done).wait(timeout=TIMEOUT)
         wait_for(lambda: done not in site.retained(), TIMEOUT, f"{done} was never pruned")
         assert set(site.rows()["artifacts"]) == {still}

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-HEAVY = ("pyarrow", "duckdb", "psycopg", "opendp", "sklearn", "kubernetes", "docker")
+# networkx (a tenth of a second) is the scheduler's, for binding and checking task graphs.
+HEAVY = ("pyarrow", "duckdb", "psycopg", "opendp", "sklearn", "kubernetes", "docker", "networkx")
 
 
 @pytest.mark.parametrize("module", ["flotta_mqtt", "flotta_mqtt.client", "flotta_mqtt.cli.main"])
