@@ -1,20 +1,20 @@
 """A worker's columnar copy of a dataset's files, in the engine's own storage.
 
 A site's files are queried again and again, and parsing them is most of each query: a
-1 GB CSV takes about 2 s to scan, the same rows in DuckDB's storage 0.15 s, in a file a
-third of the CSV's size (bench/README.md). So a worker copies a file dataset once, in the
-background, and answers from the copy while every file is still the one it was copied
-from: same device, inode, size, modification and change time (a writer can set the
-modification time back, not the change time). Until the copy is ready, and as soon as a
-file changes, the files are scanned in place and a new copy is begun. A file changed in
-the last `SETTLE_SECONDS` is left until it settles, so a file being written, or one that
-grows all day, is not copied over and over.
+1 GB CSV takes over 2 s to scan, the same rows in DuckDB's storage under 0.3 s, in a file
+a quarter of the CSV's size (bench/README.md). So a worker with a state folder copies a
+file dataset once, in the background, and answers from the copy while every file is
+still the one it was copied from: same device, inode, size, modification and change time
+(a writer can set the modification time back, not the change time). Until the copy is
+ready, and as soon as a file changes, the files are scanned in place and a new copy is
+begun. A file changed in the last `SETTLE_SECONDS` is left until it settles, so a file
+being written, or one that grows all day, is not copied over and over.
 
-Copies live in the worker's state folder (a private temporary one without it), under
-names made from the files' identities: a restarted worker reuses its copy, and a file
-left from a copy of other files is never read. A copy takes disk space (no more than its
-files, typically less); it is not begun where it would leave less than `RESERVE_BYTES`
-free, and a dataset can do without (`columnar_copy: false`).
+Copies are named after the files' identities, the statement that made them and the
+engine's format (engine.COPY_FORMAT): a restarted worker reuses its copy, and never one
+of other files or made otherwise. One copy is made at a time per process. A copy is not
+begun where it could leave less than `RESERVE_BYTES` free; a dataset can do without
+(`columnar_copy: false`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-import pyarrow as pa
 
 from flotta_mqtt.analytics import engine
 
@@ -38,11 +34,13 @@ log = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 10.0
 RESERVE_BYTES = 1 << 30
+# A copy's size over its files' is under 1 for a CSV or Parquet file, up to 1.5 for a
+# compressed CSV; making it may spill as much again.
+ROOM_PER_BYTE = 2
 SUFFIX = ".duckdb"
 
 Identity = tuple[tuple[int, int, int, int, int], ...]
-# Fills a copy's new database with the dataset's rows (engine.write_copy).
-Writer = Callable[[engine.Connection], None]
+_making = threading.Lock()  # one copy made at a time: each takes every core it can
 
 
 def identity(paths: Sequence[Path]) -> Identity:
@@ -64,19 +62,17 @@ class _Copy:
         self.alias = alias
         self.source = engine.attach(path, alias)
         self.readers = 0
-        self.superseded = False
+        self.dropped = False  # detached by its last reader
 
 
 class ColumnarCopy:
     """The copy of one dataset's files: made, checked before each query, remade."""
 
-    def __init__(self, paths: Sequence[Path], schema: pa.Schema, write: Writer, who: str) -> None:
+    def __init__(self, paths: Sequence[Path], statement: str, who: str) -> None:
         self._paths = list(paths)
-        self._schema = schema
-        self._write = write
+        self._statement = statement  # engine.copy_statement of the files
         self._who = who
         self._folder: Path | None = None
-        self._temporary = False
         self._current: _Copy | None = None
         self._given_up: Identity | None = None  # files whose copy failed: not tried again
         self._lock = threading.Condition()
@@ -85,24 +81,22 @@ class ColumnarCopy:
         self._thread: threading.Thread | None = None
         self._building: engine.Connection | None = None
 
-    def start(self, folder: Path | None) -> None:
-        """Begin copying into `folder` (made private), or a private temporary folder."""
+    def start(self, folder: Path) -> None:
+        """Begin copying into `folder` (made private)."""
         try:
-            if folder is None:
-                self._folder, self._temporary = Path(tempfile.mkdtemp(prefix="flotta-copy-")), True
-            else:
-                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-                folder.chmod(0o700)
-                self._folder = folder
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.chmod(0o700)
         except OSError as exc:  # the files are scanned in place: nothing is lost
             log.warning("%s: no copy of its files: %s", self._who, exc)
             return
+        self._folder = folder
         self._wake.set()
         self._thread = threading.Thread(target=self._keep, name=f"copy {self._who}", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Stop copying (a copy being made is interrupted) and stop reading the copy."""
+        """Stop copying (a copy being made is interrupted); the copy is let go once no
+        query reads it."""
         self._closing.set()
         self._wake.set()
         # Again until the thread ends: an interrupt before the statement runs is lost.
@@ -111,31 +105,35 @@ class ColumnarCopy:
                 if self._building is not None:
                     self._building.interrupt()
             self._thread.join(0.05)
-        with self._lock:
-            current, self._current = self._current, None
-            self._lock.notify_all()  # a waiter: no copy comes
-        if current is not None:
-            engine.detach(current.alias)
-        if self._temporary and self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
+        self._replace(None)
 
     def wait(self, timeout: float) -> bool:
-        """Whether a copy of the files as they are now is ready within `timeout` seconds."""
+        """Whether a copy of the files as they are now is ready within `timeout` seconds
+        (one is begun if they changed)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while not self._fresh():
+            while not self._fresh(self._identity()):
+                self._wake.set()
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closing.is_set():
                     return False
                 self._lock.wait(left)
             return True
 
+    def give_up(self) -> None:
+        """The copy failed a query: the files are scanned in place until they change."""
+        log.warning("%s: its copy failed a query: the files are read in place", self._who)
+        with self._lock:
+            self._given_up = self._current.files if self._current is not None else None
+        self._replace(None)
+
     @contextlib.contextmanager
     def reading(self) -> Iterator[str | None]:
         """The copy's FROM clause while the files are those it was made of, or None (the
         files are to be scanned in place; a new copy is begun)."""
+        files = self._identity()  # outside the lock: a slow mount holds up no other query
         with self._lock:
-            current = self._current if self._fresh() else None
+            current = self._current if self._fresh(files) else None
             if current is None:
                 self._wake.set()
             else:
@@ -146,18 +144,36 @@ class ColumnarCopy:
         try:
             yield current.source
         finally:
-            with self._lock:
-                current.readers -= 1
-                idle = current.superseded and current.readers == 0
-            if idle:
-                engine.detach(current.alias)
+            self._release(current)
 
-    def _fresh(self) -> bool:
+    def _identity(self) -> Identity | None:
         try:
-            files = identity(self._paths)
+            return identity(self._paths)
         except OSError:
-            return False
-        return self._current is not None and self._current.files == files
+            return None
+
+    def _fresh(self, files: Identity | None) -> bool:
+        return files is not None and self._current is not None and self._current.files == files
+
+    def _release(self, copy: _Copy) -> None:
+        with self._lock:
+            copy.readers -= 1
+            last = copy.readers == 0 and copy is not self._current and not copy.dropped
+            copy.dropped = copy.dropped or last
+        if last:
+            engine.detach(copy.alias)
+
+    def _replace(self, new: _Copy | None) -> None:
+        """Answer from `new` (None: from the files) from now on; the copy it replaces is
+        detached now, or by its last reader."""
+        with self._lock:
+            old, self._current = self._current, new
+            self._lock.notify_all()
+            idle = old is not None and old.readers == 0 and not old.dropped
+            if old is not None:
+                old.dropped = old.dropped or idle
+        if old is not None and idle:
+            engine.detach(old.alias)
 
     # --- the copying thread ----------------------------------------------------------
 
@@ -174,76 +190,72 @@ class ColumnarCopy:
         """Make (or reuse) a copy of the files as they are, once they have settled."""
         assert self._folder is not None
         while not self._closing.is_set():
-            try:
-                files = identity(self._paths)
-            except OSError:
+            files = self._identity()
+            if files is None:
                 return  # a file is gone: the next query's in-place scan says which
             with self._lock:
-                if self._fresh() or files == self._given_up:
+                if self._fresh(files) or files == self._given_up:
                     return
+                stale = self._current is not None
+            if stale:  # its files changed: it never answers again
+                self._replace(None)
             unsettled = max(f[4] for f in files) / 1e9 + SETTLE_SECONDS - time.time()
-            if unsettled > 0:
-                self._closing.wait(unsettled)
+            if unsettled > 0:  # a change time ahead of the clock waits no longer than this
+                self._closing.wait(min(unsettled, SETTLE_SECONDS))
                 continue
             path = self._folder / f"{self._name(files)}{SUFFIX}"
-            kept = path.exists()  # a restarted worker's copy of the same files
-            if not kept and not self._made(path, files):
+            reused = path.exists()  # a restarted worker's copy of the same files
+            if not reused and not self._build(path, files):
                 return
-            if identity(self._paths) != files:  # changed while it was copied
+            if self._identity() != files:  # changed while it was copied
                 path.unlink(missing_ok=True)
                 continue
             if self._use(files, path):
                 return
-            if not kept:  # a copy just made that the engine cannot read: not made again
+            if not reused:  # a copy just made that the engine cannot read: not made again
                 with self._lock:
                     self._given_up = files
                 return
 
     def _name(self, files: Identity) -> str:
-        """A name for the copy of exactly these files, typed so, by this engine."""
-        key = repr((files, [str(p) for p in self._paths], self._schema.to_string()))
-        return hashlib.sha256(f"{key} {engine.COPY_FORMAT}".encode()).hexdigest()[:32]
+        """A name for the copy of exactly these files, made so, by this engine."""
+        key = repr((files, [str(p) for p in self._paths], self._statement, engine.COPY_FORMAT))
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
 
-    def _made(self, path: Path, files: Identity) -> bool:
-        """Write the copy beside its final name, then rename it: a name only ever names
-        a whole copy."""
-        free = shutil.disk_usage(path.parent).free
-        needed = sum(f[2] for f in files)
-        if free - needed < RESERVE_BYTES:
-            log.warning(
-                "%s: no copy of its files: %d MB free, the copy may take %d MB and %d MB "
-                "are kept free",
-                self._who,
-                free >> 20,
-                needed >> 20,
-                RESERVE_BYTES >> 20,
-            )
-            self._given_up = files
-            return False
-        partial = path.with_suffix(".partial")
-        partial.unlink(missing_ok=True)
-        started = time.monotonic()
-        try:
-            con = engine.copy_database(partial)
-            with self._lock:
-                self._building = con
-            try:
-                if not self._closing.is_set():
-                    self._write(con)
-            finally:
+    def _build(self, path: Path, files: Identity) -> bool:
+        """Write the copy beside its final name, then rename it (a name only ever names a
+        whole copy); False if it was not made."""
+        with _making:
+            self._clear(path.parent, keep=path)  # stale copies: they would hold the room
+            free = shutil.disk_usage(path.parent).free
+            needed = ROOM_PER_BYTE * sum(f[2] for f in files)
+            if free - needed < RESERVE_BYTES:
+                log.warning(
+                    "%s: no copy of its files: %d MB free, the copy may take %d MB and %d "
+                    "MB are kept free",
+                    self._who,
+                    free >> 20,
+                    needed >> 20,
+                    RESERVE_BYTES >> 20,
+                )
                 with self._lock:
-                    self._building = None
-                con.close()
-        except Exception as exc:  # the engine's message may quote the data: only its kind
-            partial.unlink(missing_ok=True)
-            if not self._closing.is_set():
-                log.warning("%s: no copy of its files (%s)", self._who, type(exc).__name__)
-                self._given_up = files
-            return False
-        if self._closing.is_set():
-            partial.unlink(missing_ok=True)
-            return False
-        os.replace(partial, path)
+                    self._given_up = files
+                return False
+            partial = path.with_suffix(".partial")
+            started = time.monotonic()
+            try:
+                self._write(partial)
+            except Exception as exc:  # the engine's message may quote the data: its kind
+                self._clear(path.parent, keep=None)
+                if not self._closing.is_set():
+                    log.warning("%s: no copy of its files (%s)", self._who, type(exc).__name__)
+                    with self._lock:
+                        self._given_up = files
+                return False
+            if self._closing.is_set():
+                self._clear(path.parent, keep=None)
+                return False
+            partial.replace(path)
         log.info(
             "%s: copied its files in %.1f s (%d MB)",
             self._who,
@@ -252,24 +264,34 @@ class ColumnarCopy:
         )
         return True
 
+    def _write(self, partial: Path) -> None:
+        con = engine.copy_database(partial)
+        with self._lock:
+            self._building = con
+        try:
+            if not self._closing.is_set():
+                engine.write_copy(con, self._statement)
+        finally:
+            with self._lock:
+                self._building = None
+            con.close()
+
+    def _clear(self, folder: Path, keep: Path | None) -> None:
+        """Remove what is in `folder` but `keep`: older copies (a query still reading one
+        keeps its open file), what a failed one left."""
+        for other in folder.iterdir():
+            if other != keep:
+                shutil.rmtree(other) if other.is_dir() else other.unlink(missing_ok=True)
+
     def _use(self, files: Identity, path: Path) -> bool:
-        """Answer from the copy at `path` from now on, and drop the one it replaces;
-        False (the file removed) if the engine cannot read it: damaged, it is made again."""
+        """Answer from the copy at `path` from now on; False (the file removed) if the
+        engine cannot read it: damaged, it is made again."""
         try:
             copy = _Copy(files, path, f"copy_{path.stem[:16]}_{time.monotonic_ns()}")
         except engine.EngineError as exc:
             log.warning("%s: its copy could not be read (%s)", self._who, exc)
             path.unlink(missing_ok=True)
             return False
-        with self._lock:
-            old, self._current = self._current, copy
-            self._lock.notify_all()
-            idle = old is not None and old.readers == 0
-            if old is not None:
-                old.superseded = True
-        if old is not None and idle:
-            engine.detach(old.alias)
-        for other in path.parent.iterdir():  # older copies, and what a failed one left
-            if other != path:
-                shutil.rmtree(other) if other.is_dir() else other.unlink(missing_ok=True)
+        self._replace(copy)
+        self._clear(path.parent, keep=path)
         return True

@@ -164,14 +164,18 @@ class FileDataset(Dataset):
             raise OperationError(f"worker {node}: project {project}: {exc}") from exc
         self._who = f"worker {node}: project {project}"
         self.categories = fitted(self._schema, spec.categories, self._who)
+        # Not of a bzip2 CSV: the engine would pull its rows from Python threads, and a
+        # copy interrupted so could crash the process at its exit.
         self.copy = (
-            ColumnarCopy(self.paths, self._schema, self._write_copy, self._who)
-            if spec.columnar_copy
+            ColumnarCopy(
+                self.paths, engine.copy_statement(self._file_source(), self._schema), self._who
+            )
+            if spec.columnar_copy and self._engine_reads()
             else None
         )
 
     def start(self, folder: Path | None) -> None:
-        if self.copy is not None:
+        if self.copy is not None and folder is not None:
             self.copy.start(folder)
 
     def close(self) -> None:
@@ -255,33 +259,33 @@ class FileDataset(Dataset):
         parquet = [p for p in self.paths if _kind(p) == "parquet"]
         return engine.file_source(csv, parquet, self._schema)
 
-    def _write_copy(self, con: engine.Connection) -> None:
-        if self._engine_reads():
-            engine.write_copy(con, self._file_source(), self._schema)
-        else:
-            rows = pa.RecordBatchReader.from_batches(self._schema, self.batches(self._schema.names))
-            engine.write_copy(con, "batches", self._schema, rows)
-
     def aggregate(self, requests: Sequence[Request]) -> list[Groups]:
         """One scan by the engine: of the files' copy while they are unchanged, else of
         the files in place; a bzip2 CSV, which it cannot read, is streamed to it."""
         if self.copy is None:
             return self._aggregate_in_place(requests)
         with self.copy.reading() as copied:
-            if copied is None:
-                return self._aggregate_in_place(requests)
-            return self._scan(requests, copied, copied=True)
+            if copied is not None:
+                try:
+                    return answer(
+                        requests,
+                        lambda s: engine.scan(
+                            copied, s, self._schema, self._who, self.categories, copied=True
+                        ),
+                    )
+                except (engine.EngineError, ValueError):  # damaged: the files answer
+                    self.copy.give_up()
+        return self._aggregate_in_place(requests)
 
     def _aggregate_in_place(self, requests: Sequence[Request]) -> list[Groups]:
         if not self._engine_reads():
             return super().aggregate(requests)
         return self._scan(requests, self._file_source())
 
-    def _scan(self, requests: Sequence[Request], source: str, copied: bool = False) -> list[Groups]:
+    def _scan(self, requests: Sequence[Request], source: str) -> list[Groups]:
         try:
             return answer(
-                requests,
-                lambda s: engine.scan(source, s, self._schema, self._who, self.categories, copied),
+                requests, lambda s: engine.scan(source, s, self._schema, self._who, self.categories)
             )
         except (engine.EngineError, ValueError) as exc:
             # As `_read`: the engine's message may quote a value of the file.

@@ -27,8 +27,6 @@ from flotta_mqtt.analytics.plan import Select
 NULL_TEXTS = ("", "NA")
 MEMORY_LIMIT = "512MB"  # per query; DuckDB spills to a temporary directory beyond it
 COPY_TABLE = "data"  # the rows' table in a dataset's copy (copies.py)
-# What a copy's contents depend on beside its files: made again when this changes.
-COPY_FORMAT = f"duckdb {duckdb.__version__}; NaN stored as NULL"
 Connection = duckdb.DuckDBPyConnection
 
 _TYPES = {
@@ -94,16 +92,25 @@ def file_source(csv: Sequence[Path], parquet: Sequence[Path], schema: pa.Schema)
     return f"({' UNION ALL '.join(parts)}) AS source"
 
 
-def _configured(con: Connection) -> Connection:
-    """A database read as every query here reads: the same limit, zone and NaN rule (a
-    copy made under others would answer differently from the files it copies)."""
-    con.execute(f"SET memory_limit = {_literal(MEMORY_LIMIT)}")
-    con.execute("SET GLOBAL TimeZone = 'UTC'")  # a date filter on a zoned column: UTC midnight
+# Every database here reads as every other: a copy made under other settings would answer
+# differently from the files it copies (COPY_FORMAT names them).
+_SETTINGS = (
+    f"SET memory_limit = {_literal(MEMORY_LIMIT)}",
+    "SET GLOBAL TimeZone = 'UTC'",  # a date filter on a zoned column: UTC midnight
     # Arrow leaves NaN out of a Parquet column's min and max and writes no NaN count; DuckDB
     # took those to mean "no NaN" (2.0.1): isnan folded to false, a NaN counted as a value
     # when the column had no null. The prefilter's bound (sql.Dialect.below_nan) keeps the
     # row groups the statistics exclude skipped.
-    con.execute("SET GLOBAL parquet_can_have_nan = true")
+    "SET GLOBAL parquet_can_have_nan = true",
+)
+# What a copy's contents depend on besides its statement (copy_statement): made again when
+# it changes. The number is raised with any other change to how copies are made.
+COPY_FORMAT = f"copy 1; duckdb {duckdb.__version__}; {'; '.join(_SETTINGS)}"
+
+
+def _configured(con: Connection) -> Connection:
+    for setting in _SETTINGS:
+        con.execute(setting)
     return con
 
 
@@ -114,21 +121,10 @@ def database() -> Connection:
     return _configured(duckdb.connect(":memory:"))
 
 
-def copy_database(path: Path) -> Connection:
-    """A new database file for a dataset's copy (write_copy): a database of its own, so
-    that its memory limit and spill folder are its own, and it can be interrupted."""
-    con = _configured(duckdb.connect(str(path)))
-    con.execute(f"SET temp_directory = {_literal(str(path.parent / 'spill'))}")
-    con.execute("SET enable_progress_bar = false")
-    return con
-
-
-def write_copy(
-    con: Connection, source: str, schema: pa.Schema, batches: pa.RecordBatchReader | None = None
-) -> None:
-    """Fill a copy's database with the rows of `source` (a FROM clause; or the stream
-    `batches`, named `batches` in it), as `schema` types them, a float's NaN as NULL
-    (missing, as everywhere: the copy's statements then need no NaN test, scan(copied)).
+def copy_statement(source: str, schema: pa.Schema) -> str:
+    """The statement that fills a copy with the rows of `source` (a FROM clause), as
+    `schema` types them, a float's NaN as NULL (missing, as everywhere: the copy's own
+    statements then need no NaN test, scan(copied)).
 
     DuckDB's own storage, compressed per column with statistics per row group, which it
     scans several times faster than a CSV or Parquet file.
@@ -139,10 +135,22 @@ def write_copy(
         if pa.types.is_floating(field.type):
             name = f"CASE WHEN isnan({name}) THEN NULL ELSE {name} END AS {name}"
         columns.append(name)
+    return f"CREATE TABLE {COPY_TABLE} AS SELECT {', '.join(columns)} FROM {source}"
+
+
+def copy_database(path: Path) -> Connection:
+    """A new database file for a dataset's copy: a database of its own, so that its spill
+    folder is its own and it can be interrupted."""
+    con = _configured(duckdb.connect(str(path)))
+    con.execute(f"SET temp_directory = {_literal(str(path.parent / 'spill'))}")
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
+def write_copy(con: Connection, statement: str) -> None:
+    """Run a copy_statement on a copy_database."""
     try:
-        if batches is not None:
-            con.register("batches", batches)
-        con.execute(f"CREATE TABLE {COPY_TABLE} AS SELECT {', '.join(columns)} FROM {source}")
+        con.execute(statement)
     except duckdb.Error as exc:
         raise EngineError(type(exc).__name__) from None
 

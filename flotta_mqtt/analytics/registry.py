@@ -102,8 +102,8 @@ class Dataset:
         raise NotImplementedError
 
     def start(self, folder: Path | None) -> None:
-        """Begin what makes later jobs faster, keeping its files in `folder` (the worker's
-        state) or a private temporary folder: a file dataset's copy (copies.py)."""
+        """Begin what makes later jobs faster, keeping its files in `folder` (in the
+        worker's state; None: the worker keeps none): a file dataset's copy (copies.py)."""
 
     def close(self) -> None:
         """Stop what `start` began."""

@@ -187,7 +187,8 @@ def file_sources(
     with contextlib.ExitStack() as stack:
         for name in ("csv", "parquet"):  # their columnar copies (copies.py)
             spec = {**specs[name], "categories": categories}
-            found[f"{name} copied"] = stack.enter_context(copied(spec, None))
+            copy = stack.enter_context(copied(spec, folder / f"{name}.copy"))
+            found[f"{name} copied"] = copy
         yield found
 
 

@@ -13,19 +13,18 @@ import contextlib
 import logging
 import os
 import stat
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
+from helpers import wait_for
 from worker_support import Station
 
-from flotta_mqtt.analytics import DatasetSpec, FileDataset, copies, open_dataset
+from flotta_mqtt.analytics import DatasetSpec, FileDataset, copies, engine, open_dataset
 from flotta_mqtt.analytics.plan import Agg, Request
 from flotta_mqtt.model.query import Compare
 
@@ -35,7 +34,7 @@ REQUESTS = [Request(OVER, (), (Agg("rows"), Agg("sum", "x")))]
 
 
 @contextlib.contextmanager
-def copied(spec: DatasetSpec | dict[str, object], folder: Path | None) -> Iterator[FileDataset]:
+def copied(spec: DatasetSpec | dict[str, object], folder: Path) -> Iterator[FileDataset]:
     """A file dataset answering from its copy (made at once: its files need not settle)."""
     data = open_dataset("p", "w0", DatasetSpec.model_validate(spec))
     assert isinstance(data, FileDataset)
@@ -163,41 +162,99 @@ def test_a_restarted_worker_reuses_its_copy_and_remakes_a_damaged_one(tmp_path: 
         assert copy_files(folder) == [made] and made.read_bytes()[:14] != b"not a database"
 
 
-def test_a_bzip2_csv_is_copied_from_its_stream(tmp_path: Path) -> None:
+def test_no_copy_of_a_bzip2_csv_nor_without_a_state_folder(tmp_path: Path) -> None:
+    """A bzip2 CSV is streamed to the engine from Python: a copy of it interrupted could
+    crash the process at its exit. A worker without a state folder keeps no copy."""
     path = tmp_path / "t.csv.bz2"
     with pa.CompressedOutputStream(str(path), "bz2") as out:
         pacsv.write_csv(pa.table({"x": [0.7, 0.9, 0.1]}), out)
-    with copied({"paths": [path]}, None) as data:
-        with data.copy.reading() as source:  # type: ignore[union-attr]
-            assert source is not None
+    bzip2 = open_dataset("p", "w0", DatasetSpec(paths=[path]))
+    assert isinstance(bzip2, FileDataset) and bzip2.copy is None
+    assert answer(bzip2) == [2, pytest.approx(1.6)]
+    csv = open_dataset("p", "w0", DatasetSpec(paths=[write(tmp_path / "t.csv", [0.7])]))
+    assert isinstance(csv, FileDataset) and csv.copy is not None
+    csv.start(None)
+    try:
+        assert not csv.copy.wait(0.3)
+    finally:
+        csv.close()
+
+
+def test_a_query_reading_the_copy_outlives_its_replacement_and_the_close(
+    tmp_path: Path,
+) -> None:
+    """The copy a query holds stays attached until the query lets it go, though a new copy
+    replaced it or the dataset closed; then it is detached."""
+    csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
+    with copied({"paths": [csv]}, tmp_path / "copy") as data:
+        assert data.copy is not None
+        with data.copy.reading() as held:
+            assert held is not None
+            write(csv, [0.6, 0.8, 0.7])
+            assert data.copy.wait(WAIT)  # a new copy, of the new rows, answers now
+            assert answer(data) == [3, pytest.approx(2.1)]
+            assert rows(held) == 3
+        assert held.split(".")[0] not in attached()
+        with data.copy.reading() as last:
+            assert last is not None
+            data.close()
+            assert rows(last) == 3
+        assert last.split(".")[0] not in attached()
+
+
+def rows(source: str) -> int:
+    with engine.database().cursor() as con:
+        (found,) = con.execute(f"SELECT count(*) FROM {source}").fetchall()
+    return int(found[0])
+
+
+def attached() -> set[str]:
+    with engine.database().cursor() as con:
+        found = con.execute("SELECT database_name FROM duckdb_databases()").fetchall()
+    return {name for (name,) in found}
+
+
+def test_a_copy_made_otherwise_is_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change to how copies are made (engine.COPY_FORMAT) makes them again."""
+    csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
+    with copied({"paths": [csv]}, tmp_path / "copy"):
+        (first,) = copy_files(tmp_path / "copy")
+    monkeypatch.setattr(engine, "COPY_FORMAT", engine.COPY_FORMAT + "; another")
+    with copied({"paths": [csv]}, tmp_path / "copy"):
+        (second,) = copy_files(tmp_path / "copy")
+    assert second != first and not first.exists()
+
+
+def test_a_copy_failing_a_query_is_given_up_and_the_files_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
+    with copied({"paths": [csv]}, tmp_path / "copy") as data:
+        scan = engine.scan
+
+        def failing_on_the_copy(*args: Any, copied: bool = False) -> Any:
+            if copied:
+                raise engine.EngineError("IOException")
+            return scan(*args)
+
+        monkeypatch.setattr(engine, "scan", failing_on_the_copy)
         assert answer(data) == [2, pytest.approx(1.6)]
-
-
-def test_a_temporary_folder_is_private_and_removed_on_close(tmp_path: Path) -> None:
-    """A worker without a state folder copies into a private temporary one."""
-    csv = write(tmp_path / "t.csv", [0.7])
-    before = set(Path(tempfile.gettempdir()).glob("flotta-copy-*"))
-    with copied({"paths": [csv]}, None):
-        (folder,) = set(Path(tempfile.gettempdir()).glob("flotta-copy-*")) - before
-        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-        assert len(copy_files(folder)) == 1
-    assert not folder.exists()
+        assert data.copy is not None and not data.copy.wait(0.3)
+        with data.copy.reading() as source:
+            assert source is None
 
 
 def test_closing_interrupts_a_copy_being_made(tmp_path: Path) -> None:
     """A copy of a huge dataset must not hold up the worker's stop."""
-    writing = threading.Event()
-
-    def endless(con: duckdb.DuckDBPyConnection) -> None:
-        writing.set()
-        con.execute("CREATE TABLE data AS SELECT count(*) FROM range(1000000000000)")
-
+    endless = "CREATE TABLE data AS SELECT count(*) FROM range(1000000000000)"
     csv = write(tmp_path / "t.csv", [0.7])
-    copy = copies.ColumnarCopy([csv], pa.schema([("x", pa.float64())]), endless, "w0")
+    copy = copies.ColumnarCopy([csv], endless, "w0")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(copies, "SETTLE_SECONDS", 0.0)
         copy.start(tmp_path / "copy")
-        assert writing.wait(WAIT)
+        wait_for(lambda: any((tmp_path / "copy").glob("*.partial")), WAIT, "no copy was begun")
         started = time.monotonic()
         copy.close()
     assert time.monotonic() - started < 10

@@ -89,7 +89,8 @@ def sources(rows: list[dict[str, Any]], folder: Path) -> Iterator[dict[str, Any]
     )
     with contextlib.ExitStack() as stack:
         for name in ("t.csv", "parquet"):
-            found[f"{name} copied"] = stack.enter_context(copied(specs[name], None))
+            copy = stack.enter_context(copied(specs[name], folder / f"{name}.copy"))
+            found[f"{name} copied"] = copy
         yield found
 
 
@@ -370,7 +371,7 @@ def test_nan_in_a_parquet_column_without_nulls_is_missing(tmp_path: Path) -> Non
     pq.write_table(table, tmp_path / "t.parquet")
     spec = DatasetSpec(paths=[tmp_path / "t.parquet"])
     over = Compare(column="x", op=">", value=0.5)
-    with copied(spec, None) as copy:
+    with copied(spec, tmp_path / "copy") as copy:
         for data in (open_dataset("p", "w0", spec), copy):
             everything = [Request(None, (), (Agg("present", "x"), Agg("max", "x")))]
             assert data.aggregate(everything) == [{(): [3, 0.9]}]
