@@ -225,37 +225,46 @@ class ColumnarCopy:
     def _build(self, path: Path, files: Identity) -> bool:
         """Write the copy beside its final name, then rename it (a name only ever names a
         whole copy); False if it was not made."""
-        with _making:
-            self._clear(path.parent, keep=path)  # stale copies: they would hold the room
-            free = shutil.disk_usage(path.parent).free
-            needed = ROOM_PER_BYTE * sum(f[2] for f in files)
-            if free - needed < RESERVE_BYTES:
-                log.warning(
-                    "%s: no copy of its files: %d MB free, the copy may take %d MB and %d "
-                    "MB are kept free",
-                    self._who,
-                    free >> 20,
-                    needed >> 20,
-                    RESERVE_BYTES >> 20,
-                )
+        while not _making.acquire(timeout=0.05):  # another dataset's copy is being made
+            if self._closing.is_set():
+                return False
+        try:
+            return self._build_alone(path, files)
+        finally:
+            _making.release()
+
+    def _build_alone(self, path: Path, files: Identity) -> bool:
+        """_build, the only copy being made in this process."""
+        self._clear(path.parent, keep=path)  # stale copies: they would hold the room
+        free = shutil.disk_usage(path.parent).free
+        needed = ROOM_PER_BYTE * sum(f[2] for f in files)
+        if free - needed < RESERVE_BYTES:
+            log.warning(
+                "%s: no copy of its files: %d MB free, the copy may take %d MB and %d "
+                "MB are kept free",
+                self._who,
+                free >> 20,
+                needed >> 20,
+                RESERVE_BYTES >> 20,
+            )
+            with self._lock:
+                self._given_up = files
+            return False
+        partial = path.with_suffix(".partial")
+        started = time.monotonic()
+        try:
+            self._write(partial)
+        except Exception as exc:  # the engine's message may quote the data: its kind
+            self._clear(path.parent, keep=None)
+            if not self._closing.is_set():
+                log.warning("%s: no copy of its files (%s)", self._who, type(exc).__name__)
                 with self._lock:
                     self._given_up = files
-                return False
-            partial = path.with_suffix(".partial")
-            started = time.monotonic()
-            try:
-                self._write(partial)
-            except Exception as exc:  # the engine's message may quote the data: its kind
-                self._clear(path.parent, keep=None)
-                if not self._closing.is_set():
-                    log.warning("%s: no copy of its files (%s)", self._who, type(exc).__name__)
-                    with self._lock:
-                        self._given_up = files
-                return False
-            if self._closing.is_set():
-                self._clear(path.parent, keep=None)
-                return False
-            partial.replace(path)
+            return False
+        if self._closing.is_set():
+            self._clear(path.parent, keep=None)
+            return False
+        partial.replace(path)
         log.info(
             "%s: copied its files in %.1f s (%d MB)",
             self._who,

@@ -261,6 +261,25 @@ def test_closing_interrupts_a_copy_being_made(tmp_path: Path) -> None:
     assert list((tmp_path / "copy").iterdir()) == []
 
 
+def test_one_copy_is_made_at_a_time_and_one_waiting_closes_at_once(tmp_path: Path) -> None:
+    endless = "CREATE TABLE data AS SELECT count(*) FROM range(1000000000000)"
+    csv = write(tmp_path / "t.csv", [0.7])
+    making = copies.ColumnarCopy([csv], endless, "w0")
+    waiting = copies.ColumnarCopy([csv], "CREATE TABLE data AS SELECT 1 AS x", "w0")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(copies, "SETTLE_SECONDS", 0.0)
+        making.start(tmp_path / "making")
+        wait_for(lambda: any((tmp_path / "making").glob("*.partial")), WAIT, "not begun")
+        waiting.start(tmp_path / "waiting")
+        try:
+            assert not waiting.wait(0.5)  # the other copy is being made
+            started = time.monotonic()
+            waiting.close()
+            assert time.monotonic() - started < 5
+        finally:
+            making.close()
+
+
 def test_a_worker_copies_into_its_state_and_stops_copying_when_it_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
