@@ -24,7 +24,14 @@ import pytest
 from helpers import wait_for
 from worker_support import Station
 
-from flotta_mqtt.analytics import DatasetSpec, FileDataset, copies, engine, open_dataset
+from flotta_mqtt.analytics import (
+    DatasetSpec,
+    FileDataset,
+    OperationError,
+    copies,
+    engine,
+    open_dataset,
+)
 from flotta_mqtt.analytics.plan import Agg, Request
 from flotta_mqtt.model.query import Compare
 
@@ -311,3 +318,25 @@ def test_a_copy_folder_that_cannot_be_made_leaves_the_files_answered_in_place(
         assert answer(data) == [2, pytest.approx(1.6)]  # type: ignore[arg-type]
     finally:
         data.close()
+
+
+def test_a_file_the_engine_cannot_read_gets_no_copy_and_its_error_quotes_no_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(copies, "SETTLE_SECONDS", 0.0)
+    csv = tmp_path / "t.csv"
+    # Beyond the first block, which the worker reads at its start for the columns' types.
+    csv.write_text("x\n" + "0.7\n" * (3 << 20) + "secret-value\n")
+    data = open_dataset("p", "w0", DatasetSpec(paths=[csv], types={"x": "double"}))
+    with caplog.at_level(logging.WARNING, logger=copies.__name__):
+        data.start(tmp_path / "copy")
+        try:
+            assert isinstance(data, FileDataset) and data.copy is not None
+            assert not data.copy.wait(1.0)
+            with pytest.raises(OperationError, match="cannot read its files") as failed:
+                data.aggregate(REQUESTS)
+        finally:
+            data.close()
+    assert "no copy of its files" in caplog.text
+    assert "secret-value" not in caplog.text and "secret-value" not in str(failed.value)
+    assert copy_files(tmp_path / "copy") == []
