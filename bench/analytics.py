@@ -195,7 +195,8 @@ def _ours(source: str, path: str, copied: bool, group: str | None, out: Any) -> 
             try:
                 copy = getattr(worker.datasets["big"], "copy", None)
                 if copy is not None and copied:
-                    copy.wait(3600)
+                    if not copy.wait(3600):
+                        raise RuntimeError("the worker made no copy of its files (see its log)")
                     made = sorted((state / "copies" / "big").glob("*.duckdb"))
                     console.print(
                         f"{Path(path).name}: the worker's copy ready "

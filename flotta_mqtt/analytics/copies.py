@@ -38,6 +38,7 @@ RESERVE_BYTES = 1 << 30
 # compressed CSV; making it may spill as much again.
 ROOM_PER_BYTE = 2
 SUFFIX = ".duckdb"
+MAX_BACKOFF = 3600.0  # seconds between copies thrown away because their files changed
 
 Identity = tuple[tuple[int, int, int, int, int], ...]
 _making = threading.Lock()  # one copy made at a time: each takes every core it can
@@ -53,8 +54,9 @@ def identity(paths: Sequence[Path]) -> Identity:
     return tuple(found)
 
 
-class _Copy:
-    """One copy attached to the engine, and the queries reading it."""
+class Copy:
+    """One copy attached to the engine (`source`: its FROM clause), and the queries
+    reading it."""
 
     def __init__(self, files: Identity, path: Path, alias: str) -> None:
         self.files = files
@@ -73,16 +75,21 @@ class ColumnarCopy:
         self._statement = statement  # engine.copy_statement of the files
         self._who = who
         self._folder: Path | None = None
-        self._current: _Copy | None = None
+        self._current: Copy | None = None
         self._given_up: Identity | None = None  # files whose copy failed: not tried again
         self._lock = threading.Condition()
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self._building: engine.Connection | None = None
+        self._backoff = 0.0  # grows while the files change as often as they are copied
+        # Names in the folder are this dataset's (another's copies there are left alone).
+        self._prefix = hashlib.sha256(repr((self._paths, statement)).encode()).hexdigest()[:16]
 
     def start(self, folder: Path) -> None:
         """Begin copying into `folder` (made private)."""
+        if self._thread is not None:
+            return
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             folder.chmod(0o700)
@@ -111,26 +118,33 @@ class ColumnarCopy:
         """Whether a copy of the files as they are now is ready within `timeout` seconds
         (one is begun if they changed)."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            while not self._fresh(self._identity()):
-                self._wake.set()
+        while True:
+            files = self._identity()
+            with self._lock:
+                if self._fresh(files):
+                    return True
+                copying = self._thread is not None and self._thread.is_alive()
                 left = deadline - time.monotonic()
-                if left <= 0 or self._closing.is_set():
+                if left <= 0 or not copying or files == self._given_up:
                     return False
-                self._lock.wait(left)
-            return True
+                self._wake.set()
+                self._lock.wait(min(left, 1.0))  # the files may change meanwhile
 
-    def give_up(self) -> None:
-        """The copy failed a query: the files are scanned in place until they change."""
+    def give_up(self, copy: Copy) -> None:
+        """`copy` failed a query the files answered: they are scanned in place until they
+        change (the copy is removed, not to be reused at a restart)."""
         log.warning("%s: its copy failed a query: the files are read in place", self._who)
         with self._lock:
-            self._given_up = self._current.files if self._current is not None else None
-        self._replace(None)
+            self._given_up = copy.files
+            current = self._current is copy
+        if current:
+            self._replace(None)
+        copy.path.unlink(missing_ok=True)  # a query still reading it keeps its open file
 
     @contextlib.contextmanager
-    def reading(self) -> Iterator[str | None]:
-        """The copy's FROM clause while the files are those it was made of, or None (the
-        files are to be scanned in place; a new copy is begun)."""
+    def reading(self) -> Iterator[Copy | None]:
+        """The copy while the files are those it was made of, or None (the files are to
+        be scanned in place; a new copy is begun)."""
         files = self._identity()  # outside the lock: a slow mount holds up no other query
         with self._lock:
             current = self._current if self._fresh(files) else None
@@ -142,7 +156,7 @@ class ColumnarCopy:
             yield None
             return
         try:
-            yield current.source
+            yield current
         finally:
             self._release(current)
 
@@ -155,7 +169,7 @@ class ColumnarCopy:
     def _fresh(self, files: Identity | None) -> bool:
         return files is not None and self._current is not None and self._current.files == files
 
-    def _release(self, copy: _Copy) -> None:
+    def _release(self, copy: Copy) -> None:
         with self._lock:
             copy.readers -= 1
             last = copy.readers == 0 and copy is not self._current and not copy.dropped
@@ -163,7 +177,7 @@ class ColumnarCopy:
         if last:
             engine.detach(copy.alias)
 
-    def _replace(self, new: _Copy | None) -> None:
+    def _replace(self, new: Copy | None) -> None:
         """Answer from `new` (None: from the files) from now on; the copy it replaces is
         detached now, or by its last reader."""
         with self._lock:
@@ -203,14 +217,18 @@ class ColumnarCopy:
             if unsettled > 0:  # a change time ahead of the clock waits no longer than this
                 self._closing.wait(min(unsettled, SETTLE_SECONDS))
                 continue
-            path = self._folder / f"{self._name(files)}{SUFFIX}"
+            path = self._folder / f"{self._prefix}-{self._name(files)}{SUFFIX}"
             reused = path.exists()  # a restarted worker's copy of the same files
+            began = time.monotonic()
             if not reused and not self._build(path, files):
                 return
-            if self._identity() != files:  # changed while it was copied
-                path.unlink(missing_ok=True)
+            if self._identity() != files:  # changed while it was copied: wait, longer
+                path.unlink(missing_ok=True)  # each time, up to MAX_BACKOFF
+                self._backoff = min(max(2 * self._backoff, time.monotonic() - began), MAX_BACKOFF)
+                self._closing.wait(self._backoff)
                 continue
             if self._use(files, path):
+                self._backoff = 0.0
                 return
             if not reused:  # a copy just made that the engine cannot read: not made again
                 with self._lock:
@@ -286,9 +304,9 @@ class ColumnarCopy:
             con.close()
 
     def _clear(self, folder: Path, keep: Path | None) -> None:
-        """Remove what is in `folder` but `keep`: older copies (a query still reading one
-        keeps its open file), what a failed one left."""
-        for other in folder.iterdir():
+        """Remove this dataset's files in `folder` but `keep`: older copies (a query still
+        reading one keeps its open file), what a failed one left."""
+        for other in folder.glob(f"{self._prefix}-*"):
             if other != keep:
                 shutil.rmtree(other) if other.is_dir() else other.unlink(missing_ok=True)
 
@@ -296,7 +314,7 @@ class ColumnarCopy:
         """Answer from the copy at `path` from now on; False (the file removed) if the
         engine cannot read it: damaged, it is made again."""
         try:
-            copy = _Copy(files, path, f"copy_{path.stem[:16]}_{time.monotonic_ns()}")
+            copy = Copy(files, path, f"copy_{path.stem[17:33]}_{time.monotonic_ns()}")
         except engine.EngineError as exc:
             log.warning("%s: its copy could not be read (%s)", self._who, exc)
             path.unlink(missing_ok=True)

@@ -270,11 +270,13 @@ class FileDataset(Dataset):
                     return answer(
                         requests,
                         lambda s: engine.scan(
-                            copied, s, self._schema, self._who, self.categories, copied=True
+                            copied.source, s, self._schema, self._who, self.categories, True
                         ),
                     )
-                except (engine.EngineError, ValueError):  # damaged: the files answer
-                    self.copy.give_up()
+                except (engine.EngineError, ValueError):
+                    found = self._aggregate_in_place(requests)  # raises if the job is at fault
+                    self.copy.give_up(copied)  # the files answered: the copy is at fault
+                    return found
         return self._aggregate_in_place(requests)
 
     def _aggregate_in_place(self, requests: Sequence[Request]) -> list[Groups]:

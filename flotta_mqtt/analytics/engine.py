@@ -142,7 +142,7 @@ def copy_database(path: Path) -> Connection:
     """A new database file for a dataset's copy: a database of its own, so that its spill
     folder is its own and it can be interrupted."""
     con = _configured(duckdb.connect(str(path)))
-    con.execute(f"SET temp_directory = {_literal(str(path.parent / 'spill'))}")
+    con.execute(f"SET temp_directory = {_literal(str(path.with_suffix('.spill')))}")
     con.execute("SET enable_progress_bar = false")
     return con
 

@@ -368,8 +368,11 @@ class WorkerAgent:
         self._attempts.cancel_all()
         self._runners.stop()
         self.tasks.close()
-        for dataset in self.datasets.values():
-            dataset.close()
+        for project, dataset in self.datasets.items():
+            try:
+                dataset.close()
+            except Exception:  # the others are closed and the goodbye said all the same
+                log.exception("worker %s: project %s did not close", self.name, project)
         try:
             offline: BaseModel = self.presence(online=False)
             self.bus.stop(goodbye=[(topics.presence(self.name), offline, True)])

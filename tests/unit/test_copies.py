@@ -10,9 +10,11 @@ included: test_engine.py and test_categories.py read a CSV and a Parquet file co
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,7 +76,7 @@ def test_the_copy_answers_for_the_files(tmp_path: Path) -> None:
     csv = write(tmp_path / "t.csv", [0.7, 0.9, 0.1])
     with copied({"paths": [csv]}, tmp_path / "copy") as data:
         with data.copy.reading() as source:  # type: ignore[union-attr]
-            assert source is not None and "read_csv" not in source
+            assert source is not None and "read_csv" not in source.source
         assert answer(data) == [2, pytest.approx(1.6)]
     assert stat.S_IMODE((tmp_path / "copy").stat().st_mode) == 0o700
 
@@ -200,13 +202,13 @@ def test_a_query_reading_the_copy_outlives_its_replacement_and_the_close(
             write(csv, [0.6, 0.8, 0.7])
             assert data.copy.wait(WAIT)  # a new copy, of the new rows, answers now
             assert answer(data) == [3, pytest.approx(2.1)]
-            assert rows(held) == 3
-        assert held.split(".")[0] not in attached()
+            assert rows(held.source) == 3
+        assert held.alias not in attached()
         with data.copy.reading() as last:
             assert last is not None
             data.close()
-            assert rows(last) == 3
-        assert last.split(".")[0] not in attached()
+            assert rows(last.source) == 3
+        assert last.alias not in attached()
 
 
 def rows(source: str) -> int:
@@ -241,8 +243,8 @@ def test_a_copy_failing_a_query_is_given_up_and_the_files_answer(
     with copied({"paths": [csv]}, tmp_path / "copy") as data:
         scan = engine.scan
 
-        def failing_on_the_copy(*args: Any, copied: bool = False) -> Any:
-            if copied:
+        def failing_on_the_copy(*args: Any) -> Any:
+            if args[5:] == (True,):  # copied
                 raise engine.EngineError("IOException")
             return scan(*args)
 
@@ -251,6 +253,63 @@ def test_a_copy_failing_a_query_is_given_up_and_the_files_answer(
         assert data.copy is not None and not data.copy.wait(0.3)
         with data.copy.reading() as source:
             assert source is None
+
+
+def test_a_job_at_fault_leaves_the_copy_in_use(tmp_path: Path) -> None:
+    """A job the files fail as well (a number compared with text) fails, and the copy
+    still answers the next one: a user cannot turn a site's copy off."""
+    csv = tmp_path / "t.csv"
+    pacsv.write_csv(pa.table({"x": [0.7, 0.9, 0.1], "s": ["a", "b", "c"]}), csv)
+    with copied({"paths": [csv]}, tmp_path / "copy") as data:
+        wrong = Request(Compare(column="s", op=">", value=1e308), (), (Agg("rows"),))
+        with pytest.raises(OperationError):
+            data.aggregate([wrong])
+        assert data.copy is not None and data.copy.wait(0)
+        assert answer(data) == [2, pytest.approx(1.6)]
+
+
+def test_datasets_sharing_a_folder_keep_their_own_copies(tmp_path: Path) -> None:
+    one = write(tmp_path / "one.csv", [0.7])
+    two = write(tmp_path / "two.csv", [0.9])
+    with copied({"paths": [one]}, tmp_path / "copy"), copied({"paths": [two]}, tmp_path / "copy"):
+        assert len(copy_files(tmp_path / "copy")) == 2
+
+
+def test_files_changing_as_often_as_they_are_copied_are_copied_less_and_less_often(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each copy thrown away because its files changed meanwhile doubles the wait before
+    the next: a file touched all the time does not keep the cores copying."""
+    monkeypatch.setattr(copies, "SETTLE_SECONDS", 0.0)
+    made: list[float] = []
+    database = engine.copy_database
+
+    def counted(path: Path) -> engine.Connection:
+        made.append(time.monotonic())
+        return database(path)
+
+    monkeypatch.setattr(engine, "copy_database", counted)
+    csv = write(tmp_path / "t.csv", [0.7])
+    slow = "CREATE TABLE data AS SELECT count(*) AS x FROM range(20000000)"
+    copy = copies.ColumnarCopy([csv], slow, "w0")
+    stop = threading.Event()
+
+    def touching() -> None:
+        while not stop.wait(0.005):
+            os.utime(csv)  # a new change time each time
+
+    toucher = threading.Thread(target=touching)
+    toucher.start()
+    copy.start(tmp_path / "copy")
+    try:
+        stop.wait(3.0)
+    finally:
+        stop.set()
+        toucher.join()
+        copy.close()
+    gaps = [b - a for a, b in itertools.pairwise(made)]
+    assert len(made) >= 2 and gaps == sorted(gaps), gaps  # ever longer
+    assert len(made) <= 8, gaps
 
 
 def test_closing_interrupts_a_copy_being_made(tmp_path: Path) -> None:
