@@ -236,9 +236,9 @@ class ColumnarCopy:
                 return
 
     def _name(self, files: Identity) -> str:
-        """A name for the copy of exactly these files, made so, by this engine."""
-        key = repr((files, [str(p) for p in self._paths], self._statement, engine.COPY_FORMAT))
-        return hashlib.sha256(key.encode()).hexdigest()[:32]
+        """A name for the copy of exactly these files by this engine (after the prefix,
+        which names the paths and the statement)."""
+        return hashlib.sha256(repr((files, engine.COPY_FORMAT)).encode()).hexdigest()[:32]
 
     def _build(self, path: Path, files: Identity) -> bool:
         """Write the copy beside its final name, then rename it (a name only ever names a
@@ -253,7 +253,7 @@ class ColumnarCopy:
 
     def _build_alone(self, path: Path, files: Identity) -> bool:
         """_build, the only copy being made in this process."""
-        self._clear(path.parent, keep=path)  # stale copies: they would hold the room
+        self._clear(keep=path)  # stale copies: they would hold the room
         free = shutil.disk_usage(path.parent).free
         needed = ROOM_PER_BYTE * sum(f[2] for f in files)
         if free - needed < RESERVE_BYTES:
@@ -273,14 +273,14 @@ class ColumnarCopy:
         try:
             self._write(partial)
         except Exception as exc:  # the engine's message may quote the data: its kind
-            self._clear(path.parent, keep=None)
+            self._clear(keep=None)
             if not self._closing.is_set():
                 log.warning("%s: no copy of its files (%s)", self._who, type(exc).__name__)
                 with self._lock:
                     self._given_up = files
             return False
         if self._closing.is_set():
-            self._clear(path.parent, keep=None)
+            self._clear(keep=None)
             return False
         partial.replace(path)
         log.info(
@@ -303,10 +303,11 @@ class ColumnarCopy:
                 self._building = None
             con.close()
 
-    def _clear(self, folder: Path, keep: Path | None) -> None:
-        """Remove this dataset's files in `folder` but `keep`: older copies (a query still
-        reading one keeps its open file), what a failed one left."""
-        for other in folder.glob(f"{self._prefix}-*"):
+    def _clear(self, keep: Path | None) -> None:
+        """Remove this dataset's files in its folder but `keep`: older copies (a query
+        still reading one keeps its open file), what a failed one left."""
+        assert self._folder is not None
+        for other in self._folder.glob(f"{self._prefix}-*"):
             if other != keep:
                 shutil.rmtree(other) if other.is_dir() else other.unlink(missing_ok=True)
 
@@ -320,5 +321,5 @@ class ColumnarCopy:
             path.unlink(missing_ok=True)
             return False
         self._replace(copy)
-        self._clear(path.parent, keep=path)
+        self._clear(keep=path)
         return True
